@@ -1,0 +1,4 @@
+"""Malicious clients and leakage probes, as hooks registered by name (DESIGN §6, §7).
+
+Importing this package registers its hooks; it imports ``pfedpg`` and never ``defenses``.
+"""

@@ -1,0 +1,1 @@
+"""Sweeps, metrics, plots, reports and the ``pfedpg-eval`` CLI. Imports every other package."""

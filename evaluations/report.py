@@ -1,0 +1,69 @@
+"""A readable ``report.md`` for one run directory (``pfedpg-eval report RUN_DIR``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from evaluations.plots import learning_curve
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{str(summary_path)!r} not found: the run has not finished; finish it with --resume first")
+    s = json.loads(summary_path.read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    png = learning_curve(run_dir)
+    acc, gen, comm = s["accuracy"], s.get("accuracy_generated"), s["communication"]
+    lines = [
+        f"# pFedPG-eval run: {run_dir.name}",
+        "",
+        f"Method **{s['method']}**" + (f" (generator `{s['generator']}`)" if s.get("generator") else "")
+        + f", seed {s['seed']}, {s['rounds']} rounds, {s['num_clients']} clients ({s['clients_per_round']} per round).",
+        f"Data `{s['data']['source']}`, partition `{s['data']['partition']}`; backbone `{cfg['model']['name']}` "
+        f"({cfg['model']['weights']}, {comm['backbone_numbers']:,} numbers, frozen), K = {cfg['model']['num_prompts']} prompts.",
+        "",
+        "## Accuracy after the last round",
+        "",
+        "Per-client top-1 accuracy on each client's own test split; the last round, never the best one.",
+        "",
+        "| prompt | mean | worst | best | std |",
+        "|---|---|---|---|---|",
+        f"| adapted P̃_n + head H_n | {_pct(acc['mean'])} | {_pct(acc['worst'])} | {_pct(acc['best'])} | {_pct(acc['std'])} |",
+    ]
+    if gen:
+        lines.append(f"| generated P_n + head H_n | {_pct(gen['mean'])} | {_pct(gen['worst'])} | {_pct(gen['best'])} | {_pct(gen['std'])} |")
+    lines += ["", "| client | train | test | adapted | generated |", "|---|---|---|---|---|"]
+    for n, a in enumerate(acc["per_client"]):
+        g = gen["per_client"][n] if gen else None
+        lines.append(f"| {n} | {s['data']['train_per_client'][n]} | {s['data']['test_per_client'][n]} | {_pct(a)} | {_pct(g)} |")
+    lines += [
+        "",
+        f"![learning curve]({png.name})",
+        "",
+        "## Communication",
+        "",
+        f"Per participating client per round: {comm['down_numbers_per_client_round']:,} numbers down "
+        f"({comm['down_bytes_per_client_round']:,} bytes) and {comm['up_numbers_per_client_round']:,} up; "
+        f"{100 * comm['ratio_vs_backbone']:.4f} % of sending the backbone ({comm['backbone_numbers']:,} numbers). "
+        f"Whole run: {comm['total_numbers']:,} numbers.",
+        "",
+        "## Time",
+        "",
+        f"Set-up {s['time']['setup_s']:.1f} s, rounds {s['time']['rounds_s']:.1f} s ({s['time']['mean_round_s']:.2f} s per round).",
+    ]
+    if s.get("hooks"):
+        lines += ["", "## Hooks", "", "Config order: " + ", ".join(f"`{h}`" for h in s["hooks"]) + "."]
+        for name, res in (s.get("hook_results") or {}).items():
+            lines.append(f"- `{name}`: `{json.dumps(res)}`")
+    lines += ["", "Files: `config.yaml` (resolved), `seeds.json`, `env.json`, `metrics.jsonl`, `summary.json`, `checkpoints/`.", ""]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out

@@ -1,0 +1,106 @@
+"""The client side shared by every method (DESIGN §1, Algorithm 1 step 2).
+
+The client loads the prompt it was sent (or keeps its own, for ``local``), trains prompt and head
+for E local epochs with SGD (paper: lr 0.25, weight decay 1e-3, batch 64; momentum 0.9 as in VPT),
+and returns ΔP = P̃ − P. The head never leaves the client and persists across rounds; the SGD
+momentum buffer is fresh each round.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pfedpg.errors import ConfigError
+from pfedpg.hooks import LocalJob, LocalResult
+
+
+@dataclass
+class ClientConfig:
+    lr: float = 0.25  # γ (paper: 0.25)
+    momentum: float = 0.9  # not stated in the paper; VPT uses 0.9
+    weight_decay: float = 1e-3
+    batch_size: int = 64
+    local_epochs: int = 1  # E (paper: 5)
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        for key in ("lr", "weight_decay", "momentum"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"client.{key}={v!r} must be a finite number >= 0")
+        if self.lr == 0:
+            raise ConfigError("client.lr=0 trains nothing; set a positive learning rate (paper: 0.25)")
+        if self.momentum >= 1:
+            raise ConfigError(f"client.momentum={self.momentum} must be < 1")
+        for key in ("batch_size", "local_epochs", "eval_batch_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"client.{key}={v!r} must be a positive integer")
+
+
+@dataclass
+class ClientState:
+    """Everything a client keeps between rounds: K×D prompt numbers and its head. The backbone is
+    shared and frozen, so per-client memory does not grow with it."""
+
+    prompt: torch.Tensor  # the client's current adapted prompt P̃_n (its own prompt for `local`)
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+    rounds_joined: int = 0
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "head_weight": self.head_weight, "head_bias": self.head_bias,
+                "rounds_joined": self.rounds_joined}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClientState":
+        return cls(d["prompt"], d["head_weight"], d["head_bias"], int(d["rounds_joined"]))
+
+
+@torch.no_grad()
+def load_into(model, *, prompt: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor) -> None:
+    model.prompt.prompt.copy_(prompt)
+    model.head.weight.copy_(head_weight)
+    model.head.bias.copy_(head_bias)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [model.prompt.prompt, model.head.weight, model.head.bias]
+
+
+def sgd_local_training(job: LocalJob, cfg: ClientConfig) -> LocalResult:
+    """The plain local loop: E epochs of minibatch SGD on prompt and head."""
+    model = job.model
+    model.train()
+    opt = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    x, y = job.data.x, job.data.y
+    n = x.shape[0]
+    total, steps = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=job.generator)
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * idx.numel()
+            steps += 1
+    model.eval()
+    return LocalResult(loss=total / max(1, n * cfg.local_epochs), steps=steps, samples=n * cfg.local_epochs)
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) of the model as loaded."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i:i + batch_size])
+        correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+        loss += float(F.cross_entropy(logits, y[i:i + batch_size], reduction="sum"))
+    n = max(1, x.shape[0])
+    return correct / n, loss / n

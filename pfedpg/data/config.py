@@ -1,0 +1,170 @@
+"""Typed, validated configuration of the data pipeline (DESIGN §2 data, §8 sizing of the embedded default).
+
+``DataConfig(**yaml_dict["data"])`` is the one place where a YAML ``data:`` block becomes an object.
+Every field has a default, and ``__post_init__`` rejects bad values with a one-line
+:class:`~pfedpg.errors.ConfigError` naming the field, the value and what is allowed, so a sweep fails
+on load rather than halfway through. Unknown keys are the caller's job (``TypeError`` from the
+dataclass constructor is turned into a ConfigError there, with the valid names listed).
+
+Checks that need the data itself (a domain name that a file does not contain, a partition that cannot
+be satisfied) happen later, in :func:`pfedpg.data.load_dataset` and
+:func:`pfedpg.data.partition_clients`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pfedpg.data.embedded import EMBEDDED_SHIFTS
+from pfedpg.errors import ConfigError
+
+# The registries in sources.py / partition.py are the source of truth; these tuples exist so the
+# config can be validated without importing loaders (a test keeps them in sync).
+SOURCE_NAMES: tuple[str, ...] = ("embedded", "npz", "folder", "cifar10", "cifar100")
+PARTITION_NAMES: tuple[str, ...] = ("domain", "dirichlet", "classes")
+
+
+def _fail(field: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"data.{field}: got {value!r}; {allowed}")
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; `num_clients: true` in YAML is a typo, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _check_int(field: str, value: object, *, low: int, high: int | None = None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    bound = f"an integer >= {low}" if high is None else f"an integer in {low}..{high}"
+    if optional:
+        bound += " or null"
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        raise _fail(field, value, f"must be {bound}")
+
+
+def _check_names(field: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise _fail(field, value, "must be a non-empty list of names or null")
+    if not all(isinstance(v, str) for v in value):
+        raise _fail(field, value, "must be a list of strings (quote numeric names, e.g. ['0', '1'])")
+    if len(set(value)) != len(value):
+        raise _fail(field, value, "must not repeat a name")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from, how they are split among clients, and the public split.
+
+    Interactions worth knowing:
+
+    * ``source`` with a train/test ``split`` (CIFAR, npz files carrying ``split``): the train records
+      are partitioned and each client gets test records from the source's test split that follow its
+      own distribution; ``test_fraction`` is then unused. See :mod:`pfedpg.data.partition`.
+    * ``public_fraction`` records are reserved for backbone pretraining and never reach a client.
+    * ``num_clients`` is derived for ``partition: domain`` (domains × ``clients_per_domain``).
+    * ``domains`` with the embedded source picks shifts by name, so ``num_domains`` must match it.
+    """
+
+    source: str = "embedded"
+    path: str | None = None
+    image_size: int = 16
+    partition: str = "domain"
+    num_clients: int | None = None
+    clients_per_domain: int = 1
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    min_size: int = 10
+    max_retries: int = 100
+    test_fraction: float = 0.3
+    val_fraction: float = 0.0
+    max_train_per_client: int | None = None
+    max_test_per_client: int | None = None
+    public_fraction: float = 0.3
+    num_domains: int = 4
+    domains: list[str] | None = None
+    classes: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCE_NAMES:
+            raise _fail("source", self.source, f"must be one of {', '.join(SOURCE_NAMES)}")
+        if self.source == "embedded":
+            if self.path is not None:  # refuse rather than silently ignore a file the user meant to use
+                raise _fail("path", self.path, "is not used by source 'embedded'; drop it or set data.source")
+        elif not isinstance(self.path, str) or not self.path:
+            raise _fail("path", self.path, f"is required for source {self.source!r} (a file or directory)")
+        _check_int("image_size", self.image_size, low=1)
+        if self.partition not in PARTITION_NAMES:
+            raise _fail("partition", self.partition, f"must be one of {', '.join(PARTITION_NAMES)}")
+        _check_int("num_clients", self.num_clients, low=1, optional=True)
+        if self.partition in ("dirichlet", "classes") and self.num_clients is None:
+            raise _fail("num_clients", None, f"is required for partition {self.partition!r} (an integer >= 1)")
+        _check_int("clients_per_domain", self.clients_per_domain, low=1)
+        if not _is_number(self.alpha) or self.alpha <= 0:
+            raise _fail("alpha", self.alpha, "must be a number > 0 (Dirichlet concentration; small = more skew)")
+        self.alpha = float(self.alpha)
+        _check_int("classes_per_client", self.classes_per_client, low=1)
+        _check_int("min_size", self.min_size, low=1)
+        _check_int("max_retries", self.max_retries, low=1)
+        if not _is_number(self.test_fraction) or not 0 < self.test_fraction < 1:
+            raise _fail("test_fraction", self.test_fraction, "must be a number in (0, 1)")
+        if not _is_number(self.val_fraction) or not 0 <= self.val_fraction < 1:
+            raise _fail("val_fraction", self.val_fraction, "must be a number in [0, 1)")
+        if self.test_fraction + self.val_fraction >= 1:
+            raise _fail(
+                "val_fraction",
+                self.val_fraction,
+                f"test_fraction + val_fraction must be < 1 (test_fraction is {self.test_fraction})",
+            )
+        self.test_fraction = float(self.test_fraction)
+        self.val_fraction = float(self.val_fraction)
+        _check_int("max_train_per_client", self.max_train_per_client, low=1, optional=True)
+        _check_int("max_test_per_client", self.max_test_per_client, low=1, optional=True)
+        if not _is_number(self.public_fraction) or not 0 <= self.public_fraction < 1:
+            raise _fail("public_fraction", self.public_fraction, "must be a number in [0, 1) (0 disables)")
+        self.public_fraction = float(self.public_fraction)
+        _check_int("num_domains", self.num_domains, low=1, high=len(EMBEDDED_SHIFTS))
+        _check_names("domains", self.domains)
+        _check_names("classes", self.classes)
+        if self.domains is not None:
+            self.domains = list(self.domains)
+        if self.classes is not None:
+            self.classes = list(self.classes)
+        if self.source == "embedded":
+            self._check_embedded()
+        if (
+            self.partition == "domain"
+            and self.num_clients is not None
+            and self.source == "embedded"
+            and self.num_clients != self.num_domains * self.clients_per_domain
+        ):
+            raise _fail(
+                "num_clients",
+                self.num_clients,
+                f"partition 'domain' gives num_domains × clients_per_domain = {self.num_domains} × "
+                f"{self.clients_per_domain} = {self.num_domains * self.clients_per_domain} clients; "
+                "drop num_clients or make them agree",
+            )
+
+    def _check_embedded(self) -> None:
+        if self.domains is not None:
+            unknown = [d for d in self.domains if d not in EMBEDDED_SHIFTS]
+            if unknown:
+                raise _fail("domains", self.domains, f"embedded domains are {', '.join(EMBEDDED_SHIFTS)}")
+            if len(self.domains) != self.num_domains:
+                raise _fail(
+                    "num_domains",
+                    self.num_domains,
+                    f"must equal len(data.domains) = {len(self.domains)} for the embedded source",
+                )
+        if self.classes is not None:
+            digits = [str(d) for d in range(10)]
+            unknown = [c for c in self.classes if c not in digits]
+            if unknown:
+                raise _fail("classes", self.classes, "embedded classes are '0'..'9' (strings)")

@@ -1,0 +1,153 @@
+"""The embedded default data set: scikit-learn's bundled digits with synthetic domain shifts (DESIGN §2, §8).
+
+It needs no download (``sklearn.datasets.load_digits``: 1797 images, 8×8, grey levels 0..16) and is
+small enough to pretrain, train, sweep and report on two CPU cores. Personalisation only matters if
+clients differ, so each private record is rendered in one of several fixed visual *domains*
+(:data:`EMBEDDED_SHIFTS`): a shared prompt cannot suit a white-on-black client and a dark-on-light one
+at once, while a client-specific prompt can.
+
+Steps, each with its own seeded stream (DESIGN §8):
+
+1. keep ``cfg.classes`` if given;
+2. reserve ``cfg.public_fraction`` of the digits, stratified by label (``"data.public"``), for
+   backbone pretraining; each public record gets a random one of the configured domains, so the
+   backbone sees every style the clients will use;
+3. spread the remaining private records over the domains, stratified by label (``"data.domains"``),
+   so every digit appears in every domain;
+4. upscale 8×8 → ``image_size`` (bicubic) and render each record in its domain's style.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pfedpg.seeding import Seeds
+
+if TYPE_CHECKING:
+    from pfedpg.data.base import ImageDataset
+    from pfedpg.data.config import DataConfig
+
+# A shift maps grey images in [0, 1], shape (n, S, S), to RGB in [0, 1], shape (n, S, S, 3).
+# It also gets a generator, used only by the noisy style (noise keyed to the master seed, so the
+# rendered data set is a pure function of (config, seed)).
+Shift = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+# Fixed colours for the "tinted" style: amber digit on navy ground (far from both grey styles).
+_TINT_FG = np.array([1.0, 0.8, 0.2])
+_TINT_BG = np.array([0.1, 0.2, 0.55])
+
+
+def _gray_to_rgb(g: np.ndarray) -> np.ndarray:
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def _plain(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _gray_to_rgb(g)
+
+
+def _inverted(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _gray_to_rgb(1.0 - g)
+
+
+def _tinted(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    a = g[..., None]
+    return _TINT_BG * (1.0 - a) + _TINT_FG * a
+
+
+def _rotated(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _gray_to_rgb(np.rot90(g, k=1, axes=(1, 2)))
+
+
+def _noisy(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    # Low contrast plus per-pixel, per-channel noise: the digit survives but the statistics move.
+    low = 0.25 + 0.5 * _gray_to_rgb(g)
+    return np.clip(low + rng.normal(0.0, 0.12, size=low.shape), 0.0, 1.0)
+
+
+def _blurred(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    # Thicken strokes (max filter) then soften them (box blur); radius scales with the image size.
+    r = max(1, round(g.shape[1] / 16))
+    padded = np.pad(g, ((0, 0), (r, r), (r, r)), mode="constant")
+    s = g.shape[1]
+    thick = np.max([padded[:, i : i + s, j : j + s] for i in range(2 * r + 1) for j in range(2 * r + 1)], axis=0)
+    padded = np.pad(thick, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    blur = np.mean([padded[:, i : i + s, j : j + s] for i in range(3) for j in range(3)], axis=0)
+    return _gray_to_rgb(blur)
+
+
+EMBEDDED_SHIFTS: dict[str, Shift] = {
+    "plain": _plain,
+    "inverted": _inverted,
+    "tinted": _tinted,
+    "rotated": _rotated,
+    "noisy": _noisy,
+    "blurred": _blurred,
+}
+"""Domain styles of the embedded data set, in domain-id order; ``num_domains: k`` uses the first k."""
+
+
+def _upscale_digits(x: np.ndarray, *, size: int) -> np.ndarray:
+    """(n, 8, 8) grey levels 0..16 → (n, size, size) float in [0, 1], bicubic."""
+    from pfedpg.data.base import resize_images
+
+    u8 = np.round(x * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return resize_images(u8, size=size)[..., 0].astype(np.float64) / 255.0
+
+
+def render_domains(gray: np.ndarray, domains: np.ndarray, names: list[str], *, rng: np.random.Generator) -> np.ndarray:
+    """Render grey images (n, S, S) in [0, 1] in the style of their domain → (n, S, S, 3) uint8."""
+    out = np.empty(gray.shape + (3,), dtype=np.uint8)
+    for d, name in enumerate(names):
+        sel = np.flatnonzero(domains == d)
+        if sel.size:
+            rgb = EMBEDDED_SHIFTS[name](gray[sel], rng)
+            out[sel] = np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
+
+
+def load_embedded(cfg: "DataConfig", *, seed: int) -> "ImageDataset":
+    """Build the embedded digits data set described in the module docstring."""
+    from sklearn.datasets import load_digits
+
+    from pfedpg.data.base import ImageDataset
+    from pfedpg.data.partition import stratified_deal, stratified_public_mask
+
+    digits = load_digits()
+    images8 = np.asarray(digits.images, dtype=np.float64)
+    labels = np.asarray(digits.target, dtype=np.int64)
+    class_names = [str(c) for c in range(10)]
+    if cfg.classes is not None:
+        keep_ids = [class_names.index(c) for c in class_names if c in cfg.classes]
+        keep = np.isin(labels, keep_ids)
+        images8, labels = images8[keep], np.searchsorted(keep_ids, labels[keep]).astype(np.int64)
+        class_names = [class_names[i] for i in keep_ids]
+
+    if cfg.domains:
+        domain_names = [name for name in EMBEDDED_SHIFTS if name in cfg.domains]
+    else:
+        domain_names = list(EMBEDDED_SHIFTS)[: cfg.num_domains]
+    seeds = Seeds(seed)
+    n = labels.size
+    rng_public = seeds.numpy("data.public")
+    # Stratified by label only: domains are not assigned yet (public records get theirs below).
+    public = stratified_public_mask(
+        labels, np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool), fraction=cfg.public_fraction, rng=rng_public
+    )
+    domains = np.empty(n, dtype=np.int64)
+    domains[public] = rng_public.integers(0, len(domain_names), size=int(public.sum()))
+    private = np.flatnonzero(~public)
+    domains[private] = stratified_deal(labels[private], n_groups=len(domain_names), rng=seeds.numpy("data.domains"))
+
+    gray = _upscale_digits(images8, size=cfg.image_size)
+    images = render_domains(gray, domains, domain_names, rng=seeds.numpy("data.embedded.noise"))
+    return ImageDataset(
+        images=images,
+        labels=labels,
+        domains=domains,
+        class_names=class_names,
+        domain_names=domain_names,
+        split=None,
+        public=public,
+    )

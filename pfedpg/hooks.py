@@ -1,0 +1,267 @@
+"""The plug-in points of a pFedPG round (DESIGN §4).
+
+A hook is a small class that overrides only the points it needs; the trainer calls every point each
+round, hooks in config order. Hooks are registered by name (``@register_hook("name")``) and built
+from YAML (``hooks: [{name: ..., option: ...}]``); the core never names an attack or a defense —
+``attacks/`` and ``defenses/`` register theirs when imported.
+
+Points, in the order a round meets them:
+
+====================  ======  ===============================================================
+point                 side    contract
+====================  ======  ===============================================================
+``setup``             both    once per run (and again on resume), before round 1
+``client_data``       client  ``(ctx, client, round, data) -> data``; e.g. label flips, canaries
+``local_training``    client  middleware ``(ctx, job, call_next) -> LocalResult``; e.g. DP-SGD
+``outgoing_delta``    client  ``(ctx, client, round, delta) -> delta``; e.g. clip + noise
+``incoming_deltas``   server  ``(ctx, round, deltas) -> deltas``; may drop clients
+``aggregate``         server  ``(ctx, round, grads) -> update``; at most one hook, default sum
+``end_of_round``      both    ``(ctx, round, record) -> dict`` of extra metrics for that round
+``end_of_run``        both    ``(ctx, summary) -> dict`` merged into ``summary.json``
+====================  ======  ===============================================================
+
+A hook that ``controls_client(n)`` (a malicious client) owns client n's code: the honest-client
+hooks are skipped for n at ``client_data``, ``local_training`` and ``outgoing_delta``, so its
+crafted delta is what the server receives whatever honest-client hooks (e.g. DP noise) are set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pfedpg.errors import ConfigError
+from pfedpg.registry import Registry
+
+HOOKS: Registry[type["Hook"]] = Registry("hook")
+
+
+def register_hook(name: str):
+    """Class decorator: ``@register_hook("dp_client")`` makes the hook selectable from YAML."""
+
+    def deco(cls):
+        cls.name = name
+        return HOOKS.register(name)(cls)
+
+    return deco
+
+
+@dataclass
+class ClientData:
+    """One client's training tensors for a round (already normalised)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclass
+class LocalJob:
+    """Everything local training needs; ``run_default()`` is the plain SGD loop of DESIGN §1."""
+
+    client: int
+    round: int
+    model: torch.nn.Module
+    data: ClientData
+    generator: torch.Generator  # the round's shuffling stream for this client
+    run_default: Callable[["LocalJob"], "LocalResult"]
+
+
+@dataclass
+class LocalResult:
+    loss: float
+    steps: int
+    samples: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Hook:
+    """Base class: every point passes through unchanged. Override only what the hook needs."""
+
+    name = "hook"
+    #: Clients this hook acts for on the client side; None means every client.
+    clients: list[int] | None = None
+
+    def __init__(self, **options):
+        if options:
+            raise ConfigError(f"hook {self.name!r} takes no options {sorted(options)}")
+
+    # --- configuration -------------------------------------------------------------------------
+    def acts_on(self, client: int) -> bool:
+        return self.clients is None or client in self.clients
+
+    def controls_client(self, client: int) -> bool:
+        """True when this hook *replaces* client ``client``'s code (a malicious client)."""
+        return False
+
+    def setup(self, ctx: "RunContext") -> None:
+        pass
+
+    # --- client side ---------------------------------------------------------------------------
+    def client_data(self, ctx: "RunContext", *, client: int, round: int, data: ClientData) -> ClientData:
+        return data
+
+    def local_training(self, ctx: "RunContext", job: LocalJob, call_next: Callable[[LocalJob], LocalResult]) -> LocalResult:
+        return call_next(job)
+
+    def outgoing_delta(self, ctx: "RunContext", *, client: int, round: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+    # --- server side ---------------------------------------------------------------------------
+    def incoming_deltas(self, ctx: "RunContext", *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        return deltas
+
+    def aggregate(self, ctx: "RunContext", *, round: int, grads) -> torch.Tensor:
+        raise NotImplementedError  # only hooks that override this take part in aggregation
+
+    # --- both ----------------------------------------------------------------------------------
+    def end_of_round(self, ctx: "RunContext", *, round: int, record: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
+    def end_of_run(self, ctx: "RunContext", *, summary: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _overrides(hook: Hook, point: str) -> bool:
+    return getattr(type(hook), point) is not getattr(Hook, point)
+
+
+@dataclass
+class RunContext:
+    """What hooks may read: the resolved config, the seeds, the run directory and a logger.
+    ``server`` is the method's server (server-side hooks only may look at it)."""
+
+    config: Any
+    seeds: Any
+    run_dir: Any
+    num_clients: int
+    log: Callable[[str], None]
+    server: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class HookChain:
+    """Calls hooks in config order at each point; the trainer talks only to the chain."""
+
+    def __init__(self, hooks: list[Hook] | None = None):
+        self.hooks = list(hooks or [])
+        aggregators = [h for h in self.hooks if _overrides(h, "aggregate")]
+        if len(aggregators) > 1:
+            raise ConfigError(
+                f"hooks {[h.name for h in aggregators]} all replace the server aggregation; keep one"
+            )
+        self.aggregator = aggregators[0] if aggregators else None
+        names = [h.name for h in self.hooks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"hook(s) {dupes} listed twice; merge their options into one entry")
+
+    def __len__(self) -> int:
+        return len(self.hooks)
+
+    def _client_hooks(self, client: int) -> list[Hook]:
+        controllers = [h for h in self.hooks if h.controls_client(client)]
+        if len(controllers) > 1:
+            raise ConfigError(f"client {client} is controlled by two attack hooks {[h.name for h in controllers]}")
+        if controllers:
+            return controllers
+        return [h for h in self.hooks if h.acts_on(client)]
+
+    def setup(self, ctx: RunContext) -> None:
+        for h in self.hooks:
+            h.setup(ctx)
+
+    def client_data(self, ctx, *, client: int, round: int, data: ClientData) -> ClientData:
+        for h in self._client_hooks(client):
+            data = h.client_data(ctx, client=client, round=round, data=data)
+        return data
+
+    def local_training(self, ctx, job: LocalJob) -> LocalResult:
+        # Middleware: the first hook in config order is the outermost (Flower mods' convention).
+        call: Callable[[LocalJob], LocalResult] = job.run_default
+        for h in reversed(self._client_hooks(job.client)):
+            if _overrides(h, "local_training"):
+                call = (lambda hook, nxt: (lambda j: hook.local_training(ctx, j, nxt)))(h, call)
+        return call(job)
+
+    def outgoing_delta(self, ctx, *, client: int, round: int, delta: torch.Tensor) -> torch.Tensor:
+        for h in self._client_hooks(client):
+            delta = h.outgoing_delta(ctx, client=client, round=round, delta=delta)
+        return delta
+
+    def incoming_deltas(self, ctx, *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        for h in self.hooks:
+            deltas = h.incoming_deltas(ctx, round=round, deltas=deltas)
+        return deltas
+
+    def aggregate(self, ctx, *, round: int, grads, default: Callable) -> torch.Tensor:
+        if self.aggregator is None:
+            return default(grads)
+        return self.aggregator.aggregate(ctx, round=round, grads=grads)
+
+    def end_of_round(self, ctx, *, round: int, record: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for h in self.hooks:
+            out = h.end_of_round(ctx, round=round, record=record)
+            if out:
+                extra.update({f"{h.name}/{k}": v for k, v in out.items()})
+        return extra
+
+    def end_of_run(self, ctx, *, summary: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for h in self.hooks:
+            out = h.end_of_run(ctx, summary=summary)
+            if out:
+                extra[h.name] = out
+        return extra
+
+    def state_dict(self) -> dict[str, Any]:
+        return {h.name: h.state_dict() for h in self.hooks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for h in self.hooks:
+            if h.name in state:
+                h.load_state_dict(state[h.name])
+
+
+def build_hooks(specs: list[dict[str, Any]]) -> HookChain:
+    """``[{name: noop}, {name: dp_client, clip: 1.0}]`` -> HookChain, with one-line errors."""
+    hooks = []
+    for i, spec in enumerate(specs or []):
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"hooks[{i}] must be a mapping with a `name` key, got {spec!r}")
+        options = {k: v for k, v in spec.items() if k != "name"}
+        cls = HOOKS.get(spec["name"])
+        try:
+            hooks.append(cls(**options))
+        except TypeError as e:
+            raise ConfigError(f"hooks[{i}] ({spec['name']}): {e}") from None
+    return HookChain(hooks)
+
+
+@register_hook("noop")
+class NoopHook(Hook):
+    """Implements every point as the identity. A template for new hooks, and the control of the
+    'no-op hooks equal no hooks' regression test."""
+
+    def client_data(self, ctx, *, client, round, data):
+        return data
+
+    def local_training(self, ctx, job, call_next):
+        return call_next(job)
+
+    def outgoing_delta(self, ctx, *, client, round, delta):
+        return delta
+
+    def incoming_deltas(self, ctx, *, round, deltas):
+        return dict(deltas)
+
+    def end_of_round(self, ctx, *, round, record):
+        return None

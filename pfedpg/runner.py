@@ -1,0 +1,389 @@
+"""The in-process runner: one pFedPG (or baseline) run into one run directory (DESIGN §1, §8).
+
+Run directory::
+
+    config.yaml        resolved config (every default filled in)
+    seeds.json         master seed, participation schedule, data split sizes
+    env.json           versions, platform, threads
+    metrics.jsonl      one ``round`` record per round and one ``client`` record per client/eval round
+    summary.json       final accuracies (adapted and generated prompts), communication, timings
+    checkpoints/       round_XXXX.pt every ``checkpoint_every`` rounds; ``--resume`` continues exactly
+    log.txt
+
+Evaluation uses the final round only (no best-round selection on test data).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pfedpg.client import ClientState, evaluate, load_into, sgd_local_training
+from pfedpg.config import RunConfig, dump_config
+from pfedpg.data import load_dataset, partition_clients
+from pfedpg.errors import ConfigError, NonFiniteDeltaError
+from pfedpg.hooks import ClientData, HookChain, LocalJob, RunContext, build_hooks
+from pfedpg.models import PromptedViT, backbone_num_params, build_backbone, vpt_init_bound
+from pfedpg.preprocess import images_to_tensor
+from pfedpg.seeding import Seeds
+from pfedpg.server import SERVERS, plain_aggregate
+
+CHECKPOINT_VERSION = 1
+
+
+def participation_schedule(*, num_clients: int, per_round: int | None, rounds: int, seeds: Seeds) -> list[list[int]]:
+    """Pre-computed, seeded m-of-N schedule (full participation when per_round is None)."""
+    if per_round is None or per_round == num_clients:
+        return [list(range(num_clients)) for _ in range(rounds)]
+    if per_round > num_clients:
+        raise ConfigError(f"clients_per_round={per_round} exceeds the {num_clients} clients; lower it or use null (all)")
+    return [sorted(int(c) for c in seeds.numpy("participation", round=r).choice(num_clients, per_round, replace=False))
+            for r in range(1, rounds + 1)]
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "worst": float(a.min()), "best": float(a.max()), "std": float(a.std())}
+
+
+def environment() -> dict[str, Any]:
+    import timm
+
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+        "timm": timm.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "argv": sys.argv,
+    }
+
+
+class Trainer:
+    """Builds everything a run needs from a ``RunConfig`` and runs the rounds.
+
+    ``hooks`` overrides ``cfg.hooks`` (tests pass instances); ``backbone_path`` skips the
+    pretraining lookup for ``weights: pretrain``.
+    """
+
+    def __init__(self, cfg: RunConfig, *, run_dir: str | Path, hooks: HookChain | None = None,
+                 log: Callable[[str], None] | None = None, progress: bool = False,
+                 backbone_path: str | Path | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self._log_file = None
+        self._log = log
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.seeds = Seeds(cfg.seed)
+        self.hooks = hooks if hooks is not None else build_hooks(cfg.hooks)
+
+        t0 = time.time()
+        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
+        self.splits = partition_clients(self.dataset, cfg.data, seed=cfg.seed)
+        self.num_clients = len(self.splits)
+        self.num_classes = self.dataset.num_classes
+
+        if cfg.model.weights == "pretrain" and backbone_path is None:
+            from pfedpg.pretrain import pretrain_backbone
+
+            backbone_path = pretrain_backbone(cfg, dataset=self.dataset, log=self.log)
+        with torch.random.fork_rng():  # timm's init reads torch's global generator; keep it ours
+            torch.random.default_generator.manual_seed(int(self.seeds.sequence("init.backbone").generate_state(1)[0]))
+            backbone = build_backbone(cfg.model, checkpoint=backbone_path)
+        self.model = PromptedViT(backbone, num_prompts=cfg.model.num_prompts, num_classes=self.num_classes)
+        self.backbone_numbers = backbone_num_params(backbone)
+        self.dim = self.model.embed_dim
+        self.init_bound = vpt_init_bound(backbone)
+
+        def tensors(idx):
+            x = images_to_tensor(self.dataset.images[idx], mean=cfg.model.mean, std=cfg.model.std)
+            return x, torch.from_numpy(self.dataset.labels[idx]).long()
+
+        self.train_data = [tensors(s.train) for s in self.splits]
+        self.test_data = [tensors(s.test) for s in self.splits]
+        train_sizes = [len(s.train) for s in self.splits]
+
+        server_cls = SERVERS.get(cfg.method)
+        self.server = server_cls(cfg.server, num_clients=self.num_clients, num_prompts=cfg.model.num_prompts,
+                                 dim=self.dim, init_bound=self.init_bound, seeds=self.seeds, train_sizes=train_sizes)
+        self.states = [self._initial_state(n) for n in range(self.num_clients)]
+        self.schedule = participation_schedule(num_clients=self.num_clients, per_round=cfg.clients_per_round,
+                                               rounds=cfg.rounds, seeds=self.seeds)
+        self.ctx = RunContext(config=cfg, seeds=self.seeds, run_dir=self.run_dir, num_clients=self.num_clients,
+                              log=self.log, server=self.server)
+        self.setup_seconds = time.time() - t0
+        self.round = 0
+
+    # ------------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self._log is not None:
+            self._log(msg)
+        if self._log_file is not None:
+            self._log_file.write(msg + "\n")
+            self._log_file.flush()
+
+    def _initial_state(self, n: int) -> ClientState:
+        k, d, c = self.cfg.model.num_prompts, self.dim, self.num_classes
+        g = self.seeds.torch("init.head", client=n)
+        bound = 1.0 / math.sqrt(d)  # nn.Linear's default init, drawn from the client's own stream
+        w = torch.empty(c, d).uniform_(-bound, bound, generator=g)
+        b = torch.empty(c).uniform_(-bound, bound, generator=g)
+        if self.server.sends_prompts:
+            prompt = self.server.prompts_for([n])[n]
+        else:
+            prompt = torch.empty(k, d).uniform_(-self.init_bound, self.init_bound,
+                                                generator=self.seeds.torch("init.prompt", client=n))
+        return ClientState(prompt=prompt, head_weight=w, head_bias=b)
+
+    # ------------------------------------------------------------------------------------------
+    def communication(self) -> dict[str, Any]:
+        k_d = self.cfg.model.num_prompts * self.dim if self.server.sends_prompts else 0
+        bytes_per = torch.finfo(torch.float32).bits // 8
+        per_round = [len(p) for p in self.schedule]
+        return {
+            "down_numbers_per_client_round": k_d,
+            "up_numbers_per_client_round": k_d,
+            "down_bytes_per_client_round": k_d * bytes_per,
+            "up_bytes_per_client_round": k_d * bytes_per,
+            "backbone_numbers": self.backbone_numbers,
+            "ratio_vs_backbone": k_d / self.backbone_numbers,
+            "total_numbers": 2 * k_d * sum(per_round),
+            "server_shared_numbers": self.server.num_shared(),
+        }
+
+    # ------------------------------------------------------------------------------------------
+    def train_client(self, n: int, r: int, start_prompt: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
+        st = self.states[n]
+        load_into(self.model, prompt=start_prompt, head_weight=st.head_weight, head_bias=st.head_bias)
+        x, y = self.train_data[n]
+        data = self.hooks.client_data(self.ctx, client=n, round=r, data=ClientData(x, y))
+        job = LocalJob(client=n, round=r, model=self.model, data=data, generator=self.seeds.torch("local_train", client=n, round=r),
+                       run_default=partial(sgd_local_training, cfg=self.cfg.client))
+        result = self.hooks.local_training(self.ctx, job)
+        with torch.no_grad():
+            adapted = self.model.prompt.prompt.detach().clone()
+            st.prompt = adapted
+            st.head_weight = self.model.head.weight.detach().clone()
+            st.head_bias = self.model.head.bias.detach().clone()
+        st.rounds_joined += 1
+        record = {"train_loss": result.loss, "local_steps": result.steps, **result.extra}
+        if not self.server.sends_prompts:
+            return record, None
+        delta = self.hooks.outgoing_delta(self.ctx, client=n, round=r, delta=adapted - start_prompt)
+        return record, delta
+
+    def server_step(self, r: int, deltas: dict[int, torch.Tensor]) -> dict[str, Any]:
+        deltas = self.hooks.incoming_deltas(self.ctx, round=r, deltas=deltas)
+        for n, d in deltas.items():
+            if not torch.isfinite(d).all():
+                raise NonFiniteDeltaError(
+                    f"client {n} sent a non-finite prompt delta in round {r}; add the hook "
+                    "`{name: reject_nonfinite}` (defenses) to drop and log such deltas"
+                )
+        if not deltas:
+            return {"aggregation_ms": 0.0, "clients_aggregated": 0}
+        grads = self.server.client_gradients(deltas)
+        t0 = time.perf_counter()
+        update = self.hooks.aggregate(self.ctx, round=r, grads=grads, default=plain_aggregate)
+        agg_ms = (time.perf_counter() - t0) * 1e3
+        self.server.apply(update, grads)
+        return {"aggregation_ms": agg_ms, "clients_aggregated": len(grads.clients)}
+
+    def evaluate_all(self) -> list[dict[str, Any]]:
+        rows = []
+        generated = self.server.prompts_for(list(range(self.num_clients))) if self.server.sends_prompts else {}
+        bs = self.cfg.client.eval_batch_size
+        for n in range(self.num_clients):
+            st = self.states[n]
+            x, y = self.test_data[n]
+            load_into(self.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
+            acc, loss = evaluate(self.model, x, y, batch_size=bs)
+            row = {"client": n, "acc_adapted": acc, "loss_adapted": loss, "acc_generated": None}
+            if n in generated:
+                load_into(self.model, prompt=generated[n], head_weight=st.head_weight, head_bias=st.head_bias)
+                row["acc_generated"], row["loss_generated"] = evaluate(self.model, x, y, batch_size=bs)
+            rows.append(row)
+        if len(generated) > 1:
+            p = torch.stack([generated[n].reshape(-1) for n in sorted(generated)])
+            dist = torch.cdist(p, p)
+            off = dist[~torch.eye(len(p), dtype=torch.bool)]
+            self._prompt_spread = float(off.mean() / p.norm(dim=1).mean().clamp_min(1e-12))
+        else:
+            self._prompt_spread = None
+        return rows
+
+    # ------------------------------------------------------------------------------------------
+    def _checkpoint_path(self, r: int) -> Path:
+        return self.run_dir / "checkpoints" / f"round_{r:04d}.pt"
+
+    def save_checkpoint(self, r: int) -> None:
+        path = self._checkpoint_path(r)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "version": CHECKPOINT_VERSION, "round": r,
+            "server": {k: v.detach().clone() for k, v in self.server.state_dict().items()},
+            "clients": [s.to_dict() for s in self.states],
+            "hooks": self.hooks.state_dict(),
+            "config": dump_config(self.cfg),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path) -> int:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}); delete it to resume from an earlier one") from None
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ConfigError(f"checkpoint {str(path)!r} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        if state["config"] != dump_config(self.cfg):
+            raise ConfigError(f"--resume: the config differs from the one {str(path)!r} was written with; "
+                              "resume with the run's own config.yaml")
+        self.server.load_state_dict(state["server"])
+        self.states = [ClientState.from_dict(d) for d in state["clients"]]
+        self.hooks.load_state_dict(state["hooks"])
+        return int(state["round"])
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpts = sorted((self.run_dir / "checkpoints").glob("round_*.pt"))
+        return ckpts[-1] if ckpts else None
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any] | None:
+        """Run to ``cfg.rounds`` (or stop after round ``stop_after``, leaving a checkpoint)."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        start = 0
+        if resume:
+            ckpt = self.latest_checkpoint()
+            if ckpt is None:
+                raise ConfigError(f"--resume: no checkpoint in {str(self.run_dir / 'checkpoints')!r}; start the run without --resume")
+            start = self.load_checkpoint(ckpt)
+            # Keep the records up to the checkpoint: the rounds after it are re-run identically.
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["round"] <= start] \
+                if metrics_path.exists() else []
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        else:
+            if metrics_path.exists() or (self.run_dir / "summary.json").exists():
+                raise ConfigError(f"run directory {str(self.run_dir)!r} already holds a run; pass --resume or choose another run_name")
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            (self.run_dir / "env.json").write_text(json.dumps(environment(), indent=2))
+            (self.run_dir / "seeds.json").write_text(json.dumps({
+                "master_seed": cfg.seed,
+                "streams": "numpy.random.SeedSequence(master, spawn_key=(crc32(component), client, round))",
+                "participation": self.schedule,
+                "clients": [{"client": s.client, "train": len(s.train), "test": len(s.test), "val": len(s.val),
+                             "domain": s.domain} for s in self.splits],
+            }, indent=1))
+            metrics_path.write_text("")
+        self._log_file = open(self.run_dir / "log.txt", "a")
+        self.hooks.setup(self.ctx)
+        self.log(f"{cfg.method}: {self.num_clients} clients, {cfg.rounds} rounds, backbone {self.backbone_numbers:,} numbers"
+                 + (f" (resuming after round {start})" if start else ""))
+        rounds = range(start + 1, cfg.rounds + 1)
+        if self.progress:
+            from tqdm import tqdm
+
+            rounds = tqdm(rounds, desc=cfg.method, unit="round", initial=start, total=cfg.rounds, file=sys.stderr)
+        t_train = 0.0
+        try:
+            for r in rounds:
+                record = self.run_round(r)
+                t_train += record["time_round_s"]
+                with open(metrics_path, "a") as f:
+                    for row in record.pop("clients"):
+                        f.write(json.dumps(row) + "\n")
+                    f.write(json.dumps(record) + "\n")
+                if self.progress and "acc_adapted_mean" in record:
+                    rounds.set_postfix(acc=f"{record['acc_adapted_mean']:.3f}")
+                self.round = r
+                if (cfg.checkpoint_every and r % cfg.checkpoint_every == 0) or r == cfg.rounds:
+                    self.save_checkpoint(r)
+                if stop_after is not None and r >= stop_after and r < cfg.rounds:
+                    if not (cfg.checkpoint_every and r % cfg.checkpoint_every == 0):
+                        self.save_checkpoint(r)
+                    return None
+            summary = self.summarize(metrics_path)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.log(f"done: adapted mean {summary['accuracy']['mean']:.4f}, worst {summary['accuracy']['worst']:.4f}")
+            return summary
+        finally:
+            self._log_file.close()
+            self._log_file = None
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        participants = self.schedule[r - 1]
+        sent = self.server.prompts_for(participants)
+        deltas: dict[int, torch.Tensor] = {}
+        client_rows: dict[int, dict[str, Any]] = {}
+        for n in participants:
+            start_prompt = sent.get(n, self.states[n].prompt)
+            row, delta = self.train_client(n, r, start_prompt)
+            if delta is not None:
+                deltas[n] = delta
+                row["delta_norm"] = float(delta.norm())
+            client_rows[n] = row
+        t_train = time.perf_counter() - t0
+        server_info = self.server_step(r, deltas)
+        record: dict[str, Any] = {"type": "round", "round": r, "participants": participants,
+                                  "train_loss_mean": float(np.mean([row["train_loss"] for row in client_rows.values()])),
+                                  **server_info}
+        rows = []
+        if r % self.cfg.eval_every == 0 or r == self.cfg.rounds:
+            evals = self.evaluate_all()
+            for e in evals:
+                n = e["client"]
+                rows.append({"type": "client", "round": r, "participated": n in client_rows, **e, **client_rows.get(n, {})})
+            record.update({f"acc_adapted_{k}": v for k, v in _stats([e["acc_adapted"] for e in evals]).items()})
+            if evals[0]["acc_generated"] is not None:
+                record.update({f"acc_generated_{k}": v for k, v in _stats([e["acc_generated"] for e in evals]).items()})
+            record["generated_prompt_spread"] = self._prompt_spread
+        else:
+            rows = [{"type": "client", "round": r, "client": n, "participated": True, **row} for n, row in client_rows.items()]
+        record.update(self.hooks.end_of_round(self.ctx, round=r, record=record))
+        record["time_train_s"] = t_train
+        record["time_round_s"] = time.perf_counter() - t0
+        record["clients"] = rows
+        return record
+
+    def summarize(self, metrics_path: Path) -> dict[str, Any]:
+        rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
+        last = self.cfg.rounds
+        final = sorted((r for r in rows if r["type"] == "client" and r["round"] == last and "acc_adapted" in r),
+                       key=lambda r: r["client"])
+        rounds = [r for r in rows if r["type"] == "round"]
+
+        def block(key):
+            vals = [r[key] for r in final]
+            if not vals or vals[0] is None:
+                return None
+            return {**_stats(vals), "per_client": vals}
+
+        summary = {
+            "method": self.cfg.method, "seed": self.cfg.seed, "rounds": last,
+            "num_clients": self.num_clients, "clients_per_round": len(self.schedule[0]),
+            "generator": self.cfg.server.generator if self.cfg.method == "pfedpg" else None,
+            "accuracy": block("acc_adapted"),
+            "accuracy_generated": block("acc_generated"),
+            "communication": self.communication(),
+            "data": {"source": self.cfg.data.source, "partition": self.cfg.data.partition,
+                     "train_per_client": [len(s.train) for s in self.splits],
+                     "test_per_client": [len(s.test) for s in self.splits]},
+            "time": {"setup_s": self.setup_seconds, "rounds_s": sum(r["time_round_s"] for r in rounds),
+                     "mean_round_s": float(np.mean([r["time_round_s"] for r in rounds])) if rounds else 0.0},
+            "hooks": [h.name for h in self.hooks.hooks],
+        }
+        summary.update({"hook_results": self.hooks.end_of_run(self.ctx, summary=summary)})
+        return summary

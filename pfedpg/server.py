@@ -1,0 +1,219 @@
+"""Servers of the three methods that share one client implementation (DESIGN §1).
+
+* ``pfedpg`` — Yang et al. (ICCV 2023), Algorithm 1. The server holds P_base, one descriptor d_n per
+  client and the generator φ. It sends P_n = G(P_base, d_n); the client returns ΔP_n = P̃_n − P_n.
+  The server treats P_n − P̃_n = −ΔP_n as the upstream gradient of P_n (pFedHN's convention),
+  back-propagates it through G into φ, P_base and d_n, and takes one SGD step with lr α. Moving
+  P_n *towards* P̃_n is the point; the paper's notation and two public re-implementations flip
+  this sign (see ``tests/test_server.py::test_sign``).
+* ``fedvpt`` — prompts averaged FedAvg-style (weighted by training-set size), heads stay local.
+* ``local`` — SingleSet-VPT: each client trains alone; nothing is sent.
+
+Robust aggregation (DESIGN §4): the server computes one gradient per client on the *shared*
+parameters only, g_n = J_nᵀ(−ΔP_n), and hands the stack to the aggregation rule; the default rule
+is the weighted sum, which is the plain update. Descriptor gradients stay per client.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pfedpg.errors import ConfigError
+from pfedpg.generators import GENERATORS, CrossAttentionGenerator
+from pfedpg.registry import Registry
+from pfedpg.seeding import Seeds
+
+SERVERS: Registry[type["Server"]] = Registry("method")
+
+
+@dataclass
+class ServerConfig:
+    """Server side of pFedPG (ignored by ``fedvpt`` and ``local`` except where noted)."""
+
+    generator: str = "cross_attention"  # cross_attention | mlp | adain | basis (paper Table 4)
+    residual: bool = False  # cross_attention: P_base + attention(...) instead of the literal Eq. 3
+    lr: float = 1e-3  # α, the server's SGD step (paper: 1e-3)
+    mlp_hidden: int | None = None  # mlp generator width (default D)
+    # Initial attention-logit std for cross_attention: descriptors start N(0,1) and are rescaled so
+    # the logits have this std. Near-uniform attention would give every client the same prompt.
+    attention_logit_std: float = 1.0
+
+    def __post_init__(self):
+        if self.generator not in GENERATORS:
+            GENERATORS.get(self.generator)  # raises the one-line error with the choices
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"server.lr={self.lr!r} must be a positive number (paper: 1e-3)")
+        if not self.attention_logit_std > 0:
+            raise ConfigError(f"server.attention_logit_std={self.attention_logit_std!r} must be > 0")
+
+
+@dataclass
+class ClientGradients:
+    """What the server computed from one round's deltas, before aggregation."""
+
+    clients: list[int]
+    shared: torch.Tensor  # (m, P): per-client gradient on the shared parameters
+    weights: torch.Tensor  # (m,): the plain update is sum_n weights[n] * shared[n]
+    private: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # per-client, never aggregated
+
+
+class Server(nn.Module):
+    """A method's server: ``prompts_for`` the round's clients, then ``client_gradients`` from their
+    deltas and ``apply`` of the aggregated update."""
+
+    sends_prompts: bool = True
+
+    def __init__(self, cfg: ServerConfig, *, num_clients: int, num_prompts: int, dim: int,
+                 init_bound: float, seeds: Seeds, train_sizes: list[int]):
+        super().__init__()
+        self.cfg, self.num_clients = cfg, num_clients
+        self.num_prompts, self.dim = num_prompts, dim
+
+    def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
+        raise NotImplementedError
+
+    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> None:
+        raise NotImplementedError
+
+    def num_shared(self) -> int:
+        return sum(p.numel() for p in self.shared_parameters())
+
+
+def _flatten(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, like)])
+
+
+def _unflatten(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for p in like:
+        out.append(vec[i:i + p.numel()].view_as(p))
+        i += p.numel()
+    return out
+
+
+@SERVERS.register("pfedpg")
+class PFedPGServer(Server):
+    def __init__(self, cfg: ServerConfig, *, num_clients: int, num_prompts: int, dim: int,
+                 init_bound: float, seeds: Seeds, train_sizes: list[int]):
+        super().__init__(cfg, num_clients=num_clients, num_prompts=num_prompts, dim=dim,
+                         init_bound=init_bound, seeds=seeds, train_sizes=train_sizes)
+        gen_cls = GENERATORS.get(cfg.generator)
+        self.generator = gen_cls(num_prompts=num_prompts, dim=dim, residual=cfg.residual, hidden=cfg.mlp_hidden)
+        self.generator.reset_parameters(seeds.torch("init.generator"))
+        g = seeds.torch("init.p_base")
+        self.p_base = nn.Parameter(torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound, generator=g))
+        # One K×D descriptor per client, each from its own stream: adding clients never changes the others.
+        if isinstance(self.generator, CrossAttentionGenerator):
+            d = torch.stack([torch.randn(num_prompts, dim, generator=seeds.torch("init.descriptor", client=n))
+                             for n in range(num_clients)])
+            d = d * (cfg.attention_logit_std / self.generator.logits_std(self.p_base.detach(), d))
+        else:
+            d = torch.stack([torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound,
+                                                                   generator=seeds.torch("init.descriptor", client=n))
+                             for n in range(num_clients)])
+        self.descriptors = nn.Parameter(d)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.p_base, *self.generator.parameters()]
+
+    def generate(self, client: int) -> torch.Tensor:
+        """P_n with its autograd graph (rows of ``descriptors`` are read one client at a time)."""
+        return self.generator(self.p_base, self.descriptors[client])
+
+    def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
+        with torch.no_grad():
+            return {n: self.generate(n).detach().clone() for n in clients}
+
+    def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
+        shared = self.shared_parameters()
+        rows, private, clients = [], {}, sorted(deltas)
+        for n in clients:
+            p_n = self.generate(n)
+            grads = torch.autograd.grad(p_n, shared + [self.descriptors],
+                                        grad_outputs=-deltas[n].to(p_n.dtype), allow_unused=True)
+            rows.append(_flatten(list(grads[:-1]), shared))
+            d_grad = grads[-1]
+            private[n] = [torch.zeros_like(self.descriptors[n]) if d_grad is None else d_grad[n]]
+        stack = torch.stack(rows) if rows else torch.zeros(0, self.num_shared())
+        return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype), private)
+
+    @torch.no_grad()
+    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> None:
+        lr = self.cfg.lr
+        shared = self.shared_parameters()
+        for p, u in zip(shared, _unflatten(shared_update, shared)):
+            p.sub_(lr * u)
+        for n, (d_grad,) in grads.private.items():
+            self.descriptors[n].sub_(lr * d_grad)
+
+
+@SERVERS.register("fedvpt")
+class FedVPTServer(Server):
+    """FedAvg on the prompt: P ← P + Σ_n (|D_n| / Σ|D|) ΔP_n, i.e. an SGD step of lr 1 on the
+    weighted sum of the per-client gradients −ΔP_n."""
+
+    def __init__(self, cfg: ServerConfig, *, num_clients: int, num_prompts: int, dim: int,
+                 init_bound: float, seeds: Seeds, train_sizes: list[int]):
+        super().__init__(cfg, num_clients=num_clients, num_prompts=num_prompts, dim=dim,
+                         init_bound=init_bound, seeds=seeds, train_sizes=train_sizes)
+        g = seeds.torch("init.prompt")
+        self.prompt = nn.Parameter(torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound, generator=g))
+        self.register_buffer("train_sizes", torch.tensor(train_sizes, dtype=torch.float64))
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.prompt]
+
+    def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
+        return {n: self.prompt.detach().clone() for n in clients}
+
+    def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
+        clients = sorted(deltas)
+        stack = torch.stack([-deltas[n].reshape(-1).to(self.prompt.dtype) for n in clients]) if clients \
+            else torch.zeros(0, self.prompt.numel())
+        sizes = self.train_sizes[clients] if clients else self.train_sizes[:0]
+        weights = (sizes / sizes.sum()).to(stack.dtype) if clients else torch.zeros(0)
+        return ClientGradients(clients, stack, weights, {})
+
+    @torch.no_grad()
+    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> None:
+        self.prompt.sub_(shared_update.view_as(self.prompt))
+
+
+@SERVERS.register("local")
+class LocalServer(Server):
+    """SingleSet-VPT: no server state, nothing sent; each client keeps and trains its own prompt."""
+
+    sends_prompts = False
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
+        return {}
+
+    def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
+        return ClientGradients(sorted(deltas), torch.zeros(len(deltas), 0), torch.ones(len(deltas)), {})
+
+    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> None:
+        pass
+
+
+def plain_aggregate(grads: ClientGradients) -> torch.Tensor:
+    """The default rule: Σ_n w_n g_n (pfedpg: w_n = 1, the plain update; fedvpt: FedAvg weights)."""
+    if grads.shared.shape[0] == 0:
+        return torch.zeros(grads.shared.shape[1], dtype=grads.shared.dtype)
+    # A left-to-right sum over clients, so it equals the same per-client VJPs summed one by one.
+    out = grads.weights[0] * grads.shared[0]
+    for w, g in zip(grads.weights[1:], grads.shared[1:]):
+        out = out + w * g
+    return out

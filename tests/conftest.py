@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pfedpg.models import ModelConfig, PromptedViT, build_backbone  # noqa: E402
+
+TINY_MODEL = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 1.0}
+
+
+def tiny_config(**overrides):
+    """The smallest preset the tests train with: embedded digits at 8x8, a one-block ViT."""
+    from pfedpg.config import config_from_dict
+
+    base = {
+        "seed": 0,
+        "rounds": 2,
+        "checkpoint_every": 1,
+        "data": {"image_size": 8, "num_domains": 3, "public_fraction": 0.3, "max_train_per_client": 48,
+                 "max_test_per_client": 40},
+        "model": {"weights": "random", "kwargs": dict(TINY_MODEL), "num_prompts": 4},
+        "client": {"batch_size": 16, "local_epochs": 1, "lr": 0.1},
+    }
+    for key, value in overrides.items():
+        node = base
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return config_from_dict(base)
+
+
+@pytest.fixture
+def tiny_vit():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        backbone = build_backbone(ModelConfig(weights="random", kwargs=dict(TINY_MODEL), num_prompts=3))
+        return PromptedViT(backbone, num_prompts=3, num_classes=5)
