@@ -22,7 +22,8 @@ point                 side    contract
 
 A hook that ``controls_client(n)`` (a malicious client) owns client n's code: the honest-client
 hooks are skipped for n at ``client_data``, ``local_training`` and ``outgoing_delta``, so its
-crafted delta is what the server receives whatever honest-client hooks (e.g. DP noise) are set.
+crafted delta is what the server receives whatever honest-client hooks (e.g. DP noise) are set;
+its own client-side points run for the clients it controls and no others.
 """
 from __future__ import annotations
 
@@ -172,7 +173,8 @@ class HookChain:
             raise ConfigError(f"client {client} is controlled by two attack hooks {[h.name for h in controllers]}")
         if controllers:
             return controllers
-        return [h for h in self.hooks if h.acts_on(client)]
+        # A hook that controls some clients (an attack) runs client-side code for those alone.
+        return [h for h in self.hooks if h.acts_on(client) and not _overrides(h, "controls_client")]
 
     def setup(self, ctx: RunContext) -> None:
         for h in self.hooks:

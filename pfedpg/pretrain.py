@@ -102,7 +102,7 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
             seen += len(idx)
     model.eval()

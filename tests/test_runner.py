@@ -1,0 +1,218 @@
+"""The in-process runner: determinism, resume, hooks, participation, errors (DESIGN §4, §8)."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pfedpg.errors import ConfigError, NonFiniteDeltaError
+from pfedpg.hooks import Hook, HookChain, build_hooks
+from pfedpg.runner import Trainer, participation_schedule
+from pfedpg.seeding import Seeds
+
+
+def metrics(run_dir):
+    """metrics.jsonl without wall-clock fields."""
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "aggregation_ms"} for r in rows]
+
+
+def server_state(trainer):
+    return {k: v.clone() for k, v in trainer.server.state_dict().items()}
+
+
+def test_same_seed_same_numbers(tmp_path):
+    a = Trainer(tiny_config(), run_dir=tmp_path / "a")
+    a.run()
+    b = Trainer(tiny_config(), run_dir=tmp_path / "b")
+    b.run()
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    for k, v in server_state(a).items():
+        assert torch.equal(v, server_state(b)[k]), k
+    c = Trainer(tiny_config(seed=1), run_dir=tmp_path / "c")
+    c.run()
+    assert metrics(tmp_path / "a") != metrics(tmp_path / "c")
+
+
+@pytest.mark.parametrize("method", ["pfedpg", "fedvpt", "local"])
+def test_resume_equals_uninterrupted(tmp_path, method):
+    cfg = tiny_config(method=method, rounds=4, checkpoint_every=2)
+    full = Trainer(cfg, run_dir=tmp_path / "full").run()
+    Trainer(cfg, run_dir=tmp_path / "cut").run(stop_after=2)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = Trainer(cfg, run_dir=tmp_path / "cut").run(resume=True)
+    assert resumed["accuracy"] == full["accuracy"]
+    assert resumed["accuracy_generated"] == full["accuracy_generated"]
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path):
+    Trainer(tiny_config(rounds=3), run_dir=tmp_path / "r").run(stop_after=1)
+    with pytest.raises(ConfigError, match="config differs"):
+        Trainer(tiny_config(rounds=3, **{"client.lr": 0.05}), run_dir=tmp_path / "r").run(resume=True)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        Trainer(tiny_config(), run_dir=tmp_path / "empty").run(resume=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(tiny_config(rounds=3), run_dir=tmp_path / "r").run()
+
+
+def test_noop_hooks_equal_no_hooks(tmp_path):
+    plain = Trainer(tiny_config(), run_dir=tmp_path / "plain")
+    plain.run()
+    hooked = Trainer(tiny_config(hooks=[{"name": "noop"}]), run_dir=tmp_path / "hooked")
+    assert len(hooked.hooks) == 1
+    hooked.run()
+    assert metrics(tmp_path / "plain") == metrics(tmp_path / "hooked")
+    for k, v in server_state(plain).items():
+        assert torch.equal(v, server_state(hooked)[k]), k
+
+
+def test_every_hook_point_is_called_in_order(tmp_path):
+    calls = []
+
+    class Recorder(Hook):
+        def __init__(self, tag):
+            super().__init__()
+            self.name = tag
+
+        def client_data(self, ctx, *, client, round, data):
+            calls.append((self.name, "client_data", round, client))
+            return data
+
+        def local_training(self, ctx, job, call_next):
+            calls.append((self.name, "local_training", job.round, job.client))
+            return call_next(job)
+
+        def outgoing_delta(self, ctx, *, client, round, delta):
+            calls.append((self.name, "outgoing_delta", round, client))
+            return delta
+
+        def incoming_deltas(self, ctx, *, round, deltas):
+            calls.append((self.name, "incoming_deltas", round, sorted(deltas)))
+            return deltas
+
+        def end_of_round(self, ctx, *, round, record):
+            calls.append((self.name, "end_of_round", round, None))
+            return {"seen": 1}
+
+    t = Trainer(tiny_config(rounds=1), run_dir=tmp_path / "r", hooks=HookChain([Recorder("a"), Recorder("b")]))
+    t.run()
+    points = [(c[0], c[1]) for c in calls if c[3] in (0, None, [0, 1, 2])]
+    assert points[:6] == [("a", "client_data"), ("b", "client_data"), ("a", "local_training"),
+                          ("b", "local_training"), ("a", "outgoing_delta"), ("b", "outgoing_delta")]
+    assert ("a", "incoming_deltas") in points and ("b", "end_of_round") in points
+    last_round = [r for r in metrics(tmp_path / "r") if r["type"] == "round"][-1]
+    assert last_round["a/seen"] == 1 and last_round["b/seen"] == 1
+
+
+def test_a_controlling_hook_replaces_the_honest_client_hooks():
+    class Honest(Hook):
+        name = "honest"
+
+        def outgoing_delta(self, ctx, *, client, round, delta):
+            return delta + 1
+
+    class Attacker(Hook):
+        name = "attacker"
+
+        def controls_client(self, client):
+            return client == 0
+
+        def outgoing_delta(self, ctx, *, client, round, delta):
+            return -delta
+
+    chain = HookChain([Honest(), Attacker()])
+    d = torch.ones(2, 2)
+    assert torch.equal(chain.outgoing_delta(None, client=0, round=1, delta=d), -d)
+    assert torch.equal(chain.outgoing_delta(None, client=1, round=1, delta=d), d + 1)
+
+
+def test_two_aggregators_and_unknown_hooks_are_config_errors():
+    class Agg(Hook):
+        def aggregate(self, ctx, *, round, grads):
+            return grads.shared.sum(0)
+
+    class Agg2(Agg):
+        name = "agg2"
+
+    with pytest.raises(ConfigError, match="aggregation"):
+        HookChain([Agg(), Agg2()])
+    with pytest.raises(ConfigError, match="unknown hook 'nope'; choose one of"):
+        build_hooks([{"name": "nope"}])
+    with pytest.raises(ConfigError, match="takes no options"):
+        build_hooks([{"name": "noop", "strength": 3}])
+
+
+def test_non_finite_delta_is_an_error_unless_rejected(tmp_path):
+    import defenses  # noqa: F401  (registers reject_nonfinite)
+
+    class NaNClient(Hook):
+        name = "nan_client"
+
+        def outgoing_delta(self, ctx, *, client, round, delta):
+            return delta * float("nan") if client == 1 else delta
+
+    with pytest.raises(NonFiniteDeltaError, match="client 1 .* reject_nonfinite"):
+        Trainer(tiny_config(), run_dir=tmp_path / "a", hooks=HookChain([NaNClient()])).run()
+    chain = HookChain([NaNClient(), *build_hooks([{"name": "reject_nonfinite"}]).hooks])
+    t = Trainer(tiny_config(), run_dir=tmp_path / "b", hooks=chain)
+    summary = t.run()
+    assert summary["hook_results"]["reject_nonfinite"]["rejected"] == [[1, 1], [2, 1]]
+    assert all(torch.isfinite(v).all() for v in t.server.state_dict().values())
+
+
+def test_participation_schedule_is_seeded_m_of_n():
+    s = participation_schedule(num_clients=10, per_round=3, rounds=50, seeds=Seeds(0))
+    assert all(len(r) == 3 == len(set(r)) and all(0 <= c < 10 for c in r) for r in s)
+    assert s == participation_schedule(num_clients=10, per_round=3, rounds=50, seeds=Seeds(0))
+    assert s[:20] == participation_schedule(num_clients=10, per_round=3, rounds=20, seeds=Seeds(0))
+    assert len({c for r in s for c in r}) == 10
+    with pytest.raises(ConfigError, match="exceeds"):
+        participation_schedule(num_clients=3, per_round=4, rounds=1, seeds=Seeds(0))
+
+
+def test_partial_participation_run(tmp_path):
+    t = Trainer(tiny_config(clients_per_round=2, rounds=3), run_dir=tmp_path / "r")
+    summary = t.run()
+    rounds = [r for r in metrics(tmp_path / "r") if r["type"] == "round"]
+    assert [r["participants"] for r in rounds] == t.schedule and all(len(p) == 2 for p in t.schedule)
+    assert summary["clients_per_round"] == 2 and len(summary["accuracy"]["per_client"]) == 3
+
+
+def test_summary_and_communication(tmp_path):
+    summary = Trainer(tiny_config(), run_dir=tmp_path / "r").run()
+    assert {"method", "seed", "rounds", "accuracy", "accuracy_generated", "communication"} <= set(summary)
+    acc = summary["accuracy"]
+    assert acc["worst"] == min(acc["per_client"]) and abs(acc["mean"] - sum(acc["per_client"]) / 3) < 1e-12
+    comm = summary["communication"]
+    assert comm["up_numbers_per_client_round"] == comm["down_numbers_per_client_round"] == 4 * 16
+    assert comm["ratio_vs_backbone"] == pytest.approx(64 / comm["backbone_numbers"])
+    local = Trainer(tiny_config(method="local"), run_dir=tmp_path / "l").run()
+    assert local["communication"]["up_numbers_per_client_round"] == 0 and local["accuracy_generated"] is None
+
+
+def test_training_on_the_embedded_default_beats_chance(tmp_path):
+    # A random frozen backbone learns little (DESIGN §3), so use a quick toolkit-pretrained one.
+    cfg = tiny_config(rounds=6, **{"model.weights": "pretrain", "pretrain.epochs": 40,
+                                   "pretrain.cache_dir": str(tmp_path / "cache"),
+                                   "data.max_train_per_client": None, "client.local_epochs": 2,
+                                   "server.lr": 0.1})
+    summary = Trainer(cfg, run_dir=tmp_path / "r").run()
+    # 10 classes: chance is 0.1.
+    assert summary["accuracy"]["mean"] > 0.3, summary["accuracy"]
+    assert summary["accuracy"]["worst"] > 0.15, summary["accuracy"]
+
+
+def test_pretrained_backbone_is_cached_by_config_hash(tmp_path):
+    from pfedpg.pretrain import cached_path, pretrain_backbone
+
+    cfg = tiny_config(**{"model.weights": "pretrain", "pretrain.epochs": 1, "pretrain.cache_dir": str(tmp_path)})
+    path = pretrain_backbone(cfg)
+    assert path == cached_path(cfg) and path.is_file()
+    mtime = path.stat().st_mtime_ns
+    assert pretrain_backbone(cfg) == path and path.stat().st_mtime_ns == mtime  # cache hit, no retraining
+    other = tiny_config(**{"model.weights": "pretrain", "pretrain.epochs": 2, "pretrain.cache_dir": str(tmp_path)})
+    assert cached_path(other) != path
+    no_public = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.0, "pretrain.cache_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="public split"):
+        pretrain_backbone(no_public)
