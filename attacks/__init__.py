@@ -1,4 +1,5 @@
 """Malicious clients and leakage probes, as hooks registered by name (DESIGN §6, §7).
 
 Importing this package registers its hooks; it imports ``pfedpg`` and never ``defenses``.
+``attacks.audit`` holds the empirical-ε machinery (Clopper–Pearson and Gaussian-DP lower bounds).
 """

@@ -2,4 +2,4 @@
 
 Importing this package registers its hooks; it imports ``pfedpg`` and never ``attacks``.
 """
-from defenses import nonfinite  # noqa: F401  (registers `reject_nonfinite`)
+from defenses import dp_client, nonfinite  # noqa: F401  (register `dp_client`, `reject_nonfinite`)

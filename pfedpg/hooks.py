@@ -145,7 +145,10 @@ class RunContext:
     num_clients: int
     log: Callable[[str], None]
     server: Any = None
-    state: dict[str, Any] = field(default_factory=dict)
+    #: The pre-computed participation schedule: schedule[r - 1] lists round r's clients.
+    schedule: list[list[int]] = field(default_factory=list)
+    #: Training-set size per client (record-level DP needs it for δ and the sampling rate).
+    train_sizes: list[int] = field(default_factory=list)
 
 
 class HookChain:

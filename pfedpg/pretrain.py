@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -55,7 +56,8 @@ def _shift_augment(x: torch.Tensor, pad: int, g: torch.Tensor | torch.Generator)
     return padded.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
 
 
-def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, force: bool = False) -> Path:
+def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, force: bool = False,
+                      progress: bool = False) -> Path:
     """Train (or find in the cache) the backbone for ``cfg``; returns the ``.safetensors`` path."""
     import timm
     from safetensors.torch import save_file
@@ -90,7 +92,12 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     t0 = time.time()
     log(f"pretraining {cfg.model.name} on {len(y)} public records for {p.epochs} epochs -> {path}")
     model.train()
-    for epoch in range(p.epochs):
+    epochs = range(p.epochs)
+    if progress:
+        from tqdm import tqdm
+
+        epochs = tqdm(epochs, desc="pretrain", unit="epoch", file=sys.stderr)
+    for epoch in epochs:
         order = torch.randperm(len(y), generator=g)
         correct, seen, loss_sum = 0, 0, 0.0
         for i in range(0, len(y), p.batch_size):

@@ -95,7 +95,7 @@ class Trainer:
         if cfg.model.weights == "pretrain" and backbone_path is None:
             from pfedpg.pretrain import pretrain_backbone
 
-            backbone_path = pretrain_backbone(cfg, dataset=self.dataset, log=self.log)
+            backbone_path = pretrain_backbone(cfg, dataset=self.dataset, log=self.log, progress=progress)
         with torch.random.fork_rng():  # timm's init reads torch's global generator; keep it ours
             torch.random.default_generator.manual_seed(int(self.seeds.sequence("init.backbone").generate_state(1)[0]))
             backbone = build_backbone(cfg.model, checkpoint=backbone_path)
@@ -119,7 +119,7 @@ class Trainer:
         self.schedule = participation_schedule(num_clients=self.num_clients, per_round=cfg.clients_per_round,
                                                rounds=cfg.rounds, seeds=self.seeds)
         self.ctx = RunContext(config=cfg, seeds=self.seeds, run_dir=self.run_dir, num_clients=self.num_clients,
-                              log=self.log, server=self.server)
+                              log=self.log, server=self.server, schedule=self.schedule, train_sizes=train_sizes)
         self.setup_seconds = time.time() - t0
         self.round = 0
 

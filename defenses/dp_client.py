@@ -1,0 +1,150 @@
+"""``dp_client``: client-level (local) differential privacy on the prompt delta (DESIGN §5).
+
+Each honest client clips ΔP_n to L2 norm C (over all K×D numbers, after local training) and adds
+N(0, (zC)² I) before sending. The server uses every ΔP_n individually, so there is no
+amplification by averaging, and client sampling does not amplify against the server that picks the
+participants: each client's ε grows with the rounds it joins (sample rate 1 per release).
+
+Privacy unit: one client's whole dataset. Adjacency ``replace`` (default; sensitivity 2C) or
+``add_remove`` (sensitivity C). Threat model: honest-but-curious server and anyone who sees what
+the server holds (φ, P_base, d_n, the released ΔP_n). NOT covered: the client's adapted prompt P̃_n
+and head H_n, which are trained on raw data and never noised.
+
+The noise here is drawn from a stream keyed by (seed, client, round) so runs are reproducible.
+That is for simulation only: a deployed client must draw noise from a local source that the server
+cannot know — anyone holding the seed could subtract seeded noise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from defenses.accounting import ACCOUNTANTS, accountant_epsilon, calibrate_noise, make_accountant
+from pfedpg.errors import ConfigError
+from pfedpg.hooks import Hook, register_hook
+
+ADJACENCIES = {"replace": 2.0, "add_remove": 1.0}  # sensitivity in units of C
+
+
+def clip_by_norm(x: torch.Tensor, clip: float) -> torch.Tensor:
+    """x scaled to L2 norm ≤ clip; the zero vector passes unchanged (no division by zero)."""
+    norm = float(x.norm())
+    if norm <= clip or norm == 0.0:
+        return x.clone()
+    return x * (clip / norm)
+
+
+@register_hook("dp_client")
+class ClientLevelDP(Hook):
+    """Clip + Gaussian noise on ΔP_n, with one Opacus accountant per client.
+
+    Options: ``clip`` C > 0; exactly one of ``noise_multiplier`` z ≥ 0 (noise std zC) or
+    ``target_epsilon`` (z calibrated up front for the most rounds any client is scheduled to join);
+    ``delta`` (< 1/N); ``adjacency`` (replace | add_remove); ``accountant`` (rdp | prv).
+    z = 0 is the clip-only ablation: ε = ∞.
+    """
+
+    def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 delta: float = 1e-5, adjacency: str = "replace", accountant: str = "rdp"):
+        super().__init__()
+        if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+            raise ConfigError(f"dp_client.clip={clip!r} must be a positive number (the L2 bound C on ΔP_n)")
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ConfigError("dp_client needs exactly one of noise_multiplier or target_epsilon")
+        if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ConfigError(f"dp_client.noise_multiplier={noise_multiplier!r} must be a number >= 0")
+        if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
+            raise ConfigError(f"dp_client.target_epsilon={target_epsilon!r} must be a positive number")
+        if adjacency not in ADJACENCIES:
+            raise ConfigError(f"dp_client.adjacency={adjacency!r} is not one of {', '.join(ADJACENCIES)}")
+        if accountant not in ACCOUNTANTS:
+            raise ConfigError(f"dp_client.accountant={accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+        if not 0 < delta < 1:
+            raise ConfigError(f"dp_client.delta={delta!r} must be in (0, 1)")
+        self.clip, self.delta, self.adjacency, self.accountant_name = float(clip), float(delta), adjacency, accountant
+        self.target_epsilon = target_epsilon
+        self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
+        self.sensitivity = ADJACENCIES[adjacency] * self.clip
+        self.accountants: dict[int, object] = {}
+
+    # Noise std is z·C; for accounting, the multiplier per unit sensitivity is z·C / sensitivity.
+    @property
+    def accounting_multiplier(self) -> float:
+        return self.noise_multiplier * self.clip / self.sensitivity
+
+    def setup(self, ctx) -> None:
+        n = ctx.num_clients
+        if self.delta >= 1.0 / n:
+            raise ConfigError(f"dp_client.delta={self.delta} must be < 1/N = {1.0 / n:.3g} for client-level DP; lower it")
+        if self.target_epsilon is not None and self.noise_multiplier is None:
+            joins = max(sum(c in r for r in ctx.schedule) for c in range(n))
+            unit = calibrate_noise(target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=1.0,
+                                   steps=joins, accountant=self.accountant_name)
+            self.noise_multiplier = unit * self.sensitivity / self.clip  # z = 2·unit under replace
+            ctx.log(f"dp_client: z = {self.noise_multiplier:.4f} for ε = {self.target_epsilon} over {joins} releases")
+
+    def _accountant(self, client: int):
+        if client not in self.accountants:
+            self.accountants[client] = make_accountant(self.accountant_name)
+        return self.accountants[client]
+
+    def privatize(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        clipped = clip_by_norm(delta, self.clip)
+        if self.noise_multiplier == 0:
+            return clipped
+        noise = torch.randn(clipped.shape, generator=generator, dtype=clipped.dtype)
+        return clipped + noise * (self.noise_multiplier * self.clip)
+
+    def outgoing_delta(self, ctx, *, client, round, delta):
+        released = self.privatize(delta, ctx.seeds.torch("dp_client.noise", client=client, round=round))
+        if self.noise_multiplier > 0:
+            self._accountant(client).step(noise_multiplier=self.accounting_multiplier, sample_rate=1.0)
+        else:
+            self.accountants.setdefault(client, None)
+        return released
+
+    def epsilon(self, client: int) -> float:
+        acc = self.accountants.get(client)
+        if client in self.accountants and acc is None:
+            return math.inf
+        return 0.0 if acc is None else accountant_epsilon(acc, self.delta)
+
+    def end_of_round(self, ctx, *, round, record):
+        eps = [self.epsilon(c) for c in range(ctx.num_clients)]
+        return {"epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps)}
+
+    def statement(self) -> dict:
+        return {
+            "privacy_unit": "client (a client's whole local dataset)",
+            "adjacency": self.adjacency,
+            "threat_model": "honest-but-curious server and observers of server state; "
+                            "not the client's own adapted prompt or head",
+            "mechanism": f"clip ΔP_n to global L2 norm C={self.clip}, add N(0, (zC)^2 I) with z={self.noise_multiplier:.4g}, "
+                         "on the client before sending",
+            "sensitivity": self.sensitivity,
+            "sampling": "none (sample rate 1 per release; client sampling gives no amplification against the server)",
+            "delta": self.delta,
+            "accountant": f"opacus {self.accountant_name}",
+        }
+
+    def end_of_run(self, ctx, *, summary):
+        eps = {c: self.epsilon(c) for c in range(ctx.num_clients)}
+        return {**self.statement(), "noise_multiplier": self.noise_multiplier,
+                "epsilon_per_client": [eps[c] for c in range(ctx.num_clients)],
+                "epsilon_max": max(eps.values()), "epsilon_mean": sum(eps.values()) / len(eps)}
+
+    def state_dict(self):
+        return {"noise_multiplier": self.noise_multiplier,
+                "history": {str(c): (None if a is None else [list(h) for h in a.history]) for c, a in self.accountants.items()}}
+
+    def load_state_dict(self, state):
+        self.noise_multiplier = state["noise_multiplier"]
+        self.accountants = {}
+        for c, hist in state["history"].items():
+            if hist is None:
+                self.accountants[int(c)] = None
+            else:
+                acc = make_accountant(self.accountant_name)
+                acc.history = [tuple(h) for h in hist]
+                self.accountants[int(c)] = acc

@@ -1,0 +1,188 @@
+"""Client-level DP on ΔP_n (DESIGN §5) and its empirical audit (DESIGN §6)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attacks.audit import audit_delta_mechanism, clopper_pearson, epsilon_lower_bound
+from conftest import tiny_config
+from defenses.accounting import accountant_epsilon, gdp_epsilon, make_accountant
+from defenses.dp_client import ClientLevelDP, clip_by_norm
+from pfedpg.errors import ConfigError
+from pfedpg.hooks import HookChain, RunContext
+from pfedpg.runner import Trainer
+from pfedpg.seeding import Seeds
+
+vectors = st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(vectors, st.floats(1e-3, 1e3))
+def test_clip_bounds_the_norm_and_is_idempotent(values, clip):
+    x = torch.tensor(values, dtype=torch.float64)
+    y = clip_by_norm(x, clip)
+    assert float(y.norm()) <= clip * (1 + 1e-9)
+    torch.testing.assert_close(clip_by_norm(y, clip), y, rtol=1e-12, atol=0)
+    if float(x.norm()) <= clip:
+        assert torch.equal(y, x)
+
+
+def test_zero_delta_passes():
+    z = torch.zeros(4, 8)
+    assert torch.equal(clip_by_norm(z, 1.0), z)
+    hook = ClientLevelDP(clip=1.0, noise_multiplier=0.0)
+    assert torch.equal(hook.privatize(z, torch.Generator().manual_seed(0)), z)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("z, rounds", [(1.0, 1), (2.0, 10), (8.0, 100)])
+def test_accountant_matches_closed_form_gdp(accountant, z, rounds):
+    """Full participation, replace: μ = 2C·√T / (zC); exact ε ≤ accountant ε ≤ 1.15 · exact."""
+    hook = ClientLevelDP(clip=0.5, noise_multiplier=z, accountant=accountant)
+    ctx = RunContext(config=None, seeds=Seeds(0), run_dir=None, num_clients=3, log=lambda m: None,
+                     schedule=[[0, 1, 2]] * rounds)
+    hook.setup(ctx)
+    for r in range(1, rounds + 1):
+        hook.outgoing_delta(ctx, client=0, round=r, delta=torch.ones(2, 3))
+    exact = gdp_epsilon(2 * math.sqrt(rounds) / z, 1e-5)
+    assert exact <= hook.epsilon(0) <= 1.15 * exact
+    assert hook.epsilon(1) == 0.0  # never released anything
+
+
+def test_target_epsilon_is_calibrated_for_the_planned_releases():
+    hook = ClientLevelDP(clip=1.0, target_epsilon=3.0)
+    ctx = RunContext(config=None, seeds=Seeds(0), run_dir=None, num_clients=4, log=lambda m: None,
+                     schedule=[[0, 1], [1, 2], [0, 1], [3, 1]])  # client 1 joins 4 times
+    hook.setup(ctx)
+    for r in range(1, 5):
+        hook.outgoing_delta(ctx, client=1, round=r, delta=torch.ones(3))
+    assert 2.9 <= hook.epsilon(1) <= 3.0
+    # Replace adjacency doubles the multiplier that add/remove needs for the same ε.
+    add = ClientLevelDP(clip=1.0, target_epsilon=3.0, adjacency="add_remove")
+    add.setup(ctx)
+    assert hook.noise_multiplier == pytest.approx(2 * add.noise_multiplier)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"clip": 0, "noise_multiplier": 1.0}, "clip"),
+    ({"clip": 1.0}, "exactly one of"),
+    ({"clip": 1.0, "noise_multiplier": 1.0, "target_epsilon": 2.0}, "exactly one of"),
+    ({"clip": 1.0, "noise_multiplier": -1.0}, "noise_multiplier"),
+    ({"clip": 1.0, "noise_multiplier": 1.0, "adjacency": "swap"}, "adjacency"),
+    ({"clip": 1.0, "noise_multiplier": 1.0, "accountant": "gdp"}, "accountant"),
+])
+def test_bad_options_are_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        ClientLevelDP(**options)
+
+
+def test_delta_must_be_below_one_over_n():
+    hook = ClientLevelDP(clip=1.0, noise_multiplier=1.0, delta=0.5)
+    ctx = RunContext(config=None, seeds=Seeds(0), run_dir=None, num_clients=3, log=print, schedule=[[0]])
+    with pytest.raises(ConfigError, match="1/N"):
+        hook.setup(ctx)
+
+
+def test_epsilon_accumulates_over_rounds_and_survives_resume(tmp_path):
+    import defenses  # noqa: F401
+
+    cfg = tiny_config(rounds=4, checkpoint_every=2, hooks=[{"name": "dp_client", "clip": 0.1, "noise_multiplier": 2.0}],
+                      **{"data.num_domains": 3})
+    # With 3 clients, δ must be < 1/3: the default 1e-5 is.
+    full = Trainer(cfg, run_dir=tmp_path / "full").run()
+    import json
+    rounds = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    eps = [r["dp_client/epsilon_max"] for r in rounds if r["type"] == "round"]
+    assert all(a < b for a, b in zip(eps, eps[1:])), eps
+    Trainer(cfg, run_dir=tmp_path / "cut").run(stop_after=2)
+    resumed = Trainer(cfg, run_dir=tmp_path / "cut").run(resume=True)
+    assert resumed["hook_results"]["dp_client"]["epsilon_per_client"] == full["hook_results"]["dp_client"]["epsilon_per_client"]
+    assert resumed["accuracy"] == full["accuracy"]
+    expected = gdp_epsilon(2 * math.sqrt(4) / 2.0, 1e-5)
+    assert expected <= full["hook_results"]["dp_client"]["epsilon_max"] <= 1.15 * expected
+
+
+def test_dp_noise_changes_what_the_server_sees_but_not_the_adapted_prompt(tmp_path):
+    import defenses  # noqa: F401
+
+    plain = Trainer(tiny_config(rounds=1), run_dir=tmp_path / "a")
+    plain.run()
+    noisy = Trainer(tiny_config(rounds=1, hooks=[{"name": "dp_client", "clip": 0.1, "noise_multiplier": 1.0}]),
+                    run_dir=tmp_path / "b")
+    noisy.run()
+    # Round 1: same start, same local training, so the adapted prompts are identical ...
+    for a, b in zip(plain.states, noisy.states):
+        assert torch.equal(a.prompt, b.prompt)
+    # ... while the server state, built from the noisy deltas, differs.
+    assert not torch.equal(plain.server.p_base, noisy.server.p_base)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mechanism-level audit on the exact client-side code path (DESIGN §6)
+
+
+def test_clopper_pearson_and_epsilon_bound_by_hand():
+    lo, hi = clopper_pearson(0, 10, 0.05)
+    assert lo == 0 and hi == pytest.approx(1 - 0.025 ** (1 / 10))
+    lo, hi = clopper_pearson(10, 10, 0.05)
+    assert hi == 1 and lo == pytest.approx(0.025 ** (1 / 10))
+    # With no errors in 2000 trials per side the bound is ln((1 - δ - p_hi) / p_hi), p_hi = 1 - 0.025^(1/2000).
+    eps, fpr_hi, _ = epsilon_lower_bound(fp=0, fn=0, n=2000, delta=0.0)
+    assert eps == pytest.approx(math.log((1 - fpr_hi) / fpr_hi)) and 5.5 < eps < 6.5
+
+
+class Broken(ClientLevelDP):
+    """Deliberately broken variants that the audit must flag."""
+
+    def __init__(self, mode, **kw):
+        super().__init__(**kw)
+        self.mode = mode
+
+    @property
+    def accounting_multiplier(self):
+        if self.mode == "sensitivity_c":  # accounts as if replace had sensitivity C
+            return self.noise_multiplier
+        return super().accounting_multiplier
+
+    def privatize(self, delta, generator):
+        if self.mode == "half_noise":
+            noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
+            return clip_by_norm(delta, self.clip) + noise * (self.noise_multiplier * self.clip / 2)
+        if self.mode == "noise_before_clip":
+            noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
+            return clip_by_norm(delta + noise * (self.noise_multiplier * self.clip), self.clip)
+        return super().privatize(delta, generator)
+
+
+def run_audit(hook, *, trials=2000, canary_norm=100.0):
+    """Canaries +c / −c (replace), one release each (T = 1), through hook.outgoing_delta."""
+    ctx = RunContext(config=None, seeds=Seeds(7), run_dir=None, num_clients=2, log=lambda m: None, schedule=[[0]])
+    hook.setup(ctx)
+    c = torch.randn(4, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    c = c / c.norm() * canary_norm * hook.clip  # large canaries: a correct mechanism clips them first
+
+    def release(x, trial):
+        return hook.outgoing_delta(ctx, client=0, round=trial + 1, delta=x)
+
+    claim = make_accountant("rdp")
+    claim.step(noise_multiplier=hook.accounting_multiplier, sample_rate=1.0)
+    return audit_delta_mechanism(release, canary=c, other=-c, trials=trials, delta=hook.delta,
+                                 claimed_epsilon=accountant_epsilon(claim, hook.delta),
+                                 claimed_mu=1.0 / hook.accounting_multiplier)
+
+
+@pytest.mark.parametrize("z", [1.0, 4.0])
+def test_audit_lower_bound_stays_below_the_accountant(z):
+    result = run_audit(ClientLevelDP(clip=1.0, noise_multiplier=z))
+    assert not result.violated, result.to_dict()
+    assert result.epsilon_lb < result.claimed_epsilon and result.mu_lb < result.claimed_mu
+    # ... and the audit is not vacuous: it detects a real leak at this noise (μ = 2/z).
+    assert result.mu_lb > 0.5 * (2 / z)
+
+
+@pytest.mark.parametrize("mode", ["half_noise", "sensitivity_c", "noise_before_clip"])
+def test_audit_flags_broken_mechanisms(mode):
+    result = run_audit(Broken(mode, clip=1.0, noise_multiplier=4.0))
+    assert result.violated, result.to_dict()
