@@ -1,0 +1,205 @@
+"""``dp_sgd``: record-level DP-SGD inside each client (Abadi et al. 2016; Opacus) — DESIGN §5.
+
+Per optimizer step: Poisson sampling of the client's records with rate q, per-sample gradients of
+prompt and head (Opacus hooks; the prompt tokens are their own leaf module with a registered grad
+sampler, so a DP step costs about a normal step), each clipped to L2 norm C jointly over prompt and
+head, summed, plus N(0, (zC)² I), divided by the expected batch size q·|D_n|. One Opacus accountant
+per client for the whole run, checkpointed, so ε never resets between rounds or on resume.
+
+Privacy unit: one record of a client. Adjacency: add/remove (the subsampled-Gaussian accountants
+assume it). Everything the server or an observer sees — ΔP_n, φ, P_base, d_n, and also the client's
+adapted prompt and head — is post-processing of the DP-SGD output, so all of it is covered.
+δ must be < 1/|D_n|. Seeded noise is for simulation only (see ``defenses.dp_client``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from defenses.accounting import ACCOUNTANTS, accountant_epsilon, calibrate_noise, make_accountant
+from pfedpg.client import trainable_parameters
+from pfedpg.errors import ConfigError
+from pfedpg.hooks import Hook, LocalResult, register_hook
+from pfedpg.models import PromptTokens
+
+_REGISTERED = False
+
+
+def _register_prompt_grad_sampler() -> None:
+    """Per-sample gradient of the prompt = the output gradient at the prompt positions."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from opacus.grad_sample import register_grad_sampler
+
+    @register_grad_sampler(PromptTokens)
+    def _prompt_grad_sample(layer: PromptTokens, activations, backprops):
+        p, k = layer.num_prefix_tokens, layer.num_prompts
+        return {layer.prompt: backprops[:, p:p + k, :]}
+
+    _REGISTERED = True
+
+
+class PerSampleGradients:
+    """Opacus hooks on the model for one local-training call (wrapping once, not every step)."""
+
+    def __init__(self, model):
+        from opacus import GradSampleModule
+
+        _register_prompt_grad_sampler()
+        self.params = trainable_parameters(model)
+        self.gsm = GradSampleModule(model, loss_reduction="sum", batch_first=True)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """([B × param shape] per-sample gradients of the summed cross-entropy, per-sample losses)."""
+        for p in self.params:
+            p.grad, p.grad_sample = None, None
+        with warnings.catch_warnings():
+            # The prompt module's input needs no gradient (frozen embedding), so its full backward
+            # hook sees output gradients only; that is exactly what its grad sampler uses.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses = F.cross_entropy(self.gsm(x), y, reduction="none")
+            losses.sum().backward()
+        grads = [p.grad_sample for p in self.params]
+        for p in self.params:
+            p.grad, p.grad_sample = None, None
+        return grads, losses.detach()
+
+    def close(self) -> None:
+        self.gsm._close()
+
+
+def per_sample_gradients(model, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """[B × param shape] per-sample gradients for prompt and head (prompt, head.weight, head.bias)."""
+    psg = PerSampleGradients(model)
+    try:
+        return psg(x, y)[0]
+    finally:
+        psg.close()
+
+
+@register_hook("dp_sgd")
+class RecordLevelDPSGD(Hook):
+    """Options: ``clip`` C (per-sample L2 bound); exactly one of ``noise_multiplier`` z or
+    ``target_epsilon`` (z calibrated per client for all its planned steps); ``delta`` (default
+    1/(10·|D_n|) of the smallest client; must be < 1/|D_n| for every client); ``accountant``."""
+
+    def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 delta: float | None = None, accountant: str = "rdp"):
+        super().__init__()
+        if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+            raise ConfigError(f"dp_sgd.clip={clip!r} must be a positive number (the per-sample L2 bound C)")
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ConfigError("dp_sgd needs exactly one of noise_multiplier or target_epsilon")
+        if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+            raise ConfigError(f"dp_sgd.noise_multiplier={noise_multiplier!r} must be > 0 (use no dp_sgd hook for z = 0)")
+        if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
+            raise ConfigError(f"dp_sgd.target_epsilon={target_epsilon!r} must be a positive number")
+        if accountant not in ACCOUNTANTS:
+            raise ConfigError(f"dp_sgd.accountant={accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+        self.clip, self.delta, self.accountant_name = float(clip), delta, accountant
+        self.target_epsilon, self.fixed_noise = target_epsilon, noise_multiplier
+        self.noise: dict[int, float] = {}
+        self.accountants: dict[int, object] = {}
+
+    def setup(self, ctx) -> None:
+        sizes = ctx.train_sizes
+        if self.delta is None:
+            self.delta = 1.0 / (10 * min(sizes))
+        bad = [n for n, s in enumerate(sizes) if self.delta >= 1.0 / s]
+        if bad:
+            raise ConfigError(f"dp_sgd.delta={self.delta} must be < 1/|D_n| for every client "
+                              f"(client {bad[0]} has {sizes[bad[0]]} records); lower delta")
+        cfg = ctx.config.client
+        self.batch_size, self.local_epochs = cfg.batch_size, cfg.local_epochs
+        for n, size in enumerate(sizes):
+            if self.fixed_noise is not None:
+                self.noise[n] = float(self.fixed_noise)
+            else:
+                joins = sum(n in r for r in ctx.schedule)
+                self.noise[n] = calibrate_noise(target_epsilon=self.target_epsilon, delta=self.delta,
+                                                sample_rate=self.sample_rate(size), steps=joins * self.steps(size),
+                                                accountant=self.accountant_name)
+
+    def sample_rate(self, size: int) -> float:
+        return min(1.0, self.batch_size / size)
+
+    def steps(self, size: int) -> int:
+        return self.local_epochs * math.ceil(1.0 / self.sample_rate(size))
+
+    def local_training(self, ctx, job, call_next):
+        cfg = ctx.config.client
+        model = job.model
+        x, y = job.data.x, job.data.y
+        n = x.shape[0]
+        q, z = self.sample_rate(n), self.noise[job.client]
+        params = trainable_parameters(model)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        noise_g = ctx.seeds.torch("dp_sgd.noise", client=job.client, round=job.round)
+        acc = self.accountants.setdefault(job.client, make_accountant(self.accountant_name))
+        model.train()
+        total, seen, clipped = 0.0, 0, 0
+        steps = self.steps(n)
+        psg = PerSampleGradients(model)
+        for _ in range(steps):
+            # Poisson sampling: each record joins this step independently with probability q.
+            idx = (torch.rand(n, generator=job.generator) < q).nonzero().squeeze(1)
+            summed = [torch.zeros_like(p) for p in params]
+            if idx.numel():
+                grads, losses = psg(x[idx], y[idx])
+                norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads]).norm(dim=0)
+                factor = (self.clip / (norms + 1e-6)).clamp(max=1.0)
+                summed = [torch.einsum("b,b...->...", factor, g) for g in grads]
+                clipped += int((norms > self.clip).sum())
+                total += float(losses.sum())
+                seen += idx.numel()
+            for p, s in zip(params, summed):
+                noise = torch.randn(p.shape, generator=noise_g) * (z * self.clip)
+                p.grad = (s + noise) / (q * n)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            acc.step(noise_multiplier=z, sample_rate=q)
+        psg.close()
+        model.eval()
+        return LocalResult(loss=total / max(1, seen), steps=steps, samples=seen,
+                           extra={"dp_sgd_clipped_fraction": clipped / max(1, seen)})
+
+    def epsilon(self, client: int) -> float:
+        acc = self.accountants.get(client)
+        return 0.0 if acc is None else accountant_epsilon(acc, self.delta)
+
+    def end_of_round(self, ctx, *, round, record):
+        eps = [self.epsilon(c) for c in range(ctx.num_clients)]
+        return {"epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps)}
+
+    def statement(self) -> dict:
+        zs = sorted(set(self.noise.values()))
+        return {
+            "privacy_unit": "record (one training example of a client)",
+            "adjacency": "add_remove",
+            "threat_model": "honest-but-curious server and any observer of the client's final model "
+                            "(all of it is post-processing of DP-SGD)",
+            "mechanism": f"DP-SGD on prompt and head: per-sample clip C={self.clip}, Gaussian noise z={zs[0]:.4g}"
+                         + (f"..{zs[-1]:.4g}" if len(zs) > 1 else ""),
+            "sampling": f"Poisson, rate q = batch_size/|D_n| (batch_size {self.batch_size})",
+            "delta": self.delta,
+            "accountant": f"opacus {self.accountant_name}, one per client for the whole run",
+        }
+
+    def end_of_run(self, ctx, *, summary):
+        eps = [self.epsilon(c) for c in range(ctx.num_clients)]
+        return {**self.statement(), "noise_multiplier": [self.noise[c] for c in range(ctx.num_clients)],
+                "epsilon_per_client": eps, "epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps)}
+
+    def state_dict(self):
+        return {"history": {str(c): [list(h) for h in a.history] for c, a in self.accountants.items()}}
+
+    def load_state_dict(self, state):
+        self.accountants = {}
+        for c, hist in state["history"].items():
+            acc = make_accountant(self.accountant_name)
+            acc.history = [tuple(h) for h in hist]
+            self.accountants[int(c)] = acc
