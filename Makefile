@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/pfedpg-eval train --config configs/quickstart.yaml --run-dir runs/demo
-	@echo "report: runs/demo/report.md"
+	$(BIN)/pfedpg-eval privacy --config configs/privacy.yaml --out runs/demo
+	@echo "report: runs/demo/report.md (also report.html)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

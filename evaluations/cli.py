@@ -1,4 +1,4 @@
-"""``pfedpg-eval``: train, pretrain and report (DESIGN: typical commands).
+"""``pfedpg-eval``: train, pretrain, privacy and report (DESIGN: typical commands).
 
 Every subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides; bad
 input ends with a one-line ``error: ...`` naming the fix and exit status 2.
@@ -10,13 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from evaluations.plugins import load_plugins
 from pfedpg.errors import ConfigError, DataError, NonFiniteDeltaError
-
-
-def load_plugins() -> None:
-    """Fill the hook registry: the core never names an attack or a defense (DESIGN §0)."""
-    import attacks  # noqa: F401
-    import defenses  # noqa: F401
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -58,9 +53,19 @@ def cmd_pretrain(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.model.weights != "pretrain":
         raise ConfigError(f"pretrain needs model.weights=pretrain (it is {cfg.model.weights!r}); add --set model.weights=pretrain")
-    path = pretrain_backbone(cfg, log=lambda m: print(m, file=sys.stderr), force=args.force)
+    path = pretrain_backbone(cfg, log=lambda m: print(m, file=sys.stderr), force=args.force, progress=True)
     print(path)
     return 0
+
+
+def cmd_privacy(args) -> int:
+    from evaluations.privacy import load_sweep, run_sweep
+
+    sweep, base = load_sweep(args.config, args.overrides)
+    out = run_sweep(sweep, base, out_dir=args.out, log=lambda m: print(m, file=sys.stderr))
+    print((out / "tradeoff.md").read_text())
+    print(f"report: {out / 'report.md'} (and report.html, tradeoff.csv, accuracy_vs_epsilon.png)")
+    return 1 if (out / "FAILED").exists() else 0
 
 
 def cmd_report(args) -> int:
@@ -94,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="retrain even if the cache holds this backbone")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("privacy", help="accuracy-privacy trade-off sweep (client-level DP, DP-SGD, baselines)",
+                       description="Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x "
+                                   "{non-private, local, clip-only} and mechanism x privacy level. Writes tradeoff.csv, "
+                                   "tradeoff.md, accuracy_vs_epsilon.png, report.md and report.html; rerunning the "
+                                   "same command resumes, reusing finished runs. --set overrides the base run config. "
+                                   "Exit status 1 if a cell failed (it is a row in the table).")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="sweep directory (default: privacy.out_dir)")
+    p.set_defaults(func=cmd_privacy)
 
     p = sub.add_parser("report", help="(re)write report.md and the plots of a finished run",
                        description="Write report.md and learning_curve.png for RUN_DIR from its summary.json and metrics.jsonl.")

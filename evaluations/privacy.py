@@ -1,0 +1,329 @@
+"""``pfedpg-eval privacy``: the accuracy–privacy trade-off sweep (DESIGN §5).
+
+Grid: seeds × {non-private pFedPG, ``local`` (sends nothing), clip-only (client-level, z = 0)} and
+mechanism × privacy level (target ε or noise multiplier). Each cell is one ordinary run directory
+under ``OUT/runs/``; a cell whose ``summary.json`` exists is reused, so an interrupted sweep resumes
+where it stopped and finished runs are never lost. A cell that fails becomes a ``failed`` row with
+its error. Outputs: ``tradeoff.csv`` (one row per run), ``tradeoff.md`` (mean ± std over seeds),
+``accuracy_vs_epsilon.png`` and ``report.md`` / ``report.html``.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import html
+import json
+import math
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from evaluations.plugins import load_plugins
+from pfedpg.config import build_dataclass, config_from_dict
+from pfedpg.errors import ConfigError
+
+MECHANISMS = {"dp_client": "client-level DP on ΔP_n", "dp_sgd": "record-level DP-SGD"}
+BASELINES = ("nonprivate", "clip_only", "local")
+COLUMNS = ["cell", "mechanism", "noise_multiplier", "target_epsilon", "epsilon_max", "epsilon_mean", "delta",
+           "accuracy_mean", "accuracy_worst", "accuracy_generated_mean", "seed", "status", "error", "run_dir"]
+
+
+@dataclass
+class PrivacySweepConfig:
+    """The ``privacy:`` section of a sweep file; the ``base:`` section is an ordinary run config."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    mechanisms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"dp_client": {"clip": 0.5}, "dp_sgd": {"clip": 1.0}})
+    target_epsilons: list[float] | None = field(default_factory=lambda: [1.0, 8.0])
+    noise_multipliers: list[float] | None = None
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    out_dir: str = "runs/privacy"
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ConfigError("privacy.seeds must list at least one seed")
+        unknown = [m for m in self.mechanisms if m not in MECHANISMS]
+        if unknown:
+            raise ConfigError(f"privacy.mechanisms: unknown mechanism {unknown[0]!r}; choose from {', '.join(MECHANISMS)}")
+        for m, opts in self.mechanisms.items():
+            if "noise_multiplier" in opts or "target_epsilon" in opts:
+                raise ConfigError(f"privacy.mechanisms.{m}: set the privacy level in privacy.target_epsilons "
+                                  "or privacy.noise_multipliers, not per mechanism")
+        if (self.target_epsilons is None) == (self.noise_multipliers is None):
+            raise ConfigError("privacy: set exactly one of target_epsilons or noise_multipliers (the other to null)")
+        levels = self.target_epsilons or self.noise_multipliers
+        if not levels or any(not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)) for v in levels):
+            raise ConfigError(f"privacy levels {levels!r} must be positive numbers")
+        bad = [b for b in self.baselines if b not in BASELINES]
+        if bad:
+            raise ConfigError(f"privacy.baselines: unknown {bad[0]!r}; choose from {', '.join(BASELINES)}")
+        if "clip_only" in self.baselines and "dp_client" not in self.mechanisms:
+            raise ConfigError("privacy.baselines: clip_only needs a dp_client mechanism (for its clip C)")
+
+
+def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> tuple[PrivacySweepConfig, dict[str, Any]]:
+    """-> (sweep settings, base run config as a dict with --set overrides applied and validated)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"sweep file {str(p)!r} not found; pass --config with a file like configs/privacy.yaml")
+        tree = yaml.safe_load(p.read_text()) or {}
+    unknown = [k for k in tree if k not in ("base", "base_config", "privacy")]
+    if unknown:
+        raise ConfigError(f"unknown sweep key {unknown[0]}; valid keys: base, base_config, privacy")
+    base: dict[str, Any] = {}
+    if tree.get("base_config"):
+        bp = Path(tree["base_config"])
+        if not bp.is_file():
+            raise ConfigError(f"base_config {str(bp)!r} not found (paths are relative to the working directory)")
+        base = yaml.safe_load(bp.read_text()) or {}
+    base = {**base, **(tree.get("base") or {})}
+    cfg = config_from_dict(base, overrides)  # validates; errors name the key
+    if cfg.hooks:
+        raise ConfigError("the privacy sweep adds its own DP hooks; leave base.hooks empty")
+    if cfg.method != "pfedpg":
+        raise ConfigError(f"the privacy sweep evaluates pfedpg (base.method is {cfg.method!r}); set it to pfedpg")
+    return build_dataclass(PrivacySweepConfig, tree.get("privacy") or {}, "privacy"), cfg.to_dict()
+
+
+def cells(sweep: PrivacySweepConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run of the grid: {cell, mechanism, level fields, seed, config dict}."""
+    out = []
+    by_eps = sweep.target_epsilons is not None
+    levels = sweep.target_epsilons if by_eps else sweep.noise_multipliers
+    for seed in sweep.seeds:
+        def cfg_with(hooks=None, method="pfedpg"):
+            c = copy.deepcopy(base)
+            c.update(seed=seed, method=method, hooks=hooks or [], run_name=None, checkpoint_every=base["checkpoint_every"])
+            return c
+
+        if "nonprivate" in sweep.baselines:
+            out.append({"cell": f"nonprivate-s{seed}", "mechanism": "nonprivate", "seed": seed, "config": cfg_with()})
+        if "local" in sweep.baselines:
+            out.append({"cell": f"local-s{seed}", "mechanism": "local", "seed": seed, "config": cfg_with(method="local")})
+        if "clip_only" in sweep.baselines:
+            opts = {"name": "dp_client", **sweep.mechanisms["dp_client"], "noise_multiplier": 0.0}
+            out.append({"cell": f"clip_only-s{seed}", "mechanism": "clip_only", "seed": seed, "noise_multiplier": 0.0,
+                        "config": cfg_with([opts])})
+        for mech, opts in sweep.mechanisms.items():
+            for level in levels:
+                key = "target_epsilon" if by_eps else "noise_multiplier"
+                hook = {"name": mech, **opts, key: float(level)}
+                out.append({"cell": f"{mech}-{'eps' if by_eps else 'z'}{level:g}-s{seed}", "mechanism": mech,
+                            "seed": seed, key: float(level), "config": cfg_with([hook])})
+    return out
+
+
+def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+    row = {k: None for k in COLUMNS}
+    row.update(cell=cell["cell"], mechanism=cell["mechanism"], seed=cell["seed"], run_dir=str(run_dir),
+               target_epsilon=cell.get("target_epsilon"), noise_multiplier=cell.get("noise_multiplier"))
+    if summary is None:
+        row.update(status="failed", error=error)
+        return row
+    row.update(status="ok", accuracy_mean=summary["accuracy"]["mean"], accuracy_worst=summary["accuracy"]["worst"],
+               accuracy_generated_mean=(summary.get("accuracy_generated") or {}).get("mean"))
+    hook = next(iter((summary.get("hook_results") or {}).values()), None)
+    if hook is not None:
+        z = hook["noise_multiplier"]
+        row.update(noise_multiplier=float(np.mean(z)) if isinstance(z, list) else z, delta=hook["delta"],
+                   epsilon_max=hook["epsilon_max"], epsilon_mean=hook["epsilon_mean"])
+    elif cell["mechanism"] == "nonprivate":
+        row.update(epsilon_max=math.inf, epsilon_mean=math.inf)
+    return row
+
+
+def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
+              log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    from pfedpg.runner import Trainer
+
+    load_plugins()
+    out = Path(out_dir or sweep.out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump({"base": base, "privacy": sweep.__dict__}, sort_keys=False))
+    rows = []
+    grid = cells(sweep, base)
+    for i, cell in enumerate(grid, 1):
+        run_dir = out / "runs" / cell["cell"]
+        summary_path = run_dir / "summary.json"
+        summary, error = None, None
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            log(f"[{i}/{len(grid)}] {cell['cell']}: done before, reused")
+        else:
+            try:
+                cfg = config_from_dict(cell["config"])
+                trainer = Trainer(cfg, run_dir=run_dir, log=lambda m: None, progress=progress)
+                ckpt = trainer.latest_checkpoint() if (run_dir / "metrics.jsonl").exists() else None
+                summary = trainer.run(resume=ckpt is not None)
+                log(f"[{i}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
+            except Exception as e:  # a failed cell is a row, not the end of the sweep
+                error = f"{type(e).__name__}: {e}"
+                (run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+                log(f"[{i}/{len(grid)}] {cell['cell']}: FAILED ({error})")
+        rows.append(_row(cell, run_dir, summary, error))
+    write_outputs(out, rows, sweep)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregation, plot, reports
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (mechanism, level)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        key = (r["mechanism"], r["target_epsilon"], r["noise_multiplier"] if r["target_epsilon"] is None else None)
+        groups.setdefault(key, []).append(r)
+
+    def ms(vals):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return None, None
+        if any(math.isinf(v) for v in vals):
+            return math.inf, 0.0
+        return float(np.mean(vals)), float(np.std(vals))
+
+    out = []
+    for (mech, eps, z), rs in groups.items():
+        out.append({"mechanism": mech, "target_epsilon": eps,
+                    "noise_multiplier": ms([r["noise_multiplier"] for r in rs])[0],
+                    "epsilon_max": ms([r["epsilon_max"] for r in rs]), "accuracy_mean": ms([r["accuracy_mean"] for r in rs]),
+                    "accuracy_worst": ms([r["accuracy_worst"] for r in rs]),
+                    "accuracy_generated_mean": ms([r["accuracy_generated_mean"] for r in rs]), "seeds": len(rs)})
+    order = {m: i for i, m in enumerate(["local", "nonprivate", "clip_only", *MECHANISMS])}
+    out.sort(key=lambda a: (order.get(a["mechanism"], 99), -(a["epsilon_max"][0] or 0) if a["epsilon_max"][0] is not None else 0))
+    return out
+
+
+def _fmt(pair, pct=True) -> str:
+    m, s = pair
+    if m is None:
+        return "—"
+    if math.isinf(m):
+        return "∞"
+    return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.2f} ± {s:.2f}"
+
+
+def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    local = next((a["accuracy_mean"][0] for a in agg if a["mechanism"] == "local"), None)
+    header = ["mechanism", "privacy unit", "target ε", "z", "ε (max client)", "accuracy % (mean)", "worst client %",
+              "generated P_n %", "seeds", "vs local"]
+    unit = {"dp_client": "client", "clip_only": "client", "dp_sgd": "record", "nonprivate": "—", "local": "—"}
+    body = []
+    for a in agg:
+        eps = "0 (sends nothing)" if a["mechanism"] == "local" else _fmt(a["epsilon_max"], pct=False)
+        verdict = ""
+        if local is not None and a["mechanism"] != "local":
+            verdict = "dominated (below local)" if a["accuracy_mean"][0] < local else "above local"
+        body.append([a["mechanism"], unit.get(a["mechanism"], "?"),
+                     "—" if a["target_epsilon"] is None else f"{a['target_epsilon']:g}",
+                     "—" if a["noise_multiplier"] is None else f"{a['noise_multiplier']:.3g}", eps,
+                     _fmt(a["accuracy_mean"]), _fmt(a["accuracy_worst"]), _fmt(a["accuracy_generated_mean"]),
+                     str(a["seeds"]), verdict])
+    return header, body
+
+
+def markdown_table(header, body) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def plot(path: Path, agg: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for i, mech in enumerate(MECHANISMS):
+        pts = sorted((a["epsilon_max"][0], a["accuracy_mean"][0], a["accuracy_mean"][1]) for a in agg
+                     if a["mechanism"] == mech and a["epsilon_max"][0] is not None)
+        if pts:
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, fmt="-o", ms=4, capsize=3, color=f"C{i}", label=MECHANISMS[mech])
+    styles = {"nonprivate": ("k", "--", "non-private pFedPG (ε = ∞)"), "clip_only": ("C2", ":", "clip only (z = 0, ε = ∞)"),
+              "local": ("C3", "-.", "local (sends nothing)")}
+    for mech, (color, ls, label) in styles.items():
+        a = next((a for a in agg if a["mechanism"] == mech), None)
+        if a is not None:
+            ax.axhline(a["accuracy_mean"][0], color=color, ls=ls, lw=1, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("ε (max over clients; each mechanism's own privacy unit)")
+    ax.set_ylabel("mean per-client test accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def privacy_statements(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for r in rows:
+        if r["status"] == "ok" and r["mechanism"] in MECHANISMS and r["mechanism"] not in out:
+            summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+            res = summary["hook_results"][r["mechanism"]]
+            out[r["mechanism"]] = {k: res[k] for k in ("privacy_unit", "adjacency", "threat_model", "mechanism",
+                                                         "sampling", "delta", "accountant")}
+    return out
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConfig) -> None:
+    write_csv(out / "tradeoff.csv", rows)
+    agg = aggregate(rows)
+    header, body = table_rows(agg)
+    table = markdown_table(header, body)
+    (out / "tradeoff.md").write_text(table + "\n")
+    plot(out / "accuracy_vs_epsilon.png", agg)
+    statements = privacy_statements(rows)
+    failed = [r for r in rows if r["status"] != "ok"]
+    md = ["# Privacy trade-off: pFedPG", "",
+          "Accuracy is per client on its own test split after the last round (adapted prompt and local head), "
+          "mean ± std over seeds. ε is per client; the table gives the largest. `local` sends nothing and is the floor "
+          "a private run must beat: one below it is dominated.", "", table, "",
+          "![accuracy vs epsilon](accuracy_vs_epsilon.png)", "", "## Privacy statements", ""]
+    for mech, st in statements.items():
+        md += [f"### {MECHANISMS[mech]} (`{mech}`)", ""] + [f"- **{k.replace('_', ' ')}**: {v}" for k, v in st.items()] + [""]
+    if "dp_client" in statements:
+        md += ["Client-level DP protects what leaves the client (ΔP_n and all server state derived from it), "
+               "not the client's own adapted prompt or head: probes on those get no ε under `dp_client`.", ""]
+    md += ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"]
+    md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r['error'] else ''} | `{r['run_dir']}` |" for r in rows]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    # HTML: the same content, self-contained apart from the PNG beside it.
+    esc = html.escape
+    parts = ["<!doctype html><meta charset='utf-8'><title>pFedPG privacy trade-off</title>",
+             "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}</style>",
+             "<h1>Privacy trade-off: pFedPG</h1>", f"<p>{esc(md[2])}</p>", "<table><tr>"
+             + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body]
+    parts += ["</table>", "<img src='accuracy_vs_epsilon.png' alt='accuracy vs epsilon'>", "<h2>Privacy statements</h2>"]
+    for mech, st in statements.items():
+        parts.append(f"<h3>{esc(MECHANISMS[mech])}</h3><ul>"
+                     + "".join(f"<li><b>{esc(k.replace('_', ' '))}</b>: {esc(str(v))}</li>" for k, v in st.items()) + "</ul>")
+    parts.append("<h2>Runs</h2><table><tr><th>cell</th><th>status</th><th>run directory</th></tr>"
+                 + "".join(f"<tr><td>{esc(r['cell'])}</td><td>{esc(r['status'] + (' — ' + r['error'] if r['error'] else ''))}</td>"
+                           f"<td>{esc(r['run_dir'])}</td></tr>" for r in rows) + "</table>")
+    (out / "report.html").write_text("\n".join(parts))
+    if failed:
+        (out / "FAILED").write_text("\n".join(f"{r['cell']}: {r['error']}" for r in failed) + "\n")

@@ -1,0 +1,110 @@
+"""The privacy sweep: grid, resume, failed cells, outputs (DESIGN §5)."""
+import csv
+
+import pytest
+import yaml
+
+from conftest import TINY_MODEL
+from evaluations.cli import main
+from evaluations.privacy import load_sweep, run_sweep
+from pfedpg.errors import ConfigError
+
+
+def sweep_file(tmp_path, **privacy):
+    base = {"rounds": 2, "checkpoint_every": 1,
+            "data": {"image_size": 8, "num_domains": 3, "max_train_per_client": 32, "max_test_per_client": 30},
+            "model": {"weights": "random", "kwargs": dict(TINY_MODEL), "num_prompts": 2},
+            "client": {"batch_size": 16}}
+    priv = {"seeds": [0], "mechanisms": {"dp_client": {"clip": 0.5}}, "target_epsilons": None,
+            "noise_multipliers": [1.0], "baselines": ["nonprivate", "clip_only", "local"],
+            "out_dir": str(tmp_path / "sweep"), **privacy}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "privacy": priv}))
+    return path
+
+
+def read_csv(path):
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "run_dir"} for r in csv.DictReader(f)]
+
+
+def test_interrupted_sweep_resumes_to_the_same_table(tmp_path, monkeypatch):
+    import pfedpg.runner
+
+    # Uninterrupted reference.
+    sweep, base = load_sweep(sweep_file(tmp_path))
+    ref = run_sweep(sweep, base, out_dir=tmp_path / "ref", log=lambda m: None)
+    assert [r["status"] for r in read_csv(ref / "tradeoff.csv")] == ["ok"] * 4
+    # Interrupted: the third cell's run is killed (not an error the sweep may swallow).
+    original = pfedpg.runner.Trainer.run
+    calls = {"n": 0}
+
+    def flaky(self, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, **kw)
+
+    monkeypatch.setattr(pfedpg.runner.Trainer, "run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, base, out_dir=tmp_path / "cut", log=lambda m: None)
+    monkeypatch.setattr(pfedpg.runner.Trainer, "run", original)
+    logs = []
+    run_sweep(sweep, base, out_dir=tmp_path / "cut", log=logs.append)
+    assert sum("reused" in m for m in logs) == 2  # the finished runs were not redone
+    assert read_csv(tmp_path / "cut" / "tradeoff.csv") == read_csv(ref / "tradeoff.csv")
+    assert (tmp_path / "cut" / "tradeoff.md").read_text() == (ref / "tradeoff.md").read_text()
+    for name in ("report.md", "report.html", "accuracy_vs_epsilon.png"):
+        assert (ref / name).is_file()
+
+
+def test_rows_carry_the_privacy_columns(tmp_path):
+    sweep, base = load_sweep(sweep_file(tmp_path))
+    out = run_sweep(sweep, base, log=lambda m: None)
+    rows = {r["mechanism"]: r for r in read_csv(out / "tradeoff.csv")}
+    assert set(rows) == {"nonprivate", "clip_only", "local", "dp_client"}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["nonprivate"]["epsilon_max"] == "inf" and rows["clip_only"]["epsilon_max"] == "inf"
+    dp = rows["dp_client"]
+    assert float(dp["noise_multiplier"]) == 1.0 and float(dp["epsilon_max"]) > 0 and float(dp["delta"]) == 1e-5
+    assert 0 <= float(dp["accuracy_worst"]) <= float(dp["accuracy_mean"]) <= 1
+    report = (out / "report.md").read_text()
+    for phrase in ("privacy unit", "adjacency", "threat model", "sampling", "accountant", "delta"):
+        assert phrase in report
+
+
+def test_a_failing_cell_is_a_failed_row_and_the_sweep_goes_on(tmp_path, capsys):
+    # delta = 0.5 is not < 1/N for 3 clients: that cell fails at set-up, the others run.
+    path = sweep_file(tmp_path, mechanisms={"dp_client": {"clip": 0.5, "delta": 0.5}}, baselines=["nonprivate"])
+    assert main(["privacy", "--config", str(path)]) == 1
+    rows = {r["mechanism"]: r for r in read_csv(tmp_path / "sweep" / "tradeoff.csv")}
+    assert rows["nonprivate"]["status"] == "ok"
+    assert rows["dp_client"]["status"] == "failed" and "1/N" in rows["dp_client"]["error"]
+    assert (tmp_path / "sweep" / "FAILED").is_file()
+
+
+@pytest.mark.parametrize("privacy, message", [
+    ({"mechanisms": {"dp_foo": {}}}, "unknown mechanism 'dp_foo'"),
+    ({"target_epsilons": [1.0], "noise_multipliers": [1.0]}, "exactly one of"),
+    ({"mechanisms": {"dp_client": {"clip": 1, "noise_multiplier": 2}}}, "not per mechanism"),
+    ({"baselines": ["oracle"]}, "unknown 'oracle'"),
+    ({"seedz": [0]}, "unknown config key privacy.seedz"),
+])
+def test_bad_sweep_files_are_config_errors(tmp_path, privacy, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(sweep_file(tmp_path, **privacy))
+
+
+def test_shipped_privacy_config_loads():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        sweep, base = load_sweep("configs/privacy.yaml")
+    finally:
+        os.chdir(cwd)
+    assert set(sweep.mechanisms) == {"dp_client", "dp_sgd"} and base["method"] == "pfedpg"
