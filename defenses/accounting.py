@@ -58,3 +58,62 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     while gdp_delta(mu, hi) > delta:
         hi *= 2
     return float(brentq(lambda e: gdp_delta(mu, e) - delta, 0.0, hi, xtol=1e-10))
+
+
+class ClientAccountants:
+    """One Opacus accountant per client for the whole run, checkpointable (a fresh accountant per
+    round would silently reset ε). ``mark_unbounded`` records a release without noise: ε = ∞."""
+
+    def __init__(self, name: str, delta: float | None = None):
+        if name not in ACCOUNTANTS:
+            raise ConfigError(f"accountant={name!r} is not one of {', '.join(ACCOUNTANTS)}")
+        self.name, self.delta = name, delta
+        self._acc: dict[int, object] = {}
+        self._unbounded: set[int] = set()
+
+    def step(self, client: int, *, noise_multiplier: float, sample_rate: float) -> None:
+        if client not in self._acc:
+            self._acc[client] = make_accountant(self.name)
+        self._acc[client].step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+
+    def mark_unbounded(self, client: int) -> None:
+        self._unbounded.add(client)
+
+    def epsilon(self, client: int) -> float:
+        if client in self._unbounded:
+            return math.inf
+        acc = self._acc.get(client)
+        return 0.0 if acc is None else accountant_epsilon(acc, self.delta)
+
+    def summary(self, num_clients: int) -> dict:
+        eps = [self.epsilon(c) for c in range(num_clients)]
+        return {"epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps), "epsilon_per_client": eps}
+
+    def state_dict(self) -> dict:
+        return {"history": {str(c): [list(h) for h in a.history] for c, a in self._acc.items()},
+                "unbounded": sorted(self._unbounded)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._acc = {}
+        for c, hist in state["history"].items():
+            acc = make_accountant(self.name)
+            acc.history = [tuple(h) for h in hist]
+            self._acc[int(c)] = acc
+        self._unbounded = set(state.get("unbounded", []))
+
+
+def check_dp_options(hook: str, *, clip, noise_multiplier, target_epsilon, accountant: str,
+                     allow_zero_noise: bool) -> None:
+    """Shared option checks of the DP hooks, each a one-line ConfigError naming the fix."""
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ConfigError(f"{hook}.clip={clip!r} must be a positive number (the L2 bound C)")
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ConfigError(f"{hook} needs exactly one of noise_multiplier or target_epsilon")
+    low_ok = (lambda z: z >= 0) if allow_zero_noise else (lambda z: z > 0)
+    if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and low_ok(noise_multiplier)):
+        raise ConfigError(f"{hook}.noise_multiplier={noise_multiplier!r} must be a number "
+                          + (">= 0" if allow_zero_noise else "> 0 (use no dp_sgd hook for z = 0)"))
+    if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ConfigError(f"{hook}.target_epsilon={target_epsilon!r} must be a positive number")
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"{hook}.accountant={accountant!r} is not one of {', '.join(ACCOUNTANTS)}")

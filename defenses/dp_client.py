@@ -16,11 +16,10 @@ cannot know — anyone holding the seed could subtract seeded noise.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from defenses.accounting import ACCOUNTANTS, accountant_epsilon, calibrate_noise, make_accountant
+from defenses.accounting import ClientAccountants, calibrate_noise, check_dp_options
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 
@@ -48,25 +47,17 @@ class ClientLevelDP(Hook):
     def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float = 1e-5, adjacency: str = "replace", accountant: str = "rdp"):
         super().__init__()
-        if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-            raise ConfigError(f"dp_client.clip={clip!r} must be a positive number (the L2 bound C on ΔP_n)")
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ConfigError("dp_client needs exactly one of noise_multiplier or target_epsilon")
-        if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-            raise ConfigError(f"dp_client.noise_multiplier={noise_multiplier!r} must be a number >= 0")
-        if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
-            raise ConfigError(f"dp_client.target_epsilon={target_epsilon!r} must be a positive number")
+        check_dp_options("dp_client", clip=clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+                         accountant=accountant, allow_zero_noise=True)
         if adjacency not in ADJACENCIES:
             raise ConfigError(f"dp_client.adjacency={adjacency!r} is not one of {', '.join(ADJACENCIES)}")
-        if accountant not in ACCOUNTANTS:
-            raise ConfigError(f"dp_client.accountant={accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
         if not 0 < delta < 1:
             raise ConfigError(f"dp_client.delta={delta!r} must be in (0, 1)")
         self.clip, self.delta, self.adjacency, self.accountant_name = float(clip), float(delta), adjacency, accountant
         self.target_epsilon = target_epsilon
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         self.sensitivity = ADJACENCIES[adjacency] * self.clip
-        self.accountants: dict[int, object] = {}
+        self.accountants = ClientAccountants(accountant, self.delta)
 
     # Noise std is z·C; for accounting, the multiplier per unit sensitivity is z·C / sensitivity.
     @property
@@ -84,11 +75,6 @@ class ClientLevelDP(Hook):
             self.noise_multiplier = unit * self.sensitivity / self.clip  # z = 2·unit under replace
             ctx.log(f"dp_client: z = {self.noise_multiplier:.4f} for ε = {self.target_epsilon} over {joins} releases")
 
-    def _accountant(self, client: int):
-        if client not in self.accountants:
-            self.accountants[client] = make_accountant(self.accountant_name)
-        return self.accountants[client]
-
     def privatize(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         clipped = clip_by_norm(delta, self.clip)
         if self.noise_multiplier == 0:
@@ -99,20 +85,16 @@ class ClientLevelDP(Hook):
     def outgoing_delta(self, ctx, *, client, round, delta):
         released = self.privatize(delta, ctx.seeds.torch("dp_client.noise", client=client, round=round))
         if self.noise_multiplier > 0:
-            self._accountant(client).step(noise_multiplier=self.accounting_multiplier, sample_rate=1.0)
+            self.accountants.step(client, noise_multiplier=self.accounting_multiplier, sample_rate=1.0)
         else:
-            self.accountants.setdefault(client, None)
+            self.accountants.mark_unbounded(client)  # clip only: no privacy guarantee
         return released
 
     def epsilon(self, client: int) -> float:
-        acc = self.accountants.get(client)
-        if client in self.accountants and acc is None:
-            return math.inf
-        return 0.0 if acc is None else accountant_epsilon(acc, self.delta)
+        return self.accountants.epsilon(client)
 
     def end_of_round(self, ctx, *, round, record):
-        eps = [self.epsilon(c) for c in range(ctx.num_clients)]
-        return {"epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps)}
+        return self.accountants.summary(ctx.num_clients)
 
     def statement(self) -> dict:
         return {
@@ -129,22 +111,11 @@ class ClientLevelDP(Hook):
         }
 
     def end_of_run(self, ctx, *, summary):
-        eps = {c: self.epsilon(c) for c in range(ctx.num_clients)}
-        return {**self.statement(), "noise_multiplier": self.noise_multiplier,
-                "epsilon_per_client": [eps[c] for c in range(ctx.num_clients)],
-                "epsilon_max": max(eps.values()), "epsilon_mean": sum(eps.values()) / len(eps)}
+        return {**self.statement(), "noise_multiplier": self.noise_multiplier, **self.accountants.summary(ctx.num_clients)}
 
     def state_dict(self):
-        return {"noise_multiplier": self.noise_multiplier,
-                "history": {str(c): (None if a is None else [list(h) for h in a.history]) for c, a in self.accountants.items()}}
+        return {"noise_multiplier": self.noise_multiplier, "accountants": self.accountants.state_dict()}
 
     def load_state_dict(self, state):
         self.noise_multiplier = state["noise_multiplier"]
-        self.accountants = {}
-        for c, hist in state["history"].items():
-            if hist is None:
-                self.accountants[int(c)] = None
-            else:
-                acc = make_accountant(self.accountant_name)
-                acc.history = [tuple(h) for h in hist]
-                self.accountants[int(c)] = acc
+        self.accountants.load_state_dict(state["accountants"])

@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from defenses.accounting import ACCOUNTANTS, accountant_epsilon, calibrate_noise, make_accountant
+from defenses.accounting import ClientAccountants, calibrate_noise, check_dp_options
 from pfedpg.client import trainable_parameters
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, LocalResult, register_hook
@@ -90,20 +90,12 @@ class RecordLevelDPSGD(Hook):
     def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float | None = None, accountant: str = "rdp"):
         super().__init__()
-        if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-            raise ConfigError(f"dp_sgd.clip={clip!r} must be a positive number (the per-sample L2 bound C)")
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ConfigError("dp_sgd needs exactly one of noise_multiplier or target_epsilon")
-        if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-            raise ConfigError(f"dp_sgd.noise_multiplier={noise_multiplier!r} must be > 0 (use no dp_sgd hook for z = 0)")
-        if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
-            raise ConfigError(f"dp_sgd.target_epsilon={target_epsilon!r} must be a positive number")
-        if accountant not in ACCOUNTANTS:
-            raise ConfigError(f"dp_sgd.accountant={accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+        check_dp_options("dp_sgd", clip=clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+                         accountant=accountant, allow_zero_noise=False)
         self.clip, self.delta, self.accountant_name = float(clip), delta, accountant
         self.target_epsilon, self.fixed_noise = target_epsilon, noise_multiplier
         self.noise: dict[int, float] = {}
-        self.accountants: dict[int, object] = {}
+        self.accountants = ClientAccountants(accountant, delta)
 
     def setup(self, ctx) -> None:
         sizes = ctx.train_sizes
@@ -113,6 +105,7 @@ class RecordLevelDPSGD(Hook):
         if bad:
             raise ConfigError(f"dp_sgd.delta={self.delta} must be < 1/|D_n| for every client "
                               f"(client {bad[0]} has {sizes[bad[0]]} records); lower delta")
+        self.accountants.delta = self.delta
         cfg = ctx.config.client
         self.batch_size, self.local_epochs = cfg.batch_size, cfg.local_epochs
         for n, size in enumerate(sizes):
@@ -139,7 +132,6 @@ class RecordLevelDPSGD(Hook):
         params = trainable_parameters(model)
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         noise_g = ctx.seeds.torch("dp_sgd.noise", client=job.client, round=job.round)
-        acc = self.accountants.setdefault(job.client, make_accountant(self.accountant_name))
         model.train()
         total, seen, clipped = 0.0, 0, 0
         steps = self.steps(n)
@@ -161,19 +153,17 @@ class RecordLevelDPSGD(Hook):
                 p.grad = (s + noise) / (q * n)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            acc.step(noise_multiplier=z, sample_rate=q)
+            self.accountants.step(job.client, noise_multiplier=z, sample_rate=q)
         psg.close()
         model.eval()
         return LocalResult(loss=total / max(1, seen), steps=steps, samples=seen,
                            extra={"dp_sgd_clipped_fraction": clipped / max(1, seen)})
 
     def epsilon(self, client: int) -> float:
-        acc = self.accountants.get(client)
-        return 0.0 if acc is None else accountant_epsilon(acc, self.delta)
+        return self.accountants.epsilon(client)
 
     def end_of_round(self, ctx, *, round, record):
-        eps = [self.epsilon(c) for c in range(ctx.num_clients)]
-        return {"epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps)}
+        return self.accountants.summary(ctx.num_clients)
 
     def statement(self) -> dict:
         zs = sorted(set(self.noise.values()))
@@ -190,16 +180,11 @@ class RecordLevelDPSGD(Hook):
         }
 
     def end_of_run(self, ctx, *, summary):
-        eps = [self.epsilon(c) for c in range(ctx.num_clients)]
         return {**self.statement(), "noise_multiplier": [self.noise[c] for c in range(ctx.num_clients)],
-                "epsilon_per_client": eps, "epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps)}
+                **self.accountants.summary(ctx.num_clients)}
 
     def state_dict(self):
-        return {"history": {str(c): [list(h) for h in a.history] for c, a in self.accountants.items()}}
+        return {"accountants": self.accountants.state_dict()}
 
     def load_state_dict(self, state):
-        self.accountants = {}
-        for c, hist in state["history"].items():
-            acc = make_accountant(self.accountant_name)
-            acc.history = [tuple(h) for h in hist]
-            self.accountants[int(c)] = acc
+        self.accountants.load_state_dict(state["accountants"])

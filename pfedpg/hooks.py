@@ -27,10 +27,9 @@ its own client-side points run for the clients it controls and no others.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from pfedpg.errors import ConfigError

@@ -20,7 +20,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable

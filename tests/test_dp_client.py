@@ -11,7 +11,7 @@ from conftest import tiny_config
 from defenses.accounting import accountant_epsilon, gdp_epsilon, make_accountant
 from defenses.dp_client import ClientLevelDP, clip_by_norm
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import HookChain, RunContext
+from pfedpg.hooks import RunContext
 from pfedpg.runner import Trainer
 from pfedpg.seeding import Seeds
 
