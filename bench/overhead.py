@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pfedpg.client import load_into, trainable_parameters  # noqa: E402
+from pfedpg.client import load_into, make_optimizer  # noqa: E402
 from pfedpg.config import config_from_dict  # noqa: E402
 from pfedpg.runner import Trainer  # noqa: E402
 
@@ -48,7 +48,7 @@ def bare_steps(trainer: Trainer, r: int) -> float:
         g = trainer.seeds.torch("local_train", client=n, round=r)
         t0 = time.perf_counter()
         model.train()
-        opt = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(model, cfg)
         for _ in range(cfg.local_epochs):
             order = torch.randperm(x.shape[0], generator=g)
             for i in range(0, x.shape[0], cfg.batch_size):

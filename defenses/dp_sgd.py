@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from defenses.accounting import ClientAccountants, calibrate_noise, check_dp_options
-from pfedpg.client import trainable_parameters
+from pfedpg.client import make_optimizer, trainable_parameters
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, LocalResult, register_hook
 from pfedpg.models import PromptTokens
@@ -130,7 +130,7 @@ class RecordLevelDPSGD(Hook):
         n = x.shape[0]
         q, z = self.sample_rate(n), self.noise[job.client]
         params = trainable_parameters(model)
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(model, cfg)
         noise_g = ctx.seeds.torch("dp_sgd.noise", client=job.client, round=job.round)
         model.train()
         total, seen, clipped = 0.0, 0, 0

@@ -32,7 +32,8 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "## Accuracy after the last round",
         "",
-        "Per-client top-1 accuracy on each client's own test split; the last round, never the best one.",
+        f"Per-client top-1 accuracy on each client's own {'validation' if s.get('evaluated_on') == 'val' else 'test'} "
+        "split; the last round, never the best one.",
         "",
         "| prompt | mean | worst | best | std |",
         "|---|---|---|---|---|",

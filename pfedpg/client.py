@@ -19,7 +19,9 @@ from pfedpg.hooks import LocalJob, LocalResult
 
 @dataclass
 class ClientConfig:
-    lr: float = 0.25  # γ (paper: 0.25)
+    lr: float = 0.25  # γ (paper: 0.25), for the prompt (and the head unless head_lr is set)
+    # VPT-style prompts want a large step that destabilises a linear head; null = same as lr.
+    head_lr: float | None = None
     momentum: float = 0.9  # not stated in the paper; VPT uses 0.9
     weight_decay: float = 1e-3
     batch_size: int = 64
@@ -33,6 +35,9 @@ class ClientConfig:
                 raise ConfigError(f"client.{key}={v!r} must be a finite number >= 0")
         if self.lr == 0:
             raise ConfigError("client.lr=0 trains nothing; set a positive learning rate (paper: 0.25)")
+        if self.head_lr is not None and not (isinstance(self.head_lr, (int, float)) and math.isfinite(self.head_lr)
+                                             and self.head_lr >= 0):
+            raise ConfigError(f"client.head_lr={self.head_lr!r} must be a finite number >= 0, or null (= client.lr)")
         if self.momentum >= 1:
             raise ConfigError(f"client.momentum={self.momentum} must be < 1")
         for key in ("batch_size", "local_epochs", "eval_batch_size"):
@@ -71,11 +76,19 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [model.prompt.prompt, model.head.weight, model.head.bias]
 
 
+def make_optimizer(model, cfg: ClientConfig) -> torch.optim.SGD:
+    """SGD on prompt (lr) and head (head_lr, default lr); fresh momentum every round."""
+    head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+    groups = [{"params": [model.prompt.prompt], "lr": cfg.lr},
+              {"params": [model.head.weight, model.head.bias], "lr": head_lr}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def sgd_local_training(job: LocalJob, cfg: ClientConfig) -> LocalResult:
     """The plain local loop: E epochs of minibatch SGD on prompt and head."""
     model = job.model
     model.train()
-    opt = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     x, y = job.data.x, job.data.y
     n = x.shape[0]
     total, steps = 0.0, 0

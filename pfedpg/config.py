@@ -53,6 +53,9 @@ class RunConfig:
     rounds: int = 20  # T (paper: 100)
     clients_per_round: int | None = None  # m; None = all N clients every round (the paper)
     eval_every: int = 1  # evaluate every client every k rounds (and always after the last)
+    # test: each client's test split. val: its validation split (data.val_fraction > 0) — tune
+    # hyperparameters there, never on test.
+    evaluate_on: str = "test"
     checkpoint_every: int = 5  # 0 disables checkpoints
     output_dir: str = "runs"
     run_name: str | None = None
@@ -71,6 +74,10 @@ class RunConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key}={v!r} must be a positive integer")
+        if self.evaluate_on not in ("test", "val"):
+            raise ConfigError(f"evaluate_on={self.evaluate_on!r} is not one of test, val")
+        if self.evaluate_on == "val" and self.data.val_fraction == 0:
+            raise ConfigError("evaluate_on=val needs a validation split: set data.val_fraction > 0")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every!r} must be an integer >= 0 (0 disables)")
         if not isinstance(self.seed, int) or self.seed < 0:

@@ -108,7 +108,8 @@ class Trainer:
             return x, torch.from_numpy(self.dataset.labels[idx]).long()
 
         self.train_data = [tensors(s.train) for s in self.splits]
-        self.test_data = [tensors(s.test) for s in self.splits]
+        # "test_data" is what evaluation reads: the test split, or the validation split when tuning.
+        self.test_data = [tensors(s.val if cfg.evaluate_on == "val" else s.test) for s in self.splits]
         train_sizes = [len(s.train) for s in self.splits]
 
         server_cls = SERVERS.get(cfg.method)
@@ -340,6 +341,7 @@ class Trainer:
                                   "train_loss_mean": float(np.mean([row["train_loss"] for row in client_rows.values()])),
                                   **server_info}
         rows = []
+        t_eval = time.perf_counter()
         if r % self.cfg.eval_every == 0 or r == self.cfg.rounds:
             evals = self.evaluate_all()
             for e in evals:
@@ -351,6 +353,7 @@ class Trainer:
             record["generated_prompt_spread"] = self._prompt_spread
         else:
             rows = [{"type": "client", "round": r, "client": n, "participated": True, **row} for n, row in client_rows.items()]
+        record["time_eval_s"] = time.perf_counter() - t_eval
         record.update(self.hooks.end_of_round(self.ctx, round=r, record=record))
         record["time_train_s"] = t_train
         record["time_round_s"] = time.perf_counter() - t0
@@ -379,9 +382,13 @@ class Trainer:
             "communication": self.communication(),
             "data": {"source": self.cfg.data.source, "partition": self.cfg.data.partition,
                      "train_per_client": [len(s.train) for s in self.splits],
-                     "test_per_client": [len(s.test) for s in self.splits]},
+                     "test_per_client": [int(y.numel()) for _, y in self.test_data]},
+            "evaluated_on": self.cfg.evaluate_on,
             "time": {"setup_s": self.setup_seconds, "rounds_s": sum(r["time_round_s"] for r in rounds),
-                     "mean_round_s": float(np.mean([r["time_round_s"] for r in rounds])) if rounds else 0.0},
+                     "mean_round_s": float(np.mean([r["time_round_s"] for r in rounds])) if rounds else 0.0,
+                     # training + server step only (rounds that also evaluate cost more)
+                     "mean_train_round_s": float(np.mean([r["time_round_s"] - r.get("time_eval_s", 0.0) for r in rounds]))
+                     if rounds else 0.0},
             "hooks": [h.name for h in self.hooks.hooks],
         }
         summary.update({"hook_results": self.hooks.end_of_run(self.ctx, summary=summary)})

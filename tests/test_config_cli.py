@@ -84,7 +84,7 @@ def test_cli_train_report_and_resume(tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--set", "client.learning_rate=0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: unknown config key client.learning_rate; valid keys in client: lr, momentum, weight_decay, "
+    assert err == ["error: unknown config key client.learning_rate; valid keys in client: lr, head_lr, momentum, weight_decay, "
                    "batch_size, local_epochs, eval_batch_size"]
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err

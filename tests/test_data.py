@@ -589,3 +589,16 @@ def test_cifar100_pickle_loader(tmp_path):
 
     assert len(ds) == 12 and ds.num_classes == 100 and ds.split.sum() == 4
     assert ds.domain_names == ["cifar100"]
+
+
+def test_changing_the_train_cap_leaves_the_capped_test_set_alone():
+    from pfedpg.data import DataConfig, load_dataset, partition_clients
+
+    small = DataConfig(max_train_per_client=40, max_test_per_client=30)
+    large = DataConfig(max_train_per_client=80, max_test_per_client=30)
+    ds = load_dataset(small, seed=0)
+    a = partition_clients(ds, small, seed=0)
+    b = partition_clients(ds, large, seed=0)
+    for sa, sb in zip(a, b):
+        assert np.array_equal(sa.test, sb.test)
+        assert len(sa.train) == 40 and len(sb.train) == 80

@@ -216,3 +216,23 @@ def test_pretrained_backbone_is_cached_by_config_hash(tmp_path):
     no_public = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.0, "pretrain.cache_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="public split"):
         pretrain_backbone(no_public)
+
+
+def test_evaluate_on_validation_split(tmp_path):
+    with pytest.raises(ConfigError, match="val_fraction"):
+        tiny_config(evaluate_on="val")
+    cfg = tiny_config(evaluate_on="val", **{"data.val_fraction": 0.2})
+    t = Trainer(cfg, run_dir=tmp_path / "r")
+    summary = t.run()
+    assert summary["evaluated_on"] == "val"
+    assert summary["data"]["test_per_client"] == [len(s.val) for s in t.splits]
+    assert all(not set(s.val) & set(s.test) for s in t.splits)
+
+
+def test_head_lr_is_its_own_parameter_group(tiny_vit):
+    from pfedpg.client import ClientConfig, make_optimizer
+
+    opt = make_optimizer(tiny_vit, ClientConfig(lr=0.5, head_lr=0.01))
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.01]
+    assert opt.param_groups[0]["params"][0] is tiny_vit.prompt.prompt
+    assert [g["lr"] for g in make_optimizer(tiny_vit, ClientConfig(lr=0.5)).param_groups] == [0.5, 0.5]

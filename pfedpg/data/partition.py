@@ -30,7 +30,8 @@ shared cell. Validation records (``val_fraction`` of the client's train records)
 records.
 
 **Caps.** ``max_train_per_client`` / ``max_test_per_client`` subsample each split, stratified, from a
-separate stream (``"data.subsample", client=n``) so changing a cap never moves the split itself.
+separate stream per split (``"data.subsample.train"`` / ``".test"``, client=n) so changing a cap
+never moves the split itself, nor the other split's subsample.
 Capped-away records belong to no client.
 """
 from __future__ import annotations
@@ -335,9 +336,9 @@ def partition_clients(ds: ImageDataset, cfg: "DataConfig", *, seed: int) -> list
             test = tests[n]
         else:
             train, test, val = _split_own(ds, records, client=n, cfg=cfg, rng=rng)
-        sub = seeds.numpy("data.subsample", client=n)
-        train = _cap(ds, train, cfg.max_train_per_client, sub)
-        test = _cap(ds, test, cfg.max_test_per_client, sub)
+        # One stream per cap, so changing the train cap never reshuffles the capped test set.
+        train = _cap(ds, train, cfg.max_train_per_client, seeds.numpy("data.subsample.train", client=n))
+        test = _cap(ds, test, cfg.max_test_per_client, seeds.numpy("data.subsample.test", client=n))
         if train.size == 0 or test.size == 0:
             what = "train" if train.size == 0 else "test"
             raise DataError(
