@@ -267,6 +267,13 @@ def plot(path: Path, agg: list[dict[str, Any]]) -> None:
         if a is not None:
             ax.axhline(a["accuracy_mean"][0], color=color, ls=ls, lw=1, label=label)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted({round(a["epsilon_max"][0], 2) for a in agg if a["mechanism"] in MECHANISMS
+                    and a["epsilon_max"][0] is not None and math.isfinite(a["epsilon_max"][0])})
+    if ticks:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ε (max over clients; each mechanism's own privacy unit)")
     ax.set_ylabel("mean per-client test accuracy")
     ax.grid(alpha=0.3, which="both")
