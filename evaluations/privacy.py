@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from evaluations.plugins import load_plugins
+from evaluations.report import write_report
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
 
@@ -161,6 +162,7 @@ def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str |
                 trainer = Trainer(cfg, run_dir=run_dir, log=lambda m: None, progress=progress)
                 ckpt = trainer.latest_checkpoint() if (run_dir / "metrics.jsonl").exists() else None
                 summary = trainer.run(resume=ckpt is not None)
+                write_report(run_dir)  # each cell is an ordinary run directory, report included
                 log(f"[{i}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
             except Exception as e:  # a failed cell is a row, not the end of the sweep
                 error = f"{type(e).__name__}: {e}"
