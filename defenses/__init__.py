@@ -2,4 +2,4 @@
 
 Importing this package registers its hooks; it imports ``pfedpg`` and never ``attacks``.
 """
-from defenses import dp_client, dp_sgd, nonfinite  # noqa: F401  (register their hooks)
+from defenses import dp_client, dp_sgd, nonfinite, robust  # noqa: F401  (register their hooks)
