@@ -3,3 +3,4 @@
 Importing this package registers its hooks; it imports ``pfedpg`` and never ``defenses``.
 ``attacks.audit`` holds the empirical-ε machinery (Clopper–Pearson and Gaussian-DP lower bounds).
 """
+from attacks import malicious  # noqa: F401  (registers the malicious-client hooks)

@@ -15,6 +15,7 @@ point                 side    contract
 ``local_training``    client  middleware ``(ctx, job, call_next) -> LocalResult``; e.g. DP-SGD
 ``outgoing_delta``    client  ``(ctx, client, round, delta) -> delta``; e.g. clip + noise
 ``incoming_deltas``   server  ``(ctx, round, deltas) -> deltas``; may drop clients
+``shared_gradients``  server  ``(ctx, round, grads) -> grads``: the per-client g_n before aggregation
 ``aggregate``         server  ``(ctx, round, grads) -> update``; at most one hook, default sum
 ``end_of_round``      both    ``(ctx, round, record) -> dict`` of extra metrics for that round
 ``end_of_run``        both    ``(ctx, summary) -> dict`` merged into ``summary.json``
@@ -112,6 +113,9 @@ class Hook:
     def incoming_deltas(self, ctx: "RunContext", *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return deltas
 
+    def shared_gradients(self, ctx: "RunContext", *, round: int, grads):
+        return grads
+
     def aggregate(self, ctx: "RunContext", *, round: int, grads) -> torch.Tensor:
         raise NotImplementedError  # only hooks that override this take part in aggregation
 
@@ -143,11 +147,16 @@ class RunContext:
     run_dir: Any
     num_clients: int
     log: Callable[[str], None]
+    num_classes: int = 0
     server: Any = None
     #: The pre-computed participation schedule: schedule[r - 1] lists round r's clients.
     schedule: list[list[int]] = field(default_factory=list)
     #: Training-set size per client (record-level DP needs it for δ and the sampling rate).
     train_sizes: list[int] = field(default_factory=list)
+    #: Each client's evaluation tensors (x, y) and ``evaluate(client, x, y) -> accuracy`` with that
+    #: client's current adapted prompt and head (e.g. attack success rates on triggered images).
+    eval_data: list = field(default_factory=list)
+    evaluate: Callable[[int, torch.Tensor, torch.Tensor], float] | None = None
 
 
 class HookChain:
@@ -204,6 +213,11 @@ class HookChain:
         for h in self.hooks:
             deltas = h.incoming_deltas(ctx, round=round, deltas=deltas)
         return deltas
+
+    def shared_gradients(self, ctx, *, round: int, grads):
+        for h in self.hooks:
+            grads = h.shared_gradients(ctx, round=round, grads=grads)
+        return grads
 
     def aggregate(self, ctx, *, round: int, grads, default: Callable) -> torch.Tensor:
         if self.aggregator is None:

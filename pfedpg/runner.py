@@ -119,7 +119,9 @@ class Trainer:
         self.schedule = participation_schedule(num_clients=self.num_clients, per_round=cfg.clients_per_round,
                                                rounds=cfg.rounds, seeds=self.seeds)
         self.ctx = RunContext(config=cfg, seeds=self.seeds, run_dir=self.run_dir, num_clients=self.num_clients,
-                              log=self.log, server=self.server, schedule=self.schedule, train_sizes=train_sizes)
+                              log=self.log, num_classes=self.num_classes, server=self.server,
+                              schedule=self.schedule, train_sizes=train_sizes, eval_data=self.test_data,
+                              evaluate=self.evaluate_client)
         self.setup_seconds = time.time() - t0
         self.round = 0
 
@@ -191,12 +193,18 @@ class Trainer:
                 )
         if not deltas:
             return {"aggregation_ms": 0.0, "clients_aggregated": 0}
-        grads = self.server.client_gradients(deltas)
+        grads = self.hooks.shared_gradients(self.ctx, round=r, grads=self.server.client_gradients(deltas))
         t0 = time.perf_counter()
         update = self.hooks.aggregate(self.ctx, round=r, grads=grads, default=plain_aggregate)
         agg_ms = (time.perf_counter() - t0) * 1e3
         self.server.apply(update, grads)
         return {"aggregation_ms": agg_ms, "clients_aggregated": len(grads.clients)}
+
+    def evaluate_client(self, n: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Accuracy of client n's personalised model (adapted prompt, head) on (x, y)."""
+        st = self.states[n]
+        load_into(self.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
+        return evaluate(self.model, x, y, batch_size=self.cfg.client.eval_batch_size)[0]
 
     def evaluate_all(self) -> list[dict[str, Any]]:
         rows = []

@@ -1,0 +1,317 @@
+"""Malicious clients against pFedPG (DESIGN §7).
+
+A malicious client controls its own client-side code (``controls_client``), so whatever honest
+hooks are configured (e.g. DP noise), its crafted update is what the server receives. Two injection
+spaces: ``delta`` — it returns a crafted ΔP_n (realistic); ``grad`` — its per-client gradient g_n on
+the shared parameters is replaced (worst case). Attacks that need the benign clients' statistics
+(ALIE, IPM, Min-Max, Min-Sum) assume omniscient colluders that see the round's benign updates; in
+delta space they act on the benign deltas and reach the shared parameters only through the
+attacker's own Jacobian, so only grad space reproduces the published attacks (reports say so).
+
+The malicious set is drawn once from ``fraction`` of the N clients with the stream
+("attack.clients"), or given as ``clients``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+from pfedpg.errors import ConfigError
+from pfedpg.hooks import ClientData, Hook, register_hook
+from pfedpg.server import ClientGradients
+
+SPACES = ("delta", "grad")
+
+
+class MaliciousClients(Hook):
+    """Base: chooses the malicious clients and routes crafting to the right hook point."""
+
+    #: attacks that need the round's benign updates
+    needs_benign = False
+    #: attacks that only poison the training data (label flip, backdoor): space is irrelevant
+    data_poisoning = False
+
+    def __init__(self, *, fraction: float = 0.2, clients: list[int] | None = None, space: str = "delta"):
+        super().__init__()
+        if space not in SPACES:
+            raise ConfigError(f"{self.name}.space={space!r} is not one of {', '.join(SPACES)}")
+        if clients is None and not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+            raise ConfigError(f"{self.name}.fraction={fraction!r} must be in [0, 1)")
+        self.fraction, self.fixed, self.space = float(fraction), clients, space
+        self.malicious: list[int] = []
+
+    def setup(self, ctx) -> None:
+        n = ctx.num_clients
+        if self.fixed is not None:
+            bad = [c for c in self.fixed if not 0 <= c < n]
+            if bad:
+                raise ConfigError(f"{self.name}.clients: {bad} are not client ids 0..{n - 1}")
+            self.malicious = sorted(set(self.fixed))
+        else:
+            k = int(round(self.fraction * n))
+            self.malicious = sorted(int(c) for c in ctx.seeds.numpy("attack.clients").choice(n, k, replace=False))
+        ctx.log(f"{self.name}: malicious clients {self.malicious} ({self.space} space)")
+
+    def controls_client(self, client: int) -> bool:
+        return client in self.malicious
+
+    # ---- crafting: override one of these -------------------------------------------------------
+    def craft_one(self, update: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A crafted update from the attacker's own honest update (simple attacks)."""
+        return update
+
+    def craft_from_benign(self, benign: torch.Tensor, k: int) -> torch.Tensor:
+        """(k, P) crafted updates from the (b, P) benign updates of the round (collusion attacks)."""
+        raise NotImplementedError
+
+    # ---- delta space -------------------------------------------------------------------------
+    def outgoing_delta(self, ctx, *, client, round, delta):
+        if self.space != "delta" or self.needs_benign or self.data_poisoning:
+            return delta
+        return self.craft_one(delta, ctx.seeds.torch("attack.craft", client=client, round=round))
+
+    def incoming_deltas(self, ctx, *, round, deltas):
+        bad = [c for c in sorted(deltas) if c in self.malicious]
+        if self.space != "delta" or not self.needs_benign or not bad:
+            return deltas
+        benign = [deltas[c].reshape(-1) for c in sorted(deltas) if c not in self.malicious]
+        if not benign:
+            return deltas
+        crafted = self.craft_from_benign(torch.stack(benign), len(bad))
+        out = dict(deltas)
+        for c, row in zip(bad, crafted):
+            out[c] = row.view_as(deltas[c])
+        return out
+
+    # ---- grad space --------------------------------------------------------------------------
+    def shared_gradients(self, ctx, *, round, grads: ClientGradients):
+        if self.space != "grad" or self.data_poisoning:
+            return grads
+        rows = [i for i, c in enumerate(grads.clients) if c in self.malicious]
+        if not rows:
+            return grads
+        shared = grads.shared.clone()
+        if self.needs_benign:
+            benign = shared[[i for i in range(len(grads.clients)) if i not in rows]]
+            if benign.shape[0] == 0:
+                return grads
+            shared[rows] = self.craft_from_benign(benign, len(rows)).to(shared.dtype)
+        else:
+            for i in rows:
+                shared[i] = self.craft_one(shared[i], ctx.seeds.torch("attack.craft", client=grads.clients[i], round=round))
+        return ClientGradients(grads.clients, shared, grads.weights, grads.private)
+
+    def end_of_run(self, ctx, *, summary):
+        return {"malicious": self.malicious, "space": self.space}
+
+    def state_dict(self):
+        return {"malicious": self.malicious}
+
+    def load_state_dict(self, state):
+        self.malicious = list(state["malicious"])
+
+
+@register_hook("sign_flip")
+class SignFlip(MaliciousClients):
+    def __init__(self, *, scale: float = 1.0, **kw):
+        super().__init__(**kw)
+        self.scale = float(scale)
+
+    def craft_one(self, update, generator):
+        return -self.scale * update
+
+
+@register_hook("gaussian")
+class GaussianAttack(MaliciousClients):
+    def __init__(self, *, sigma: float = 1.0, **kw):
+        super().__init__(**kw)
+        self.sigma = float(sigma)
+
+    def craft_one(self, update, generator):
+        return torch.randn(update.shape, generator=generator, dtype=update.dtype) * self.sigma
+
+
+@register_hook("scaling")
+class Scaling(MaliciousClients):
+    """Model replacement / boosting: the honest update times λ (default: the number of clients)."""
+
+    def __init__(self, *, factor: float | None = None, **kw):
+        super().__init__(**kw)
+        self.factor = factor
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        if self.factor is None:
+            self.factor = float(ctx.num_clients)
+
+    def craft_one(self, update, generator):
+        return self.factor * update
+
+
+@register_hook("free_rider")
+class FreeRider(MaliciousClients):
+    """Contributes nothing: a zero update, or (``disguise`` > 0) small Gaussian noise of that std."""
+
+    def __init__(self, *, disguise: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.disguise = float(disguise)
+
+    def craft_one(self, update, generator):
+        if self.disguise == 0:
+            return torch.zeros_like(update)
+        return torch.randn(update.shape, generator=generator, dtype=update.dtype) * self.disguise
+
+
+@register_hook("alie")
+class ALIE(MaliciousClients):
+    """A Little Is Enough (Baruch et al. 2019): μ − z·σ per coordinate over the benign updates.
+    ``z: auto`` uses z_max = Φ⁻¹((n − s) / n), s = ⌊n/2 + 1⌋ − f."""
+
+    needs_benign = True
+
+    def __init__(self, *, z: float | str = "auto", **kw):
+        super().__init__(**kw)
+        self.z = z
+
+    def z_value(self, n: int, f: int) -> float:
+        if self.z != "auto":
+            return float(self.z)
+        s = math.floor(n / 2 + 1) - f
+        return float(norm.ppf((n - s) / n))
+
+    def craft_from_benign(self, benign, k):
+        n = benign.shape[0] + k
+        z = self.z_value(n, k)
+        mu = benign.mean(0)
+        sd = benign.std(0) if benign.shape[0] > 1 else torch.zeros_like(mu)
+        return (mu - z * sd).expand(k, -1).clone()
+
+
+@register_hook("ipm")
+class IPM(MaliciousClients):
+    """Inner-product manipulation (Xie et al. 2020): −ε · mean(benign); small ε (0.1) or large (100)."""
+
+    needs_benign = True
+
+    def __init__(self, *, epsilon: float = 0.1, **kw):
+        super().__init__(**kw)
+        self.epsilon = float(epsilon)
+
+    def craft_from_benign(self, benign, k):
+        return (-self.epsilon * benign.mean(0)).expand(k, -1).clone()
+
+
+class _OptimizedPerturbation(MaliciousClients):
+    """Min-Max / Min-Sum (Shejwalkar & Houmansadr 2021): μ + γ·p with p = −std direction and the
+    largest γ (binary search) that keeps the crafted update inside the benign spread."""
+
+    needs_benign = True
+
+    def __init__(self, *, gamma_init: float = 10.0, steps: int = 30, **kw):
+        super().__init__(**kw)
+        self.gamma_init, self.steps = float(gamma_init), int(steps)
+
+    def accept(self, m: torch.Tensor, benign: torch.Tensor, d: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def craft_from_benign(self, benign, k):
+        mu = benign.mean(0)
+        sd = benign.std(0, unbiased=False)
+        p = -sd / sd.norm().clamp_min(1e-12)
+        d = torch.cdist(benign, benign)
+        lo, hi = 0.0, self.gamma_init
+        while self.accept(mu + hi * p, benign, d) and hi < 1e6:
+            lo, hi = hi, 2 * hi
+        for _ in range(self.steps):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self.accept(mu + mid * p, benign, d) else (lo, mid)
+        return (mu + lo * p).expand(k, -1).clone()
+
+
+@register_hook("min_max")
+class MinMax(_OptimizedPerturbation):
+    def accept(self, m, benign, d):
+        return float((benign - m).norm(dim=1).max()) <= float(d.max())
+
+
+@register_hook("min_sum")
+class MinSum(_OptimizedPerturbation):
+    def accept(self, m, benign, d):
+        return float((benign - m).norm(dim=1).pow(2).sum()) <= float(d.pow(2).sum(1).max())
+
+
+@register_hook("label_flip")
+class LabelFlip(MaliciousClients):
+    """Malicious clients train honestly on labels y -> C − 1 − y."""
+
+    data_poisoning = True
+
+    def client_data(self, ctx, *, client, round, data):
+        return ClientData(data.x, (ctx.num_classes - 1) - data.y)
+
+
+def add_trigger(x: torch.Tensor, size: int, value: float) -> torch.Tensor:
+    """A square pixel pattern (checkerboard) in the bottom-right corner, in normalised space."""
+    out = x.clone()
+    board = torch.tensor([[(i + j) % 2 for j in range(size)] for i in range(size)], dtype=x.dtype)
+    out[..., -size:, -size:] = value * board
+    return out
+
+
+@register_hook("backdoor")
+class PixelBackdoor(MaliciousClients):
+    """Pixel-pattern backdoor: malicious clients add the trigger to ``poison_fraction`` of their
+    images and relabel them ``target``. The attack success rate is measured on each benign client's
+    own model (adapted prompt and head), on its triggered test images whose true label is not the
+    target."""
+
+    data_poisoning = True
+
+    def __init__(self, *, target: int = 0, poison_fraction: float = 0.5, trigger_size: int = 3,
+                 trigger_value: float = 2.5, **kw):
+        super().__init__(**kw)
+        if not 0 < poison_fraction <= 1:
+            raise ConfigError(f"backdoor.poison_fraction={poison_fraction!r} must be in (0, 1]")
+        self.target, self.poison_fraction = int(target), float(poison_fraction)
+        self.trigger_size, self.trigger_value = int(trigger_size), float(trigger_value)
+
+    def client_data(self, ctx, *, client, round, data):
+        g = ctx.seeds.numpy("attack.poison", client=client, round=round)
+        n = data.x.shape[0]
+        idx = torch.from_numpy(np.sort(g.choice(n, int(round_half(self.poison_fraction * n)), replace=False)))
+        x, y = data.x.clone(), data.y.clone()
+        x[idx] = add_trigger(x[idx], self.trigger_size, self.trigger_value)
+        y[idx] = self.target
+        return ClientData(x, y)
+
+    def attack_success_rate(self, ctx) -> dict:
+        hits, total, per_client = 0, 0, {}
+        for c in range(ctx.num_clients):
+            if c in self.malicious:
+                continue
+            x, y = ctx.eval_data[c]
+            keep = y != self.target  # images that already carry the target label do not count
+            if int(keep.sum()) == 0:
+                continue
+            xt = add_trigger(x[keep], self.trigger_size, self.trigger_value)
+            target = torch.full((int(keep.sum()),), self.target, dtype=y.dtype)
+            acc = ctx.evaluate(c, xt, target)
+            per_client[c] = acc
+            hits += acc * int(keep.sum())
+            total += int(keep.sum())
+        return {"asr": hits / total if total else None, "asr_per_client": per_client}
+
+    def end_of_round(self, ctx, *, round, record):
+        if "acc_adapted_mean" not in record:  # evaluate ASR on evaluation rounds only
+            return None
+        return {"asr": self.attack_success_rate(ctx)["asr"]}
+
+    def end_of_run(self, ctx, *, summary):
+        return {**super().end_of_run(ctx, summary=summary), **self.attack_success_rate(ctx), "target": self.target}
+
+
+def round_half(v: float) -> int:
+    return int(math.floor(v + 0.5))
