@@ -168,6 +168,9 @@ class RobustAggregation(Hook):
     def end_of_round(self, ctx, *, round, record):
         return {"excluded": self.excluded.get(round, [])}
 
+    def end_of_run(self, ctx, *, summary):
+        return {"rule": self.rule, "f": self.f, "excluded_per_round": {str(k): v for k, v in self.excluded.items()}}
+
     def state_dict(self):
         return {"center": self.center, "excluded": {str(k): v for k, v in self.excluded.items()}}
 

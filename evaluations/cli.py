@@ -1,4 +1,4 @@
-"""``pfedpg-eval``: train, pretrain, privacy and report (DESIGN: typical commands).
+"""``pfedpg-eval``: train, pretrain, privacy, robustness and report (DESIGN: typical commands).
 
 Every subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides; bad
 input ends with a one-line ``error: ...`` naming the fix and exit status 2.
@@ -68,6 +68,17 @@ def cmd_privacy(args) -> int:
     return 1 if (out / "FAILED").exists() else 0
 
 
+def cmd_robustness(args) -> int:
+    from evaluations.robustness import load_matrix, run_matrix
+
+    matrix, base = load_matrix(args.config, args.overrides)
+    out = run_matrix(matrix, base, out_dir=args.out, log=lambda m: print(m, file=sys.stderr))
+    print((out / "robustness.md").read_text())
+    print(f"report: {out / 'report.md'} (and report.html, robustness.csv, heatmap.png, worst_case.png)")
+    rows = (out / "robustness.csv").read_text()
+    return 1 if ",failed," in rows else 0
+
+
 def cmd_report(args) -> int:
     from evaluations.report import write_report
 
@@ -109,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="sweep directory (default: privacy.out_dir)")
     p.set_defaults(func=cmd_privacy)
+
+    p = sub.add_parser("robustness", help="attacks x defenses x malicious fractions x seeds",
+                       description="Run the matrix of a robustness file (see configs/robustness.yaml). Writes "
+                                   "robustness.csv, robustness.md, heatmap.png, worst_case.png, report.md and "
+                                   "report.html; infeasible (rule, f) cells are rows, not crashes; rerunning resumes. "
+                                   "--set overrides the base run config. Exit status 1 if a cell failed.")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="matrix directory (default: robustness.out_dir)")
+    p.set_defaults(func=cmd_robustness)
 
     p = sub.add_parser("report", help="(re)write report.md and the plots of a finished run",
                        description="Write report.md and learning_curve.png for RUN_DIR from its summary.json and metrics.jsonl.")

@@ -14,7 +14,6 @@ import csv
 import html
 import json
 import math
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from evaluations.plugins import load_plugins
-from evaluations.report import write_report
+from evaluations.sweep import run_cells
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
 
@@ -141,35 +139,11 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
 
 def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
               log: Callable[[str], None] = print, progress: bool = False) -> Path:
-    from pfedpg.runner import Trainer
-
-    load_plugins()
     out = Path(out_dir or sweep.out_dir)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump({"base": base, "privacy": sweep.__dict__}, sort_keys=False))
-    rows = []
-    grid = cells(sweep, base)
-    for i, cell in enumerate(grid, 1):
-        run_dir = out / "runs" / cell["cell"]
-        summary_path = run_dir / "summary.json"
-        summary, error = None, None
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            log(f"[{i}/{len(grid)}] {cell['cell']}: done before, reused")
-        else:
-            try:
-                cfg = config_from_dict(cell["config"])
-                trainer = Trainer(cfg, run_dir=run_dir, log=lambda m: None, progress=progress)
-                ckpt = trainer.latest_checkpoint() if (run_dir / "metrics.jsonl").exists() else None
-                summary = trainer.run(resume=ckpt is not None)
-                write_report(run_dir)  # each cell is an ordinary run directory, report included
-                log(f"[{i}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
-            except Exception as e:  # a failed cell is a row, not the end of the sweep
-                error = f"{type(e).__name__}: {e}"
-                (run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
-                (run_dir / "error.txt").write_text(traceback.format_exc())
-                log(f"[{i}/{len(grid)}] {cell['cell']}: FAILED ({error})")
-        rows.append(_row(cell, run_dir, summary, error))
+    results = run_cells(cells(sweep, base), out, log=log, progress=progress)
+    rows = [_row(r.cell, r.run_dir, r.summary, r.error) for r in results]
     write_outputs(out, rows, sweep)
     return out
 

@@ -1,0 +1,270 @@
+"""``pfedpg-eval robustness``: attacks × defenses × malicious fractions × seeds (DESIGN §4, §7).
+
+Each cell is an ordinary run (``evaluations.sweep.run_cells``): an attack hook makes
+round(fraction · N) clients malicious, and the defense is a ``robust_aggregation`` rule on the
+per-client shared-parameter gradients (``sum`` = the plain update, no hook). The defender is
+assumed to know f, the number of malicious clients. A cell whose rule cannot run at (m, f) — Krum
+m ≥ 2f + 3, Bulyan m ≥ 4f + 3, trimmed mean / median m ≥ 2f + 1 — is recorded as ``infeasible``
+without running. Benign accuracy is over the non-malicious clients only; the attack success rate
+(backdoor) is measured on each benign client's own model. Delta-space ALIE / IPM / Min-Max act
+through the attacker's own Jacobian, so only grad space reproduces the published attacks.
+Outputs: ``robustness.csv``, ``robustness.md``, ``heatmap.png``, ``worst_case.png``, ``report.md``/``.html``.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from defenses.robust import RULES, min_clients
+from evaluations.plugins import load_plugins
+from evaluations.sweep import run_cells
+from pfedpg.config import build_dataclass, config_from_dict
+from pfedpg.errors import ConfigError
+
+COLUMNS = ["cell", "attack", "space", "defense", "malicious_fraction", "num_malicious", "seed", "status",
+           "benign_accuracy_mean", "benign_accuracy_worst", "asr", "excluded_true", "excluded_false",
+           "aggregation_ms", "error", "run_dir"]
+
+
+@dataclass
+class RobustnessConfig:
+    seeds: list[int] = field(default_factory=lambda: [0])
+    attacks: dict[str, dict[str, Any]] = field(default_factory=lambda: {"sign_flip": {"space": "grad"}})
+    defenses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"sum": {}, "median": {}})
+    malicious_fractions: list[float] = field(default_factory=lambda: [0.0, 0.25])
+    out_dir: str = "runs/robustness"
+
+    def __post_init__(self):
+        from pfedpg.hooks import HOOKS
+
+        load_plugins()
+        for a in self.attacks:
+            HOOKS.get(a)  # one-line error listing the registered hooks
+            if "fraction" in self.attacks[a] or "clients" in self.attacks[a]:
+                raise ConfigError(f"robustness.attacks.{a}: set malicious_fractions, not per-attack fraction/clients")
+        bad = [d for d in self.defenses if d != "sum" and d not in RULES]
+        if bad:
+            raise ConfigError(f"robustness.defenses: unknown {bad[0]!r}; choose from sum, {', '.join(RULES)}")
+        if any(not (isinstance(f, (int, float)) and 0 <= f < 1) for f in self.malicious_fractions):
+            raise ConfigError(f"robustness.malicious_fractions={self.malicious_fractions!r} must lie in [0, 1)")
+        if not self.seeds:
+            raise ConfigError("robustness.seeds must list at least one seed")
+
+
+def load_matrix(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RobustnessConfig, dict[str, Any]]:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"matrix file {str(p)!r} not found; pass --config with a file like configs/robustness.yaml")
+        tree = yaml.safe_load(p.read_text()) or {}
+    unknown = [k for k in tree if k not in ("base", "base_config", "robustness")]
+    if unknown:
+        raise ConfigError(f"unknown matrix key {unknown[0]}; valid keys: base, base_config, robustness")
+    base: dict[str, Any] = {}
+    if tree.get("base_config"):
+        bp = Path(tree["base_config"])
+        if not bp.is_file():
+            raise ConfigError(f"base_config {str(bp)!r} not found (paths are relative to the working directory)")
+        base = yaml.safe_load(bp.read_text()) or {}
+    cfg = config_from_dict({**base, **(tree.get("base") or {})}, overrides)
+    if cfg.hooks:
+        raise ConfigError("the robustness matrix adds its own attack and defense hooks; leave base.hooks empty")
+    return build_dataclass(RobustnessConfig, tree.get("robustness") or {}, "robustness"), cfg.to_dict()
+
+
+def _clients(base: dict[str, Any]) -> tuple[int, int]:
+    """(N, m) for the base config."""
+    from pfedpg.data import load_dataset, partition_clients
+
+    cfg = config_from_dict(base)
+    n = len(partition_clients(load_dataset(cfg.data, seed=cfg.seed), cfg.data, seed=cfg.seed))
+    return n, cfg.clients_per_round or n
+
+
+def cells(matrix: RobustnessConfig, base: dict[str, Any], n: int, m: int) -> list[dict[str, Any]]:
+    out = []
+    for seed in matrix.seeds:
+        for frac in matrix.malicious_fractions:
+            k = int(round(frac * n))
+            attacks = matrix.attacks.items() if k > 0 else [("none", {})]
+            for attack, opts in attacks:
+                for defense, dopts in matrix.defenses.items():
+                    hooks = []
+                    if k > 0:
+                        hooks.append({"name": attack, **opts, "fraction": float(frac)})
+                    if defense != "sum":
+                        hooks.append({"name": "robust_aggregation", "rule": defense, "f": k, **dopts})
+                    c = copy.deepcopy(base)
+                    c.update(seed=seed, hooks=hooks, run_name=None)
+                    cell = {"cell": f"{attack}-{defense}-frac{frac:g}-s{seed}", "attack": attack,
+                            "space": opts.get("space", "delta") if k > 0 else None, "defense": defense,
+                            "malicious_fraction": float(frac), "num_malicious": k, "seed": seed, "config": c}
+                    if defense != "sum" and m < min_clients(defense, k):
+                        cell["infeasible"] = (f"{defense} with f={k} needs m >= {min_clients(defense, k)}, "
+                                              f"the run has m={m}")
+                    out.append(cell)
+    return out
+
+
+def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
+    row = {k: None for k in COLUMNS}
+    row.update({k: cell[k] for k in ("cell", "attack", "space", "defense", "malicious_fraction", "num_malicious", "seed")})
+    row["run_dir"] = str(run_dir) if run_dir else None
+    if "infeasible" in cell:
+        row.update(status="infeasible", error=cell["infeasible"])
+        return row
+    if summary is None:
+        row.update(status="failed", error=error)
+        return row
+    results = summary.get("hook_results") or {}
+    malicious = set(results.get(cell["attack"], {}).get("malicious", []))
+    per_client = summary["accuracy"]["per_client"]
+    benign = [a for c, a in enumerate(per_client) if c not in malicious]
+    row.update(status="ok", benign_accuracy_mean=float(np.mean(benign)), benign_accuracy_worst=float(np.min(benign)))
+    if "asr" in results.get(cell["attack"], {}):
+        row["asr"] = results[cell["attack"]]["asr"]
+    excluded = results.get("robust_aggregation", {}).get("excluded_per_round", {})
+    flat = [c for per in excluded.values() for c in per]
+    row.update(excluded_true=sum(c in malicious for c in flat), excluded_false=sum(c not in malicious for c in flat))
+    rounds = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"type": "round"' in ln]
+    row["aggregation_ms"] = float(np.mean([r["aggregation_ms"] for r in rounds])) if rounds else None
+    return row
+
+
+def run_matrix(matrix: RobustnessConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
+               log: Callable[[str], None] = print) -> Path:
+    out = Path(out_dir or matrix.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "matrix.yaml").write_text(yaml.safe_dump({"base": base, "robustness": matrix.__dict__}, sort_keys=False))
+    n, m = _clients(base)
+    grid = cells(matrix, base, n, m)
+    runnable = [c for c in grid if "infeasible" not in c]
+    results = {r.cell["cell"]: r for r in run_cells(runnable, out, log=log)}
+    rows = []
+    for c in grid:
+        r = results.get(c["cell"])
+        rows.append(_row(c, r.run_dir if r else None, r.summary if r else None, r.error if r else None))
+    write_outputs(out, rows)
+    return out
+
+
+def _ms(vals):
+    vals = [v for v in vals if v is not None]
+    return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
+
+
+def aggregate(rows):
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["attack"], r["space"], r["defense"], r["malicious_fraction"]), []).append(r)
+    out = []
+    for (attack, space, defense, frac), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        status = "ok" if ok else rs[0]["status"]
+        out.append({"attack": attack, "space": space, "defense": defense, "fraction": frac, "status": status,
+                    "benign_mean": _ms([r["benign_accuracy_mean"] for r in ok]),
+                    "benign_worst": _ms([r["benign_accuracy_worst"] for r in ok]), "asr": _ms([r["asr"] for r in ok]),
+                    "excluded_true": _ms([r["excluded_true"] for r in ok]), "excluded_false": _ms([r["excluded_false"] for r in ok]),
+                    "aggregation_ms": _ms([r["aggregation_ms"] for r in ok]), "seeds": len(ok)})
+    out.sort(key=lambda a: (a["fraction"], a["attack"], a["defense"]))
+    return out
+
+
+def _pct(p):
+    return "—" if p[0] is None else f"{100 * p[0]:.1f} ± {100 * p[1]:.1f}"
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
+    with open(out / "robustness.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+    agg = aggregate(rows)
+    header = ["fraction", "attack", "space", "defense", "benign acc % (mean)", "benign worst %", "ASR %",
+              "excluded (malicious / benign)", "aggregation ms", "seeds"]
+    body = []
+    for a in agg:
+        if a["status"] != "ok":
+            body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], a["status"], "", "", "", "", "0"])
+            continue
+        exc = "—" if a["excluded_true"][0] is None else f"{a['excluded_true'][0]:.1f} / {a['excluded_false'][0]:.1f}"
+        body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], _pct(a["benign_mean"]),
+                     _pct(a["benign_worst"]), _pct(a["asr"]), exc,
+                     "—" if a["aggregation_ms"][0] is None else f"{a['aggregation_ms'][0]:.2f}", str(a["seeds"])])
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                      + ["| " + " | ".join(r) + " |" for r in body])
+    (out / "robustness.md").write_text(table + "\n")
+    _plots(out, agg)
+    md = ["# Robustness matrix: pFedPG", "",
+          "Benign accuracy: mean over the non-malicious clients of their own test accuracy after the last round, "
+          "mean ± std over seeds. The defender knows f. `infeasible`: the rule cannot run at this (m, f). "
+          "Delta-space ALIE / IPM / Min-Max act through the attacker's own Jacobian; only grad space reproduces "
+          "the published attacks.", "", table, "", "![heat map](heatmap.png)", "", "![worst case](worst_case.png)", ""]
+    (out / "report.md").write_text("\n".join(md))
+    esc = html.escape
+    (out / "report.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>pFedPG robustness</title>"
+        "<style>body{font-family:sans-serif;max-width:75em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em}</style><h1>Robustness matrix: pFedPG</h1>"
+        f"<p>{esc(md[2])}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
+        + "</table><img src='heatmap.png'><img src='worst_case.png'>")
+
+
+def _plots(out: Path, agg) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [a for a in agg if a["status"] == "ok"]
+    defenses = sorted({a["defense"] for a in agg})
+    attacks = sorted({a["attack"] for a in agg if a["attack"] != "none"})
+    top = max((a["fraction"] for a in agg), default=0.0)
+    grid = np.full((len(defenses), max(1, len(attacks))), np.nan)
+    for a in ok:
+        if a["fraction"] == top and a["attack"] in attacks:
+            grid[defenses.index(a["defense"]), attacks.index(a["attack"])] = a["benign_mean"][0]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(attacks)), 1.0 + 0.5 * len(defenses)), dpi=120)
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(defenses)), defenses, fontsize=8)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, "n/a" if math.isnan(grid[i, j]) else f"{100 * grid[i, j]:.0f}", ha="center", va="center",
+                    color="w", fontsize=7)
+    ax.set_title(f"benign accuracy at malicious fraction {top:g}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(out / "heatmap.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for i, d in enumerate(defenses):
+        pts = {}
+        for a in ok:
+            if a["defense"] == d:
+                v = a["benign_mean"][0]
+                pts[a["fraction"]] = min(pts.get(a["fraction"], v), v)
+        if pts:
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], "-o", ms=4, color=f"C{i}", label=d)
+    ax.set_xlabel("malicious fraction")
+    ax.set_ylabel("benign accuracy (worst case over attacks)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "worst_case.png")
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""Running a grid of ordinary runs, resumably (shared by the privacy and robustness sweeps).
+
+Each cell is one run directory ``OUT/runs/CELL``. A cell whose ``summary.json`` exists is reused;
+one with checkpoints but no summary resumes from them; one that raises becomes a failed result
+with its error (and ``error.txt``), and the grid goes on. KeyboardInterrupt is not swallowed.
+"""
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from evaluations.plugins import load_plugins
+from evaluations.report import write_report
+from pfedpg.config import config_from_dict
+
+
+@dataclass
+class CellResult:
+    cell: dict[str, Any]
+    run_dir: Path
+    summary: dict[str, Any] | None
+    error: str | None
+
+
+def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], None] = print,
+              progress: bool = False) -> list[CellResult]:
+    """``grid``: dicts with at least ``cell`` (a unique name) and ``config`` (a run-config dict)."""
+    from pfedpg.runner import Trainer
+
+    load_plugins()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, cell in enumerate(grid, 1):
+        run_dir = out / "runs" / cell["cell"]
+        summary_path = run_dir / "summary.json"
+        summary, error = None, None
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            log(f"[{i}/{len(grid)}] {cell['cell']}: done before, reused")
+        else:
+            try:
+                trainer = Trainer(config_from_dict(cell["config"]), run_dir=run_dir, log=lambda m: None, progress=progress)
+                ckpt = trainer.latest_checkpoint() if (run_dir / "metrics.jsonl").exists() else None
+                summary = trainer.run(resume=ckpt is not None)
+                write_report(run_dir)  # each cell is an ordinary run directory, report included
+                log(f"[{i}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
+            except Exception as e:  # a failed cell is a row, not the end of the grid
+                error = f"{type(e).__name__}: {e}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+                log(f"[{i}/{len(grid)}] {cell['cell']}: FAILED ({error})")
+        results.append(CellResult(cell, run_dir, summary, error))
+    return results
