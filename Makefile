@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/dp_step.py
+	cd bench && ../$(BIN)/python aggregation.py
 
 clean:
 	rm -rf $(VENV) runs
