@@ -1,0 +1,88 @@
+"""Metrics of a membership or attribute probe (DESIGN §6): members / property holders are the
+positive class, and a higher score means "more likely positive".
+
+AUC (ties count ½), the best balanced accuracy over thresholds, and TPR at a fixed FPR with a
+Clopper–Pearson interval. TPR at FPR α is only reported when α ≥ 10 / n_negatives; below that
+resolution it is ``unresolved`` (pool targets over clients and seeds to reach low FPR).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from attacks.audit import clopper_pearson
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), predicting positive when score >= threshold; thresholds descending."""
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(labels).astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("ROC needs both positives (members) and negatives (non-members)")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each score value
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    tpr = np.r_[0.0, tps / y.sum()]
+    fpr = np.r_[0.0, fps / (~y).sum()]
+    return fpr, tpr, np.r_[np.inf, s[distinct]]
+
+
+def auc(scores, labels) -> float:
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def balanced_accuracy_max(scores, labels) -> float:
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return float(np.max((tpr + 1 - fpr) / 2))
+
+
+def tpr_at_fpr(scores, labels, target_fpr: float, *, alpha: float = 0.05) -> dict:
+    """TPR at the largest threshold whose FPR ≤ target (no interpolation), with a CP interval."""
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if target_fpr < 10.0 / n_neg:
+        return {"value": "unresolved", "interval": None, "n_negatives": n_neg,
+                "needs_negatives": int(np.ceil(10.0 / target_fpr))}
+    fpr, tpr, _ = roc_curve(scores, labels)
+    i = int(np.flatnonzero(fpr <= target_fpr + 1e-12).max())
+    k = int(round(tpr[i] * n_pos))
+    return {"value": float(tpr[i]), "interval": list(clopper_pearson(k, n_pos, alpha)), "n_negatives": n_neg}
+
+
+def probe_metrics(scores, labels) -> dict:
+    y = np.asarray(labels).astype(bool)
+    return {"auc": auc(scores, labels), "balanced_accuracy": balanced_accuracy_max(scores, labels),
+            "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01), "tpr_at_0.1pct_fpr": tpr_at_fpr(scores, labels, 0.001),
+            "n_targets": int(len(y)), "n_positives": int(y.sum())}
+
+
+def plot_roc(path: str | Path, curves: dict[str, tuple], *, title: str = "") -> Path:
+    """Log–log ROC of several probes: ``curves[name] = (scores, labels)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=120)
+    lo = 1.0
+    for name, (scores, labels) in curves.items():
+        fpr, tpr, _ = roc_curve(scores, labels)
+        lo = min(lo, 1.0 / max(1, int((~np.asarray(labels).astype(bool)).sum())))
+        ax.plot(np.maximum(fpr, 1e-6), np.maximum(tpr, 1e-6), label=f"{name} (AUC {auc(scores, labels):.3f})")
+    ax.plot([lo, 1], [lo, 1], "k:", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, 1)
+    ax.set_ylim(lo, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

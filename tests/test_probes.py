@@ -1,0 +1,76 @@
+"""Probe metrics and the descriptor attribute-inference probe (DESIGN §6)."""
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve as sk_roc_curve
+
+from attacks.attribute_inference import grouped_probe, out_of_fold_scores
+from attacks.metrics import auc, balanced_accuracy_max, plot_roc, roc_curve, tpr_at_fpr
+
+
+def test_auc_and_roc_agree_with_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    s = rng.normal(size=500) + 0.8 * y
+    s[:50] = np.round(s[:50])  # ties
+    assert auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    fpr, tpr, _ = roc_curve(s, y)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+
+
+def test_small_cases_by_hand_members_are_positive():
+    # Members (label 1) score higher: perfect separation.
+    assert auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert auc([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1]) == 0.0  # the positive class matters
+    assert auc([0.5, 0.5], [1, 0]) == 0.5  # a tie counts one half
+    assert balanced_accuracy_max([0.9, 0.8, 0.1, 0.2], [1, 0, 1, 0]) == 0.75
+
+
+def test_tpr_at_fpr_resolution_and_interval():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(2000), np.zeros(2000)].astype(int)
+    s = np.r_[rng.normal(2, 1, 2000), rng.normal(0, 1, 2000)]
+    r = tpr_at_fpr(s, y, 0.01)
+    lo, hi = r["interval"]
+    assert lo <= r["value"] <= hi and 0.2 < r["value"] < 0.55  # Φ(2 − 2.326) ≈ 0.37
+    assert tpr_at_fpr(s, y, 0.001)["value"] == "unresolved"  # needs ≥ 10 / 0.001 = 10,000 non-members
+
+
+def test_planted_property_is_found_and_shuffled_labels_are_not():
+    rng = np.random.default_rng(0)
+    n_clients, per = 40, 3  # each client contributes 3 feature vectors (e.g. rounds)
+    groups = np.repeat(np.arange(n_clients), per)
+    prop = np.repeat(rng.integers(0, 2, n_clients), per)
+    x = rng.normal(size=(len(groups), 20))
+    leak = x.copy()
+    leak[:, 0] += 3.0 * prop  # the property written straight into the descriptor
+    found = grouped_probe(leak, prop, groups, permutations=30, rng=np.random.default_rng(1))
+    assert found["auc"] > 0.9 and found["permutation_p_value"] < 0.05
+    none = grouped_probe(x, prop, groups, permutations=30, rng=np.random.default_rng(1))
+    assert abs(none["auc"] - 0.5) < 0.2 and none["permutation_p_value"] > 0.05
+
+
+def test_grouped_folds_never_split_a_client(monkeypatch):
+    import attacks.attribute_inference as ai
+
+    seen = []
+    real = ai.GroupKFold
+
+    class Spy(real):
+        def split(self, x, y, groups):
+            for train, test in super().split(x, y, groups):
+                seen.append((set(groups[train]), set(groups[test])))
+                yield train, test
+
+    monkeypatch.setattr(ai, "GroupKFold", Spy)
+    groups = np.repeat(np.arange(10), 4)
+    y = np.repeat(np.arange(10) % 2, 4)
+    out_of_fold_scores(np.random.default_rng(0).normal(size=(40, 5)), y, groups)
+    assert seen and all(not (tr & te) for tr, te in seen)
+
+
+def test_log_log_roc_plot(tmp_path):
+    y = np.r_[np.ones(100), np.zeros(100)]
+    s = np.r_[np.linspace(0.3, 1, 100), np.linspace(0, 0.7, 100)]
+    assert plot_roc(tmp_path / "roc.png", {"loss": (s, y)}).is_file()
