@@ -24,16 +24,21 @@ from pfedpg.preprocess import images_to_tensor
 from pfedpg.seeding import Seeds
 
 
+PUBLIC_SPLIT_FIELDS = ("source", "path", "image_size", "public_fraction", "num_domains", "domains", "classes")
+
+
 def pretrain_key(cfg) -> str:
     """Hash of what determines the pretrained weights (not the federated settings)."""
     from dataclasses import asdict
 
     payload = {
         "model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs, "mean": cfg.model.mean, "std": cfg.model.std},
-        "data": asdict(cfg.data),
+        # Only what decides the public records: partition settings (clients, alpha, caps, splits)
+        # never touch them, so runs that differ only there share one pretrained backbone.
+        "data": {k: v for k, v in asdict(cfg.data).items() if k in PUBLIC_SPLIT_FIELDS},
         "pretrain": {k: v for k, v in asdict(cfg.pretrain).items() if k != "cache_dir"},
         "seed": cfg.seed,
-        "version": 1,
+        "version": 2,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

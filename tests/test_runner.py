@@ -236,3 +236,12 @@ def test_head_lr_is_its_own_parameter_group(tiny_vit):
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.01]
     assert opt.param_groups[0]["params"][0] is tiny_vit.prompt.prompt
     assert [g["lr"] for g in make_optimizer(tiny_vit, ClientConfig(lr=0.5)).param_groups] == [0.5, 0.5]
+
+
+def test_partition_settings_share_one_pretrained_backbone():
+    from pfedpg.pretrain import cached_path
+
+    a = tiny_config(**{"model.weights": "pretrain"})
+    b = tiny_config(**{"model.weights": "pretrain", "data.clients_per_domain": 2, "data.max_train_per_client": 10})
+    c = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.2})
+    assert cached_path(a) == cached_path(b) != cached_path(c)
