@@ -74,3 +74,50 @@ def test_log_log_roc_plot(tmp_path):
     y = np.r_[np.ones(100), np.zeros(100)]
     s = np.r_[np.linspace(0.3, 1, 100), np.linspace(0, 0.7, 100)]
     assert plot_roc(tmp_path / "roc.png", {"loss": (s, y)}).is_file()
+
+
+def test_membership_scores_find_memorised_canaries_and_not_shuffled_membership():
+    import torch
+    import torch.nn.functional as F
+
+    from attacks.membership import alignment_scores, confidence_scores, loss_scores
+    from conftest import TINY_MODEL
+    from pfedpg.client import trainable_parameters
+    from pfedpg.models import ModelConfig, PromptedViT, build_backbone
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        kw = dict(TINY_MODEL, embed_dim=32)
+        model = PromptedViT(build_backbone(ModelConfig(weights="random", kwargs=kw)), num_prompts=3, num_classes=24)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, 8, 8, generator=g)
+    y = torch.randperm(24, generator=g)  # a class of its own per record: only memorisation fits them
+    members = torch.zeros(24, dtype=torch.bool)
+    members[:6] = True
+    labels = members.int().numpy()
+    p0 = model.prompt.prompt.detach().clone()
+    w0, b0 = model.head.weight.detach().clone(), model.head.bias.detach().clone()
+
+    # Server side: after one local step on the members, −ΔP is their summed prompt gradient at the
+    # prompt the server sent, so members' own gradients align with it (head known here: the planted case).
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    F.cross_entropy(model(x[members]), y[members], reduction="sum").backward()
+    opt.step()
+    delta = model.prompt.prompt.detach() - p0
+    align = alignment_scores(model, prompt=p0, delta=delta, head_weight=w0, head_bias=b0, x=x, y=y)
+    # Prompt gradients of a random one-block ViT share a low-rank subspace, so some non-members
+    # align too: measured AUC ≈ 0.90 here, against 0.5 for no signal.
+    assert auc(align.numpy(), labels) > 0.8
+
+    # Observer with the final model: memorised members have low loss and high confidence.
+    opt = torch.optim.SGD(trainable_parameters(model), lr=0.5, momentum=0.9)
+    for _ in range(150):
+        loss = F.cross_entropy(model(x[members]), y[members])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert auc(loss_scores(model, x, y).numpy(), labels) > 0.9
+    assert auc(confidence_scores(model, x, y).numpy(), labels) > 0.9
+    # Shuffled membership: the same scores say nothing about a random split.
+    shuffled = np.random.default_rng(0).permutation(labels)
+    assert abs(auc(loss_scores(model, x, y).numpy(), shuffled) - 0.5) < 0.3
