@@ -83,8 +83,9 @@ def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> t
         base = yaml.safe_load(bp.read_text()) or {}
     base = {**base, **(tree.get("base") or {})}
     cfg = config_from_dict(base, overrides)  # validates; errors name the key
-    if cfg.hooks:
-        raise ConfigError("the privacy sweep adds its own DP hooks; leave base.hooks empty")
+    dp = [h.get("name") for h in cfg.hooks if h.get("name") in MECHANISMS]
+    if dp:
+        raise ConfigError(f"base.hooks lists {dp[0]}; the privacy sweep adds the DP hooks itself — remove it from base")
     if cfg.method != "pfedpg":
         raise ConfigError(f"the privacy sweep evaluates pfedpg (base.method is {cfg.method!r}); set it to pfedpg")
     return build_dataclass(PrivacySweepConfig, tree.get("privacy") or {}, "privacy"), cfg.to_dict()
@@ -98,7 +99,8 @@ def cells(sweep: PrivacySweepConfig, base: dict[str, Any]) -> list[dict[str, Any
     for seed in sweep.seeds:
         def cfg_with(hooks=None, method="pfedpg"):
             c = copy.deepcopy(base)
-            c.update(seed=seed, method=method, hooks=hooks or [], run_name=None, checkpoint_every=base["checkpoint_every"])
+            # Other base hooks (e.g. reject_nonfinite) stay, before the cell's DP hook.
+            c.update(seed=seed, method=method, hooks=[*base["hooks"], *(hooks or [])], run_name=None)
             return c
 
         if "nonprivate" in sweep.baselines:

@@ -1,7 +1,8 @@
 """Running a grid of ordinary runs, resumably (shared by the privacy and robustness sweeps).
 
 Each cell is one run directory ``OUT/runs/CELL``. A cell whose ``summary.json`` exists is reused;
-one with checkpoints but no summary resumes from them; one that raises becomes a failed result
+one with checkpoints but no summary resumes from them; one whose saved config differs from the
+cell's is a failed result (stale results are never reused); one that raises becomes a failed result
 with its error (and ``error.txt``), and the grid goes on. KeyboardInterrupt is not swallowed.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 from evaluations.plugins import load_plugins
 from evaluations.report import write_report
-from pfedpg.config import config_from_dict
+from pfedpg.config import config_from_dict, dump_config
 
 
 @dataclass
@@ -37,12 +38,18 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
         run_dir = out / "runs" / cell["cell"]
         summary_path = run_dir / "summary.json"
         summary, error = None, None
-        if summary_path.is_file():
+        cfg = config_from_dict(cell["config"])
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and saved.read_text() != dump_config(cfg):
+            # A cell of the same name from an edited sweep file: never reuse stale results silently.
+            error = f"ConfigError: {run_dir} holds a run with a different config; delete it or choose another --out"
+            log(f"[{i}/{len(grid)}] {cell['cell']}: FAILED ({error})")
+        elif summary_path.is_file():
             summary = json.loads(summary_path.read_text())
             log(f"[{i}/{len(grid)}] {cell['cell']}: done before, reused")
         else:
             try:
-                trainer = Trainer(config_from_dict(cell["config"]), run_dir=run_dir, log=lambda m: None, progress=progress)
+                trainer = Trainer(cfg, run_dir=run_dir, log=lambda m: None, progress=progress)
                 ckpt = trainer.latest_checkpoint() if (run_dir / "metrics.jsonl").exists() else None
                 summary = trainer.run(resume=ckpt is not None)
                 write_report(run_dir)  # each cell is an ordinary run directory, report included

@@ -108,3 +108,12 @@ def test_shipped_privacy_config_loads():
     finally:
         os.chdir(cwd)
     assert set(sweep.mechanisms) == {"dp_client", "dp_sgd"} and base["method"] == "pfedpg"
+
+
+def test_a_cell_with_a_changed_config_is_not_reused(tmp_path):
+    sweep, base = load_sweep(sweep_file(tmp_path, baselines=["nonprivate"]))
+    run_sweep(sweep, base, log=lambda m: None)
+    base["client"]["lr"] = 0.05
+    out = run_sweep(sweep, base, log=lambda m: None)
+    rows = {r["mechanism"]: r for r in read_csv(out / "tradeoff.csv")}
+    assert rows["nonprivate"]["status"] == "failed" and "different config" in rows["nonprivate"]["error"]
