@@ -21,8 +21,8 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from evaluations.sweep import run_cells
-from pfedpg.config import build_dataclass, config_from_dict
+from evaluations.sweep import load_grid_file, run_cells
+from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
 
 MECHANISMS = {"dp_client": "client-level DP on ΔP_n", "dp_sgd": "record-level DP-SGD"}
@@ -66,29 +66,13 @@ class PrivacySweepConfig:
 
 def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> tuple[PrivacySweepConfig, dict[str, Any]]:
     """-> (sweep settings, base run config as a dict with --set overrides applied and validated)."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"sweep file {str(p)!r} not found; pass --config with a file like configs/privacy.yaml")
-        tree = yaml.safe_load(p.read_text()) or {}
-    unknown = [k for k in tree if k not in ("base", "base_config", "privacy")]
-    if unknown:
-        raise ConfigError(f"unknown sweep key {unknown[0]}; valid keys: base, base_config, privacy")
-    base: dict[str, Any] = {}
-    if tree.get("base_config"):
-        bp = Path(tree["base_config"])
-        if not bp.is_file():
-            raise ConfigError(f"base_config {str(bp)!r} not found (paths are relative to the working directory)")
-        base = yaml.safe_load(bp.read_text()) or {}
-    base = {**base, **(tree.get("base") or {})}
-    cfg = config_from_dict(base, overrides)  # validates; errors name the key
+    section, cfg = load_grid_file(path, "privacy", overrides, example="configs/privacy.yaml")
     dp = [h.get("name") for h in cfg.hooks if h.get("name") in MECHANISMS]
     if dp:
         raise ConfigError(f"base.hooks lists {dp[0]}; the privacy sweep adds the DP hooks itself — remove it from base")
     if cfg.method != "pfedpg":
         raise ConfigError(f"the privacy sweep evaluates pfedpg (base.method is {cfg.method!r}); set it to pfedpg")
-    return build_dataclass(PrivacySweepConfig, tree.get("privacy") or {}, "privacy"), cfg.to_dict()
+    return build_dataclass(PrivacySweepConfig, section, "privacy"), cfg.to_dict()
 
 
 def cells(sweep: PrivacySweepConfig, base: dict[str, Any]) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import yaml
 
 from defenses.robust import RULES, min_clients
 from evaluations.plugins import load_plugins
-from evaluations.sweep import run_cells
+from evaluations.sweep import load_grid_file, run_cells
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
 
@@ -61,25 +61,10 @@ class RobustnessConfig:
 
 
 def load_matrix(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RobustnessConfig, dict[str, Any]]:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"matrix file {str(p)!r} not found; pass --config with a file like configs/robustness.yaml")
-        tree = yaml.safe_load(p.read_text()) or {}
-    unknown = [k for k in tree if k not in ("base", "base_config", "robustness")]
-    if unknown:
-        raise ConfigError(f"unknown matrix key {unknown[0]}; valid keys: base, base_config, robustness")
-    base: dict[str, Any] = {}
-    if tree.get("base_config"):
-        bp = Path(tree["base_config"])
-        if not bp.is_file():
-            raise ConfigError(f"base_config {str(bp)!r} not found (paths are relative to the working directory)")
-        base = yaml.safe_load(bp.read_text()) or {}
-    cfg = config_from_dict({**base, **(tree.get("base") or {})}, overrides)
+    section, cfg = load_grid_file(path, "robustness", overrides, example="configs/robustness.yaml")
     if cfg.hooks:
         raise ConfigError("the robustness matrix adds its own attack and defense hooks; leave base.hooks empty")
-    return build_dataclass(RobustnessConfig, tree.get("robustness") or {}, "robustness"), cfg.to_dict()
+    return build_dataclass(RobustnessConfig, section, "robustness"), cfg.to_dict()
 
 
 def _clients(base: dict[str, Any]) -> tuple[int, int]:
