@@ -23,7 +23,8 @@ from pfedpg.errors import ConfigError
 
 def load_grid_file(path: str | Path | None, section: str, overrides: list[str] | None, *, example: str):
     """A sweep file ``{base_config, base, SECTION}`` -> (SECTION mapping, validated base RunConfig).
-    ``base_config`` is an ordinary run config; ``base`` overrides it; ``--set`` applies last."""
+    ``base_config`` is an ordinary run config; ``base`` overrides it key by key (nested sections are
+    merged, not replaced); ``--set`` applies last."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -39,8 +40,16 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
         if not bp.is_file():
             raise ConfigError(f"base_config {str(bp)!r} not found (paths are relative to the working directory)")
         base = yaml.safe_load(bp.read_text()) or {}
-    cfg = config_from_dict({**base, **(tree.get("base") or {})}, overrides)  # validates; errors name the key
+    cfg = config_from_dict(_deep_merge(base, tree.get("base") or {}), overrides)  # validates; errors name the key
     return tree.get(section) or {}, cfg
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``b`` over ``a``, section by section (``base: {server: {lr: 1e-3}}`` keeps the rest of ``server``)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 @dataclass

@@ -117,3 +117,11 @@ def test_a_cell_with_a_changed_config_is_not_reused(tmp_path):
     out = run_sweep(sweep, base, log=lambda m: None)
     rows = {r["mechanism"]: r for r in read_csv(out / "tradeoff.csv")}
     assert rows["nonprivate"]["status"] == "failed" and "different config" in rows["nonprivate"]["error"]
+
+
+def test_base_overrides_merge_into_base_config_sections(tmp_path):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"server": {"generator": "mlp", "lr": 0.1}, "rounds": 3}))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"base_config": str(tmp_path / "run.yaml"),
+                                                     "base": {"server": {"lr": 0.001}}}))
+    _, base = load_sweep(tmp_path / "s.yaml")
+    assert base["server"]["generator"] == "mlp" and base["server"]["lr"] == 0.001 and base["rounds"] == 3
