@@ -4,3 +4,4 @@ Importing this package registers its hooks; it imports ``pfedpg`` and never ``de
 ``attacks.audit`` holds the empirical-ε machinery (Clopper–Pearson and Gaussian-DP lower bounds).
 """
 from attacks import malicious  # noqa: F401  (registers the malicious-client hooks)
+from attacks import leakage  # noqa: F401  (registers the leakage_audit hook)

@@ -24,7 +24,8 @@ def _probe():
 
 
 def out_of_fold_scores(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, folds: int = 5) -> np.ndarray:
-    """Scores for the positive class, each from a probe that never saw that row's group."""
+    """Log-likelihood-ratio scores for the positive class, each from a probe that never saw that
+    row's group (0 = no evidence either way)."""
     x = np.asarray(features, dtype=float).reshape(len(labels), -1)
     y = np.asarray(labels).astype(int)
     groups = np.asarray(groups)
@@ -32,10 +33,14 @@ def out_of_fold_scores(features: np.ndarray, labels: np.ndarray, groups: np.ndar
     scores = np.empty(len(y))
     for train, test in GroupKFold(n_splits=k).split(x, y, groups):
         if len(np.unique(y[train])) < 2:  # a fold without both classes: no evidence either way
-            scores[test] = 0.5
+            scores[test] = 0.0
             continue
         model = _probe().fit(x[train], y[train])
-        scores[test] = model.predict_proba(x[test])[:, 1]
+        # The probe's log-odds minus the training fold's prior log-odds (a likelihood ratio): with
+        # few clients, leaving a positive client out lowers the fold's base rate, and raw posteriors
+        # would then rank held-out positives low — a systematic AUC < 0.5 under no signal.
+        prior = y[train].mean()
+        scores[test] = model.decision_function(x[test]) - np.log(prior / (1 - prior))
     return scores
 
 
@@ -59,4 +64,82 @@ def grouped_probe(features, labels, groups, *, folds: int = 5, permutations: int
     null = np.asarray(null)
     result["permutation_p_value"] = float((1 + (null >= result["auc"]).sum()) / (1 + len(null)))
     result["scores"] = scores.tolist()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Client properties and the pooled probe over them
+
+
+def client_properties(info: list[dict], *, presence_threshold: float = 0.05, min_clients: int = 2) -> dict[str, np.ndarray]:
+    """Binary properties per client from what the audit knows of each client's training data.
+
+    * ``domain=<name>`` — the client's (dominant) domain is <name> (one-vs-rest per domain);
+    * ``has_class=<c>`` — at least ``presence_threshold`` of its training records are class c;
+    * ``label_skew`` — its largest class fraction is above the median client's.
+
+    A property is kept only when at least ``min_clients`` clients hold it and ``min_clients`` do not
+    (a constant property has nothing to infer)."""
+    out: dict[str, np.ndarray] = {}
+    names = info[0].get("domain_names") or []
+    domains = np.array([-1 if i["domain"] is None else i["domain"] for i in info])
+    for d in sorted(set(domains.tolist()) - {-1}):
+        out[f"domain={names[d] if d < len(names) else d}"] = domains == d
+    counts = np.array([i["label_counts"] for i in info], dtype=float)
+    frac = counts / np.maximum(1.0, counts.sum(1, keepdims=True))
+    for c in range(frac.shape[1]):
+        out[f"has_class={c}"] = frac[:, c] >= presence_threshold
+    top = frac.max(1)
+    out["label_skew"] = top > np.median(top)
+    return {k: v for k, v in out.items() if min_clients <= int(v.sum()) <= len(v) - min_clients}
+
+
+def pooled_property_probe(features: dict[int, list[np.ndarray]], properties: dict[str, np.ndarray], *,
+                          folds: int = 5, permutations: int = 50, rng: np.random.Generator,
+                          shadow_clients: list[int] | None = None) -> dict:
+    """One grouped-CV probe per property (rows = a client's feature vectors, e.g. one per round;
+    groups = clients), scores pooled over properties (micro-average), and a permutation test that
+    shuffles every property across clients together. With ``shadow_clients`` (the server's own
+    clients, whose properties it knows), also the transfer setting: train on the shadows only,
+    score the other clients."""
+    clients = sorted(features)
+    rows = np.concatenate([np.stack([np.asarray(f, dtype=float).reshape(-1) for f in features[n]]) for n in clients])
+    groups = np.concatenate([[n] * len(features[n]) for n in clients])
+
+    def pooled(perm: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, dict]:
+        scores, labels, per = [], [], {}
+        for name, prop in properties.items():
+            p = prop if perm is None else prop[perm]
+            y = np.array([p[g] for g in groups]).astype(int)
+            s = out_of_fold_scores(rows, y, groups, folds=folds)
+            scores.append(s)
+            labels.append(y)
+            per[name] = probe_metrics(s, y)["auc"]
+        return np.concatenate(scores), np.concatenate(labels), per
+
+    if not properties:
+        return {"status": "not applicable: no property varies across clients"}
+    scores, labels, per = pooled(None)
+    result = probe_metrics(scores, labels)
+    n_all = len(next(iter(properties.values())))
+    null = [probe_metrics(*pooled(rng.permutation(n_all))[:2])["auc"] for _ in range(permutations)]
+    result.update(permutation_p_value=float((1 + sum(a >= result["auc"] for a in null)) / (1 + len(null))),
+                  per_property_auc=per, clients=len(clients), rows=int(len(groups)), properties=len(properties))
+    if shadow_clients:
+        shadow = np.isin(groups, shadow_clients)
+        t_scores, t_labels = [], []
+        for prop in properties.values():
+            y = np.array([prop[g] for g in groups]).astype(int)
+            if len(np.unique(y[shadow])) < 2 or len(np.unique(y[~shadow])) < 2:
+                continue
+            model = _probe().fit(rows[shadow], y[shadow])
+            prior = y[shadow].mean()
+            t_scores.append(model.decision_function(rows[~shadow]) - np.log(prior / (1 - prior)))
+            t_labels.append(y[~shadow])
+        if t_scores:
+            t = probe_metrics(np.concatenate(t_scores), np.concatenate(t_labels))
+            result["transfer"] = {k: t[k] for k in ("auc", "balanced_accuracy", "n_targets")}
+        else:
+            result["transfer"] = {"status": "not applicable: no property varies among both shadows and targets"}
+    result["_curve"] = (scores, labels)
     return result

@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from scipy.stats import beta, norm
 
@@ -88,5 +89,62 @@ def certifiable_epsilon(n: int, alpha: float = 0.05) -> float:
     return math.log(n / math.log(2 / alpha))
 
 
+# ------------------------------------------------------------------------------------------------
+# One training run (Steinke, Nasr & Jagielski 2023): m canaries, each included independently with
+# probability ½; the auditor guesses "in" for its k+ highest scores and "out" for its k− lowest
+# (counts fixed in advance), abstaining on the rest; v of the r = k+ + k− guesses are right. Under
+# (ε, δ)-DP, P[V ≥ v] ≤ P[Binom(r, e^ε/(1+e^ε)) ≥ v] + 2mδ·max_i P[v > Binom(r, ·) ≥ v − i]/i
+# (their Theorem 3 / Proposition 5.7); ε_lb is the largest ε this p-value rejects at level α.
+
+
+def one_run_p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    from scipy.stats import binom
+
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
+    q = 1.0 / (1.0 + math.exp(-epsilon))
+    p = float(binom.sf(v - 1, r, q))  # P[Binom(r, q) >= v]
+    if delta > 0 and v > 0:
+        pmf = binom.pmf(np.arange(v - 1, -1, -1), r, q)  # P[B = v-1], P[B = v-2], ..., P[B = 0]
+        alpha_term = float(np.max(np.cumsum(pmf) / np.arange(1, v + 1)))
+        p += 2 * m * delta * alpha_term
+    return min(p, 1.0)
+
+
+def one_run_epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, alpha: float = 0.05) -> float:
+    """Largest ε with p-value < alpha (0 when even ε = 0 cannot be rejected); bisection to 1e-4."""
+    if one_run_p_value(m=m, r=r, v=v, epsilon=0.0, delta=delta) >= alpha:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while one_run_p_value(m=m, r=r, v=v, epsilon=hi, delta=delta) < alpha:
+        lo, hi = hi, 2 * hi
+        if hi > 1e3:
+            return math.inf
+    while hi - lo > 1e-4:
+        mid = 0.5 * (lo + hi)
+        if one_run_p_value(m=m, r=r, v=v, epsilon=mid, delta=delta) < alpha:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def one_run_audit(scores, included, *, delta: float, guess_fraction: float = 0.5, alpha: float = 0.05) -> dict:
+    """Guess the top and bottom ``guess_fraction / 2`` of the canaries by score (higher = "in"),
+    count correct guesses, and bound ε. ``included``: the canaries' true coin flips."""
+    s = np.asarray(scores, dtype=float)
+    inc = np.asarray(included).astype(bool)
+    m = len(s)
+    k = int(guess_fraction * m / 2)
+    if k < 1:
+        raise ValueError(f"{m} canaries with guess_fraction {guess_fraction} make no guesses; add canaries")
+    order = np.argsort(-s, kind="mergesort")
+    top, bottom = order[:k], order[m - k:]
+    v = int(inc[top].sum() + (~inc[bottom]).sum())
+    return {"canaries": m, "guesses": 2 * k, "correct": v, "delta": delta, "alpha": alpha,
+            "epsilon_lower_bound": one_run_epsilon_lower_bound(m=m, r=2 * k, v=v, delta=delta, alpha=alpha)}
+
+
 __all__ = ["AuditResult", "audit_delta_mechanism", "certifiable_epsilon", "clopper_pearson",
-           "epsilon_lower_bound", "gdp_mu_lower_bound"]
+           "epsilon_lower_bound", "gdp_mu_lower_bound", "one_run_audit", "one_run_epsilon_lower_bound",
+           "one_run_p_value"]

@@ -32,15 +32,66 @@ def confidence_scores(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: in
     return torch.cat(out)
 
 
+def prompt_gradients(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Per-record ∇_P ℓ(x_i) (B × K × D) at the model's loaded prompt and head, in batches.
+
+    Each record's loss depends on the prompt only through its own copy of the prompt tokens, so the
+    gradient of the summed loss at the prompt positions of the prompt module's output is exactly
+    the per-record gradient (the same fact the DP-SGD grad sampler uses)."""
+    model.eval()
+    mod = model.prompt
+    p, k = mod.num_prefix_tokens, mod.num_prompts
+    captured = {}
+
+    def keep(_m, _inp, out):
+        out.retain_grad()
+        captured["out"] = out
+
+    handle = mod.register_forward_hook(keep)
+    out = []
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], reduction="sum")
+                loss.backward()
+            out.append(captured["out"].grad[:, p:p + k].detach().clone())
+            model.zero_grad(set_to_none=True)
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
 def alignment_scores(model, *, prompt: torch.Tensor, delta: torch.Tensor, head_weight: torch.Tensor,
                      head_bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """cos(−ΔP, ∇_P ℓ(x_i)) per record, gradients taken at the prompt P the server sent."""
     load_into(model, prompt=prompt, head_weight=head_weight, head_bias=head_bias)
+    g = prompt_gradients(model, x, y).reshape(x.shape[0], -1)
+    return F.cosine_similarity(g, (-delta).reshape(1, -1), dim=1)
+
+
+@torch.no_grad()
+def prompt_features(model, prompt: torch.Tensor, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Final CLS features of x with ``prompt`` loaded (what a linear head reads)."""
+    model.prompt.prompt.copy_(prompt)
     model.eval()
-    direction = (-delta).reshape(-1)
-    scores = []
-    for i in range(x.shape[0]):
-        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
-        (g,) = torch.autograd.grad(loss, model.prompt.prompt)
-        scores.append(F.cosine_similarity(g.reshape(-1), direction, dim=0))
-    return torch.stack(scores).detach()
+    return torch.cat([model.features(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def fit_proxy_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-3,
+                   steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear head fitted by L-BFGS on (features, y): the curious server's stand-in for the
+    client's private head, trained on auxiliary data it owns. Deterministic (zero init)."""
+    w = torch.zeros(num_classes, features.shape[1], requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    f = features.detach()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(f @ w.T + b, y) + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()

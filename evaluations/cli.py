@@ -1,4 +1,4 @@
-"""``pfedpg-eval``: train, pretrain, privacy, robustness and report (DESIGN: typical commands).
+"""``pfedpg-eval``: train, pretrain, privacy, audit, robustness and report (DESIGN: typical commands).
 
 Every subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides; bad
 input ends with a one-line ``error: ...`` naming the fix and exit status 2.
@@ -6,6 +6,7 @@ input ends with a one-line ``error: ...`` naming the fix and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -68,6 +69,19 @@ def cmd_privacy(args) -> int:
     return 1 if (out / "FAILED").exists() else 0
 
 
+def cmd_audit(args) -> int:
+    from evaluations.audit import load_audit, run_audit
+
+    grid, probes, base = load_audit(args.config, args.overrides)
+    out = run_audit(grid, probes, base, out_dir=args.out, log=lambda m: print(m, file=sys.stderr))
+    summary = json.loads((out / "audit.json").read_text())
+    for group, res in summary["groups"].items():
+        cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in res["probes"].items())
+        print(f"{group}: AUC {cells}")
+    print(f"report: {out / 'report.md'} (and report.html, audit.json, roc_*.png, tpr_vs_epsilon.png)")
+    return 1 if (out / "FAILED").exists() else 0
+
+
 def cmd_robustness(args) -> int:
     from evaluations.robustness import load_matrix, run_matrix
 
@@ -120,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="sweep directory (default: privacy.out_dir)")
     p.set_defaults(func=cmd_privacy)
+
+    p = sub.add_parser("audit", help="leakage audit: membership, attribute, source, linkability probes and empirical ε",
+                       description="Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, "
+                                   "clip-only} and mechanism x privacy level, each run with the leakage_audit hook "
+                                   "(audit.probes). Writes audit.json (per group and probe: auc, tpr_at_1pct_fpr, "
+                                   "tpr_at_0.1pct_fpr with Clopper-Pearson intervals, n_targets, threat_model), "
+                                   "roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. "
+                                   "Exit status 1 if a cell failed.")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="audit directory (default: audit.out_dir)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("robustness", help="attacks x defenses x malicious fractions x seeds",
                        description="Run the matrix of a robustness file (see configs/robustness.yaml). Writes "

@@ -41,6 +41,9 @@ class PrivacySweepConfig:
     noise_multipliers: list[float] | None = None
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     out_dir: str = "runs/privacy"
+    #: leakage_audit options (attacks.leakage): every private / non-private pFedPG cell then runs the
+    #: probes at its end, and the table gains their AUC and TPR at 0.1% FPR; null = no probes.
+    audit: dict[str, Any] | None = None
 
     def __post_init__(self):
         if not self.seeds:
@@ -60,6 +63,8 @@ class PrivacySweepConfig:
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ConfigError(f"privacy.baselines: unknown {bad[0]!r}; choose from {', '.join(BASELINES)}")
+        if self.audit is not None and not isinstance(self.audit, dict):
+            raise ConfigError("privacy.audit must be a mapping of leakage_audit options (or null)")
         if "clip_only" in self.baselines and "dp_client" not in self.mechanisms:
             raise ConfigError("privacy.baselines: clip_only needs a dp_client mechanism (for its clip C)")
 
@@ -84,7 +89,8 @@ def cells(sweep: PrivacySweepConfig, base: dict[str, Any]) -> list[dict[str, Any
         def cfg_with(hooks=None, method="pfedpg"):
             c = copy.deepcopy(base)
             # Other base hooks (e.g. reject_nonfinite) stay, before the cell's DP hook.
-            c.update(seed=seed, method=method, hooks=[*base["hooks"], *(hooks or [])], run_name=None)
+            audit = [{"name": "leakage_audit", **sweep.audit}] if sweep.audit is not None and method != "local" else []
+            c.update(seed=seed, method=method, hooks=[*base["hooks"], *audit, *(hooks or [])], run_name=None)
             return c
 
         if "nonprivate" in sweep.baselines:
@@ -113,7 +119,16 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
         return row
     row.update(status="ok", accuracy_mean=summary["accuracy"]["mean"], accuracy_worst=summary["accuracy"]["worst"],
                accuracy_generated_mean=(summary.get("accuracy_generated") or {}).get("mean"))
-    hook = next(iter((summary.get("hook_results") or {}).values()), None)
+    results = summary.get("hook_results") or {}
+    hook = results.get("dp_client" if cell["mechanism"] == "clip_only" else cell["mechanism"])
+    for probe, head in ((results.get("leakage_audit") or {}).get("probes") or {}).items():
+        if "auc" in head:
+            row[f"{probe}_auc"] = head["auc"]
+            row[f"{probe}_tpr_at_0.1pct_fpr"] = head["tpr_at_0.1pct_fpr"]
+        for side, v in head.items():  # the canary probe: one entry per view
+            if isinstance(v, dict) and "epsilon_lower_bound" in v:
+                row[f"{probe}_{side}_auc"] = v["auc"]
+                row[f"{probe}_{side}_epsilon_lower_bound"] = v["epsilon_lower_bound"]
     if hook is not None:
         z = hook["noise_multiplier"]
         row.update(noise_multiplier=float(np.mean(z)) if isinstance(z, list) else z, delta=hook["delta"],
@@ -130,6 +145,15 @@ def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str |
     (out / "sweep.yaml").write_text(yaml.safe_dump({"base": base, "privacy": sweep.__dict__}, sort_keys=False))
     results = run_cells(cells(sweep, base), out, log=log, progress=progress)
     rows = [_row(r.cell, r.run_dir, r.summary, r.error) for r in results]
+    if sweep.audit is not None:
+        from evaluations.audit import group_key, plot_tpr_vs_epsilon, pooled_probes
+
+        by_group: dict[str, list[Path]] = {}
+        for r in results:
+            if r.summary is not None and (r.run_dir / "audit" / "audit.json").is_file():
+                by_group.setdefault(group_key(r.cell), []).append(r.run_dir)
+        groups = {g: pooled_probes(d) for g, d in by_group.items()}
+        plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", groups)
     write_outputs(out, rows, sweep)
     return out
 
@@ -139,11 +163,12 @@ def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str |
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    extra = sorted({k for r in rows for k in r if k not in COLUMNS and k != "group"})
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS + extra)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS + extra})
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -269,7 +294,12 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
           "Accuracy is per client on its own test split after the last round (adapted prompt and local head), "
           "mean ± std over seeds. ε is per client; the table gives the largest. `local` sends nothing and is the floor "
           "a private run must beat: one below it is dominated.", "", table, "",
-          "![accuracy vs epsilon](accuracy_vs_epsilon.png)", "", "## Privacy statements", ""]
+          "![accuracy vs epsilon](accuracy_vs_epsilon.png)", ""]
+    if sweep.audit is not None:
+        md += ["Leakage probes (`leakage_audit`, pooled over seeds; per-run AUC and TPR at 0.1% FPR are columns of "
+               "`tradeoff.csv`; `pfedpg-eval audit` gives the full report):", "",
+               "![TPR at 0.1% FPR vs epsilon](tpr_vs_epsilon.png)", ""]
+    md += ["## Privacy statements", ""]
     for mech, st in statements.items():
         md += [f"### {MECHANISMS[mech]} (`{mech}`)", ""] + [f"- **{k.replace('_', ' ')}**: {v}" for k, v in st.items()] + [""]
     if "dp_client" in statements:

@@ -157,6 +157,17 @@ class RunContext:
     #: client's current adapted prompt and head (e.g. attack success rates on triggered images).
     eval_data: list = field(default_factory=list)
     evaluate: Callable[[int, torch.Tensor, torch.Tensor], float] | None = None
+    #: Simulation-side views for probes and audits (``attacks/``), which play a stated threat model
+    #: and read only what it allows: each client's training tensors (x, y) before client hooks, the
+    #: shared prompted model (load a client's state into it with ``pfedpg.client.load_into``),
+    #: ``client_states() -> [ClientState]`` (adapted prompt, head) and per-client facts of the data
+    #: (``domain``, ``label_counts`` of the training split, ``domain_names``).
+    train_data: list = field(default_factory=list)
+    model: Any = None
+    client_states: Callable[[], list] | None = None
+    client_info: list[dict[str, Any]] = field(default_factory=list)
+    #: The run's hooks in config order (an audit reads a DP hook's ``statement()`` / ``epsilon(n)``).
+    hooks: list = field(default_factory=list)
 
 
 class HookChain:

@@ -121,9 +121,19 @@ class Trainer:
         self.ctx = RunContext(config=cfg, seeds=self.seeds, run_dir=self.run_dir, num_clients=self.num_clients,
                               log=self.log, num_classes=self.num_classes, server=self.server,
                               schedule=self.schedule, train_sizes=train_sizes, eval_data=self.test_data,
-                              evaluate=self.evaluate_client)
+                              evaluate=self.evaluate_client, train_data=self.train_data, model=self.model,
+                              client_states=lambda: self.states, client_info=self.client_info(),
+                              hooks=list(self.hooks.hooks))
         self.setup_seconds = time.time() - t0
         self.round = 0
+
+    def client_info(self) -> list[dict[str, Any]]:
+        names = list(getattr(self.dataset, "domain_names", []) or [])
+        out = []
+        for s in self.splits:
+            counts = np.bincount(self.dataset.labels[s.train], minlength=self.num_classes)
+            out.append({"client": s.client, "domain": s.domain, "label_counts": counts.tolist(), "domain_names": names})
+        return out
 
     # ------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:

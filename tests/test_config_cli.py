@@ -51,7 +51,7 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     paths = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
-    sweeps = ("privacy", "robustness")  # sweep files: tested with their sweeps
+    sweeps = ("privacy", "robustness", "audit")  # sweep files: tested with their sweeps
     runs = [p for p in paths if not set(sweeps) & set(yaml.safe_load(p.read_text()))]
     assert len(runs) >= 4
     for path in runs:

@@ -1,0 +1,262 @@
+"""``pfedpg-eval audit``: the leakage audit over a privacy grid (DESIGN §6).
+
+An audit file has the privacy sweep's shape — ``base_config``, ``base`` and an ``audit:`` section
+with ``seeds``, ``mechanisms``, ``target_epsilons`` / ``noise_multipliers``, ``baselines``
+(``nonprivate``, ``clip_only``) and ``out_dir`` — plus ``audit.probes``, the options of the
+``leakage_audit`` hook (``attacks.leakage``), which every cell runs at its end. Each cell is an
+ordinary run directory (with ``audit/audit.json``); the audit pools each probe's scores over seeds
+(and clients) per (mechanism, privacy level) — pooling is how low FPRs become resolvable — and
+writes ``audit.json``, ``roc_<group>.png``, ``tpr_vs_epsilon.png`` and ``report.md`` / ``.html``.
+"""
+from __future__ import annotations
+
+import copy
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import yaml
+
+from evaluations.sweep import load_grid_file, run_cells
+from pfedpg.config import build_dataclass
+from pfedpg.errors import ConfigError
+
+AUDIT_BASELINES = ("nonprivate", "clip_only")
+
+
+def load_audit(path, overrides=None):
+    """-> (PrivacySweepConfig of the grid, leakage_audit options, base run config dict)."""
+    from evaluations.privacy import MECHANISMS, PrivacySweepConfig
+
+    section, cfg = load_grid_file(path, "audit", overrides, example="configs/audit_digits_shared.yaml")
+    section = dict(section)
+    probes = section.pop("probes", None) or {}
+    if not isinstance(probes, dict):
+        raise ConfigError("audit.probes must be a mapping of leakage_audit options, e.g. {shadow_clients: 6}")
+    section.setdefault("mechanisms", {})
+    section.setdefault("baselines", ["nonprivate"])
+    if not section["mechanisms"]:
+        section.setdefault("target_epsilons", [1.0])  # unused without mechanisms; keeps the grid valid
+    bad = [b for b in section["baselines"] if b not in AUDIT_BASELINES]
+    if bad:
+        raise ConfigError(f"audit.baselines: {bad[0]!r} cannot be audited (the server sees nothing from `local`); "
+                          f"choose from {', '.join(AUDIT_BASELINES)}")
+    if section.get("out_dir") is None:
+        section["out_dir"] = "runs/audit"
+    grid = build_dataclass(PrivacySweepConfig, section, "audit")
+    if any(h.get("name") in (*MECHANISMS, "leakage_audit") for h in cfg.hooks):
+        raise ConfigError("base.hooks lists a DP or leakage_audit hook; the audit adds them itself — remove it from base")
+    if cfg.method != "pfedpg":
+        raise ConfigError(f"the audit evaluates pfedpg (base.method is {cfg.method!r}); set it to pfedpg")
+    # Validate the probe options now, not in the first cell.
+    from attacks.leakage import LeakageAudit
+
+    try:
+        LeakageAudit(**probes)
+    except TypeError as e:
+        raise ConfigError(f"audit.probes: {e}") from None
+    return grid, probes, cfg.to_dict()
+
+
+def with_audit_hook(base: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:
+    b = copy.deepcopy(base)
+    b["hooks"] = [*b["hooks"], {"name": "leakage_audit", **probes}]
+    return b
+
+
+# ------------------------------------------------------------------------------------------------
+# Pooling over seeds
+
+
+def group_key(cell: dict[str, Any]) -> str:
+    name = cell["cell"]
+    return name.rsplit("-s", 1)[0]
+
+
+def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
+    """Pool each probe's (scores, labels) over runs; metrics on the pool; canaries get the one-run
+    bound on all canaries of all runs (independent runs form one product mechanism)."""
+    from attacks.audit import one_run_audit
+    from attacks.metrics import probe_metrics
+
+    pools: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    per_run: list[dict] = []
+    for d in run_dirs:
+        audit = json.loads((d / "audit" / "audit.json").read_text())
+        per_run.append(audit)
+        data = np.load(d / "audit" / "scores.npz")
+        for key in data.files:
+            if key.endswith("__scores"):
+                name = key[: -len("__scores")]
+                pools.setdefault(name, []).append((data[key], data[name + "__labels"]))
+    first = per_run[0]["probes"]
+    dp = per_run[0].get("dp")
+    out: dict[str, Any] = {}
+    for name, parts in pools.items():
+        s = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts]).astype(bool)
+        res = probe_metrics(s, y)
+        if name.startswith("canary_"):
+            side = name.split("_", 1)[1]
+            ref = first["canary"][side]
+            one = one_run_audit(s, y, delta=ref["delta"], guess_fraction=ref["guesses"] / ref["canaries"])
+            eps = max((r["probes"]["canary"][side]["accountant_epsilon"] or -1) for r in per_run)
+            eps = None if eps < 0 else eps
+            res.update(one, threat_model=ref["threat_model"], accountant_epsilon=eps,
+                       violation=bool(eps is not None and one["epsilon_lower_bound"] > eps))
+        else:
+            ref = first.get(name, {})
+            res.update(threat_model=ref.get("threat_model"), dp_envelope=ref.get("dp_envelope"))
+            if ref.get("dp_envelope"):
+                res["dp_envelope"] = {**ref["dp_envelope"],
+                                      "epsilon": max(r["probes"][name]["dp_envelope"]["epsilon"] for r in per_run)}
+            for extra in ("top1_accuracy", "chance", "permutation_p_value"):
+                vals = [r["probes"][name].get(extra) for r in per_run if r["probes"].get(name, {}).get(extra) is not None]
+                if vals:
+                    res[f"{extra}_per_seed"] = vals
+        res["runs"] = len(parts)
+        out[name] = res
+    seconds = {}
+    for r in per_run:
+        for name, res in r["probes"].items():
+            if "seconds_per_training_round" in res and res["seconds_per_training_round"] is not None:
+                seconds.setdefault(name, []).append(res["seconds_per_training_round"])
+    return {"probes": out, "dp": dp, "cost_in_training_rounds": {k: float(np.mean(v)) for k, v in seconds.items()},
+            "_pools": pools}
+
+
+def _v(t) -> str:
+    if isinstance(t, dict):
+        t = t.get("value")
+    if t is None:
+        return "—"
+    return t if isinstance(t, str) else f"{t:.3f}"
+
+
+def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]) -> None:
+    from attacks.leakage import plot_audit_roc
+
+    clean = {}
+    for g, res in groups.items():
+        pools = res.pop("_pools")
+        curves = {k: (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v]).astype(bool))
+                  for k, v in pools.items()}
+        plot_audit_roc(out / f"roc_{g}.png", curves, dp_envelope=res["dp"], title=f"{g} (pooled over seeds)")
+        clean[g] = res
+    (out / "audit.json").write_text(json.dumps({"cells": rows, "groups": clean}, indent=2, default=_default))
+    probes = sorted({p for g in clean.values() for p in g["probes"]})
+    plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", clean)
+    header = ["group", "ε (max client)"] + [f"{p} AUC / TPR@0.1%" for p in probes]
+    body = []
+    for g, res in clean.items():
+        eps = next((r["epsilon_max"] for r in rows if r["group"] == g and r.get("epsilon_max") is not None), None)
+        cells = [g, "∞" if eps is None or (isinstance(eps, float) and math.isinf(eps)) else f"{eps:.2f}"]
+        for p in probes:
+            r = res["probes"].get(p)
+            if r is None:
+                cells.append("—")
+            elif p.startswith("canary_"):
+                cells.append(f"{r['auc']:.3f} / ε_lb {r['epsilon_lower_bound']:.2f}"
+                             + (f" (accountant {r['accountant_epsilon']:.2f})" if r.get("accountant_epsilon") else ""))
+            else:
+                cells.append(f"{r['auc']:.3f} / {_v(r['tpr_at_0.1pct_fpr'])}")
+        body.append(cells)
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
+    md = ["# Leakage audit: pFedPG", "",
+          "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; TPR at 0.1% FPR "
+          "is `unresolved` when fewer than 10 000 non-members were pooled. Canary columns give the AUC and the "
+          "one-run ε lower bound (Steinke et al. 2023) next to the accountant's ε where DP covers that view; "
+          "a lower bound above it would be a bug.", "", *table, "",
+          "![TPR at 0.1% FPR vs ε](tpr_vs_epsilon.png)", "", "## Threat models", ""]
+    any_group = next(iter(clean.values()), {"probes": {}})
+    for p, r in any_group["probes"].items():
+        md.append(f"- **{p}**: {r.get('threat_model')}")
+    md += ["", "## ROC curves (log–log; dashed: the region the accountant's (ε, δ) allows, for covered probes)", ""]
+    md += [f"### {g}\n\n![ROC {g}](roc_{g}.png)\n" for g in clean]
+    md += ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"]
+    md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r.get('error') else ''} | `{r['run_dir']}` |" for r in rows]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    esc = html.escape
+    parts = ["<!doctype html><meta charset='utf-8'><title>pFedPG leakage audit</title>",
+             "<style>body{font-family:sans-serif;max-width:80em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:.3em .6em}</style>", "<h1>Leakage audit: pFedPG</h1>",
+             f"<p>{esc(md[2])}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body]
+    parts += ["</table><img src='tpr_vs_epsilon.png' alt='TPR vs epsilon'>"]
+    parts += [f"<h3>{esc(g)}</h3><img src='roc_{esc(g)}.png' alt='ROC {esc(g)}'>" for g in clean]
+    (out / "report.html").write_text("\n".join(parts))
+
+
+def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: dict[str, float] | None = None) -> None:
+    """TPR at 0.1% FPR (pooled) against ε, one line per probe and mechanism; non-private at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for g, res in groups.items():
+        eps = (res.get("dp") or {}).get("epsilon")
+        x = eps if eps is not None and math.isfinite(eps) else math.inf
+        mech = (res.get("dp") or {}).get("hook", g.split("-")[0])
+        for p, r in res["probes"].items():
+            v = r.get("tpr_at_0.1pct_fpr", {}).get("value") if isinstance(r.get("tpr_at_0.1pct_fpr"), dict) else None
+            if isinstance(v, float):
+                series.setdefault((mech, p), []).append((x, v))
+    finite = [x for pts in series.values() for x, _ in pts if math.isfinite(x)]
+    right = (max(finite) * 4) if finite else 10.0
+    for i, ((mech, p), pts) in enumerate(sorted(series.items())):
+        pts = sorted((right if math.isinf(x) else x, v) for x, v in pts)
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, "-o", ms=3, color=f"C{i % 10}", label=f"{p} ({mech})")
+    ax.set_xscale("log")
+    ax.axvline(right, color="k", lw=0.5, ls=":")
+    ax.set_xlabel(f"ε (max client; the dotted line at {right:g} stands for ε = ∞, no DP)")
+    ax.set_ylabel("TPR at 0.1% FPR (pooled)")
+    ax.grid(alpha=0.3, which="both")
+    if series:
+        ax.legend(fontsize=6, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "TPR at 0.1% FPR unresolved everywhere\n(pool more targets)", ha="center", va="center",
+                transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def run_audit(grid, probes: dict[str, Any], base: dict[str, Any], *, out_dir=None,
+              log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    from evaluations.privacy import _row, cells
+
+    out = Path(out_dir or grid.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.yaml").write_text(yaml.safe_dump({"base": base, "audit": {**grid.__dict__, "probes": probes}},
+                                                   sort_keys=False))
+    results = run_cells(cells(grid, with_audit_hook(base, probes)), out, log=log, progress=progress)
+    rows, by_group = [], {}
+    for r in results:
+        row = _row(r.cell, r.run_dir, r.summary, r.error)
+        row["group"] = group_key(r.cell)
+        rows.append(row)
+        if r.summary is not None:
+            by_group.setdefault(row["group"], []).append(r.run_dir)
+    groups = {g: pooled_probes(dirs) for g, dirs in by_group.items()}
+    write_audit_outputs(out, rows, groups)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        (out / "FAILED").write_text("\n".join(f"{r['cell']}: {r['error']}" for r in failed) + "\n")
+    return out

@@ -1,0 +1,272 @@
+"""The leakage audit (DESIGN §6): one-run ε bound, LiRA, linkability, source inference, pooled
+attribute probes, the leakage_audit hook inside a run, and `pfedpg-eval audit`."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from attacks.attribute_inference import client_properties, pooled_property_probe
+from attacks.audit import one_run_audit, one_run_epsilon_lower_bound, one_run_p_value
+from attacks.leakage import dp_region
+from attacks.linkability import linkability, source_inference
+from attacks.lira import lira_scores
+from conftest import TINY_MODEL, tiny_config
+from pfedpg.errors import ConfigError
+
+
+# --- one-run bound (Steinke, Nasr & Jagielski 2023) ------------------------------------------------
+def test_one_run_bound_by_hand_and_monotone():
+    # r = v = 100 correct guesses, δ = 0: P[Binom(100, q) >= 100] = q^100 < 0.05 ⇔ q > 0.05^(1/100).
+    q = 0.05 ** (1 / 100)
+    assert one_run_epsilon_lower_bound(m=100, r=100, v=100, delta=0) == pytest.approx(math.log(q / (1 - q)), abs=1e-3)
+    # More correct guesses certify more; δ > 0 certifies less; chance-level guessing certifies nothing.
+    assert one_run_epsilon_lower_bound(m=200, r=100, v=90, delta=0) < one_run_epsilon_lower_bound(m=200, r=100, v=95, delta=0)
+    assert one_run_epsilon_lower_bound(m=1000, r=100, v=95, delta=1e-4) < one_run_epsilon_lower_bound(m=1000, r=100, v=95, delta=0)
+    assert one_run_epsilon_lower_bound(m=200, r=100, v=52, delta=0) == 0.0
+    assert one_run_p_value(m=10, r=10, v=0, epsilon=1.0, delta=0) == 1.0
+
+
+def test_one_run_audit_finds_a_planted_leak_and_not_noise():
+    rng = np.random.default_rng(0)
+    inc = rng.random(400) < 0.5
+    leak = one_run_audit(inc + 0.01 * rng.normal(size=400), inc, delta=1e-5)
+    assert leak["correct"] == leak["guesses"] and leak["epsilon_lower_bound"] > 3
+    none = one_run_audit(rng.normal(size=400), inc, delta=1e-5)
+    assert none["epsilon_lower_bound"] < 0.5
+
+
+def test_one_run_bound_stays_below_epsilon_of_a_gaussian_mechanism():
+    """Canaries through a real (ε, δ)-DP Gaussian release: the bound never exceeds ε."""
+    from defenses.accounting import gdp_epsilon
+
+    rng = np.random.default_rng(1)
+    mu = 2.0  # sensitivity / σ
+    eps = gdp_epsilon(mu, 1e-5)
+    for trial in range(5):
+        inc = rng.random(2000) < 0.5
+        released = mu * inc + rng.normal(size=2000)  # each canary shifts its own coordinate by Δ = μσ
+        lb = one_run_audit(released, inc, delta=1e-5, guess_fraction=0.2)["epsilon_lower_bound"]
+        assert 0 < lb <= eps
+
+
+def test_dp_region_is_the_hypothesis_testing_limit():
+    f = np.array([0.0, 1e-3, 0.1, 0.5, 1.0])
+    assert dp_region(0.0, 0.0, f) == pytest.approx(f)  # ε = 0: nothing beats chance
+    r = dp_region(1.0, 1e-5, f)
+    assert np.all(r <= np.minimum(1, math.e * f + 1e-5) + 1e-12) and r[-1] == 1.0
+
+
+# --- LiRA, linkability, source inference ------------------------------------------------------------
+def test_lira_offline_and_online_rank_members_first():
+    from attacks.metrics import auc
+
+    rng = np.random.default_rng(0)
+    n, s = 300, 8
+    difficulty = rng.normal(0, 2, size=n)  # per-record baseline φ: what per-record calibration removes
+    member = rng.random(n) < 0.5
+    target = difficulty + 1.0 * member + 0.3 * rng.normal(size=n)
+    shadow_out = difficulty + 0.3 * rng.normal(size=(s, n))
+    offline = lira_scores(target, shadow_out)
+    assert auc(offline, member) > 0.9 and auc(target, member) < 0.8  # calibration is what makes LiRA strong
+    in_mask = np.zeros((s, n), bool)
+    for j in range(n):
+        in_mask[rng.permutation(s)[: s // 2], j] = True
+    shadow = difficulty + 1.0 * in_mask + 0.3 * rng.normal(size=(s, n))
+    assert auc(lira_scores(target, shadow, in_mask), member) > 0.9
+    shuffled = rng.permutation(member)
+    assert abs(auc(offline, shuffled) - 0.5) < 0.1
+
+
+def test_linkability_and_source_inference_on_planted_structure():
+    g = torch.Generator().manual_seed(0)
+    centers = [torch.randn(4, 8, generator=g) for _ in range(5)]
+    releases = {n: [c + 0.3 * torch.randn(4, 8, generator=g) for _ in range(6)] for n, c in enumerate(centers)}
+    res = linkability(releases)
+    assert res["top1_accuracy"] == 1.0 and res["chance"] == 0.2 and res["auc"] > 0.95
+    noise = {n: [torch.randn(4, 8, generator=g) for _ in range(6)] for n in range(5)}
+    assert linkability(noise)["top1_accuracy"] < 0.7
+    owners = np.repeat([3, 5, 7], 20)
+    scores = np.random.default_rng(0).normal(size=(60, 3))
+    scores[np.arange(60), np.repeat([0, 1, 2], 20)] += 5
+    src = source_inference(scores, owners, [3, 5, 7])
+    assert src["top1_accuracy"] == 1.0 and src["chance"] == pytest.approx(1 / 3) and src["auc"] > 0.99
+
+
+def test_client_properties_and_pooled_probe_on_a_planted_descriptor_property():
+    info = [{"domain": n % 3, "label_counts": [10, 10, 0 if n < 6 else 10], "domain_names": ["a", "b", "c"]}
+            for n in range(12)]
+    props = client_properties(info)
+    assert set(props) == {"domain=a", "domain=b", "domain=c", "has_class=2", "label_skew"}
+    assert props["has_class=2"].tolist() == [False] * 6 + [True] * 6
+    rng = np.random.default_rng(0)
+    # Descriptors that carry the domain in two coordinates (a planted leak), 4 rounds per client.
+    feats = {n: [np.r_[3.0 * np.eye(3)[n % 3], rng.normal(size=20)] + 0.3 * rng.normal(size=23) for _ in range(4)]
+             for n in range(12)}
+    domain_only = {k: v for k, v in props.items() if k.startswith("domain")}
+    res = pooled_property_probe(feats, domain_only, permutations=20, rng=rng, shadow_clients=[8, 9, 10, 11])
+    assert res["auc"] > 0.9 and res["permutation_p_value"] <= 0.05 and res["transfer"]["auc"] > 0.9
+    noise = {n: [rng.normal(size=23) for _ in range(4)] for n in range(12)}
+    null = pooled_property_probe(noise, domain_only, permutations=20, rng=rng)
+    assert null["permutation_p_value"] > 0.05 and abs(null["auc"] - 0.5) < 0.2
+
+
+# --- the hook inside a run --------------------------------------------------------------------------
+def audit_hook(**extra):
+    return {"name": "leakage_audit", "shadow_clients": 2, "targets_per_client": 20, "permutations": 3,
+            "source_targets_per_client": 5, "lira": {"shadows": 2, "epochs": 1}, "canaries": {"per_client": 8}, **extra}
+
+
+def run_with(tmp_path, hooks, name="run", **overrides):
+    from evaluations.plugins import load_plugins
+    from pfedpg.runner import Trainer
+
+    load_plugins()
+    cfg = tiny_config(**{"data.clients_per_domain": 2, "rounds": 3, "hooks": hooks, **overrides})
+    return Trainer(cfg, run_dir=tmp_path / name).run(), tmp_path / name
+
+
+def test_leakage_audit_hook_writes_every_probe(tmp_path):
+    summary, run_dir = run_with(tmp_path, [audit_hook()])
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    probes = audit["probes"]
+    assert {"attribute_descriptor", "attribute_prompt", "attribute_delta", "linkability", "loss", "confidence",
+            "alignment", "lira", "source", "canary"} <= set(probes)
+    assert audit["targets"] == [0, 1, 2, 3] and audit["shadow_clients"] == [4, 5]
+    for name in ("loss", "alignment", "lira"):
+        p = probes[name]
+        assert p["n_targets"] == 4 * 40 and p["n_positives"] == 80 and 0 <= p["auc"] <= 1
+        assert "tpr_at_1pct_fpr" in p and "tpr_at_0.1pct_fpr" in p and p["threat_model"]
+        assert p["dp_envelope"] is None  # no DP in this run
+    assert probes["canary"]["observer"]["canaries"] == 4 * 8 and probes["canary"]["observer"]["accountant_epsilon"] is None
+    assert (run_dir / "audit" / "roc.png").stat().st_size > 0
+    scores = np.load(run_dir / "audit" / "scores.npz")
+    assert len(scores["loss__scores"]) == 160
+    assert summary["hook_results"]["leakage_audit"]["probes"]["loss"]["auc"] == probes["loss"]["auc"]
+
+
+def test_canaries_change_only_target_clients_data_and_are_deterministic(tmp_path):
+    s1, d1 = run_with(tmp_path, [audit_hook(probes=["canary"])], "a")
+    s2, d2 = run_with(tmp_path, [audit_hook(probes=["canary"])], "b")
+    a1 = json.loads((d1 / "audit" / "audit.json").read_text())["probes"]["canary"]
+    a2 = json.loads((d2 / "audit" / "audit.json").read_text())["probes"]["canary"]
+    assert a1 == {**a2, "seconds": a1["seconds"], "seconds_per_training_round": a1["seconds_per_training_round"]}
+    assert s1["accuracy"] == s2["accuracy"]
+
+
+def test_system_level_epsilon_lower_bound_stays_below_the_accountant_with_dp(tmp_path):
+    """Canaries inside real runs with DP-SGD and with client-level DP: the one-run bound of every
+    covered view stays below the accountant's ε (and the envelope is reported)."""
+    for mech in ({"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0},
+                 {"name": "dp_client", "clip": 0.1, "noise_multiplier": 2.0}):
+        summary, run_dir = run_with(tmp_path, [audit_hook(canaries={"per_client": 32}), mech], mech["name"],
+                                    **{"server.lr": 0.001})
+        probes = json.loads((run_dir / "audit" / "audit.json").read_text())["probes"]
+        covered = [probes["canary"][s] for s in ("observer", "server") if probes["canary"][s]["accountant_epsilon"]]
+        assert covered, mech["name"]
+        for c in covered:
+            assert c["epsilon_lower_bound"] <= c["accountant_epsilon"] and not c["violation"]
+        if mech["name"] == "dp_client":  # server views covered, observer views not (DESIGN §5)
+            assert probes["alignment"]["dp_envelope"] is not None and probes["loss"]["dp_envelope"] is None
+        else:
+            assert probes["loss"]["dp_envelope"] is not None and probes["attribute_delta"]["dp_envelope"] is None
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"shadow_clients": 0, "probes": ["lira"]}, "needs auxiliary data"),
+    ({"shadow_clients": 1, "probes": ["canary"]}, "needs canaries"),
+    ({"probes": ["nope"]}, "unknown probe"),
+    ({"shadow_clients": 1, "lira": {"shadow": 3}}, "unknown key"),
+])
+def test_bad_audit_options_are_config_errors(options, message):
+    from attacks.leakage import LeakageAudit
+
+    with pytest.raises(ConfigError, match=message):
+        LeakageAudit(**options)
+
+
+def test_too_many_shadows_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="leaves no target"):
+        run_with(tmp_path, [{"name": "leakage_audit", "shadow_clients": 6}])
+
+
+# --- the CLI and the privacy-sweep columns ----------------------------------------------------------
+def audit_file(tmp_path, **audit):
+    base = {"rounds": 2, "checkpoint_every": 0, "server": {"lr": 0.001},
+            "data": {"image_size": 8, "num_domains": 3, "clients_per_domain": 2, "max_train_per_client": 32,
+                     "max_test_per_client": 30},
+            "model": {"weights": "random", "kwargs": dict(TINY_MODEL), "num_prompts": 2}, "client": {"batch_size": 16}}
+    section = {"seeds": [0, 1], "mechanisms": {"dp_client": {"clip": 0.1}}, "target_epsilons": [8.0],
+               "baselines": ["nonprivate"], "out_dir": str(tmp_path / "audit"),
+               "probes": {"shadow_clients": 2, "targets_per_client": 10, "permutations": 2,
+                          "lira": {"shadows": 2, "epochs": 1}, "probes": ["loss", "alignment", "lira", "linkability"]},
+               **audit}
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "audit": section}))
+    return path
+
+
+def test_audit_cli_pools_seeds_and_writes_the_report(tmp_path, capsys):
+    from evaluations.cli import main
+
+    assert main(["audit", "--config", str(audit_file(tmp_path))]) == 0
+    out = tmp_path / "audit"
+    audit = json.loads((out / "audit.json").read_text())
+    assert set(audit["groups"]) == {"nonprivate", "dp_client-eps8"}
+    for group in audit["groups"].values():
+        loss = group["probes"]["loss"]
+        assert loss["runs"] == 2 and loss["n_targets"] == 2 * 4 * 20  # 2 seeds x 4 targets x (10 + 10)
+        for key in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "n_targets", "threat_model"):
+            assert key in loss
+    dp = audit["groups"]["dp_client-eps8"]
+    assert dp["probes"]["alignment"]["dp_envelope"]["epsilon"] == pytest.approx(8.0, rel=0.01)
+    for f in ("report.md", "report.html", "tpr_vs_epsilon.png", "roc_nonprivate.png", "roc_dp_client-eps8.png"):
+        assert (out / f).stat().st_size > 0
+    assert "dp_client-eps8: AUC" in capsys.readouterr().out
+    # Rerunning reuses every finished cell (nothing is retrained) and rewrites the same numbers.
+    assert main(["audit", "--config", str(audit_file(tmp_path))]) == 0
+    assert json.loads((out / "audit.json").read_text())["groups"] == audit["groups"]
+
+
+@pytest.mark.parametrize("audit, message", [
+    ({"baselines": ["local"]}, "cannot be audited"),
+    ({"probes": {"shadow_clients": 0, "probes": ["lira"]}}, "needs auxiliary data"),
+    ({"probes": {"shadows": 2}}, "unexpected keyword"),
+])
+def test_bad_audit_files_are_config_errors(tmp_path, audit, message):
+    from evaluations.audit import load_audit
+
+    with pytest.raises(ConfigError, match=message):
+        load_audit(audit_file(tmp_path, **audit))
+
+
+def test_privacy_sweep_gains_probe_columns(tmp_path):
+    import csv
+
+    from evaluations.privacy import load_sweep, run_sweep
+
+    path = audit_file(tmp_path)
+    tree = yaml.safe_load(path.read_text())
+    priv = tree.pop("audit")
+    priv["audit"] = priv.pop("probes")
+    priv.update(seeds=[0], baselines=["nonprivate", "local"], out_dir=str(tmp_path / "sweep"))
+    tree["privacy"] = priv
+    path.write_text(yaml.safe_dump(tree))
+    sweep, base = load_sweep(path)
+    out = run_sweep(sweep, base, log=lambda m: None)
+    rows = {r["cell"]: r for r in csv.DictReader(open(out / "tradeoff.csv"))}
+    assert rows["nonprivate-s0"]["loss_auc"] and rows["dp_client-eps8-s0"]["alignment_tpr_at_0.1pct_fpr"] == "unresolved"
+    assert rows["local-s0"]["loss_auc"] == ""  # local sends nothing: no audit hook
+    assert float(rows["dp_client-eps8-s0"]["epsilon_max"]) == pytest.approx(8.0, rel=0.01)
+    assert (out / "tpr_vs_epsilon.png").is_file()
+
+
+def test_shadow_clients_by_id(tmp_path):
+    summary, run_dir = run_with(tmp_path, [audit_hook(shadow_clients=[1, 3], probes=["loss", "alignment"],
+                                                      canaries=None)])
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    assert audit["shadow_clients"] == [1, 3] and audit["targets"] == [0, 2, 4, 5]
+    with pytest.raises(ConfigError, match="the run has 6 clients"):
+        run_with(tmp_path, [audit_hook(shadow_clients=[9], probes=["loss"], canaries=None)], "bad")
