@@ -63,6 +63,7 @@ def grouped_probe(features, labels, groups, *, folds: int = 5, permutations: int
         null.append(probe_metrics(out_of_fold_scores(features, y_perm, groups, folds=folds), y_perm)["auc"])
     null = np.asarray(null)
     result["permutation_p_value"] = float((1 + (null >= result["auc"]).sum()) / (1 + len(null)))
+    result["null_auc_mean"] = float(null.mean()) if len(null) else None
     result["scores"] = scores.tolist()
     return result
 
@@ -123,7 +124,10 @@ def pooled_property_probe(features: dict[int, list[np.ndarray]], properties: dic
     result = probe_metrics(scores, labels)
     n_all = len(next(iter(properties.values())))
     null = [probe_metrics(*pooled(rng.permutation(n_all))[:2])["auc"] for _ in range(permutations)]
+    # With few clients and many features the out-of-fold AUC is biased below 0.5 under no signal;
+    # the permutation null shows by how much, and the p-value is against that null, not against 0.5.
     result.update(permutation_p_value=float((1 + sum(a >= result["auc"] for a in null)) / (1 + len(null))),
+                  null_auc_mean=float(np.mean(null)) if null else None, null_auc_std=float(np.std(null)) if null else None,
                   per_property_auc=per, clients=len(clients), rows=int(len(groups)), properties=len(properties))
     if shadow_clients:
         shadow = np.isin(groups, shadow_clients)

@@ -15,7 +15,7 @@ backbone's pretraining split.
 Probes (name: threat model, unit — what it reads):
 
 =============  ========  ======  ===========================================================
-attribute      server    client  d_n, P_n and ΔP_n per round → client properties (domain, class
+attribute      server    client  d_n − d_n(0), P_n and ΔP_n per round → client properties (domain, class
                                  presence, label skew); grouped CV over clients, permutation p
 linkability    server    client  later ΔP_n matched to each client's earlier releases
 loss           observer  record  −loss of the client's final model (P̃_n, H_n); members = its
@@ -142,6 +142,7 @@ class LeakageAudit(Hook):
         self.out = out
         self.records: dict[int, list[dict[str, Any]]] = {}
         self.descriptors: dict[int, list[torch.Tensor]] = {}
+        self.initial_descriptors: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------
     def setup(self, ctx) -> None:
@@ -155,6 +156,10 @@ class LeakageAudit(Hook):
         if not ctx.server.sends_prompts and any(p in self.probes for p in ("attribute", "linkability", "alignment", "source")):
             raise ConfigError(f"leakage_audit: method {ctx.config.method!r} sends nothing to the server; audit pfedpg or "
                               "fedvpt, or keep only the observer probes (loss, confidence, lira, canary)")
+        desc = getattr(ctx.server, "descriptors", None)
+        if desc is not None and self.initial_descriptors is None:  # (a resumed run restores it instead)
+            # The server drew d_n itself; what training wrote into them is d_n − d_n(0).
+            self.initial_descriptors = desc.detach().clone()
         self.canary_data = {}
         if self.canaries is not None:
             x0 = ctx.train_data[0][0]
@@ -193,11 +198,13 @@ class LeakageAudit(Hook):
 
     def state_dict(self):
         return {"records": {str(n): r for n, r in self.records.items()},
-                "descriptors": {str(n): d for n, d in self.descriptors.items()}}
+                "descriptors": {str(n): d for n, d in self.descriptors.items()},
+                "initial_descriptors": self.initial_descriptors}
 
     def load_state_dict(self, state):
         self.records = {int(n): r for n, r in state["records"].items()}
         self.descriptors = {int(n): d for n, d in state["descriptors"].items()}
+        self.initial_descriptors = state.get("initial_descriptors")
 
     # ------------------------------------------------------------------------------------------
     def _dp(self, ctx) -> dict[str, Any] | None:
@@ -292,7 +299,8 @@ class LeakageAudit(Hook):
             if probe == "attribute":
                 info = [ctx.client_info[n] for n in range(ctx.num_clients)]
                 props = client_properties(info, presence_threshold=self.presence_threshold)
-                views = {"descriptor": {n: [d.numpy() for d in v] for n, v in self.descriptors.items()},
+                d0 = self.initial_descriptors
+                views = {"descriptor": {n: [(d - d0[n]).numpy() for d in v] for n, v in self.descriptors.items()},
                          "prompt": {n: [r["sent"].numpy() for r in v] for n, v in self.records.items()},
                          "delta": {n: [r["delta"].numpy() for r in v] for n, v in self.records.items()}}
                 for view, feats in views.items():
@@ -301,7 +309,8 @@ class LeakageAudit(Hook):
                     res = pooled_property_probe(feats, props, permutations=self.permutations,
                                                 rng=ctx.seeds.numpy("audit.attribute", round=len(view)),
                                                 shadow_clients=self.shadows or None)
-                    res["features"] = {"descriptor": "d_n after each round", "prompt": "P_n sent each round",
+                    res["features"] = {"descriptor": "d_n − d_n(0) after each round (the server drew d_n(0))",
+                                       "prompt": "P_n sent each round",
                                        "delta": "released ΔP_n each round"}[view]
                     record(f"attribute_{view}", res, "server", "client")
             elif probe == "linkability":

@@ -270,3 +270,21 @@ def test_shadow_clients_by_id(tmp_path):
     assert audit["shadow_clients"] == [1, 3] and audit["targets"] == [0, 2, 4, 5]
     with pytest.raises(ConfigError, match="the run has 6 clients"):
         run_with(tmp_path, [audit_hook(shadow_clients=[9], probes=["loss"], canaries=None)], "bad")
+
+
+def test_a_resumed_run_audits_exactly_like_an_uninterrupted_one(tmp_path):
+    from evaluations.plugins import load_plugins
+    from pfedpg.runner import Trainer
+
+    load_plugins()
+    hooks = [audit_hook(probes=["attribute", "linkability", "loss", "alignment"], canaries=None)]
+    cfg = tiny_config(**{"data.clients_per_domain": 2, "rounds": 3, "hooks": hooks})
+    Trainer(cfg, run_dir=tmp_path / "ref").run()
+    assert Trainer(cfg, run_dir=tmp_path / "cut").run(stop_after=2) is None
+    Trainer(cfg, run_dir=tmp_path / "cut").run(resume=True)
+
+    def probes(d):
+        res = json.loads((d / "audit" / "audit.json").read_text())["probes"]
+        return {k: {kk: vv for kk, vv in v.items() if not kk.startswith("seconds")} for k, v in res.items()}
+
+    assert probes(tmp_path / "cut") == probes(tmp_path / "ref")
