@@ -60,6 +60,10 @@ class RunConfig:
     output_dir: str = "runs"
     run_name: str | None = None
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    # Train a round's clients in one batched forward/backward (each sample with its own client's
+    # prompt and head): the same updates as one after another, to float tolerance (DESIGN §9).
+    # Clients with a local_training hook (dp_sgd) still train one after another.
+    batched_clients: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -74,6 +78,8 @@ class RunConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key}={v!r} must be a positive integer")
+        if not isinstance(self.batched_clients, bool):
+            raise ConfigError(f"batched_clients={self.batched_clients!r} must be true or false")
         if self.evaluate_on not in ("test", "val"):
             raise ConfigError(f"evaluate_on={self.evaluate_on!r} is not one of test, val")
         if self.evaluate_on == "val" and self.data.val_fraction == 0:

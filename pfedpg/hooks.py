@@ -202,6 +202,10 @@ class HookChain:
         for h in self.hooks:
             h.setup(ctx)
 
+    def has_local_training(self, client: int) -> bool:
+        """True when a hook wraps client ``client``'s local training (it cannot join a batched round)."""
+        return any(_overrides(h, "local_training") for h in self._client_hooks(client))
+
     def client_data(self, ctx, *, client: int, round: int, data: ClientData) -> ClientData:
         for h in self._client_hooks(client):
             data = h.client_data(ctx, client=client, round=round, data=data)

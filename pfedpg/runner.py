@@ -182,10 +182,31 @@ class Trainer:
                        run_default=partial(sgd_local_training, cfg=self.cfg.client))
         result = self.hooks.local_training(self.ctx, job)
         with torch.no_grad():
-            adapted = self.model.prompt.prompt.detach().clone()
-            st.prompt = adapted
-            st.head_weight = self.model.head.weight.detach().clone()
-            st.head_bias = self.model.head.bias.detach().clone()
+            final = {"prompt": self.model.prompt.prompt.detach().clone(),
+                     "head_weight": self.model.head.weight.detach().clone(),
+                     "head_bias": self.model.head.bias.detach().clone()}
+        return self._finish_client(n, r, start_prompt, result, final)
+
+    def train_clients_batched(self, r: int, starts: dict[int, torch.Tensor]) -> dict[int, tuple[dict[str, Any], torch.Tensor | None]]:
+        """The round's clients in ``starts`` trained in one batch (``batched_clients: true``)."""
+        from pfedpg.batched import batched_sgd_local_training
+
+        clients = list(starts)
+        jobs, init = [], []
+        for n in clients:
+            st = self.states[n]
+            x, y = self.train_data[n]
+            data = self.hooks.client_data(self.ctx, client=n, round=r, data=ClientData(x, y))
+            jobs.append(LocalJob(client=n, round=r, model=self.model, data=data,
+                                 generator=self.seeds.torch("local_train", client=n, round=r), run_default=None))
+            init.append({"prompt": starts[n], "head_weight": st.head_weight, "head_bias": st.head_bias})
+        results, finals = batched_sgd_local_training(self.model, jobs, init, self.cfg.client)
+        return {n: self._finish_client(n, r, starts[n], res, fin) for n, res, fin in zip(clients, results, finals)}
+
+    def _finish_client(self, n: int, r: int, start_prompt: torch.Tensor, result, final: dict[str, torch.Tensor]):
+        st = self.states[n]
+        adapted = final["prompt"]
+        st.prompt, st.head_weight, st.head_bias = adapted, final["head_weight"], final["head_bias"]
         st.rounds_joined += 1
         record = {"train_loss": result.loss, "local_steps": result.steps, **result.extra}
         if not self.server.sends_prompts:
@@ -307,6 +328,10 @@ class Trainer:
             metrics_path.write_text("")
         self._log_file = open(self.run_dir / "log.txt", "a")
         self.hooks.setup(self.ctx)
+        if cfg.batched_clients:
+            alone = [n for n in range(self.num_clients) if self.hooks.has_local_training(n)]
+            self.log("batched_clients: clients train in one batch" + (
+                f"; clients {alone} run a local_training hook (e.g. dp_sgd) and train one after another" if alone else ""))
         self.log(f"{cfg.method}: {self.num_clients} clients, {cfg.rounds} rounds, backbone {self.backbone_numbers:,} numbers"
                  + (f" (resuming after round {start})" if start else ""))
         rounds = range(start + 1, cfg.rounds + 1)
@@ -346,9 +371,11 @@ class Trainer:
         sent = self.server.prompts_for(participants)
         deltas: dict[int, torch.Tensor] = {}
         client_rows: dict[int, dict[str, Any]] = {}
+        together = [n for n in participants if self.cfg.batched_clients and not self.hooks.has_local_training(n)]
+        done = self.train_clients_batched(r, {n: sent.get(n, self.states[n].prompt) for n in together}) \
+            if together else {}
         for n in participants:
-            start_prompt = sent.get(n, self.states[n].prompt)
-            row, delta = self.train_client(n, r, start_prompt)
+            row, delta = done[n] if n in done else self.train_client(n, r, sent.get(n, self.states[n].prompt))
             if delta is not None:
                 deltas[n] = delta
                 row["delta_norm"] = float(delta.norm())

@@ -28,9 +28,12 @@ class PromptTokens(nn.Module):
     def num_prompts(self) -> int:
         return self.prompt.shape[0]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Insert the prompt; ``prompts`` (B × K × D) gives every sample its own prompt instead
+        (clients trained in one batch, DESIGN §9)."""
         p = self.num_prefix_tokens
-        prompts = self.prompt.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        if prompts is None:
+            prompts = self.prompt.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         return torch.cat([tokens[:, :p], prompts, tokens[:, p:]], dim=1)
 
 
@@ -64,11 +67,12 @@ class PromptedViT(nn.Module):
         self.backbone.eval()  # frozen: no dropout, no batch statistics, whatever the caller asks
         return self
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed CLS token; ``prompts`` (B × K × D): a prompt per sample instead of the module's."""
         b = self.backbone
         x = b.patch_embed(images)
         x = b._pos_embed(x)  # CLS (+ registers) and positional embedding, as the backbone does
-        x = self.prompt(x)  # prompts inserted after the embedding, so they carry no position
+        x = self.prompt(x, prompts) if prompts is not None else self.prompt(x)  # no position for prompts
         x = b.patch_drop(x)
         x = b.norm_pre(x)
         x = b.blocks(x)
