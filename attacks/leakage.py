@@ -52,7 +52,7 @@ from attacks.audit import one_run_audit
 from attacks.linkability import linkability, source_inference
 from attacks.lira import logit_confidence, run_lira
 from attacks.membership import confidence_scores, fit_proxy_head, loss_scores, prompt_features, prompt_gradients
-from attacks.metrics import probe_metrics
+from attacks.metrics import dp_region, plot_roc, probe_metrics  # noqa: F401  (dp_region re-exported)
 from pfedpg.client import load_into
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import ClientData, Hook, register_hook
@@ -71,12 +71,6 @@ THREATS = {
 }
 LIRA_DEFAULTS = {"shadows": 8, "epochs": 5, "online": False}
 CANARY_DEFAULTS = {"per_client": 64, "guess_fraction": 0.5}
-
-
-def dp_region(epsilon: float, delta: float, fpr: np.ndarray) -> np.ndarray:
-    """Largest TPR any (ε, δ)-DP mechanism allows at each FPR (both hypothesis-testing constraints)."""
-    e = math.exp(min(epsilon, 700.0))
-    return np.minimum(1.0, np.minimum(e * fpr + delta, 1.0 - (1.0 - delta - fpr) / e))
 
 
 def _pick(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
@@ -421,38 +415,12 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
 
 def plot_audit_roc(path: Path, curves: dict[str, tuple], *, dp_envelope: dict | None, title: str) -> Path:
     """Log–log ROC of every probe, with the region the accountant's (ε, δ) allows when DP is on."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from attacks.metrics import auc as auc_of
-    from attacks.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(5.4, 4.8), dpi=120)
-    lo = 1.0
-    for name, (scores, labels) in curves.items():
-        fpr, tpr, _ = roc_curve(scores, labels)
-        lo = min(lo, 1.0 / max(1, int((~np.asarray(labels).astype(bool)).sum())))
-        ax.plot(np.maximum(fpr, 1e-6), np.maximum(tpr, 1e-6), lw=1.2, label=f"{name} (AUC {auc_of(scores, labels):.3f})")
-    ax.plot([lo, 1], [lo, 1], "k:", lw=1, label="chance")
-    if dp_envelope is not None and math.isfinite(dp_envelope["epsilon"]):
-        f = np.logspace(math.log10(lo), 0, 200)
-        ax.plot(f, dp_region(dp_envelope["epsilon"], dp_envelope["delta"], f), "k--", lw=1,
-                label=f"({dp_envelope['epsilon']:.2g}, {dp_envelope['delta']:.0e})-DP limit ({dp_envelope.get('mechanism') or dp_envelope.get('hook')}; "
-                      "covered probes only)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(lo, 1)
-    ax.set_ylim(lo, 1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    env = None
+    if dp_envelope is not None:
+        env = (dp_envelope["epsilon"], dp_envelope["delta"],
+               f"({dp_envelope['epsilon']:.2g}, {dp_envelope['delta']:.0e})-DP limit "
+               f"({dp_envelope.get('mechanism') or dp_envelope.get('hook')}; covered probes only)")
+    return plot_roc(path, curves, title=title, envelope=env)
 
 
 __all__ = ["LeakageAudit", "PROBES", "dp_region", "headline", "plot_audit_roc"]

@@ -7,6 +7,7 @@ resolution it is ``unresolved`` (pool targets over clients and seeds to reach lo
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,17 @@ def probe_metrics(scores, labels) -> dict:
             "n_targets": int(len(y)), "n_positives": int(y.sum())}
 
 
-def plot_roc(path: str | Path, curves: dict[str, tuple], *, title: str = "") -> Path:
-    """Log–log ROC of several probes: ``curves[name] = (scores, labels)``."""
+def dp_region(epsilon: float, delta: float, fpr: np.ndarray) -> np.ndarray:
+    """Largest TPR any (ε, δ)-DP mechanism allows at each FPR (both hypothesis-testing constraints:
+    TPR ≤ e^ε FPR + δ and 1 − TPR ≥ e^{−ε}(1 − δ − FPR))."""
+    e = math.exp(min(epsilon, 700.0))
+    return np.minimum(1.0, np.minimum(e * fpr + delta, 1.0 - (1.0 - delta - fpr) / e))
+
+
+def plot_roc(path: str | Path, curves: dict[str, tuple], *, title: str = "",
+             envelope: tuple[float, float, str] | None = None) -> Path:
+    """Log–log ROC of several probes: ``curves[name] = (scores, labels)``; ``envelope`` = (ε, δ,
+    label) draws the largest ROC an (ε, δ)-DP mechanism allows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +84,9 @@ def plot_roc(path: str | Path, curves: dict[str, tuple], *, title: str = "") -> 
         lo = min(lo, 1.0 / max(1, int((~np.asarray(labels).astype(bool)).sum())))
         ax.plot(np.maximum(fpr, 1e-6), np.maximum(tpr, 1e-6), label=f"{name} (AUC {auc(scores, labels):.3f})")
     ax.plot([lo, 1], [lo, 1], "k:", lw=1, label="chance")
+    if envelope is not None and math.isfinite(envelope[0]):
+        f = np.logspace(math.log10(lo), 0, 200)
+        ax.plot(f, dp_region(envelope[0], envelope[1], f), "k--", lw=1, label=envelope[2])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, 1)
