@@ -602,3 +602,16 @@ def test_changing_the_train_cap_leaves_the_capped_test_set_alone():
     for sa, sb in zip(a, b):
         assert np.array_equal(sa.test, sb.test)
         assert len(sa.train) == 40 and len(sb.train) == 80
+
+
+def test_validation_cap_leaves_train_and_test_alone():
+    from pfedpg.data import DataConfig, load_dataset, partition_clients
+
+    free = DataConfig(val_fraction=0.3)
+    capped = DataConfig(val_fraction=0.3, max_val_per_client=7)
+    ds = load_dataset(free, seed=0)
+    for sa, sb in zip(partition_clients(ds, free, seed=0), partition_clients(ds, capped, seed=0)):
+        assert len(sa.val) > 7 and len(sb.val) == 7 and set(sb.val) <= set(sa.val)
+        assert np.array_equal(sa.train, sb.train) and np.array_equal(sa.test, sb.test)
+    with pytest.raises(ConfigError, match="max_val_per_client"):
+        DataConfig(max_val_per_client=0)

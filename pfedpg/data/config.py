@@ -86,6 +86,7 @@ class DataConfig:
     val_fraction: float = 0.0
     max_train_per_client: int | None = None
     max_test_per_client: int | None = None
+    max_val_per_client: int | None = None
     public_fraction: float = 0.3
     num_domains: int = 4
     domains: list[str] | None = None
@@ -126,6 +127,7 @@ class DataConfig:
         self.val_fraction = float(self.val_fraction)
         _check_int("max_train_per_client", self.max_train_per_client, low=1, optional=True)
         _check_int("max_test_per_client", self.max_test_per_client, low=1, optional=True)
+        _check_int("max_val_per_client", self.max_val_per_client, low=1, optional=True)
         if not _is_number(self.public_fraction) or not 0 <= self.public_fraction < 1:
             raise _fail("public_fraction", self.public_fraction, "must be a number in [0, 1) (0 disables)")
         self.public_fraction = float(self.public_fraction)

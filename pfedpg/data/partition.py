@@ -29,8 +29,9 @@ one client. A client whose share rounds to zero takes one record from the best-s
 shared cell. Validation records (``val_fraction`` of the client's train records) come out of its train
 records.
 
-**Caps.** ``max_train_per_client`` / ``max_test_per_client`` subsample each split, stratified, from a
-separate stream per split (``"data.subsample.train"`` / ``".test"``, client=n) so changing a cap
+**Caps.** ``max_train_per_client`` / ``max_test_per_client`` / ``max_val_per_client`` subsample each
+split, stratified, from a separate stream per split (``"data.subsample.train"`` / ``".test"`` /
+``".val"``, client=n) so changing a cap
 never moves the split itself, nor the other split's subsample.
 Capped-away records belong to no client.
 """
@@ -339,6 +340,7 @@ def partition_clients(ds: ImageDataset, cfg: "DataConfig", *, seed: int) -> list
         # One stream per cap, so changing the train cap never reshuffles the capped test set.
         train = _cap(ds, train, cfg.max_train_per_client, seeds.numpy("data.subsample.train", client=n))
         test = _cap(ds, test, cfg.max_test_per_client, seeds.numpy("data.subsample.test", client=n))
+        val = _cap(ds, val, cfg.max_val_per_client, seeds.numpy("data.subsample.val", client=n))
         if train.size == 0 or test.size == 0:
             what = "train" if train.size == 0 else "test"
             raise DataError(
