@@ -1,7 +1,7 @@
 """Scale: N = 10, 50, 100, 500 clients with m = 10 sampled per round (DESIGN §9).
 
-Real digits (``../shared/data/digits_32.npz``, Dirichlet(1.0) over all three domains) split into N
-clients with 32 training and 16 test records each, the shared backbone's shape (32x32, patch 4,
+Real digits (``../shared/data/digits_32.npz``, Dirichlet(10) label split over all three domains) into N
+clients with (at most) 16 training and 8 test records each, the shared backbone's shape (32x32, patch 4,
 width 192, depth 6; random weights — speed and memory do not depend on them), pFedPG with the
 cross-attention generator, m = 10 clients per round from the seeded schedule. Each N runs in its own
 process (so peak memory is that run's): seconds per round (training + server step, no evaluation),
@@ -32,7 +32,7 @@ def one(n: int, rounds: int, threads: int) -> dict:
     cfg = config_from_dict({
         "rounds": rounds, "clients_per_round": 10, "eval_every": 10_000, "checkpoint_every": 0, "threads": threads,
         "data": {"source": "npz", "path": str(DATA), "image_size": 32, "partition": "dirichlet", "num_clients": n,
-                 "alpha": 1.0, "min_size": 48, "max_train_per_client": 32, "max_test_per_client": 16,
+                 "alpha": 10.0, "min_size": 24, "max_train_per_client": 16, "max_test_per_client": 8,
                  "public_fraction": 0.0},
         "model": {"weights": "random", "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6,
                                                   "num_heads": 3, "mlp_ratio": 4.0}},

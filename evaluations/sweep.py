@@ -2,7 +2,7 @@
 
 Each cell is one run directory ``OUT/runs/CELL``. A cell whose ``summary.json`` exists is reused;
 one with checkpoints but no summary resumes from them; one whose saved config differs from the
-cell's is a failed result (stale results are never reused); one that raises becomes a failed result
+cell's (after filling defaults; key order does not count) is a failed result (stale results are never reused); one that raises becomes a failed result
 with its error (and ``error.txt``), and the grid goes on. KeyboardInterrupt is not swallowed.
 """
 from __future__ import annotations
@@ -52,6 +52,16 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _same_config(saved: Path, cfg) -> bool:
+    """The saved run resolves to the same config (key order and keys added later with their
+    defaults do not count; an unreadable or invalid saved config does)."""
+    try:
+        old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
+    except (ConfigError, yaml.YAMLError):
+        return False
+    return yaml.safe_load(dump_config(old)) == yaml.safe_load(dump_config(cfg))
+
+
 @dataclass
 class CellResult:
     cell: dict[str, Any]
@@ -74,7 +84,7 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
         summary, error = None, None
         cfg = config_from_dict(cell["config"])
         saved = run_dir / "config.yaml"
-        if saved.is_file() and saved.read_text() != dump_config(cfg):
+        if saved.is_file() and not _same_config(saved, cfg):
             # A cell of the same name from an edited sweep file: never reuse stale results silently.
             error = f"ConfigError: {run_dir} holds a run with a different config; delete it or choose another --out"
             log(f"[{i}/{len(grid)}] {cell['cell']}: FAILED ({error})")

@@ -125,3 +125,17 @@ def test_base_overrides_merge_into_base_config_sections(tmp_path):
                                                      "base": {"server": {"lr": 0.001}}}))
     _, base = load_sweep(tmp_path / "s.yaml")
     assert base["server"]["generator"] == "mlp" and base["server"]["lr"] == 0.001 and base["rounds"] == 3
+
+
+def test_a_saved_config_equal_after_defaults_is_reused(tmp_path):
+    """Key order and keys added later (with their defaults) do not make a finished cell stale."""
+    from evaluations.sweep import _same_config
+    from pfedpg.config import config_from_dict, dump_config
+
+    cfg = config_from_dict({"rounds": 3, "hooks": [{"name": "noop"}]})
+    tree = yaml.safe_load(dump_config(cfg))
+    del tree["batched_clients"]
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(tree, sort_keys=True))
+    assert _same_config(saved, cfg)
+    assert not _same_config(saved, config_from_dict({"rounds": 4, "hooks": [{"name": "noop"}]}))
