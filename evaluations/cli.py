@@ -125,35 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if the cache holds this backbone")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("privacy", help="accuracy-privacy trade-off sweep (client-level DP, DP-SGD, baselines)",
-                       description="Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x "
-                                   "{non-private, local, clip-only} and mechanism x privacy level. Writes tradeoff.csv, "
-                                   "tradeoff.md, accuracy_vs_epsilon.png, report.md and report.html; rerunning the "
-                                   "same command resumes, reusing finished runs. --set overrides the base run config. "
-                                   "Exit status 1 if a cell failed (it is a row in the table).")
-    _add_config_args(p)
-    p.add_argument("--out", metavar="DIR", help="sweep directory (default: privacy.out_dir)")
-    p.set_defaults(func=cmd_privacy)
-
-    p = sub.add_parser("audit", help="leakage audit: membership, attribute, source, linkability probes and empirical ε",
-                       description="Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, "
-                                   "clip-only} and mechanism x privacy level, each run with the leakage_audit hook "
-                                   "(audit.probes). Writes audit.json (per group and probe: auc, tpr_at_1pct_fpr, "
-                                   "tpr_at_0.1pct_fpr with Clopper-Pearson intervals, n_targets, threat_model), "
-                                   "roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. "
-                                   "Exit status 1 if a cell failed.")
-    _add_config_args(p)
-    p.add_argument("--out", metavar="DIR", help="audit directory (default: audit.out_dir)")
-    p.set_defaults(func=cmd_audit)
-
-    p = sub.add_parser("robustness", help="attacks x defenses x malicious fractions x seeds",
-                       description="Run the matrix of a robustness file (see configs/robustness.yaml). Writes "
-                                   "robustness.csv, robustness.md, heatmap.png, worst_case.png, report.md and "
-                                   "report.html; infeasible (rule, f) cells are rows, not crashes; rerunning resumes. "
-                                   "--set overrides the base run config. Exit status 1 if a cell failed.")
-    _add_config_args(p)
-    p.add_argument("--out", metavar="DIR", help="matrix directory (default: robustness.out_dir)")
-    p.set_defaults(func=cmd_robustness)
+    grids = [
+        ("privacy", cmd_privacy, "sweep", "accuracy-privacy trade-off sweep (client-level DP, DP-SGD, baselines)",
+         "Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x {non-private, local, clip-only} "
+         "and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, accuracy_vs_epsilon.png, report.md and "
+         "report.html; rerunning the same command resumes, reusing finished runs. --set overrides the base run "
+         "config. Exit status 1 if a cell failed (it is a row in the table)."),
+        ("audit", cmd_audit, "audit", "leakage audit: membership, attribute, source, linkability probes and empirical ε",
+         "Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, clip-only} and mechanism x "
+         "privacy level, each run with the leakage_audit hook (audit.probes). Writes audit.json (per group and probe: "
+         "auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with Clopper-Pearson intervals, n_targets, threat_model), "
+         "roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. Exit status 1 if a "
+         "cell failed."),
+        ("robustness", cmd_robustness, "matrix", "attacks x defenses x malicious fractions x seeds",
+         "Run the matrix of a robustness file (see configs/robustness.yaml). Writes robustness.csv, robustness.md, "
+         "heatmap.png, worst_case.png, report.md and report.html; infeasible (rule, f) cells are rows, not crashes; "
+         "rerunning resumes. --set overrides the base run config. Exit status 1 if a cell failed."),
+    ]
+    for name, func, what, short, long in grids:
+        p = sub.add_parser(name, help=short, description=long)
+        _add_config_args(p)
+        p.add_argument("--out", metavar="DIR", help=f"{what} directory (default: {name}.out_dir)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("report", help="(re)write report.md and the plots of a finished run",
                        description="Write report.md and learning_curve.png for RUN_DIR from its summary.json and metrics.jsonl.")
