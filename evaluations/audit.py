@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from evaluations.report import html_page
 from evaluations.sweep import load_grid_file, run_cells
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
@@ -180,12 +181,8 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
     md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r.get('error') else ''} | `{r['run_dir']}` |" for r in rows]
     (out / "report.md").write_text("\n".join(md) + "\n")
     esc = html.escape
-    parts = ["<!doctype html><meta charset='utf-8'><title>pFedPG leakage audit</title>",
-             "<style>body{font-family:sans-serif;max-width:80em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.3em .6em}</style>", "<h1>Leakage audit: pFedPG</h1>",
-             f"<p>{esc(md[2])}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body]
-    parts += ["</table><img src='tpr_vs_epsilon.png' alt='TPR vs epsilon'>"]
+    parts = html_page("pFedPG leakage audit", "Leakage audit: pFedPG", md[2], header, body, width="80em")
+    parts += ["<img src='tpr_vs_epsilon.png' alt='TPR vs epsilon'>"]
     parts += [f"<h3>{esc(g)}</h3><img src='roc_{esc(g)}.png' alt='ROC {esc(g)}'>" for g in clean]
     (out / "report.html").write_text("\n".join(parts))
 

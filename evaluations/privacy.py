@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from evaluations.report import html_page
 from evaluations.sweep import load_grid_file, run_cells
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
@@ -310,13 +311,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     (out / "report.md").write_text("\n".join(md) + "\n")
     # HTML: the same content, self-contained apart from the PNG beside it.
     esc = html.escape
-    parts = ["<!doctype html><meta charset='utf-8'><title>pFedPG privacy trade-off</title>",
-             "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}</style>",
-             "<h1>Privacy trade-off: pFedPG</h1>", f"<p>{esc(md[2])}</p>", "<table><tr>"
-             + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body]
-    parts += ["</table>", "<img src='accuracy_vs_epsilon.png' alt='accuracy vs epsilon'>", "<h2>Privacy statements</h2>"]
+    parts = html_page("pFedPG privacy trade-off", "Privacy trade-off: pFedPG", md[2], header, body, width="70em",
+                      extra_css=";text-align:right}td:first-child{text-align:left")
+    parts += ["<img src='accuracy_vs_epsilon.png' alt='accuracy vs epsilon'>", "<h2>Privacy statements</h2>"]
     for mech, st in statements.items():
         parts.append(f"<h3>{esc(MECHANISMS[mech])}</h3><ul>"
                      + "".join(f"<li><b>{esc(k.replace('_', ' '))}</b>: {esc(str(v))}</li>" for k, v in st.items()) + "</ul>")

@@ -1,12 +1,26 @@
 """A readable ``report.md`` for one run directory (``pfedpg-eval report RUN_DIR``)."""
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
 import yaml
 
 from evaluations.plots import learning_curve
+
+
+def html_page(title: str, heading: str, intro: str, header: list[str], body: list[list[str]], *,
+              width: str = "75em", extra_css: str = "") -> list[str]:
+    """The opening of a sweep's self-contained HTML report: title, heading, intro and its table
+    (escaped); callers append images and sections and join with newlines."""
+    esc = html.escape
+    return [f"<!doctype html><meta charset='utf-8'><title>{esc(title)}</title>",
+            f"<style>body{{font-family:sans-serif;max-width:{width};margin:2em auto}}table{{border-collapse:collapse}}"
+            f"td,th{{border:1px solid #ccc;padding:.3em .6em{extra_css}</style>",
+            f"<h1>{esc(heading)}</h1>", f"<p>{esc(intro)}</p>",
+            "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in body) + "</table>"]
 
 
 def _pct(v) -> str:

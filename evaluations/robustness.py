@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import html
 import json
 import math
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import yaml
 
 from defenses.robust import RULES, min_clients
 from evaluations.plugins import load_plugins
+from evaluations.report import html_page
 from evaluations.sweep import load_grid_file, run_cells
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
@@ -197,14 +197,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
           "Delta-space ALIE / IPM / Min-Max act through the attacker's own Jacobian; only grad space reproduces "
           "the published attacks.", "", table, "", "![heat map](heatmap.png)", "", "![worst case](worst_case.png)", ""]
     (out / "report.md").write_text("\n".join(md))
-    esc = html.escape
-    (out / "report.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>pFedPG robustness</title>"
-        "<style>body{font-family:sans-serif;max-width:75em;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:.3em .6em}</style><h1>Robustness matrix: pFedPG</h1>"
-        f"<p>{esc(md[2])}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
-        + "</table><img src='heatmap.png'><img src='worst_case.png'>")
+    parts = html_page("pFedPG robustness", "Robustness matrix: pFedPG", md[2], header, body)
+    (out / "report.html").write_text("\n".join(parts) + "<img src='heatmap.png'><img src='worst_case.png'>")
 
 
 def _plots(out: Path, agg) -> None:
