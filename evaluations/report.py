@@ -17,7 +17,7 @@ def html_page(title: str, heading: str, intro: str, header: list[str], body: lis
     esc = html.escape
     return [f"<!doctype html><meta charset='utf-8'><title>{esc(title)}</title>",
             f"<style>body{{font-family:sans-serif;max-width:{width};margin:2em auto}}table{{border-collapse:collapse}}"
-            f"td,th{{border:1px solid #ccc;padding:.3em .6em{extra_css}</style>",
+            f"td,th{{border:1px solid #ccc;padding:.3em .6em{extra_css}}}</style>",
             f"<h1>{esc(heading)}</h1>", f"<p>{esc(intro)}</p>",
             "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in body) + "</table>"]
