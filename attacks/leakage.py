@@ -24,7 +24,7 @@ confidence     observer  record  probability of the true label under the final m
 alignment      server    record  cos(−ΔP_n, ∇_P ℓ(x)) at the sent P_n, proxy head fitted on aux data,
                                  averaged over the client's last ``alignment_rounds`` releases
 lira           observer  record  LiRA with ``lira.shadows`` shadow prompts trained on aux data
-source         server    record  which target client holds a training record (alignment at each
+source         server    place.  which target client holds a training record (alignment at each
                                  client's last release)
 canary         both      record  canaries included with probability ½; one-run ε lower bound
                                  (Steinke et al. 2023) from the observer's and the server's score
@@ -57,11 +57,12 @@ from pfedpg.client import load_into
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import ClientData, Hook, register_hook
 
-#: probe -> (threat model, privacy unit of the question it asks)
+#: probe -> (threat model, unit of the question it asks). ``placement`` (which client holds x) moves a
+#: record between two clients: no single neighbouring relation of either mechanism covers it.
 PROBES: dict[str, tuple[str, str]] = {
     "attribute": ("server", "client"), "linkability": ("server", "client"), "loss": ("observer", "record"),
     "confidence": ("observer", "record"), "alignment": ("server", "record"), "lira": ("observer", "record"),
-    "source": ("server", "record"), "canary": ("server+observer", "record"),
+    "source": ("server", "placement"), "canary": ("server+observer", "record"),
 }
 NEEDS_AUX = ("alignment", "lira", "source", "canary")
 THREATS = {
@@ -218,11 +219,11 @@ class LeakageAudit(Hook):
         return None
 
     def _covered(self, dp, probe_side: str, probe_unit: str) -> bool:
-        if dp is None or not math.isfinite(dp["epsilon"]):
+        if dp is None or not math.isfinite(dp["epsilon"]) or probe_unit == "placement":
             return False
         if dp["unit"] == "client":
             return probe_side == "server"
-        return probe_unit == "record" and probe_side != "server-source"
+        return probe_unit == "record"
 
     def _proxy_head(self, ctx, client: int, rec: dict) -> tuple[torch.Tensor, torch.Tensor]:
         key = (client, rec["round"])
@@ -265,7 +266,8 @@ class LeakageAudit(Hook):
             mem[c] = (torch.cat([xm[im], xn[inn]]), torch.cat([ym[im], yn[inn]]),
                       np.r_[np.ones(len(im), bool), np.zeros(len(inn), bool)])
 
-        def record(name, res, side, unit):
+        def record(name, res):
+            side, unit = PROBES[name.split("_")[0]]
             curve = res.pop("_curve", None)
             res["threat_model"] = THREATS["server"] if side.startswith("server") else THREATS["observer"]
             if side == "server+observer":
@@ -306,14 +308,13 @@ class LeakageAudit(Hook):
                     res["features"] = {"descriptor": "d_n − d_n(0) after each round (the server drew d_n(0))",
                                        "prompt": "P_n sent each round",
                                        "delta": "released ΔP_n each round"}[view]
-                    record(f"attribute_{view}", res, "server", "client")
+                    record(f"attribute_{view}", res)
             elif probe == "linkability":
-                record("linkability", linkability({n: [r["delta"] for r in v] for n, v in self.records.items()}),
-                       "server", "client")
+                record("linkability", linkability({n: [r["delta"] for r in v] for n, v in self.records.items()}))
             elif probe in ("loss", "confidence"):
                 fn = loss_scores if probe == "loss" else confidence_scores
                 s, lab = observer_scores(fn)
-                record(probe, {**probe_metrics(s, lab), "_curve": (s, lab)}, "observer", "record")
+                record(probe, {**probe_metrics(s, lab), "_curve": (s, lab)})
             elif probe == "alignment":
                 s, lab = [], []
                 for c in self.targets:
@@ -324,8 +325,7 @@ class LeakageAudit(Hook):
                     s.append(self._alignment(ctx, c, recs, x, y))
                     lab.append(is_mem)
                 s, lab = np.concatenate(s), np.concatenate(lab)
-                record("alignment", {**probe_metrics(s, lab), "rounds_used": self.alignment_rounds, "_curve": (s, lab)},
-                       "server", "record")
+                record("alignment", {**probe_metrics(s, lab), "rounds_used": self.alignment_rounds, "_curve": (s, lab)})
             elif probe == "lira":
                 target_phi, lab = observer_scores(logit_confidence)
                 tx = torch.cat([mem[c][0] for c in self.targets])
@@ -339,7 +339,7 @@ class LeakageAudit(Hook):
                              init_prompt=init, rng=ctx.seeds.numpy("audit.lira"),
                              seed_stream=lambda i: ctx.seeds.torch("audit.lira.shadow", client=i))
                 record("lira", {**probe_metrics(s, lab), **{f"lira_{k}": v for k, v in self.lira.items()},
-                                "_curve": (s, lab)}, "observer", "record")
+                                "_curve": (s, lab)})
             elif probe == "source":
                 cands = [c for c in self.targets if self.records.get(c)]
                 xs, ys, owners = [], [], []
@@ -349,7 +349,7 @@ class LeakageAudit(Hook):
                     xs.append(x[idx]), ys.append(y[idx]), owners.append(np.full(len(idx), c))
                 x, y, owners = torch.cat(xs), torch.cat(ys), np.concatenate(owners)
                 mat = np.stack([self._alignment(ctx, m, self.records[m][-1:], x, y) for m in cands], axis=1)
-                record("source", source_inference(mat, owners, cands), "server-source", "record")
+                record("source", source_inference(mat, owners, cands))
             elif probe == "canary":
                 scores_obs, scores_srv, inc = [], [], []
                 for c in self.targets:
@@ -372,7 +372,7 @@ class LeakageAudit(Hook):
                     res[side] = one
                     curves[f"canary_{side}"] = (sc, inc)
                 record("canary", {**res, "canaries_per_client": self.canaries["per_client"],
-                                  "inclusion_probability": 0.5}, "server+observer", "record")
+                                  "inclusion_probability": 0.5})
             timings[probe] = time.perf_counter() - t0
 
         rounds = summary.get("time", {})

@@ -147,7 +147,7 @@ def test_leakage_audit_hook_writes_every_probe(tmp_path):
     assert summary["hook_results"]["leakage_audit"]["probes"]["loss"]["auc"] == probes["loss"]["auc"]
 
 
-def test_canaries_change_only_target_clients_data_and_are_deterministic(tmp_path):
+def test_canary_audit_is_deterministic(tmp_path):
     s1, d1 = run_with(tmp_path, [audit_hook(probes=["canary"])], "a")
     s2, d2 = run_with(tmp_path, [audit_hook(probes=["canary"])], "b")
     a1 = json.loads((d1 / "audit" / "audit.json").read_text())["probes"]["canary"]
