@@ -88,6 +88,8 @@ class LeakageAudit(Hook):
     ``aux_per_head`` (aux records per proxy head), ``lira: {shadows, epochs, online}``,
     ``canaries: {per_client, guess_fraction}`` (opt-in: it changes the training data), ``out``."""
 
+    inprocess_only = "the audit plays its threat models on every client's data and model from one process"
+
     def __init__(self, *, probes: list[str] | None = None, shadow_clients: int = 0, targets_per_client: int = 100,
                  alignment_rounds: int = 3, source_targets_per_client: int = 25, permutations: int = 50,
                  presence_threshold: float = 0.05, aux_per_head: int = 512, lira: dict | None = None,

@@ -268,6 +268,8 @@ class PixelBackdoor(MaliciousClients):
     own model (adapted prompt and head), on its triggered test images whose true label is not the
     target."""
 
+    inprocess_only = "its attack success rate reads every benign client's model from the server side"
+
     data_poisoning = True
 
     def __init__(self, *, target: int = 0, poison_fraction: float = 0.5, trigger_size: int = 3,

@@ -93,6 +93,24 @@ class ClientAccountants:
         return {"history": {str(c): [list(h) for h in a.history] for c, a in self._acc.items()},
                 "unbounded": sorted(self._unbounded)}
 
+    def client_state(self, client: int) -> dict:
+        acc = self._acc.get(client)
+        return {"history": [list(h) for h in acc.history] if acc is not None else [],
+                "unbounded": client in self._unbounded}
+
+    def merge_client_state(self, client: int, state: dict) -> None:
+        """Replace client ``client``'s accountant with the one its own process kept."""
+        if state["history"]:
+            acc = make_accountant(self.name)
+            acc.history = [tuple(h) for h in state["history"]]
+            self._acc[client] = acc
+        else:
+            self._acc.pop(client, None)
+        if state["unbounded"]:
+            self._unbounded.add(client)
+        else:
+            self._unbounded.discard(client)
+
     def load_state_dict(self, state: dict) -> None:
         self._acc = {}
         for c, hist in state["history"].items():

@@ -116,6 +116,12 @@ class ClientLevelDP(Hook):
     def state_dict(self):
         return {"noise_multiplier": self.noise_multiplier, "accountants": self.accountants.state_dict()}
 
+    def client_state(self, client):
+        return {"accountant": self.accountants.client_state(client)}
+
+    def merge_client_state(self, client, state):
+        self.accountants.merge_client_state(client, state["accountant"])
+
     def load_state_dict(self, state):
         self.noise_multiplier = state["noise_multiplier"]
         self.accountants.load_state_dict(state["accountants"])

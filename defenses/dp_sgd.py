@@ -186,5 +186,11 @@ class RecordLevelDPSGD(Hook):
     def state_dict(self):
         return {"accountants": self.accountants.state_dict()}
 
+    def client_state(self, client):
+        return {"accountant": self.accountants.client_state(client)}
+
+    def merge_client_state(self, client, state):
+        self.accountants.merge_client_state(client, state["accountant"])
+
     def load_state_dict(self, state):
         self.accountants.load_state_dict(state["accountants"])

@@ -83,6 +83,10 @@ class Hook:
     name = "hook"
     #: Clients this hook acts for on the client side; None means every client.
     clients: list[int] | None = None
+    #: Why this hook cannot run on the Flower engine (it reads, from the server side, what only
+    #: the clients hold); None when it can. Under Flower the client-side points run in each
+    #: client's ClientApp and the server-side points in the ServerApp.
+    inprocess_only: str | None = None
 
     def __init__(self, **options):
         if options:
@@ -131,6 +135,15 @@ class Hook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    # --- engines with clients in other processes (Flower) ---------------------------------------
+    def client_state(self, client: int) -> dict[str, Any]:
+        """What client ``client``'s side of this hook changed this round (e.g. its privacy
+        accountant); the Flower engine sends it back with the client's reply."""
+        return {}
+
+    def merge_client_state(self, client: int, state: dict[str, Any]) -> None:
+        """Take ``client_state(client)`` from the client's process into this (server-side) hook."""
 
 
 def _overrides(hook: Hook, point: str) -> bool:
@@ -257,6 +270,18 @@ class HookChain:
 
     def state_dict(self) -> dict[str, Any]:
         return {h.name: h.state_dict() for h in self.hooks}
+
+    def client_state(self, client: int) -> dict[str, Any]:
+        return {h.name: st for h in self.hooks if (st := h.client_state(client))}
+
+    def merge_client_state(self, client: int, state: dict[str, Any]) -> None:
+        for h in self.hooks:
+            if h.name in state:
+                h.merge_client_state(client, state[h.name])
+
+    def inprocess_only(self) -> list[str]:
+        """One line per hook that cannot run on the Flower engine, with the reason."""
+        return [f"{h.name}: {h.inprocess_only}" for h in self.hooks if h.inprocess_only]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for h in self.hooks:

@@ -126,6 +126,7 @@ class Trainer:
                               hooks=list(self.hooks.hooks))
         self.setup_seconds = time.time() - t0
         self.round = 0
+        self.current_round = 0  # the round being run (evaluation messages name it)
 
     def client_info(self) -> list[dict[str, Any]]:
         names = list(getattr(self.dataset, "domain_names", []) or [])
@@ -173,6 +174,21 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------------------------------
+    def train_participants(self, r: int, participants: list[int], sent: dict[int, torch.Tensor]) -> dict[int, dict[str, Any]]:
+        """Round r's local training: one row per participant, its outgoing delta under ``_delta``
+        (absent for methods that send nothing). A row with ``error`` is a client that failed (the
+        Flower engine); the round goes on without its delta."""
+        together = [n for n in participants if self.cfg.batched_clients and not self.hooks.has_local_training(n)]
+        done = self.train_clients_batched(r, {n: sent.get(n, self.states[n].prompt) for n in together}) \
+            if together else {}
+        rows = {}
+        for n in participants:
+            row, delta = done[n] if n in done else self.train_client(n, r, sent.get(n, self.states[n].prompt))
+            if delta is not None:
+                row["_delta"] = delta
+            rows[n] = row
+        return rows
+
     def train_client(self, n: int, r: int, start_prompt: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
         st = self.states[n]
         load_into(self.model, prompt=start_prompt, head_weight=st.head_weight, head_bias=st.head_bias)
@@ -237,20 +253,27 @@ class Trainer:
         load_into(self.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
         return evaluate(self.model, x, y, batch_size=self.cfg.client.eval_batch_size)[0]
 
-    def evaluate_all(self) -> list[dict[str, Any]]:
-        rows = []
-        generated = self.server.prompts_for(list(range(self.num_clients))) if self.server.sends_prompts else {}
+    def evaluate_one(self, n: int, generated: torch.Tensor | None) -> dict[str, Any]:
+        """Client n's evaluation row: its adapted prompt with its head, and the generated prompt
+        ``generated`` (None for methods that send nothing) with the same head."""
+        st = self.states[n]
+        x, y = self.test_data[n]
         bs = self.cfg.client.eval_batch_size
-        for n in range(self.num_clients):
-            st = self.states[n]
-            x, y = self.test_data[n]
-            load_into(self.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
-            acc, loss = evaluate(self.model, x, y, batch_size=bs)
-            row = {"client": n, "acc_adapted": acc, "loss_adapted": loss, "acc_generated": None}
-            if n in generated:
-                load_into(self.model, prompt=generated[n], head_weight=st.head_weight, head_bias=st.head_bias)
-                row["acc_generated"], row["loss_generated"] = evaluate(self.model, x, y, batch_size=bs)
-            rows.append(row)
+        load_into(self.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
+        acc, loss = evaluate(self.model, x, y, batch_size=bs)
+        row = {"client": n, "acc_adapted": acc, "loss_adapted": loss, "acc_generated": None}
+        if generated is not None:
+            load_into(self.model, prompt=generated, head_weight=st.head_weight, head_bias=st.head_bias)
+            row["acc_generated"], row["loss_generated"] = evaluate(self.model, x, y, batch_size=bs)
+        return row
+
+    def evaluate_clients(self, generated: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+        """Every client's evaluation row (in-process; the Flower engine asks the clients)."""
+        return [self.evaluate_one(n, generated.get(n)) for n in range(self.num_clients)]
+
+    def evaluate_all(self) -> list[dict[str, Any]]:
+        generated = self.server.prompts_for(list(range(self.num_clients))) if self.server.sends_prompts else {}
+        rows = self.evaluate_clients(generated)
         if len(generated) > 1:
             p = torch.stack([generated[n].reshape(-1) for n in sorted(generated)])
             dist = torch.cdist(p, p)
@@ -264,13 +287,16 @@ class Trainer:
     def _checkpoint_path(self, r: int) -> Path:
         return self.run_dir / "checkpoints" / f"round_{r:04d}.pt"
 
+    def checkpoint_clients(self) -> list[dict] | None:
+        return [s.to_dict() for s in self.states]
+
     def save_checkpoint(self, r: int) -> None:
         path = self._checkpoint_path(r)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "version": CHECKPOINT_VERSION, "round": r,
             "server": {k: v.detach().clone() for k, v in self.server.state_dict().items()},
-            "clients": [s.to_dict() for s in self.states],
+            "clients": self.checkpoint_clients(),
             "hooks": self.hooks.state_dict(),
             "config": dump_config(self.cfg),
         }
@@ -288,6 +314,9 @@ class Trainer:
         if state["config"] != dump_config(self.cfg):
             raise ConfigError(f"--resume: the config differs from the one {str(path)!r} was written with; "
                               "resume with the run's own config.yaml")
+        if state["clients"] is None:
+            raise ConfigError(f"checkpoint {str(path)!r} is from a Flower run and holds no client state (it stayed on the "
+                              "clients); start a new run")
         self.server.load_state_dict(state["server"])
         self.states = [ClientState.from_dict(d) for d in state["clients"]]
         self.hooks.load_state_dict(state["hooks"])
@@ -367,34 +396,39 @@ class Trainer:
 
     def run_round(self, r: int) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self.current_round = r
         participants = self.schedule[r - 1]
         sent = self.server.prompts_for(participants)
+        client_rows = self.train_participants(r, participants, sent)
         deltas: dict[int, torch.Tensor] = {}
-        client_rows: dict[int, dict[str, Any]] = {}
-        together = [n for n in participants if self.cfg.batched_clients and not self.hooks.has_local_training(n)]
-        done = self.train_clients_batched(r, {n: sent.get(n, self.states[n].prompt) for n in together}) \
-            if together else {}
-        for n in participants:
-            row, delta = done[n] if n in done else self.train_client(n, r, sent.get(n, self.states[n].prompt))
+        for n, row in client_rows.items():
+            delta = row.pop("_delta", None)
             if delta is not None:
                 deltas[n] = delta
                 row["delta_norm"] = float(delta.norm())
-            client_rows[n] = row
+        failed = {n: row["error"] for n, row in client_rows.items() if "error" in row}
+        trained = [row["train_loss"] for row in client_rows.values() if "error" not in row]
         t_train = time.perf_counter() - t0
         server_info = self.server_step(r, deltas)
         record: dict[str, Any] = {"type": "round", "round": r, "participants": participants,
-                                  "train_loss_mean": float(np.mean([row["train_loss"] for row in client_rows.values()])),
-                                  **server_info}
+                                  "train_loss_mean": float(np.mean(trained)) if trained else None, **server_info}
+        if failed:
+            record["failed_clients"] = {str(n): e for n, e in sorted(failed.items())}
         rows = []
         t_eval = time.perf_counter()
         if r % self.cfg.eval_every == 0 or r == self.cfg.rounds:
             evals = self.evaluate_all()
             for e in evals:
                 n = e["client"]
-                rows.append({"type": "client", "round": r, "participated": n in client_rows, **e, **client_rows.get(n, {})})
-            record.update({f"acc_adapted_{k}": v for k, v in _stats([e["acc_adapted"] for e in evals]).items()})
-            if evals[0]["acc_generated"] is not None:
-                record.update({f"acc_generated_{k}": v for k, v in _stats([e["acc_generated"] for e in evals]).items()})
+                rows.append({"type": "client", "round": r, "participated": n in client_rows, **client_rows.get(n, {}), **e})
+            answered = [e for e in evals if e.get("acc_adapted") is not None]
+            if not answered:
+                raise RuntimeError(f"round {r}: no client could be evaluated; see the errors in {self.run_dir / 'log.txt'}")
+            if len(answered) < len(evals):
+                record["clients_missing"] = [e["client"] for e in evals if e.get("acc_adapted") is None]
+            record.update({f"acc_adapted_{k}": v for k, v in _stats([e["acc_adapted"] for e in answered]).items()})
+            if answered[0]["acc_generated"] is not None:
+                record.update({f"acc_generated_{k}": v for k, v in _stats([e["acc_generated"] for e in answered]).items()})
             record["generated_prompt_spread"] = self._prompt_spread
         else:
             rows = [{"type": "client", "round": r, "client": n, "participated": True, **row} for n, row in client_rows.items()]
@@ -412,11 +446,15 @@ class Trainer:
                        key=lambda r: r["client"])
         rounds = [r for r in rows if r["type"] == "round"]
 
+        missing = [r["client"] for r in final if r["acc_adapted"] is None]
+
         def block(key):
             vals = [r[key] for r in final]
-            if not vals or vals[0] is None:
+            present = [v for v in vals if v is not None]
+            if not present:
                 return None
-            return {**_stats(vals), "per_client": vals}
+            # Clients that could not be evaluated (a Flower client that died) count as None, not 0.
+            return {**_stats(present), "per_client": vals}
 
         summary = {
             "method": self.cfg.method, "seed": self.cfg.seed, "rounds": last,
@@ -436,5 +474,7 @@ class Trainer:
                      if rounds else 0.0},
             "hooks": [h.name for h in self.hooks.hooks],
         }
+        if missing:
+            summary["clients_missing"] = missing
         summary.update({"hook_results": self.hooks.end_of_run(self.ctx, summary=summary)})
         return summary
