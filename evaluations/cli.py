@@ -19,6 +19,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set client.lr=0.1 --set rounds=5 (repeatable)")
+    p.add_argument("--engine", choices=("inprocess", "flower"),
+                   help="run in this process (default) or through Flower: its simulation engine, or the SuperLink "
+                        "at --set flower.superlink=HOST:PORT (needs pip install '.[flower]'); same as --set engine=...")
 
 
 def _run_dir(cfg) -> Path:
@@ -29,7 +32,7 @@ def _run_dir(cfg) -> Path:
 def cmd_train(args) -> int:
     from evaluations.report import write_report
     from pfedpg.config import load_config
-    from pfedpg.runner import Trainer
+    from evaluations.sweep import run_training
 
     if args.resume and args.run_dir is None:
         raise ConfigError("--resume needs --run-dir RUN_DIR (the run to continue)")
@@ -39,8 +42,8 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg)
-    trainer = Trainer(cfg, run_dir=run_dir, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress)
-    summary = trainer.run(resume=args.resume)
+    summary = run_training(cfg, run_dir, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress,
+                           resume=args.resume)
     report = write_report(run_dir)
     acc = summary["accuracy"]
     print(f"{cfg.method}: adapted-prompt accuracy mean {acc['mean']:.4f}, worst {acc['worst']:.4f} -> {report}")
@@ -158,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if getattr(args, "engine", None):
+        args.overrides.append(f"engine={args.engine}")
     load_plugins()
     try:
         return args.func(args)

@@ -70,11 +70,21 @@ class CellResult:
     error: str | None
 
 
+def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bool = False,
+                 resume: bool = False) -> dict[str, Any]:
+    """One run on the engine ``cfg.engine`` names; returns its summary."""
+    if cfg.engine == "flower":
+        from evaluations.flower_app import run_flower
+
+        return run_flower(cfg, run_dir, log=log, resume=resume)
+    from pfedpg.runner import Trainer
+
+    return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume)
+
+
 def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], None] = print,
               progress: bool = False) -> list[CellResult]:
     """``grid``: dicts with at least ``cell`` (a unique name) and ``config`` (a run-config dict)."""
-    from pfedpg.runner import Trainer
-
     load_plugins()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     results = []
@@ -93,9 +103,9 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
             log(f"[{i}/{len(grid)}] {cell['cell']}: done before, reused")
         else:
             try:
-                trainer = Trainer(cfg, run_dir=run_dir, log=lambda m: None, progress=progress)
-                ckpt = trainer.latest_checkpoint() if (run_dir / "metrics.jsonl").exists() else None
-                summary = trainer.run(resume=ckpt is not None)
+                # A cell cut short resumes from its latest checkpoint (in-process runs).
+                started = (run_dir / "metrics.jsonl").exists() and any((run_dir / "checkpoints").glob("round_*.pt"))
+                summary = run_training(cfg, run_dir, log=lambda m: None, progress=progress, resume=started)
                 write_report(run_dir)  # each cell is an ordinary run directory, report included
                 log(f"[{i}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
             except Exception as e:  # a failed cell is a row, not the end of the grid

@@ -46,6 +46,41 @@ class PretrainConfig:
             raise ConfigError(f"pretrain.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
 
 
+ENGINES = ("inprocess", "flower")
+FAILURE_POLICIES = ("continue", "fail")
+
+
+@dataclass
+class FlowerConfig:
+    """``engine: flower`` (DESIGN §9): the run's server logic in a Flower ServerApp and each
+    client's in a ClientApp, on Flower's simulation engine (``superlink: null``) or on a deployment
+    (``superlink``: host:port of a running SuperLink's control API, one SuperNode per client started
+    with ``--node-config partition-id=<client>``). Needs ``pip install '.[flower]'``."""
+
+    superlink: str | None = None
+    insecure: bool = True  # plain HTTP to the SuperLink; false needs TLS (root_certificates)
+    root_certificates: str | None = None  # PEM file of the SuperLink's CA, for insecure: false
+    client_cpus: float = 1.0  # simulation engine: CPUs reserved per ClientApp (Ray actor)
+    node_wait_s: float = 120.0  # deployment: how long to wait for every client's SuperNode
+    round_timeout_s: float = 600.0  # a client without a reply by then has failed this round
+    on_client_failure: str = "continue"  # continue: the round goes on without it | fail: stop the run
+
+    def __post_init__(self):
+        if self.superlink is not None:
+            host, _, port = self.superlink.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"flower.superlink={self.superlink!r} must be host:port of the SuperLink "
+                                  "(e.g. 127.0.0.1:9093), or null for the simulation engine")
+        for key in ("client_cpus", "node_wait_s", "round_timeout_s"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"flower.{key}={v!r} must be a positive number")
+        if self.on_client_failure not in FAILURE_POLICIES:
+            raise ConfigError(f"flower.on_client_failure={self.on_client_failure!r} is not one of {', '.join(FAILURE_POLICIES)}")
+        if self.root_certificates is not None and self.insecure:
+            raise ConfigError("flower.root_certificates is set but flower.insecure is true; set insecure: false for TLS")
+
+
 @dataclass
 class RunConfig:
     seed: int = 0
@@ -64,14 +99,20 @@ class RunConfig:
     # prompt and head): the same updates as one after another, to float tolerance (DESIGN §9).
     # Clients with a local_training hook (dp_sgd) still train one after another.
     batched_clients: bool = False
+    # inprocess: the reference runner, one process. flower: the same rounds through Flower's
+    # ServerApp/ClientApp (section ``flower``); same config and seed, same numbers (DESIGN §9).
+    engine: str = "inprocess"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     hooks: list[dict[str, Any]] = field(default_factory=list)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine={self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.method not in SERVERS:
             SERVERS.get(self.method)
         for key in ("rounds", "eval_every"):

@@ -1,0 +1,220 @@
+"""``engine: flower``: runs through Flower's simulation engine or a SuperLink deployment (DESIGN §9).
+
+``run_flower(cfg, run_dir)`` is what ``pfedpg-eval train`` and the sweeps call for a config with
+``engine: flower``:
+
+* ``flower.superlink: null`` — Flower's simulation engine (Ray) in this process: N virtual
+  SuperNodes, one per client.
+* ``flower.superlink: host:port`` — a deployment: a running SuperLink (its control API) with one
+  SuperNode per client (``--node-config partition-id=<client>``). This writes a Flower App into
+  ``RUN_DIR/flower_app`` and submits it with ``flwr run``; the ServerApp then writes the run
+  directory on the SuperLink's machine.
+
+``server_app`` and ``client_app`` below are the app's components; they read the run from the
+Flower run config (``config-yaml``, ``run-dir``, ``backbone-path``) that ``run_flower`` sets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from evaluations.plugins import load_plugins
+from pfedpg.config import RunConfig, dump_config
+from pfedpg.errors import ConfigError
+
+
+def _require_flwr() -> None:
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise ConfigError("engine=flower needs Flower: pip install '.[flower]' (or `make venv`, which installs it)") from None
+
+
+def make_server_app(settings: dict[str, Any] | None = None, errors: list | None = None):
+    """A ServerApp running ``FlowerTrainer``; ``settings`` None reads them from the run config.
+    An exception is appended to ``errors`` (simulation: the driver re-raises it) and re-raised."""
+    from flwr.serverapp import Grid, ServerApp
+
+    from flwr.app import Context
+    from pfedpg.flower import FlowerTrainer, settings_from
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        load_plugins()
+        cfg, run_dir, backbone = settings_from(settings if settings is not None else dict(context.run_config))
+        try:
+            trainer = FlowerTrainer(cfg, run_dir=run_dir, grid=grid, backbone_path=backbone,
+                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+            trainer.run()
+        except Exception as e:
+            if errors is not None:
+                errors.append(e)
+            raise
+
+    return app
+
+
+def make_client_app(settings: dict[str, Any] | None = None):
+    """A ClientApp answering query / train / evaluate messages with ``ClientRuntime``."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    from pfedpg.flower import ClientRuntime
+
+    app = ClientApp()
+
+    def runtime(context: Context) -> ClientRuntime:
+        load_plugins()
+        return ClientRuntime.get(settings if settings is not None else dict(context.run_config))
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return runtime(context).query(msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return runtime(context).train(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return runtime(context).evaluate(msg, context)
+
+    return app
+
+
+try:  # the components ``flwr run`` loads (RUN_DIR/flower_app/pyproject.toml points here)
+    server_app = make_server_app()
+    client_app = make_client_app()
+except ImportError:  # Flower not installed: run_flower says how to install it
+    server_app = client_app = None
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _settings(cfg: RunConfig, run_dir: Path, backbone_path: str | None) -> dict[str, str]:
+    return {"config-yaml": dump_config(cfg), "run-dir": str(run_dir.resolve()), "backbone-path": backbone_path or ""}
+
+
+def _num_clients(cfg: RunConfig) -> int:
+    from pfedpg.data import load_dataset, partition_clients
+
+    return len(partition_clients(load_dataset(cfg.data, seed=cfg.seed), cfg.data, seed=cfg.seed))
+
+
+def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None] = print,
+               resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` on Flower into ``run_dir``; returns summary.json's contents."""
+    _require_flwr()
+    load_plugins()
+    if resume:
+        raise ConfigError("--resume continues in-process runs only: Flower clients keep their state for one Flower run; "
+                          "start a new run")
+    from pfedpg.hooks import build_hooks
+
+    refused = build_hooks(cfg.hooks).inprocess_only()
+    if refused:
+        raise ConfigError(f"hook {refused[0]} — it runs only with engine: inprocess")
+    if cfg.batched_clients:
+        raise ConfigError("batched_clients trains clients of one process together; with engine=flower each client "
+                          "trains in its own ClientApp: set batched_clients: false")
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
+        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; choose another run_name")
+    backbone = None
+    if cfg.model.weights == "pretrain":  # pretrain (or find) it once here, not in every ClientApp
+        from pfedpg.pretrain import pretrain_backbone
+
+        backbone = str(pretrain_backbone(cfg, log=log))
+    settings = _settings(cfg, run_dir, backbone)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.flower.superlink is None:
+        _simulate(cfg, settings)
+    else:
+        _deploy(cfg, run_dir, settings)
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        where = "" if cfg.flower.superlink is None else (
+            "; the ServerApp writes the run directory on the SuperLink's machine, so look there if it is another one")
+        raise RuntimeError(f"the Flower run ended without {summary} (its log: {run_dir / 'log.txt'}){where}")
+    return json.loads(summary.read_text())
+
+
+def _simulate(cfg: RunConfig, settings: dict[str, str]) -> None:
+    import logging
+
+    from flwr.simulation import run_simulation
+
+    errors: list[BaseException] = []
+    backend = {"client_resources": {"num_cpus": cfg.flower.client_cpus, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                             "logging_level": logging.ERROR, "log_to_driver": False}}
+    run_simulation(make_server_app(settings, errors), make_client_app(settings),
+                   num_supernodes=_num_clients(cfg), backend_config=backend)
+    if errors:
+        raise errors[0]
+
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "pfedpg-run"
+version = "1.0.0"
+description = "One pfedpg-eval run on Flower (written by pfedpg-eval; needs pfedpg-eval installed on every node)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "pfedpg-eval"
+
+[tool.flwr.app.components]
+serverapp = "pfedpg_run:server_app"
+clientapp = "pfedpg_run:client_app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def write_flower_app(run_dir: Path, settings: dict[str, str]) -> Path:
+    """The Flower App ``flwr run`` submits: the run's settings as its run config, the components
+    imported from the installed pfedpg-eval."""
+    app = run_dir / "flower_app"
+    app.mkdir(parents=True, exist_ok=True)
+    lines = "\n".join(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in settings.items())
+    (app / "pyproject.toml").write_text(APP_PYPROJECT.format(config=lines))
+    (app / "pfedpg_run.py").write_text('"""Components of one pfedpg-eval run (see RUN_DIR/config.yaml)."""\n'
+                                       "from evaluations import flower_app as _app\n\n"
+                                       "server_app = _app.server_app\nclient_app = _app.client_app\n")
+    return app
+
+
+def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str]) -> None:
+    app = write_flower_app(run_dir, settings)
+    home = run_dir / "flower_home"  # the CLI's SuperLink connection, kept apart from ~/.flwr
+    home.mkdir(exist_ok=True)
+    conn = [f'address = "{cfg.flower.superlink}"', f"insecure = {'true' if cfg.flower.insecure else 'false'}"]
+    if cfg.flower.root_certificates:
+        conn.append(f"root-certificates = {json.dumps(str(Path(cfg.flower.root_certificates).resolve()))}")
+    (home / "config.toml").write_text('[superlink]\ndefault = "pfedpg"\n\n[superlink.pfedpg]\n' + "\n".join(conn) + "\n")
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if flwr is None:
+        raise ConfigError("the `flwr` command is missing; pip install '.[flower]' in this environment")
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    proc = subprocess.run([flwr, "run", str(app), "pfedpg", "--stream"], env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`flwr run` exited with status {proc.returncode} (SuperLink {cfg.flower.superlink}); "
+                           f"see its output above and {run_dir / 'log.txt'}")

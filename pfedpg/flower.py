@@ -1,0 +1,313 @@
+"""The Flower engine (DESIGN §9): the in-process runner's rounds, with every client in a Flower
+ClientApp and the server in a ServerApp. Needs the ``flower`` extra (``pip install '.[flower]'``).
+
+Same config and seed, same numbers: both sides build the run from the same resolved config and
+derive every random stream from the same master seed, so a client's ClientApp trains exactly what
+``Trainer.train_client`` would, and the ServerApp runs the in-process server step, hooks,
+evaluation schedule, checkpoints and run directory unchanged (``FlowerTrainer`` overrides only how
+the round's clients are reached).
+
+Messages (one client per SuperNode; the node's ``partition-id`` is the client id):
+
+=========  =====================================  =============================================
+type       server -> client                       client -> server
+=========  =====================================  =============================================
+query      nothing                                its client id, N, and its training-set size
+train      round, P_n (methods that send one)     ΔP_n after its client-side hooks, the training
+                                                  row, and its hooks' ``client_state`` (e.g. the
+                                                  client's privacy accountant)
+evaluate   round, P_n of the updated server       its evaluation row (adapted and generated)
+=========  =====================================  =============================================
+
+What stays on the client: its data, adapted prompt P̃_n and head H_n (in the node's Flower
+``context.state`` between rounds), and its side of the hooks. The ServerApp holds the server, the
+server-side hooks and the run directory. Client-side hooks run in the ClientApp, server-side ones
+in the ServerApp; a hook that reads clients' models from the server side (``inprocess_only``) is
+refused with the reason.
+
+Failures: a client whose ClientApp raises, whose SuperNode goes offline, or that has not replied
+within ``flower.round_timeout_s`` is logged and recorded in the round (``failed_clients``); with
+``flower.on_client_failure: continue`` the round goes on without its delta (as a dropped client),
+with ``fail`` the run stops with a one-line error. Finished rounds are already in metrics.jsonl.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from pfedpg.client import ClientState
+from pfedpg.config import RunConfig, config_from_dict
+from pfedpg.errors import ConfigError
+from pfedpg.runner import Trainer
+
+
+class ClientFailure(RuntimeError):
+    """A Flower client failed and ``flower.on_client_failure`` is ``fail``."""
+
+
+def _pack(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _tensor_record(**tensors: torch.Tensor) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().contiguous() for k, v in tensors.items()})
+
+
+def _tensor(record: ArrayRecord, key: str) -> torch.Tensor:
+    return record.to_torch_state_dict()[key]
+
+
+def settings_from(values: dict[str, Any]) -> tuple[RunConfig, str, str | None]:
+    """(config, run_dir, backbone_path) from the run settings the driver hands both apps."""
+    import yaml
+
+    for key in ("config-yaml", "run-dir"):
+        if key not in values:
+            raise ConfigError(f"the Flower run config lacks {key!r}; start Flower runs with "
+                              "`pfedpg-eval train --set engine=flower` (it writes the app's config)")
+    cfg = config_from_dict(yaml.safe_load(values["config-yaml"]))
+    return cfg, str(values["run-dir"]), (str(values.get("backbone-path")) or None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Client side
+
+
+class ClientRuntime:
+    """One run's client logic in a ClientApp process: the run built from its config (cached per
+    process, so a simulation actor builds it once), with client n's state loaded from and saved
+    to the node's ``context.state`` around every message."""
+
+    _cache: dict[str, "ClientRuntime"] = {}
+
+    def __init__(self, cfg: RunConfig, backbone_path: str | None):
+        self.trainer = Trainer(cfg, run_dir=Path("."), backbone_path=backbone_path)
+        self.trainer.hooks.setup(self.trainer.ctx)
+        # Hooks and states as set up, before any client touched them: a client's first message
+        # starts from these (the cached runtime serves several clients in one simulation actor).
+        self.initial_hooks = copy.deepcopy(self.trainer.hooks.state_dict())
+        self.initial_states = [copy.deepcopy(s) for s in self.trainer.states]
+
+    @classmethod
+    def get(cls, values: dict[str, Any]) -> "ClientRuntime":
+        key = json.dumps({k: values.get(k) for k in ("config-yaml", "backbone-path")}, sort_keys=True)
+        if key not in cls._cache:
+            cfg, _, backbone = settings_from(values)
+            cls._cache.clear()  # one run per process at a time
+            cls._cache[key] = cls(cfg, backbone)
+        return cls._cache[key]
+
+    def client_id(self, context: Context) -> int:
+        if "partition-id" not in context.node_config:
+            raise ConfigError("this SuperNode has no partition-id; start it with --node-config partition-id=<client>")
+        n = int(context.node_config["partition-id"])
+        if not 0 <= n < self.trainer.num_clients:
+            raise ConfigError(f"partition-id={n}, but the run has {self.trainer.num_clients} clients (0..{self.trainer.num_clients - 1})")
+        return n
+
+    def _load(self, n: int, context: Context) -> None:
+        st = context.state
+        if "pfedpg.client" in st.array_records:
+            t = st.array_records["pfedpg.client"].to_torch_state_dict()
+            meta = st.config_records["pfedpg.meta"]
+            self.trainer.states[n] = ClientState(t["prompt"], t["head_weight"], t["head_bias"], int(meta["rounds_joined"]))
+            self.trainer.hooks.load_state_dict(_unpack(meta["hooks"]))
+        else:
+            self.trainer.states[n] = copy.deepcopy(self.initial_states[n])
+            self.trainer.hooks.load_state_dict(copy.deepcopy(self.initial_hooks))
+
+    def _save(self, n: int, context: Context) -> None:
+        s = self.trainer.states[n]
+        context.state.array_records["pfedpg.client"] = _tensor_record(
+            prompt=s.prompt, head_weight=s.head_weight, head_bias=s.head_bias)
+        context.state.config_records["pfedpg.meta"] = ConfigRecord(
+            {"rounds_joined": s.rounds_joined, "hooks": _pack(self.trainer.hooks.state_dict())})
+
+    def query(self, msg: Message, context: Context) -> Message:
+        n = self.client_id(context)
+        info = {"client": n, "num_clients": self.trainer.num_clients, "train_size": self.trainer.ctx.train_sizes[n]}
+        return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        n = self.client_id(context)
+        task = msg.content.config_records["task"]
+        if int(task["client"]) != n:
+            raise ConfigError(f"a message for client {task['client']} reached the SuperNode of client {n}")
+        r = int(task["round"])
+        self._load(n, context)
+        start = _tensor(msg.content.array_records["sent"], "prompt") if "sent" in msg.content.array_records \
+            else self.trainer.states[n].prompt
+        row, delta = self.trainer.train_client(n, r, start)
+        self._save(n, context)
+        content = RecordDict({"result": ConfigRecord({"row": json.dumps(row),
+                                                      "hooks": _pack(self.trainer.hooks.client_state(n))})})
+        if delta is not None:
+            content.array_records["delta"] = _tensor_record(delta=delta)
+        return Message(content, reply_to=msg)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        n = self.client_id(context)
+        self._load(n, context)
+        generated = _tensor(msg.content.array_records["generated"], "prompt") \
+            if "generated" in msg.content.array_records else None
+        row = self.trainer.evaluate_one(n, generated)
+        return Message(RecordDict({"result": ConfigRecord({"row": json.dumps(row)})}), reply_to=msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Server side
+
+
+class FlowerTrainer(Trainer):
+    """The in-process ``Trainer`` with its clients behind a Flower ``Grid``: only
+    ``train_participants`` and ``evaluate_clients`` differ (they send messages)."""
+
+    def __init__(self, cfg: RunConfig, *, run_dir: str | Path, grid, backbone_path: str | None = None,
+                 log: Callable[[str], None] | None = None, progress: bool = False):
+        if cfg.batched_clients:
+            raise ConfigError("batched_clients trains clients of one process together; with engine=flower each client "
+                              "trains in its own ClientApp: set batched_clients: false")
+        super().__init__(cfg, run_dir=run_dir, log=log, progress=progress, backbone_path=backbone_path)
+        refused = self.hooks.inprocess_only()
+        if refused:
+            raise ConfigError(f"hook {refused[0]} — it runs only with engine: inprocess")
+        self.grid = grid
+        self.fcfg = cfg.flower
+        self.nodes: dict[int, int] = {}  # client id -> Flower node id
+
+    # -- connecting ------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Find every client's SuperNode (its ``partition-id``), waiting up to ``flower.node_wait_s``."""
+        deadline = time.time() + self.fcfg.node_wait_s
+        asked: set[int] = set()
+        while True:
+            fresh = [i for i in self.grid.get_node_ids() if i not in asked]
+            if fresh:
+                asked.update(fresh)
+                msgs = {i: Message(RecordDict(), dst_node_id=i, message_type=MessageType.QUERY) for i in fresh}
+                for node, reply in self._exchange(msgs, timeout=max(1.0, deadline - time.time())).items():
+                    if isinstance(reply, str):
+                        raise ConfigError(f"SuperNode {node} did not answer the set-up query: {reply}")
+                    info = reply.content.config_records["info"]
+                    n, total = int(info["client"]), int(info["num_clients"])
+                    if total != self.num_clients:
+                        raise ConfigError(f"SuperNode {node} built {total} clients from its config, the server {self.num_clients}; "
+                                          "every node must run the same config and data")
+                    if n in self.nodes:
+                        raise ConfigError(f"two SuperNodes claim partition-id={n}; give each client's node its own id")
+                    self.nodes[n] = node
+            if len(self.nodes) == self.num_clients:
+                break
+            if time.time() > deadline:
+                missing = [n for n in range(self.num_clients) if n not in self.nodes]
+                raise ConfigError(f"{len(self.nodes)} of {self.num_clients} clients' SuperNodes connected within "
+                                  f"flower.node_wait_s={self.fcfg.node_wait_s:g} s (missing partition-id {missing}); start one "
+                                  "per client with --node-config partition-id=<client>, or raise node_wait_s")
+            time.sleep(0.5)
+        self.log(f"flower: {self.num_clients} clients connected")
+
+    def _exchange(self, msgs: dict[int, Message], *, timeout: float) -> dict[int, Message | str]:
+        """Send ``msgs`` (keyed by whatever the caller likes) and collect replies; a failure is a
+        one-line reason instead of a reply. Returns early when a pending node goes offline."""
+        out: dict[int, Message | str] = {}
+        alive = set(self.grid.get_node_ids())
+        sendable = {}
+        for key, m in msgs.items():
+            if m.metadata.dst_node_id in alive:
+                sendable[key] = m
+            else:
+                out[key] = "its SuperNode is offline"
+        ids = list(self.grid.push_messages(list(sendable.values()))) if sendable else []
+        pending = {}
+        for key, mid in zip(sendable, ids):
+            if mid is None:
+                out[key] = "the SuperLink refused the message"
+            else:
+                pending[mid] = key
+        deadline = time.time() + timeout
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                key = pending.pop(reply.metadata.reply_to_message_id, None)
+                if key is not None:
+                    out[key] = f"its ClientApp failed: {reply.error.reason}" if reply.has_error() else reply
+            if not pending:
+                break
+            alive = set(self.grid.get_node_ids())
+            for mid, key in list(pending.items()):
+                if msgs[key].metadata.dst_node_id not in alive:
+                    out[key] = "its SuperNode went offline"
+                    del pending[mid]
+            if time.time() > deadline:
+                for key in pending.values():
+                    out[key] = f"no reply within flower.round_timeout_s={self.fcfg.round_timeout_s:g} s"
+                break
+            time.sleep(0.2)
+        return out
+
+    def _failed(self, what: str, n: int, reason: str) -> None:
+        line = f"{what}: client {n} failed ({reason})"
+        if self.fcfg.on_client_failure == "fail":
+            raise ClientFailure(f"{line}; flower.on_client_failure=fail stops the run here — the finished rounds "
+                                f"are in {self.run_dir / 'metrics.jsonl'}; set on_client_failure: continue to go on without it")
+        self.log(line + "; continuing without it")
+
+    # -- a round ---------------------------------------------------------------------------------
+    def train_participants(self, r: int, participants: list[int], sent: dict[int, torch.Tensor]) -> dict[int, dict[str, Any]]:
+        msgs = {}
+        for n in participants:
+            content = RecordDict({"task": ConfigRecord({"round": r, "client": n})})
+            if n in sent:
+                content.array_records["sent"] = _tensor_record(prompt=sent[n])
+            msgs[n] = Message(content, dst_node_id=self.nodes[n], message_type=MessageType.TRAIN)
+        rows: dict[int, dict[str, Any]] = {}
+        for n, reply in sorted(self._exchange(msgs, timeout=self.fcfg.round_timeout_s).items()):
+            if isinstance(reply, str):
+                self._failed(f"round {r}, training", n, reply)
+                rows[n] = {"error": reply}
+                continue
+            result = reply.content.config_records["result"]
+            row = json.loads(result["row"])
+            if "delta" in reply.content.array_records:
+                row["_delta"] = _tensor(reply.content.array_records["delta"], "delta")
+            self.hooks.merge_client_state(n, _unpack(result["hooks"]))
+            rows[n] = row
+        return rows
+
+    def evaluate_clients(self, generated: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+        msgs = {}
+        for n in range(self.num_clients):
+            content = RecordDict({"task": ConfigRecord({"round": self.current_round, "client": n})})
+            if n in generated:
+                content.array_records["generated"] = _tensor_record(prompt=generated[n])
+            msgs[n] = Message(content, dst_node_id=self.nodes[n], message_type=MessageType.EVALUATE)
+        rows = []
+        for n, reply in sorted(self._exchange(msgs, timeout=self.fcfg.round_timeout_s).items()):
+            if isinstance(reply, str):
+                self._failed(f"round {self.current_round}, evaluation", n, reply)
+                rows.append({"client": n, "acc_adapted": None, "acc_generated": None, "error": reply})
+            else:
+                rows.append(json.loads(reply.content.config_records["result"]["row"]))
+        return rows
+
+    def checkpoint_clients(self) -> list[dict] | None:
+        return None  # the clients' states live on their nodes
+
+    def run(self, *, resume: bool = False, stop_after: int | None = None):
+        if resume:
+            raise ConfigError("--resume continues in-process runs only: Flower clients keep their state for one Flower "
+                              "run; start a new run")
+        self.connect()
+        return super().run(stop_after=stop_after)

@@ -1,0 +1,293 @@
+"""The Flower engine (DESIGN §9): same numbers as in-process, a real SuperLink deployment, and
+clients that die. Skipped when the ``flower`` extra is not installed (``make test`` installs it)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from conftest import tiny_config  # noqa: E402
+from evaluations.plugins import load_plugins  # noqa: E402
+from pfedpg.config import config_from_dict, dump_config  # noqa: E402
+from pfedpg.errors import ConfigError  # noqa: E402
+from pfedpg.runner import Trainer  # noqa: E402
+
+load_plugins()
+
+BIN = Path(sys.executable).parent
+
+
+def _flower(cfg, **flower):
+    d = cfg.to_dict()
+    d["engine"] = "flower"
+    d["flower"].update(flower)
+    return config_from_dict(d)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    keep = ("type", "round", "client", "participants", "train_loss", "train_loss_mean", "delta_norm",
+            "acc_adapted", "acc_generated", "loss_adapted", "local_steps")
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.append({k: row[k] for k in keep if k in row} | {k: v for k, v in row.items() if k.startswith("dp_client/")})
+    return out
+
+
+def _server_state(run_dir: Path, r: int) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"round_{r:04d}.pt", weights_only=True)["server"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulation engine: same config and seed, same numbers
+
+
+@pytest.mark.parametrize("hooks,extra", [
+    # client-side DP (noise and accountant in the ClientApp), 2 of 3 clients per round
+    ([{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8}], {"clients_per_round": 2}),
+    # a malicious client crafting its delta in its ClientApp, a robust rule in the ServerApp
+    ([{"name": "sign_flip", "clients": [1]}, {"name": "robust_aggregation", "rule": "median"}], {"rounds": 3}),
+])
+def test_simulation_matches_inprocess(tmp_path, hooks, extra):
+    from evaluations.flower_app import run_flower
+
+    cfg = tiny_config(threads=1, hooks=hooks, **extra)
+    ref = Trainer(cfg, run_dir=tmp_path / "inprocess").run()
+    got = run_flower(_flower(cfg), tmp_path / "flower")
+    assert got["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
+    assert got["accuracy_generated"]["per_client"] == ref["accuracy_generated"]["per_client"]
+    # Every round's losses, delta norms and accuracies, and the final server state, bit for bit.
+    assert _rows(tmp_path / "flower") == _rows(tmp_path / "inprocess")
+    a, b = _server_state(tmp_path / "flower", cfg.rounds), _server_state(tmp_path / "inprocess", cfg.rounds)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Client-side accounting reaches the server's summary through the replies.
+    if "dp_client" in ref["hook_results"]:
+        assert got["hook_results"]["dp_client"]["epsilon_per_client"] == ref["hook_results"]["dp_client"]["epsilon_per_client"]
+        assert min(got["hook_results"]["dp_client"]["epsilon_per_client"]) > 0
+
+
+def test_flower_refuses_what_it_cannot_run(tmp_path):
+    from evaluations.flower_app import run_flower
+
+    with pytest.raises(ConfigError, match="leakage_audit.*engine: inprocess"):
+        run_flower(_flower(tiny_config(hooks=[{"name": "leakage_audit", "probes": ["loss"]}])), tmp_path / "a")
+    with pytest.raises(ConfigError, match="batched_clients"):
+        run_flower(_flower(tiny_config(batched_clients=True)), tmp_path / "b")
+    with pytest.raises(ConfigError, match="--resume"):
+        run_flower(_flower(tiny_config()), tmp_path / "c", resume=True)
+    with pytest.raises(ConfigError, match="flower.superlink"):
+        _flower(tiny_config(), superlink="localhost")
+    with pytest.raises(ConfigError, match="on_client_failure"):
+        _flower(tiny_config(), on_client_failure="retry")
+
+
+# ------------------------------------------------------------------------------------------------
+# Failure policies, with an in-memory stand-in for Flower's Grid (real ClientApp and messages)
+
+
+class FakeGrid:
+    """Delivers messages to a real ClientApp in this process; ``die`` = {node: round} makes that
+    node vanish (no reply, gone from get_node_ids) when its message of that round arrives."""
+
+    def __init__(self, client_app, num_clients: int, die: dict[int, int]):
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # What a ServerApp process gets from its runtime before it builds messages.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self.app, self.die = client_app, die
+        self.contexts = {100 + n: Context(1, 100 + n, {"partition-id": n}, RecordDict(), {}) for n in range(num_clients)}
+        self.dead: set[int] = set()
+        self.replies = {}
+
+    def get_node_ids(self):
+        return [i for i in self.contexts if i not in self.dead]
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            node = m.metadata.dst_node_id
+            task = m.content.config_records.get("task")
+            if task is not None and self.die.get(node) == int(task["round"]):
+                self.dead.add(node)
+            if node not in self.dead:
+                self.replies[m.metadata.message_id] = self.app(message=m, context=self.contexts[node])
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def _fake_run(tmp_path, policy):
+    from evaluations.flower_app import make_client_app
+    from pfedpg.flower import FlowerTrainer
+
+    cfg = _flower(tiny_config(rounds=3, threads=1), on_client_failure=policy, round_timeout_s=0.5)
+    settings = {"config-yaml": dump_config(cfg), "run-dir": str(tmp_path), "backbone-path": ""}
+    grid = FakeGrid(make_client_app(settings), 3, die={101: 2})  # client 1 dies in round 2
+    return FlowerTrainer(cfg, run_dir=tmp_path / policy, grid=grid), cfg
+
+
+def test_dead_client_continue_keeps_every_round(tmp_path):
+    trainer, cfg = _fake_run(tmp_path, "continue")
+    summary = trainer.run()
+    rounds = [json.loads(ln) for ln in (tmp_path / "continue" / "metrics.jsonl").read_text().splitlines()]
+    rounds = {r["round"]: r for r in rounds if r["type"] == "round"}
+    assert sorted(rounds) == [1, 2, 3]
+    assert "failed_clients" not in rounds[1] and rounds[1]["clients_aggregated"] == 3
+    assert rounds[2]["failed_clients"] == {"1": "its SuperNode went offline"}
+    assert rounds[2]["clients_aggregated"] == 2 and rounds[2]["clients_missing"] == [1]
+    assert rounds[3]["failed_clients"] == {"1": "its SuperNode is offline"}
+    assert summary["clients_missing"] == [1]
+    assert summary["accuracy"]["per_client"][1] is None
+    assert summary["accuracy"]["mean"] == pytest.approx(sum(summary["accuracy"]["per_client"][i] for i in (0, 2)) / 2)
+    assert "client 1 failed" in (tmp_path / "continue" / "log.txt").read_text()
+
+
+def test_dead_client_fail_stops_with_finished_rounds_kept(tmp_path):
+    from pfedpg.flower import ClientFailure
+
+    trainer, cfg = _fake_run(tmp_path, "fail")
+    with pytest.raises(ClientFailure, match="round 2, training: client 1 failed.*on_client_failure"):
+        trainer.run()
+    lines = [json.loads(ln) for ln in (tmp_path / "fail" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines if r["type"] == "round"] == [1]
+    assert (tmp_path / "fail" / "checkpoints" / "round_0001.pt").is_file()
+    assert not (tmp_path / "fail" / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Deployment: a SuperLink and two SuperNodes as separate processes on 127.0.0.1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Federation:
+    """``flower-superlink`` and one ``flower-supernode`` per client, each its own process."""
+
+    def __init__(self, tmp_path: Path, clients: int):
+        self.home = tmp_path / "flwr_home"
+        self.home.mkdir()
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.port = _free_port()
+        self.logs = tmp_path
+        self.link = self._start("superlink", [BIN / "flower-superlink", "--insecure", "--port", str(self.port)])
+        self._wait_listening()
+        self.nodes = [self._start(f"supernode{n}", [BIN / "flower-supernode", "--insecure", "--superlink",
+                                                     f"127.0.0.1:{self.port}", "--port", str(_free_port()),
+                                                     "--node-config", f"partition-id={n}"]) for n in range(clients)]
+
+    def _start(self, name, cmd):
+        log = open(self.logs / f"{name}.log", "w")
+        return subprocess.Popen([str(c) for c in cmd], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def _wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.link.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited: {(self.logs / 'superlink.log').read_text()[-2000:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("flower-superlink did not listen within 60 s")
+
+    def train(self, cfg, run_dir: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+        cfg_file = run_dir.parent / f"{run_dir.name}.yaml"
+        cfg_file.write_text(dump_config(cfg))
+        return subprocess.run([str(BIN / "pfedpg-eval"), "train", "--config", str(cfg_file), "--engine", "flower",
+                               "--set", f"flower.superlink=127.0.0.1:{self.port}", "--run-dir", str(run_dir),
+                               "--no-progress"], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def shutdown(self, timeout: float = 30) -> dict[str, int | None]:
+        codes = {}
+        for name, p in [(f"supernode{i}", p) for i, p in enumerate(self.nodes)] + [("superlink", self.link)]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+            try:
+                codes[name] = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                codes[name] = None
+        return codes
+
+    def leftovers(self) -> list[str]:
+        """Processes still running that belong to this federation (e.g. a SuperExec child)."""
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                if f":{self.port}" in cmd and "pytest" not in cmd:
+                    out.append(cmd)
+        return out
+
+
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
+def test_deployment_two_supernodes(tmp_path):
+    cfg = tiny_config(threads=1, **{"data.num_domains": 2})  # 2 clients, 2 rounds
+    fed = Federation(tmp_path, clients=2)
+    try:
+        proc = fed.train(cfg, tmp_path / "run")
+    finally:
+        codes = fed.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
+    assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
+    assert _rows(tmp_path / "run") == _rows(tmp_path / "ref")
+    # Clean shutdown: every process ends on SIGTERM (uvicorn re-raises it after a graceful stop),
+    # the SuperLink completes its shutdown, and no child process is left behind.
+    assert all(c in (0, -signal.SIGTERM) for c in codes.values()), codes
+    assert "Application shutdown complete" in (tmp_path / "superlink.log").read_text()
+    time.sleep(1)
+    assert fed.leftovers() == []
+
+
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
+def test_deployment_client_dies_mid_run(tmp_path):
+    cfg = _flower(tiny_config(threads=1, **{"data.num_domains": 2}), round_timeout_s=30.0)
+    fed = Federation(tmp_path, clients=2)
+    run_dir = tmp_path / "run"
+    try:
+        cfg_file = tmp_path / "run.yaml"
+        cfg_file.write_text(dump_config(cfg))
+        proc = subprocess.Popen([str(BIN / "pfedpg-eval"), "train", "--config", str(cfg_file), "--set",
+                                 f"flower.superlink=127.0.0.1:{fed.port}", "--run-dir", str(run_dir), "--no-progress"],
+                                env=fed.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.exists() and '"type": "round"' in metrics.read_text()):
+            time.sleep(0.2)
+        os.killpg(fed.nodes[1].pid, signal.SIGKILL)  # client 1's machine goes away after round 1
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        fed.shutdown()
+    assert proc.returncode == 0, out[-3000:]
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    rounds = {r["round"]: r for r in rows if r["type"] == "round"}
+    assert sorted(rounds) == [1, 2]
+    assert "failed_clients" not in rounds[1]
+    assert list(rounds[2]["failed_clients"]) == ["1"] and rounds[2]["clients_aggregated"] == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["clients_missing"] == [1] and summary["accuracy"]["per_client"][0] is not None
+    assert "client 1 failed" in out
