@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from evaluations.plugins import load_plugins
-from pfedpg.errors import ConfigError, DataError, NonFiniteDeltaError
+from pfedpg.errors import ClientFailure, ConfigError, DataError, NonFiniteDeltaError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     load_plugins()
     try:
         return args.func(args)
-    except (ConfigError, DataError, NonFiniteDeltaError, FileNotFoundError) as e:
+    except (ConfigError, DataError, NonFiniteDeltaError, ClientFailure, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from evaluations.plugins import load_plugins
 from pfedpg.config import RunConfig, dump_config
-from pfedpg.errors import ConfigError
+from pfedpg.errors import ClientFailure, ConfigError
 
 
 def _require_flwr() -> None:
@@ -56,6 +56,9 @@ def make_server_app(settings: dict[str, Any] | None = None, errors: list | None 
         except Exception as e:
             if errors is not None:
                 errors.append(e)
+            # The driver may be another process (flwr run): leave it the one-line reason.
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_dir) / "flower_error.txt").write_text(f"{type(e).__name__}: {e}\n")
             raise
 
     return app
@@ -136,11 +139,20 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
         backbone = str(pretrain_backbone(cfg, log=log))
     settings = _settings(cfg, run_dir, backbone)
     run_dir.mkdir(parents=True, exist_ok=True)
+    failed = run_dir / "flower_error.txt"
+    failed.unlink(missing_ok=True)  # from an attempt that stopped before its first round
+    status = 0
     if cfg.flower.superlink is None:
         _simulate(cfg, settings)
     else:
-        _deploy(cfg, run_dir, settings)
+        status = _deploy(cfg, run_dir, settings)
     summary = run_dir / "summary.json"
+    if not summary.is_file() and failed.is_file():
+        kind, _, reason = failed.read_text().strip().partition(": ")
+        error = {"ConfigError": ConfigError, "ClientFailure": ClientFailure}.get(kind, RuntimeError)
+        raise error(f"the ServerApp stopped: {reason}")
+    if not summary.is_file() and status != 0:
+        raise RuntimeError(f"`flwr run` exited with status {status} (SuperLink {cfg.flower.superlink}); see its output above")
     if not summary.is_file():
         where = "" if cfg.flower.superlink is None else (
             "; the ServerApp writes the run directory on the SuperLink's machine, so look there if it is another one")
@@ -202,7 +214,7 @@ def write_flower_app(run_dir: Path, settings: dict[str, str]) -> Path:
     return app
 
 
-def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str]) -> None:
+def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str]) -> int:
     app = write_flower_app(run_dir, settings)
     home = run_dir / "flower_home"  # the CLI's SuperLink connection, kept apart from ~/.flwr
     home.mkdir(exist_ok=True)
@@ -214,7 +226,4 @@ def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str]) -> None:
     if flwr is None:
         raise ConfigError("the `flwr` command is missing; pip install '.[flower]' in this environment")
     env = {**os.environ, "FLWR_HOME": str(home)}
-    proc = subprocess.run([flwr, "run", str(app), "pfedpg", "--stream"], env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`flwr run` exited with status {proc.returncode} (SuperLink {cfg.flower.superlink}); "
-                           f"see its output above and {run_dir / 'log.txt'}")
+    return subprocess.run([flwr, "run", str(app), "pfedpg", "--stream"], env=env).returncode

@@ -11,3 +11,7 @@ class DataError(ValueError):
 
 class NonFiniteDeltaError(RuntimeError):
     """A client sent NaN/Inf; raised instead of silently corrupting the server state."""
+
+
+class ClientFailure(RuntimeError):
+    """A client of a Flower run failed and ``flower.on_client_failure`` is ``fail``."""

@@ -44,12 +44,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig, config_from_dict
-from pfedpg.errors import ConfigError
+from pfedpg.errors import ClientFailure, ConfigError
 from pfedpg.runner import Trainer
-
-
-class ClientFailure(RuntimeError):
-    """A Flower client failed and ``flower.on_client_failure`` is ``fail``."""
 
 
 def _pack(obj: Any) -> bytes:

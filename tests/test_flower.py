@@ -157,7 +157,7 @@ def test_dead_client_continue_keeps_every_round(tmp_path):
 
 
 def test_dead_client_fail_stops_with_finished_rounds_kept(tmp_path):
-    from pfedpg.flower import ClientFailure
+    from pfedpg.errors import ClientFailure
 
     trainer, cfg = _fake_run(tmp_path, "fail")
     with pytest.raises(ClientFailure, match="round 2, training: client 1 failed.*on_client_failure"):
