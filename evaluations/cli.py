@@ -15,10 +15,12 @@ from evaluations.plugins import load_plugins
 from pfedpg.errors import ClientFailure, ConfigError, DataError, NonFiniteDeltaError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, *, engine: bool = True) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set client.lr=0.1 --set rounds=5 (repeatable)")
+    if not engine:
+        return
     p.add_argument("--engine", choices=("inprocess", "flower"),
                    help="run in this process (default) or through Flower: its simulation engine, or the SuperLink "
                         "at --set flower.superlink=HOST:PORT (needs pip install '.[flower]'); same as --set engine=...")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Supervised pretraining of the whole backbone on the data's public split "
                                    "(never given to clients); cached under pretrain.cache_dir by config hash. "
                                    "Prints the cached file's path.")
-    _add_config_args(p)
+    _add_config_args(p, engine=False)
     p.add_argument("--force", action="store_true", help="retrain even if the cache holds this backbone")
     p.set_defaults(func=cmd_pretrain)
 
