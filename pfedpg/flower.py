@@ -5,14 +5,16 @@ Same config and seed, same numbers: both sides build the run from the same resol
 derive every random stream from the same master seed, so a client's ClientApp trains exactly what
 ``Trainer.train_client`` would, and the ServerApp runs the in-process server step, hooks,
 evaluation schedule, checkpoints and run directory unchanged (``FlowerTrainer`` overrides only how
-the round's clients are reached).
+the clients are reached; the server holds no client data and learns N and the split sizes from the
+clients' answers to the set-up query).
 
 Messages (one client per SuperNode; the node's ``partition-id`` is the client id):
 
 =========  =====================================  =============================================
 type       server -> client                       client -> server
 =========  =====================================  =============================================
-query      nothing                                its client id, N, and its training-set size
+query      nothing                                N, the classes, its client id and split sizes
+                                                  (not its domain or label counts)
 train      round, P_n (methods that send one)     ΔP_n after its client-side hooks, the training
                                                   row, and its hooks' ``client_state`` (e.g. the
                                                   client's privacy accountant)
@@ -134,7 +136,10 @@ class ClientRuntime:
 
     def query(self, msg: Message, context: Context) -> Message:
         n = self.client_id(context)
-        info = {"client": n, "num_clients": self.trainer.num_clients, "train_size": self.trainer.ctx.train_sizes[n]}
+        t = self.trainer
+        info = {"num_clients": t.num_clients, "num_classes": t.num_classes, "domain_names": t.domain_names,
+                # Split sizes only: its domain and label counts stay private to the client.
+                "facts": json.dumps({**t.client_facts[n], "domain": None, "label_counts": None})}
         return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
@@ -176,19 +181,24 @@ class FlowerTrainer(Trainer):
         if cfg.batched_clients:
             raise ConfigError("batched_clients trains clients of one process together; with engine=flower each client "
                               "trains in its own ClientApp: set batched_clients: false")
+        if cfg.model.weights == "pretrain" and not backbone_path:
+            raise ConfigError("model.weights=pretrain: pass the pretrained backbone's path (run_flower resolves it)")
+        self.grid = grid
+        self.fcfg = cfg.flower
+        self.nodes: dict[int, int] = {}  # client id -> Flower node id
         super().__init__(cfg, run_dir=run_dir, log=log, progress=progress, backbone_path=backbone_path)
         refused = self.hooks.inprocess_only()
         if refused:
             raise ConfigError(f"hook {refused[0]} — it runs only with engine: inprocess")
-        self.grid = grid
-        self.fcfg = cfg.flower
-        self.nodes: dict[int, int] = {}  # client id -> Flower node id
 
     # -- connecting ------------------------------------------------------------------------------
-    def connect(self) -> None:
-        """Find every client's SuperNode (its ``partition-id``), waiting up to ``flower.node_wait_s``."""
+    def load_clients(self) -> None:
+        """No data on the server: find every client's SuperNode (its ``partition-id``), waiting up
+        to ``flower.node_wait_s``, and learn N, the classes and each client's split sizes from them."""
         deadline = time.time() + self.fcfg.node_wait_s
         asked: set[int] = set()
+        facts: dict[int, dict[str, Any]] = {}
+        total = None
         while True:
             fresh = [i for i in self.grid.get_node_ids() if i not in asked]
             if fresh:
@@ -198,21 +208,26 @@ class FlowerTrainer(Trainer):
                     if isinstance(reply, str):
                         raise ConfigError(f"SuperNode {node} did not answer the set-up query: {reply}")
                     info = reply.content.config_records["info"]
-                    n, total = int(info["client"]), int(info["num_clients"])
-                    if total != self.num_clients:
-                        raise ConfigError(f"SuperNode {node} built {total} clients from its config, the server {self.num_clients}; "
-                                          "every node must run the same config and data")
-                    if n in self.nodes:
+                    fact = json.loads(info["facts"])
+                    n, their = fact["client"], (int(info["num_clients"]), int(info["num_classes"]), list(info["domain_names"]))
+                    if total is not None and their != total:
+                        raise ConfigError(f"SuperNode {node} built {their[0]} clients and {their[1]} classes from its config, "
+                                          f"others {total[0]} and {total[1]}; every node must run the same config and data")
+                    total = their
+                    if n in facts:
                         raise ConfigError(f"two SuperNodes claim partition-id={n}; give each client's node its own id")
-                    self.nodes[n] = node
-            if len(self.nodes) == self.num_clients:
+                    facts[n], self.nodes[n] = fact, node
+            if total is not None and len(facts) == total[0]:
                 break
             if time.time() > deadline:
-                missing = [n for n in range(self.num_clients) if n not in self.nodes]
-                raise ConfigError(f"{len(self.nodes)} of {self.num_clients} clients' SuperNodes connected within "
-                                  f"flower.node_wait_s={self.fcfg.node_wait_s:g} s (missing partition-id {missing}); start one "
-                                  "per client with --node-config partition-id=<client>, or raise node_wait_s")
+                missing = "" if total is None else f" (missing partition-id {[n for n in range(total[0]) if n not in facts]})"
+                raise ConfigError(f"{len(facts)} of {'?' if total is None else total[0]} clients' SuperNodes connected within "
+                                  f"flower.node_wait_s={self.fcfg.node_wait_s:g} s{missing}; start one per client with "
+                                  "--node-config partition-id=<client>, or raise node_wait_s")
             time.sleep(0.5)
+        self.num_clients, self.num_classes, self.domain_names = total
+        self.client_facts = [facts[n] for n in range(self.num_clients)]
+        self.train_data, self.test_data = [], []  # they stay on the clients
         self.log(f"flower: {self.num_clients} clients connected")
 
     def _exchange(self, msgs: dict[int, Message], *, timeout: float) -> dict[int, Message | str]:
@@ -305,5 +320,4 @@ class FlowerTrainer(Trainer):
         if resume:
             raise ConfigError("--resume continues in-process runs only: Flower clients keep their state for one Flower "
                               "run; start a new run")
-        self.connect()
         return super().run(stop_after=stop_after)

@@ -86,11 +86,8 @@ class Trainer:
         self.hooks = hooks if hooks is not None else build_hooks(cfg.hooks)
 
         t0 = time.time()
-        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
-        self.splits = partition_clients(self.dataset, cfg.data, seed=cfg.seed)
-        self.num_clients = len(self.splits)
-        self.num_classes = self.dataset.num_classes
-
+        self.dataset = None
+        self.load_clients()
         if cfg.model.weights == "pretrain" and backbone_path is None:
             from pfedpg.pretrain import pretrain_backbone
 
@@ -103,14 +100,7 @@ class Trainer:
         self.dim = self.model.embed_dim
         self.init_bound = vpt_init_bound(backbone)
 
-        def tensors(idx):
-            x = images_to_tensor(self.dataset.images[idx], mean=cfg.model.mean, std=cfg.model.std)
-            return x, torch.from_numpy(self.dataset.labels[idx]).long()
-
-        self.train_data = [tensors(s.train) for s in self.splits]
-        # "test_data" is what evaluation reads: the test split, or the validation split when tuning.
-        self.test_data = [tensors(s.val if cfg.evaluate_on == "val" else s.test) for s in self.splits]
-        train_sizes = [len(s.train) for s in self.splits]
+        train_sizes = [f["train"] for f in self.client_facts]
 
         server_cls = SERVERS.get(cfg.method)
         self.server = server_cls(cfg.server, num_clients=self.num_clients, num_prompts=cfg.model.num_prompts,
@@ -128,13 +118,33 @@ class Trainer:
         self.round = 0
         self.current_round = 0  # the round being run (evaluation messages name it)
 
+    def load_clients(self) -> None:
+        """The clients' data: sets ``num_clients``, ``num_classes``, ``train_data`` / ``test_data``
+        (tensors per client; "test_data" is what evaluation reads: the test split, or the validation
+        split when tuning), ``client_facts`` (split sizes, domain, training label counts per client)
+        and ``domain_names``. The Flower engine's server learns the facts from its clients instead."""
+        cfg = self.cfg
+        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
+        splits = partition_clients(self.dataset, cfg.data, seed=cfg.seed)
+        self.num_clients = len(splits)
+        self.num_classes = self.dataset.num_classes
+
+        def tensors(idx):
+            x = images_to_tensor(self.dataset.images[idx], mean=cfg.model.mean, std=cfg.model.std)
+            return x, torch.from_numpy(self.dataset.labels[idx]).long()
+
+        self.train_data = [tensors(s.train) for s in splits]
+        self.test_data = [tensors(s.val if cfg.evaluate_on == "val" else s.test) for s in splits]
+        self.client_facts = [
+            {"client": s.client, "train": len(s.train), "test": len(s.test), "val": len(s.val), "domain": s.domain,
+             "evaluated": len(s.val if cfg.evaluate_on == "val" else s.test),
+             "label_counts": np.bincount(self.dataset.labels[s.train], minlength=self.num_classes).tolist()}
+            for s in splits]
+        self.domain_names = list(getattr(self.dataset, "domain_names", []) or [])
+
     def client_info(self) -> list[dict[str, Any]]:
-        names = list(getattr(self.dataset, "domain_names", []) or [])
-        out = []
-        for s in self.splits:
-            counts = np.bincount(self.dataset.labels[s.train], minlength=self.num_classes)
-            out.append({"client": s.client, "domain": s.domain, "label_counts": counts.tolist(), "domain_names": names})
-        return out
+        return [{"client": f["client"], "domain": f["domain"], "label_counts": f["label_counts"],
+                 "domain_names": self.domain_names} for f in self.client_facts]
 
     # ------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -351,8 +361,7 @@ class Trainer:
                 "master_seed": cfg.seed,
                 "streams": "numpy.random.SeedSequence(master, spawn_key=(crc32(component), client, round))",
                 "participation": self.schedule,
-                "clients": [{"client": s.client, "train": len(s.train), "test": len(s.test), "val": len(s.val),
-                             "domain": s.domain} for s in self.splits],
+                "clients": [{k: f[k] for k in ("client", "train", "test", "val", "domain")} for f in self.client_facts],
             }, indent=1))
             metrics_path.write_text("")
         self._log_file = open(self.run_dir / "log.txt", "a")
@@ -464,8 +473,8 @@ class Trainer:
             "accuracy_generated": block("acc_generated"),
             "communication": self.communication(),
             "data": {"source": self.cfg.data.source, "partition": self.cfg.data.partition,
-                     "train_per_client": [len(s.train) for s in self.splits],
-                     "test_per_client": [int(y.numel()) for _, y in self.test_data]},
+                     "train_per_client": [f["train"] for f in self.client_facts],
+                     "test_per_client": [f["evaluated"] for f in self.client_facts]},
             "evaluated_on": self.cfg.evaluate_on,
             "time": {"setup_s": self.setup_seconds, "rounds_s": sum(r["time_round_s"] for r in rounds),
                      "mean_round_s": float(np.mean([r["time_round_s"] for r in rounds])) if rounds else 0.0,

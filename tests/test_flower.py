@@ -142,6 +142,12 @@ def _fake_run(tmp_path, policy):
 
 def test_dead_client_continue_keeps_every_round(tmp_path):
     trainer, cfg = _fake_run(tmp_path, "continue")
+    # The server holds no client data: N and the split sizes come from the clients' query replies,
+    # their domains and label counts do not.
+    ref = Trainer(tiny_config(rounds=3, threads=1), run_dir=tmp_path / "ref")
+    assert trainer.dataset is None and trainer.train_data == [] and trainer.test_data == []
+    assert [f["train"] for f in trainer.client_facts] == [f["train"] for f in ref.client_facts]
+    assert all(f["label_counts"] is None and f["domain"] is None for f in trainer.client_facts)
     summary = trainer.run()
     rounds = [json.loads(ln) for ln in (tmp_path / "continue" / "metrics.jsonl").read_text().splitlines()]
     rounds = {r["round"]: r for r in rounds if r["type"] == "round"}

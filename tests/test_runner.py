@@ -225,8 +225,12 @@ def test_evaluate_on_validation_split(tmp_path):
     t = Trainer(cfg, run_dir=tmp_path / "r")
     summary = t.run()
     assert summary["evaluated_on"] == "val"
-    assert summary["data"]["test_per_client"] == [len(s.val) for s in t.splits]
-    assert all(not set(s.val) & set(s.test) for s in t.splits)
+    from pfedpg.data import partition_clients
+
+    splits = partition_clients(t.dataset, cfg.data, seed=cfg.seed)  # the run's own partition (seeded)
+    assert [f["val"] for f in t.client_facts] == [len(s.val) for s in splits]
+    assert summary["data"]["test_per_client"] == [len(s.val) for s in splits]
+    assert all(not set(s.val) & set(s.test) for s in splits)
 
 
 def test_head_lr_is_its_own_parameter_group(tiny_vit):
