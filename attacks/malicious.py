@@ -268,8 +268,6 @@ class PixelBackdoor(MaliciousClients):
     own model (adapted prompt and head), on its triggered test images whose true label is not the
     target."""
 
-    inprocess_only = "its attack success rate reads every benign client's model from the server side"
-
     data_poisoning = True
 
     def __init__(self, *, target: int = 0, poison_fraction: float = 0.5, trigger_size: int = 3,
@@ -279,6 +277,7 @@ class PixelBackdoor(MaliciousClients):
             raise ConfigError(f"backdoor.poison_fraction={poison_fraction!r} must be in (0, 1]")
         self.target, self.poison_fraction = int(target), float(poison_fraction)
         self.trigger_size, self.trigger_value = int(trigger_size), float(trigger_value)
+        self.last: dict = {"asr": None, "asr_per_client": {}}
 
     def client_data(self, ctx, *, client, round, data):
         g = ctx.seeds.numpy("attack.poison", client=client, round=round)
@@ -289,30 +288,40 @@ class PixelBackdoor(MaliciousClients):
         y[idx] = self.target
         return ClientData(x, y)
 
-    def attack_success_rate(self, ctx) -> dict:
-        hits, total, per_client = 0, 0, {}
-        for c in range(ctx.num_clients):
-            if c in self.malicious:
-                continue
-            x, y = ctx.eval_data[c]
-            keep = y != self.target  # images that already carry the target label do not count
-            if int(keep.sum()) == 0:
-                continue
-            xt = add_trigger(x[keep], self.trigger_size, self.trigger_value)
-            target = torch.full((int(keep.sum()),), self.target, dtype=y.dtype)
-            acc = ctx.evaluate(c, xt, target)
-            per_client[c] = acc
-            hits += acc * int(keep.sum())
-            total += int(keep.sum())
-        return {"asr": hits / total if total else None, "asr_per_client": per_client}
+    def client_metrics(self, ctx, *, client, evaluate):
+        """ASR on a benign client's own model: its triggered test images whose true label is not
+        the target (images that already carry it do not count). Runs where the client's model is:
+        in-process, or in the client's Flower ClientApp."""
+        if client in self.malicious:
+            return None
+        x, y = ctx.eval_data[client]
+        keep = y != self.target
+        count = int(keep.sum())
+        if count == 0:
+            return None
+        xt = add_trigger(x[keep], self.trigger_size, self.trigger_value)
+        return {"asr": evaluate(xt, torch.full((count,), self.target, dtype=y.dtype)), "asr_images": count}
 
     def end_of_round(self, ctx, *, round, record):
-        if "acc_adapted_mean" not in record:  # evaluate ASR on evaluation rounds only
+        if "acc_adapted_mean" not in record:  # evaluation rounds only
             return None
-        return {"asr": self.attack_success_rate(ctx)["asr"]}
+        per_client = {row["client"]: (row[f"{self.name}/asr"], row[f"{self.name}/asr_images"])
+                      for row in record["clients"] if f"{self.name}/asr" in row}
+        total = sum(k for _, k in per_client.values())
+        self.last = {"asr": sum(a * k for a, k in per_client.values()) / total if total else None,
+                     "asr_per_client": {c: a for c, (a, _) in sorted(per_client.items())}}
+        return {"asr": self.last["asr"]}
 
     def end_of_run(self, ctx, *, summary):
-        return {**super().end_of_run(ctx, summary=summary), **self.attack_success_rate(ctx), "target": self.target}
+        # The last round always evaluates, so its ASR is the final models'.
+        return {**super().end_of_run(ctx, summary=summary), **self.last, "target": self.target}
+
+    def state_dict(self):
+        return {**super().state_dict(), "last": self.last}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.last = state.get("last", {"asr": None, "asr_per_client": {}})
 
 
 def round_half(v: float) -> int:

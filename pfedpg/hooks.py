@@ -17,7 +17,11 @@ point                 side    contract
 ``incoming_deltas``   server  ``(ctx, round, deltas) -> deltas``; may drop clients
 ``shared_gradients``  server  ``(ctx, round, grads) -> grads``: the per-client g_n before aggregation
 ``aggregate``         server  ``(ctx, round, grads) -> update``; at most one hook, default sum
-``end_of_round``      both    ``(ctx, round, record) -> dict`` of extra metrics for that round
+``client_metrics``    client  ``(ctx, client, evaluate) -> dict``: extra numbers measured on client n's
+                              model when it is evaluated (``evaluate(x, y) -> accuracy``); they
+                              land in its ``client`` row as ``<hook>/<key>``, e.g. backdoor success
+``end_of_round``      both    ``(ctx, round, record) -> dict`` of extra metrics for that round;
+                              ``record["clients"]`` holds the round's client rows
 ``end_of_run``        both    ``(ctx, summary) -> dict`` merged into ``summary.json``
 ====================  ======  ===============================================================
 
@@ -122,6 +126,10 @@ class Hook:
 
     def aggregate(self, ctx: "RunContext", *, round: int, grads) -> torch.Tensor:
         raise NotImplementedError  # only hooks that override this take part in aggregation
+
+    def client_metrics(self, ctx: "RunContext", *, client: int,
+                       evaluate: Callable[[torch.Tensor, torch.Tensor], float]) -> dict[str, Any] | None:
+        return None
 
     # --- both ----------------------------------------------------------------------------------
     def end_of_round(self, ctx: "RunContext", *, round: int, record: dict[str, Any]) -> dict[str, Any] | None:
@@ -251,6 +259,16 @@ class HookChain:
         if self.aggregator is None:
             return default(grads)
         return self.aggregator.aggregate(ctx, round=round, grads=grads)
+
+    def client_metrics(self, ctx, *, client: int, evaluate) -> dict[str, Any]:
+        """Every hook's measurements on client ``client``'s model (a measurement, not client
+        behaviour: it runs for every hook, whoever controls the client)."""
+        extra: dict[str, Any] = {}
+        for h in self.hooks:
+            out = h.client_metrics(ctx, client=client, evaluate=evaluate)
+            if out:
+                extra.update({f"{h.name}/{k}": v for k, v in out.items()})
+        return extra
 
     def end_of_round(self, ctx, *, round: int, record: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {}

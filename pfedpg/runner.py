@@ -272,6 +272,7 @@ class Trainer:
         load_into(self.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
         acc, loss = evaluate(self.model, x, y, batch_size=bs)
         row = {"client": n, "acc_adapted": acc, "loss_adapted": loss, "acc_generated": None}
+        row.update(self.hooks.client_metrics(self.ctx, client=n, evaluate=lambda xs, ys: self.evaluate_client(n, xs, ys)))
         if generated is not None:
             load_into(self.model, prompt=generated, head_weight=st.head_weight, head_bias=st.head_bias)
             row["acc_generated"], row["loss_generated"] = evaluate(self.model, x, y, batch_size=bs)
@@ -442,10 +443,11 @@ class Trainer:
         else:
             rows = [{"type": "client", "round": r, "client": n, "participated": True, **row} for n, row in client_rows.items()]
         record["time_eval_s"] = time.perf_counter() - t_eval
+        record["clients"] = rows
         record.update(self.hooks.end_of_round(self.ctx, round=r, record=record))
         record["time_train_s"] = t_train
         record["time_round_s"] = time.perf_counter() - t0
-        record["clients"] = rows
+        record["clients"] = record.pop("clients")  # keep it last (the run pops it into client records)
         return record
 
     def summarize(self, metrics_path: Path) -> dict[str, Any]:

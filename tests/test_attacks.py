@@ -78,23 +78,31 @@ def test_min_max_and_min_sum_stay_inside_their_constraints():
 def test_backdoor_poisons_its_data_and_asr_uses_benign_non_target_images():
     asked = []
 
-    def evaluate(client, x, y):
-        asked.append((client, x, y))
-        return 1.0
+    def evaluate_as(client, success):
+        def evaluate(x, y):
+            asked.append((client, x, y))
+            return success
+        return evaluate
 
     x = torch.zeros(6, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 0, 3, 4])
     hook = PixelBackdoor(clients=[1], target=0, poison_fraction=0.5, trigger_size=2, trigger_value=3.0)
-    ctx = ctx_for(n=3, eval_data=[(x, y)] * 3, evaluate=evaluate)
+    ctx = ctx_for(n=3, eval_data=[(x, y)] * 3)
     hook.setup(ctx)
     poisoned = hook.client_data(ctx, client=1, round=1, data=ClientData(x, torch.tensor([5, 5, 5, 5, 5, 5])))
     assert int((poisoned.y == 0).sum()) == 3 and int((poisoned.x[:, :, -2:, -2:] != 0).any(dim=(1, 2, 3)).sum()) == 3
-    result = hook.attack_success_rate(ctx)
+    # Measured on each client's own model where it is evaluated; the malicious client is skipped.
+    rows = [{"client": c, **{f"backdoor/{k}": v for k, v in (hook.client_metrics(
+        ctx, client=c, evaluate=evaluate_as(c, [1.0, 0.0, 0.5][c])) or {}).items()}} for c in range(3)]
     assert [c for c, _, _ in asked] == [0, 2]  # benign clients only
     for _, xs, ys in asked:
         assert xs.shape[0] == 4 and bool((ys == 0).all())  # the two true-target images are excluded
         assert torch.equal(xs, add_trigger(x[y != 0], 2, 3.0))
-    assert result["asr"] == 1.0
+    # The round's ASR pools the benign clients' triggered images (4 each).
+    out = hook.end_of_round(ctx, round=1, record={"acc_adapted_mean": 0.5, "clients": rows})
+    assert out == {"asr": 0.75}
+    result = hook.end_of_run(ctx, summary={})
+    assert result["asr"] == 0.75 and result["asr_per_client"] == {0: 1.0, 2: 0.5}
 
 
 def test_a_run_with_an_attack_and_a_defense(tmp_path):

@@ -36,7 +36,7 @@ def _flower(cfg, **flower):
 
 def _rows(run_dir: Path) -> list[dict]:
     keep = ("type", "round", "client", "participants", "train_loss", "train_loss_mean", "delta_norm",
-            "acc_adapted", "acc_generated", "loss_adapted", "local_steps")
+            "acc_adapted", "acc_generated", "loss_adapted", "local_steps", "backdoor/asr")
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -57,12 +57,15 @@ def _server_state(run_dir: Path, r: int) -> dict:
     ([{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8}], {"clients_per_round": 2}),
     # a malicious client crafting its delta in its ClientApp, a robust rule in the ServerApp
     ([{"name": "sign_flip", "clients": [1]}, {"name": "robust_aggregation", "rule": "median"}], {"rounds": 3}),
+    # a backdoor: poisoning in the ClientApp, success measured on each benign client's own model
+    ([{"name": "backdoor", "clients": [0], "trigger_size": 2}], {}),
 ])
 def test_simulation_matches_inprocess(tmp_path, hooks, extra):
     from evaluations.flower_app import run_flower
 
     cfg = tiny_config(threads=1, hooks=hooks, **extra)
-    ref = Trainer(cfg, run_dir=tmp_path / "inprocess").run()
+    Trainer(cfg, run_dir=tmp_path / "inprocess").run()
+    ref = json.loads((tmp_path / "inprocess" / "summary.json").read_text())  # as written, like Flower's
     got = run_flower(_flower(cfg), tmp_path / "flower")
     assert got["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
     assert got["accuracy_generated"]["per_client"] == ref["accuracy_generated"]["per_client"]
@@ -71,6 +74,10 @@ def test_simulation_matches_inprocess(tmp_path, hooks, extra):
     a, b = _server_state(tmp_path / "flower", cfg.rounds), _server_state(tmp_path / "inprocess", cfg.rounds)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # Client-side accounting reaches the server's summary through the replies.
+    if "backdoor" in ref["hook_results"]:
+        assert ref["hook_results"]["backdoor"]["asr"] is not None
+        assert got["hook_results"]["backdoor"]["asr"] == ref["hook_results"]["backdoor"]["asr"]
+        assert got["hook_results"]["backdoor"]["asr_per_client"] == ref["hook_results"]["backdoor"]["asr_per_client"]
     if "dp_client" in ref["hook_results"]:
         assert got["hook_results"]["dp_client"]["epsilon_per_client"] == ref["hook_results"]["dp_client"]["epsilon_per_client"]
         assert min(got["hook_results"]["dp_client"]["epsilon_per_client"]) > 0
@@ -271,7 +278,9 @@ def test_deployment_two_supernodes(tmp_path):
 
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
 def test_deployment_client_dies_mid_run(tmp_path):
-    cfg = _flower(tiny_config(threads=1, **{"data.num_domains": 2}), round_timeout_s=30.0)
+    # Flower marks a killed node offline after ~60 s (heartbeats); a 50 s timeout leaves a healthy
+    # client margin on a loaded machine and costs no extra time here.
+    cfg = _flower(tiny_config(threads=1, **{"data.num_domains": 2}), round_timeout_s=50.0)
     fed = Federation(tmp_path, clients=2)
     run_dir = tmp_path / "run"
     try:
