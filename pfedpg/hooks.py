@@ -260,23 +260,22 @@ class HookChain:
             return default(grads)
         return self.aggregator.aggregate(ctx, round=round, grads=grads)
 
-    def client_metrics(self, ctx, *, client: int, evaluate) -> dict[str, Any]:
-        """Every hook's measurements on client ``client``'s model (a measurement, not client
-        behaviour: it runs for every hook, whoever controls the client)."""
+    def _prefixed(self, point: str, **kw) -> dict[str, Any]:
+        """Every hook's dict from ``point``, keys prefixed ``<hook>/``."""
         extra: dict[str, Any] = {}
         for h in self.hooks:
-            out = h.client_metrics(ctx, client=client, evaluate=evaluate)
+            out = getattr(h, point)(**kw)
             if out:
                 extra.update({f"{h.name}/{k}": v for k, v in out.items()})
         return extra
 
+    def client_metrics(self, ctx, *, client: int, evaluate) -> dict[str, Any]:
+        """Every hook's measurements on client ``client``'s model (a measurement, not client
+        behaviour: it runs for every hook, whoever controls the client)."""
+        return self._prefixed("client_metrics", ctx=ctx, client=client, evaluate=evaluate)
+
     def end_of_round(self, ctx, *, round: int, record: dict[str, Any]) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        for h in self.hooks:
-            out = h.end_of_round(ctx, round=round, record=record)
-            if out:
-                extra.update({f"{h.name}/{k}": v for k, v in out.items()})
-        return extra
+        return self._prefixed("end_of_round", ctx=ctx, round=round, record=record)
 
     def end_of_run(self, ctx, *, summary: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {}
