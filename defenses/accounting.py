@@ -8,7 +8,9 @@ per-release μ_0 = sensitivity / σ reaches: μ = μ_0 · √T.
 from __future__ import annotations
 
 import math
+import secrets
 
+import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
@@ -135,3 +137,33 @@ def check_dp_options(hook: str, *, clip, noise_multiplier, target_epsilon, accou
         raise ConfigError(f"{hook}.target_epsilon={target_epsilon!r} must be a positive number")
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"{hook}.accountant={accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+
+
+#: Where DP noise comes from. ``seeded``: a stream keyed by (run seed, client, round) — runs are
+#: reproducible, but anyone who knows the run's seed (the server does: it has the config) can
+#: subtract the noise, so ε holds only against parties without the seed; right for simulation and
+#: audits. ``local``: a fresh secret seed from the OS per release, unknown to the server — what a
+#: deployment needs; runs are no longer reproducible. (torch's generator is not a CSPRNG, and
+#: floating-point attacks on Gaussian sampling are not addressed, as in Opacus without secure_mode.)
+NOISE_SOURCES = ("seeded", "local")
+
+
+def check_noise_source(hook: str, source: str) -> None:
+    if source not in NOISE_SOURCES:
+        raise ConfigError(f"{hook}.noise={source!r} is not one of {', '.join(NOISE_SOURCES)}")
+
+
+def noise_generator(ctx, source: str, component: str, *, client: int, round: int) -> torch.Generator:
+    if source == "seeded":
+        return ctx.seeds.torch(component, client=client, round=round)
+    g = torch.Generator()
+    g.manual_seed(secrets.randbits(63))
+    return g
+
+
+def warn_seeded_deployment(hook: str, ctx, source: str) -> None:
+    """A deployed run whose server knows the noise seed gets a loud log line, not silence."""
+    cfg = ctx.config
+    if source == "seeded" and getattr(cfg, "engine", None) == "flower" and cfg.flower.superlink is not None:
+        ctx.log(f"WARNING {hook}: noise is drawn from the run seed, which the server knows; the ε reported holds "
+                f"against parties without the seed, not against this deployment's server. Set {hook}.noise: local")

@@ -10,16 +10,18 @@ Privacy unit: one client's whole dataset. Adjacency ``replace`` (default; sensit
 the server holds (φ, P_base, d_n, the released ΔP_n). NOT covered: the client's adapted prompt P̃_n
 and head H_n, which are trained on raw data and never noised.
 
-The noise here is drawn from a stream keyed by (seed, client, round) so runs are reproducible.
-That is for simulation only: a deployed client must draw noise from a local source that the server
-cannot know — anyone holding the seed could subtract seeded noise.
+By default (``noise: seeded``) the noise is drawn from a stream keyed by (seed, client, round) so
+runs are reproducible. That is for simulation only: anyone holding the seed could subtract it. A
+deployed client needs ``noise: local`` (a secret seed per release that the server cannot know); a
+Flower deployment with seeded noise logs a warning.
 """
 from __future__ import annotations
 
 
 import torch
 
-from defenses.accounting import ClientAccountants, calibrate_noise, check_dp_options
+from defenses.accounting import (ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
+                                 noise_generator, warn_seeded_deployment)
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 
@@ -40,13 +42,16 @@ class ClientLevelDP(Hook):
 
     Options: ``clip`` C > 0; exactly one of ``noise_multiplier`` z ≥ 0 (noise std zC) or
     ``target_epsilon`` (z calibrated up front for the most rounds any client is scheduled to join);
-    ``delta`` (< 1/N); ``adjacency`` (replace | add_remove); ``accountant`` (rdp | prv).
+    ``delta`` (< 1/N); ``adjacency`` (replace | add_remove); ``accountant`` (rdp | prv);
+    ``noise`` (seeded | local, see ``defenses.accounting.NOISE_SOURCES``).
     z = 0 is the clip-only ablation: ε = ∞.
     """
 
     def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 delta: float = 1e-5, adjacency: str = "replace", accountant: str = "rdp"):
+                 delta: float = 1e-5, adjacency: str = "replace", accountant: str = "rdp", noise: str = "seeded"):
         super().__init__()
+        check_noise_source("dp_client", noise)
+        self.noise_source = noise
         check_dp_options("dp_client", clip=clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
                          accountant=accountant, allow_zero_noise=True)
         if adjacency not in ADJACENCIES:
@@ -65,6 +70,7 @@ class ClientLevelDP(Hook):
         return self.noise_multiplier * self.clip / self.sensitivity
 
     def setup(self, ctx) -> None:
+        warn_seeded_deployment("dp_client", ctx, self.noise_source)
         n = ctx.num_clients
         if self.delta >= 1.0 / n:
             raise ConfigError(f"dp_client.delta={self.delta} must be < 1/N = {1.0 / n:.3g} for client-level DP; lower it")
@@ -83,7 +89,7 @@ class ClientLevelDP(Hook):
         return clipped + noise * (self.noise_multiplier * self.clip)
 
     def outgoing_delta(self, ctx, *, client, round, delta):
-        released = self.privatize(delta, ctx.seeds.torch("dp_client.noise", client=client, round=round))
+        released = self.privatize(delta, noise_generator(ctx, self.noise_source, "dp_client.noise", client=client, round=round))
         if self.noise_multiplier > 0:
             self.accountants.step(client, noise_multiplier=self.accounting_multiplier, sample_rate=1.0)
         else:
@@ -108,6 +114,7 @@ class ClientLevelDP(Hook):
             "sampling": "none (sample rate 1 per release; client sampling gives no amplification against the server)",
             "delta": self.delta,
             "accountant": f"opacus {self.accountant_name}",
+            "noise_source": self.noise_source,
         }
 
     def end_of_run(self, ctx, *, summary):

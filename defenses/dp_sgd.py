@@ -19,7 +19,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from defenses.accounting import ClientAccountants, calibrate_noise, check_dp_options
+from defenses.accounting import (ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
+                                 noise_generator, warn_seeded_deployment)
 from pfedpg.client import make_optimizer, trainable_parameters
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, LocalResult, register_hook
@@ -85,11 +86,16 @@ def per_sample_gradients(model, x: torch.Tensor, y: torch.Tensor) -> list[torch.
 class RecordLevelDPSGD(Hook):
     """Options: ``clip`` C (per-sample L2 bound); exactly one of ``noise_multiplier`` z or
     ``target_epsilon`` (z calibrated per client for all its planned steps); ``delta`` (default
-    1/(10·|D_n|) of the smallest client; must be < 1/|D_n| for every client); ``accountant``."""
+    1/(10·|D_n|) of the smallest client; must be < 1/|D_n| for every client); ``accountant``;
+    ``noise`` (seeded | local, see ``defenses.accounting.NOISE_SOURCES``): with ``local`` both the
+    Gaussian noise and the Poisson sampling come from secret seeds — amplification by sampling
+    assumes the adversary does not know which records each step drew."""
 
     def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 delta: float | None = None, accountant: str = "rdp"):
+                 delta: float | None = None, accountant: str = "rdp", noise: str = "seeded"):
         super().__init__()
+        check_noise_source("dp_sgd", noise)
+        self.noise_source = noise
         check_dp_options("dp_sgd", clip=clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
                          accountant=accountant, allow_zero_noise=False)
         self.clip, self.delta, self.accountant_name = float(clip), delta, accountant
@@ -98,6 +104,7 @@ class RecordLevelDPSGD(Hook):
         self.accountants = ClientAccountants(accountant, delta)
 
     def setup(self, ctx) -> None:
+        warn_seeded_deployment("dp_sgd", ctx, self.noise_source)
         sizes = ctx.train_sizes
         if self.delta is None:
             self.delta = 1.0 / (10 * min(sizes))
@@ -131,14 +138,16 @@ class RecordLevelDPSGD(Hook):
         q, z = self.sample_rate(n), self.noise[job.client]
         params = trainable_parameters(model)
         opt = make_optimizer(model, cfg)
-        noise_g = ctx.seeds.torch("dp_sgd.noise", client=job.client, round=job.round)
+        noise_g = noise_generator(ctx, self.noise_source, "dp_sgd.noise", client=job.client, round=job.round)
+        sample_g = job.generator if self.noise_source == "seeded" else \
+            noise_generator(ctx, self.noise_source, "dp_sgd.sampling", client=job.client, round=job.round)
         model.train()
         total, seen, clipped = 0.0, 0, 0
         steps = self.steps(n)
         psg = PerSampleGradients(model)
         for _ in range(steps):
             # Poisson sampling: each record joins this step independently with probability q.
-            idx = (torch.rand(n, generator=job.generator) < q).nonzero().squeeze(1)
+            idx = (torch.rand(n, generator=sample_g) < q).nonzero().squeeze(1)
             summed = [torch.zeros_like(p) for p in params]
             if idx.numel():
                 grads, losses = psg(x[idx], y[idx])
@@ -177,6 +186,7 @@ class RecordLevelDPSGD(Hook):
             "sampling": f"Poisson, rate q = batch_size/|D_n| (batch_size {self.batch_size})",
             "delta": self.delta,
             "accountant": f"opacus {self.accountant_name}, one per client for the whole run",
+            "noise_source": self.noise_source,
         }
 
     def end_of_run(self, ctx, *, summary):

@@ -119,6 +119,38 @@ def test_dp_noise_changes_what_the_server_sees_but_not_the_adapted_prompt(tmp_pa
     assert not torch.equal(plain.server.p_base, noisy.server.p_base)
 
 
+@pytest.mark.parametrize("hook", [{"name": "dp_client", "clip": 0.1, "noise_multiplier": 1.0},
+                                  {"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}])
+def test_local_noise_is_secret_and_seeded_noise_reproducible(tmp_path, hook):
+    import defenses  # noqa: F401
+
+    def server_after(name, noise):
+        t = Trainer(tiny_config(rounds=1, hooks=[{**hook, "noise": noise}]), run_dir=tmp_path / name)
+        summary = t.run()
+        assert summary["hook_results"][hook["name"]]["noise_source"] == noise
+        return t.server.p_base.detach().clone()
+
+    # Seeded: the same run twice is the same run. Local: a secret seed per release, so two runs of
+    # one config differ — the server, which knows the run seed, cannot reproduce the noise.
+    assert torch.equal(server_after("s1", "seeded"), server_after("s2", "seeded"))
+    assert not torch.equal(server_after("l1", "local"), server_after("l2", "local"))
+    with pytest.raises(ConfigError, match="noise='os' is not one of seeded, local"):
+        Trainer(tiny_config(rounds=1, hooks=[{**hook, "noise": "os"}]), run_dir=tmp_path / "bad")
+
+
+def test_seeded_noise_in_a_flower_deployment_is_flagged():
+    from pfedpg.config import config_from_dict
+
+    lines = []
+    for superlink, noise, warned in [("10.0.0.1:9093", "seeded", True), ("10.0.0.1:9093", "local", False),
+                                     (None, "seeded", False)]:
+        cfg = config_from_dict({"engine": "flower", "flower": {"superlink": superlink}})
+        ctx = RunContext(config=cfg, seeds=Seeds(0), run_dir=None, num_clients=4, log=lines.append, schedule=[[0, 1, 2, 3]])
+        lines.clear()
+        ClientLevelDP(clip=1.0, noise_multiplier=1.0, noise=noise).setup(ctx)
+        assert any("WARNING dp_client" in ln and "noise: local" in ln for ln in lines) == warned
+
+
 # ------------------------------------------------------------------------------------------------
 # Mechanism-level audit on the exact client-side code path (DESIGN §6)
 
