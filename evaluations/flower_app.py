@@ -35,9 +35,11 @@ def _require_flwr() -> None:
         raise ConfigError("engine=flower needs Flower: pip install '.[flower]' (or `make venv`, which installs it)") from None
 
 
-def make_server_app(settings: dict[str, Any] | None = None, errors: list | None = None):
+def make_server_app(settings: dict[str, Any] | None = None, errors: list | None = None,
+                    log: Callable[[str], None] | None = None):
     """A ServerApp running ``FlowerTrainer``; ``settings`` None reads them from the run config.
-    An exception is appended to ``errors`` (simulation: the driver re-raises it) and re-raised."""
+    An exception is appended to ``errors`` (simulation: the driver re-raises it) and re-raised.
+    ``log`` takes the run's log lines (default: stderr, which ``flwr run --stream`` shows)."""
     from flwr.serverapp import Grid, ServerApp
 
     from flwr.app import Context
@@ -51,7 +53,7 @@ def make_server_app(settings: dict[str, Any] | None = None, errors: list | None 
         cfg, run_dir, backbone = settings_from(settings if settings is not None else dict(context.run_config))
         try:
             trainer = FlowerTrainer(cfg, run_dir=run_dir, grid=grid, backbone_path=backbone,
-                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+                                    log=log or (lambda m: print(m, file=sys.stderr, flush=True)))
             trainer.run()
         except Exception as e:
             if errors is not None:
@@ -143,7 +145,7 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     failed.unlink(missing_ok=True)  # from an attempt that stopped before its first round
     status = 0
     if cfg.flower.superlink is None:
-        _simulate(cfg, settings)
+        _simulate(cfg, settings, log)
     else:
         status = _deploy(cfg, run_dir, settings)
     summary = run_dir / "summary.json"
@@ -160,7 +162,7 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     return json.loads(summary.read_text())
 
 
-def _simulate(cfg: RunConfig, settings: dict[str, str]) -> None:
+def _simulate(cfg: RunConfig, settings: dict[str, str], log: Callable[[str], None]) -> None:
     import logging
 
     from flwr.simulation import run_simulation
@@ -169,7 +171,7 @@ def _simulate(cfg: RunConfig, settings: dict[str, str]) -> None:
     backend = {"client_resources": {"num_cpus": cfg.flower.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                              "logging_level": logging.ERROR, "log_to_driver": False}}
-    run_simulation(make_server_app(settings, errors), make_client_app(settings),
+    run_simulation(make_server_app(settings, errors, log), make_client_app(settings),
                    num_supernodes=_num_clients(cfg), backend_config=backend)
     if errors:
         raise errors[0]
