@@ -139,8 +139,8 @@ class ClientRuntime:
         t = self.trainer
         info = {"num_clients": t.num_clients, "num_classes": t.num_classes, "domain_names": t.domain_names,
                 # Split sizes only: its domain and label counts stay private to the client.
-                "facts": json.dumps({**t.client_facts[n], "domain": None, "label_counts": None})}
-        return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+                "facts": {**t.client_facts[n], "domain": None, "label_counts": None}}
+        return Message(RecordDict({"info": ConfigRecord({"json": json.dumps(info)})}), reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
         n = self.client_id(context)
@@ -207,8 +207,8 @@ class FlowerTrainer(Trainer):
                 for node, reply in self._exchange(msgs, timeout=max(1.0, deadline - time.time())).items():
                     if isinstance(reply, str):
                         raise ConfigError(f"SuperNode {node} did not answer the set-up query: {reply}")
-                    info = reply.content.config_records["info"]
-                    fact = json.loads(info["facts"])
+                    info = json.loads(reply.content.config_records["info"]["json"])
+                    fact = info["facts"]
                     n, their = fact["client"], (int(info["num_clients"]), int(info["num_classes"]), list(info["domain_names"]))
                     if total is not None and their != total:
                         raise ConfigError(f"SuperNode {node} built {their[0]} clients and {their[1]} classes from its config, "
