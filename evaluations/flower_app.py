@@ -120,17 +120,10 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     """Run ``cfg`` on Flower into ``run_dir``; returns summary.json's contents."""
     _require_flwr()
     load_plugins()
-    if resume:
-        raise ConfigError("--resume continues in-process runs only: Flower clients keep their state for one Flower run; "
-                          "start a new run")
+    from pfedpg.flower import check_supported
     from pfedpg.hooks import build_hooks
 
-    refused = build_hooks(cfg.hooks).inprocess_only()
-    if refused:
-        raise ConfigError(f"hook {refused[0]} — it runs only with engine: inprocess")
-    if cfg.batched_clients:
-        raise ConfigError("batched_clients trains clients of one process together; with engine=flower each client "
-                          "trains in its own ClientApp: set batched_clients: false")
+    check_supported(cfg, build_hooks(cfg.hooks), resume=resume)  # before Ray or a SuperLink is touched
     run_dir = Path(run_dir)
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; choose another run_name")

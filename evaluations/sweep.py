@@ -85,6 +85,8 @@ def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bo
 def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], None] = print,
               progress: bool = False) -> list[CellResult]:
     """``grid``: dicts with at least ``cell`` (a unique name) and ``config`` (a run-config dict)."""
+    from pfedpg.runner import latest_checkpoint
+
     load_plugins()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     results = []
@@ -104,7 +106,7 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
         else:
             try:
                 # A cell cut short resumes from its latest checkpoint (in-process runs).
-                started = (run_dir / "metrics.jsonl").exists() and any((run_dir / "checkpoints").glob("round_*.pt"))
+                started = (run_dir / "metrics.jsonl").exists() and latest_checkpoint(run_dir) is not None
                 summary = run_training(cfg, run_dir, log=lambda m: None, progress=progress, resume=started)
                 write_report(run_dir)  # each cell is an ordinary run directory, report included
                 log(f"[{i}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")

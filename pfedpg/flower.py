@@ -47,7 +47,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig, config_from_dict
 from pfedpg.errors import ClientFailure, ConfigError
+from pfedpg.hooks import build_hooks
 from pfedpg.runner import Trainer
+
+
+def check_supported(cfg: RunConfig, hooks, *, resume: bool = False) -> None:
+    """One-line errors for what the Flower engine cannot run (``hooks``: the run's HookChain)."""
+    if resume:
+        raise ConfigError("--resume continues in-process runs only: Flower clients keep their state for one Flower "
+                          "run; start a new run")
+    if cfg.batched_clients:
+        raise ConfigError("batched_clients trains clients of one process together; with engine=flower each client "
+                          "trains in its own ClientApp: set batched_clients: false")
+    refused = hooks.inprocess_only()
+    if refused:
+        raise ConfigError(f"hook {refused[0]} — it runs only with engine: inprocess")
 
 
 def _pack(obj: Any) -> bytes:
@@ -178,18 +192,13 @@ class FlowerTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, *, run_dir: str | Path, grid, backbone_path: str | None = None,
                  log: Callable[[str], None] | None = None, progress: bool = False):
-        if cfg.batched_clients:
-            raise ConfigError("batched_clients trains clients of one process together; with engine=flower each client "
-                              "trains in its own ClientApp: set batched_clients: false")
+        check_supported(cfg, build_hooks(cfg.hooks))
         if cfg.model.weights == "pretrain" and not backbone_path:
             raise ConfigError("model.weights=pretrain: pass the pretrained backbone's path (run_flower resolves it)")
         self.grid = grid
         self.fcfg = cfg.flower
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         super().__init__(cfg, run_dir=run_dir, log=log, progress=progress, backbone_path=backbone_path)
-        refused = self.hooks.inprocess_only()
-        if refused:
-            raise ConfigError(f"hook {refused[0]} — it runs only with engine: inprocess")
 
     # -- connecting ------------------------------------------------------------------------------
     def load_clients(self) -> None:
@@ -317,7 +326,5 @@ class FlowerTrainer(Trainer):
         return None  # the clients' states live on their nodes
 
     def run(self, *, resume: bool = False, stop_after: int | None = None):
-        if resume:
-            raise ConfigError("--resume continues in-process runs only: Flower clients keep their state for one Flower "
-                              "run; start a new run")
+        check_supported(self.cfg, self.hooks, resume=resume)
         return super().run(stop_after=stop_after)

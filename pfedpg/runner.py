@@ -40,6 +40,12 @@ from pfedpg.server import SERVERS, plain_aggregate
 CHECKPOINT_VERSION = 1
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest ``checkpoints/round_XXXX.pt`` of a run directory, or None."""
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("round_*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
 def participation_schedule(*, num_clients: int, per_round: int | None, rounds: int, seeds: Seeds) -> list[list[int]]:
     """Pre-computed, seeded m-of-N schedule (full participation when per_round is None)."""
     if per_round is None or per_round == num_clients:
@@ -334,8 +340,7 @@ class Trainer:
         return int(state["round"])
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted((self.run_dir / "checkpoints").glob("round_*.pt"))
-        return ckpts[-1] if ckpts else None
+        return latest_checkpoint(self.run_dir)
 
     # ------------------------------------------------------------------------------------------
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any] | None:
