@@ -33,14 +33,13 @@ def confidence_scores(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: in
 
 
 def prompt_gradients(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """Per-record ∇_P ℓ(x_i) (B × K × D) at the model's loaded prompt and head, in batches.
+    """Per-record ∇_P ℓ(x_i) (B × L·K × D) at the model's loaded prompt and head, in batches.
 
-    Each record's loss depends on the prompt only through its own copy of the prompt tokens, so the
-    gradient of the summed loss at the prompt positions of the prompt module's output is exactly
-    the per-record gradient (the same fact the DP-SGD grad sampler uses)."""
+    Each record's loss depends on the prompt only through its own copy of the prompt tokens (the
+    prompt module's output), so the gradient of the summed loss at that output is exactly the
+    per-record gradient (the same fact the DP-SGD grad sampler uses)."""
     model.eval()
     mod = model.prompt
-    p, k = mod.num_prefix_tokens, mod.num_prompts
     captured = {}
 
     def keep(_m, _inp, out):
@@ -54,7 +53,7 @@ def prompt_gradients(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
             with torch.enable_grad():
                 loss = F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], reduction="sum")
                 loss.backward()
-            out.append(captured["out"].grad[:, p:p + k].detach().clone())
+            out.append(captured["out"].grad.detach().clone())
             model.zero_grad(set_to_none=True)
     finally:
         handle.remove()

@@ -198,7 +198,8 @@ def prompt_drift(rdir: Path) -> dict | None:
     patch = kw.get("patch_size", 16)
     dim = kw.get("embed_dim")
     init_bound = math.sqrt(6.0 / (3 * patch * patch + dim))  # pfedpg.models.vpt_init_bound
-    make = lambda: SERVERS.get(cfg.method)(cfg.server, num_clients=len(sizes), num_prompts=cfg.model.num_prompts,
+    tokens = cfg.model.num_prompts * (kw.get("depth", 12) if cfg.model.prompt_depth == "deep" else 1)
+    make = lambda: SERVERS.get(cfg.method)(cfg.server, num_clients=len(sizes), num_prompts=tokens,
                                           dim=dim, init_bound=init_bound, seeds=Seeds(cfg.seed), train_sizes=sizes)
     s0, s1 = make(), make()
     s1.load_state_dict(state["server"])

@@ -30,7 +30,8 @@ _REGISTERED = False
 
 
 def _register_prompt_grad_sampler() -> None:
-    """Per-sample gradient of the prompt = the output gradient at the prompt positions."""
+    """Per-sample gradient of the prompt = the gradient at the prompt module's output, which is
+    each sample's own copy of the (shallow or deep) prompt."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -38,8 +39,7 @@ def _register_prompt_grad_sampler() -> None:
 
     @register_grad_sampler(PromptTokens)
     def _prompt_grad_sample(layer: PromptTokens, activations, backprops):
-        p, k = layer.num_prefix_tokens, layer.num_prompts
-        return {layer.prompt: backprops[:, p:p + k, :]}
+        return {layer.prompt: backprops}
 
     _REGISTERED = True
 

@@ -101,7 +101,10 @@ class Trainer:
         with torch.random.fork_rng():  # timm's init reads torch's global generator; keep it ours
             torch.random.default_generator.manual_seed(int(self.seeds.sequence("init.backbone").generate_state(1)[0]))
             backbone = build_backbone(cfg.model, checkpoint=backbone_path)
-        self.model = PromptedViT(backbone, num_prompts=cfg.model.num_prompts, num_classes=self.num_classes)
+        self.model = PromptedViT(backbone, num_prompts=cfg.model.num_prompts, num_classes=self.num_classes,
+                                 deep=cfg.model.prompt_depth == "deep")
+        # K for shallow prompts, L·K for deep ones: the tokens a client trains, sends and the server generates.
+        self.prompt_tokens = self.model.num_prompt_tokens
         self.backbone_numbers = backbone_num_params(backbone)
         self.dim = self.model.embed_dim
         self.init_bound = vpt_init_bound(backbone)
@@ -109,7 +112,7 @@ class Trainer:
         train_sizes = [f["train"] for f in self.client_facts]
 
         server_cls = SERVERS.get(cfg.method)
-        self.server = server_cls(cfg.server, num_clients=self.num_clients, num_prompts=cfg.model.num_prompts,
+        self.server = server_cls(cfg.server, num_clients=self.num_clients, num_prompts=self.prompt_tokens,
                                  dim=self.dim, init_bound=self.init_bound, seeds=self.seeds, train_sizes=train_sizes)
         self.states = [self._initial_state(n) for n in range(self.num_clients)]
         self.schedule = participation_schedule(num_clients=self.num_clients, per_round=cfg.clients_per_round,
@@ -161,7 +164,7 @@ class Trainer:
             self._log_file.flush()
 
     def _initial_state(self, n: int) -> ClientState:
-        k, d, c = self.cfg.model.num_prompts, self.dim, self.num_classes
+        k, d, c = self.prompt_tokens, self.dim, self.num_classes
         g = self.seeds.torch("init.head", client=n)
         bound = 1.0 / math.sqrt(d)  # nn.Linear's default init, drawn from the client's own stream
         w = torch.empty(c, d).uniform_(-bound, bound, generator=g)
@@ -175,7 +178,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def communication(self) -> dict[str, Any]:
-        k_d = self.cfg.model.num_prompts * self.dim if self.server.sends_prompts else 0
+        k_d = self.prompt_tokens * self.dim if self.server.sends_prompts else 0
         bytes_per = torch.finfo(torch.float32).bits // 8
         per_round = [len(p) for p in self.schedule]
         return {
@@ -260,8 +263,8 @@ class Trainer:
         t0 = time.perf_counter()
         update = self.hooks.aggregate(self.ctx, round=r, grads=grads, default=plain_aggregate)
         agg_ms = (time.perf_counter() - t0) * 1e3
-        self.server.apply(update, grads)
-        return {"aggregation_ms": agg_ms, "clients_aggregated": len(grads.clients)}
+        step = self.server.apply(update, grads)
+        return {"aggregation_ms": agg_ms, "clients_aggregated": len(grads.clients), **step}
 
     def evaluate_client(self, n: int, x: torch.Tensor, y: torch.Tensor) -> float:
         """Accuracy of client n's personalised model (adapted prompt, head) on (x, y)."""

@@ -40,6 +40,10 @@ class ServerConfig:
     # Initial attention-logit std for cross_attention: descriptors start N(0,1) and are rescaled so
     # the logits have this std. Near-uniform attention would give every client the same prompt.
     attention_logit_std: float = 1.0
+    # The bounded step (DESIGN §1): before the SGD step, clip the aggregated shared-parameter update
+    # and each descriptor gradient to this L2 norm (pFedHN's trainer clips at 50). null = the
+    # paper's plain step. What lets α ≫ 1e-3 survive client-level DP noise.
+    max_grad_norm: float | None = None
 
     def __post_init__(self):
         if self.generator not in GENERATORS:
@@ -48,6 +52,8 @@ class ServerConfig:
             raise ConfigError(f"server.lr={self.lr!r} must be a positive number (paper: 1e-3)")
         if not self.attention_logit_std > 0:
             raise ConfigError(f"server.attention_logit_std={self.attention_logit_std!r} must be > 0")
+        if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ConfigError(f"server.max_grad_norm={self.max_grad_norm!r} must be a positive number, or null (the plain step)")
 
 
 @dataclass
@@ -81,8 +87,17 @@ class Server(nn.Module):
     def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
         raise NotImplementedError
 
-    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> None:
+    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> dict[str, float]:
+        """Take the step; returns the step's norms for the round record."""
         raise NotImplementedError
+
+    def bound(self, update: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``update`` clipped to ``server.max_grad_norm`` (unchanged when null), and its norm before."""
+        norm = float(update.norm())
+        c = self.cfg.max_grad_norm
+        if c is not None and norm > c:
+            update = update * (c / norm)
+        return update, norm
 
     def num_shared(self) -> int:
         return sum(p.numel() for p in self.shared_parameters())
@@ -147,13 +162,18 @@ class PFedPGServer(Server):
         return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype), private)
 
     @torch.no_grad()
-    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> None:
+    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> dict[str, float]:
         lr = self.cfg.lr
         shared = self.shared_parameters()
+        shared_update, norm = self.bound(shared_update)
         for p, u in zip(shared, _unflatten(shared_update, shared)):
             p.sub_(lr * u)
+        d_norms = []
         for n, (d_grad,) in grads.private.items():
+            d_grad, d_norm = self.bound(d_grad)
+            d_norms.append(d_norm)
             self.descriptors[n].sub_(lr * d_grad)
+        return {"server_update_norm": norm, "descriptor_grad_norm_max": max(d_norms, default=0.0)}
 
 
 @SERVERS.register("fedvpt")
@@ -184,8 +204,10 @@ class FedVPTServer(Server):
         return ClientGradients(clients, stack, weights, {})
 
     @torch.no_grad()
-    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> None:
+    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> dict[str, float]:
+        shared_update, norm = self.bound(shared_update)
         self.prompt.sub_(shared_update.view_as(self.prompt))
+        return {"server_update_norm": norm}
 
 
 @SERVERS.register("local")
@@ -203,8 +225,8 @@ class LocalServer(Server):
     def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
         return ClientGradients(sorted(deltas), torch.zeros(len(deltas), 0), torch.ones(len(deltas)), {})
 
-    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> None:
-        pass
+    def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> dict[str, float]:
+        return {}
 
 
 def plain_aggregate(grads: ClientGradients) -> torch.Tensor:

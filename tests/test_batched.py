@@ -21,6 +21,7 @@ def run(tmp_path, name, **overrides):
     {},                                                            # pfedpg, momentum, wd, 1 epoch
     {"client.local_epochs": 2, "client.head_lr": 0.03, "data.max_train_per_client": 41},  # ragged batches
     {"method": "fedvpt"},
+    {"model.prompt_depth": "deep", "model.kwargs.depth": 2},      # deep prompts: L·K tokens per sample
     {"method": "local", "client.momentum": 0.0, "client.weight_decay": 0.0},
 ])
 def test_batched_round_equals_sequential_clients(tmp_path, extra):

@@ -96,3 +96,77 @@ def test_fedvpt_is_fedavg_of_the_deltas():
     step(server, deltas)
     expected = p + (10 * 1 + 20 * 2 + 30 * 3) / 60
     torch.testing.assert_close(server.prompts_for([0])[0], expected)
+
+
+@pytest.mark.parametrize("method", ["pfedpg", "fedvpt"])
+def test_bounded_step_clips_the_shared_update_and_each_descriptor_gradient(method):
+    c, lr = 0.5, 0.1
+    server = make_server(method=method, lr=lr, max_grad_norm=c)
+    before = {k: v.detach().clone() for k, v in server.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    deltas = {n: 100.0 * torch.randn(K, D, generator=g, dtype=torch.float64) for n in range(N)}
+    grads = server.client_gradients(deltas)
+    plain = plain_aggregate(grads)
+    info = server.apply(plain, grads)
+    assert info["server_update_norm"] == pytest.approx(float(plain.norm())) and info["server_update_norm"] > c
+    shared_names = [k for k in before if k != "descriptors" and k != "train_sizes"]
+    moved = torch.cat([(server.state_dict()[k] - before[k]).reshape(-1) for k in shared_names])
+    step_lr = lr if method == "pfedpg" else 1.0  # FedAvg's step has lr 1
+    assert float(moved.norm()) == pytest.approx(step_lr * c, rel=1e-9)
+    # ... in the direction of the plain update
+    torch.testing.assert_close(moved / moved.norm(), -plain / plain.norm())
+    if method == "pfedpg":
+        assert info["descriptor_grad_norm_max"] > c
+        for n in range(N):
+            step = server.descriptors[n].detach() - before["descriptors"][n]
+            assert float(step.norm()) == pytest.approx(lr * c, rel=1e-9)
+    # Below the bound the step is the plain one.
+    loose = make_server(method=method, lr=lr, max_grad_norm=1e9)
+    plain_server = make_server(method=method, lr=lr)
+    for s in (loose, plain_server):
+        gr = s.client_gradients(deltas)
+        s.apply(plain_aggregate(gr), gr)
+    for a, b in zip(loose.state_dict().values(), plain_server.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_bounded_step_keeps_the_sign():
+    server = make_server(lr=1e-2, max_grad_norm=1e-3)
+    sent = server.prompts_for([0, 1])
+    targets = {n: sent[n] + torch.randn(K, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+               for n in sent}
+    before = distance(server, targets)
+    step(server, {n: targets[n] - sent[n] for n in sent})
+    assert distance(server, targets) < before
+
+
+def test_max_grad_norm_is_validated():
+    from pfedpg.errors import ConfigError
+
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ConfigError, match="server.max_grad_norm"):
+            ServerConfig(max_grad_norm=bad)
+
+
+def test_a_large_server_lr_under_dp_noise_diverges_without_the_bound_and_stays_finite_with_it(tmp_path):
+    """α = 1 with client-level DP noise (z = 1): the plain step blows the generator up within five
+    rounds; the bounded step keeps every generated prompt finite."""
+    from conftest import tiny_config
+    from evaluations.plugins import load_plugins
+    from pfedpg.errors import NonFiniteDeltaError
+    from pfedpg.runner import Trainer
+
+    load_plugins()
+    hooks = [{"name": "dp_client", "clip": 1.0, "noise_multiplier": 1.0}]
+    kw = {"rounds": 5, "checkpoint_every": 0, "hooks": hooks, "server.lr": 1.0}
+    with pytest.raises(NonFiniteDeltaError):
+        Trainer(tiny_config(**kw), run_dir=tmp_path / "plain").run()
+    t = Trainer(tiny_config(**kw, **{"server.max_grad_norm": 1.0}), run_dir=tmp_path / "bounded")
+    summary = t.run()
+    assert all(torch.isfinite(p).all() for p in t.server.prompts_for(list(range(t.num_clients))).values())
+    assert summary["accuracy"]["mean"] > 0
+    import json
+
+    rounds = [json.loads(ln) for ln in (tmp_path / "bounded" / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["server_update_norm"] for r in rounds if r["type"] == "round"]
+    assert max(norms) > 1.0, norms  # the bound was active, so it is what kept the run finite

@@ -18,6 +18,7 @@ from torch import nn
 from pfedpg.errors import ConfigError
 
 WEIGHTS = ("pretrain", "pretrained", "checkpoint", "random")
+PROMPT_DEPTHS = ("shallow", "deep")
 
 
 @dataclass
@@ -37,7 +38,10 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(
         default_factory=lambda: {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
     )
-    num_prompts: int = 10
+    num_prompts: int = 10  # K, prompt tokens per prompted layer (paper: 10)
+    # shallow: K tokens before the first block (the paper's VPT). deep: K tokens per block, the
+    # positions overwritten before every later block (VPT-deep, FedVPT-D); L·K tokens in all.
+    prompt_depth: str = "shallow"
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
@@ -50,6 +54,8 @@ class ModelConfig:
             raise ConfigError(f"model.checkpoint is set but model.weights={self.weights!r}; set model.weights=checkpoint")
         if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
             raise ConfigError(f"model.num_prompts={self.num_prompts!r} must be a positive integer (paper: 10)")
+        if self.prompt_depth not in PROMPT_DEPTHS:
+            raise ConfigError(f"model.prompt_depth={self.prompt_depth!r} is not one of {', '.join(PROMPT_DEPTHS)}")
         for key in ("mean", "std"):
             v = getattr(self, key)
             if len(v) != 3 or (key == "std" and min(v) <= 0):
