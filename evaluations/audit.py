@@ -236,14 +236,14 @@ def _default(o):
 
 
 def run_audit(grid, probes: dict[str, Any], base: dict[str, Any], *, out_dir=None,
-              log: Callable[[str], None] = print, progress: bool = False) -> Path:
+              log: Callable[[str], None] = print, progress: bool = False, jobs: int = 1) -> Path:
     from evaluations.privacy import _row, cells
 
     out = Path(out_dir or grid.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.yaml").write_text(yaml.safe_dump({"base": base, "audit": {**grid.__dict__, "probes": probes}},
                                                    sort_keys=False))
-    results = run_cells(cells(grid, with_audit_hook(base, probes)), out, log=log, progress=progress)
+    results = run_cells(cells(grid, with_audit_hook(base, probes)), out, log=log, progress=progress, jobs=jobs)
     rows, by_group = [], {}
     for r in results:
         row = _row(r.cell, r.run_dir, r.summary, r.error)

@@ -68,7 +68,7 @@ def cmd_privacy(args) -> int:
     from evaluations.privacy import load_sweep, run_sweep
 
     sweep, base = load_sweep(args.config, args.overrides)
-    out = run_sweep(sweep, base, out_dir=args.out, log=lambda m: print(m, file=sys.stderr))
+    out = run_sweep(sweep, base, out_dir=args.out, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
     print((out / "tradeoff.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, tradeoff.csv, accuracy_vs_epsilon.png)")
     return 1 if (out / "FAILED").exists() else 0
@@ -78,7 +78,7 @@ def cmd_audit(args) -> int:
     from evaluations.audit import load_audit, run_audit
 
     grid, probes, base = load_audit(args.config, args.overrides)
-    out = run_audit(grid, probes, base, out_dir=args.out, log=lambda m: print(m, file=sys.stderr))
+    out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
     summary = json.loads((out / "audit.json").read_text())
     for group, res in summary["groups"].items():
         cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in res["probes"].items())
@@ -91,7 +91,7 @@ def cmd_robustness(args) -> int:
     from evaluations.robustness import load_matrix, run_matrix
 
     matrix, base = load_matrix(args.config, args.overrides)
-    out = run_matrix(matrix, base, out_dir=args.out, log=lambda m: print(m, file=sys.stderr))
+    out = run_matrix(matrix, base, out_dir=args.out, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
     print((out / "robustness.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, robustness.csv, heatmap.png, worst_case.png)")
     rows = (out / "robustness.csv").read_text()
@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=short, description=long)
         _add_config_args(p)
         p.add_argument("--out", metavar="DIR", help=f"{what} directory (default: {name}.out_dir)")
+        p.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                       help="run N cells at once in worker processes (default 1); a config with threads: null "
+                            "gets cores/N threads per cell, so set threads for numbers independent of N")
         p.set_defaults(func=func)
 
     p = sub.add_parser("report", help="(re)write report.md and the plots of a finished run",

@@ -140,11 +140,11 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
 
 
 def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
-              log: Callable[[str], None] = print, progress: bool = False) -> Path:
+              log: Callable[[str], None] = print, progress: bool = False, jobs: int = 1) -> Path:
     out = Path(out_dir or sweep.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump({"base": base, "privacy": sweep.__dict__}, sort_keys=False))
-    results = run_cells(cells(sweep, base), out, log=log, progress=progress)
+    results = run_cells(cells(sweep, base), out, log=log, progress=progress, jobs=jobs)
     rows = [_row(r.cell, r.run_dir, r.summary, r.error) for r in results]
     if sweep.audit is not None:
         from evaluations.audit import group_key, plot_tpr_vs_epsilon, pooled_probes

@@ -127,14 +127,14 @@ def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
 
 
 def run_matrix(matrix: RobustnessConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
-               log: Callable[[str], None] = print) -> Path:
+               log: Callable[[str], None] = print, jobs: int = 1) -> Path:
     out = Path(out_dir or matrix.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.yaml").write_text(yaml.safe_dump({"base": base, "robustness": matrix.__dict__}, sort_keys=False))
     n, m = _clients(base)
     grid = cells(matrix, base, n, m)
     runnable = [c for c in grid if "infeasible" not in c]
-    results = {r.cell["cell"]: r for r in run_cells(runnable, out, log=log)}
+    results = {r.cell["cell"]: r for r in run_cells(runnable, out, log=log, jobs=jobs)}
     rows = []
     for c in grid:
         r = results.get(c["cell"])

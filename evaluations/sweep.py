@@ -82,38 +82,109 @@ def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bo
     return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume)
 
 
-def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], None] = print,
-              progress: bool = False) -> list[CellResult]:
-    """``grid``: dicts with at least ``cell`` (a unique name) and ``config`` (a run-config dict)."""
+def _run_cell(cfg_dict: dict[str, Any], run_dir: str, threads: int | None, progress: bool = False) -> dict[str, Any]:
+    """One cell, start to finish (also the body of a parallel worker): runs, resuming a cell cut
+    short, and writes its report. ``threads`` sets torch's threads when the config leaves them open."""
     from pfedpg.runner import latest_checkpoint
 
     load_plugins()
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, cell in enumerate(grid, 1):
-        run_dir = out / "runs" / cell["cell"]
-        summary_path = run_dir / "summary.json"
-        summary, error = None, None
+    cfg = config_from_dict(cfg_dict)
+    if threads is not None and cfg.threads is None:
+        import torch
+
+        torch.set_num_threads(threads)
+    rd = Path(run_dir)
+    # A cell cut short resumes from its latest checkpoint (in-process runs).
+    started = (rd / "metrics.jsonl").exists() and latest_checkpoint(rd) is not None
+    summary = run_training(cfg, rd, log=lambda m: None, progress=progress, resume=started)
+    write_report(rd)  # each cell is an ordinary run directory, report included
+    return summary
+
+
+def _pretrain(cfg_dict: dict[str, Any], threads: int | None) -> str:
+    from pfedpg.pretrain import pretrain_backbone
+
+    cfg = config_from_dict(cfg_dict)
+    if threads is not None and cfg.threads is None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return str(pretrain_backbone(cfg, log=lambda m: None))
+
+
+def _pretrain_first(todo: list[dict[str, Any]], pool, threads: int | None, log) -> None:
+    """Backbones the cells need (``weights: pretrain``), each trained once before the cells start —
+    two cells of one seed must not pretrain the same cached file at the same time."""
+    from pfedpg.pretrain import cached_path
+
+    needed: dict[Path, dict[str, Any]] = {}
+    for cell in todo:
         cfg = config_from_dict(cell["config"])
+        if cfg.model.weights == "pretrain" and not cached_path(cfg).is_file():
+            needed.setdefault(cached_path(cfg), cell["config"])
+    if needed:
+        log(f"pretraining {len(needed)} backbone(s) first")
+        for f in [pool.submit(_pretrain, c, threads) for c in needed.values()]:
+            f.result()
+
+
+def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], None] = print,
+              progress: bool = False, jobs: int = 1) -> list[CellResult]:
+    """``grid``: dicts with at least ``cell`` (a unique name) and ``config`` (a run-config dict).
+
+    ``jobs`` > 1 runs that many cells at once in worker processes; a cell whose config leaves
+    ``threads`` null then gets cores ÷ jobs torch threads. Results depend on the thread count, so set
+    ``threads`` in the config for numbers that do not depend on ``jobs``."""
+    load_plugins()
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    slots: list[CellResult | None] = [None] * len(grid)
+    todo = []
+    for i, cell in enumerate(grid):
+        run_dir = out / "runs" / cell["cell"]
         saved = run_dir / "config.yaml"
-        if saved.is_file() and not _same_config(saved, cfg):
+        if saved.is_file() and not _same_config(saved, config_from_dict(cell["config"])):
             # A cell of the same name from an edited sweep file: never reuse stale results silently.
             error = f"ConfigError: {run_dir} holds a run with a different config; delete it or choose another --out"
-            log(f"[{i}/{len(grid)}] {cell['cell']}: FAILED ({error})")
-        elif summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            log(f"[{i}/{len(grid)}] {cell['cell']}: done before, reused")
+            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: FAILED ({error})")
+            slots[i] = CellResult(cell, run_dir, None, error)
+        elif (run_dir / "summary.json").is_file():
+            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: done before, reused")
+            slots[i] = CellResult(cell, run_dir, json.loads((run_dir / "summary.json").read_text()), None)
         else:
+            todo.append(i)
+
+    def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None) -> None:
+        cell, run_dir = grid[i], out / "runs" / grid[i]["cell"]
+        if error is None:
+            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
+        else:  # a failed cell is a row, not the end of the grid
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.txt").write_text(trace or error)
+            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: FAILED ({error})")
+        slots[i] = CellResult(cell, run_dir, summary, error)
+
+    if jobs == 1 or len(todo) <= 1:
+        for i in todo:
             try:
-                # A cell cut short resumes from its latest checkpoint (in-process runs).
-                started = (run_dir / "metrics.jsonl").exists() and latest_checkpoint(run_dir) is not None
-                summary = run_training(cfg, run_dir, log=lambda m: None, progress=progress, resume=started)
-                write_report(run_dir)  # each cell is an ordinary run directory, report included
-                log(f"[{i}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
-            except Exception as e:  # a failed cell is a row, not the end of the grid
-                error = f"{type(e).__name__}: {e}"
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "error.txt").write_text(traceback.format_exc())
-                log(f"[{i}/{len(grid)}] {cell['cell']}: FAILED ({error})")
-        results.append(CellResult(cell, run_dir, summary, error))
-    return results
+                finish(i, _run_cell(grid[i]["config"], str(out / "runs" / grid[i]["cell"]), None, progress), None, None)
+            except Exception as e:
+                finish(i, None, f"{type(e).__name__}: {e}", traceback.format_exc())
+    else:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # spawn: a fresh interpreter per worker (forking a process that has started torch's thread pools is unsafe)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            _pretrain_first([grid[i] for i in todo], pool, threads, log)
+            futures = {i: pool.submit(_run_cell, grid[i]["config"], str(out / "runs" / grid[i]["cell"]), threads)
+                       for i in todo}
+            for i, f in futures.items():
+                try:
+                    finish(i, f.result(), None, None)
+                except Exception as e:
+                    finish(i, None, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e)))
+    return [r for r in slots if r is not None]

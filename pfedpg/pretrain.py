@@ -24,7 +24,8 @@ from pfedpg.preprocess import images_to_tensor
 from pfedpg.seeding import Seeds
 
 
-PUBLIC_SPLIT_FIELDS = ("source", "path", "image_size", "public_fraction", "num_domains", "domains", "classes")
+PUBLIC_SPLIT_FIELDS = ("source", "path", "image_size", "public_fraction", "num_domains", "domains", "classes",
+                       "public_domains")
 
 
 def pretrain_key(cfg) -> str:
@@ -35,7 +36,9 @@ def pretrain_key(cfg) -> str:
         "model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs, "mean": cfg.model.mean, "std": cfg.model.std},
         # Only what decides the public records: partition settings (clients, alpha, caps, splits)
         # never touch them, so runs that differ only there share one pretrained backbone.
-        "data": {k: v for k, v in asdict(cfg.data).items() if k in PUBLIC_SPLIT_FIELDS},
+        # (public_domains only when set, so backbones cached before the key existed stay valid.)
+        "data": {k: v for k, v in asdict(cfg.data).items()
+                 if k in PUBLIC_SPLIT_FIELDS and not (k == "public_domains" and v is None)},
         "pretrain": {k: v for k, v in asdict(cfg.pretrain).items() if k != "cache_dir"},
         "seed": cfg.seed,
         "version": 2,

@@ -174,6 +174,28 @@ def test_public_split_is_stratified_and_disjoint_from_clients(embedded):
         assert not np.intersect1d(_all_indices(c), pub).size
 
 
+def test_public_domains_render_the_public_split_in_those_styles_only():
+    from pfedpg.config import config_from_dict
+    from pfedpg.pretrain import pretrain_key
+
+    base = dict(image_size=8, num_domains=4)
+    full = load_dataset(DataConfig(**base), seed=0)
+    plain = load_dataset(DataConfig(**base, public_domains=["plain", "rotated"]), seed=0)
+    pub = public_indices(plain)
+    assert np.array_equal(pub, public_indices(full))  # the same records, only their style differs
+    assert set(plain.domains[pub]) == {0, 3}
+    private = ~plain.public  # the clients' records are untouched
+    assert np.array_equal(plain.images[private], full.images[private])
+    assert np.array_equal(plain.domains[private], full.domains[private])
+    # A different public split is a different backbone: the pretraining cache key changes.
+    keys = {pretrain_key(config_from_dict({"data": {"public_domains": v}})) for v in (None, ["plain"])}
+    assert len(keys) == 2
+    with pytest.raises(ConfigError, match="public_domains.*subset of the clients' domains"):
+        DataConfig(**base, public_domains=["blurred"])
+    with pytest.raises(ConfigError, match="public_domains.*for source 'embedded' only"):
+        DataConfig(source="npz", path="x.npz", public_domains=["plain"])
+
+
 def test_public_indices_is_empty_without_a_public_mask():
     ds = ImageDataset(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64), np.zeros(2, np.int64), ["a"], ["d"])
 

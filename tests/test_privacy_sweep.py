@@ -139,3 +139,24 @@ def test_a_saved_config_equal_after_defaults_is_reused(tmp_path):
     saved.write_text(yaml.safe_dump(tree, sort_keys=True))
     assert _same_config(saved, cfg)
     assert not _same_config(saved, config_from_dict({"rounds": 4, "hooks": [{"name": "noop"}]}))
+
+
+def test_cells_in_parallel_give_the_sequential_table_and_pretrain_each_backbone_once(tmp_path, monkeypatch):
+    """--jobs 2: worker processes, same rows as one after another (threads fixed in the config);
+    the pretrained backbone the cells share is trained once, before the cells start."""
+    path = sweep_file(tmp_path)
+    tree = yaml.safe_load(path.read_text())
+    tree["base"].update({"threads": 1, "model": {**tree["base"]["model"], "weights": "pretrain"},
+                         "pretrain": {"epochs": 1, "cache_dir": str(tmp_path / "cache")}})
+    path.write_text(yaml.safe_dump(tree))
+    sweep, base = load_sweep(path)
+    logs = []
+    par = run_sweep(sweep, base, out_dir=tmp_path / "par", log=logs.append, jobs=2)
+    assert sum("pretraining 1 backbone" in m for m in logs) == 1
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    seq = run_sweep(sweep, base, out_dir=tmp_path / "seq", log=lambda m: None)
+    rows = read_csv(par / "tradeoff.csv")
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert rows == read_csv(seq / "tradeoff.csv")
+    with pytest.raises(ConfigError, match="--jobs"):
+        run_sweep(sweep, base, out_dir=tmp_path / "bad", log=lambda m: None, jobs=0)

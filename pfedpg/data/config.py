@@ -90,6 +90,10 @@ class DataConfig:
     public_fraction: float = 0.3
     num_domains: int = 4
     domains: list[str] | None = None
+    # Embedded source: the styles the public (pretraining) split is rendered in, a subset of the
+    # clients' domains; null = all of them. A backbone that never saw a style leaves the prompt
+    # something to adapt — the positive control (configs/positive_control.yaml) uses ["plain"].
+    public_domains: list[str] | None = None
     classes: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +138,11 @@ class DataConfig:
         _check_int("num_domains", self.num_domains, low=1, high=len(EMBEDDED_SHIFTS))
         _check_names("domains", self.domains)
         _check_names("classes", self.classes)
+        _check_names("public_domains", self.public_domains)
+        if self.public_domains is not None:
+            self.public_domains = list(self.public_domains)
+            if self.source != "embedded":
+                raise _fail("public_domains", self.public_domains, "is for source 'embedded' only; drop it")
         if self.domains is not None:
             self.domains = list(self.domains)
         if self.classes is not None:
@@ -165,6 +174,12 @@ class DataConfig:
                     self.num_domains,
                     f"must equal len(data.domains) = {len(self.domains)} for the embedded source",
                 )
+        if self.public_domains is not None:
+            names = self.domains or list(EMBEDDED_SHIFTS)[: self.num_domains]
+            unknown = [d for d in self.public_domains if d not in names]
+            if unknown or not self.public_domains:
+                raise _fail("public_domains", self.public_domains,
+                            f"must be a non-empty subset of the clients' domains ({', '.join(names)})")
         if self.classes is not None:
             digits = [str(d) for d in range(10)]
             unknown = [c for c in self.classes if c not in digits]

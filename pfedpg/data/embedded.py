@@ -10,8 +10,8 @@ Steps, each with its own seeded stream (DESIGN §8):
 
 1. keep ``cfg.classes`` if given;
 2. reserve ``cfg.public_fraction`` of the digits, stratified by label (``"data.public"``), for
-   backbone pretraining; each public record gets a random one of the configured domains, so the
-   backbone sees every style the clients will use;
+   backbone pretraining; each public record gets a random one of the configured domains (or of
+   ``cfg.public_domains``), so by default the backbone sees every style the clients will use;
 3. spread the remaining private records over the domains, stratified by label (``"data.domains"``),
    so every digit appears in every domain;
 4. upscale 8×8 → ``image_size`` (bicubic) and render each record in its domain's style.
@@ -136,7 +136,8 @@ def load_embedded(cfg: "DataConfig", *, seed: int) -> "ImageDataset":
         labels, np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool), fraction=cfg.public_fraction, rng=rng_public
     )
     domains = np.empty(n, dtype=np.int64)
-    domains[public] = rng_public.integers(0, len(domain_names), size=int(public.sum()))
+    public_styles = [domain_names.index(d) for d in (cfg.public_domains or domain_names)]
+    domains[public] = np.asarray(public_styles)[rng_public.integers(0, len(public_styles), size=int(public.sum()))]
     private = np.flatnonzero(~public)
     domains[private] = stratified_deal(labels[private], n_groups=len(domain_names), rng=seeds.numpy("data.domains"))
 
