@@ -1,23 +1,30 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both (re)create .venv when
-# pyproject.toml or constraints.txt changed, and do nothing extra when it is current.
+# pyproject.toml or constraints.txt changed, and do nothing extra when it is current. The demo needs
+# only the core install; `make test` adds the test and flower extras on top of it.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+CORE   := $(VENV)/.installed-core
 STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test venv bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(CORE): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e '.[test,flower]'
+	$(PIP) -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
+	$(PIP) -e '.[test,flower]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(CORE)
 	rm -rf runs/demo
-	$(BIN)/pfedpg-eval privacy --config configs/privacy.yaml --out runs/demo
+	$(BIN)/pfedpg-eval privacy --config configs/privacy.yaml --out runs/demo --jobs 2
 	@echo "report: runs/demo/report.md (also report.html)"
 
 test: $(STAMP)

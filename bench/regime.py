@@ -14,8 +14,8 @@ Two phases, so that nothing is chosen on test data:
 * ``--phase test``: the chosen cells on the test split with seeds 0, 1, 2 (``--cells`` picks them).
 
 Every run goes through the toolkit's CLI (``python -m evaluations.cli train``) into
-``OUT/<grid>/<phase>/<cell>/<arm>/seed<k>/``; a run whose ``summary.json`` exists is reused (the
-directory name carries a hash of everything that decides the run, so a changed grid runs anew).
+``OUT/<grid>/<phase>/<cell>/<arm>/seed<k>-<hash>/``; a run whose ``summary.json`` exists is reused
+(the hash covers the run's resolved config, so a changed value runs anew and an edited comment does not).
 Grids that need ``../shared`` files skip with a message when they are absent.
 
 Examples::
@@ -43,10 +43,12 @@ SHARED = REPO.parent / "shared"
 TIN4 = "../shared/models/vit_p4_d192_l6_cifar10pub_tin4.safetensors"
 
 # pfedpg server arms: the paper's plain step at its α, a larger α, and the bounded step (DESIGN §1).
+# Every arm sets all three knobs, so a grid's base config cannot leak into an arm's meaning.
 PFEDPG_ARMS = {
-    "pfedpg_a1e-3": ["server.lr=0.001"],
-    "pfedpg_a0.1": ["server.lr=0.1"],
-    "pfedpg_a1_b1": ["server.lr=1.0", "server.max_grad_norm=1.0"],
+    "pfedpg_a1e-3": ["server.residual=false", "server.lr=0.001", "server.max_grad_norm=null"],
+    "pfedpg_a0.1": ["server.residual=false", "server.lr=0.1", "server.max_grad_norm=null"],
+    "pfedpg_a1_b1": ["server.residual=false", "server.lr=1.0", "server.max_grad_norm=1.0"],
+    "pfedpg_res_a0.1": ["server.residual=true", "server.lr=0.1", "server.max_grad_norm=null"],
     "pfedpg_res_a1_b1": ["server.residual=true", "server.lr=1.0", "server.max_grad_norm=1.0"],
 }
 BASELINE_ARMS = {"local": ["method=local"], "fedvpt": ["method=fedvpt"]}
@@ -58,11 +60,11 @@ GRIDS: dict[str, dict] = {
         "config": "configs/positive_control.yaml",
         "common": [],
         "cells": {
-            "base": [],
-            "shallow": ["model.prompt_depth=shallow"],
-            "E1": ["client.local_epochs=1"],
-            "cpd12": ["data.clients_per_domain=12"],
-            "K50": ["model.num_prompts=50"],
+            "base": [],  # E = 1
+            "E2": ["client.local_epochs=2"],
+            "E5": ["client.local_epochs=5"],
+            "shallow_E2": ["model.prompt_depth=shallow", "client.local_epochs=2"],
+            "cpd12_E2": ["data.clients_per_domain=12", "client.local_epochs=2"],
         },
         "needs": [],
     },
@@ -70,7 +72,7 @@ GRIDS: dict[str, dict] = {
         "config": "configs/digits_shared.yaml",
         # The Tiny-ImageNet-continued backbone (../shared/models/README.md): measurably better.
         "common": ["model.checkpoint=" + TIN4, "data.clients_per_domain=4", "data.max_train_per_client=25",
-                   "eval_every=20", "data.max_test_per_client=200"],
+                   "eval_every=20", "data.max_test_per_client=200", "data.max_val_per_client=100"],
         "cells": {
             "base": [],
             "deep": ["model.prompt_depth=deep"],
@@ -117,10 +119,19 @@ def run_sets(grid: str, phase: str, cell: list[str], arm: list[str], seed: int) 
     return sets
 
 
+def resolved(config: str, sets: list[str]) -> str:
+    """The run's whole config with every default filled in: what the run-directory hash covers, so a
+    comment edited in a YAML file keeps its runs and any changed value gets new ones."""
+    sys.path.insert(0, str(REPO))
+    from pfedpg.config import dump_config, load_config
+
+    return dump_config(load_config(REPO / config, sets))
+
+
 def job(grid: str, phase: str, out: Path, cell: str, arm: str, arm_sets: list[str], seed: int) -> dict:
     g = GRIDS[grid]
     sets = run_sets(grid, phase, g["cells"][cell], arm_sets, seed)
-    key = hashlib.sha1(("\n".join(sets) + (REPO / g["config"]).read_text()).encode()).hexdigest()[:8]
+    key = hashlib.sha1(resolved(g["config"], sets).encode()).hexdigest()[:8]
     rdir = out / grid / phase / cell / arm / f"seed{seed}-{key}"
     cmd = [sys.executable, "-m", "evaluations.cli", "train", "--no-progress", "--config", g["config"], "--run-dir", str(rdir)]
     for s in sets:
@@ -171,14 +182,21 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
     return {"seeds": seeds, "diffs": d, "mean": mean, "std": std, "ci": (mean - half, mean + half)}
 
 
-def collect(jobs: list[dict]) -> dict:
-    """{cell: {arm: {seed: summary}}} of the runs that finished."""
+def collect(jobs: list[dict]) -> tuple[dict, dict]:
+    """({cell: {arm: {seed: summary}}} of the runs that finished, {(cell, arm): [seed: why]} of those
+    that did not — a run whose generator diverged is a result of its arm, not a gap in the table)."""
     out: dict = {}
+    failed: dict = {}
     for j in jobs:
         p = j["run_dir"] / "summary.json"
+        log = j["run_dir"].parent / f"{j['run_dir'].name}.log"
         if p.exists():
             out.setdefault(j["cell"], {}).setdefault(j["arm"], {})[j["seed"]] = json.loads(p.read_text())
-    return out
+        elif log.exists() and "error:" in log.read_text():
+            err = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")][-1]
+            why = f"diverged (round {err.split('round ')[1].split(';')[0]})" if "non-finite" in err else err[:80]
+            failed.setdefault((j["cell"], j["arm"]), []).append(f"seed {j['seed']}: {why}")
+    return out, failed
 
 
 def _pct(x: float | None, sign: bool = False) -> str:
@@ -194,7 +212,8 @@ def _diff_text(p: dict | None) -> str:
     return f"{per}; mean {_pct(p['mean'], True)}, sd {100 * p['std']:.1f}, 95% CI [{_pct(p['ci'][0], True)}, {_pct(p['ci'][1], True)}]"
 
 
-def markdown(grid: str, phase: str, results: dict) -> str:
+def markdown(grid: str, phase: str, collected: tuple[dict, dict]) -> str:
+    results, failed = collected
     g = GRIDS[grid]
     split = "validation" if phase == "val" else "test"
     lines = [f"Grid `{grid}` ({g['config']} + {' '.join(g['common']) or 'nothing'}), {split} split. Accuracy % "
@@ -212,6 +231,9 @@ def markdown(grid: str, phase: str, results: dict) -> str:
                 f"{_diff_text(paired(acc[arm], acc['local'])) if is_pfedpg and 'local' in acc else ''} | "
                 f"{_diff_text(paired(acc[arm], acc['fedvpt'])) if is_pfedpg and 'fedvpt' in acc else ''} | "
                 f"{sum(wall) / len(wall):.0f} |")
+    if failed:
+        lines += ["", "Runs without a result (the other seeds of the arm are in the table above):", ""]
+        lines += [f"- {cell} / {arm}: {'; '.join(why)}" for (cell, arm), why in failed.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,11 @@ class PretrainConfig:
     batch_size: int = 64
     label_smoothing: float = 0.1
     cache_dir: str = "~/.cache/pfedpg-eval/backbones"
+    # Train the backbone together with one prompt per domain (inserted as model.prompt_depth and
+    # model.num_prompts say), so that it learns to read its prompt: a *promptable* backbone, whose
+    # right prompt undoes a domain's shift. The domain prompts are discarded; clients never see them.
+    # The positive control uses it (configs/positive_control.yaml); false = plain supervised training.
+    domain_prompts: bool = False
 
     def __post_init__(self):
         for key in ("epochs", "batch_size"):

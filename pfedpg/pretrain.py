@@ -25,7 +25,7 @@ from pfedpg.seeding import Seeds
 
 
 PUBLIC_SPLIT_FIELDS = ("source", "path", "image_size", "public_fraction", "num_domains", "domains", "classes",
-                       "public_domains")
+                       "public_domains", "composite")
 
 
 def pretrain_key(cfg) -> str:
@@ -39,10 +39,14 @@ def pretrain_key(cfg) -> str:
         # (public_domains only when set, so backbones cached before the key existed stay valid.)
         "data": {k: v for k, v in asdict(cfg.data).items()
                  if k in PUBLIC_SPLIT_FIELDS and not (k == "public_domains" and v is None)},
-        "pretrain": {k: v for k, v in asdict(cfg.pretrain).items() if k != "cache_dir"},
+        # (domain_prompts only when on, with the prompt shape it trains, so older cache keys stay valid.)
+        "pretrain": {k: v for k, v in asdict(cfg.pretrain).items()
+                     if k != "cache_dir" and not (k == "domain_prompts" and not v)},
         "seed": cfg.seed,
         "version": 2,
     }
+    if cfg.pretrain.domain_prompts:
+        payload["prompts"] = {"num_prompts": cfg.model.num_prompts, "prompt_depth": cfg.model.prompt_depth}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -61,6 +65,27 @@ def _shift_augment(x: torch.Tensor, pad: int, g: torch.Tensor | torch.Generator)
     cols = (dx.view(b, 1) + torch.arange(w).view(1, w))  # (b, w)
     bi = torch.arange(b).view(b, 1, 1)
     return padded.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
+
+
+def _domain_prompted(model, cfg, *, num_classes: int, domains: torch.Tensor, num_domains: int,
+                     generator: torch.Generator):
+    """``pretrain.domain_prompts``: the backbone, a head and one prompt per domain, trained together
+    through the clients' own prompt insertion (:class:`PromptedViT` with per-sample prompts).
+    Returns ``(forward(images, record_indices) -> logits, trainable parameters)``."""
+    from pfedpg.models import PromptedViT, vpt_init_bound
+
+    wrapped = PromptedViT(model, num_prompts=cfg.model.num_prompts, num_classes=num_classes,
+                          deep=cfg.model.prompt_depth == "deep")
+    for q in model.parameters():  # PromptedViT freezes its backbone; here it is what is trained
+        q.requires_grad_(True)
+    v = vpt_init_bound(model)
+    prompts = torch.nn.Parameter(torch.empty(num_domains, wrapped.num_prompt_tokens, model.embed_dim)
+                                 .uniform_(-v, v, generator=generator))
+
+    def forward(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return wrapped.head(wrapped.features(images, prompts[domains[idx]]))
+
+    return forward, [*model.parameters(), *wrapped.head.parameters(), prompts]
 
 
 def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, force: bool = False,
@@ -84,11 +109,17 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     # timm's init draws from torch's global generator: seed it inside fork_rng, which restores it.
     with torch.random.fork_rng():
         torch.random.default_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g_init)))
-        model = timm.create_model(cfg.model.name, pretrained=False, num_classes=ds.num_classes, **cfg.model.kwargs)
+        model = timm.create_model(cfg.model.name, pretrained=False,
+                                  num_classes=0 if cfg.pretrain.domain_prompts else ds.num_classes, **cfg.model.kwargs)
     x = images_to_tensor(ds.images[pub], mean=cfg.model.mean, std=cfg.model.std)
     y = torch.from_numpy(ds.labels[pub]).long()
     p = cfg.pretrain
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    forward, params = model, list(model.parameters())
+    if p.domain_prompts:
+        forward, params = _domain_prompted(model, cfg, num_classes=ds.num_classes,
+                                           domains=torch.from_numpy(ds.domains[pub]).long(),
+                                           num_domains=len(ds.domain_names), generator=g_init)
+    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     steps_per_epoch = math.ceil(len(y) / p.batch_size)
     total = p.epochs * steps_per_epoch
     warmup = max(1, steps_per_epoch)
@@ -110,7 +141,7 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
         for i in range(0, len(y), p.batch_size):
             idx = order[i:i + p.batch_size]
             xb = _shift_augment(x[idx], pad, g)
-            logits = model(xb)
+            logits = forward(xb, idx) if p.domain_prompts else model(xb)
             loss = F.cross_entropy(logits, y[idx], label_smoothing=p.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,7 +155,8 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
             "final_train_accuracy": correct / seen, "seconds": round(time.time() - t0, 2), "key": pretrain_key(cfg)}
     log(f"pretraining done in {info['seconds']} s; last-epoch train accuracy {info['final_train_accuracy']:.3f}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # A per-process temporary name: two runs that pretrain the same backbone at once never share it.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp), metadata={k: str(v) for k, v in info.items()})
     os.replace(tmp, path)  # atomic: a crashed pretraining never leaves a half-written cache entry

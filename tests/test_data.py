@@ -196,6 +196,27 @@ def test_public_domains_render_the_public_split_in_those_styles_only():
         DataConfig(source="npz", path="x.npz", public_domains=["plain"])
 
 
+def test_overlay_composite_puts_the_labelled_digit_in_the_domain_channel():
+    overlay = load_dataset(DataConfig(image_size=8, composite="overlay", num_domains=2), seed=0)
+    plain = load_dataset(DataConfig(image_size=8, domains=["plain"], num_domains=1), seed=0)
+    assert overlay.domain_names == ["red", "green"] and np.array_equal(overlay.labels, plain.labels)
+    rows = np.arange(len(overlay))
+    own = overlay.images[rows, :, :, overlay.domains]  # the channel of each record's domain
+    assert np.array_equal(own, plain.images[..., 0])  # ... holds the record's own digit
+    other = overlay.images[rows, :, :, 1 - overlay.domains]
+    assert (other != own).any(axis=(1, 2)).mean() > 0.95  # the other channel: another record's digit
+    assert not overlay.images[..., 2].any()  # two domains: blue stays black
+    assert set(overlay.domains[~overlay.public]) == {0, 1}
+    with pytest.raises(ConfigError, match="composite"):
+        DataConfig(composite="mosaic")
+    with pytest.raises(ConfigError, match="domains.*set by composite"):
+        DataConfig(composite="overlay", domains=["plain"], num_domains=1)
+    with pytest.raises(ConfigError, match="num_domains"):
+        DataConfig(composite="overlay", num_domains=4)
+    with pytest.raises(ConfigError, match="composite.*embedded' only"):
+        DataConfig(source="npz", path="x.npz", composite="overlay")
+
+
 def test_public_indices_is_empty_without_a_public_mask():
     ds = ImageDataset(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64), np.zeros(2, np.int64), ["a"], ["d"])
 

@@ -249,3 +249,25 @@ def test_partition_settings_share_one_pretrained_backbone():
     b = tiny_config(**{"model.weights": "pretrain", "data.clients_per_domain": 2, "data.max_train_per_client": 10})
     c = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.2})
     assert cached_path(a) == cached_path(b) != cached_path(c)
+
+
+def test_domain_prompted_pretraining_trains_a_backbone_clients_can_load(tmp_path):
+    """pretrain.domain_prompts: the backbone is trained through the clients' own prompt insertion
+    with one prompt per domain; what is cached is a plain backbone (no head, no prompts)."""
+    from safetensors.torch import load_file
+
+    from pfedpg.pretrain import cached_path, pretrain_backbone
+
+    kw = {"model.weights": "pretrain", "pretrain.epochs": 2, "pretrain.cache_dir": str(tmp_path),
+          "data.composite": "overlay", "model.prompt_depth": "deep", "model.kwargs.depth": 2}
+    cfg = tiny_config(**kw, **{"pretrain.domain_prompts": True})
+    path = pretrain_backbone(cfg)
+    keys = set(load_file(str(path)))
+    assert not any(k.startswith("head.") for k in keys) and "blocks.1.attn.qkv.weight" in keys
+    summary = Trainer(cfg, run_dir=tmp_path / "r").run()  # loads strictly: every backbone key matches
+    assert 0 <= summary["accuracy"]["mean"] <= 1
+    # The prompt shape it trained with is part of the cache key; without domain prompts it is not.
+    plain = tiny_config(**kw)
+    assert cached_path(plain) != path
+    assert cached_path(tiny_config(**{**kw, "pretrain.domain_prompts": True, "model.prompt_depth": "shallow"})) != path
+    assert cached_path(tiny_config(**{**kw, "model.prompt_depth": "shallow"})) == cached_path(plain)

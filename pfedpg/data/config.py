@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pfedpg.data.embedded import EMBEDDED_SHIFTS
+from pfedpg.data.embedded import EMBEDDED_SHIFTS, OVERLAY_DOMAINS
 from pfedpg.errors import ConfigError
 
 # The registries in sources.py / partition.py are the source of truth; these tuples exist so the
@@ -94,6 +94,11 @@ class DataConfig:
     # clients' domains; null = all of them. A backbone that never saw a style leaves the prompt
     # something to adapt — the positive control (configs/positive_control.yaml) uses ["plain"].
     public_domains: list[str] | None = None
+    # Embedded source: "overlay" renders three digits at once, one per colour channel; a record's
+    # label is the digit in its domain's channel (domains red, green, blue), the other channels hold
+    # distractor digits. The image alone does not say which digit counts — the positive control's
+    # latent shift (configs/positive_control.yaml). null: one digit per image, in a visual style.
+    composite: str | None = None
     classes: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -139,6 +144,8 @@ class DataConfig:
         _check_names("domains", self.domains)
         _check_names("classes", self.classes)
         _check_names("public_domains", self.public_domains)
+        if self.composite is not None and self.source != "embedded":
+            raise _fail("composite", self.composite, "is for source 'embedded' only; drop it")
         if self.public_domains is not None:
             self.public_domains = list(self.public_domains)
             if self.source != "embedded":
@@ -164,6 +171,13 @@ class DataConfig:
             )
 
     def _check_embedded(self) -> None:
+        if self.composite is not None:
+            if self.composite != "overlay":
+                raise _fail("composite", self.composite, "must be 'overlay' or null")
+            if self.domains is not None:
+                raise _fail("domains", self.domains, "is set by composite 'overlay' (red, green, blue); drop it")
+            if self.num_domains > len(OVERLAY_DOMAINS):
+                raise _fail("num_domains", self.num_domains, f"must be <= {len(OVERLAY_DOMAINS)} with composite 'overlay'")
         if self.domains is not None:
             unknown = [d for d in self.domains if d not in EMBEDDED_SHIFTS]
             if unknown:
@@ -175,7 +189,7 @@ class DataConfig:
                     f"must equal len(data.domains) = {len(self.domains)} for the embedded source",
                 )
         if self.public_domains is not None:
-            names = self.domains or list(EMBEDDED_SHIFTS)[: self.num_domains]
+            names = self.domains or list(OVERLAY_DOMAINS if self.composite else EMBEDDED_SHIFTS)[: self.num_domains]
             unknown = [d for d in self.public_domains if d not in names]
             if unknown or not self.public_domains:
                 raise _fail("public_domains", self.public_domains,

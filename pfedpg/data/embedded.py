@@ -14,7 +14,9 @@ Steps, each with its own seeded stream (DESIGN §8):
    ``cfg.public_domains``), so by default the backbone sees every style the clients will use;
 3. spread the remaining private records over the domains, stratified by label (``"data.domains"``),
    so every digit appears in every domain;
-4. upscale 8×8 → ``image_size`` (bicubic) and render each record in its domain's style.
+4. upscale 8×8 → ``image_size`` (bicubic) and render each record in its domain's style — or, with
+   ``composite: overlay``, put its digit in its domain's colour channel and distractor digits of
+   other records in the other two (:func:`render_overlay`).
 """
 from __future__ import annotations
 
@@ -77,6 +79,23 @@ def _blurred(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return _gray_to_rgb(blur)
 
 
+OVERLAY_DOMAINS = ("red", "green", "blue")
+"""Domains of ``composite: overlay``: the colour channel whose digit is the record's label."""
+
+
+def render_overlay(gray: np.ndarray, domains: np.ndarray, *, channels: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, S, S) grey digits → (n, S, S, 3) uint8: record i's digit in channel ``domains[i]``, and in
+    each other of the first ``channels`` channels the digit of another record drawn at random (a
+    distractor); channels beyond those stay black."""
+    n = gray.shape[0]
+    out = np.zeros(gray.shape + (3,), dtype=np.float64)
+    for c in range(channels):
+        other = rng.integers(0, n - 1, size=n)
+        other += other >= np.arange(n)  # never the record itself
+        out[..., c] = np.where((domains == c)[:, None, None], gray, gray[other])
+    return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 EMBEDDED_SHIFTS: dict[str, Shift] = {
     "plain": _plain,
     "inverted": _inverted,
@@ -124,7 +143,9 @@ def load_embedded(cfg: "DataConfig", *, seed: int) -> "ImageDataset":
         images8, labels = images8[keep], np.searchsorted(keep_ids, labels[keep]).astype(np.int64)
         class_names = [class_names[i] for i in keep_ids]
 
-    if cfg.domains:
+    if cfg.composite == "overlay":
+        domain_names = list(OVERLAY_DOMAINS[: cfg.num_domains])
+    elif cfg.domains:
         domain_names = [name for name in EMBEDDED_SHIFTS if name in cfg.domains]
     else:
         domain_names = list(EMBEDDED_SHIFTS)[: cfg.num_domains]
@@ -142,7 +163,10 @@ def load_embedded(cfg: "DataConfig", *, seed: int) -> "ImageDataset":
     domains[private] = stratified_deal(labels[private], n_groups=len(domain_names), rng=seeds.numpy("data.domains"))
 
     gray = _upscale_digits(images8, size=cfg.image_size)
-    images = render_domains(gray, domains, domain_names, rng=seeds.numpy("data.embedded.noise"))
+    if cfg.composite == "overlay":
+        images = render_overlay(gray, domains, channels=len(domain_names), rng=seeds.numpy("data.embedded.overlay"))
+    else:
+        images = render_domains(gray, domains, domain_names, rng=seeds.numpy("data.embedded.noise"))
     return ImageDataset(
         images=images,
         labels=labels,
