@@ -82,6 +82,15 @@ def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bo
     return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume)
 
 
+def _set_threads(cfg, share: int | None) -> None:
+    """torch threads for a worker: the config's ``threads``, else its share of the cores. Pretraining
+    too — a worker left at torch's default (all cores) oversubscribes the machine N-fold."""
+    if cfg.threads is not None or share is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads if cfg.threads is not None else share)
+
+
 def _run_cell(cfg_dict: dict[str, Any], run_dir: str, threads: int | None, progress: bool = False) -> dict[str, Any]:
     """One cell, start to finish (also the body of a parallel worker): runs, resuming a cell cut
     short, and writes its report. ``threads`` sets torch's threads when the config leaves them open."""
@@ -89,10 +98,7 @@ def _run_cell(cfg_dict: dict[str, Any], run_dir: str, threads: int | None, progr
 
     load_plugins()
     cfg = config_from_dict(cfg_dict)
-    if threads is not None and cfg.threads is None:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(cfg, threads)
     rd = Path(run_dir)
     # A cell cut short resumes from its latest checkpoint (in-process runs).
     started = (rd / "metrics.jsonl").exists() and latest_checkpoint(rd) is not None
@@ -105,10 +111,7 @@ def _pretrain(cfg_dict: dict[str, Any], threads: int | None) -> str:
     from pfedpg.pretrain import pretrain_backbone
 
     cfg = config_from_dict(cfg_dict)
-    if threads is not None and cfg.threads is None:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(cfg, threads)
     return str(pretrain_backbone(cfg, log=lambda m: None))
 
 

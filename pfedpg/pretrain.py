@@ -46,7 +46,8 @@ def pretrain_key(cfg) -> str:
         "version": 2,
     }
     if cfg.pretrain.domain_prompts:
-        payload["prompts"] = {"num_prompts": cfg.model.num_prompts, "prompt_depth": cfg.model.prompt_depth}
+        # revision 2: the domain-prompted head is seeded (revision 1 read torch's global generator)
+        payload["prompts"] = {"num_prompts": cfg.model.num_prompts, "prompt_depth": cfg.model.prompt_depth, "revision": 2}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -74,16 +75,23 @@ def _domain_prompted(model, cfg, *, num_classes: int, domains: torch.Tensor, num
     Returns ``(forward(images, record_indices) -> logits, trainable parameters)``."""
     from pfedpg.models import PromptedViT, vpt_init_bound
 
-    wrapped = PromptedViT(model, num_prompts=cfg.model.num_prompts, num_classes=num_classes,
-                          deep=cfg.model.prompt_depth == "deep")
+    with torch.random.fork_rng():  # the head's init reads torch's global generator: seed it from ours
+        torch.random.default_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        wrapped = PromptedViT(model, num_prompts=cfg.model.num_prompts, num_classes=num_classes,
+                              deep=cfg.model.prompt_depth == "deep")
     for q in model.parameters():  # PromptedViT freezes its backbone; here it is what is trained
         q.requires_grad_(True)
     v = vpt_init_bound(model)
     prompts = torch.nn.Parameter(torch.empty(num_domains, wrapped.num_prompt_tokens, model.embed_dim)
                                  .uniform_(-v, v, generator=generator))
 
+    onehot = torch.nn.functional.one_hot(domains, num_domains).to(prompts.dtype)
+
     def forward(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return wrapped.head(wrapped.features(images, prompts[domains[idx]]))
+        # A one-hot product, not prompts[domains[idx]]: the indexing backward accumulates in a
+        # thread-dependent order, which made pretraining differ run to run on 2 threads.
+        per_sample = torch.einsum("bm,mtd->btd", onehot[idx], prompts)
+        return wrapped.head(wrapped.features(images, per_sample))
 
     return forward, [*model.parameters(), *wrapped.head.parameters(), prompts]
 

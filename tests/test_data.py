@@ -190,8 +190,16 @@ def test_public_domains_render_the_public_split_in_those_styles_only():
     # A different public split is a different backbone: the pretraining cache key changes.
     keys = {pretrain_key(config_from_dict({"data": {"public_domains": v}})) for v in (None, ["plain"])}
     assert len(keys) == 2
-    with pytest.raises(ConfigError, match="public_domains.*subset of the clients' domains"):
+    with pytest.raises(ConfigError, match="public_domains.*subset of the data set's domains"):
         DataConfig(**base, public_domains=["blurred"])
+    # private_domains: the clients' records come from those domains only, the public split is unchanged.
+    cfg = DataConfig(**base, private_domains=["tinted"], clients_per_domain=3)
+    only = load_dataset(cfg, seed=0)
+    assert set(only.domains[~only.public]) == {2} and np.array_equal(public_indices(only), pub)
+    splits = partition_clients(only, cfg, seed=0)
+    assert len(splits) == 3 and {s.domain for s in splits} == {2}
+    with pytest.raises(ConfigError, match="domains × clients_per_domain = 1 × 3 = 3"):
+        DataConfig(**base, private_domains=["tinted"], clients_per_domain=3, num_clients=12)
     with pytest.raises(ConfigError, match="public_domains.*for source 'embedded' only"):
         DataConfig(source="npz", path="x.npz", public_domains=["plain"])
 

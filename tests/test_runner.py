@@ -264,6 +264,10 @@ def test_domain_prompted_pretraining_trains_a_backbone_clients_can_load(tmp_path
     path = pretrain_backbone(cfg)
     keys = set(load_file(str(path)))
     assert not any(k.startswith("head.") for k in keys) and "blocks.1.attn.qkv.weight" in keys
+    again = pretrain_backbone(tiny_config(**{**kw, "pretrain.domain_prompts": True,
+                                             "pretrain.cache_dir": str(tmp_path / "again")}))
+    a, b = load_file(str(path)), load_file(str(again))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same config and seed, same weights
     summary = Trainer(cfg, run_dir=tmp_path / "r").run()  # loads strictly: every backbone key matches
     assert 0 <= summary["accuracy"]["mean"] <= 1
     # The prompt shape it trained with is part of the cache key; without domain prompts it is not.

@@ -99,6 +99,10 @@ class DataConfig:
     # distractor digits. The image alone does not say which digit counts — the positive control's
     # latent shift (configs/positive_control.yaml). null: one digit per image, in a visual style.
     composite: str | None = None
+    # Embedded source: the domains the clients' (private) records are dealt over, a subset of the
+    # domains; null = all. With `public_domains` it separates what the backbone saw from what the
+    # clients hold (e.g. pretrain on red and green, give every client green).
+    private_domains: list[str] | None = None
     classes: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -160,13 +164,13 @@ class DataConfig:
             self.partition == "domain"
             and self.num_clients is not None
             and self.source == "embedded"
-            and self.num_clients != self.num_domains * self.clients_per_domain
+            and self.num_clients != len(self.private_domains or range(self.num_domains)) * self.clients_per_domain
         ):
             raise _fail(
                 "num_clients",
                 self.num_clients,
-                f"partition 'domain' gives num_domains × clients_per_domain = {self.num_domains} × "
-                f"{self.clients_per_domain} = {self.num_domains * self.clients_per_domain} clients; "
+                f"partition 'domain' gives domains × clients_per_domain = {len(self.private_domains or range(self.num_domains))} × "
+                f"{self.clients_per_domain} = {len(self.private_domains or range(self.num_domains)) * self.clients_per_domain} clients; "
                 "drop num_clients or make them agree",
             )
 
@@ -188,12 +192,11 @@ class DataConfig:
                     self.num_domains,
                     f"must equal len(data.domains) = {len(self.domains)} for the embedded source",
                 )
-        if self.public_domains is not None:
-            names = self.domains or list(OVERLAY_DOMAINS if self.composite else EMBEDDED_SHIFTS)[: self.num_domains]
-            unknown = [d for d in self.public_domains if d not in names]
-            if unknown or not self.public_domains:
-                raise _fail("public_domains", self.public_domains,
-                            f"must be a non-empty subset of the clients' domains ({', '.join(names)})")
+        names = self.domains or list(OVERLAY_DOMAINS if self.composite else EMBEDDED_SHIFTS)[: self.num_domains]
+        for key in ("public_domains", "private_domains"):
+            value = getattr(self, key)
+            if value is not None and any(d not in names for d in value):
+                raise _fail(key, value, f"must be a non-empty subset of the data set's domains ({', '.join(names)})")
         if self.classes is not None:
             digits = [str(d) for d in range(10)]
             unknown = [c for c in self.classes if c not in digits]

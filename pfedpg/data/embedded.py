@@ -160,7 +160,9 @@ def load_embedded(cfg: "DataConfig", *, seed: int) -> "ImageDataset":
     public_styles = [domain_names.index(d) for d in (cfg.public_domains or domain_names)]
     domains[public] = np.asarray(public_styles)[rng_public.integers(0, len(public_styles), size=int(public.sum()))]
     private = np.flatnonzero(~public)
-    domains[private] = stratified_deal(labels[private], n_groups=len(domain_names), rng=seeds.numpy("data.domains"))
+    private_styles = [domain_names.index(d) for d in (cfg.private_domains or domain_names)]
+    domains[private] = np.asarray(private_styles)[
+        stratified_deal(labels[private], n_groups=len(private_styles), rng=seeds.numpy("data.domains"))]
 
     gray = _upscale_digits(images8, size=cfg.image_size)
     if cfg.composite == "overlay":

@@ -160,15 +160,18 @@ Partitioner = Callable[..., "tuple[list[np.ndarray], list[int | None]]"]
 
 def _domain(ds: ImageDataset, pool: np.ndarray, *, cfg: "DataConfig", rng: np.random.Generator):
     k = cfg.clients_per_domain
-    expected = ds.num_domains * k
+    # data.private_domains (embedded): only those domains hold client records.
+    dealt = [d for d, name in enumerate(ds.domain_names) if cfg.private_domains is None or name in cfg.private_domains]
+    expected = len(dealt) * k
     if cfg.num_clients is not None and cfg.num_clients != expected:
         raise ConfigError(
             f"data.num_clients: got {cfg.num_clients}; partition 'domain' gives num_domains × clients_per_domain = "
-            f"{ds.num_domains} × {k} = {expected} clients here; drop num_clients or set it to {expected}"
+            f"{len(dealt)} × {k} = {expected} clients here; drop num_clients or set it to {expected}"
         )
     parts: list[np.ndarray] = []
     doms: list[int | None] = []
-    for d, name in enumerate(ds.domain_names):
+    for d in dealt:
+        name = ds.domain_names[d]
         members = pool[ds.domains[pool] == d]
         if members.size < k:
             raise DataError(
