@@ -24,7 +24,7 @@ $(STAMP): $(CORE)
 
 demo: $(CORE)
 	rm -rf runs/demo
-	$(BIN)/pfedpg-eval privacy --config configs/privacy.yaml --out runs/demo --jobs 2
+	$(BIN)/pfedpg-eval privacy --config configs/privacy_demo.yaml --out runs/demo --jobs 2
 	@echo "report: runs/demo/report.md (also report.html)"
 
 test: $(STAMP)

@@ -15,7 +15,8 @@ Two phases, so that nothing is chosen on test data:
 
 Every run goes through the toolkit's CLI (``python -m evaluations.cli train``) into
 ``OUT/<grid>/<phase>/<cell>/<arm>/seed<k>-<hash>/``; a run whose ``summary.json`` exists is reused
-(the hash covers the run's resolved config, so a changed value runs anew and an edited comment does not).
+(the hash covers the config file's values and the overrides, so a changed value runs anew and an edited
+comment does not).
 Grids that need ``../shared`` files skip with a message when they are absent.
 
 Examples::
@@ -119,19 +120,19 @@ def run_sets(grid: str, phase: str, cell: list[str], arm: list[str], seed: int) 
     return sets
 
 
-def resolved(config: str, sets: list[str]) -> str:
-    """The run's whole config with every default filled in: what the run-directory hash covers, so a
-    comment edited in a YAML file keeps its runs and any changed value gets new ones."""
-    sys.path.insert(0, str(REPO))
-    from pfedpg.config import dump_config, load_config
+def run_key(config: str, sets: list[str]) -> str:
+    """What the run-directory hash covers: the config file's values (parsed, so comments do not count)
+    and the overrides. Config keys the toolkit adds later, with their defaults, do not change it."""
+    import yaml
 
-    return dump_config(load_config(REPO / config, sets))
+    values = yaml.safe_load((REPO / config).read_text()) or {}
+    return json.dumps({"config": values, "sets": sets}, sort_keys=True, default=str)
 
 
 def job(grid: str, phase: str, out: Path, cell: str, arm: str, arm_sets: list[str], seed: int) -> dict:
     g = GRIDS[grid]
     sets = run_sets(grid, phase, g["cells"][cell], arm_sets, seed)
-    key = hashlib.sha1(resolved(g["config"], sets).encode()).hexdigest()[:8]
+    key = hashlib.sha1(run_key(g["config"], sets).encode()).hexdigest()[:8]
     rdir = out / grid / phase / cell / arm / f"seed{seed}-{key}"
     cmd = [sys.executable, "-m", "evaluations.cli", "train", "--no-progress", "--config", g["config"], "--run-dir", str(rdir)]
     for s in sets:
