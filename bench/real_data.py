@@ -133,6 +133,23 @@ def _config_changes(job: dict) -> list[str]:
     return sorted(k for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
 
 
+def run_cli(cmd: list[str], rdir: Path) -> tuple[int, float, Path]:
+    """Run one CLI command for run directory ``rdir`` (an interrupted one is started over) from the
+    repository root, one thread, output to ``<rdir>.log``; returns (exit code, seconds, log path)."""
+    if rdir.exists():  # interrupted before the summary: start it over
+        shutil.rmtree(rdir)
+    rdir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.time()
+    log = rdir.parent / f"{rdir.name}.log"
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return rc, time.time() - t0, log
+
+
 def execute(job: dict) -> dict:
     rdir: Path = job["run_dir"]
     summary = rdir / "summary.json"
@@ -142,18 +159,7 @@ def execute(job: dict) -> dict:
             return {**job, "status": "cached"}
         print(f"  [stale] {job['dataset']} {job['method']} seed {job['seed']}: config changed ({', '.join(changed)}); re-running",
               flush=True)
-    if rdir.exists():  # interrupted before the summary: start it over
-        shutil.rmtree(rdir)
-    rdir.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    t0 = time.time()
-    log = rdir.parent / f"{rdir.name}.log"
-    with open(log, "w") as f:
-        f.write(" ".join(job["cmd"]) + "\n")
-        f.flush()
-        rc = subprocess.call(job["cmd"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
+    rc, wall, log = run_cli(job["cmd"], rdir)
     status = "ok" if rc == 0 and summary.exists() else f"failed (exit {rc}, see {log})"
     print(f"  [{status}] {job['dataset']} {job['method']} seed {job['seed']}: {wall:.0f} s", flush=True)
     return {**job, "status": status, "wall_s": wall}

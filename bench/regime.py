@@ -32,14 +32,14 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from real_data import run_cli  # noqa: E402  (one way to run a CLI job and keep its log)
 SHARED = REPO.parent / "shared"
 TIN4 = "../shared/models/vit_p4_d192_l6_cifar10pub_tin4.safetensors"
 
@@ -144,18 +144,7 @@ def execute(j: dict) -> dict:
     rdir: Path = j["run_dir"]
     if (rdir / "summary.json").exists():
         return {**j, "status": "cached"}
-    if rdir.exists():  # interrupted: start it over
-        import shutil
-
-        shutil.rmtree(rdir)
-    rdir.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    t0 = time.time()
-    log = rdir.parent / f"{rdir.name}.log"
-    with open(log, "w") as f:
-        rc = subprocess.call(j["cmd"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.time() - t0
+    rc, wall, log = run_cli(j["cmd"], rdir)
     ok = rc == 0 and (rdir / "summary.json").exists()
     status = "ok" if ok else f"failed (exit {rc}: {log})"
     print(f"  [{status}] {j['cell']} {j['arm']} seed {j['seed']}: {wall:.0f} s", flush=True)
