@@ -55,8 +55,10 @@ def _server_state(run_dir: Path, r: int) -> dict:
 @pytest.mark.parametrize("hooks,extra", [
     # client-side DP (noise and accountant in the ClientApp), 2 of 3 clients per round
     ([{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8}], {"clients_per_round": 2}),
-    # a malicious client crafting its delta in its ClientApp, a robust rule in the ServerApp
-    ([{"name": "sign_flip", "clients": [1]}, {"name": "robust_aggregation", "rule": "median"}], {"rounds": 3}),
+    # a malicious client crafting its delta in its ClientApp, a robust rule in the ServerApp, deep
+    # prompts (L·K tokens in every message)
+    ([{"name": "sign_flip", "clients": [1]}, {"name": "robust_aggregation", "rule": "median"}],
+     {"rounds": 3, "model.prompt_depth": "deep", "model.kwargs.depth": 2}),
     # a backdoor: poisoning in the ClientApp, success measured on each benign client's own model
     ([{"name": "backdoor", "clients": [0], "trigger_size": 2}], {}),
 ])
