@@ -26,6 +26,17 @@ def _add_config_args(p: argparse.ArgumentParser, *, engine: bool = True) -> None
                         "at --set flower.superlink=HOST:PORT (needs pip install '.[flower]'); same as --set engine=...")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: refuse --jobs 0 before anything is written."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
 def _run_dir(cfg) -> Path:
     name = cfg.run_name or f"{cfg.method}-{cfg.data.source}-seed{cfg.seed}"
     return Path(cfg.output_dir) / name
@@ -151,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=short, description=long)
         _add_config_args(p)
         p.add_argument("--out", metavar="DIR", help=f"{what} directory (default: {name}.out_dir)")
-        p.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+        p.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
                        help="run N cells at once in worker processes (default 1); a config with threads: null "
                             "gets cores/N threads per cell, so set threads for numbers independent of N")
         p.set_defaults(func=func)

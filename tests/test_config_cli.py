@@ -98,3 +98,11 @@ def test_help_of_every_subcommand(capsys):
             main([*cmd, "--help"])
         assert e.value.code == 0
         assert "usage: pfedpg-eval" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["privacy", "audit", "robustness"])
+def test_jobs_must_be_positive_before_anything_is_written(tmp_path, command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--jobs", "0", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--jobs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

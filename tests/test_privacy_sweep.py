@@ -105,9 +105,12 @@ def test_shipped_privacy_config_loads():
     os.chdir(root)
     try:
         sweep, base = load_sweep("configs/privacy.yaml")
+        demo, demo_base = load_sweep("configs/privacy_demo.yaml")  # what make demo runs
     finally:
         os.chdir(cwd)
     assert set(sweep.mechanisms) == {"dp_client", "dp_sgd"} and base["method"] == "pfedpg"
+    assert set(demo.mechanisms) == {"dp_client", "dp_sgd"} and len(demo.seeds) >= 2
+    assert demo_base["data"]["composite"] == "overlay" and demo_base["threads"] == 1
 
 
 def test_a_cell_with_a_changed_config_is_not_reused(tmp_path):
