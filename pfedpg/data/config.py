@@ -92,11 +92,11 @@ class DataConfig:
     domains: list[str] | None = None
     # Embedded source: the styles the public (pretraining) split is rendered in, a subset of the
     # clients' domains; null = all of them. A backbone that never saw a style leaves the prompt
-    # something to adapt — the positive control (configs/positive_control.yaml) uses ["plain"].
+    # something to adapt (bench/README.md, "Positive control", construction 1 used ["plain"]).
     public_domains: list[str] | None = None
-    # Embedded source: "overlay" renders three digits at once, one per colour channel; a record's
-    # label is the digit in its domain's channel (domains red, green, blue), the other channels hold
-    # distractor digits. The image alone does not say which digit counts — the positive control's
+    # Embedded source: "overlay" renders num_domains (≤ 3) digits at once, one per colour channel; a
+    # record's label is the digit in its domain's channel (domains red, green, blue), the other
+    # channels hold distractor digits. The image alone does not say which digit counts — the positive control's
     # latent shift (configs/positive_control.yaml). null: one digit per image, in a visual style.
     composite: str | None = None
     # Embedded source: the domains the clients' (private) records are dealt over, a subset of the
