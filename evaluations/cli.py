@@ -133,10 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pretrain", help="pretrain the backbone on the public split and cache it",
+    p = sub.add_parser("pretrain", help="pretrain the backbone (public split or pretrain.data) and cache it",
                        description="Supervised pretraining of the whole backbone on the data's public split "
-                                   "(never given to clients); cached under pretrain.cache_dir by config hash. "
-                                   "Prints the cached file's path.")
+                                   "(never given to clients), or on an external data set given as "
+                                   "pretrain.data.path; cached under pretrain.cache_dir by config hash, with a "
+                                   "per-epoch log and resumable state beside it (an interrupted pretraining "
+                                   "continues where it stopped). Prints the cached file's path.")
     _add_config_args(p, engine=False)
     p.add_argument("--force", action="store_true", help="retrain even if the cache holds this backbone")
     p.set_defaults(func=cmd_pretrain)

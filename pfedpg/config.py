@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -21,6 +22,33 @@ from pfedpg.data.config import DataConfig
 from pfedpg.errors import ConfigError
 from pfedpg.models.backbone import ModelConfig
 from pfedpg.server import SERVERS, ServerConfig
+
+
+AUGMENTS = ("shift", "crop_flip")
+PRETRAIN_DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class PretrainDataConfig:
+    """``pretrain.data``: an external public data set to pretrain on instead of the run's own public
+    split (e.g. Tiny-ImageNet-200). ``path`` is an ``.npz`` file in the toolkit's format or an image
+    folder (``root/<class>/*`` or ``root/<domain>/<class>/*``); images are centre-cropped and resized
+    to ``data.image_size``. Validation: ``val_path`` (same formats) if given, else the file's
+    ``split == 1`` records if it has a split, else ``val_fraction`` of it (stratified by class), else
+    none. Its SHA-256 (a folder: the names and sizes of its files) is part of the cache key."""
+
+    path: str | None = None
+    val_path: str | None = None
+    val_fraction: float = 0.0
+    max_records: int | None = None  # a stratified subset of the training records (quick runs)
+
+    def __post_init__(self):
+        if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
+            raise ConfigError(f"pretrain.data.val_fraction={self.val_fraction!r} must be in [0, 1)")
+        if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
+            raise ConfigError(f"pretrain.data.max_records={self.max_records!r} must be a positive integer or null")
+        if self.path is None and (self.val_path is not None or self.val_fraction or self.max_records is not None):
+            raise ConfigError("pretrain.data.val_path / val_fraction / max_records need pretrain.data.path (the data set to pretrain on)")
 
 
 @dataclass
@@ -39,6 +67,28 @@ class PretrainConfig:
     # right prompt undoes a domain's shift. The domain prompts are discarded; clients never see them.
     # The positive control uses it (configs/positive_control.yaml); false = plain supervised training.
     domain_prompts: bool = False
+    # ``data.composite: overlay`` only: draw every public image's distractor channels afresh each
+    # epoch, from the label channels of other *public* records (the label channel is kept). The
+    # public split is small (~540 records for the embedded digits); fixed distractor pairs let the
+    # backbone memorise them, re-drawn ones make it read the channel its prompt points to.
+    remix: bool = False
+    # With domain_prompts and remix: the backbone is also trained so that under a fresh initial
+    # prompt (what a client starts from) it predicts the even mixture of all channels' digits. The
+    # unprompted backbone then reads every channel at once and only a learned prompt selects one,
+    # whichever the seed (without it, each pretraining settles on a default channel of its own).
+    mixed_default: bool = False
+    # The recipe (DESIGN §3). shift: random translation by up to S/8 pixels (reflect padding);
+    # crop_flip: the same random crop plus a horizontal flip (natural images, not digits).
+    augment: str = "shift"
+    warmup_epochs: int = 1  # linear warm-up, then cosine decay to 0 over the remaining steps
+    # Start from these weights instead of a random init (e.g. continue a backbone on new data).
+    init: str | None = None
+    # Save the whole training state every this many epochs beside the cache entry
+    # (<name>-<key>.partial.pt); an interrupted pretraining resumes there, bit for bit. 0 = never.
+    checkpoint_every: int = 1
+    device: str = "cpu"  # cuda: train on the GPU (the cached weights are the same format)
+    amp: bool = False    # bfloat16 autocast, cuda only
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
 
     def __post_init__(self):
         for key in ("epochs", "batch_size"):
@@ -49,6 +99,24 @@ class PretrainConfig:
             raise ConfigError(f"pretrain.lr={self.lr!r} must be a positive number")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"pretrain.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+        if not isinstance(self.remix, bool):
+            raise ConfigError(f"pretrain.remix={self.remix!r} must be true or false")
+        if not isinstance(self.mixed_default, bool):
+            raise ConfigError(f"pretrain.mixed_default={self.mixed_default!r} must be true or false")
+        if self.mixed_default and not (self.remix and self.domain_prompts):
+            raise ConfigError("pretrain.mixed_default needs pretrain.remix and pretrain.domain_prompts (set both true)")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"pretrain.augment={self.augment!r} is not one of {', '.join(AUGMENTS)}")
+        for key in ("warmup_epochs", "checkpoint_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"pretrain.{key}={v!r} must be an integer >= 0")
+        if self.device not in PRETRAIN_DEVICES:
+            raise ConfigError(f"pretrain.device={self.device!r} is not one of {', '.join(PRETRAIN_DEVICES)}")
+        if self.amp and self.device != "cuda":
+            raise ConfigError("pretrain.amp (bfloat16 autocast) needs pretrain.device: cuda; drop amp on the CPU")
+        if self.data.path is not None and self.remix:
+            raise ConfigError("pretrain.remix re-draws the run's own overlay split; it cannot apply to pretrain.data.path")
 
 
 ENGINES = ("inprocess", "flower")
@@ -136,6 +204,9 @@ class RunConfig:
             raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
         if self.clients_per_round is not None and (not isinstance(self.clients_per_round, int) or self.clients_per_round < 1):
             raise ConfigError(f"clients_per_round={self.clients_per_round!r} must be a positive integer or null (all)")
+        if self.pretrain.remix and self.data.composite != "overlay":
+            raise ConfigError("pretrain.remix re-draws overlay distractors: it needs data.composite: overlay "
+                              "(set it, or drop pretrain.remix)")
         size = self.model.image_size()
         if size is not None and size != self.data.image_size:
             raise ConfigError(
@@ -232,11 +303,37 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         value = raw
     parts = key.strip().split(".")
     node = tree
+    cls: Any = RunConfig
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if p not in node:
+            # A mapping-valued field (model.kwargs) starts from its default, so that one --set key
+            # changes one entry instead of replacing the whole mapping.
+            node[p] = copy.deepcopy(_default_of(cls, p)) if isinstance(_default_of(cls, p), dict) else {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {p} is not a section")
+        cls = _field_type(cls, p)
     node[parts[-1]] = value
+
+
+def _field_type(cls: Any, name: str) -> Any:
+    """The dataclass type of field ``name`` of ``cls`` (None when it is not a dataclass field)."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    hints = typing.get_type_hints(cls)
+    tp = hints.get(name)
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _default_of(cls: Any, name: str) -> Any:
+    if not dataclasses.is_dataclass(cls):
+        return None
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return None if f.default is dataclasses.MISSING else f.default
+    return None
 
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:

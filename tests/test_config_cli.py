@@ -47,6 +47,18 @@ def test_overrides_and_round_trip(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_set_on_one_mapping_key_keeps_the_rest_of_the_mapping():
+    """--set model.kwargs.depth=2 changes one architecture key; it used to replace the whole kwargs
+    mapping with {depth: 2}, silently building timm's default ViT (patch 16, 12 blocks) instead."""
+    default = load_config(None).model.kwargs
+    cfg = load_config(None, ["model.kwargs.depth=2"])
+    assert cfg.model.kwargs == {**default, "depth": 2}
+    cfg = config_from_dict({"model": {"num_prompts": 4}}, ["model.kwargs.embed_dim=32"])  # section present
+    assert cfg.model.kwargs == {**default, "embed_dim": 32} and cfg.model.num_prompts == 4
+    # A mapping written out in a file is taken as written.
+    assert config_from_dict({"model": {"kwargs": {"img_size": 16}}}).model.kwargs == {"img_size": 16}
+
+
 def test_shipped_configs_load():
     from pathlib import Path
 

@@ -275,3 +275,55 @@ def test_domain_prompted_pretraining_trains_a_backbone_clients_can_load(tmp_path
     assert cached_path(plain) != path
     assert cached_path(tiny_config(**{**kw, "pretrain.domain_prompts": True, "model.prompt_depth": "shallow"})) != path
     assert cached_path(tiny_config(**{**kw, "model.prompt_depth": "shallow"})) == cached_path(plain)
+    # pretrain.remix trains on re-drawn distractors: other weights, and a backbone runs load.
+    remixed = pretrain_backbone(tiny_config(**{**kw, "pretrain.domain_prompts": True, "pretrain.remix": True}))
+    r = load_file(str(remixed))
+    assert remixed != path and r.keys() == a.keys() and not all(torch.equal(a[k], r[k]) for k in a)
+    # pretrain.mixed_default adds the unprompted-mixture loss: other weights again.
+    mixed = pretrain_backbone(tiny_config(**{**kw, "pretrain.domain_prompts": True, "pretrain.remix": True,
+                                             "pretrain.mixed_default": True}))
+    mx = load_file(str(mixed))
+    assert mixed not in (path, remixed) and not all(torch.equal(r[k], mx[k]) for k in r)
+
+
+def test_remix_redraws_overlay_distractors_from_public_label_channels_only():
+    """pretrain.remix: each record keeps its label channel; every other digit channel holds the label
+    channel of another public record (never its own), re-drawn on each call; channels past the
+    overlay's stay black."""
+    import numpy as np
+
+    from pfedpg.pretrain import _remixer
+
+    rng = np.random.default_rng(0)
+    n, s = 12, 4
+    images = np.zeros((n, s, s, 3), dtype=np.uint8)
+    domains = np.arange(n) % 2
+    own = rng.integers(1, 256, size=(n, s, s)).astype(np.uint8)  # each record's digit, distinct
+    images[np.arange(n), :, :, domains] = own
+    images[np.arange(n), :, :, 1 - domains] = 7  # the fixed distractor remix replaces
+    batch = _remixer(images, domains, channels=2, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    g = torch.Generator().manual_seed(0)
+    idx = torch.arange(n)
+    (first, src1), (second, src2) = batch(idx, g), batch(idx, g)
+    label = torch.from_numpy(own).float() / 255
+    pool = {tuple(label[j].flatten().tolist()): j for j in range(n)}
+    for out, src in ((first, src1), (second, src2)):
+        assert torch.equal(out[idx, torch.from_numpy(domains)], label)   # the label channel is kept
+        assert torch.all(out[:, 2] == 0)                                   # blue stays black
+        for i in range(n):
+            j = pool.get(tuple(out[i, 1 - domains[i]].flatten().tolist()))
+            assert j is not None and j != i   # another record's label channel, never the fixed 7s
+            assert src[domains[i], i] == i and src[1 - domains[i], i] == j  # sources name them
+    assert not torch.equal(first, second)  # drawn afresh each time
+
+
+def test_remix_needs_overlay_and_is_in_the_cache_key(tmp_path):
+    from pfedpg.pretrain import cached_path
+
+    with pytest.raises(ConfigError, match="pretrain.remix.*composite: overlay"):
+        tiny_config(**{"pretrain.remix": True})
+    with pytest.raises(ConfigError, match="mixed_default needs pretrain.remix and pretrain.domain_prompts"):
+        tiny_config(**{"pretrain.mixed_default": True, "pretrain.remix": True, "data.composite": "overlay"})
+    kw = {"model.weights": "pretrain", "pretrain.cache_dir": str(tmp_path), "data.composite": "overlay"}
+    assert cached_path(tiny_config(**kw, **{"pretrain.remix": True})) != cached_path(tiny_config(**kw))
+    assert cached_path(tiny_config(**kw, **{"pretrain.remix": False})) == cached_path(tiny_config(**kw))
