@@ -146,20 +146,16 @@ class RecordLevelDPSGD(Hook):
         steps = self.steps(n)
         psg = PerSampleGradients(model)
         for _ in range(steps):
-            # Poisson sampling: each record joins this step independently with probability q.
-            idx = (torch.rand(n, generator=sample_g) < q).nonzero().squeeze(1)
+            idx = self.poisson_sample(n, q, sample_g)
             summed = [torch.zeros_like(p) for p in params]
             if idx.numel():
                 grads, losses = psg(x[idx], y[idx])
-                norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads]).norm(dim=0)
-                factor = (self.clip / (norms + 1e-6)).clamp(max=1.0)
-                summed = [torch.einsum("b,b...->...", factor, g) for g in grads]
+                summed, norms = self.clip_and_sum(grads)
                 clipped += int((norms > self.clip).sum())
                 total += float(losses.sum())
                 seen += idx.numel()
-            for p, s in zip(params, summed):
-                noise = torch.randn(p.shape, generator=noise_g) * (z * self.clip)
-                p.grad = (s + noise) / (q * n)
+            for p, s in zip(params, self.add_noise(summed, z, noise_g)):
+                p.grad = s / (q * n)
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.accountants.step(job.client, noise_multiplier=z, sample_rate=q)
@@ -167,6 +163,24 @@ class RecordLevelDPSGD(Hook):
         model.eval()
         return LocalResult(loss=total / max(1, seen), steps=steps, samples=seen,
                            extra={"dp_sgd_clipped_fraction": clipped / max(1, seen)})
+
+    # The three parts of the mechanism, each replaceable by a broken variant in tests/test_dp_sgd.py,
+    # whose black-box checks must flag it.
+    @staticmethod
+    def poisson_sample(n: int, q: float, g: torch.Generator) -> torch.Tensor:
+        """Poisson sampling: each of the n records joins this step independently with probability q."""
+        return (torch.rand(n, generator=g) < q).nonzero().squeeze(1)
+
+    def clip_and_sum(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Scale each sample's whole gradient (all parameters together) to L2 norm ≤ C, then sum over
+        the samples; returns (sums, the samples' norms before clipping)."""
+        norms = torch.stack([g.reshape(g.shape[0], -1).norm(dim=1) for g in grads]).norm(dim=0)
+        factor = (self.clip / (norms + 1e-6)).clamp(max=1.0)
+        return [torch.einsum("b,b...->...", factor, g) for g in grads], norms
+
+    def add_noise(self, summed: list[torch.Tensor], z: float, g: torch.Generator) -> list[torch.Tensor]:
+        """Gaussian noise of std z·C on every coordinate of the clipped sum."""
+        return [s + torch.randn(s.shape, generator=g) * (z * self.clip) for s in summed]
 
     def epsilon(self, client: int) -> float:
         return self.accountants.epsilon(client)
