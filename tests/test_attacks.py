@@ -106,9 +106,21 @@ def test_backdoor_poisons_its_data_and_asr_uses_benign_non_target_images():
 
 
 def test_a_run_with_an_attack_and_a_defense(tmp_path):
-    cfg = tiny_config(rounds=2, hooks=[{"name": "alie", "clients": [0], "space": "grad"},
-                                       {"name": "robust_aggregation", "rule": "median", "f": 1}])
-    summary = Trainer(cfg, run_dir=tmp_path / "r").run()
+    """The attack and the defense each change what the server learns: the attacked run's final server
+    state differs from the clean run's, and the median's from the attacked plain sum's; the median
+    excludes no whole client (it is coordinate-wise), and the log says so every round."""
+    alie = {"name": "alie", "clients": [0], "space": "grad"}
+    runs = {"clean": [], "alie": [alie], "alie_median": [alie, {"name": "robust_aggregation", "rule": "median", "f": 1}]}
+    server = {}
+    for name, hooks in runs.items():
+        summary = Trainer(tiny_config(rounds=2, hooks=hooks, **{"server.lr": 0.1}), run_dir=tmp_path / name).run()
+        server[name] = torch.load(tmp_path / name / "checkpoints" / "round_0002.pt", weights_only=True)["server"]
     assert summary["hook_results"]["alie"]["malicious"] == [0]
-    last = [r for r in rows(tmp_path, "r") if r["type"] == "round"][-1]
-    assert "robust_aggregation/excluded" in last
+    rounds = [r for r in rows(tmp_path, "alie_median") if r["type"] == "round"]
+    assert [r["robust_aggregation/excluded"] for r in rounds] == [[], []]
+
+    def gap(a, b):
+        return max(float((server[a][k] - server[b][k]).abs().max()) for k in server[a])
+
+    assert gap("clean", "alie") > 1e-4 and gap("alie", "alie_median") > 1e-4  # α = 0.1: one round moves ~1e-3
+    assert gap("clean", "clean") == 0
