@@ -141,8 +141,11 @@ def one_run_audit(scores, included, *, delta: float, guess_fraction: float = 0.5
     order = np.argsort(-s, kind="mergesort")
     top, bottom = order[:k], order[m - k:]
     v = int(inc[top].sum() + (~inc[bottom]).sum())
+    # epsilon_cap: what the same canaries would certify with every guess right, the most this audit
+    # can ever say. At an accountant ε above it, "no violation" is no evidence: the audit cannot fail.
     return {"canaries": m, "guesses": 2 * k, "correct": v, "delta": delta, "alpha": alpha,
-            "epsilon_lower_bound": one_run_epsilon_lower_bound(m=m, r=2 * k, v=v, delta=delta, alpha=alpha)}
+            "epsilon_lower_bound": one_run_epsilon_lower_bound(m=m, r=2 * k, v=v, delta=delta, alpha=alpha),
+            "epsilon_cap": one_run_epsilon_lower_bound(m=m, r=2 * k, v=2 * k, delta=delta, alpha=alpha)}
 
 
 __all__ = ["AuditResult", "audit_delta_mechanism", "certifiable_epsilon", "clopper_pearson",

@@ -371,6 +371,8 @@ class LeakageAudit(Hook):
                     one.update(probe_metrics(sc, inc), threat_model=THREATS[side],
                                accountant_epsilon=dp["epsilon"] if covered else None)
                     one["violation"] = bool(covered and one["epsilon_lower_bound"] > dp["epsilon"])
+                    # Whether this audit could have found a violation at all (its cap above ε).
+                    one["can_fail"] = bool(covered and one["epsilon_cap"] > dp["epsilon"])
                     res[side] = one
                     curves[f"canary_{side}"] = (sc, inc)
                 record("canary", {**res, "canaries_per_client": self.canaries["per_client"],
@@ -408,7 +410,8 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
     """The numbers a sweep table shows: AUC, TPR at 1% and 0.1% FPR (values only), targets."""
     if "observer" in res and "server" in res:  # the canary probe: one entry per score
         return {side: {"auc": res[side]["auc"], "epsilon_lower_bound": res[side]["epsilon_lower_bound"],
-                       "accountant_epsilon": res[side]["accountant_epsilon"]} for side in ("observer", "server")}
+                       "epsilon_cap": res[side]["epsilon_cap"], "accountant_epsilon": res[side]["accountant_epsilon"]}
+                for side in ("observer", "server")}
     if "auc" not in res:
         return {"status": res.get("status")}
     return {"auc": res["auc"], "tpr_at_1pct_fpr": res["tpr_at_1pct_fpr"]["value"],

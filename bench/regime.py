@@ -154,22 +154,7 @@ def execute(j: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Paired statistics
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
-    """a − b over the seeds both have: per-seed values, mean, std (n−1) and 95% t-interval."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    d = [a[s] - b[s] for s in seeds]
-    n = len(d)
-    mean = sum(d) / n
-    if n < 2:
-        return {"seeds": seeds, "diffs": d, "mean": mean, "std": None, "ci": None}
-    std = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    half = T95.get(n - 1, 1.96) * std / math.sqrt(n)
-    return {"seeds": seeds, "diffs": d, "mean": mean, "std": std, "ci": (mean - half, mean + half)}
+from evaluations.stats import paired  # noqa: E402  (a − b paired by seed, 95% t-interval)
 
 
 def collect(jobs: list[dict]) -> tuple[dict, dict]:

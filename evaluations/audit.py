@@ -107,7 +107,8 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
             eps = max((r["probes"]["canary"][side]["accountant_epsilon"] or -1) for r in per_run)
             eps = None if eps < 0 else eps
             res.update(one, threat_model=ref["threat_model"], accountant_epsilon=eps,
-                       violation=bool(eps is not None and one["epsilon_lower_bound"] > eps))
+                       violation=bool(eps is not None and one["epsilon_lower_bound"] > eps),
+                       can_fail=bool(eps is not None and one["epsilon_cap"] > eps))
         else:
             ref = first.get(name, {})
             res.update(threat_model=ref.get("threat_model"), dp_envelope=ref.get("dp_envelope"))
@@ -160,8 +161,10 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
             if r is None:
                 cells.append("—")
             elif p.startswith("canary_"):
-                cells.append(f"{r['auc']:.3f} / ε_lb {r['epsilon_lower_bound']:.2f}"
-                             + (f" (accountant {r['accountant_epsilon']:.2f})" if r.get("accountant_epsilon") else ""))
+                cells.append(f"{r['auc']:.3f} / ε_lb {r['epsilon_lower_bound']:.2f} (cap {r['epsilon_cap']:.2f})"
+                             + (f" (accountant {r['accountant_epsilon']:.2f}"
+                                + ("" if r.get("can_fail") else ": above the cap, the audit cannot fail") + ")"
+                                if r.get("accountant_epsilon") else ""))
             else:
                 cells.append(f"{r['auc']:.3f} / {_v(r['tpr_at_0.1pct_fpr'])}")
         body.append(cells)
@@ -169,8 +172,9 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
     md = ["# Leakage audit: pFedPG", "",
           "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; TPR at 0.1% FPR "
           "is `unresolved` when fewer than 10 000 non-members were pooled. Canary columns give the AUC and the "
-          "one-run ε lower bound (Steinke et al. 2023) next to the accountant's ε where DP covers that view; "
-          "a lower bound above it would be a bug.", "", *table, "",
+          "one-run ε lower bound (Steinke et al. 2023), the cap (the most its canaries could certify, with every "
+          "guess right) and the accountant's ε where DP covers that view; a lower bound above the accountant's ε "
+          "would be a bug, and where the accountant's ε is above the cap no violation could have shown.", "", *table, "",
           "![TPR at 0.1% FPR vs ε](tpr_vs_epsilon.png)", "", "## Threat models", ""]
     any_group = next(iter(clean.values()), {"probes": {}})
     for p, r in any_group["probes"].items():

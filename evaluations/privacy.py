@@ -115,6 +115,14 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
     row = {k: None for k in COLUMNS}
     row.update(cell=cell["cell"], mechanism=cell["mechanism"], seed=cell["seed"], run_dir=str(run_dir),
                target_epsilon=cell.get("target_epsilon"), noise_multiplier=cell.get("noise_multiplier"))
+    if summary is None and (run_dir / "diverged.json").is_file():
+        # Training diverged under this mechanism (e.g. DP noise with an unbounded server step): a
+        # result, with the accuracy measured in the round it diverged (non-finite outputs wrong).
+        div = json.loads((run_dir / "diverged.json").read_text())
+        accs = div.get("accuracy_per_client") or []
+        row.update(status="diverged", error=div["error"],
+                   accuracy_mean=float(np.mean(accs)) if accs else None, accuracy_worst=min(accs) if accs else None)
+        return row
     if summary is None:
         row.update(status="failed", error=error)
         return row
@@ -130,6 +138,7 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
             if isinstance(v, dict) and "epsilon_lower_bound" in v:
                 row[f"{probe}_{side}_auc"] = v["auc"]
                 row[f"{probe}_{side}_epsilon_lower_bound"] = v["epsilon_lower_bound"]
+                row[f"{probe}_{side}_epsilon_cap"] = v.get("epsilon_cap")
     if hook is not None:
         z = hook["noise_multiplier"]
         row.update(noise_multiplier=float(np.mean(z)) if isinstance(z, list) else z, delta=hook["delta"],
@@ -176,18 +185,19 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std over seeds per (mechanism, level)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        if r["status"] != "ok":
+        if r["status"] not in ("ok", "diverged") or r["accuracy_mean"] is None:
             continue
         key = (r["mechanism"], r["target_epsilon"], r["noise_multiplier"] if r["target_epsilon"] is None else None)
         groups.setdefault(key, []).append(r)
 
     def ms(vals):
+        # (mean, sample std with n − 1; None for one seed: one run has no spread)
         vals = [v for v in vals if v is not None]
         if not vals:
             return None, None
         if any(math.isinf(v) for v in vals):
-            return math.inf, 0.0
-        return float(np.mean(vals)), float(np.std(vals))
+            return math.inf, None
+        return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
 
     out = []
     for (mech, eps, z), rs in groups.items():
@@ -195,7 +205,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "noise_multiplier": ms([r["noise_multiplier"] for r in rs])[0],
                     "epsilon_max": ms([r["epsilon_max"] for r in rs]), "accuracy_mean": ms([r["accuracy_mean"] for r in rs]),
                     "accuracy_worst": ms([r["accuracy_worst"] for r in rs]),
-                    "accuracy_generated_mean": ms([r["accuracy_generated_mean"] for r in rs]), "seeds": len(rs)})
+                    "accuracy_generated_mean": ms([r["accuracy_generated_mean"] for r in rs]), "seeds": len(rs),
+                    "accuracy_by_seed": {r["seed"]: r["accuracy_mean"] for r in rs}})
     order = {m: i for i, m in enumerate(["local", "nonprivate", "clip_only", *MECHANISMS])}
     out.sort(key=lambda a: (order.get(a["mechanism"], 99), -(a["epsilon_max"][0] or 0) if a["epsilon_max"][0] is not None else 0))
     return out
@@ -207,25 +218,27 @@ def _fmt(pair, pct=True) -> str:
         return "—"
     if math.isinf(m):
         return "∞"
-    return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.2f} ± {s:.2f}"
+    k = 100 if pct else 1
+    d = 1 if pct else 2
+    return f"{k * m:.{d}f}" if s is None else f"{k * m:.{d}f} ± {k * s:.{d}f}"
 
 
 def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    local = next((a["accuracy_mean"][0] for a in agg if a["mechanism"] == "local"), None)
+    from evaluations.stats import fmt_paired, paired, verdict
+
+    local = next((a["accuracy_by_seed"] for a in agg if a["mechanism"] == "local"), None)
     header = ["mechanism", "privacy unit", "target ε", "z", "ε (max client)", "accuracy % (mean)", "worst client %",
-              "generated P_n %", "seeds", "vs local"]
+              "generated P_n %", "seeds", "− local (points, paired; 95% CI)", "vs local"]
     unit = {"dp_client": "client", "clip_only": "client", "dp_sgd": "record", "nonprivate": "—", "local": "—"}
     body = []
     for a in agg:
         eps = "0 (sends nothing)" if a["mechanism"] == "local" else _fmt(a["epsilon_max"], pct=False)
-        verdict = ""
-        if local is not None and a["mechanism"] != "local":
-            verdict = "dominated (below local)" if a["accuracy_mean"][0] < local else "above local"
+        diff = paired(a["accuracy_by_seed"], local) if local is not None and a["mechanism"] != "local" else None
         body.append([a["mechanism"], unit.get(a["mechanism"], "?"),
                      "—" if a["target_epsilon"] is None else f"{a['target_epsilon']:g}",
                      "—" if a["noise_multiplier"] is None else f"{a['noise_multiplier']:.3g}", eps,
                      _fmt(a["accuracy_mean"]), _fmt(a["accuracy_worst"]), _fmt(a["accuracy_generated_mean"]),
-                     str(a["seeds"]), verdict])
+                     str(a["seeds"]), fmt_paired(diff) if diff else "", verdict(diff)])
     return header, body
 
 
@@ -243,7 +256,7 @@ def plot(path: Path, agg: list[dict[str, Any]]) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for i, mech in enumerate(MECHANISMS):
-        pts = sorted((a["epsilon_max"][0], a["accuracy_mean"][0], a["accuracy_mean"][1]) for a in agg
+        pts = sorted((a["epsilon_max"][0], a["accuracy_mean"][0], a["accuracy_mean"][1] or 0.0) for a in agg
                      if a["mechanism"] == mech and a["epsilon_max"][0] is not None)
         if pts:
             xs, ys, es = zip(*pts)
@@ -290,11 +303,15 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     (out / "tradeoff.md").write_text(table + "\n")
     plot(out / "accuracy_vs_epsilon.png", agg)
     statements = privacy_statements(rows)
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in rows if r["status"] == "failed"]  # errors; a diverged run is a result
     md = ["# Privacy trade-off: pFedPG", "",
           "Accuracy is per client on its own test split after the last round (adapted prompt and local head), "
-          "mean ± std over seeds. ε is per client; the table gives the largest. `local` sends nothing and is the floor "
-          "a private run must beat: one below it is dominated.", "", table, "",
+          "mean ± sample std over seeds (a single seed has no spread). ε is per client; the table gives the largest. "
+          "`local` sends nothing and is the floor a private run must beat. Each row's difference from `local` is "
+          "paired by seed, with a 95% t-interval: *dominated* only when the whole interval is below zero, "
+          "*above local* when it is above, otherwise *level with local*. A run that diverged counts with the "
+          "accuracy measured in the round it diverged (non-finite outputs wrong); the Runs table names it.",
+          "", table, "",
           "![accuracy vs epsilon](accuracy_vs_epsilon.png)", ""]
     if sweep.audit is not None:
         md += ["Leakage probes (`leakage_audit`, pooled over seeds; per-run AUC and TPR at 0.1% FPR are columns of "

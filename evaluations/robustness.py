@@ -31,7 +31,7 @@ from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
 
 COLUMNS = ["cell", "attack", "space", "defense", "malicious_fraction", "num_malicious", "seed", "status",
-           "benign_accuracy_mean", "benign_accuracy_worst", "asr", "excluded_true", "excluded_false",
+           "diverged_round", "benign_accuracy_mean", "benign_accuracy_worst", "asr", "excluded_true", "excluded_false",
            "aggregation_ms", "error", "run_dir"]
 
 
@@ -108,6 +108,17 @@ def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
     if "infeasible" in cell:
         row.update(status="infeasible", error=cell["infeasible"])
         return row
+    if summary is None and run_dir is not None and (Path(run_dir) / "diverged.json").is_file():
+        # The attack made training diverge: it succeeded. Benign accuracy as measured at that round,
+        # non-finite outputs counted wrong (DESIGN §7).
+        div = json.loads((Path(run_dir) / "diverged.json").read_text())
+        malicious = set((div.get("hook_state", {}).get(cell["attack"]) or {}).get("malicious", []))
+        accs = div.get("accuracy_per_client")
+        row.update(status="diverged", diverged_round=div["round"], error=div["error"])
+        if accs:
+            benign = [a for c, a in enumerate(accs) if c not in malicious]
+            row.update(benign_accuracy_mean=float(np.mean(benign)), benign_accuracy_worst=float(np.min(benign)))
+        return row
     if summary is None:
         row.update(status="failed", error=error)
         return row
@@ -144,8 +155,11 @@ def run_matrix(matrix: RobustnessConfig, base: dict[str, Any], *, out_dir: str |
 
 
 def _ms(vals):
+    """(mean, sample std with n − 1); the std is None for one seed — one run has no spread."""
     vals = [v for v in vals if v is not None]
-    return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
 
 
 def aggregate(rows):
@@ -155,18 +169,46 @@ def aggregate(rows):
     out = []
     for (attack, space, defense, frac), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
-        status = "ok" if ok else rs[0]["status"]
+        div = [r for r in rs if r["status"] == "diverged"]
+        # Diverged seeds are measured too (their accuracy at the round they diverged): an attack that
+        # breaks training is its most successful outcome, not a gap.
+        measured = [r for r in ok + div if r["benign_accuracy_mean"] is not None]
+        if div:
+            rounds = sorted({r["diverged_round"] for r in div})
+            status = f"diverged {len(div)}/{len(rs)} (round {', '.join(map(str, rounds))})"
+        elif ok:
+            status = "ok"
+        else:
+            status = rs[0]["status"]
         out.append({"attack": attack, "space": space, "defense": defense, "fraction": frac, "status": status,
-                    "benign_mean": _ms([r["benign_accuracy_mean"] for r in ok]),
-                    "benign_worst": _ms([r["benign_accuracy_worst"] for r in ok]), "asr": _ms([r["asr"] for r in ok]),
+                    "benign_mean": _ms([r["benign_accuracy_mean"] for r in measured]),
+                    "benign_worst": _ms([r["benign_accuracy_worst"] for r in measured]), "asr": _ms([r["asr"] for r in ok]),
                     "excluded_true": _ms([r["excluded_true"] for r in ok]), "excluded_false": _ms([r["excluded_false"] for r in ok]),
-                    "aggregation_ms": _ms([r["aggregation_ms"] for r in ok]), "seeds": len(ok)})
+                    "aggregation_ms": _ms([r["aggregation_ms"] for r in ok]), "seeds": len(measured)})
     out.sort(key=lambda a: (a["fraction"], a["attack"], a["defense"]))
     return out
 
 
+def worst_case(agg) -> list[dict]:
+    """Per (fraction > 0, defense): the attack with the lowest benign mean accuracy (diverged cells
+    included at their measured accuracy)."""
+    out = []
+    for frac in sorted({a["fraction"] for a in agg if a["fraction"] > 0}):
+        for defense in sorted({a["defense"] for a in agg}):
+            cands = [a for a in agg if a["fraction"] == frac and a["defense"] == defense
+                     and a["attack"] != "none" and a["benign_mean"][0] is not None]
+            if cands:
+                w = min(cands, key=lambda a: a["benign_mean"][0])
+                out.append({"fraction": frac, "defense": defense, "attack": w["attack"], "space": w["space"],
+                            "benign_mean": w["benign_mean"], "benign_worst": w["benign_worst"], "status": w["status"],
+                            "seeds": w["seeds"]})
+    return out
+
+
 def _pct(p):
-    return "—" if p[0] is None else f"{100 * p[0]:.1f} ± {100 * p[1]:.1f}"
+    if p[0] is None:
+        return "—"
+    return f"{100 * p[0]:.1f}" if p[1] is None else f"{100 * p[0]:.1f} ± {100 * p[1]:.1f}"
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -176,24 +218,31 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
         for r in rows:
             w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
     agg = aggregate(rows)
-    header = ["fraction", "attack", "space", "defense", "benign acc % (mean)", "benign worst %", "ASR %",
+    header = ["fraction", "attack", "space", "defense", "status", "benign acc % (mean)", "benign worst %", "ASR %",
               "excluded (malicious / benign)", "aggregation ms", "seeds"]
     body = []
     for a in agg:
-        if a["status"] != "ok":
-            body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], a["status"], "", "", "", "", "0"])
+        if a["benign_mean"][0] is None:  # failed or infeasible: nothing measured
+            body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], a["status"],
+                         "", "", "", "", "", "0"])
             continue
         exc = "—" if a["excluded_true"][0] is None else f"{a['excluded_true'][0]:.1f} / {a['excluded_false'][0]:.1f}"
-        body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], _pct(a["benign_mean"]),
-                     _pct(a["benign_worst"]), _pct(a["asr"]), exc,
+        body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], a["status"],
+                     _pct(a["benign_mean"]), _pct(a["benign_worst"]), _pct(a["asr"]), exc,
                      "—" if a["aggregation_ms"][0] is None else f"{a['aggregation_ms'][0]:.2f}", str(a["seeds"])])
+    for w in worst_case(agg):
+        body.append([f"{w['fraction']:g}", f"**worst case** ({w['attack']})", w["space"] or "—", w["defense"],
+                     w["status"], _pct(w["benign_mean"]), _pct(w["benign_worst"]), "", "", "", str(w["seeds"])])
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(r) + " |" for r in body])
     (out / "robustness.md").write_text(table + "\n")
     _plots(out, agg)
     md = ["# Robustness matrix: pFedPG", "",
           "Benign accuracy: mean over the non-malicious clients of their own test accuracy after the last round, "
-          "mean ± std over seeds. The defender knows f. `infeasible`: the rule cannot run at this (m, f). "
+          "mean ± sample std over seeds (one seed: no spread). The defender knows f. `diverged`: the attack drove "
+          "training to non-finite values — it succeeded; its accuracy is as measured in that round, non-finite "
+          "outputs counted wrong. `failed` is kept for errors. The worst-case rows give, per defense and fraction, "
+          "the attack with the lowest benign accuracy. `infeasible`: the rule cannot run at this (m, f). "
           "Delta-space ALIE / IPM / Min-Max act through the attacker's own Jacobian; only grad space reproduces "
           "the published attacks.", "", table, "", "![heat map](heatmap.png)", "", "![worst case](worst_case.png)", ""]
     (out / "report.md").write_text("\n".join(md))
@@ -207,7 +256,7 @@ def _plots(out: Path, agg) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [a for a in agg if a["status"] == "ok"]
+    ok = [a for a in agg if a["benign_mean"][0] is not None]  # measured: ok or diverged
     defenses = sorted({a["defense"] for a in agg})
     attacks = sorted({a["attack"] for a in agg if a["attack"] != "none"})
     top = max((a["fraction"] for a in agg), default=0.0)
@@ -223,8 +272,12 @@ def _plots(out: Path, agg) -> None:
         for j in range(grid.shape[1]):
             ax.text(j, i, "n/a" if math.isnan(grid[i, j]) else f"{100 * grid[i, j]:.0f}", ha="center", va="center",
                     color="w", fontsize=7)
-    ax.set_title(f"benign accuracy at malicious fraction {top:g}", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax.set_title(f"benign accuracy % at malicious fraction {top:g}", fontsize=9)
+    ax.set_xlabel("attack", fontsize=8)
+    ax.set_ylabel("defense", fontsize=8)
+    bar = fig.colorbar(im, ax=ax, fraction=0.04)
+    bar.set_ticks([0, 0.25, 0.5, 0.75, 1.0], labels=["0", "25", "50", "75", "100"])
+    bar.set_label("benign accuracy %", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "heatmap.png")
     plt.close(fig)

@@ -8,6 +8,7 @@ with its error (and ``error.txt``), and the grid goes on. KeyboardInterrupt is n
 from __future__ import annotations
 
 import json
+import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,8 @@ def _run_cell(cfg_dict: dict[str, Any], run_dir: str, threads: int | None, progr
     rd = Path(run_dir)
     # A cell cut short resumes from its latest checkpoint (in-process runs).
     started = (rd / "metrics.jsonl").exists() and latest_checkpoint(rd) is not None
+    if not started and rd.exists():  # cut short before its first checkpoint: nothing to resume
+        shutil.rmtree(rd)
     summary = run_training(cfg, rd, log=lambda m: None, progress=progress, resume=started)
     write_report(rd)  # each cell is an ordinary run directory, report included
     return summary
@@ -155,13 +158,22 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
         elif (run_dir / "summary.json").is_file():
             log(f"[{i + 1}/{len(grid)}] {cell['cell']}: done before, reused")
             slots[i] = CellResult(cell, run_dir, json.loads((run_dir / "summary.json").read_text()), None)
+        elif (run_dir / "diverged.json").is_file():  # a divergence is a result: the same one again
+            error = json.loads((run_dir / "diverged.json").read_text())["error"]
+            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: diverged before, reused")
+            slots[i] = CellResult(cell, run_dir, None, error)
         else:
+            if (run_dir / "error.txt").is_file():  # failed before (an error, not a result): start clean
+                log(f"[{i + 1}/{len(grid)}] {cell['cell']}: failed before; running it again from scratch")
+                shutil.rmtree(run_dir)
             todo.append(i)
 
     def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None) -> None:
         cell, run_dir = grid[i], out / "runs" / grid[i]["cell"]
         if error is None:
             log(f"[{i + 1}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
+        elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
+            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: diverged ({error})")
         else:  # a failed cell is a row, not the end of the grid
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.txt").write_text(trace or error)

@@ -108,12 +108,14 @@ def sgd_local_training(job: LocalJob, cfg: ClientConfig) -> LocalResult:
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) of the model as loaded."""
+    """(top-1 accuracy, mean cross-entropy) of the model as loaded. A sample whose logits are not
+    all finite counts as wrong (argmax would read NaN as the largest value and could guess right)."""
     model.eval()
     correct, loss = 0, 0.0
     for i in range(0, x.shape[0], batch_size):
         logits = model(x[i:i + batch_size])
-        correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+        right = (logits.argmax(1) == y[i:i + batch_size]) & torch.isfinite(logits).all(1)
+        correct += int(right.sum())
         loss += float(F.cross_entropy(logits, y[i:i + batch_size], reduction="sum"))
     n = max(1, x.shape[0])
     return correct / n, loss / n

@@ -389,7 +389,11 @@ class Trainer:
         t_train = 0.0
         try:
             for r in rounds:
-                record = self.run_round(r)
+                try:
+                    record = self.run_round(r)
+                except NonFiniteDeltaError as e:
+                    self._record_divergence(r, e)
+                    raise
                 t_train += record["time_round_s"]
                 with open(metrics_path, "a") as f:
                     for row in record.pop("clients"):
@@ -411,6 +415,24 @@ class Trainer:
         finally:
             self._log_file.close()
             self._log_file = None
+
+    def _record_divergence(self, r: int, error: Exception) -> None:
+        """A run that diverged is a result (an attack that makes training diverge has succeeded,
+        DESIGN §7): ``diverged.json`` keeps the round and every client's accuracy as measured at that
+        point, non-finite outputs counted wrong."""
+        out: dict[str, Any] = {"round": r, "error": f"{type(error).__name__}: {error}", "hook_state": {}}
+        for h in self.hooks.hooks:  # what each hook knows so far (e.g. an attack's malicious clients)
+            try:
+                out["hook_state"][h.name] = json.loads(json.dumps(h.state_dict()))
+            except (TypeError, ValueError):  # not JSON (tensors): left out
+                pass
+        try:
+            rows = self.evaluate_clients({})
+            out["accuracy_per_client"] = [row["acc_adapted"] for row in rows]
+        except Exception as e:  # the measurement is best effort; the divergence itself is the result
+            out["accuracy_error"] = f"{type(e).__name__}: {e}"
+        (self.run_dir / "diverged.json").write_text(json.dumps(out, indent=2))
+        self.log(f"diverged in round {r}: {error}")
 
     def run_round(self, r: int) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -60,3 +60,45 @@ def test_shipped_robustness_config_loads(monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])
     matrix, base = load_matrix("configs/robustness.yaml")
     assert "sum" in matrix.defenses and base["data"]["clients_per_domain"] == 2
+
+
+def test_an_attack_that_diverges_is_a_result_and_the_command_exits_0(tmp_path, capsys):
+    """IPM with ε = 1e6 under the plain sum drives the generator to non-finite prompts: the cell is
+    `diverged` (with its round and the benign accuracy measured then, non-finite outputs wrong), not
+    `failed`; the command exits 0; running it again reuses the divergence and gives the same table."""
+    from evaluations.cli import main
+
+    path = matrix_file(tmp_path, attacks={"ipm": {"space": "grad", "epsilon": 1.0e6}},
+                       defenses={"sum": {}, "median": {}}, malicious_fractions=[0.34])
+    raw = yaml.safe_load(path.read_text())
+    raw["base"]["server"] = {"lr": 1.0}
+    raw["base"]["rounds"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["robustness", "--config", str(path)]) == 0
+    first = capsys.readouterr().out
+    with open(tmp_path / "matrix" / "robustness.csv") as f:
+        rows = {r["defense"]: r for r in csv.DictReader(f)}
+    div = rows["sum"]
+    assert div["status"] == "diverged" and int(div["diverged_round"]) >= 1 and "NonFiniteDeltaError" in div["error"]
+    assert float(div["benign_accuracy_mean"]) == 0.0  # every benign output non-finite: all wrong
+    assert rows["median"]["status"] == "ok" and float(rows["median"]["benign_accuracy_mean"]) > 0  # it recovers
+    assert "diverged 1/1" in first and "worst case" in first
+    assert main(["robustness", "--config", str(path)]) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_a_failed_cell_runs_again_cleanly(tmp_path):
+    from evaluations.sweep import run_cells
+
+    cell = {"cell": "c", "config": {"rounds": 1, "checkpoint_every": 0,
+                                     "data": {"image_size": 8, "num_domains": 3, "max_train_per_client": 16,
+                                              "max_test_per_client": 10},
+                                     "model": {"weights": "random", "kwargs": dict(TINY_MODEL), "num_prompts": 2}}}
+    run_dir = tmp_path / "runs" / "c"
+    run_dir.mkdir(parents=True)
+    (run_dir / "error.txt").write_text("ValueError: something that was fixed since")
+    (run_dir / "metrics.jsonl").write_text("")  # what a run that failed after starting leaves
+    logs = []
+    (res,) = run_cells([cell], tmp_path, log=logs.append)
+    assert res.error is None and (run_dir / "summary.json").is_file() and not (run_dir / "error.txt").exists()
+    assert any("failed before; running it again from scratch" in m for m in logs)
