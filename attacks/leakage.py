@@ -24,6 +24,8 @@ confidence     observer  record  probability of the true label under the final m
 alignment      server    record  cos(−ΔP_n, ∇_P ℓ(x)) at the sent P_n, proxy head fitted on aux data,
                                  averaged over the client's last ``alignment_rounds`` releases
 lira           observer  record  LiRA with ``lira.shadows`` shadow prompts trained on aux data
+rmia           observer  record  offline RMIA (Zarifzadeh et al. 2024) with ``rmia.references``
+                                 reference prompts and a population held out of the aux data
 source         server    place.  which target client holds a training record (alignment at each
                                  client's last release)
 canary         both      record  canaries included with probability ½; one-run ε lower bound
@@ -62,15 +64,16 @@ from pfedpg.hooks import ClientData, Hook, register_hook
 PROBES: dict[str, tuple[str, str]] = {
     "attribute": ("server", "client"), "linkability": ("server", "client"), "loss": ("observer", "record"),
     "confidence": ("observer", "record"), "alignment": ("server", "record"), "lira": ("observer", "record"),
-    "source": ("server", "placement"), "canary": ("server+observer", "record"),
+    "source": ("server", "placement"), "canary": ("server+observer", "record"), "rmia": ("observer", "record"),
 }
-NEEDS_AUX = ("alignment", "lira", "source", "canary")
+NEEDS_AUX = ("alignment", "lira", "source", "canary", "rmia")
 THREATS = {
     "server": "honest-but-curious server: sees P_n it sent, the released ΔP_n, d_n, G, P_base and the backbone; "
               "not the local heads",
     "observer": "external observer who can query the client's final model (adapted prompt and head)",
 }
 LIRA_DEFAULTS = {"shadows": 8, "epochs": 5, "online": False}
+RMIA_DEFAULTS = {"references": 4, "epochs": 5, "a": 0.3, "gamma": 1.0, "population": 1000}
 CANARY_DEFAULTS = {"per_client": 64, "guess_fraction": 0.5}
 
 
@@ -86,6 +89,7 @@ class LeakageAudit(Hook):
     ``targets_per_client`` members and as many non-members per target client, ``alignment_rounds``,
     ``source_targets_per_client``, ``permutations`` (attribute probe), ``presence_threshold``,
     ``aux_per_head`` (aux records per proxy head), ``lira: {shadows, epochs, online}``,
+    ``rmia: {references, epochs, a, gamma, population}`` (offline RMIA),
     ``canaries: {per_client, guess_fraction}`` (opt-in: it changes the training data), ``out``."""
 
     inprocess_only = "the audit plays its threat models on every client's data and model from one process"
@@ -93,7 +97,7 @@ class LeakageAudit(Hook):
     def __init__(self, *, probes: list[str] | None = None, shadow_clients: int = 0, targets_per_client: int = 100,
                  alignment_rounds: int = 3, source_targets_per_client: int = 25, permutations: int = 50,
                  presence_threshold: float = 0.05, aux_per_head: int = 512, lira: dict | None = None,
-                 canaries: dict | None = None, out: str = "audit"):
+                 canaries: dict | None = None, rmia: dict | None = None, out: str = "audit"):
         super().__init__()
         self.shadow_ids = None
         if isinstance(shadow_clients, (list, tuple)):
@@ -116,6 +120,17 @@ class LeakageAudit(Hook):
         if canaries is not None and set(canaries) - set(CANARY_DEFAULTS):
             raise ConfigError(f"leakage_audit.canaries: unknown key {sorted(set(canaries) - set(CANARY_DEFAULTS))[0]!r}; "
                               f"valid: {', '.join(CANARY_DEFAULTS)}")
+        if rmia is not None and set(rmia) - set(RMIA_DEFAULTS):
+            raise ConfigError(f"leakage_audit.rmia: unknown key {sorted(set(rmia) - set(RMIA_DEFAULTS))[0]!r}; "
+                              f"valid: {', '.join(RMIA_DEFAULTS)}")
+        self.rmia = {**RMIA_DEFAULTS, **(rmia or {})}
+        for key in ("references", "epochs", "population"):
+            if not isinstance(self.rmia[key], int) or isinstance(self.rmia[key], bool) or self.rmia[key] < 1:
+                raise ConfigError(f"leakage_audit.rmia.{key}={self.rmia[key]!r} must be a positive integer")
+        if not 0 <= self.rmia["a"] <= 1:
+            raise ConfigError(f"leakage_audit.rmia.a={self.rmia['a']!r} must be in [0, 1] (the offline prior's slope)")
+        if not self.rmia["gamma"] > 0:
+            raise ConfigError(f"leakage_audit.rmia.gamma={self.rmia['gamma']!r} must be > 0")
         self.lira = {**LIRA_DEFAULTS, **(lira or {})}
         if not isinstance(self.lira["shadows"], int) or self.lira["shadows"] < (2 if self.lira["online"] else 1):
             raise ConfigError(f"leakage_audit.lira.shadows={self.lira['shadows']!r} must be >= 1 (>= 2 online)")
@@ -342,6 +357,32 @@ class LeakageAudit(Hook):
                              seed_stream=lambda i: ctx.seeds.torch("audit.lira.shadow", client=i))
                 record("lira", {**probe_metrics(s, lab), **{f"lira_{k}": v for k, v in self.lira.items()},
                                 "_curve": (s, lab)})
+            elif probe == "rmia":
+                from attacks.rmia import reference_probabilities, rmia_scores, train_references, true_class_probability
+
+                init = torch.empty_like(states[0].prompt).uniform_(-0.1, 0.1, generator=ctx.seeds.torch("audit.rmia.init"))
+                if ctx.server.sends_prompts:  # references start where the server's clients start
+                    init = torch.stack(list(ctx.server.prompts_for(self.shadows).values())).mean(0)
+                o = self.rmia
+                refs, z_idx = train_references(
+                    ctx.model, aux_x=self._aux[0], aux_y=self._aux[1], references=o["references"], epochs=o["epochs"],
+                    population=o["population"], num_classes=ctx.num_classes, client_cfg=ctx.config.client,
+                    init_prompt=init, rng=ctx.seeds.numpy("audit.rmia"),
+                    seed_stream=lambda i: ctx.seeds.torch("audit.rmia.reference", client=i))
+                zx, zy = self._aux[0][z_idx], self._aux[1][z_idx]
+                ref_z = reference_probabilities(ctx.model, refs, zx, zy)
+                s, lab = [], []
+                for c in self.targets:
+                    x, y, is_mem = mem[c]
+                    ref_x = reference_probabilities(ctx.model, refs, x, y)
+                    load_into(ctx.model, prompt=states[c].prompt, head_weight=states[c].head_weight,
+                              head_bias=states[c].head_bias)
+                    s.append(rmia_scores(true_class_probability(ctx.model, x, y), ref_x,
+                                         true_class_probability(ctx.model, zx, zy), ref_z, a=o["a"], gamma=o["gamma"]))
+                    lab.append(is_mem)
+                s, lab = np.concatenate(s), np.concatenate(lab)
+                record("rmia", {**probe_metrics(s, lab), **{f"rmia_{k}": v for k, v in o.items()},
+                                "population_size": int(len(z_idx)), "_curve": (s, lab)})
             elif probe == "source":
                 cands = [c for c in self.targets if self.records.get(c)]
                 xs, ys, owners = [], [], []

@@ -304,3 +304,40 @@ def test_a_resumed_run_audits_exactly_like_an_uninterrupted_one(tmp_path):
         return {k: {kk: vv for kk, vv in v.items() if not kk.startswith("seconds")} for k, v in res.items()}
 
     assert probes(tmp_path / "cut") == probes(tmp_path / "ref")
+
+
+# --- RMIA ---------------------------------------------------------------------------------------------
+def test_rmia_by_hand_and_on_planted_membership():
+    from attacks.metrics import auc
+    from attacks.rmia import rmia_scores
+
+    # By hand: one record, two population records, a = 0 (prior = ½(mean_ref + 1)).
+    s = rmia_scores(np.array([0.9]), np.array([[0.5], [0.7]]), np.array([0.2, 0.95]), np.array([[0.2, 0.9], [0.4, 0.9]]),
+                    a=0.0, gamma=1.0)
+    rx = 0.9 / (0.5 * (0.6 + 1))
+    rz = np.array([0.2 / (0.5 * (0.3 + 1)), 0.95 / (0.5 * (0.9 + 1))])
+    assert s[0] == pytest.approx(np.mean(rx > rz))
+    # Planted: records differ in difficulty; members gain probability under the target model.
+    rng = np.random.default_rng(0)
+    n, R, nz = 400, 4, 300
+    difficulty = rng.uniform(0.05, 0.95, size=n + nz)
+    ref = np.clip(difficulty + 0.03 * rng.normal(size=(R, n + nz)), 1e-3, 1)
+    member = rng.random(n) < 0.5
+    target = np.clip(difficulty + 0.03 * rng.normal(size=n + nz), 1e-3, 1)
+    target[:n][member] = np.clip(target[:n][member] * 1.15, 0, 1)
+    # a = 1: Pr(x) is the references' mean itself, which removes each record's difficulty exactly.
+    scores = rmia_scores(target[:n], ref[:, :n], target[n:], ref[:, n:], a=1.0)
+    assert auc(scores, member) > 0.85 and auc(target[:n], member) < 0.7  # the references remove difficulty
+    assert abs(auc(scores, rng.permutation(member)) - 0.5) < 0.1
+
+
+def test_audit_hook_writes_an_rmia_probe(tmp_path):
+    _, run_dir = run_with(tmp_path, [audit_hook(probes=["rmia", "lira"], canaries=None, rmia={"references": 2, "epochs": 1,
+                                                                               "population": 50})])
+    probes = json.loads((run_dir / "audit" / "audit.json").read_text())["probes"]
+    r = probes["rmia"]
+    assert r["n_targets"] == 4 * 40 and 0 <= r["auc"] <= 1 and r["rmia_references"] == 2
+    assert 0 < r["population_size"] <= 50 and r["threat_model"] == probes["lira"]["threat_model"]
+    with pytest.raises(ConfigError, match="leakage_audit.rmia: unknown key 'refs'"):
+        from attacks.leakage import LeakageAudit
+        LeakageAudit(shadow_clients=1, rmia={"refs": 2})
