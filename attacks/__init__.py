@@ -5,3 +5,4 @@ Importing this package registers its hooks; it imports ``pfedpg`` and never ``de
 """
 from attacks import malicious  # noqa: F401  (registers the malicious-client hooks)
 from attacks import leakage  # noqa: F401  (registers the leakage_audit hook)
+from attacks import client_canary  # noqa: F401  (registers the client_canary_audit hook)

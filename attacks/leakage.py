@@ -164,7 +164,13 @@ class LeakageAudit(Hook):
         if self.shadow_ids is not None and max(self.shadow_ids) >= n:
             raise ConfigError(f"leakage_audit.shadow_clients lists client {max(self.shadow_ids)}, but the run has {n} clients (0..{n - 1})")
         self.shadows = self.shadow_ids if self.shadow_ids is not None else list(range(n - self.shadow_count, n))
-        self.targets = [c for c in range(n) if c not in self.shadows]
+        # Clients whose releases another audit replaces (client_canary_audit's canary clients) are
+        # neither targets nor shadows: what they send is not theirs.
+        replaced = {c for h in ctx.hooks if hasattr(h, "replaces_release") for c in range(n) if h.replaces_release(c)}
+        if replaced & set(self.shadows):
+            raise ConfigError(f"leakage_audit: clients {sorted(replaced & set(self.shadows))} are client canaries and "
+                              "shadows at once; choose other client_canary_audit.clients")
+        self.targets = [c for c in range(n) if c not in self.shadows and c not in replaced]
         if not ctx.server.sends_prompts and any(p in self.probes for p in ("attribute", "linkability", "alignment", "source")):
             raise ConfigError(f"leakage_audit: method {ctx.config.method!r} sends nothing to the server; audit pfedpg or "
                               "fedvpt, or keep only the observer probes (loss, confidence, lira, canary)")

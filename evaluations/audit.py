@@ -35,6 +35,9 @@ def load_audit(path, overrides=None):
     section, cfg = load_grid_file(path, "audit", overrides, example="configs/audit_digits_shared.yaml")
     section = dict(section)
     probes = section.pop("probes", None) or {}
+    client_canaries = section.pop("client_canaries", None)
+    if client_canaries is not None and not isinstance(client_canaries, dict):
+        raise ConfigError("audit.client_canaries must be a mapping of client_canary_audit options, e.g. {clients: 2}")
     if not isinstance(probes, dict):
         raise ConfigError("audit.probes must be a mapping of leakage_audit options, e.g. {shadow_clients: 6}")
     section.setdefault("mechanisms", {})
@@ -59,12 +62,25 @@ def load_audit(path, overrides=None):
         LeakageAudit(**probes)
     except TypeError as e:
         raise ConfigError(f"audit.probes: {e}") from None
+    if client_canaries is not None:
+        from attacks.client_canary import ClientCanaryAudit
+
+        try:
+            ClientCanaryAudit(**client_canaries)
+        except TypeError as e:
+            raise ConfigError(f"audit.client_canaries: {e}") from None
+        probes = {**probes, "_client_canaries": client_canaries}
     return grid, probes, cfg.to_dict()
 
 
 def with_audit_hook(base: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:
+    """The base with the audit's hooks; they come before each cell's DP hook (appended later), so
+    client canaries go through the mechanism."""
     b = copy.deepcopy(base)
-    b["hooks"] = [*b["hooks"], {"name": "leakage_audit", **probes}]
+    probes = dict(probes)
+    client = probes.pop("_client_canaries", None)
+    b["hooks"] = [*b["hooks"], {"name": "leakage_audit", **probes},
+                  *([{"name": "client_canary_audit", **client}] if client is not None else [])]
     return b
 
 
@@ -126,6 +142,20 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
         for name, res in r["probes"].items():
             if "seconds_per_training_round" in res and res["seconds_per_training_round"] is not None:
                 seconds.setdefault(name, []).append(res["seconds_per_training_round"])
+    client = [json.loads((d / "audit" / "client_canary.json").read_text()) for d in run_dirs
+              if (d / "audit" / "client_canary.json").is_file()]
+    if client:
+        from attacks.client_canary import estimate_epsilon
+
+        # Pooled over seeds: each run's cosines in units of its own null spread.
+        cin = np.concatenate([np.asarray(c["cos_in"]) / c["null_std"] for c in client])
+        null = np.concatenate([np.asarray(c["cos_null"]) / c["null_std"] for c in client])
+        pooled = estimate_epsilon(cin, null, delta=client[0]["delta"])
+        acc = max((c["accountant_epsilon"] for c in client if c["accountant_epsilon"] is not None), default=None)
+        out["client_canary"] = {**pooled, "accountant_epsilon": acc, "runs": len(client),
+                                "epsilon_hat_per_seed": [c["epsilon_hat"] for c in client],
+                                "epsilon_ci_per_seed": [c["epsilon_ci"] for c in client],
+                                "view": client[0]["view"], "note": client[0]["note"]}
     return {"probes": out, "dp": dp, "cost_in_training_rounds": {k: float(np.mean(v)) for k, v in seconds.items()},
             "_pools": pools}
 
@@ -160,6 +190,10 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
             r = res["probes"].get(p)
             if r is None:
                 cells.append("—")
+            elif p == "client_canary":
+                cells.append(f"ε̂ {r['epsilon_hat']:.2f} [{r['epsilon_ci'][0]:.2f}, {r['epsilon_ci'][1]:.2f}], "
+                             f"{r['canaries']} canaries" + (f" (accountant {r['accountant_epsilon']:.2f})"
+                                                            if r.get("accountant_epsilon") else ""))
             elif p.startswith("canary_"):
                 cells.append(f"{r['auc']:.3f} / ε_lb {r['epsilon_lower_bound']:.2f} (cap {r['epsilon_cap']:.2f})"
                              + (f" (accountant {r['accountant_epsilon']:.2f}"
@@ -257,7 +291,7 @@ def run_audit(grid, probes: dict[str, Any], base: dict[str, Any], *, out_dir=Non
             by_group.setdefault(row["group"], []).append(r.run_dir)
     groups = {g: pooled_probes(dirs) for g, dirs in by_group.items()}
     write_audit_outputs(out, rows, groups)
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in rows if r["status"] == "failed"]  # errors; a diverged cell is a result
     if failed:
         (out / "FAILED").write_text("\n".join(f"{r['cell']}: {r['error']}" for r in failed) + "\n")
     return out

@@ -92,8 +92,10 @@ def cmd_audit(args) -> int:
     out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
     summary = json.loads((out / "audit.json").read_text())
     for group, res in summary["groups"].items():
-        cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in res["probes"].items())
-        print(f"{group}: AUC {cells}")
+        cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in res["probes"].items() if "auc" in r)
+        cc = res["probes"].get("client_canary")
+        extra = f"; client-level ε̂ {cc['epsilon_hat']:.2f} [{cc['epsilon_ci'][0]:.2f}, {cc['epsilon_ci'][1]:.2f}]" if cc else ""
+        print(f"{group}: AUC {cells}{extra}")
     print(f"report: {out / 'report.md'} (and report.html, audit.json, roc_*.png, tpr_vs_epsilon.png)")
     return 1 if (out / "FAILED").exists() else 0
 

@@ -246,7 +246,28 @@ def test_audit_cli_pools_seeds_and_writes_the_report(tmp_path, capsys):
     assert json.loads((out / "audit.json").read_text())["groups"] == audit["groups"]
 
 
+def test_audit_cli_with_client_canaries(tmp_path):
+    """audit.client_canaries adds the client-level one-run audit to every cell, before the DP hook:
+    audit.json holds its pooled estimate beside the accountant's ε, and the record-level probes leave
+    the canary clients out of their targets."""
+    from evaluations.cli import main
+
+    path = audit_file(tmp_path, client_canaries={"clients": 1, "null_directions": 100})
+    assert main(["audit", "--config", str(path)]) == 0
+    audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    cc = audit["groups"]["dp_client-eps8"]["probes"]["client_canary"]
+    assert cc["runs"] == 2 and cc["canaries"] == 2 and cc["null_directions"] == 200 and len(cc["epsilon_hat_per_seed"]) == 2
+    assert cc["accountant_epsilon"] == pytest.approx(8.0, rel=0.01)
+    assert audit["groups"]["nonprivate"]["probes"]["client_canary"]["accountant_epsilon"] is None
+    assert audit["groups"]["nonprivate"]["probes"]["loss"]["n_targets"] == 2 * 3 * 20  # client 0 is a canary
+    run = next((tmp_path / "audit" / "runs").glob("dp_client-eps8-s0"))
+    hooks = [h["name"] for h in yaml.safe_load((run / "config.yaml").read_text())["hooks"]]
+    assert hooks.index("client_canary_audit") < hooks.index("dp_client")
+    assert "ε̂" in (tmp_path / "audit" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("audit, message", [
+    ({"client_canaries": {"clients": 0}}, "client_canary_audit.clients=0"),
     ({"baselines": ["local"]}, "cannot be audited"),
     ({"probes": {"shadow_clients": 0, "probes": ["lira"]}}, "needs auxiliary data"),
     ({"probes": {"shadows": 2}}, "unexpected keyword"),
