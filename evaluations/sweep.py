@@ -18,7 +18,7 @@ from evaluations.plugins import load_plugins
 from evaluations.report import write_report
 import yaml
 
-from pfedpg.config import config_from_dict, dump_config
+from pfedpg.config import config_from_dict, dump_config, load_yaml
 from pfedpg.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{section} file {str(p)!r} not found; pass --config with a file like {example}")
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = load_yaml(p.read_text()) or {}
     unknown = [k for k in tree if k not in ("base", "base_config", section)]
     if unknown:
         raise ConfigError(f"unknown {section} file key {unknown[0]}; valid keys: base, base_config, {section}")
@@ -40,7 +40,7 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
         bp = Path(tree["base_config"])
         if not bp.is_file():
             raise ConfigError(f"base_config {str(bp)!r} not found (paths are relative to the working directory)")
-        base = yaml.safe_load(bp.read_text()) or {}
+        base = load_yaml(bp.read_text()) or {}
     cfg = config_from_dict(_deep_merge(base, tree.get("base") or {}), overrides)  # validates; errors name the key
     return tree.get(section) or {}, cfg
 

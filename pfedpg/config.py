@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -292,13 +293,34 @@ def build_dataclass(cls, values: dict[str, Any], where: str = ""):
         raise ConfigError(msg) from None
 
 
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 numbers: ``1e-3``, ``1E5``, ``.5``, ``-2e-4`` are floats
+    (YAML 1.1, PyYAML's default, reads the first two as strings)."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """YAML text -> Python values, with YAML 1.2 numbers (:class:`YAMLLoader`)."""
+    return yaml.load(text, Loader=YAMLLoader)
+
+
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """``a.b=value`` with value parsed as YAML (``0.1``, ``true``, ``[1, 2]``, ``null``)."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r} must look like key.sub=value")
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
@@ -350,7 +372,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; pass --config with an existing YAML file (see configs/)")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            values = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):

@@ -118,3 +118,16 @@ def test_jobs_must_be_positive_before_anything_is_written(tmp_path, command, cap
         main([command, "--jobs", "0", "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "--jobs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1E5", 1e5), (".5", 0.5), ("-2e-4", -2e-4), ("3", 3),
+                                         ("1.0e-5", 1e-5), ("abc", "abc")])
+def test_yaml_1_2_numbers_in_set_and_in_files(tmp_path, text, value):
+    """YAML 1.1 (PyYAML's default) reads 1e-3 as a string; the README writes 1e-3 throughout."""
+    from pfedpg.config import load_yaml
+
+    assert load_yaml(text) == value and type(load_yaml(text)) is type(value)
+    assert load_config(None, ["server.lr=1e-3"]).server.lr == 1e-3
+    (tmp_path / "c.yaml").write_text("server: {lr: 1e-3}\nclient: {weight_decay: 1E-4}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.server.lr == 1e-3 and cfg.client.weight_decay == 1e-4
