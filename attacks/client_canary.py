@@ -172,9 +172,11 @@ class ClientCanaryAudit(Hook):
         acc = None
         if dp is not None:
             acc = max(dp.epsilon(c) for c in self.canaries)
+        known = acc is not None and math.isfinite(acc)  # no finite accountant ε: nothing to compare with
         res.update(canary_clients=self.canaries, cos_in=cos_in, accountant_epsilon=acc,
-                   estimate_above_accountant=bool(acc is not None and math.isfinite(acc) and res["epsilon_hat"] > acc),
-                   interval_above_accountant=bool(acc is not None and math.isfinite(acc) and res["epsilon_ci"][0] > acc),
+                   estimate_above_accountant=bool(res["epsilon_hat"] > acc) if known else None,
+                   interval_above_accountant=bool(res["epsilon_ci"][0] > acc) if known else None,
+                   threat_model="honest-but-curious server, or any observer of the final server state",
                    view="shared server state (G's parameters and P_base; FedVPT: the global prompt)",
                    note="an estimate (Gaussian fit of the canaries' cosines against never-inserted directions), "
                         "not a lower bound")

@@ -55,6 +55,8 @@ def load_audit(path, overrides=None):
         raise ConfigError("base.hooks lists a DP or leakage_audit hook; the audit adds them itself — remove it from base")
     if cfg.method != "pfedpg":
         raise ConfigError(f"the audit evaluates pfedpg (base.method is {cfg.method!r}); set it to pfedpg")
+    if cfg.engine != "inprocess":
+        raise ConfigError("the audit's probes run in one process (engine: inprocess); drop --engine flower / engine: flower")
     # Validate the probe options now, not in the first cell.
     from attacks.leakage import LeakageAudit
 
@@ -155,7 +157,8 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
         out["client_canary"] = {**pooled, "accountant_epsilon": acc, "runs": len(client),
                                 "epsilon_hat_per_seed": [c["epsilon_hat"] for c in client],
                                 "epsilon_ci_per_seed": [c["epsilon_ci"] for c in client],
-                                "view": client[0]["view"], "note": client[0]["note"]}
+                                "view": client[0]["view"], "note": client[0]["note"],
+                                "threat_model": client[0].get("threat_model")}
     return {"probes": out, "dp": dp, "cost_in_training_rounds": {k: float(np.mean(v)) for k, v in seconds.items()},
             "_pools": pools}
 
@@ -181,7 +184,8 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
     (out / "audit.json").write_text(json.dumps({"cells": rows, "groups": clean}, indent=2, default=_default))
     probes = sorted({p for g in clean.values() for p in g["probes"]})
     plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", clean)
-    header = ["group", "ε (max client)"] + [f"{p} AUC / TPR@0.1%" for p in probes]
+    header = ["group", "ε (max client)"] + [("client_canary ε̂ [95% CI]" if p == "client_canary" else f"{p} AUC / TPR@0.1%")
+                                            for p in probes]
     body = []
     for g, res in clean.items():
         eps = next((r["epsilon_max"] for r in rows if r["group"] == g and r.get("epsilon_max") is not None), None)

@@ -108,12 +108,15 @@ def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
     if "infeasible" in cell:
         row.update(status="infeasible", error=cell["infeasible"])
         return row
-    if summary is None and run_dir is not None and (Path(run_dir) / "diverged.json").is_file():
+    if summary is None and run_dir is not None and (Path(run_dir) / "diverged.json").is_file() \
+            and str(error).startswith("NonFiniteDeltaError"):  # not a stale record under a config error
         # The attack made training diverge: it succeeded. Benign accuracy as measured at that round,
         # non-finite outputs counted wrong (DESIGN §7).
         div = json.loads((Path(run_dir) / "diverged.json").read_text())
         malicious = set((div.get("hook_state", {}).get(cell["attack"]) or {}).get("malicious", []))
-        accs = div.get("accuracy_per_client")
+        # What the federation now delivers: the server's prompts where it sends any (a broken server
+        # state gives every client a non-finite prompt), else the clients' own models.
+        accs = div.get("accuracy_generated_per_client") or div.get("accuracy_per_client")
         row.update(status="diverged", diverged_round=div["round"], error=div["error"])
         if accs:
             benign = [a for c, a in enumerate(accs) if c not in malicious]

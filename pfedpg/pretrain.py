@@ -261,8 +261,11 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     # timm's init draws from torch's global generator: seed it inside fork_rng, which restores it.
     with torch.random.fork_rng():
         torch.random.default_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g_init)))
-        model = timm.create_model(cfg.model.name, pretrained=False,
-                                  num_classes=0 if p.domain_prompts else ds.num_classes, **cfg.model.kwargs)
+        try:
+            model = timm.create_model(cfg.model.name, pretrained=False,
+                                      num_classes=0 if p.domain_prompts else ds.num_classes, **cfg.model.kwargs)
+        except TypeError as e:
+            raise ConfigError(f"model.kwargs not accepted by {cfg.model.name}: {e}") from None
     if p.init is not None:
         from pfedpg.models.backbone import load_state_file
 

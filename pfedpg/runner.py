@@ -264,6 +264,12 @@ class Trainer:
         update = self.hooks.aggregate(self.ctx, round=r, grads=grads, default=plain_aggregate)
         agg_ms = (time.perf_counter() - t0) * 1e3
         step = self.server.apply(update, grads)
+        # The step itself can blow the state up (an attack, an unbounded step under DP noise): that
+        # is the round it diverged in, even if no client ever sends a non-finite delta afterwards.
+        if not all(bool(torch.isfinite(p).all()) for p in self.server.parameters()):
+            raise NonFiniteDeltaError(f"the server state became non-finite in round {r}'s step "
+                                      f"(update norm {step.get('server_update_norm', float('nan')):.3g}); "
+                                      "bound it with server.max_grad_norm or a robust rule")
         return {"aggregation_ms": agg_ms, "clients_aggregated": len(grads.clients), **step}
 
     def evaluate_client(self, n: int, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -419,7 +425,8 @@ class Trainer:
     def _record_divergence(self, r: int, error: Exception) -> None:
         """A run that diverged is a result (an attack that makes training diverge has succeeded,
         DESIGN §7): ``diverged.json`` keeps the round and every client's accuracy as measured at that
-        point, non-finite outputs counted wrong."""
+        point, non-finite outputs counted wrong — with its own adapted prompt, and with the prompt the
+        server would now send (``accuracy_generated_per_client``)."""
         out: dict[str, Any] = {"round": r, "error": f"{type(error).__name__}: {error}", "hook_state": {}}
         for h in self.hooks.hooks:  # what each hook knows so far (e.g. an attack's malicious clients)
             try:
@@ -427,8 +434,12 @@ class Trainer:
             except (TypeError, ValueError):  # not JSON (tensors): left out
                 pass
         try:
-            rows = self.evaluate_clients({})
+            generated = self.server.prompts_for(list(range(self.num_clients))) if self.server.sends_prompts else {}
+            rows = self.evaluate_clients(generated)
+            # The clients' own models as they stand, and what the server would now give them.
             out["accuracy_per_client"] = [row["acc_adapted"] for row in rows]
+            if generated:
+                out["accuracy_generated_per_client"] = [row["acc_generated"] for row in rows]
         except Exception as e:  # the measurement is best effort; the divergence itself is the result
             out["accuracy_error"] = f"{type(e).__name__}: {e}"
         (self.run_dir / "diverged.json").write_text(json.dumps(out, indent=2))

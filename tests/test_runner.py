@@ -327,3 +327,29 @@ def test_remix_needs_overlay_and_is_in_the_cache_key(tmp_path):
     kw = {"model.weights": "pretrain", "pretrain.cache_dir": str(tmp_path), "data.composite": "overlay"}
     assert cached_path(tiny_config(**kw, **{"pretrain.remix": True})) != cached_path(tiny_config(**kw))
     assert cached_path(tiny_config(**kw, **{"pretrain.remix": False})) == cached_path(tiny_config(**kw))
+
+
+def test_a_server_step_that_blows_up_in_the_last_round_is_a_divergence_of_that_round(tmp_path):
+    """The check after the server step: no client has to send a non-finite delta afterwards for the
+    run to be recorded as diverged, and the round is the one whose step blew up."""
+    import json
+
+    from pfedpg.hooks import HOOKS
+
+    from pfedpg.server import ClientGradients
+
+    class Blowup(Hook):  # finite gradients whose sum overflows in round 2's step
+        def shared_gradients(self, ctx, *, round, grads):
+            if round != 2:
+                return grads
+            return ClientGradients(grads.clients, torch.full_like(grads.shared, 3e38), grads.weights, grads.private)
+
+    HOOKS._items["_blowup_test"] = Blowup
+    try:
+        cfg = tiny_config(rounds=2, hooks=[{"name": "_blowup_test"}])
+        with pytest.raises(NonFiniteDeltaError, match="server state became non-finite in round 2"):
+            Trainer(cfg, run_dir=tmp_path / "r").run()
+    finally:
+        del HOOKS._items["_blowup_test"]
+    div = json.loads((tmp_path / "r" / "diverged.json").read_text())
+    assert div["round"] == 2 and len(div["accuracy_per_client"]) == 3
