@@ -28,7 +28,7 @@ demo: $(CORE)
 	@echo "report: runs/demo/report.md (also report.html)"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup  # 2 workers; the Flower tests share one (tests/test_flower.py)
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

@@ -5,6 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each
+    torch.set_num_threads(1)
+
 from pfedpg.models import ModelConfig, PromptedViT, build_backbone  # noqa: E402
 
 TINY_MODEL = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 1.0}

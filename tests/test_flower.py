@@ -22,6 +22,10 @@ from pfedpg.config import config_from_dict, dump_config  # noqa: E402
 from pfedpg.errors import ConfigError  # noqa: E402
 from pfedpg.runner import Trainer  # noqa: E402
 
+# Under `pytest -n 2 --dist loadgroup` (make test) the Flower tests share one worker: they start
+# SuperLinks, SuperNodes and Ray, and time out clients, so they run one after another.
+pytestmark = pytest.mark.xdist_group("flower")
+
 load_plugins()
 
 BIN = Path(sys.executable).parent
