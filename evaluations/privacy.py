@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from evaluations.report import html_page
-from evaluations.sweep import load_grid_file, run_cells
+from evaluations.sweep import divergence, load_grid_file, run_cells
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
 
@@ -115,13 +115,9 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
     row = {k: None for k in COLUMNS}
     row.update(cell=cell["cell"], mechanism=cell["mechanism"], seed=cell["seed"], run_dir=str(run_dir),
                target_epsilon=cell.get("target_epsilon"), noise_multiplier=cell.get("noise_multiplier"))
-    if summary is None and (run_dir / "diverged.json").is_file() and str(error).startswith("NonFiniteDeltaError"):
-        # Training diverged under this mechanism (e.g. DP noise with an unbounded server step): a
-        # result, with the accuracy measured in the round it diverged (non-finite outputs wrong).
-        div = json.loads((run_dir / "diverged.json").read_text())
-        # What the federation now delivers: the server's prompts where it sends any (a broken server
-        # state gives every client a non-finite prompt), else the clients' own models.
-        accs = div.get("accuracy_generated_per_client") or div.get("accuracy_per_client") or []
+    div = divergence(run_dir, summary, error)
+    if div is not None:  # training diverged under this mechanism: a result, measured in that round
+        accs = div["accuracy"]
         row.update(status="diverged", error=div["error"],
                    accuracy_mean=float(np.mean(accs)) if accs else None, accuracy_worst=min(accs) if accs else None)
         return row

@@ -26,7 +26,7 @@ import yaml
 from defenses.robust import RULES, min_clients
 from evaluations.plugins import load_plugins
 from evaluations.report import html_page
-from evaluations.sweep import load_grid_file, run_cells
+from evaluations.sweep import divergence, load_grid_file, run_cells
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
 
@@ -108,18 +108,12 @@ def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
     if "infeasible" in cell:
         row.update(status="infeasible", error=cell["infeasible"])
         return row
-    if summary is None and run_dir is not None and (Path(run_dir) / "diverged.json").is_file() \
-            and str(error).startswith("NonFiniteDeltaError"):  # not a stale record under a config error
-        # The attack made training diverge: it succeeded. Benign accuracy as measured at that round,
-        # non-finite outputs counted wrong (DESIGN §7).
-        div = json.loads((Path(run_dir) / "diverged.json").read_text())
+    div = divergence(run_dir, summary, error)
+    if div is not None:  # the attack made training diverge: it succeeded (DESIGN §7)
         malicious = set((div.get("hook_state", {}).get(cell["attack"]) or {}).get("malicious", []))
-        # What the federation now delivers: the server's prompts where it sends any (a broken server
-        # state gives every client a non-finite prompt), else the clients' own models.
-        accs = div.get("accuracy_generated_per_client") or div.get("accuracy_per_client")
         row.update(status="diverged", diverged_round=div["round"], error=div["error"])
-        if accs:
-            benign = [a for c, a in enumerate(accs) if c not in malicious]
+        benign = [a for c, a in enumerate(div["accuracy"]) if c not in malicious]
+        if benign:
             row.update(benign_accuracy_mean=float(np.mean(benign)), benign_accuracy_worst=float(np.min(benign)))
         return row
     if summary is None:

@@ -134,6 +134,22 @@ def _pretrain_first(todo: list[dict[str, Any]], pool, threads: int | None, log) 
             f.result()
 
 
+def divergence(run_dir, summary, error) -> dict[str, Any] | None:
+    """The record of a cell whose training diverged (``diverged.json``; a result, DESIGN §7), or None.
+    ``accuracy`` is per client what the federation now delivers: with the server's prompts where it
+    sends any (a broken server state gives every client a non-finite prompt), else with the clients'
+    own models; non-finite outputs count wrong. A ``diverged.json`` behind another error (a config
+    mismatch) is stale and ignored."""
+    if summary is not None or run_dir is None or not str(error).startswith("NonFiniteDeltaError"):
+        return None
+    path = Path(run_dir) / "diverged.json"
+    if not path.is_file():
+        return None
+    div = json.loads(path.read_text())
+    div["accuracy"] = div.get("accuracy_generated_per_client") or div.get("accuracy_per_client") or []
+    return div
+
+
 def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], None] = print,
               progress: bool = False, jobs: int = 1) -> list[CellResult]:
     """``grid``: dicts with at least ``cell`` (a unique name) and ``config`` (a run-config dict).

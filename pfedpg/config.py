@@ -330,7 +330,8 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if p not in node:
             # A mapping-valued field (model.kwargs) starts from its default, so that one --set key
             # changes one entry instead of replacing the whole mapping.
-            node[p] = copy.deepcopy(_default_of(cls, p)) if isinstance(_default_of(cls, p), dict) else {}
+            default = _default_of(cls, p)
+            node[p] = copy.deepcopy(default) if isinstance(default, dict) else {}
         node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {p} is not a section")

@@ -6,6 +6,7 @@ and caches the result under a hash of everything that determines it. Federated r
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -168,7 +169,7 @@ def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def _pretrain_records(cfg, dataset, log):
+def _pretrain_records(cfg, dataset):
     """``(train ImageDataset, validation ImageDataset or None, where)`` for the pretraining."""
     from pfedpg.data import DataConfig
     from pfedpg.data.partition import stratified_choice
@@ -252,7 +253,7 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     if p.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("pretrain.device=cuda but torch sees no CUDA device; set pretrain.device: cpu")
     device = torch.device(p.device)
-    ds, val, where = _pretrain_records(cfg, dataset, log)
+    ds, val, where = _pretrain_records(cfg, dataset)
     if len(ds.labels) < ds.num_classes:
         raise ConfigError(f"pretraining on {len(ds.labels)} records for {ds.num_classes} classes: too few; "
                           "raise data.public_fraction or use pretrain.data.path")
@@ -281,19 +282,15 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     y = torch.from_numpy(ds.labels).long()
     dom = torch.from_numpy(ds.domains).long()
     remix = None
-    if p.remix:
-        if cfg.data.composite != "overlay":
-            raise ConfigError("pretrain.remix needs data.composite: overlay (set it, or drop pretrain.remix)")
+    if p.remix:  # (RunConfig has checked data.composite: overlay)
         remix = _remixer(ds.images, ds.domains, channels=len(ds.domain_names), mean=cfg.model.mean, std=cfg.model.std)
     forward, params = model, list(model.parameters())
     if p.domain_prompts:
         forward, unprompted, params = _domain_prompted(model, cfg, num_classes=ds.num_classes,
                                                        num_domains=len(ds.domain_names), generator=g_init)
     model.to(device)
-    params_dev = [q.to(device) for q in params]
-    if any(a is not b for a, b in zip(params, params_dev)):  # domain prompts / head outside the model
-        for a, b in zip(params, params_dev):
-            a.data = b.data
+    for q in params:  # the domain prompts and their head live outside the model
+        q.data = q.data.to(device)
     opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     steps_per_epoch = math.ceil(len(y) / p.batch_size)
     total = p.epochs * steps_per_epoch
@@ -328,7 +325,7 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
         from tqdm import tqdm
 
         epochs = tqdm(epochs, desc="pretrain", unit="epoch", file=sys.stderr, initial=start, total=p.epochs)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if p.amp else None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if p.amp else contextlib.nullcontext
     done_here = 0
     for epoch in epochs:
         t0 = time.time()
@@ -345,7 +342,7 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
             if p.augment == "crop_flip":
                 xb = _flip(xb, g)
             xb, yb = xb.to(device), y[idx].to(device)
-            with autocast if autocast is not None else _nullcontext():
+            with autocast():
                 logits = forward(xb, dom[idx].to(device)) if p.domain_prompts else model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=p.label_smoothing)
                 if p.mixed_default:
@@ -370,9 +367,8 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
         history.append(rec)
         with open(log_file, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        if val is not None or not progress:
-            if val is not None or epoch + 1 == p.epochs or (epoch + 1) % 10 == 0:
-                log(f"epoch {epoch + 1}/{p.epochs}: loss {rec['train_loss']:.4f}, train accuracy "
+        if val is not None or (not progress and (epoch + 1 == p.epochs or (epoch + 1) % 10 == 0)):
+            log(f"epoch {epoch + 1}/{p.epochs}: loss {rec['train_loss']:.4f}, train accuracy "
                     f"{rec['train_accuracy']:.3f}" + (f", val accuracy {rec['val_accuracy']:.3f}" if val is not None else ""))
         done_here += 1
         last = epoch + 1 == p.epochs
@@ -402,10 +398,3 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     partial.unlink(missing_ok=True)
     return path
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
