@@ -23,6 +23,9 @@ loss           observer  record  −loss of the client's final model (P̃_n, H_n
 confidence     observer  record  probability of the true label under the final model
 alignment      server    record  cos(−ΔP_n, ∇_P ℓ(x)) at the sent P_n, proxy head fitted on aux data,
                                  averaged over the client's last ``alignment_rounds`` releases
+descriptor     server    record  loss and confidence under the generated prompt G(P_base, d_n) of the
+                                 final server state with a proxy head fitted on aux data, and that
+                                 loss calibrated by the shadows' generated prompts (pFedPG only)
 lira           observer  record  LiRA with ``lira.shadows`` shadow prompts trained on aux data
 rmia           observer  record  offline RMIA (Zarifzadeh et al. 2024) with ``rmia.references``
                                  reference prompts and a population held out of the aux data
@@ -65,8 +68,9 @@ PROBES: dict[str, tuple[str, str]] = {
     "attribute": ("server", "client"), "linkability": ("server", "client"), "loss": ("observer", "record"),
     "confidence": ("observer", "record"), "alignment": ("server", "record"), "lira": ("observer", "record"),
     "source": ("server", "placement"), "canary": ("server+observer", "record"), "rmia": ("observer", "record"),
+    "descriptor": ("server", "record"),
 }
-NEEDS_AUX = ("alignment", "lira", "source", "canary", "rmia")
+NEEDS_AUX = ("alignment", "lira", "source", "canary", "rmia", "descriptor")
 THREATS = {
     "server": "honest-but-curious server: sees P_n it sent, the released ΔP_n, d_n, G, P_base and the backbone; "
               "not the local heads",
@@ -85,7 +89,7 @@ def _pick(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
 class LeakageAudit(Hook):
     """Options: ``probes`` (default: every probe the configuration allows), ``shadow_clients``
     (a count k: the last k clients are the server's; or a list of client ids, e.g. one per domain;
-    needed by alignment, lira, source, canary),
+    needed by alignment, lira, rmia, source, canary, descriptor),
     ``targets_per_client`` members and as many non-members per target client, ``alignment_rounds``,
     ``source_targets_per_client``, ``permutations`` (attribute probe), ``presence_threshold``,
     ``aux_per_head`` (aux records per proxy head), ``lira: {shadows, epochs, online}``,
@@ -139,6 +143,7 @@ class LeakageAudit(Hook):
             raise ConfigError("leakage_audit.canaries.per_client must be an integer >= 2")
         default = [p for p in PROBES if (shadow_clients or p not in NEEDS_AUX) and (p != "canary" or canaries)]
         self.probes = list(probes) if probes is not None else default
+        self._probes_defaulted = probes is None
         need = [p for p in self.probes if p in NEEDS_AUX]
         if need and shadow_clients < 1:
             raise ConfigError(f"leakage_audit: probe {need[0]!r} needs auxiliary data; set shadow_clients >= 1 "
@@ -175,6 +180,11 @@ class LeakageAudit(Hook):
             raise ConfigError(f"leakage_audit: method {ctx.config.method!r} sends nothing to the server; audit pfedpg or "
                               "fedvpt, or keep only the observer probes (loss, confidence, lira, canary)")
         desc = getattr(ctx.server, "descriptors", None)
+        if desc is None and "descriptor" in self.probes:
+            if not self._probes_defaulted:
+                raise ConfigError(f"leakage_audit: probe 'descriptor' reads the server's client descriptors, and method "
+                                  f"{ctx.config.method!r} has none; audit pfedpg or drop the probe")
+            self.probes = [p for p in self.probes if p != "descriptor"]
         if desc is not None and self.initial_descriptors is None:  # (a resumed run restores it instead)
             # The server drew d_n itself; what training wrote into them is d_n − d_n(0).
             self.initial_descriptors = desc.detach().clone()
@@ -349,6 +359,25 @@ class LeakageAudit(Hook):
                     lab.append(is_mem)
                 s, lab = np.concatenate(s), np.concatenate(lab)
                 record("alignment", {**probe_metrics(s, lab), "rounds_used": self.alignment_rounds, "_curve": (s, lab)})
+            elif probe == "descriptor":
+                from attacks.membership import generated_prompt_scores
+
+                # The final server state's generated prompts G(P_base, d_n): the targets' own and, as
+                # references that never saw a target record, the shadow clients'.
+                gen = ctx.server.prompts_for(self.targets + self.shadows)
+                head_idx = self._aux_head_idx
+                scored = generated_prompt_scores(
+                    ctx.model, prompts=gen, references=[gen[s] for s in self.shadows], aux_x=self._aux[0][head_idx],
+                    aux_y=self._aux[1][head_idx], num_classes=ctx.num_classes,
+                    targets={c: (mem[c][0], mem[c][1]) for c in self.targets})
+                lab = np.concatenate([mem[c][2] for c in self.targets])
+                what = {"loss": "−loss under G(P_base, d_n) with a proxy head fitted on auxiliary data",
+                        "confidence": "true-class probability under G(P_base, d_n) with that proxy head",
+                        "calibrated": "mean loss under the shadows' generated prompts − loss under G(P_base, d_n)"}
+                for kind, text in what.items():
+                    sc = np.concatenate([scored[c][kind].numpy() for c in self.targets])
+                    record(f"descriptor_{kind}", {**probe_metrics(sc, lab), "score": text,
+                                                  "references": len(self.shadows), "_curve": (sc, lab)})
             elif probe == "lira":
                 target_phi, lab = observer_scores(logit_confidence)
                 tx = torch.cat([mem[c][0] for c in self.targets])

@@ -6,6 +6,11 @@ the positive class; every score is "higher = more likely a member".
 * ``alignment_scores`` — the honest-but-curious server, which sees P_n it sent and the released
   ΔP_n but not the head: cos(−ΔP_n, ∇_P ℓ(x)) with a proxy head fitted on auxiliary data. Local SGD
   makes −ΔP_n ≈ γ Σ_members ∇_P ℓ, so members' gradients align with it.
+* ``generated_prompt_scores`` — the same server reading the descriptor instead of an update: it
+  generates the client's prompt G(P_base, d_n) from its own state, fits a proxy head on auxiliary
+  data under that prompt and scores a record by its loss and confidence there; calibrated by the
+  loss under the prompts it generates for its own (shadow) clients, which never saw the record
+  (reference-model calibration, Watson et al., ICLR 2022).
 """
 from __future__ import annotations
 
@@ -94,3 +99,38 @@ def fit_proxy_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, *,
     with torch.enable_grad():
         opt.step(closure)
     return w.detach(), b.detach()
+
+
+def proxy_model_scores(model, prompt: torch.Tensor, *, aux_x: torch.Tensor, aux_y: torch.Tensor, num_classes: int,
+                       targets: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per target set (x, y): (−loss, true-class probability) under ``prompt`` and a proxy head
+    fitted on (aux_x, aux_y) under the same prompt — a model the server builds from what it holds."""
+    w, b = fit_proxy_head(prompt_features(model, prompt, aux_x), aux_y, num_classes)
+    load_into(model, prompt=prompt, head_weight=w, head_bias=b)
+    return [(loss_scores(model, x, y), confidence_scores(model, x, y)) for x, y in targets]
+
+
+def generated_prompt_scores(model, *, prompts: dict[int, torch.Tensor], references: list[torch.Tensor],
+                            aux_x: torch.Tensor, aux_y: torch.Tensor, num_classes: int,
+                            targets: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    """Membership scores from the descriptor: for each target client n (``prompts[n]`` =
+    G(P_base, d_n), ``targets[n]`` = its candidate records), the records' ``loss`` (−ℓ) and
+    ``confidence`` under that prompt with a proxy head, and ``calibrated`` = mean_ref ℓ_ref − ℓ_n,
+    the loss under each ``references`` prompt (with its own proxy head) minus the loss under the
+    client's. A record the client trained on should be easier under its own prompt than under
+    prompts that never saw it; calibration removes how hard the record is for everyone."""
+    names = sorted(targets)
+    sets = [targets[n] for n in names]
+    ref_losses = [torch.zeros(x.shape[0]) for x, _ in sets]
+    for ref in references:
+        for i, (neg_loss, _) in enumerate(proxy_model_scores(model, ref, aux_x=aux_x, aux_y=aux_y,
+                                                             num_classes=num_classes, targets=sets)):
+            ref_losses[i] += -neg_loss / max(1, len(references))
+    out = {}
+    for i, n in enumerate(names):
+        (neg_loss, conf), = proxy_model_scores(model, prompts[n], aux_x=aux_x, aux_y=aux_y, num_classes=num_classes,
+                                               targets=[sets[i]])
+        out[n] = {"loss": neg_loss, "confidence": conf}
+        if references:
+            out[n]["calibrated"] = ref_losses[i] + neg_loss
+    return out

@@ -171,6 +171,13 @@ def _v(t) -> str:
     return t if isinstance(t, str) else f"{t:.3f}"
 
 
+def _tpr(t: dict) -> str:
+    if not isinstance(t.get("value"), float):
+        return str(t.get("value"))
+    lo, hi = t["interval"]
+    return f"{t['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]) -> None:
     from attacks.leakage import plot_audit_roc
 
@@ -184,13 +191,15 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
     (out / "audit.json").write_text(json.dumps({"cells": rows, "groups": clean}, indent=2, default=_default))
     probes = sorted({p for g in clean.values() for p in g["probes"]})
     plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", clean)
-    header = ["group", "ε (max client)"] + [("client_canary ε̂ [95% CI]" if p == "client_canary" else f"{p} AUC / TPR@0.1%")
-                                            for p in probes]
-    body = []
-    for g, res in clean.items():
+    # One row per probe, one column per group (probes outnumber groups: a table that fits the page).
+    header = ["probe"]
+    for g in clean:
         eps = next((r["epsilon_max"] for r in rows if r["group"] == g and r.get("epsilon_max") is not None), None)
-        cells = [g, "∞" if eps is None or (isinstance(eps, float) and math.isinf(eps)) else f"{eps:.2f}"]
-        for p in probes:
+        header.append(f"{g} (ε {'∞' if eps is None or (isinstance(eps, float) and math.isinf(eps)) else f'{eps:.2f}'})")
+    body = []
+    for p in probes:
+        cells = [p]
+        for g, res in clean.items():
             r = res["probes"].get(p)
             if r is None:
                 cells.append("—")
@@ -199,21 +208,23 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
                              f"{r['canaries']} canaries" + (f" (accountant {r['accountant_epsilon']:.2f})"
                                                             if r.get("accountant_epsilon") else ""))
             elif p.startswith("canary_"):
-                cells.append(f"{r['auc']:.3f} / ε_lb {r['epsilon_lower_bound']:.2f} (cap {r['epsilon_cap']:.2f})"
+                cells.append(f"AUC {r['auc']:.3f}; ε_lb {r['epsilon_lower_bound']:.2f} (cap {r['epsilon_cap']:.2f})"
                              + (f" (accountant {r['accountant_epsilon']:.2f}"
                                 + ("" if r.get("can_fail") else ": above the cap, the audit cannot fail") + ")"
                                 if r.get("accountant_epsilon") else ""))
             else:
-                cells.append(f"{r['auc']:.3f} / {_v(r['tpr_at_0.1pct_fpr'])}")
+                cells.append(f"AUC {r['auc']:.3f}; TPR@1% {_tpr(r['tpr_at_1pct_fpr'])}; "
+                             f"TPR@0.1% {_tpr(r['tpr_at_0.1pct_fpr'])}; {r['n_targets'] - r['n_positives']} neg.")
         body.append(cells)
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
     md = ["# Leakage audit: pFedPG", "",
-          "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; TPR at 0.1% FPR "
-          "is `unresolved` when fewer than 10 000 non-members were pooled. Canary columns give the AUC and the "
+          "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; TPR at a "
+          "given FPR (with its 95% Clopper–Pearson interval) is `unresolved` when fewer than 10 / FPR negatives were "
+          "pooled (1,000 for 1%, 10,000 for 0.1%); `neg.` = the negatives (non-members) pooled. Canary columns give the AUC and the "
           "one-run ε lower bound (Steinke et al. 2023), the cap (the most its canaries could certify, with every "
           "guess right) and the accountant's ε where DP covers that view; a lower bound above the accountant's ε "
           "would be a bug, and where the accountant's ε is above the cap no violation could have shown.", "", *table, "",
-          "![TPR at 0.1% FPR vs ε](tpr_vs_epsilon.png)", "", "## Threat models", ""]
+          "![TPR at 1% and 0.1% FPR vs ε](tpr_vs_epsilon.png)", "", "## Threat models", ""]
     any_group = next(iter(clean.values()), {"probes": {}})
     for p, r in any_group["probes"].items():
         md.append(f"- **{p}**: {r.get('threat_model')}")
@@ -230,40 +241,46 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
 
 
 def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: dict[str, float] | None = None) -> None:
-    """TPR at 0.1% FPR (pooled) against ε, one line per probe and mechanism; non-private at the right."""
+    """TPR at 1% FPR (solid) and at 0.1% FPR (dashed), pooled, against ε, one colour per probe and
+    mechanism, wherever the pooled negatives resolve that FPR; non-private at the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
+    series: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = {}
     for g, res in groups.items():
         eps = (res.get("dp") or {}).get("epsilon")
         x = eps if eps is not None and math.isfinite(eps) else math.inf
         mech = (res.get("dp") or {}).get("hook", g.split("-")[0])
         for p, r in res["probes"].items():
-            v = r.get("tpr_at_0.1pct_fpr", {}).get("value") if isinstance(r.get("tpr_at_0.1pct_fpr"), dict) else None
-            if isinstance(v, float):
-                series.setdefault((mech, p), []).append((x, v))
-    finite = [x for pts in series.values() for x, _ in pts if math.isfinite(x)]
+            for key in ("tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"):
+                v = r.get(key, {}).get("value") if isinstance(r.get(key), dict) else None
+                if isinstance(v, float):
+                    series.setdefault((mech, p), {}).setdefault(key, []).append((x, v))
+    finite = [x for by in series.values() for pts in by.values() for x, _ in pts if math.isfinite(x)]
     right = (max(finite) * 4) if finite else 10.0
-    for i, ((mech, p), pts) in enumerate(sorted(series.items())):
-        pts = sorted((right if math.isinf(x) else x, v) for x, v in pts)
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, "-o", ms=3, color=f"C{i % 10}", label=f"{p} ({mech})")
+    for i, ((mech, p), by) in enumerate(sorted(series.items())):
+        for key, style in (("tpr_at_1pct_fpr", "-o"), ("tpr_at_0.1pct_fpr", "--s")):
+            if key not in by:
+                continue
+            pts = sorted((right if math.isinf(x) else x, v) for x, v in by[key])
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, style, ms=3, color=plt.cm.tab20(i % 20),
+                    label=f"{p} ({mech}){'' if key == 'tpr_at_1pct_fpr' else ', 0.1%'}")
     ax.set_xscale("log")
     ax.axvline(right, color="k", lw=0.5, ls=":")
     ax.set_xlabel(f"ε (max client; the dotted line at {right:g} stands for ε = ∞, no DP)")
-    ax.set_ylabel("TPR at 0.1% FPR (pooled)")
+    ax.set_ylabel("TPR at 1% FPR (solid) / 0.1% FPR (dashed), pooled")
     ax.grid(alpha=0.3, which="both")
     if series:
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     else:
-        ax.text(0.5, 0.5, "TPR at 0.1% FPR unresolved everywhere\n(pool more targets)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "TPR at 1% and 0.1% FPR unresolved everywhere\n(pool more targets: >= 1,000 non-members)",
+                ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

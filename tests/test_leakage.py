@@ -362,3 +362,65 @@ def test_audit_hook_writes_an_rmia_probe(tmp_path):
     with pytest.raises(ConfigError, match="leakage_audit.rmia: unknown key 'refs'"):
         from attacks.leakage import LeakageAudit
         LeakageAudit(shadow_clients=1, rmia={"refs": 2})
+
+
+# --- membership from the descriptor ------------------------------------------------------------------
+def test_generated_prompt_scores_by_hand_and_the_calibration_sign():
+    from attacks.membership import fit_proxy_head, generated_prompt_scores, prompt_features
+    from pfedpg.client import load_into
+    from pfedpg.models import ModelConfig, PromptedViT, build_backbone
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = PromptedViT(build_backbone(ModelConfig(weights="random", kwargs=dict(TINY_MODEL, embed_dim=32))),
+                            num_prompts=4, num_classes=3, deep=True)
+    g = torch.Generator().manual_seed(0)
+    ax, ay = torch.randn(60, 3, 8, 8, generator=g), torch.randint(0, 3, (60,), generator=g)
+    x, y = torch.randn(10, 3, 8, 8, generator=g), torch.randint(0, 3, (10,), generator=g)
+    pa, pb = (torch.empty_like(model.prompt.prompt).uniform_(-1, 1, generator=g) for _ in range(2))
+    ab = generated_prompt_scores(model, prompts={0: pa}, references=[pb], aux_x=ax, aux_y=ay, num_classes=3,
+                                 targets={0: (x, y)})[0]
+    # By hand: a proxy head fitted on the auxiliary data under each prompt, then the loss there.
+    losses = {}
+    for name, p in (("a", pa), ("b", pb)):
+        w, b = fit_proxy_head(prompt_features(model, p, ax), ay, 3)
+        load_into(model, prompt=p, head_weight=w, head_bias=b)
+        with torch.no_grad():
+            losses[name] = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    assert torch.allclose(ab["loss"], -losses["a"], atol=1e-5)
+    assert torch.allclose(ab["confidence"], torch.exp(-losses["a"]), atol=1e-5)
+    # Calibrated = loss under the reference − loss under the client's prompt: higher = easier for the client.
+    assert torch.allclose(ab["calibrated"], losses["b"] - losses["a"], atol=1e-5)
+    ba = generated_prompt_scores(model, prompts={0: pb}, references=[pa], aux_x=ax, aux_y=ay, num_classes=3,
+                                 targets={0: (x, y)})[0]
+    assert torch.allclose(ba["calibrated"], -ab["calibrated"], atol=1e-5)
+    same = generated_prompt_scores(model, prompts={0: pa}, references=[pa, pa], aux_x=ax, aux_y=ay, num_classes=3,
+                                   targets={0: (x, y)})[0]
+    assert same["calibrated"].abs().max() < 1e-5
+
+
+def test_audit_hook_writes_the_descriptor_membership_probe(tmp_path):
+    _, run_dir = run_with(tmp_path, [audit_hook(probes=["descriptor", "alignment"], canaries=None)])
+    probes = json.loads((run_dir / "audit" / "audit.json").read_text())["probes"]
+    for kind in ("loss", "confidence", "calibrated"):
+        p = probes[f"descriptor_{kind}"]
+        assert p["n_targets"] == 4 * 40 and p["n_positives"] == 80 and 0 <= p["auc"] <= 1
+        assert p["threat_model"] == probes["alignment"]["threat_model"] and p["references"] == 2
+        assert p["privacy_unit_of_question"] == "record" and p["dp_envelope"] is None
+    scores = np.load(run_dir / "audit" / "scores.npz")
+    assert len(scores["descriptor_calibrated__scores"]) == 160
+    # Under client-level DP the server's view is covered: the probe gets the accountant's envelope.
+    _, dp_dir = run_with(tmp_path, [{"name": "dp_client", "clip": 0.1, "noise_multiplier": 1.0},
+                                    audit_hook(probes=["descriptor"], canaries=None)], "dp")
+    dp = json.loads((dp_dir / "audit" / "audit.json").read_text())["probes"]["descriptor_loss"]
+    assert dp["dp_envelope"] is not None and math.isfinite(dp["dp_envelope"]["epsilon"])
+
+
+def test_descriptor_probe_needs_descriptors(tmp_path):
+    with pytest.raises(ConfigError, match="probe 'descriptor' reads the server's client descriptors"):
+        run_with(tmp_path, [audit_hook(probes=["descriptor"], canaries=None)], method="fedvpt")
+    # By default the audit of a method without descriptors simply leaves the probe out.
+    _, run_dir = run_with(tmp_path, [{"name": "leakage_audit", "shadow_clients": 2, "targets_per_client": 10, "permutations": 2,
+                                       "lira": {"shadows": 1, "epochs": 1}, "rmia": {"references": 1, "epochs": 1}}],
+                          "fedvpt", method="fedvpt")
+    assert not any(k.startswith("descriptor") for k in json.loads((run_dir / "audit" / "audit.json").read_text())["probes"])
