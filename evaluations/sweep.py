@@ -25,7 +25,8 @@ from pfedpg.errors import ConfigError
 def load_grid_file(path: str | Path | None, section: str, overrides: list[str] | None, *, example: str):
     """A sweep file ``{base_config, base, SECTION}`` -> (SECTION mapping, validated base RunConfig).
     ``base_config`` is an ordinary run config; ``base`` overrides it key by key (nested sections are
-    merged, not replaced); ``--set`` applies last."""
+    merged, not replaced); ``--set`` applies last. A relative ``base_config`` is read from the
+    sweep file's own folder, so a sweep file works from any working directory."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -38,8 +39,11 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
     base: dict[str, Any] = {}
     if tree.get("base_config"):
         bp = Path(tree["base_config"])
+        if not bp.is_absolute() and path is not None:
+            bp = Path(path).parent / bp
         if not bp.is_file():
-            raise ConfigError(f"base_config {str(bp)!r} not found (paths are relative to the working directory)")
+            raise ConfigError(f"base_config {tree['base_config']!r} not found as {str(bp)!r} (a relative base_config "
+                              "is read from the sweep file's folder); fix the path")
         base = load_yaml(bp.read_text()) or {}
     cfg = config_from_dict(_deep_merge(base, tree.get("base") or {}), overrides)  # validates; errors name the key
     return tree.get(section) or {}, cfg
@@ -55,12 +59,17 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def _same_config(saved: Path, cfg) -> bool:
     """The saved run resolves to the same config (key order and keys added later with their
-    defaults do not count; an unreadable or invalid saved config does)."""
+    defaults do not count; an unreadable or invalid saved config does). The ``flower`` section
+    does not count for two in-process runs: it has no effect on them (so a changed Flower default
+    leaves finished in-process cells valid)."""
     try:
         old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
     except (ConfigError, yaml.YAMLError):
         return False
-    return yaml.safe_load(dump_config(old)) == yaml.safe_load(dump_config(cfg))
+    a, b = yaml.safe_load(dump_config(old)), yaml.safe_load(dump_config(cfg))
+    if a.get("engine") == b.get("engine") == "inprocess":
+        a.pop("flower", None), b.pop("flower", None)
+    return a == b
 
 
 @dataclass

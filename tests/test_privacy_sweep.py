@@ -130,6 +130,25 @@ def test_base_overrides_merge_into_base_config_sections(tmp_path):
     assert base["server"]["generator"] == "mlp" and base["server"]["lr"] == 0.001 and base["rounds"] == 3
 
 
+def test_a_relative_base_config_is_read_from_the_sweep_files_folder(tmp_path, monkeypatch):
+    from pfedpg.errors import ConfigError
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text(yaml.safe_dump({"rounds": 3}))
+    (tmp_path / "cfg" / "s.yaml").write_text(yaml.safe_dump({"base_config": "run.yaml"}))
+    monkeypatch.chdir(tmp_path)  # not the file's folder
+    _, base = load_sweep("cfg/s.yaml")
+    assert base["rounds"] == 3
+    (tmp_path / "cfg" / "bad.yaml").write_text(yaml.safe_dump({"base_config": "gone.yaml"}))
+    with pytest.raises(ConfigError, match=r"base_config 'gone.yaml' not found as 'cfg/gone.yaml'.*sweep file's folder"):
+        load_sweep("cfg/bad.yaml")
+    # And the shipped sweep files work from outside the repository root.
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    _, base = load_sweep(root / "configs" / "privacy.yaml")
+    assert base["rounds"] >= 1
+
+
 def test_a_saved_config_equal_after_defaults_is_reused(tmp_path):
     """Key order and keys added later (with their defaults) do not make a finished cell stale."""
     from evaluations.sweep import _same_config
@@ -142,6 +161,11 @@ def test_a_saved_config_equal_after_defaults_is_reused(tmp_path):
     saved.write_text(yaml.safe_dump(tree, sort_keys=True))
     assert _same_config(saved, cfg)
     assert not _same_config(saved, config_from_dict({"rounds": 4, "hooks": [{"name": "noop"}]}))
+    # Flower settings do not touch an in-process run: a changed Flower default keeps the cell.
+    tree["flower"]["insecure"] = not tree["flower"]["insecure"]
+    saved.write_text(yaml.safe_dump(tree, sort_keys=True))
+    assert _same_config(saved, cfg)
+    assert not _same_config(saved, config_from_dict({"rounds": 3, "hooks": [{"name": "noop"}], "engine": "flower"}))
 
 
 def test_cells_in_parallel_give_the_sequential_table_and_pretrain_each_backbone_once(tmp_path, monkeypatch):
