@@ -118,6 +118,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_flower_certs(args) -> int:
+    from evaluations.flower_certs import make_certificates
+
+    files = make_certificates(args.out_dir, hosts=args.host or ["127.0.0.1", "localhost"], nodes=args.nodes, days=args.days)
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pfedpg-eval",
@@ -170,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run N cells at once in worker processes (default 1); a config with threads: null "
                             "gets cores/N threads per cell, so set threads for numbers independent of N")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("flower-certs", help="make a CA, a SuperLink certificate and SuperNode keys for a TLS deployment",
+                       description="Write ca.crt/ca.key, server.pem/server.key (the SuperLink's certificate for every "
+                                   "--host) and node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC "
+                                   "P-384) into OUT_DIR. See the README's 'Deployment with TLS'.")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--host", action="append", metavar="NAME",
+                   help="a name or IP address the SuperNodes dial (repeatable; default 127.0.0.1 and localhost)")
+    p.add_argument("--nodes", type=int, default=0, metavar="N", help="SuperNode key pairs to make (default 0)")
+    p.add_argument("--days", type=_positive_int, default=365, metavar="D", help="validity in days (default 365)")
+    p.set_defaults(func=cmd_flower_certs)
 
     p = sub.add_parser("report", help="(re)write report.md and the plots of a finished run",
                        description="Write report.md and learning_curve.png for RUN_DIR from its summary.json and metrics.jsonl.")

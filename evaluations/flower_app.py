@@ -77,7 +77,8 @@ def make_client_app(settings: dict[str, Any] | None = None):
 
     def runtime(context: Context) -> ClientRuntime:
         load_plugins()
-        return ClientRuntime.get(settings if settings is not None else dict(context.run_config))
+        return ClientRuntime.get(settings if settings is not None else dict(context.run_config),
+                                 dict(context.node_config))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -124,6 +125,8 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     from pfedpg.hooks import build_hooks
 
     check_supported(cfg, build_hooks(cfg.hooks), resume=resume)  # before Ray or a SuperLink is touched
+    if cfg.flower.superlink is not None:
+        _check_connection(cfg, log)
     run_dir = Path(run_dir)
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
         raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; choose another run_name")
@@ -207,6 +210,16 @@ def write_flower_app(run_dir: Path, settings: dict[str, str]) -> Path:
                                        "from evaluations import flower_app as _app\n\n"
                                        "server_app = _app.server_app\nclient_app = _app.client_app\n")
     return app
+
+
+def _check_connection(cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """TLS by default; plaintext only when asked for, with a warning. Checked before anything is written."""
+    if cfg.flower.insecure:
+        log(f"warning: flower.insecure: true — the connection to the SuperLink {cfg.flower.superlink} is plaintext "
+            "(updates and prompts readable on the network); use TLS (flower.root_certificates) outside a trusted network")
+    elif not Path(cfg.flower.root_certificates).expanduser().is_file():
+        raise ConfigError(f"flower.root_certificates={cfg.flower.root_certificates!r} not found; point it at the SuperLink's "
+                          "CA certificate (PEM), e.g. one made with `pfedpg-eval flower-certs DIR` (DIR/ca.crt)")
 
 
 def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str]) -> int:

@@ -132,12 +132,18 @@ class FlowerConfig:
     with ``--node-config partition-id=<client>``). Needs ``pip install '.[flower]'``."""
 
     superlink: str | None = None
-    insecure: bool = True  # plain HTTP to the SuperLink; false needs TLS (root_certificates)
-    root_certificates: str | None = None  # PEM file of the SuperLink's CA, for insecure: false
+    # A deployment uses TLS: root_certificates is the SuperLink's CA certificate (PEM; make a test CA
+    # with `pfedpg-eval flower-certs DIR`). insecure: true = plaintext, explicit and logged as a warning.
+    insecure: bool = False
+    root_certificates: str | None = None
     client_cpus: float = 1.0  # simulation engine: CPUs reserved per ClientApp (Ray actor)
     node_wait_s: float = 120.0  # deployment: how long to wait for every client's SuperNode
     round_timeout_s: float = 600.0  # a client without a reply by then has failed this round
     on_client_failure: str = "continue"  # continue: the round goes on without it | fail: stop the run
+    # Deployment with node-local data: the run's number of clients. Each SuperNode brings its own
+    # records (--node-config "partition-id=<client> data-path=<npz or image folder>") and the server
+    # holds none. null: every node partitions the run's data file and keeps its partition-id's share.
+    num_clients: int | None = None
 
     def __post_init__(self):
         if self.superlink is not None:
@@ -151,8 +157,18 @@ class FlowerConfig:
                 raise ConfigError(f"flower.{key}={v!r} must be a positive number")
         if self.on_client_failure not in FAILURE_POLICIES:
             raise ConfigError(f"flower.on_client_failure={self.on_client_failure!r} is not one of {', '.join(FAILURE_POLICIES)}")
+        if self.num_clients is not None:
+            if not isinstance(self.num_clients, int) or isinstance(self.num_clients, bool) or self.num_clients < 1:
+                raise ConfigError(f"flower.num_clients={self.num_clients!r} must be a positive integer (or null)")
+            if self.superlink is None:
+                raise ConfigError("flower.num_clients (node-local data) needs a deployment: set flower.superlink to the "
+                                  "SuperLink's host:port, or drop num_clients for the simulation engine")
         if self.root_certificates is not None and self.insecure:
             raise ConfigError("flower.root_certificates is set but flower.insecure is true; set insecure: false for TLS")
+        if self.superlink is not None and not self.insecure and self.root_certificates is None:
+            raise ConfigError("flower.superlink connects with TLS by default: set flower.root_certificates to the "
+                              "SuperLink's CA certificate (make a CA and certificates with `pfedpg-eval flower-certs DIR`), "
+                              "or set flower.insecure: true for plaintext on a trusted network")
 
 
 @dataclass

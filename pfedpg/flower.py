@@ -21,6 +21,15 @@ train      round, P_n (methods that send one)     ΔP_n after its client-side ho
 evaluate   round, P_n of the updated server       its evaluation row (adapted and generated)
 =========  =====================================  =============================================
 
+Where a client's data comes from: with ``flower.num_clients: null`` every node builds the run's
+data set from the config and keeps the share of its ``partition-id`` (simulation and tests). With
+``flower.num_clients: N`` (a deployment) each SuperNode brings its own records — ``--node-config
+"partition-id=<client> data-path=<npz or image folder>"`` plus, optionally, ``test-path=<file or
+folder>`` (its test split; else an npz ``split`` key, else ``test-fraction=<f>``, default
+``data.test_fraction``) and ``backbone-path=<file>`` (where this node keeps the run's backbone) —
+and trains on exactly those (:class:`NodeTrainer`); nothing but the config and the backbone is
+shared, and the server holds no records.
+
 What stays on the client: its data, adapted prompt P̃_n and head H_n (in the node's Flower
 ``context.state`` between rounds), and its side of the hooks. The ServerApp holds the server, the
 server-side hooks and the run directory. Client-side hooks run in the ClientApp, server-side ones
@@ -35,6 +44,7 @@ with ``fail`` the run stops with a one-line error. Finished rounds are already i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import time
@@ -46,7 +56,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig, config_from_dict
-from pfedpg.errors import ClientFailure, ConfigError
+from pfedpg.errors import ClientFailure, ConfigError, DataError
 from pfedpg.hooks import build_hooks
 from pfedpg.runner import Trainer
 
@@ -97,6 +107,108 @@ def settings_from(values: dict[str, Any]) -> tuple[RunConfig, str, str | None]:
 # ------------------------------------------------------------------------------------------------
 # Client side
 
+#: what a SuperNode's --node-config may hold
+NODE_KEYS = ("partition-id", "data-path", "test-path", "test-fraction", "backbone-path",
+             "num-partitions")  # (the simulation engine sets num-partitions)
+
+
+def node_dataset(cfg: RunConfig, path: str, key: str):
+    """One node's own records from an npz file or an image folder, with the run's image size and
+    class list (``data.classes``) and no public split."""
+    from pfedpg.data import load_dataset
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"node-config {key}={str(p)!r} not found on this node; point it at this node's npz file or "
+                        "image folder (root/<class>/*.png or root/<domain>/<class>/*.png)")
+    if p.is_file() and p.suffix == ".npz":
+        source = "npz"
+    elif p.is_dir():
+        source = "folder"
+    else:
+        raise DataError(f"node-config {key}={str(p)!r} must be an .npz file or an image folder")
+    dcfg = dataclasses.replace(cfg.data, source=source, path=str(p), public_fraction=0.0, domains=None, composite=None,
+                               private_domains=None, public_domains=None)
+    return load_dataset(dcfg, seed=cfg.seed)
+
+
+class NodeTrainer(Trainer):
+    """The client side of a deployment with node-local data: the run (model, server state for the
+    initial prompts, hooks, seeds) built from the config, and client ``client``'s data from this
+    node's own files only. The other clients exist as ids; their data is nowhere here."""
+
+    def __init__(self, cfg: RunConfig, *, client: int, node_config: dict[str, Any], backbone_path: str | None):
+        self.client, self.node_config = client, node_config
+        backbone_path = node_config.get("backbone-path") or backbone_path
+        if cfg.model.weights == "pretrain":
+            if not backbone_path or not Path(backbone_path).is_file():
+                raise ConfigError(f"this node has no backbone file {backbone_path!r}; copy the run's backbone here and "
+                                  "start the SuperNode with --node-config \"... backbone-path=<file>\"")
+        if cfg.evaluate_on != "test":
+            raise ConfigError("evaluate_on: val is not available with node-local data (a node has a test split only); "
+                              "set evaluate_on: test")
+        sgd = [h for h in cfg.hooks if h.get("name") == "dp_sgd"]
+        if sgd and sgd[0].get("delta") is None:
+            raise ConfigError("dp_sgd.delta must be set with node-local data: its default 1/(10·min_n |D_n|) needs every "
+                              "client's size, which no node knows")
+        super().__init__(cfg, run_dir=Path("."), backbone_path=backbone_path)
+
+    def load_clients(self) -> None:
+        import numpy as np
+
+        from pfedpg.preprocess import images_to_tensor
+        from pfedpg.data.partition import stratified_choice
+        from pfedpg.seeding import Seeds
+
+        cfg, n, nc = self.cfg, self.client, self.node_config
+        ds = node_dataset(cfg, str(nc["data-path"]), "data-path")
+        if nc.get("test-path"):
+            test_ds = node_dataset(cfg, str(nc["test-path"]), "test-path")
+            if list(test_ds.class_names) != list(ds.class_names):
+                raise DataError(f"node-config test-path has classes {list(test_ds.class_names)}, data-path "
+                                f"{list(ds.class_names)}; they must be the same list (or set data.classes)")
+            train_idx, test_idx = np.arange(len(ds)), None
+        elif ds.split is not None:
+            train_idx, test_idx, test_ds = np.flatnonzero(ds.split == 0), np.flatnonzero(ds.split == 1), ds
+        else:
+            frac = float(nc.get("test-fraction", cfg.data.test_fraction))
+            if not 0 < frac < 1:
+                raise ConfigError(f"node-config test-fraction={frac} must be in (0, 1)")
+            k = max(1, round(frac * len(ds)))
+            if len(ds) - k < 1:
+                raise DataError(f"this node's {len(ds)} records are too few for a train/test split; bring more or pass "
+                                "test-path")
+            test_pos = stratified_choice(ds.labels, total=k, rng=Seeds(cfg.seed).numpy("node.split", client=n))
+            train_idx, test_idx, test_ds = np.delete(np.arange(len(ds)), test_pos), test_pos, ds
+        if test_idx is None:
+            test_idx = np.arange(len(test_ds))
+        if cfg.data.max_train_per_client is not None:
+            train_idx = train_idx[: cfg.data.max_train_per_client]
+        if cfg.data.max_test_per_client is not None:
+            test_idx = test_idx[: cfg.data.max_test_per_client]
+        if len(train_idx) == 0 or len(test_idx) == 0:
+            raise DataError(f"this node has {len(train_idx)} training and {len(test_idx)} test records; both must be > 0")
+
+        def tensors(d, idx):
+            x = images_to_tensor(d.images[idx], mean=cfg.model.mean, std=cfg.model.std)
+            return x, torch.from_numpy(d.labels[idx]).long()
+
+        self.num_clients = int(cfg.flower.num_clients)
+        if not 0 <= n < self.num_clients:
+            raise ConfigError(f"partition-id={n}, but the run has flower.num_clients={self.num_clients} clients "
+                              f"(0..{self.num_clients - 1})")
+        self.num_classes = ds.num_classes
+        self.class_names, self.domain_names = list(ds.class_names), []
+        empty = (torch.empty(0), torch.empty(0, dtype=torch.long))
+        self.train_data = [empty] * self.num_clients
+        self.test_data = [empty] * self.num_clients
+        self.train_data[n], self.test_data[n] = tensors(ds, train_idx), tensors(test_ds, test_idx)
+        own = {"client": n, "train": int(len(train_idx)), "test": int(len(test_idx)), "val": 0, "domain": None,
+               "evaluated": int(len(test_idx)),
+               "label_counts": np.bincount(ds.labels[train_idx], minlength=self.num_classes).tolist()}
+        # Other clients' sizes are unknown here; the server learns the true ones from their nodes.
+        self.client_facts = [{**own, "client": i} for i in range(self.num_clients)]
+
 
 class ClientRuntime:
     """One run's client logic in a ClientApp process: the run built from its config (cached per
@@ -105,8 +217,26 @@ class ClientRuntime:
 
     _cache: dict[str, "ClientRuntime"] = {}
 
-    def __init__(self, cfg: RunConfig, backbone_path: str | None):
-        self.trainer = Trainer(cfg, run_dir=Path("."), backbone_path=backbone_path)
+    def __init__(self, cfg: RunConfig, backbone_path: str | None, node_config: dict[str, Any] | None = None):
+        node_config = dict(node_config or {})
+        unknown = sorted(set(node_config) - set(NODE_KEYS))
+        if unknown:
+            raise ConfigError(f"--node-config has unknown key {unknown[0]!r}; valid: {', '.join(NODE_KEYS)}")
+        local = cfg.flower.num_clients is not None
+        if local and "data-path" not in node_config:
+            raise ConfigError("this run expects node-local data (flower.num_clients is set): start the SuperNode with "
+                              "--node-config \"partition-id=<client> data-path=<this node's npz or image folder>\"")
+        if not local and "data-path" in node_config:
+            raise ConfigError("this SuperNode has a data-path, but the run partitions one data file (flower.num_clients "
+                              "is null): set flower.num_clients to the number of nodes, or drop data-path")
+        if local:
+            if "partition-id" not in node_config:
+                raise ConfigError("this SuperNode has no partition-id; start it with --node-config "
+                                  "\"partition-id=<client> data-path=...\"")
+            self.trainer = NodeTrainer(cfg, client=int(node_config["partition-id"]), node_config=node_config,
+                                       backbone_path=backbone_path)
+        else:
+            self.trainer = Trainer(cfg, run_dir=Path("."), backbone_path=backbone_path)
         self.trainer.hooks.setup(self.trainer.ctx)
         # Hooks and states as set up, before any client touched them: a client's first message
         # starts from these (the cached runtime serves several clients in one simulation actor).
@@ -114,12 +244,14 @@ class ClientRuntime:
         self.initial_states = [copy.deepcopy(s) for s in self.trainer.states]
 
     @classmethod
-    def get(cls, values: dict[str, Any]) -> "ClientRuntime":
-        key = json.dumps({k: values.get(k) for k in ("config-yaml", "backbone-path")}, sort_keys=True)
+    def get(cls, values: dict[str, Any], node_config: dict[str, Any] | None = None) -> "ClientRuntime":
+        """The runtime of this run (and, with node-local data, of this node's files), built once per process."""
+        cfg, _, backbone = settings_from(values)
+        local = {k: str(v) for k, v in (node_config or {}).items()} if cfg.flower.num_clients is not None else {}
+        key = json.dumps({**{k: values.get(k) for k in ("config-yaml", "backbone-path")}, "node": local}, sort_keys=True)
         if key not in cls._cache:
-            cfg, _, backbone = settings_from(values)
             cls._cache.clear()  # one run per process at a time
-            cls._cache[key] = cls(cfg, backbone)
+            cls._cache[key] = cls(cfg, backbone, dict(node_config or {}))
         return cls._cache[key]
 
     def client_id(self, context: Context) -> int:
@@ -152,6 +284,7 @@ class ClientRuntime:
         n = self.client_id(context)
         t = self.trainer
         info = {"num_clients": t.num_clients, "num_classes": t.num_classes, "domain_names": t.domain_names,
+                "class_names": t.class_names,
                 # Split sizes only: its domain and label counts stay private to the client.
                 "facts": {**t.client_facts[n], "domain": None, "label_counts": None}}
         return Message(RecordDict({"info": ConfigRecord({"json": json.dumps(info)})}), reply_to=msg)
@@ -219,10 +352,19 @@ class FlowerTrainer(Trainer):
                     info = json.loads(reply.content.config_records["info"]["json"])
                     fact = info["facts"]
                     n, their = fact["client"], (int(info["num_clients"]), int(info["num_classes"]), list(info["domain_names"]))
+                    classes = list(info.get("class_names") or [])
+                    if self.cfg.flower.num_clients is not None and self.cfg.data.classes is not None \
+                            and classes != list(self.cfg.data.classes):
+                        raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, the run's data.classes "
+                                          f"{list(self.cfg.data.classes)}; give it records of exactly those classes")
                     if total is not None and their != total:
                         raise ConfigError(f"SuperNode {node} built {their[0]} clients and {their[1]} classes from its config, "
                                           f"others {total[0]} and {total[1]}; every node must run the same config and data")
-                    total = their
+                    if total is not None and classes != self.class_names:
+                        raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, other nodes "
+                                          f"{self.class_names}; every node needs the same class list in the same order "
+                                          "(set data.classes in the run config)")
+                    total, self.class_names = their, classes
                     if n in facts:
                         raise ConfigError(f"two SuperNodes claim partition-id={n}; give each client's node its own id")
                     facts[n], self.nodes[n] = fact, node

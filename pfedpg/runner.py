@@ -150,6 +150,7 @@ class Trainer:
              "label_counts": np.bincount(self.dataset.labels[s.train], minlength=self.num_classes).tolist()}
             for s in splits]
         self.domain_names = list(getattr(self.dataset, "domain_names", []) or [])
+        self.class_names = list(getattr(self.dataset, "class_names", []) or [])
 
     def client_info(self) -> list[dict[str, Any]]:
         return [{"client": f["client"], "domain": f["domain"], "label_counts": f["label_counts"],

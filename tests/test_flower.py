@@ -19,7 +19,7 @@ flwr = pytest.importorskip("flwr")
 from conftest import tiny_config  # noqa: E402
 from evaluations.plugins import load_plugins  # noqa: E402
 from pfedpg.config import config_from_dict, dump_config  # noqa: E402
-from pfedpg.errors import ConfigError  # noqa: E402
+from pfedpg.errors import ConfigError, DataError  # noqa: E402
 from pfedpg.runner import Trainer  # noqa: E402
 
 # Under `pytest -n 2 --dist loadgroup` (make test) the Flower tests share one worker: they start
@@ -112,14 +112,15 @@ class FakeGrid:
     """Delivers messages to a real ClientApp in this process; ``die`` = {node: round} makes that
     node vanish (no reply, gone from get_node_ids) when its message of that round arrives."""
 
-    def __init__(self, client_app, num_clients: int, die: dict[int, int]):
+    def __init__(self, client_app, num_clients: int, die: dict[int, int], node_configs: list[dict] | None = None):
         from flwr.app import Context, RecordDict
         from flwr.supercore.task_identity import TaskIdentity
 
         # What a ServerApp process gets from its runtime before it builds messages.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self.app, self.die = client_app, die
-        self.contexts = {100 + n: Context(1, 100 + n, {"partition-id": n}, RecordDict(), {}) for n in range(num_clients)}
+        node_configs = node_configs or [{"partition-id": n} for n in range(num_clients)]
+        self.contexts = {100 + i: Context(1, 100 + i, nc, RecordDict(), {}) for i, nc in enumerate(node_configs)}
         self.dead: set[int] = set()
         self.replies = {}
 
@@ -198,19 +199,54 @@ def _free_port() -> int:
 
 
 class Federation:
-    """``flower-superlink`` and one ``flower-supernode`` per client, each its own process."""
+    """``flower-superlink`` and one ``flower-supernode`` per client, each its own process.
 
-    def __init__(self, tmp_path: Path, clients: int):
+    ``certs``: a directory from ``make_certificates`` — the SuperLink serves TLS with its server
+    certificate and (``auth``) admits only SuperNodes whose public keys were registered; each node
+    dials with the CA as root certificate and signs with its own key. ``node_configs``: each
+    node's --node-config (default ``partition-id=n``)."""
+
+    def __init__(self, tmp_path: Path, clients: int, *, certs: Path | None = None, auth: bool = False,
+                 node_configs: list[dict] | None = None):
         self.home = tmp_path / "flwr_home"
         self.home.mkdir()
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.port = _free_port()
-        self.logs = tmp_path
-        self.link = self._start("superlink", [BIN / "flower-superlink", "--insecure", "--port", str(self.port)])
+        self.logs, self.certs = tmp_path, certs
+        if certs is None:
+            link_tls, node_tls = ["--insecure"], ["--insecure"]
+        else:
+            link_tls = ["--ssl-ca-certfile", certs / "ca.crt", "--ssl-certfile", certs / "server.pem",
+                        "--ssl-keyfile", certs / "server.key"] + (["--enable-supernode-auth"] if auth else [])
+            node_tls = ["--root-certificates", certs / "ca.crt"]
+        self.link = self._start("superlink", [BIN / "flower-superlink", *link_tls, "--port", str(self.port)])
         self._wait_listening()
-        self.nodes = [self._start(f"supernode{n}", [BIN / "flower-supernode", "--insecure", "--superlink",
-                                                     f"127.0.0.1:{self.port}", "--port", str(_free_port()),
-                                                     "--node-config", f"partition-id={n}"]) for n in range(clients)]
+        if auth:
+            for n in range(clients):
+                self.register(certs / f"node{n}.pub")
+        node_configs = node_configs or [{"partition-id": n} for n in range(clients)]
+        self.nodes = []
+        for n, nc in enumerate(node_configs):
+            key = ["--auth-supernode-private-key", certs / f"node{n}.key"] if auth else []
+            self.nodes.append(self._start(f"supernode{n}", [
+                BIN / "flower-supernode", *node_tls, *key, "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(_free_port()), "--node-config", " ".join(f"{k}={v}" if isinstance(v, int) else f'{k}="{v}"' for k, v in nc.items())]))
+
+    def _connection(self) -> None:
+        conn = [f'address = "127.0.0.1:{self.port}"']
+        conn += [f'root-certificates = "{self.certs / "ca.crt"}"'] if self.certs else ["insecure = true"]
+        (self.home / "config.toml").write_text('[superlink]\ndefault = "fed"\n\n[superlink.fed]\n' + "\n".join(conn) + "\n")
+
+    def register(self, public_key: Path) -> None:
+        """``flwr supernode register`` through the SuperLink's control API (CLI-managed node auth)."""
+        self._connection()
+        out = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public_key), "fed"], env=self.env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "registered successfully" in out.stdout, out.stdout + out.stderr
+
+    def flower_settings(self) -> list[str]:
+        tls = [f"flower.root_certificates={self.certs / 'ca.crt'}"] if self.certs else ["flower.insecure=true"]
+        return [f"flower.superlink=127.0.0.1:{self.port}", *tls]
 
     def _start(self, name, cmd):
         log = open(self.logs / f"{name}.log", "w")
@@ -231,9 +267,10 @@ class Federation:
     def train(self, cfg, run_dir: Path, timeout: float = 400) -> subprocess.CompletedProcess:
         cfg_file = run_dir.parent / f"{run_dir.name}.yaml"
         cfg_file.write_text(dump_config(cfg))
+        sets = [a for kv in self.flower_settings() for a in ("--set", kv)]
         return subprocess.run([str(BIN / "pfedpg-eval"), "train", "--config", str(cfg_file), "--engine", "flower",
-                               "--set", f"flower.superlink=127.0.0.1:{self.port}", "--run-dir", str(run_dir),
-                               "--no-progress"], env=self.env, capture_output=True, text=True, timeout=timeout)
+                               *sets, "--run-dir", str(run_dir), "--no-progress"], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
 
     def shutdown(self, timeout: float = 30) -> dict[str, int | None]:
         codes = {}
@@ -292,8 +329,9 @@ def test_deployment_client_dies_mid_run(tmp_path):
     try:
         cfg_file = tmp_path / "run.yaml"
         cfg_file.write_text(dump_config(cfg))
-        proc = subprocess.Popen([str(BIN / "pfedpg-eval"), "train", "--config", str(cfg_file), "--set",
-                                 f"flower.superlink=127.0.0.1:{fed.port}", "--run-dir", str(run_dir), "--no-progress"],
+        sets = [a for kv in fed.flower_settings() for a in ("--set", kv)]
+        proc = subprocess.Popen([str(BIN / "pfedpg-eval"), "train", "--config", str(cfg_file), *sets,
+                                 "--run-dir", str(run_dir), "--no-progress"],
                                 env=fed.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
         metrics = run_dir / "metrics.jsonl"
@@ -312,3 +350,167 @@ def test_deployment_client_dies_mid_run(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["clients_missing"] == [1] and summary["accuracy"]["per_client"][0] is not None
     assert "client 1 failed" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# Node-local data: each SuperNode brings its own records; the server holds none
+
+
+def write_node_files(cfg, out: Path) -> list[dict]:
+    """What a hospital would hold: client n's own train and test records of the partition, as npz
+    files of its own. Returns each node's --node-config."""
+    import numpy as np
+
+    from pfedpg.data import load_dataset, partition_clients
+
+    ds = load_dataset(cfg.data, seed=cfg.seed)
+    nodes = []
+    for s in partition_clients(ds, cfg.data, seed=cfg.seed):
+        paths = {}
+        for part, idx in (("train", s.train), ("test", s.test)):
+            paths[part] = out / f"client{s.client}_{part}.npz"
+            np.savez(paths[part], images=ds.images[idx], labels=ds.labels[idx], domains=np.zeros(len(idx), np.int64),
+                     class_names=np.array(ds.class_names), domain_names=np.array([f"site{s.client}"]))
+        nodes.append({"partition-id": s.client, "data-path": str(paths["train"]), "test-path": str(paths["test"])})
+    return nodes
+
+
+def _node_local_run(tmp_path, cfg, nodes, name="local"):
+    from evaluations.flower_app import make_client_app
+    from pfedpg.flower import FlowerTrainer
+
+    fcfg = _flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=len(nodes), round_timeout_s=30.0, node_wait_s=5.0)
+    settings = {"config-yaml": dump_config(fcfg), "run-dir": str(tmp_path), "backbone-path": ""}
+    grid = FakeGrid(make_client_app(settings), len(nodes), die={}, node_configs=nodes)
+    return FlowerTrainer(fcfg, run_dir=tmp_path / name, grid=grid)
+
+
+def test_node_local_data_matches_the_partitioned_run(tmp_path):
+    from pfedpg.flower import ClientRuntime
+
+    cfg = tiny_config(rounds=2, threads=1, hooks=[{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8}])
+    nodes = write_node_files(cfg, tmp_path)
+    trainer = _node_local_run(tmp_path, cfg, nodes)
+    summary = trainer.run()
+    ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
+    # The nodes trained on their own files only: the numbers are the partitioned run's, bit for bit.
+    assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
+    assert _rows(tmp_path / "local") == _rows(tmp_path / "ref")
+    assert trainer.train_data == [] and trainer.dataset is None  # the server holds no records
+    # A node's runtime holds its own client's records and nobody else's.
+    rt = ClientRuntime.get({"config-yaml": dump_config(_flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=3)),
+                            "run-dir": str(tmp_path), "backbone-path": ""}, nodes[1])
+    sizes = [int(x.shape[0]) for x, _ in rt.trainer.train_data]
+    assert sizes[1] == ref["data"]["train_per_client"][1] and sizes[0] == sizes[2] == 0
+
+
+def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
+    from pfedpg.flower import ClientRuntime
+
+    cfg = tiny_config(rounds=1, threads=1)
+    nodes = write_node_files(cfg, tmp_path)
+    values = {"config-yaml": dump_config(_flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=3)), "run-dir": str(tmp_path),
+              "backbone-path": ""}
+    rt = ClientRuntime.get(values, {"partition-id": 0, "data-path": nodes[0]["data-path"], "test-fraction": 0.25})
+    x_tr, x_te = rt.trainer.train_data[0][0], rt.trainer.test_data[0][0]
+    assert x_te.shape[0] == round(0.25 * (x_tr.shape[0] + x_te.shape[0]))
+
+    def refused(node, match, values=values):
+        ClientRuntime._cache.clear()
+        with pytest.raises((ConfigError, DataError), match=match):
+            ClientRuntime.get(values, node)
+
+    refused({"partition-id": 0, "data-path": str(tmp_path / "nope.npz")}, r"data-path=.*nope.npz' not found on this node")
+    refused({"partition-id": 0}, r"expects node-local data.*data-path=")
+    refused({"partition-id": 5, "data-path": nodes[0]["data-path"]}, r"partition-id=5, but the run has flower.num_clients=3")
+    refused({"partition-id": 0, "data-path": nodes[0]["data-path"], "data_path": "x"}, r"unknown key 'data_path'")
+    partitioned = {**values, "config-yaml": dump_config(_flower(cfg))}
+    refused({"partition-id": 0, "data-path": nodes[0]["data-path"]}, r"flower.num_clients is null", partitioned)
+    with pytest.raises(ConfigError, match="flower.num_clients .*needs a deployment"):
+        _flower(cfg, num_clients=3)
+
+
+def test_node_local_class_lists_must_agree(tmp_path):
+    import numpy as np
+
+    cfg = tiny_config(rounds=1, threads=1)
+    nodes = write_node_files(cfg, tmp_path)
+    # Client 2's file names its classes in another order: its labels would mean other digits.
+    for part in ("train", "test"):
+        f = tmp_path / f"client2_{part}.npz"
+        d = dict(np.load(f))
+        d["class_names"] = d["class_names"][::-1].copy()
+        np.savez(f, **d)
+    with pytest.raises(ConfigError, match=r"client 2\) has classes .* same class list in the same order"):
+        _node_local_run(tmp_path, cfg, nodes)
+    # Two nodes that claim one id.
+    with pytest.raises(ConfigError, match="two SuperNodes claim partition-id=0"):
+        _node_local_run(tmp_path, cfg, [nodes[0], {**nodes[1], "partition-id": 0}, nodes[2]], "dup")
+
+
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
+def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
+    """A deployment as a federation of hospitals runs it: each SuperNode reads only its own files,
+    the SuperLink serves TLS and admits only registered SuperNodes. Same numbers as the in-process
+    run on the same records (which the plaintext deployment above also matches)."""
+    from evaluations.flower_certs import make_certificates
+
+    cfg = tiny_config(threads=1, **{"data.num_domains": 2})  # 2 clients, 2 rounds
+    certs = tmp_path / "certs"
+    make_certificates(certs, nodes=3)
+    nodes = write_node_files(cfg, tmp_path)
+    fed = Federation(tmp_path, clients=2, certs=certs, auth=True, node_configs=nodes)
+    try:
+        # A SuperNode whose key was never registered is turned away.
+        # (Its output goes to a file: a SuperExec child may hold a pipe open after the node exits.)
+        rogue = fed._start("rogue", [BIN / "flower-supernode", "--root-certificates", certs / "ca.crt",
+                                     "--auth-supernode-private-key", certs / "node2.key", "--superlink",
+                                     f"127.0.0.1:{fed.port}", "--port", str(_free_port()), "--node-config", "partition-id=0"])
+        try:
+            rogue_code = rogue.wait(timeout=120)
+        finally:
+            if rogue.poll() is None:
+                os.killpg(rogue.pid, signal.SIGKILL)
+        proc = fed.train(_flower(cfg, num_clients=2, superlink=f"127.0.0.1:{fed.port}",
+                                 root_certificates=str(certs / "ca.crt")), tmp_path / "run")
+    finally:
+        fed.shutdown()
+    assert rogue_code != 0 and "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plaintext" not in proc.stderr  # TLS: no insecure warning
+    ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
+    assert _rows(tmp_path / "run") == _rows(tmp_path / "ref")
+
+
+def test_deployment_connection_settings_are_checked_first(tmp_path, capsys):
+    from evaluations.cli import main
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(dump_config(_flower(tiny_config(), insecure=True)))
+    with pytest.raises(ConfigError, match="TLS by default.*pfedpg-eval flower-certs"):
+        _flower(tiny_config(), superlink="127.0.0.1:9093")
+    code = main(["train", "--config", str(cfg_file), "--set", "flower.insecure=false", "--set",
+                 "flower.superlink=127.0.0.1:9", "--set", f"flower.root_certificates={tmp_path / 'ca.crt'}",
+                 "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "flower.root_certificates=" in err and "not found" in err and "flower-certs" in err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_flower_certs_command(tmp_path):
+    from evaluations.cli import main
+
+    assert main(["flower-certs", str(tmp_path / "c"), "--nodes", "1", "--host", "10.0.0.5", "--host", "link.example"]) == 0
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert san.get_values_for_type(x509.DNSName) == ["link.example"]
+    key = load_ssh_private_key((tmp_path / "c" / "node0.key").read_bytes(), None)
+    assert load_ssh_public_key((tmp_path / "c" / "node0.pub").read_bytes()).public_numbers() == key.public_key().public_numbers()
+    assert (tmp_path / "c" / "ca.key").stat().st_mode & 0o077 == 0  # private keys are owner-only
+    assert main(["flower-certs", str(tmp_path / "c")]) == 2  # keys are never overwritten

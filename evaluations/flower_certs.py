@@ -1,0 +1,98 @@
+"""Certificates and SuperNode keys for a Flower deployment with TLS and node authentication
+(DESIGN §9), made with the ``cryptography`` package: ``pfedpg-eval flower-certs OUT_DIR``.
+
+Writes into ``OUT_DIR``:
+
+* ``ca.crt`` / ``ca.key`` — a self-signed certificate authority (keep ``ca.key`` off the nodes);
+* ``server.pem`` / ``server.key`` — the SuperLink's certificate for ``--host`` names and addresses,
+  signed by the CA (``flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem
+  --ssl-keyfile server.key``);
+* ``node<i>.key`` / ``node<i>.pub`` — one EC P-384 key pair per SuperNode in OpenSSH format (the
+  private key stays on its node: ``flower-supernode --auth-supernode-private-key node<i>.key``;
+  the public key is registered with ``flwr supernode register node<i>.pub``).
+
+Good for a test federation or a first deployment; an organisation with its own PKI uses its own.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import ipaddress
+from pathlib import Path
+
+from pfedpg.errors import ConfigError
+
+
+def _write(path: Path, data: bytes, *, private: bool = False) -> Path:
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+    return path
+
+
+def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = ("127.0.0.1", "localhost"),
+                      nodes: int = 0, days: int = 365) -> dict[str, Path]:
+    """Write a CA, a SuperLink certificate valid for ``hosts`` and ``nodes`` SuperNode key pairs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    if not hosts:
+        raise ConfigError("flower-certs needs at least one --host (the name or address the nodes dial)")
+    if not isinstance(nodes, int) or nodes < 0:
+        raise ConfigError(f"flower-certs --nodes={nodes!r} must be a non-negative integer")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"flower-certs: {str(out)!r} is a file; choose a directory")
+    existing = [p.name for p in (out / "ca.key", out / "server.key") if p.exists()]
+    if existing:
+        raise ConfigError(f"flower-certs: {out / existing[0]} exists; choose an empty directory (keys are never overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    pem = serialization.Encoding.PEM
+    no_pw = serialization.NoEncryption()
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfedpg-eval federation CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
+          .not_valid_after(now + _dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    names = []
+    for h in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    srv_key = ec.generate_private_key(ec.SECP384R1())
+    srv = (x509.CertificateBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+           .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - _dt.timedelta(minutes=5)).not_valid_after(now + _dt.timedelta(days=days))
+           .add_extension(x509.SubjectAlternativeName(names), critical=False)
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+           .sign(ca_key, hashes.SHA256()))
+
+    files = {
+        "ca_cert": _write(out / "ca.crt", ca.public_bytes(pem)),
+        "ca_key": _write(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw), private=True),
+        "server_cert": _write(out / "server.pem", srv.public_bytes(pem)),
+        "server_key": _write(out / "server.key", srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw),
+                             private=True),
+    }
+    for i in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        files[f"node{i}_key"] = _write(out / f"node{i}.key", key.private_bytes(
+            pem, serialization.PrivateFormat.OpenSSH, no_pw), private=True)
+        files[f"node{i}_pub"] = _write(out / f"node{i}.pub", key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return files
+
+
+__all__ = ["make_certificates"]
