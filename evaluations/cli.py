@@ -1,40 +1,48 @@
-"""``pfedpg-eval``: train, pretrain, privacy, audit, robustness and report (DESIGN: typical commands).
+"""``pfedpg-eval``: train, pretrain, privacy, audit, robustness, report and flower-certs, on click.
 
-Every subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides; bad
-input ends with a one-line ``error: ...`` naming the fix and exit status 2.
+Every run subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides. The
+contract: bad input ends with one line ``error: ...`` naming the fix and exit status 2; exit 1 only
+for a run or grid cell that failed; Ctrl-C ends with the command that resumes (exit 130).
+``main(argv)`` returns the exit status (the console script exits with it). Shell completion:
+``eval "$(_PFEDPG_EVAL_COMPLETE=bash_source pfedpg-eval)"`` (``zsh_source``, ``fish_source``).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
+
+import click
 
 from evaluations.plugins import load_plugins
 from pfedpg.errors import ClientFailure, ConfigError, DataError, NonFiniteDeltaError
 
 
-def _add_config_args(p: argparse.ArgumentParser, *, engine: bool = True) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply when omitted")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set client.lr=0.1 --set rounds=5 (repeatable)")
-    if not engine:
-        return
-    p.add_argument("--engine", choices=("inprocess", "flower"),
-                   help="run in this process (default) or through Flower: its simulation engine, or the SuperLink "
-                        "at --set flower.superlink=HOST:PORT (needs pip install '.[flower]'); same as --set engine=...")
+#: what every command prints its progress with (``--quiet`` silences it)
+_OUT = SimpleNamespace(quiet=False, verbose=False)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: refuse --jobs 0 before anything is written."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
+def _log(msg: str) -> None:
+    if not _OUT.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _check_writable(d: str | Path, what: str) -> None:
+    """Refuse an output directory that cannot be written, before any data or backbone is built."""
+    import os
+
+    d = Path(d)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{what} {str(d)!r} is a file; choose a directory")
+    parent = d
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {str(d)!r} lies under the file {str(parent)!r}; choose another directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(d)!r}: no permission to write in {str(parent)!r}; choose another directory")
 
 
 def _run_dir(cfg) -> Path:
@@ -55,8 +63,11 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg)
-    summary = run_training(cfg, run_dir, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress,
-                           resume=args.resume)
+    _check_writable(run_dir, "run directory")
+    _OUT.resume_hint = (f"pfedpg-eval train --resume --run-dir {run_dir} (before its first checkpoint: the same "
+                        "command without --resume starts it again)")
+    summary = run_training(cfg, run_dir, log=_log, progress=not args.no_progress and not _OUT.quiet,
+                           resume=args.resume, restart=args.restart)
     report = write_report(run_dir)
     acc = summary["accuracy"]
     print(f"{cfg.method}: adapted-prompt accuracy mean {acc['mean']:.4f}, worst {acc['worst']:.4f} -> {report}")
@@ -70,7 +81,7 @@ def cmd_pretrain(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.model.weights != "pretrain":
         raise ConfigError(f"pretrain needs model.weights=pretrain (it is {cfg.model.weights!r}); add --set model.weights=pretrain")
-    path = pretrain_backbone(cfg, log=lambda m: print(m, file=sys.stderr), force=args.force, progress=True)
+    path = pretrain_backbone(cfg, log=_log, force=args.force, progress=not args.no_progress and not _OUT.quiet)
     print(path)
     return 0
 
@@ -79,7 +90,8 @@ def cmd_privacy(args) -> int:
     from evaluations.privacy import load_sweep, run_sweep
 
     sweep, base = load_sweep(args.config, args.overrides)
-    out = run_sweep(sweep, base, out_dir=args.out, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
+    _check_writable(args.out or sweep.out_dir, "sweep directory")
+    out = run_sweep(sweep, base, out_dir=args.out, jobs=args.jobs, log=_log)
     print((out / "tradeoff.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, tradeoff.csv, accuracy_vs_epsilon.png)")
     return 1 if (out / "FAILED").exists() else 0
@@ -89,7 +101,8 @@ def cmd_audit(args) -> int:
     from evaluations.audit import load_audit, run_audit
 
     grid, probes, base = load_audit(args.config, args.overrides)
-    out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
+    _check_writable(args.out or grid.out_dir, "audit directory")
+    out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, log=_log)
     summary = json.loads((out / "audit.json").read_text())
     for group, res in summary["groups"].items():
         cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in res["probes"].items() if "auc" in r)
@@ -104,7 +117,8 @@ def cmd_robustness(args) -> int:
     from evaluations.robustness import load_matrix, run_matrix
 
     matrix, base = load_matrix(args.config, args.overrides)
-    out = run_matrix(matrix, base, out_dir=args.out, jobs=args.jobs, log=lambda m: print(m, file=sys.stderr))
+    _check_writable(args.out or matrix.out_dir, "matrix directory")
+    out = run_matrix(matrix, base, out_dir=args.out, jobs=args.jobs, log=_log)
     print((out / "robustness.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, robustness.csv, heatmap.png, worst_case.png)")
     rows = (out / "robustness.csv").read_text()
@@ -114,7 +128,13 @@ def cmd_robustness(args) -> int:
 def cmd_report(args) -> int:
     from evaluations.report import write_report
 
-    print(write_report(args.run_dir))
+    d = Path(args.run_dir)
+    kind = next((k for f, k in (("tradeoff.csv", "privacy sweep"), ("robustness.csv", "robustness matrix"),
+                                ("audit.yaml", "audit")) if (d / f).is_file()), None)
+    if kind is not None and not (d / "summary.json").is_file():
+        raise ConfigError(f"{str(d)!r} is a {kind} directory, not a run: its report is {d / 'report.md'}; rerun the "
+                          f"{kind.split()[0]} command to rewrite it, or pass one of its runs ({d / 'runs'}/<cell>)")
+    print(write_report(d))
     return 0
 
 
@@ -127,88 +147,192 @@ def cmd_flower_certs(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pfedpg-eval",
-        description="Privacy and robustness evaluation of pFedPG (Yang et al., ICCV 2023): "
-                    "client-specific prompt generation for a frozen ViT.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="run pFedPG or a baseline (fedvpt, local) into a run directory",
-                       description="Train one run and write config.yaml, metrics.jsonl, summary.json, "
-                                   "learning_curve.png, report.md and checkpoints into the run directory "
-                                   "(default: OUTPUT_DIR/METHOD-SOURCE-seedSEED).")
-    _add_config_args(p)
-    p.add_argument("--run-dir", metavar="DIR", help="run directory (overrides output_dir/run_name)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pretrain", help="pretrain the backbone (public split or pretrain.data) and cache it",
-                       description="Supervised pretraining of the whole backbone on the data's public split "
-                                   "(never given to clients), or on an external data set given as "
-                                   "pretrain.data.path; cached under pretrain.cache_dir by config hash, with a "
-                                   "per-epoch log and resumable state beside it (an interrupted pretraining "
-                                   "continues where it stopped). Prints the cached file's path.")
-    _add_config_args(p, engine=False)
-    p.add_argument("--force", action="store_true", help="retrain even if the cache holds this backbone")
-    p.set_defaults(func=cmd_pretrain)
+# ------------------------------------------------------------------------------------------------
+# The click commands: each gathers its options into the namespace the cmd_* functions read.
 
-    grids = [
-        ("privacy", cmd_privacy, "sweep", "accuracy-privacy trade-off sweep (client-level DP, DP-SGD, baselines)",
-         "Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x {non-private, local, clip-only} "
-         "and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, accuracy_vs_epsilon.png, report.md and "
-         "report.html; rerunning the same command resumes, reusing finished runs. --set overrides the base run "
-         "config. Exit status 1 if a cell failed (it is a row in the table)."),
-        ("audit", cmd_audit, "audit", "leakage audit: membership, attribute, source, linkability probes and empirical ε",
-         "Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, clip-only} and mechanism x "
-         "privacy level, each run with the leakage_audit hook (audit.probes). Writes audit.json (per group and probe: "
-         "auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with Clopper-Pearson intervals, n_targets, threat_model), "
-         "roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. Exit status 1 if a "
-         "cell failed."),
-        ("robustness", cmd_robustness, "matrix", "attacks x defenses x malicious fractions x seeds",
-         "Run the matrix of a robustness file (see configs/robustness.yaml). Writes robustness.csv, robustness.md, "
-         "heatmap.png, worst_case.png, report.md and report.html; infeasible (rule, f) cells are rows, not crashes; "
-         "rerunning resumes. --set overrides the base run config. Exit status 1 if a cell failed."),
-    ]
-    for name, func, what, short, long in grids:
-        p = sub.add_parser(name, help=short, description=long)
-        _add_config_args(p)
-        p.add_argument("--out", metavar="DIR", help=f"{what} directory (default: {name}.out_dir)")
-        p.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
-                       help="run N cells at once in worker processes (default 1); a config with threads: null "
-                            "gets cores/N threads per cell, so set threads for numbers independent of N")
-        p.set_defaults(func=func)
+_CONFIG = click.option("--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply when omitted")
+_SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set client.lr=1e-3 --set rounds=5 (repeatable; YAML 1.2 values)")
+_ENGINE = click.option("--engine", type=click.Choice(["inprocess", "flower"]),
+                       help="run in this process (default) or through Flower: its simulation engine, or the SuperLink at "
+                            "--set flower.superlink=HOST:PORT (needs pip install '.[flower]'); same as --set engine=...")
+_NO_PROGRESS = click.option("--no-progress", is_flag=True, help="no progress bars")
 
-    p = sub.add_parser("flower-certs", help="make a CA, a SuperLink certificate and SuperNode keys for a TLS deployment",
-                       description="Write ca.crt/ca.key, server.pem/server.key (the SuperLink's certificate for every "
-                                   "--host) and node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC "
-                                   "P-384) into OUT_DIR. See the README's 'Deployment with TLS'.")
-    p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--host", action="append", metavar="NAME",
-                   help="a name or IP address the SuperNodes dial (repeatable; default 127.0.0.1 and localhost)")
-    p.add_argument("--nodes", type=int, default=0, metavar="N", help="SuperNode key pairs to make (default 0)")
-    p.add_argument("--days", type=_positive_int, default=365, metavar="D", help="validity in days (default 365)")
-    p.set_defaults(func=cmd_flower_certs)
 
-    p = sub.add_parser("report", help="(re)write report.md and the plots of a finished run",
-                       description="Write report.md and learning_curve.png for RUN_DIR from its summary.json and metrics.jsonl.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.set_defaults(func=cmd_report)
-    return parser
+def _ns(**kw) -> SimpleNamespace:
+    kw["overrides"] = list(kw.get("overrides") or [])
+    if kw.get("engine"):
+        kw["overrides"].append(f"engine={kw['engine']}")
+    return SimpleNamespace(**kw)
+
+
+def _version() -> str:
+    from pfedpg import __version__
+
+    return __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(_version(), "--version", "-V", prog_name="pfedpg-eval")
+@click.option("--quiet", "-q", is_flag=True, help="print results and errors only (no progress, no log lines)")
+@click.option("--verbose", "-v", is_flag=True, help="also show library warnings (e.g. Opacus') and full tracebacks")
+def cli(quiet: bool, verbose: bool) -> None:
+    """Privacy and robustness evaluation of pFedPG (Yang et al., ICCV 2023): client-specific prompt
+    generation for a frozen ViT.
+
+    \b
+    Examples:
+      pfedpg-eval train --config configs/quickstart.yaml
+      pfedpg-eval privacy --config configs/privacy_demo.yaml --jobs 2
+      pfedpg-eval audit --config configs/audit.yaml
+      pfedpg-eval robustness --config configs/robustness.yaml --jobs 2
+    """
+    _OUT.quiet, _OUT.verbose = quiet, verbose
+    if not verbose:  # library chatter (Opacus' secure-RNG notice, timm, Ray) is not ours to print
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@cli.command(epilog="Example: pfedpg-eval train --config configs/quickstart.yaml --set rounds=5 --run-dir runs/try")
+@_CONFIG
+@_SET
+@_ENGINE
+@click.option("--run-dir", metavar="DIR", help="run directory (default: output_dir/run_name, or OUTPUT_DIR/METHOD-SOURCE-seedSEED)")
+@click.option("--resume", is_flag=True, help="continue the run in --run-dir from its latest checkpoint")
+@click.option("--restart", is_flag=True, help="start an unfinished run in the run directory again (its files are kept "
+                                              "under RUN_DIR/attempt-<k>/)")
+@_NO_PROGRESS
+def train(**kw) -> int:
+    """Train one run (pFedPG or a baseline: fedvpt, local).
+
+    Writes config.yaml, metrics.jsonl, summary.json, learning_curve.png, report.md and checkpoints
+    into the run directory."""
+    if kw["resume"] and kw["restart"]:
+        raise ConfigError("--resume and --restart contradict each other; pass one")
+    return cmd_train(_ns(**kw))
+
+
+@cli.command(epilog="Example: pfedpg-eval pretrain --config configs/positive_control.yaml")
+@_CONFIG
+@_SET
+@click.option("--force", is_flag=True, help="retrain even if the cache holds this backbone")
+@_NO_PROGRESS
+def pretrain(**kw) -> int:
+    """Pretrain the backbone and cache it; prints the cached file's path.
+
+    Supervised pretraining of the whole backbone on the data's public split (never given to
+    clients), or on an external data set given as pretrain.data.path; cached under
+    pretrain.cache_dir by config hash, with a per-epoch log and resumable state beside it (an
+    interrupted pretraining continues where it stopped)."""
+    _OUT.resume_hint = "the same pfedpg-eval pretrain command (it continues from its last epoch checkpoint)"
+    return cmd_pretrain(_ns(**kw))
+
+
+def _grid_command(name: str, func, what: str, short: str, long: str, example: str):
+    @cli.command(name, help=f"{short}.\n\n{long}", short_help=short, epilog=f"Example: {example}")
+    @_CONFIG
+    @_SET
+    @_ENGINE
+    @click.option("--out", metavar="DIR", help=f"{what} directory (default: {name}.out_dir)")
+    @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+                  help="run N cells at once in worker processes; a config with threads: null gets cores/N threads "
+                       "per cell, so set threads for numbers independent of N")
+    @_NO_PROGRESS
+    def command(**kw) -> int:
+        _OUT.resume_hint = f"the same pfedpg-eval {name} command (finished cells are reused)"
+        return func(_ns(**kw))
+
+    return command
+
+
+_grid_command("privacy", cmd_privacy, "sweep", "Accuracy-privacy trade-off sweep (client-level DP, DP-SGD, baselines)",
+              "Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x {non-private, local, clip-only} "
+              "and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, accuracy_vs_epsilon.png, report.md "
+              "and report.html; rerunning the same command resumes, reusing finished runs. --set overrides the base "
+              "run config. Exit status 1 if a cell failed (it is a row in the table).",
+              "pfedpg-eval privacy --config configs/privacy_demo.yaml --jobs 2")
+_grid_command("audit", cmd_audit, "audit", "Leakage audit: membership, attribute, source, linkability probes, empirical ε",
+              "Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, clip-only} and mechanism "
+              "x privacy level, each run with the leakage_audit hook (audit.probes). Writes audit.json (per group and "
+              "probe: auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with Clopper-Pearson intervals, n_targets, "
+              "threat_model), roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. Exit "
+              "status 1 if a cell failed.",
+              "pfedpg-eval audit --config configs/audit_positive_control.yaml --jobs 2")
+_grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x malicious fractions x seeds",
+              "Run the matrix of a robustness file (see configs/robustness.yaml). Writes robustness.csv, "
+              "robustness.md, heatmap.png, worst_case.png, report.md and report.html; infeasible (rule, f) cells are "
+              "rows, not crashes; a diverged cell is a result (the attack succeeded); rerunning resumes. --set "
+              "overrides the base run config. Exit status 1 if a cell failed.",
+              "pfedpg-eval robustness --config configs/robustness.yaml --jobs 2")
+
+
+@cli.command("flower-certs", epilog="Example: pfedpg-eval flower-certs certs --host link.example.org --nodes 3")
+@click.argument("out_dir", metavar="OUT_DIR")
+@click.option("--host", multiple=True, metavar="NAME",
+              help="a name or IP address the SuperNodes dial (repeatable; default 127.0.0.1 and localhost)")
+@click.option("--nodes", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="SuperNode key pairs to make")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, metavar="D", help="validity in days")
+def flower_certs(**kw) -> int:
+    """Make a CA, a SuperLink certificate and SuperNode keys for a TLS deployment.
+
+    Writes ca.crt/ca.key, server.pem/server.key (the SuperLink's certificate for every --host) and
+    node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC P-384) into OUT_DIR. See
+    the README's "Deployment with TLS"."""
+    return cmd_flower_certs(SimpleNamespace(**{**kw, "host": list(kw["host"])}))
+
+
+@cli.command(epilog="Example: pfedpg-eval report runs/pfedpg-embedded-seed0")
+@click.argument("run_dir", metavar="RUN_DIR")
+def report(run_dir: str) -> int:
+    """(Re)write report.md and the plots of a finished run from its summary.json and metrics.jsonl."""
+    return cmd_report(SimpleNamespace(run_dir=run_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    if getattr(args, "engine", None):
-        args.overrides.append(f"engine={args.engine}")
+    """Run the CLI on ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    _OUT.quiet = _OUT.verbose = False
+    _OUT.resume_hint = None
     load_plugins()
     try:
-        return args.func(args)
-    except (ConfigError, DataError, NonFiniteDeltaError, ClientFailure, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        code = cli.main(args=argv, prog_name="pfedpg-eval", standalone_mode=False)
+        return int(code or 0)
+    except click.exceptions.Exit as e:  # --help, --version
+        return e.exit_code
+    except click.UsageError as e:
+        hint = f" (see pfedpg-eval {e.ctx.info_name + ' ' if e.ctx and e.ctx.parent else ''}--help)".replace("  ", " ")
+        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         return 2
+    except click.Abort:  # Ctrl-C inside a click prompt
+        return _interrupted()
+    except KeyboardInterrupt:
+        return _interrupted()
+    except (ConfigError, DataError, NonFiniteDeltaError, ClientFailure, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError) as e:
+        if _OUT.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, (NotADirectoryError, IsADirectoryError, PermissionError)) and getattr(e, "filename", None):
+        what = {NotADirectoryError: "a file stands where a directory is needed",
+                IsADirectoryError: "a directory stands where a file is needed",
+                PermissionError: "no permission to write there"}[type(e)]
+        return f"cannot write {e.filename}: {what}; choose another output directory (--out / --run-dir / output_dir)"
+    return " ".join(str(e).split("\n"))
+
+
+def _interrupted() -> int:
+    hint = _OUT.resume_hint
+    print("\ninterrupted" + (f"; resume with: {hint}" if hint else ""), file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evaluations.plugins import load_plugins
-from pfedpg.config import RunConfig, dump_config
 from pfedpg.errors import ClientFailure, ConfigError
+
+# (pfedpg.config, and with it torch, is imported where it is used: a ClientApp process that hands
+# its message to the node's long-running worker never imports torch.)
 
 
 def _require_flwr() -> None:
@@ -67,30 +69,43 @@ def make_server_app(settings: dict[str, Any] | None = None, errors: list | None 
 
 
 def make_client_app(settings: dict[str, Any] | None = None):
-    """A ClientApp answering query / train / evaluate messages with ``ClientRuntime``."""
+    """A ClientApp answering query / train / evaluate messages with ``ClientRuntime`` — in this
+    process, or, when the SuperNode's --node-config names a ``worker`` socket, in the node's
+    long-running worker (``evaluations.flower_worker``), which keeps the built client (backbone,
+    data, state) across messages."""
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
-    from pfedpg.flower import ClientRuntime
-
     app = ClientApp()
 
-    def runtime(context: Context) -> ClientRuntime:
+    def handle(kind: str, msg: Message, context: Context) -> Message:
+        values = settings if settings is not None else dict(context.run_config)
+        node_config = dict(context.node_config)
+        if node_config.get("worker"):
+            from evaluations.flower_worker import forward
+
+            content, state = forward(str(node_config["worker"]), kind, values, node_config, msg.content, context.state)
+            for key in list(context.state.keys()):
+                del context.state[key]
+            for key, record in state.items():
+                context.state[key] = record
+            return Message(content, reply_to=msg)
+        from pfedpg.flower import ClientRuntime
+
         load_plugins()
-        return ClientRuntime.get(settings if settings is not None else dict(context.run_config),
-                                 dict(context.node_config))
+        return Message(getattr(ClientRuntime.get(values, node_config), kind)(msg, context), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return runtime(context).query(msg, context)
+        return handle("query", msg, context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return runtime(context).train(msg, context)
+        return handle("train", msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return runtime(context).evaluate(msg, context)
+        return handle("evaluate", msg, context)
 
     return app
 
@@ -107,6 +122,8 @@ except ImportError:  # Flower not installed: run_flower says how to install it
 
 
 def _settings(cfg: RunConfig, run_dir: Path, backbone_path: str | None) -> dict[str, str]:
+    from pfedpg.config import dump_config
+
     return {"config-yaml": dump_config(cfg), "run-dir": str(run_dir.resolve()), "backbone-path": backbone_path or ""}
 
 
@@ -128,8 +145,12 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     if cfg.flower.superlink is not None:
         _check_connection(cfg, log)
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run; choose another run_name")
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"run directory {str(run_dir)!r} holds a finished run; choose another --run-dir or run_name")
+    if (run_dir / "metrics.jsonl").exists():  # Flower runs do not resume: start it again, keep its files
+        from pfedpg.runner import set_aside
+
+        log(f"run directory {run_dir} held an unfinished Flower run; starting it again (its files are in {set_aside(run_dir)})")
     backbone = None
     if cfg.model.weights == "pretrain":  # pretrain (or find) it once here, not in every ClientApp
         from pfedpg.pretrain import pretrain_backbone

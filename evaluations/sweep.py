@@ -18,7 +18,7 @@ from evaluations.plugins import load_plugins
 from evaluations.report import write_report
 import yaml
 
-from pfedpg.config import config_from_dict, dump_config, load_yaml
+from pfedpg.config import config_from_dict, dump_config, load_yaml_file
 from pfedpg.errors import ConfigError
 
 
@@ -32,7 +32,9 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{section} file {str(p)!r} not found; pass --config with a file like {example}")
-        tree = load_yaml(p.read_text()) or {}
+        tree = load_yaml_file(p, f"{section} file") or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{section} file {str(p)!r} must hold a mapping (base_config, base, {section})")
     unknown = [k for k in tree if k not in ("base", "base_config", section)]
     if unknown:
         raise ConfigError(f"unknown {section} file key {unknown[0]}; valid keys: base, base_config, {section}")
@@ -44,7 +46,7 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
         if not bp.is_file():
             raise ConfigError(f"base_config {tree['base_config']!r} not found as {str(bp)!r} (a relative base_config "
                               "is read from the sweep file's folder); fix the path")
-        base = load_yaml(bp.read_text()) or {}
+        base = load_yaml_file(bp, "base_config") or {}
     cfg = config_from_dict(_deep_merge(base, tree.get("base") or {}), overrides)  # validates; errors name the key
     return tree.get(section) or {}, cfg
 
@@ -81,7 +83,7 @@ class CellResult:
 
 
 def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bool = False,
-                 resume: bool = False) -> dict[str, Any]:
+                 resume: bool = False, restart: bool = False) -> dict[str, Any]:
     """One run on the engine ``cfg.engine`` names; returns its summary."""
     if cfg.engine == "flower":
         from evaluations.flower_app import run_flower
@@ -89,7 +91,7 @@ def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bo
         return run_flower(cfg, run_dir, log=log, resume=resume)
     from pfedpg.runner import Trainer
 
-    return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume)
+    return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume, restart=restart)
 
 
 def _set_threads(cfg, share: int | None) -> None:

@@ -330,6 +330,22 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=YAMLLoader)
 
 
+def load_yaml_file(path: str | Path, what: str = "config file"):
+    """A YAML file's values; a syntax error is one ConfigError line with the line and column."""
+    p = Path(path)
+    try:
+        return load_yaml(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context = getattr(e, "context", None)
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML{where}: {problem}"
+                          + (f" ({context})" if context else "") + "; fix the file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(p)!r} is not a text file; pass a YAML file") from None
+
+
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """``a.b=value`` with value parsed as YAML (``0.1``, ``true``, ``[1, 2]``, ``null``)."""
     if "=" not in assignment:
@@ -388,10 +404,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; pass --config with an existing YAML file (see configs/)")
-        try:
-            values = load_yaml(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        values = load_yaml_file(p) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return config_from_dict(values, overrides)

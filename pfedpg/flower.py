@@ -108,7 +108,7 @@ def settings_from(values: dict[str, Any]) -> tuple[RunConfig, str, str | None]:
 # Client side
 
 #: what a SuperNode's --node-config may hold
-NODE_KEYS = ("partition-id", "data-path", "test-path", "test-fraction", "backbone-path",
+NODE_KEYS = ("partition-id", "data-path", "test-path", "test-fraction", "backbone-path", "worker",
              "num-partitions")  # (the simulation engine sets num-partitions)
 
 
@@ -280,16 +280,19 @@ class ClientRuntime:
         context.state.config_records["pfedpg.meta"] = ConfigRecord(
             {"rounds_joined": s.rounds_joined, "hooks": _pack(self.trainer.hooks.state_dict())})
 
-    def query(self, msg: Message, context: Context) -> Message:
+    # The handlers read ``msg.content`` and ``context.node_config`` / ``context.state`` only and
+    # return the reply's content: the ClientApp wraps it in a Message, and a node's long-running
+    # worker (evaluations.flower_worker) can serve them for short-lived ClientApp processes.
+    def query(self, msg: Message, context: Context) -> RecordDict:
         n = self.client_id(context)
         t = self.trainer
         info = {"num_clients": t.num_clients, "num_classes": t.num_classes, "domain_names": t.domain_names,
                 "class_names": t.class_names,
                 # Split sizes only: its domain and label counts stay private to the client.
                 "facts": {**t.client_facts[n], "domain": None, "label_counts": None}}
-        return Message(RecordDict({"info": ConfigRecord({"json": json.dumps(info)})}), reply_to=msg)
+        return RecordDict({"info": ConfigRecord({"json": json.dumps(info)})})
 
-    def train(self, msg: Message, context: Context) -> Message:
+    def train(self, msg: Message, context: Context) -> RecordDict:
         n = self.client_id(context)
         task = msg.content.config_records["task"]
         if int(task["client"]) != n:
@@ -298,21 +301,23 @@ class ClientRuntime:
         self._load(n, context)
         start = _tensor(msg.content.array_records["sent"], "prompt") if "sent" in msg.content.array_records \
             else self.trainer.states[n].prompt
+        t0 = time.perf_counter()
         row, delta = self.trainer.train_client(n, r, start)
+        work = time.perf_counter() - t0
         self._save(n, context)
-        content = RecordDict({"result": ConfigRecord({"row": json.dumps(row),
+        content = RecordDict({"result": ConfigRecord({"row": json.dumps(row), "work_s": work,
                                                       "hooks": _pack(self.trainer.hooks.client_state(n))})})
         if delta is not None:
             content.array_records["delta"] = _tensor_record(delta=delta)
-        return Message(content, reply_to=msg)
+        return content
 
-    def evaluate(self, msg: Message, context: Context) -> Message:
+    def evaluate(self, msg: Message, context: Context) -> RecordDict:
         n = self.client_id(context)
         self._load(n, context)
         generated = _tensor(msg.content.array_records["generated"], "prompt") \
             if "generated" in msg.content.array_records else None
         row = self.trainer.evaluate_one(n, generated)
-        return Message(RecordDict({"result": ConfigRecord({"row": json.dumps(row)})}), reply_to=msg)
+        return RecordDict({"result": ConfigRecord({"row": json.dumps(row)})})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,12 +346,15 @@ class FlowerTrainer(Trainer):
         asked: set[int] = set()
         facts: dict[int, dict[str, Any]] = {}
         total = None
+        query_s: list[float] = []
         while True:
             fresh = [i for i in self.grid.get_node_ids() if i not in asked]
             if fresh:
                 asked.update(fresh)
                 msgs = {i: Message(RecordDict(), dst_node_id=i, message_type=MessageType.QUERY) for i in fresh}
-                for node, reply in self._exchange(msgs, timeout=max(1.0, deadline - time.time())).items():
+                replies = self._exchange(msgs, timeout=max(1.0, deadline - time.time()))
+                query_s.extend(self.latency.values())
+                for node, reply in replies.items():
                     if isinstance(reply, str):
                         raise ConfigError(f"SuperNode {node} did not answer the set-up query: {reply}")
                     info = json.loads(reply.content.config_records["info"]["json"])
@@ -379,7 +387,9 @@ class FlowerTrainer(Trainer):
         self.num_clients, self.num_classes, self.domain_names = total
         self.client_facts = [facts[n] for n in range(self.num_clients)]
         self.train_data, self.test_data = [], []  # they stay on the clients
-        self.log(f"flower: {self.num_clients} clients connected")
+        self.query_seconds = query_s
+        self.log(f"flower: {self.num_clients} clients connected (set-up query answered in "
+                 f"{min(query_s):.2f}–{max(query_s):.2f} s)")
 
     def _exchange(self, msgs: dict[int, Message], *, timeout: float) -> dict[int, Message | str]:
         """Send ``msgs`` (keyed by whatever the caller likes) and collect replies; a failure is a
@@ -392,7 +402,9 @@ class FlowerTrainer(Trainer):
                 sendable[key] = m
             else:
                 out[key] = "its SuperNode is offline"
+        t0 = time.perf_counter()
         ids = list(self.grid.push_messages(list(sendable.values()))) if sendable else []
+        self.latency: dict[int, float] = {}  # seconds from sending to the reply, per key
         pending = {}
         for key, mid in zip(sendable, ids):
             if mid is None:
@@ -405,6 +417,7 @@ class FlowerTrainer(Trainer):
                 key = pending.pop(reply.metadata.reply_to_message_id, None)
                 if key is not None:
                     out[key] = f"its ClientApp failed: {reply.error.reason}" if reply.has_error() else reply
+                    self.latency[key] = time.perf_counter() - t0
             if not pending:
                 break
             alive = set(self.grid.get_node_ids())
@@ -445,6 +458,9 @@ class FlowerTrainer(Trainer):
             if "delta" in reply.content.array_records:
                 row["_delta"] = _tensor(reply.content.array_records["delta"], "delta")
             self.hooks.merge_client_state(n, _unpack(result["hooks"]))
+            # Flower's cost of the message: reply time at the server minus the client's own work.
+            row["message_s"] = self.latency.get(n)
+            row["client_work_s"] = float(result["work_s"]) if "work_s" in result else None
             rows[n] = row
         return rows
 
@@ -466,6 +482,10 @@ class FlowerTrainer(Trainer):
 
     def checkpoint_clients(self) -> list[dict] | None:
         return None  # the clients' states live on their nodes
+
+    def communication(self) -> dict[str, Any]:
+        # The first message's reply time per node (it builds the client on the node).
+        return {**super().communication(), "flower_setup_query_s": getattr(self, "query_seconds", None)}
 
     def run(self, *, resume: bool = False, stop_after: int | None = None):
         check_supported(self.cfg, self.hooks, resume=resume)

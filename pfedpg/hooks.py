@@ -314,10 +314,19 @@ def build_hooks(specs: list[dict[str, Any]]) -> HookChain:
             raise ConfigError(f"hooks[{i}] must be a mapping with a `name` key, got {spec!r}")
         options = {k: v for k, v in spec.items() if k != "name"}
         cls = HOOKS.get(spec["name"])
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        valid = [p for p, v in params.items() if p != "self" and v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
+        takes_any = any(v.kind == v.VAR_KEYWORD for v in params.values())
+        unknown = [k for k in options if k not in valid]
+        if unknown and not takes_any:
+            raise ConfigError(f"hooks[{i}] ({spec['name']}): unknown option {unknown[0]!r}; its options are "
+                              f"{', '.join(valid) or '(none)'}")
         try:
             hooks.append(cls(**options))
         except TypeError as e:
-            raise ConfigError(f"hooks[{i}] ({spec['name']}): {e}") from None
+            raise ConfigError(f"hooks[{i}] ({spec['name']}): {e}; its options are {', '.join(valid) or '(none)'}") from None
     return HookChain(hooks)
 
 

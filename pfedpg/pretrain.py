@@ -26,6 +26,8 @@ from pfedpg.preprocess import images_to_tensor
 from pfedpg.seeding import Seeds
 
 
+#: pretraining refuses fewer records than this per class (a backbone from a dozen images is noise)
+MIN_RECORDS_PER_CLASS = 5
 PUBLIC_SPLIT_FIELDS = ("source", "path", "image_size", "public_fraction", "num_domains", "domains", "classes",
                        "public_domains", "composite")
 
@@ -254,9 +256,11 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
         raise ConfigError("pretrain.device=cuda but torch sees no CUDA device; set pretrain.device: cpu")
     device = torch.device(p.device)
     ds, val, where = _pretrain_records(cfg, dataset)
-    if len(ds.labels) < ds.num_classes:
-        raise ConfigError(f"pretraining on {len(ds.labels)} records for {ds.num_classes} classes: too few; "
-                          "raise data.public_fraction or use pretrain.data.path")
+    least = MIN_RECORDS_PER_CLASS * ds.num_classes
+    if len(ds.labels) < least:
+        raise ConfigError(f"pretraining on {len(ds.labels)} {where} records for {ds.num_classes} classes: fewer than "
+                          f"{MIN_RECORDS_PER_CLASS} per class ({least}) cannot give a useful backbone; raise "
+                          "data.public_fraction, pretrain on pretrain.data.path, or use model.weights: checkpoint")
     seeds = Seeds(cfg.seed)
     g_init = seeds.torch("pretrain.init")
     # timm's init draws from torch's global generator: seed it inside fork_rng, which restores it.

@@ -46,6 +46,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def set_aside(run_dir: str | Path) -> Path:
+    """Move an unfinished run's files into RUN_DIR/attempt-<k>/ (kept, never deleted)."""
+    run_dir = Path(run_dir)
+    k = 1
+    while (run_dir / f"attempt-{k}").exists():
+        k += 1
+    keep = run_dir / f"attempt-{k}"
+    keep.mkdir()
+    for f in list(run_dir.iterdir()):
+        if not f.name.startswith("attempt-"):
+            f.rename(keep / f.name)
+    return keep
+
+
 def participation_schedule(*, num_clients: int, per_round: int | None, rounds: int, seeds: Seeds) -> list[list[int]]:
     """Pre-computed, seeded m-of-N schedule (full participation when per_round is None)."""
     if per_round is None or per_round == num_clients:
@@ -353,24 +367,40 @@ class Trainer:
         return latest_checkpoint(self.run_dir)
 
     # ------------------------------------------------------------------------------------------
-    def run(self, *, resume: bool = False, stop_after: int | None = None) -> dict[str, Any] | None:
-        """Run to ``cfg.rounds`` (or stop after round ``stop_after``, leaving a checkpoint)."""
+    def run(self, *, resume: bool = False, stop_after: int | None = None, restart: bool = False) -> dict[str, Any] | None:
+        """Run to ``cfg.rounds`` (or stop after round ``stop_after``, leaving a checkpoint).
+
+        A run directory holding an unfinished run (no summary.json): without a checkpoint there is
+        nothing to resume, so the run starts again (its files moved to RUN_DIR/attempt-<k>/); with a
+        checkpoint, ``resume`` continues it and ``restart`` starts it again the same way."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
         start = 0
+        unfinished = metrics_path.exists() and not (self.run_dir / "summary.json").exists()
+        if unfinished and not resume and (restart or self.latest_checkpoint() is None):
+            kept = set_aside(self.run_dir)
+            self.log(f"run directory {self.run_dir} held an unfinished run{'' if restart else ' without a checkpoint'}; "
+                     f"starting it again (its files are in {kept})")
         if resume:
             ckpt = self.latest_checkpoint()
             if ckpt is None:
-                raise ConfigError(f"--resume: no checkpoint in {str(self.run_dir / 'checkpoints')!r}; start the run without --resume")
+                raise ConfigError(f"--resume: no checkpoint in {str(self.run_dir / 'checkpoints')!r}; run the same command "
+                                  "without --resume to start it again (the old files are kept under RUN_DIR/attempt-<k>/)")
             start = self.load_checkpoint(ckpt)
             # Keep the records up to the checkpoint: the rounds after it are re-run identically.
             kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["round"] <= start] \
                 if metrics_path.exists() else []
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         else:
-            if metrics_path.exists() or (self.run_dir / "summary.json").exists():
-                raise ConfigError(f"run directory {str(self.run_dir)!r} already holds a run; pass --resume or choose another run_name")
+            if (self.run_dir / "summary.json").exists():
+                raise ConfigError(f"run directory {str(self.run_dir)!r} holds a finished run; choose another --run-dir or "
+                                  "run_name (or --resume to rewrite its summary)")
+            if metrics_path.exists():
+                ckpt = self.latest_checkpoint()
+                raise ConfigError(f"run directory {str(self.run_dir)!r} holds an unfinished run (checkpoint {ckpt.name}); "
+                                  f"continue it with --resume --run-dir {self.run_dir}, or pass --restart to start it again "
+                                  "(its files are kept under RUN_DIR/attempt-<k>/)")
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             (self.run_dir / "env.json").write_text(json.dumps(environment(), indent=2))
             (self.run_dir / "seeds.json").write_text(json.dumps({

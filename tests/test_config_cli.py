@@ -104,20 +104,98 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
 
 
-def test_help_of_every_subcommand(capsys):
-    for cmd in ([], ["train"], ["pretrain"], ["report"]):
-        with pytest.raises(SystemExit) as e:
-            main([*cmd, "--help"])
-        assert e.value.code == 0
-        assert "usage: pfedpg-eval" in capsys.readouterr().out
+def test_help_of_every_subcommand_and_version(capsys):
+    import evaluations.cli as cli_module
+    from pfedpg import __version__
+
+    assert cli_module.click is not None and hasattr(cli_module.cli, "commands")  # the CLI is a click group
+    commands = ["train", "pretrain", "privacy", "audit", "robustness", "report", "flower-certs"]
+    assert sorted(cli_module.cli.commands) == sorted(commands)
+    for cmd in ([], *[[c] for c in commands]):
+        assert main([*cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "Usage: pfedpg-eval" in out and (not cmd or "Example: pfedpg-eval " + cmd[0] in out), cmd
+    assert main(["--version"]) == 0 and __version__ in capsys.readouterr().out
+
+
+def test_usage_errors_are_one_line_exit_2(capsys):
+    for argv, text in ((["trian"], "No such command 'trian'"), (["train", "--jobs", "2"], "No such option '--jobs'"),
+                       (["train", "--engine", "ray"], "'ray' is not one of 'inprocess', 'flower'"),
+                       (["train", "--resume", "--restart", "--run-dir", "x"], "contradict")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and text in err[0], (argv, err)
+
+
+def test_the_installed_console_script(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "pfedpg-eval"
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "pfedpg-eval, version" in out.stdout
+    out = subprocess.run([str(exe), "train", "--set", "rounds=0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == "error: rounds=0 must be a positive integer"
+
+
+def test_click_runner_drives_the_group(tmp_path):
+    from click.testing import CliRunner
+
+    from evaluations.cli import cli
+
+    res = CliRunner().invoke(cli, ["privacy", "--help"])
+    assert res.exit_code == 0 and "--jobs" in res.output and "Example: pfedpg-eval privacy" in res.output
 
 
 @pytest.mark.parametrize("command", ["privacy", "audit", "robustness"])
 def test_jobs_must_be_positive_before_anything_is_written(tmp_path, command, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([command, "--jobs", "0", "--out", str(tmp_path / "out")])
-    assert e.value.code == 2 and "--jobs" in capsys.readouterr().err
+    assert main([command, "--jobs", "0", "--out", str(tmp_path / "out")]) == 2
+    assert "--jobs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_rough_edges_are_one_line_before_anything_is_written(tmp_path, capsys):
+    def one_line(argv, *texts):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(t in err[0] for t in texts), (argv, err)
+
+    # YAML syntax errors in a grid file and a run file: the line and column.
+    (tmp_path / "bad.yaml").write_text("privacy:\n  seeds: [0\n")
+    one_line(["privacy", "--config", str(tmp_path / "bad.yaml")], "not valid YAML at line 3", "fix the file")
+    (tmp_path / "badrun.yaml").write_text("rounds: 3\nclient: {lr: 0.1\n")
+    one_line(["train", "--config", str(tmp_path / "badrun.yaml")], "not valid YAML at line")
+    # Output directories that cannot be written: found before data or backbone are built.
+    (tmp_path / "afile").write_text("x")
+    one_line(["train", "--run-dir", str(tmp_path / "afile")], "is a file")
+    one_line(["train", "--run-dir", str(tmp_path / "afile" / "run")], "lies under the file")
+    one_line(["privacy", "--out", str(tmp_path / "afile")], "sweep directory", "is a file")
+    # report on a sweep directory names the sweep's own report.
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "tradeoff.csv").write_text("")
+    one_line(["report", str(tmp_path / "sweep")], "is a privacy sweep directory", "report.md")
+
+
+def test_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
+    import torch
+
+    from pfedpg.models import ModelConfig, build_backbone
+
+    kw = dict(TINY_MODEL)
+    model = build_backbone(ModelConfig(weights="random", kwargs=kw))
+    torch.save(model.state_dict(), tmp_path / "b.pth")
+    cfg = ModelConfig(weights="checkpoint", checkpoint=str(tmp_path / "b.pth"), kwargs={**kw, "embed_dim": 32})
+    with pytest.raises(ConfigError, match=r"does not fit .*size mismatch for .*set model.kwargs"):
+        build_backbone(cfg)
+
+
+def test_hub_weights_without_a_network_name_the_way_out(monkeypatch):
+    from pfedpg.models import ModelConfig, build_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"HF_HUB_OFFLINE=1 is set.*model.weights: checkpoint"):
+        build_backbone(ModelConfig(name="vit_tiny_patch16_224", weights="pretrained", kwargs={}))
 
 
 @pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1E5", 1e5), (".5", 0.5), ("-2e-4", -2e-4), ("3", 3),
@@ -131,3 +209,34 @@ def test_yaml_1_2_numbers_in_set_and_in_files(tmp_path, text, value):
     (tmp_path / "c.yaml").write_text("server: {lr: 1e-3}\nclient: {weight_decay: 1E-4}\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.server.lr == 1e-3 and cfg.client.weight_decay == 1e-4
+
+
+def test_ctrl_c_ends_with_the_resume_command(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    exe = Path(sys.executable).parent / "pfedpg-eval"
+    proc = subprocess.Popen([str(exe), "train", "--no-progress", "--run-dir", str(run_dir), *_tiny_args(tmp_path),
+                             "--set", "rounds=200", "--set", "checkpoint_every=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run_dir / "checkpoints").glob("round_*.pt")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"interrupted; resume with: pfedpg-eval train --resume --run-dir {run_dir}")
+
+
+def test_a_misspelt_hook_option_lists_the_hooks_options():
+    from evaluations.plugins import load_plugins
+
+    load_plugins()
+    with pytest.raises(ConfigError, match=r"hooks\[0\] \(dp_client\): unknown option 'delt'; its options are clip, .*delta"):
+        load_config(None, ["hooks=[{name: dp_client, clip: 1.0, delt: 1e-5}]"]) and __import__("pfedpg.hooks").hooks.build_hooks(
+            [{"name": "dp_client", "clip": 1.0, "delt": 1e-5}])

@@ -366,9 +366,14 @@ def test_classes_partition_with_too_many_classes_raises(embedded):
 
 
 def test_client_too_small_to_split_raises(embedded):
+    # min_size applies to the domain partition too, and the error names clients_per_domain.
     cfg = DataConfig(partition="domain", clients_per_domain=300)
-
-    with pytest.raises(DataError, match=r"client \d+ has 1 records"):
+    with pytest.raises(DataError, match=r"clients_per_domain=300 clients, about 1 each, below data.min_size=10; lower "
+                                        r"data.clients_per_domain \(at most 31 here\)"):
+        partition_clients(embedded, cfg, seed=0)
+    # With min_size lowered, a client too small for a train/test split names the same knob.
+    cfg = DataConfig(partition="domain", clients_per_domain=300, min_size=1)
+    with pytest.raises(DataError, match=r"client \d+ has 1 records.*lower data.clients_per_domain"):
         partition_clients(embedded, cfg, seed=0)
 
 

@@ -144,7 +144,7 @@ def test_seeded_noise_in_a_flower_deployment_is_flagged():
     lines = []
     for superlink, noise, warned in [("10.0.0.1:9093", "seeded", True), ("10.0.0.1:9093", "local", False),
                                      (None, "seeded", False)]:
-        cfg = config_from_dict({"engine": "flower", "flower": {"superlink": superlink}})
+        cfg = config_from_dict({"engine": "flower", "flower": {"superlink": superlink, "insecure": superlink is not None}})
         ctx = RunContext(config=cfg, seeds=Seeds(0), run_dir=None, num_clients=4, log=lines.append, schedule=[[0, 1, 2, 3]])
         lines.clear()
         ClientLevelDP(clip=1.0, noise_multiplier=1.0, noise=noise).setup(ctx)

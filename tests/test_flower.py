@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -192,121 +191,30 @@ def test_dead_client_fail_stops_with_finished_rounds_kept(tmp_path):
 # Deployment: a SuperLink and two SuperNodes as separate processes on 127.0.0.1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Federation:
-    """``flower-superlink`` and one ``flower-supernode`` per client, each its own process.
-
-    ``certs``: a directory from ``make_certificates`` — the SuperLink serves TLS with its server
-    certificate and (``auth``) admits only SuperNodes whose public keys were registered; each node
-    dials with the CA as root certificate and signs with its own key. ``node_configs``: each
-    node's --node-config (default ``partition-id=n``)."""
-
-    def __init__(self, tmp_path: Path, clients: int, *, certs: Path | None = None, auth: bool = False,
-                 node_configs: list[dict] | None = None):
-        self.home = tmp_path / "flwr_home"
-        self.home.mkdir()
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-        self.port = _free_port()
-        self.logs, self.certs = tmp_path, certs
-        if certs is None:
-            link_tls, node_tls = ["--insecure"], ["--insecure"]
-        else:
-            link_tls = ["--ssl-ca-certfile", certs / "ca.crt", "--ssl-certfile", certs / "server.pem",
-                        "--ssl-keyfile", certs / "server.key"] + (["--enable-supernode-auth"] if auth else [])
-            node_tls = ["--root-certificates", certs / "ca.crt"]
-        self.link = self._start("superlink", [BIN / "flower-superlink", *link_tls, "--port", str(self.port)])
-        self._wait_listening()
-        if auth:
-            for n in range(clients):
-                self.register(certs / f"node{n}.pub")
-        node_configs = node_configs or [{"partition-id": n} for n in range(clients)]
-        self.nodes = []
-        for n, nc in enumerate(node_configs):
-            key = ["--auth-supernode-private-key", certs / f"node{n}.key"] if auth else []
-            self.nodes.append(self._start(f"supernode{n}", [
-                BIN / "flower-supernode", *node_tls, *key, "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(_free_port()), "--node-config", " ".join(f"{k}={v}" if isinstance(v, int) else f'{k}="{v}"' for k, v in nc.items())]))
-
-    def _connection(self) -> None:
-        conn = [f'address = "127.0.0.1:{self.port}"']
-        conn += [f'root-certificates = "{self.certs / "ca.crt"}"'] if self.certs else ["insecure = true"]
-        (self.home / "config.toml").write_text('[superlink]\ndefault = "fed"\n\n[superlink.fed]\n' + "\n".join(conn) + "\n")
-
-    def register(self, public_key: Path) -> None:
-        """``flwr supernode register`` through the SuperLink's control API (CLI-managed node auth)."""
-        self._connection()
-        out = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public_key), "fed"], env=self.env,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0 and "registered successfully" in out.stdout, out.stdout + out.stderr
-
-    def flower_settings(self) -> list[str]:
-        tls = [f"flower.root_certificates={self.certs / 'ca.crt'}"] if self.certs else ["flower.insecure=true"]
-        return [f"flower.superlink=127.0.0.1:{self.port}", *tls]
-
-    def _start(self, name, cmd):
-        log = open(self.logs / f"{name}.log", "w")
-        return subprocess.Popen([str(c) for c in cmd], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-    def _wait_listening(self, timeout: float = 60.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.link.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited: {(self.logs / 'superlink.log').read_text()[-2000:]}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("flower-superlink did not listen within 60 s")
-
-    def train(self, cfg, run_dir: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-        cfg_file = run_dir.parent / f"{run_dir.name}.yaml"
-        cfg_file.write_text(dump_config(cfg))
-        sets = [a for kv in self.flower_settings() for a in ("--set", kv)]
-        return subprocess.run([str(BIN / "pfedpg-eval"), "train", "--config", str(cfg_file), "--engine", "flower",
-                               *sets, "--run-dir", str(run_dir), "--no-progress"], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def shutdown(self, timeout: float = 30) -> dict[str, int | None]:
-        codes = {}
-        for name, p in [(f"supernode{i}", p) for i, p in enumerate(self.nodes)] + [("superlink", self.link)]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-            try:
-                codes[name] = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                codes[name] = None
-        return codes
-
-    def leftovers(self) -> list[str]:
-        """Processes still running that belong to this federation (e.g. a SuperExec child)."""
-        out = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    continue
-                if f":{self.port}" in cmd and "pytest" not in cmd:
-                    out.append(cmd)
-        return out
+from evaluations.flower_local import Federation, free_port as _free_port  # noqa: E402
 
 
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
 def test_deployment_two_supernodes(tmp_path):
     cfg = tiny_config(threads=1, **{"data.num_domains": 2})  # 2 clients, 2 rounds
-    fed = Federation(tmp_path, clients=2)
+    # Node 0 keeps its client alive in a long-running worker; node 1 builds it in every ClientApp.
+    sock = Path(f"/tmp/pfedpg-test-{os.getpid()}-{_free_port()}.sock")
+    fed = Federation(tmp_path, clients=2, node_configs=[{"partition-id": 0, "worker": str(sock)}, {"partition-id": 1}])
     try:
         proc = fed.train(cfg, tmp_path / "run")
+        assert sock.exists()  # the worker listens while its SuperNode runs
+        worker_pid = int((Path(str(sock) + ".log").read_text().split("(pid ")[1]).split(")")[0])
     finally:
         codes = fed.shutdown()
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plaintext" in proc.stderr  # insecure: true is explicit and warned about
+    # The worker ends with its SuperNode.
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{worker_pid}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{worker_pid}").exists() and not sock.exists()
+    for f in (Path(str(sock) + ".log"), Path(str(sock) + ".lock")):
+        f.unlink(missing_ok=True)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
     assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]

@@ -52,8 +52,28 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path):
         Trainer(tiny_config(rounds=3, **{"client.lr": 0.05}), run_dir=tmp_path / "r").run(resume=True)
     with pytest.raises(ConfigError, match="no checkpoint"):
         Trainer(tiny_config(), run_dir=tmp_path / "empty").run(resume=True)
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(ConfigError, match=r"holds an unfinished run \(checkpoint round_0001.pt\); continue it with --resume"):
         Trainer(tiny_config(rounds=3), run_dir=tmp_path / "r").run()
+    # --restart starts it again; the first attempt's files are kept.
+    Trainer(tiny_config(rounds=3), run_dir=tmp_path / "r").run(restart=True)
+    assert (tmp_path / "r" / "summary.json").is_file() and (tmp_path / "r" / "attempt-1" / "checkpoints").is_dir()
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        Trainer(tiny_config(rounds=3), run_dir=tmp_path / "r").run()
+
+
+def test_a_run_that_failed_after_it_started_reruns_after_the_fix(tmp_path):
+    """A late check (Krum's m >= 2f + 3, found when the hooks are set up) fails after the run
+    directory was written; the same command with the config fixed starts it again, nothing deleted."""
+    from evaluations.plugins import load_plugins
+
+    load_plugins()
+    bad = tiny_config(rounds=2, hooks=[{"name": "robust_aggregation", "rule": "krum", "f": 5}])
+    with pytest.raises(ConfigError, match="krum"):
+        Trainer(bad, run_dir=tmp_path / "r").run()
+    assert (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "checkpoints").exists()
+    summary = Trainer(tiny_config(rounds=2), run_dir=tmp_path / "r").run()
+    assert summary is not None and (tmp_path / "r" / "summary.json").is_file()
+    assert "krum" in (tmp_path / "r" / "attempt-1" / "config.yaml").read_text()
 
 
 def test_noop_hooks_equal_no_hooks(tmp_path):

@@ -178,6 +178,12 @@ def _domain(ds: ImageDataset, pool: np.ndarray, *, cfg: "DataConfig", rng: np.ra
                 f"domain {name!r} has {members.size} records available to clients, fewer than "
                 f"clients_per_domain={k}; lower data.clients_per_domain or leave the domain out with data.domains"
             )
+        if members.size // k < cfg.min_size:
+            raise DataError(
+                f"domain {name!r} has {members.size} records for clients_per_domain={k} clients, about "
+                f"{members.size // k} each, below data.min_size={cfg.min_size}; lower data.clients_per_domain "
+                f"(at most {max(1, members.size // cfg.min_size)} here) or data.min_size"
+            )
         groups = stratified_deal(ds.labels[members], n_groups=k, rng=rng)
         for j in range(k):
             parts.append(members[groups == j])
@@ -251,7 +257,9 @@ def _split_own(ds: ImageDataset, records: np.ndarray, *, client: int, cfg: "Data
     if n - n_test - n_val < 1:
         raise DataError(
             f"client {client} has {n} records, too few for a non-empty train/test"
-            f"{'/val' if n_val else ''} split; raise data.min_size or data.alpha, or lower data.num_clients"
+            f"{'/val' if n_val else ''} split; "
+            + ("lower data.clients_per_domain" if cfg.partition == "domain" else
+               "raise data.min_size or data.alpha, or lower data.num_clients")
         )
     test_pos = stratified_choice(ds.labels[records], total=n_test, rng=rng)
     rest = np.delete(records, test_pos)

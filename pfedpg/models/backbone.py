@@ -106,7 +106,15 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def build_backbone(cfg: ModelConfig, *, checkpoint: str | os.PathLike | None = None) -> nn.Module:
     """Create the frozen backbone. ``checkpoint`` overrides the file for ``weights=pretrain``."""
     if cfg.weights == "pretrained":
-        model = _create(cfg, pretrained=True)
+        try:
+            model = _create(cfg, pretrained=True)
+        except ConfigError:
+            raise
+        except Exception as e:  # no network, HF_HUB_OFFLINE=1, no such weights: one line, and the way out
+            first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            offline = " (HF_HUB_OFFLINE=1 is set: unset it to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+            raise ConfigError(f"cannot get {cfg.name}'s hub weights{offline}: {type(e).__name__}: {first}; on a machine "
+                              "without a network use model.weights: checkpoint with model.checkpoint: <local file>") from None
     else:
         model = _create(cfg, pretrained=False)
         path = cfg.checkpoint if cfg.weights == "checkpoint" else checkpoint
@@ -116,7 +124,12 @@ def build_backbone(cfg: ModelConfig, *, checkpoint: str | os.PathLike | None = N
             state = load_state_file(path)
             # The pretraining head belongs to another task; the toolkit puts a local head on top.
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = model.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # shapes differ: name the first tensor and the fix
+                first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+                raise ConfigError(f"checkpoint {str(path)!r} does not fit {cfg.name} with kwargs {cfg.kwargs}: {first[:200]}; "
+                                  "set model.kwargs to the checkpoint's architecture") from None
             if missing or unexpected:
                 raise ConfigError(
                     f"checkpoint {str(path)!r} does not match {cfg.name} with kwargs {cfg.kwargs}: "
