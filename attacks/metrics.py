@@ -77,12 +77,14 @@ def plot_roc(path: str | Path, curves: dict[str, tuple], *, title: str = "",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.8, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120)
     lo = 1.0
-    for name, (scores, labels) in curves.items():
+    styles = ("-", "--", "-.", ":")
+    for i, (name, (scores, labels)) in enumerate(curves.items()):  # a colour and dash of its own per curve
         fpr, tpr, _ = roc_curve(scores, labels)
         lo = min(lo, 1.0 / max(1, int((~np.asarray(labels).astype(bool)).sum())))
-        ax.plot(np.maximum(fpr, 1e-6), np.maximum(tpr, 1e-6), label=f"{name} (AUC {auc(scores, labels):.3f})")
+        ax.plot(np.maximum(fpr, 1e-6), np.maximum(tpr, 1e-6), color=plt.cm.tab20(i % 20), ls=styles[(i // 10) % 4],
+                lw=1.2, label=f"{name} (AUC {auc(scores, labels):.3f})")
     ax.plot([lo, 1], [lo, 1], "k:", lw=1, label="chance")
     if envelope is not None and math.isfinite(envelope[0]):
         f = np.logspace(math.log10(lo), 0, 200)
@@ -94,8 +96,8 @@ def plot_roc(path: str | Path, curves: dict[str, tuple], *, title: str = "",
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the curves
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from evaluations.report import html_page
+from evaluations.report import html_page, img_tag, run_header
 from evaluations.sweep import load_grid_file, run_cells
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
@@ -232,11 +232,14 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
     md += [f"### {g}\n\n![ROC {g}](roc_{g}.png)\n" for g in clean]
     md += ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"]
     md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r.get('error') else ''} | `{r['run_dir']}` |" for r in rows]
+    intro = md[2]
+    md[1:1] = ["", run_header(rows)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     esc = html.escape
-    parts = html_page("pFedPG leakage audit", "Leakage audit: pFedPG", md[2], header, body, width="80em")
-    parts += ["<img src='tpr_vs_epsilon.png' alt='TPR vs epsilon'>"]
-    parts += [f"<h3>{esc(g)}</h3><img src='roc_{esc(g)}.png' alt='ROC {esc(g)}'>" for g in clean]
+    parts = html_page("pFedPG leakage audit", "Leakage audit: pFedPG", intro, header, body, width="80em",
+                      meta=run_header(rows))
+    parts += [img_tag(out / "tpr_vs_epsilon.png", "TPR vs epsilon")]
+    parts += [f"<h3>{esc(g)}</h3>" + img_tag(out / f"roc_{g}.png", f"ROC {g}") for g in clean]
     (out / "report.html").write_text("\n".join(parts))
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from evaluations.report import html_page
+from evaluations.report import html_page, img_tag, run_header
 from evaluations.sweep import divergence, load_grid_file, run_cells
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
@@ -293,6 +293,15 @@ def privacy_statements(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _readable(v) -> str:
+    """Numbers for reading: 4.55e-04, not 0.00045454545454545455."""
+    if isinstance(v, float):
+        return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(_readable(x) for x in v)
+    return str(v)
+
+
 def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConfig) -> None:
     write_csv(out / "tradeoff.csv", rows)
     agg = aggregate(rows)
@@ -317,21 +326,23 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
                "![TPR at 0.1% FPR vs epsilon](tpr_vs_epsilon.png)", ""]
     md += ["## Privacy statements", ""]
     for mech, st in statements.items():
-        md += [f"### {MECHANISMS[mech]} (`{mech}`)", ""] + [f"- **{k.replace('_', ' ')}**: {v}" for k, v in st.items()] + [""]
+        md += [f"### {MECHANISMS[mech]} (`{mech}`)", ""] + [f"- **{k.replace('_', ' ')}**: {_readable(v)}" for k, v in st.items()] + [""]
     if "dp_client" in statements:
         md += ["Client-level DP protects what leaves the client (ΔP_n and all server state derived from it), "
                "not the client's own adapted prompt or head: probes on those get no ε under `dp_client`.", ""]
     md += ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"]
     md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r['error'] else ''} | `{r['run_dir']}` |" for r in rows]
+    intro = md[2]
+    md[1:1] = ["", run_header(rows)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     # HTML: the same content, self-contained apart from the PNG beside it.
     esc = html.escape
-    parts = html_page("pFedPG privacy trade-off", "Privacy trade-off: pFedPG", md[2], header, body, width="70em",
-                      extra_css=";text-align:right}td:first-child{text-align:left")
-    parts += ["<img src='accuracy_vs_epsilon.png' alt='accuracy vs epsilon'>", "<h2>Privacy statements</h2>"]
+    parts = html_page("pFedPG privacy trade-off", "Privacy trade-off: pFedPG", intro, header, body, width="70em",
+                      extra_css=";text-align:right}td:first-child{text-align:left", meta=run_header(rows))
+    parts += [img_tag(out / "accuracy_vs_epsilon.png", "accuracy vs epsilon"), "<h2>Privacy statements</h2>"]
     for mech, st in statements.items():
         parts.append(f"<h3>{esc(MECHANISMS[mech])}</h3><ul>"
-                     + "".join(f"<li><b>{esc(k.replace('_', ' '))}</b>: {esc(str(v))}</li>" for k, v in st.items()) + "</ul>")
+                     + "".join(f"<li><b>{esc(k.replace('_', ' '))}</b>: {esc(_readable(v))}</li>" for k, v in st.items()) + "</ul>")
     parts.append("<h2>Runs</h2><table><tr><th>cell</th><th>status</th><th>run directory</th></tr>"
                  + "".join(f"<tr><td>{esc(r['cell'])}</td><td>{esc(r['status'] + (' — ' + r['error'] if r['error'] else ''))}</td>"
                            f"<td>{esc(r['run_dir'])}</td></tr>" for r in rows) + "</table>")

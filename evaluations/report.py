@@ -10,15 +10,56 @@ import yaml
 from evaluations.plots import learning_curve
 
 
+def img_tag(path: str | Path, alt: str) -> str:
+    """An <img> with the PNG embedded (base64), so the HTML report is one self-contained file."""
+    import base64
+
+    p = Path(path)
+    if not p.is_file():
+        return f"<p><i>({html.escape(alt)}: no plot was written)</i></p>"
+    data = base64.b64encode(p.read_bytes()).decode("ascii")
+    return f"<img src='data:image/png;base64,{data}' alt='{html.escape(alt)}' style='max-width:100%'>"
+
+
+def run_header(rows: list[dict]) -> str:
+    """One line saying what a grid ran: method, data, clients, rounds, seeds, backbone, version —
+    read from its runs' saved configs (the header a reader of a pasted report needs)."""
+    from pfedpg import __version__
+
+    cfgs = []
+    for r in rows:
+        f = Path(str(r.get("run_dir") or "")) / "config.yaml"
+        if f.is_file():
+            cfgs.append(yaml.safe_load(f.read_text()))
+    if not cfgs:
+        return f"pfedpg-eval {__version__}; no run finished."
+    c = cfgs[0]
+    d, m = c.get("data", {}), c.get("model", {})
+    seeds = sorted({int(x["seed"]) for x in cfgs})
+    kw = m.get("kwargs") or {}
+    arch = ", ".join(f"{k} {kw[k]}" for k in ("img_size", "patch_size", "embed_dim", "depth") if k in kw)
+    data = d.get("source", "?") + (f" ({Path(str(d['path'])).name})" if d.get("path") else "")
+    clients = (f"{d.get('clients_per_domain')} per domain" if d.get("partition") == "domain"
+               else f"{d.get('num_clients')} clients")
+    gen = (c.get("server") or {}).get("generator")
+    return (f"What was run: method {c.get('method')}" + (f" (generator {gen})" if c.get("method") == "pfedpg" and gen else "")
+            + f"; data {data}, partition {d.get('partition')}, {clients}, {d.get('image_size')} px; "
+            f"{c.get('rounds')} rounds, E = {(c.get('client') or {}).get('local_epochs')}; "
+            f"seeds {', '.join(map(str, seeds))} (n = {len(seeds)}); backbone {m.get('name')} ({m.get('weights')}"
+            + (f"; {arch}" if arch else "") + f"), {m.get('num_prompts')} prompt tokens {m.get('prompt_depth', 'shallow')}; "
+            f"pfedpg-eval {__version__}.")
+
+
 def html_page(title: str, heading: str, intro: str, header: list[str], body: list[list[str]], *,
-              width: str = "75em", extra_css: str = "") -> list[str]:
-    """The opening of a sweep's self-contained HTML report: title, heading, intro and its table
-    (escaped); callers append images and sections and join with newlines."""
+              width: str = "75em", extra_css: str = "", meta: str | None = None) -> list[str]:
+    """The opening of a sweep's self-contained HTML report: title, heading, what was run, intro
+    and its table (escaped); callers append images (``img_tag``) and sections and join with newlines."""
     esc = html.escape
     return [f"<!doctype html><meta charset='utf-8'><title>{esc(title)}</title>",
             f"<style>body{{font-family:sans-serif;max-width:{width};margin:2em auto}}table{{border-collapse:collapse}}"
             f"td,th{{border:1px solid #ccc;padding:.3em .6em{extra_css}}}</style>",
-            f"<h1>{esc(heading)}</h1>", f"<p>{esc(intro)}</p>",
+            f"<h1>{esc(heading)}</h1>", *([f"<p><b>{esc(meta)}</b></p>"] if meta else []),
+            f"<p>{esc(intro.replace('`', ''))}</p>",
             "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in body) + "</table>"]
 
@@ -56,10 +97,12 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     if gen:
         lines.append(f"| generated P_n + head H_n | {_pct(gen['mean'])} | {_pct(gen['worst'])} | {_pct(gen['best'])} | {_pct(gen['std'])} |")
-    lines += ["", "| client | train | test | adapted | generated |", "|---|---|---|---|---|"]
+    lines += ["", "| client | who | train | test | adapted | generated |", "|---|---|---|---|---|---|"]
+    names = s["data"].get("client_names") or [""] * len(acc["per_client"])
     for n, a in enumerate(acc["per_client"]):
         g = gen["per_client"][n] if gen else None
-        lines.append(f"| {n} | {s['data']['train_per_client'][n]} | {s['data']['test_per_client'][n]} | {_pct(a)} | {_pct(g)} |")
+        lines.append(f"| {n} | {names[n]} | {s['data']['train_per_client'][n]} | {s['data']['test_per_client'][n]} | "
+                     f"{_pct(a)} | {_pct(g)} |")
     lines += [
         "",
         f"![learning curve]({png.name})",

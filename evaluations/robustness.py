@@ -25,7 +25,7 @@ import yaml
 
 from defenses.robust import RULES, min_clients
 from evaluations.plugins import load_plugins
-from evaluations.report import html_page
+from evaluations.report import html_page, img_tag, run_header
 from evaluations.sweep import divergence, load_grid_file, run_cells
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
@@ -242,9 +242,12 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
           "the attack with the lowest benign accuracy. `infeasible`: the rule cannot run at this (m, f). "
           "Delta-space ALIE / IPM / Min-Max act through the attacker's own Jacobian; only grad space reproduces "
           "the published attacks.", "", table, "", "![heat map](heatmap.png)", "", "![worst case](worst_case.png)", ""]
+    intro = md[2]
+    md[1:1] = ["", run_header(rows)]
     (out / "report.md").write_text("\n".join(md))
-    parts = html_page("pFedPG robustness", "Robustness matrix: pFedPG", md[2], header, body)
-    (out / "report.html").write_text("\n".join(parts) + "<img src='heatmap.png'><img src='worst_case.png'>")
+    parts = html_page("pFedPG robustness", "Robustness matrix: pFedPG", intro, header, body, meta=run_header(rows))
+    parts += [img_tag(out / "heatmap.png", "heat map"), img_tag(out / "worst_case.png", "worst case")]
+    (out / "report.html").write_text("\n".join(parts))
 
 
 def _plots(out: Path, agg) -> None:

@@ -166,6 +166,28 @@ class Trainer:
         self.domain_names = list(getattr(self.dataset, "domain_names", []) or [])
         self.class_names = list(getattr(self.dataset, "class_names", []) or [])
 
+    def client_names(self) -> list[str]:
+        """A reader's name per client: its domain, and for label-skew partitions its dominant classes
+        (the classes holding half of its training records, at most three) — beside the id in tables."""
+        out = []
+        classes = getattr(self, "class_names", None) or []
+        for f in self.client_facts:
+            parts = []
+            if f.get("domain") is not None and self.domain_names:
+                parts.append(self.domain_names[f["domain"]])
+            counts = f.get("label_counts")
+            if counts and self.cfg.data.partition != "domain" and sum(counts):
+                order = sorted(range(len(counts)), key=lambda c: -counts[c])
+                top, acc = [], 0
+                for c in order[:3]:
+                    top.append(classes[c] if c < len(classes) else str(c))
+                    acc += counts[c]
+                    if acc >= sum(counts) / 2:
+                        break
+                parts.append("mostly " + "/".join(top))
+            out.append(" ".join(parts) or f"client {f['client']}")
+        return out
+
     def client_info(self) -> list[dict[str, Any]]:
         return [{"client": f["client"], "domain": f["domain"], "label_counts": f["label_counts"],
                  "domain_names": self.domain_names} for f in self.client_facts]
@@ -548,7 +570,8 @@ class Trainer:
             "communication": self.communication(),
             "data": {"source": self.cfg.data.source, "partition": self.cfg.data.partition,
                      "train_per_client": [f["train"] for f in self.client_facts],
-                     "test_per_client": [f["evaluated"] for f in self.client_facts]},
+                     "test_per_client": [f["evaluated"] for f in self.client_facts],
+                     "client_names": self.client_names()},
             "evaluated_on": self.cfg.evaluate_on,
             "time": {"setup_s": self.setup_seconds, "rounds_s": sum(r["time_round_s"] for r in rounds),
                      "mean_round_s": float(np.mean([r["time_round_s"] for r in rounds])) if rounds else 0.0,

@@ -582,6 +582,15 @@ def test_folder_without_images_raises(tmp_path):
         load_dataset(DataConfig(source="folder", path=str(tmp_path)), seed=0)
 
 
+def test_an_empty_class_folder_is_an_error_not_a_class(tmp_path):
+    _write_images(tmp_path, {"a/cat": 2, "a/dog": 2, "b/cat": 2})
+    (tmp_path / "a" / "bird").mkdir()
+    with pytest.raises(DataError, match=r"class folder '.*a/bird' holds no images.*data.classes"):
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), public_fraction=0.0), seed=0)
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), public_fraction=0.0, classes=["cat", "dog"]), seed=0)
+    assert ds.class_names == ["cat", "dog"]
+
+
 # --------------------------------------------------------------------------------------------------
 # CIFAR source
 # --------------------------------------------------------------------------------------------------

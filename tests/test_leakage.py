@@ -240,6 +240,9 @@ def test_audit_cli_pools_seeds_and_writes_the_report(tmp_path, capsys):
     assert dp["probes"]["alignment"]["dp_envelope"]["epsilon"] == pytest.approx(8.0, rel=0.01)
     for f in ("report.md", "report.html", "tpr_vs_epsilon.png", "roc_nonprivate.png", "roc_dp_client-eps8.png"):
         assert (out / f).stat().st_size > 0
+    from test_privacy_sweep import assert_self_contained_report
+
+    assert_self_contained_report(out)
     assert "dp_client-eps8: AUC" in capsys.readouterr().out
     # Rerunning reuses every finished cell (nothing is retrained) and rewrites the same numbers.
     assert main(["audit", "--config", str(audit_file(tmp_path))]) == 0

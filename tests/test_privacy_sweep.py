@@ -56,6 +56,18 @@ def test_interrupted_sweep_resumes_to_the_same_table(tmp_path, monkeypatch):
     assert (tmp_path / "cut" / "tradeoff.md").read_text() == (ref / "tradeoff.md").read_text()
     for name in ("report.md", "report.html", "accuracy_vs_epsilon.png"):
         assert (ref / name).is_file()
+    assert_self_contained_report(ref)
+
+
+def assert_self_contained_report(out):
+    """The HTML report a reviewer pastes: every image embedded, a header saying what was run."""
+    import re
+
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r"src='([^']*)'", page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "What was run: method" in page and "seeds" in page and "pfedpg-eval" in page
+    assert "What was run: method" in (out / "report.md").read_text()
 
 
 def test_rows_carry_the_privacy_columns(tmp_path):

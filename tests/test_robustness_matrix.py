@@ -41,6 +41,9 @@ def test_matrix_rows_infeasible_cells_and_outputs(tmp_path):
             assert 0 <= float(r["benign_accuracy_worst"]) <= float(r["benign_accuracy_mean"]) <= 1
     for name in ("robustness.md", "report.md", "report.html", "heatmap.png", "worst_case.png"):
         assert (out / name).is_file(), name
+    from test_privacy_sweep import assert_self_contained_report
+
+    assert_self_contained_report(out)
 
 
 @pytest.mark.parametrize("robustness, message", [

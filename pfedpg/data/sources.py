@@ -180,6 +180,13 @@ def load_folder(cfg: DataConfig, *, seed: int) -> ImageDataset:
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}; "
             "expected root/<domain>/<class>/*.jpg or root/<class>/*.jpg"
         )
+    # A class folder that holds no image anywhere would become a class nobody can learn.
+    empty = [cls for c, cls in enumerate(class_names) if c not in set(labels)]
+    if empty:
+        where = [str(class_dirs[dom][empty[0]]) for dom in domain_names if empty[0] in class_dirs[dom]]
+        raise DataError(f"class folder {where[0] if where else empty[0]!r} holds no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); add images, remove the folder, or list the classes to "
+                        "keep in data.classes")
     images = np.stack([_read_image(f, cfg.image_size) for f in files])
     return ImageDataset(
         images=images,
