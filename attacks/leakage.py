@@ -323,8 +323,9 @@ class LeakageAudit(Hook):
                 lab.append(is_mem)
             return np.concatenate(s), np.concatenate(lab)
 
-        for probe in self.probes:
+        for i, probe in enumerate(self.probes):
             t0 = time.perf_counter()
+            ctx.log(f"leakage_audit: probe {i + 1}/{len(self.probes)}: {probe}")
             if probe == "attribute":
                 info = [ctx.client_info[n] for n in range(ctx.num_clients)]
                 props = client_properties(info, presence_threshold=self.presence_threshold)

@@ -83,7 +83,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"Method **{s['method']}**" + (f" (generator `{s['generator']}`)" if s.get("generator") else "")
         + f", seed {s['seed']}, {s['rounds']} rounds, {s['num_clients']} clients ({s['clients_per_round']} per round).",
         f"Data `{s['data']['source']}`, partition `{s['data']['partition']}`; backbone `{cfg['model']['name']}` "
-        f"({cfg['model']['weights']}, {comm['backbone_numbers']:,} numbers, frozen), K = {cfg['model']['num_prompts']} prompts"
+        f"({cfg['model']['weights']}{', file `' + str((s.get('backbone') or {}).get('file')) + '`' if (s.get('backbone') or {}).get('file') else ''}, {comm['backbone_numbers']:,} numbers, frozen), K = {cfg['model']['num_prompts']} prompts"
         + (" per layer (deep)." if cfg['model'].get('prompt_depth') == "deep" else " (shallow)."),
         "",
         "## Accuracy after the last round",

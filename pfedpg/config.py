@@ -48,6 +48,8 @@ class PretrainDataConfig:
             raise ConfigError(f"pretrain.data.val_fraction={self.val_fraction!r} must be in [0, 1)")
         if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
             raise ConfigError(f"pretrain.data.max_records={self.max_records!r} must be a positive integer or null")
+        if self.val_path is not None and self.val_fraction:
+            raise ConfigError("pretrain.data.val_fraction is set but val_path gives the validation set; drop one of them")
         if self.path is None and (self.val_path is not None or self.val_fraction or self.max_records is not None):
             raise ConfigError("pretrain.data.val_path / val_fraction / max_records need pretrain.data.path (the data set to pretrain on)")
 
@@ -181,7 +183,7 @@ class RunConfig:
     # test: each client's test split. val: its validation split (data.val_fraction > 0) — tune
     # hyperparameters there, never on test.
     evaluate_on: str = "test"
-    checkpoint_every: int = 5  # 0 disables checkpoints
+    checkpoint_every: int = 5  # every k rounds; 0 = none in between. The final round is always saved (the trained state)
     output_dir: str = "runs"
     run_name: str | None = None
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
@@ -216,7 +218,7 @@ class RunConfig:
         if self.evaluate_on == "val" and self.data.val_fraction == 0:
             raise ConfigError("evaluate_on=val needs a validation split: set data.val_fraction > 0")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r} must be an integer >= 0 (0 disables)")
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r} must be an integer >= 0 (0 = only the final round)")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
         if self.clients_per_round is not None and (not isinstance(self.clients_per_round, int) or self.clients_per_round < 1):
@@ -310,19 +312,44 @@ def build_dataclass(cls, values: dict[str, Any], where: str = ""):
 
 
 class YAMLLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 numbers: ``1e-3``, ``1E5``, ``.5``, ``-2e-4`` are floats
-    (YAML 1.1, PyYAML's default, reads the first two as strings)."""
+    """PyYAML's safe loader with the YAML 1.2 core schema for booleans and numbers: ``1e-3``,
+    ``1E5``, ``.5``, ``-2e-4`` are floats (YAML 1.1, PyYAML's default, reads the first two as
+    strings); ``010`` is ten, ``0o17`` and ``0x10`` are octal and hex; ``1_000``, ``yes``, ``on`` and
+    ``1:30`` stay strings (YAML 1.1 reads them as 1000, True, True and 90)."""
 
 
+# Drop the YAML 1.1 resolvers for bool / int / float, then add the YAML 1.2 core ones.
+YAMLLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+                                                  "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                 list("-+0123456789"))
 YAMLLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
                    |[-+]?\.(?:inf|Inf|INF)
                    |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
+
+
+def _construct_int(loader, node) -> int:
+    v = loader.construct_scalar(node)
+    if v.startswith("0o"):
+        return int(v[2:], 8)
+    if v.startswith("0x"):
+        return int(v[2:], 16)
+    return int(v, 10)
+
+
+def _construct_bool(loader, node) -> bool:
+    return loader.construct_scalar(node).lower() == "true"
+
+
+YAMLLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+YAMLLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 
 
 def load_yaml(text: str):

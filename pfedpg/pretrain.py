@@ -202,13 +202,19 @@ def _pretrain_records(cfg, dataset):
             raise ConfigError(f"pretrain.data.val_path {d.val_path} has other classes than {d.path}; "
                               "give both the same class folders / class_names")
     elif full.split is not None and (full.split == 1).any():
+        if d.val_fraction:
+            raise ConfigError(f"pretrain.data.val_fraction={d.val_fraction} is set but {d.path} has a split key, whose "
+                              "test records are the validation set; drop val_fraction")
         train_idx, val = np.flatnonzero(full.split != 1), full.subset(np.flatnonzero(full.split == 1))
     elif d.val_fraction > 0:
         held = stratified_choice(full.labels, total=round(d.val_fraction * len(full.labels)), rng=rng)
         train_idx, val = np.setdiff1d(np.arange(len(full.labels)), held), full.subset(held)
     else:
         train_idx, val = np.arange(len(full.labels)), None
-    if d.max_records is not None and d.max_records < len(train_idx):
+    if d.max_records is not None and d.max_records >= len(train_idx):
+        raise ConfigError(f"pretrain.data.max_records={d.max_records} is not below the {len(train_idx)} training records of "
+                          f"{d.path}; drop it (null uses them all)")
+    if d.max_records is not None:
         train_idx = train_idx[stratified_choice(full.labels[train_idx], total=d.max_records, rng=rng)]
     return full.subset(train_idx), val, str(d.path)
 

@@ -7,7 +7,7 @@ Run directory::
     env.json           versions, platform, threads
     metrics.jsonl      one ``round`` record per round and one ``client`` record per client/eval round
     summary.json       final accuracies (adapted and generated prompts), communication, timings
-    checkpoints/       round_XXXX.pt every ``checkpoint_every`` rounds; ``--resume`` continues exactly
+    checkpoints/       round_XXXX.pt every ``checkpoint_every`` rounds and after the last; ``--resume`` continues exactly
     log.txt
 
 Evaluation uses the final round only (no best-round selection on test data).
@@ -112,6 +112,9 @@ class Trainer:
             from pfedpg.pretrain import pretrain_backbone
 
             backbone_path = pretrain_backbone(cfg, dataset=self.dataset, log=self.log, progress=progress)
+        # Which backbone file this run used (a pretraining cache entry or a checkpoint), for the record.
+        self.backbone_file = str(backbone_path) if backbone_path is not None else (
+            cfg.model.checkpoint if cfg.model.weights == "checkpoint" else None)
         with torch.random.fork_rng():  # timm's init reads torch's global generator; keep it ours
             torch.random.default_generator.manual_seed(int(self.seeds.sequence("init.backbone").generate_state(1)[0]))
             backbone = build_backbone(cfg.model, checkpoint=backbone_path)
@@ -579,6 +582,7 @@ class Trainer:
                      "mean_train_round_s": float(np.mean([r["time_round_s"] - r.get("time_eval_s", 0.0) for r in rounds]))
                      if rounds else 0.0},
             "hooks": [h.name for h in self.hooks.hooks],
+            "backbone": {"name": self.cfg.model.name, "weights": self.cfg.model.weights, "file": self.backbone_file},
         }
         if missing:
             summary["clients_missing"] = missing

@@ -199,7 +199,9 @@ def test_hub_weights_without_a_network_name_the_way_out(monkeypatch):
 
 
 @pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1E5", 1e5), (".5", 0.5), ("-2e-4", -2e-4), ("3", 3),
-                                         ("1.0e-5", 1e-5), ("abc", "abc")])
+                                         ("1.0e-5", 1e-5), ("abc", "abc"), ("010", 10), ("0o17", 15), ("0x10", 16),
+                                         ("1_000", "1_000"), ("yes", "yes"), ("on", "on"), ("true", True),
+                                         ("1:30", "1:30")])
 def test_yaml_1_2_numbers_in_set_and_in_files(tmp_path, text, value):
     """YAML 1.1 (PyYAML's default) reads 1e-3 as a string; the README writes 1e-3 throughout."""
     from pfedpg.config import load_yaml

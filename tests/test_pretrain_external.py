@@ -65,6 +65,14 @@ def test_val_fraction_and_val_path_and_max_records(tmp_path):
     bad = _npz(tmp_path / "bad.npz", n=20, classes=2)
     with pytest.raises(ConfigError, match="other classes"):
         pretrain_backbone(_cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.data.val_path": str(bad)}))
+    # Settings that would be silently ignored are refused, before any pretraining.
+    with pytest.raises(ConfigError, match="val_fraction is set but val_path"):
+        _cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.data.val_path": str(v), "pretrain.data.val_fraction": 0.1})
+    split = _npz(tmp_path / "split.npz", split=True)
+    with pytest.raises(ConfigError, match="has a split key.*drop val_fraction"):
+        pretrain_backbone(_cfg(tmp_path, **{"pretrain.data.path": str(split), "pretrain.data.val_fraction": 0.1}))
+    with pytest.raises(ConfigError, match="max_records=500 is not below the 90"):
+        pretrain_backbone(_cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.data.max_records": 500}))
 
 
 def test_interrupted_pretraining_resumes_bit_for_bit(tmp_path):
