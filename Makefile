@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both (re)create .venv when
 # pyproject.toml or constraints.txt changed, and do nothing extra when it is current. The demo needs
-# only the core install; `make test` adds the test and flower extras on top of it.
+# only the core install; `make test` adds the test, flower and browser extras on top of it.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean report-check
 
 venv: $(STAMP)
 
@@ -19,7 +19,7 @@ $(CORE): pyproject.toml constraints.txt
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(PIP) -e '.[test,flower]'
+	$(PIP) -e '.[test,flower,browser]'
 	touch $(STAMP)
 
 demo: $(CORE)
@@ -29,6 +29,11 @@ demo: $(CORE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup  # 2 workers; the Flower tests share one (tests/test_flower.py)
+
+# The demo's HTML report in a headless Chromium (apt-get install chromium): images load, nothing
+# overflows sideways; screenshots land beside each report.html.
+report-check: $(STAMP)
+	$(BIN)/python -m evaluations.browser_check runs/demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

@@ -244,44 +244,55 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
 
 
 def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: dict[str, float] | None = None) -> None:
-    """TPR at 1% FPR (solid) and at 0.1% FPR (dashed), pooled, against ε, one colour per probe and
-    mechanism, wherever the pooled negatives resolve that FPR; non-private at the right."""
+    """TPR at 1% FPR (solid) and at 0.1% FPR (dashed), pooled, against ε, wherever the pooled
+    negatives resolve that FPR: one panel per DP mechanism (client-level and record-level ε are not
+    comparable), each with the non-private groups at its right edge; one colour per probe."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=120)
-    series: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = {}
-    for g, res in groups.items():
-        eps = (res.get("dp") or {}).get("epsilon")
-        x = eps if eps is not None and math.isfinite(eps) else math.inf
-        mech = (res.get("dp") or {}).get("hook", g.split("-")[0])
+    from evaluations.privacy import UNITS
+
+    def points(res):
         for p, r in res["probes"].items():
             for key in ("tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"):
                 v = r.get(key, {}).get("value") if isinstance(r.get(key), dict) else None
                 if isinstance(v, float):
-                    series.setdefault((mech, p), {}).setdefault(key, []).append((x, v))
-    finite = [x for by in series.values() for pts in by.values() for x, _ in pts if math.isfinite(x)]
-    right = (max(finite) * 4) if finite else 10.0
-    for i, ((mech, p), by) in enumerate(sorted(series.items())):
-        for key, style in (("tpr_at_1pct_fpr", "-o"), ("tpr_at_0.1pct_fpr", "--s")):
-            if key not in by:
-                continue
-            pts = sorted((right if math.isinf(x) else x, v) for x, v in by[key])
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, style, ms=3, color=plt.cm.tab20(i % 20),
-                    label=f"{p} ({mech}){'' if key == 'tpr_at_1pct_fpr' else ', 0.1%'}")
-    ax.set_xscale("log")
-    ax.axvline(right, color="k", lw=0.5, ls=":")
-    ax.set_xlabel(f"ε (max client; the dotted line at {right:g} stands for ε = ∞, no DP)")
-    ax.set_ylabel("TPR at 1% FPR (solid) / 0.1% FPR (dashed), pooled")
-    ax.grid(alpha=0.3, which="both")
-    if series:
-        ax.legend(fontsize=6, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    else:
-        ax.text(0.5, 0.5, "TPR at 1% and 0.1% FPR unresolved everywhere\n(pool more targets: >= 1,000 non-members)",
-                ha="center", va="center", transform=ax.transAxes)
+                    yield p, key, v
+
+    private = {g: r for g, r in groups.items() if (r.get("dp") or {}).get("epsilon") is not None
+               and math.isfinite(r["dp"]["epsilon"])}
+    open_ = {g: r for g, r in groups.items() if g not in private}
+    mechs = sorted({r["dp"]["hook"] for r in private.values()}) or [None]
+    probes = sorted({p for r in groups.values() for p, _, _ in points(r)})
+    colour = {p: plt.cm.tab20(i % 20) for i, p in enumerate(probes)}
+    fig, axes = plt.subplots(1, len(mechs), figsize=(4.6 * len(mechs) + 2.4, 4.4), dpi=120, sharey=True, squeeze=False)
+    drawn = {}
+    for ax, mech in zip(axes[0], mechs):
+        mine = {g: r for g, r in private.items() if r["dp"]["hook"] == mech}
+        finite = [r["dp"]["epsilon"] for r in mine.values()]
+        right = max(finite) * 4 if finite else 10.0
+        series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for res, x in [(r, r["dp"]["epsilon"]) for r in mine.values()] + [(r, right) for r in open_.values()]:
+            for p, key, v in points(res):
+                series.setdefault((p, key), []).append((x, v))
+        for (p, key), pts in sorted(series.items()):
+            xs, ys = zip(*sorted(pts))
+            line, = ax.plot(xs, ys, "-o" if key == "tpr_at_1pct_fpr" else "--s", ms=3, color=colour[p])
+            drawn.setdefault(f"{p}{'' if key == 'tpr_at_1pct_fpr' else ', 0.1% FPR'}", line)
+        ax.set_xscale("log")
+        ax.axvline(right, color="k", lw=0.5, ls=":")
+        unit = UNITS.get(mech, "ε") if mech else "ε"
+        ax.set_xlabel(f"{unit}\n(dotted line at {right:.3g}: no DP, ε = ∞)", fontsize=8)
+        ax.set_title(mech or "no DP mechanism", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        if not series:
+            ax.text(0.5, 0.5, "TPR at 1% and 0.1% FPR unresolved\n(pool more targets: >= 1,000 non-members)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    axes[0][0].set_ylabel("TPR at 1% FPR (solid) / 0.1% FPR (dashed), pooled")
+    if drawn:
+        fig.legend(list(drawn.values()), list(drawn), fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -246,39 +246,52 @@ def markdown_table(header, body) -> str:
     return "\n".join(lines)
 
 
+#: the privacy unit of each mechanism's ε: ε of different units are not comparable, so each gets its own axis
+UNITS = {"dp_client": "client-level ε (one client's whole data set)", "dp_sgd": "record-level ε (one record)"}
+
+
 def plot(path: Path, agg: list[dict[str, Any]]) -> None:
+    """Accuracy against ε, one panel per privacy unit (client-level and record-level ε are not
+    comparable), with the baselines as horizontal lines in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for i, mech in enumerate(MECHANISMS):
+    mechs = [m for m in MECHANISMS if any(a["mechanism"] == m and a["epsilon_max"][0] is not None for a in agg)] \
+        or list(MECHANISMS)[:1]
+    fig, axes = plt.subplots(1, len(mechs), figsize=(5.2 * len(mechs) + 2.2, 4.2), dpi=120, sharey=True, squeeze=False)
+    styles = {"nonprivate": ("k", "--", "non-private pFedPG (ε = ∞)"), "clip_only": ("C2", ":", "clip only (z = 0, ε = ∞)"),
+              "local": ("C3", "-.", "local (sends nothing)")}
+    for k, (ax, mech) in enumerate(zip(axes[0], mechs)):
+        i = list(MECHANISMS).index(mech)
         pts = sorted((a["epsilon_max"][0], a["accuracy_mean"][0], a["accuracy_mean"][1] or 0.0) for a in agg
                      if a["mechanism"] == mech and a["epsilon_max"][0] is not None)
         if pts:
             xs, ys, es = zip(*pts)
             ax.errorbar(xs, ys, yerr=es, fmt="-o", ms=4, capsize=3, color=f"C{i}", label=MECHANISMS[mech])
-    styles = {"nonprivate": ("k", "--", "non-private pFedPG (ε = ∞)"), "clip_only": ("C2", ":", "clip only (z = 0, ε = ∞)"),
-              "local": ("C3", "-.", "local (sends nothing)")}
-    for mech, (color, ls, label) in styles.items():
-        a = next((a for a in agg if a["mechanism"] == mech), None)
-        if a is not None:
-            ax.axhline(a["accuracy_mean"][0], color=color, ls=ls, lw=1, label=label)
-    ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter
-
-    ticks = sorted({round(a["epsilon_max"][0], 2) for a in agg if a["mechanism"] in MECHANISMS
-                    and a["epsilon_max"][0] is not None and math.isfinite(a["epsilon_max"][0])})
-    if ticks:
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("ε (max over clients; each mechanism's own privacy unit)")
-    ax.set_ylabel("mean per-client test accuracy")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+        for base, (color, ls, label) in styles.items():
+            a = next((a for a in agg if a["mechanism"] == base), None)
+            if a is not None:
+                ax.axhline(a["accuracy_mean"][0], color=color, ls=ls, lw=1, label=label if k == len(mechs) - 1 else None)
+        ax.set_xscale("log")
+        ticks = sorted({round(a["epsilon_max"][0], 2) for a in agg if a["mechanism"] == mech
+                        and a["epsilon_max"][0] is not None and math.isfinite(a["epsilon_max"][0])})
+        if ticks:
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"{UNITS.get(mech, 'ε')} (max over clients)")
+        ax.set_title(MECHANISMS[mech], fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        if k == 0:
+            ax.set_ylabel("mean per-client test accuracy")
+    handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]]
+    labels = [lab for ax in axes[0] for lab in ax.get_legend_handles_labels()[1]]
+    if handles:
+        fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
