@@ -45,12 +45,13 @@ def make_server_app(settings: dict[str, Any] | None = None, errors: list | None 
     from flwr.serverapp import Grid, ServerApp
 
     from flwr.app import Context
-    from pfedpg.flower import FlowerTrainer, settings_from
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from pfedpg.flower import FlowerTrainer, settings_from  # (torch: only where the server runs)
+
         load_plugins()
         cfg, run_dir, backbone = settings_from(settings if settings is not None else dict(context.run_config))
         try:

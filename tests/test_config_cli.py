@@ -242,3 +242,13 @@ def test_a_misspelt_hook_option_lists_the_hooks_options():
     with pytest.raises(ConfigError, match=r"hooks\[0\] \(dp_client\): unknown option 'delt'; its options are clip, .*delta"):
         load_config(None, ["hooks=[{name: dp_client, clip: 1.0, delt: 1e-5}]"]) and __import__("pfedpg.hooks").hooks.build_hooks(
             [{"name": "dp_client", "clip": 1.0, "delt": 1e-5}])
+
+
+def test_pretraining_on_too_few_public_records_is_refused_with_the_numbers(tmp_path):
+    from conftest import tiny_config
+    from pfedpg.pretrain import pretrain_backbone
+
+    cfg = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.01, "pretrain.cache_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"pretraining on \d+ public split records for 10 classes: fewer than 5 per class "
+                                          r"\(50\).*data.public_fraction"):
+        pretrain_backbone(cfg, log=lambda m: None)
