@@ -21,9 +21,11 @@ from pfedpg.config import config_from_dict, dump_config  # noqa: E402
 from pfedpg.errors import ConfigError, DataError  # noqa: E402
 from pfedpg.runner import Trainer  # noqa: E402
 
-# Under `pytest -n 2 --dist loadgroup` (make test) the Flower tests share one worker: they start
-# SuperLinks, SuperNodes and Ray, and time out clients, so they run one after another.
+# Under `pytest -n 2 --dist loadgroup` (make test) the Flower tests run in two groups, each on one
+# worker: the deployments (SuperLinks and SuperNodes as processes) one after another in one, Ray's
+# simulation and the in-memory grid tests in the other — never two deployments at once.
 pytestmark = pytest.mark.xdist_group("flower")
+DEPLOY = pytest.mark.xdist_group("flower-deploy")
 
 load_plugins()
 
@@ -194,6 +196,7 @@ def test_dead_client_fail_stops_with_finished_rounds_kept(tmp_path):
 from evaluations.flower_local import Federation, free_port as _free_port  # noqa: E402
 
 
+@DEPLOY
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
 def test_deployment_two_supernodes(tmp_path):
     cfg = tiny_config(threads=1, **{"data.num_domains": 2})  # 2 clients, 2 rounds
@@ -227,6 +230,7 @@ def test_deployment_two_supernodes(tmp_path):
     assert fed.leftovers() == []
 
 
+@DEPLOY
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
 def test_deployment_client_dies_mid_run(tmp_path):
     # Flower marks a killed node offline after ~60 s (heartbeats); a 50 s timeout leaves a healthy
@@ -356,6 +360,7 @@ def test_node_local_class_lists_must_agree(tmp_path):
         _node_local_run(tmp_path, cfg, [nodes[0], {**nodes[1], "partition-id": 0}, nodes[2]], "dup")
 
 
+@DEPLOY
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
 def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
     """A deployment as a federation of hospitals runs it: each SuperNode reads only its own files,
