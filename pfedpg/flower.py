@@ -30,6 +30,10 @@ folder>`` (its test split; else an npz ``split`` key, else ``test-fraction=<f>``
 and trains on exactly those (:class:`NodeTrainer`); nothing but the config and the backbone is
 shared, and the server holds no records.
 
+A node may keep its built client alive across messages: with ``worker=<socket path>`` in its
+node config, Flower's per-message ClientApp process hands the message to a long-running worker on
+the node (``evaluations.flower_worker``), which serves it with one cached :class:`ClientRuntime`.
+
 What stays on the client: its data, adapted prompt P̃_n and head H_n (in the node's Flower
 ``context.state`` between rounds), and its side of the hooks. The ServerApp holds the server, the
 server-side hooks and the run directory. Client-side hooks run in the ClientApp, server-side ones
