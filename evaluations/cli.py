@@ -59,6 +59,8 @@ def cmd_train(args) -> int:
         raise ConfigError("--resume needs --run-dir RUN_DIR (the run to continue)")
     if args.resume:
         run_dir = Path(args.run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"no run in {str(run_dir)!r} to resume (no config.yaml); drop --resume to start one there")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
@@ -129,11 +131,17 @@ def cmd_report(args) -> int:
     from evaluations.report import write_report
 
     d = Path(args.run_dir)
+    if not d.exists():
+        raise ConfigError(f"no such run directory {str(d)!r}; pass a run's directory (the one holding summary.json)")
+    if not d.is_dir():
+        raise ConfigError(f"{str(d)!r} is a file; pass the run directory that holds it")
     kind = next((k for f, k in (("tradeoff.csv", "privacy sweep"), ("robustness.csv", "robustness matrix"),
                                 ("audit.yaml", "audit")) if (d / f).is_file()), None)
     if kind is not None and not (d / "summary.json").is_file():
         raise ConfigError(f"{str(d)!r} is a {kind} directory, not a run: its report is {d / 'report.md'}; rerun the "
                           f"{kind.split()[0]} command to rewrite it, or pass one of its runs ({d / 'runs'}/<cell>)")
+    if not (d / "config.yaml").is_file() and not (d / "summary.json").is_file():
+        raise ConfigError(f"{str(d)!r} is not a run directory (no config.yaml); pass one written by pfedpg-eval train")
     print(write_report(d))
     return 0
 
@@ -215,7 +223,8 @@ def train(**kw) -> int:
     return cmd_train(_ns(**kw))
 
 
-@cli.command(epilog="Example: pfedpg-eval pretrain --config configs/positive_control.yaml")
+@cli.command(short_help="Pretrain the backbone and cache it.",
+             epilog="Example: pfedpg-eval pretrain --config configs/positive_control.yaml")
 @_CONFIG
 @_SET
 @click.option("--force", is_flag=True, help="retrain even if the cache holds this backbone")
@@ -269,7 +278,7 @@ _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x mali
               "pfedpg-eval robustness --config configs/robustness.yaml --jobs 2")
 
 
-@cli.command("flower-certs", epilog="Example: pfedpg-eval flower-certs certs --host link.example.org --nodes 3")
+@cli.command("flower-certs", short_help="Make a CA, a SuperLink certificate and SuperNode keys (TLS deployment).", epilog="Example: pfedpg-eval flower-certs certs --host link.example.org --nodes 3")
 @click.argument("out_dir", metavar="OUT_DIR")
 @click.option("--host", multiple=True, metavar="NAME",
               help="a name or IP address the SuperNodes dial (repeatable; default 127.0.0.1 and localhost)")
@@ -281,11 +290,12 @@ def flower_certs(**kw) -> int:
 
     Writes ca.crt/ca.key, server.pem/server.key (the SuperLink's certificate for every --host) and
     node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC P-384) into OUT_DIR. See
-    the README's "Deployment with TLS"."""
+    the README's Flower "Deployment" part."""
     return cmd_flower_certs(SimpleNamespace(**{**kw, "host": list(kw["host"])}))
 
 
-@cli.command(epilog="Example: pfedpg-eval report runs/pfedpg-embedded-seed0")
+@cli.command(short_help="(Re)write report.md and the plots of a finished run.",
+             epilog="Example: pfedpg-eval report runs/pfedpg-embedded-seed0")
 @click.argument("run_dir", metavar="RUN_DIR")
 def report(run_dir: str) -> int:
     """(Re)write report.md and the plots of a finished run from its summary.json and metrics.jsonl."""

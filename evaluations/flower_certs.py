@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
+import re
 from pathlib import Path
 
 from pfedpg.errors import ConfigError
@@ -29,6 +30,21 @@ def _write(path: Path, data: bytes, *, private: bool = False) -> Path:
     return path
 
 
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _check_host(h: str) -> None:
+    """An IP address or a DNS name a node can dial; anything else is one line, before any file is written."""
+    try:
+        ipaddress.ip_address(h)
+        return
+    except ValueError:
+        pass
+    if not h or len(h) > 253 or not all(_LABEL.match(label) for label in h.rstrip(".").split(".")):
+        raise ConfigError(f"flower-certs --host {h!r} is neither an IP address nor a DNS name (letters, digits and "
+                          "hyphens, dot-separated labels of 1-63 characters); pass the name the SuperNodes dial")
+
+
 def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = ("127.0.0.1", "localhost"),
                       nodes: int = 0, days: int = 365) -> dict[str, Path]:
     """Write a CA, a SuperLink certificate valid for ``hosts`` and ``nodes`` SuperNode key pairs."""
@@ -39,6 +55,8 @@ def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = (
 
     if not hosts:
         raise ConfigError("flower-certs needs at least one --host (the name or address the nodes dial)")
+    for h in hosts:
+        _check_host(h)
     if not isinstance(nodes, int) or nodes < 0:
         raise ConfigError(f"flower-certs --nodes={nodes!r} must be a non-negative integer")
     out = Path(out)
@@ -46,7 +64,8 @@ def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = (
         raise ConfigError(f"flower-certs: {str(out)!r} is a file; choose a directory")
     existing = [p.name for p in (out / "ca.key", out / "server.key") if p.exists()]
     if existing:
-        raise ConfigError(f"flower-certs: {out / existing[0]} exists; choose an empty directory (keys are never overwritten)")
+        raise ConfigError(f"flower-certs: {out / existing[0]} exists and keys are never overwritten; choose a directory "
+                          "without ca.key / server.key")
     out.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.timezone.utc)
     pem = serialization.Encoding.PEM
@@ -71,7 +90,7 @@ def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = (
             names.append(x509.DNSName(h))
     srv_key = ec.generate_private_key(ec.SECP384R1())
     srv = (x509.CertificateBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64])]))
            .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
            .not_valid_before(now - _dt.timedelta(minutes=5)).not_valid_after(now + _dt.timedelta(days=days))
            .add_extension(x509.SubjectAlternativeName(names), critical=False)

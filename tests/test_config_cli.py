@@ -175,6 +175,14 @@ def test_rough_edges_are_one_line_before_anything_is_written(tmp_path, capsys):
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "tradeoff.csv").write_text("")
     one_line(["report", str(tmp_path / "sweep")], "is a privacy sweep directory", "report.md")
+    one_line(["report", str(tmp_path / "nodir")], "no such run directory")
+    (tmp_path / "empty").mkdir()
+    one_line(["report", str(tmp_path / "empty")], "is not a run directory (no config.yaml)")
+    one_line(["train", "--resume", "--run-dir", str(tmp_path / "nodir")], "no run in", "drop --resume")
+    # flower-certs: a host no node could dial, before any file is written.
+    for host in ("", "bad host!", "x" * 70):
+        one_line(["flower-certs", str(tmp_path / "certs"), "--host", host], "neither an IP address nor a DNS name")
+    assert not (tmp_path / "certs").exists()
 
 
 def test_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
