@@ -249,7 +249,9 @@ def _grid_command(name: str, func, what: str, short: str, long: str, example: st
     @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
                   help="run N cells at once in worker processes; a config with threads: null gets cores/N threads "
                        "per cell, so set threads for numbers independent of N")
-    @_NO_PROGRESS
+    @click.option("--no-progress", is_flag=True,
+                  help="accepted for symmetry with train: a grid shows no progress bars, one line per finished cell "
+                       "(-q silences those)")
     def command(**kw) -> int:
         _OUT.resume_hint = f"the same pfedpg-eval {name} command (finished cells are reused)"
         return func(_ns(**kw))

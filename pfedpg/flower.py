@@ -161,7 +161,7 @@ class NodeTrainer(Trainer):
         import numpy as np
 
         from pfedpg.preprocess import images_to_tensor
-        from pfedpg.data.partition import stratified_choice
+        from pfedpg.data.partition import _cap, stratified_choice
         from pfedpg.seeding import Seeds
 
         cfg, n, nc = self.cfg, self.client, self.node_config
@@ -186,10 +186,10 @@ class NodeTrainer(Trainer):
             train_idx, test_idx, test_ds = np.delete(np.arange(len(ds)), test_pos), test_pos, ds
         if test_idx is None:
             test_idx = np.arange(len(test_ds))
-        if cfg.data.max_train_per_client is not None:
-            train_idx = train_idx[: cfg.data.max_train_per_client]
-        if cfg.data.max_test_per_client is not None:
-            test_idx = test_idx[: cfg.data.max_test_per_client]
+        # The partition's own caps: stratified, one seeded stream per cap and client.
+        seeds = Seeds(cfg.seed)
+        train_idx = _cap(ds, train_idx, cfg.data.max_train_per_client, seeds.numpy("data.subsample.train", client=n))
+        test_idx = _cap(test_ds, test_idx, cfg.data.max_test_per_client, seeds.numpy("data.subsample.test", client=n))
         if len(train_idx) == 0 or len(test_idx) == 0:
             raise DataError(f"this node has {len(train_idx)} training and {len(test_idx)} test records; both must be > 0")
 

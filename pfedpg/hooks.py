@@ -32,6 +32,7 @@ its own client-side points run for the clients it controls and no others.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -314,8 +315,6 @@ def build_hooks(specs: list[dict[str, Any]]) -> HookChain:
             raise ConfigError(f"hooks[{i}] must be a mapping with a `name` key, got {spec!r}")
         options = {k: v for k, v in spec.items() if k != "name"}
         cls = HOOKS.get(spec["name"])
-        import inspect
-
         params = inspect.signature(cls.__init__).parameters
         valid = [p for p, v in params.items() if p != "self" and v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
         takes_any = any(v.kind == v.VAR_KEYWORD for v in params.values())

@@ -172,8 +172,7 @@ class Trainer:
     def client_names(self) -> list[str]:
         """A reader's name per client: its domain, and for label-skew partitions its dominant classes
         (the classes holding half of its training records, at most three) — beside the id in tables."""
-        out = []
-        classes = getattr(self, "class_names", None) or []
+        out, classes = [], self.class_names
         for f in self.client_facts:
             parts = []
             if f.get("domain") is not None and self.domain_names:

@@ -247,9 +247,10 @@ def test_a_misspelt_hook_option_lists_the_hooks_options():
     from evaluations.plugins import load_plugins
 
     load_plugins()
+    from pfedpg.hooks import build_hooks
+
     with pytest.raises(ConfigError, match=r"hooks\[0\] \(dp_client\): unknown option 'delt'; its options are clip, .*delta"):
-        load_config(None, ["hooks=[{name: dp_client, clip: 1.0, delt: 1e-5}]"]) and __import__("pfedpg.hooks").hooks.build_hooks(
-            [{"name": "dp_client", "clip": 1.0, "delt": 1e-5}])
+        build_hooks([{"name": "dp_client", "clip": 1.0, "delt": 1e-5}])
 
 
 def test_pretraining_on_too_few_public_records_is_refused_with_the_numbers(tmp_path):
