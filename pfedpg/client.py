@@ -73,14 +73,29 @@ def load_into(model, *, prompt: torch.Tensor, head_weight: torch.Tensor, head_bi
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    return [model.prompt.prompt, model.head.weight, model.head.bias]
+    """Prompt and head — the prompt only while it requires grad (a new client's round 0 trains its
+    head alone on the prompt it received, see :func:`frozen_prompt`)."""
+    return [p for p in (model.prompt.prompt, model.head.weight, model.head.bias) if p.requires_grad]
+
+
+class frozen_prompt:
+    """``with frozen_prompt(model):`` local training (and any hook wrapping it) trains the head only."""
+
+    def __init__(self, model):
+        self.param = model.prompt.prompt
+
+    def __enter__(self):
+        self.param.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        self.param.requires_grad_(True)
 
 
 def make_optimizer(model, cfg: ClientConfig) -> torch.optim.SGD:
     """SGD on prompt (lr) and head (head_lr, default lr); fresh momentum every round."""
     head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
-    groups = [{"params": [model.prompt.prompt], "lr": cfg.lr},
-              {"params": [model.head.weight, model.head.bias], "lr": head_lr}]
+    groups = [{"params": [model.prompt.prompt], "lr": cfg.lr}] if model.prompt.prompt.requires_grad else []
+    groups.append({"params": [model.head.weight, model.head.bias], "lr": head_lr})
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

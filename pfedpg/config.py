@@ -194,6 +194,9 @@ class RunConfig:
     # inprocess: the reference runner, one process. flower: the same rounds through Flower's
     # ServerApp/ClientApp (section ``flower``); same config and seed, same numbers (DESIGN §9).
     engine: str = "inprocess"
+    # Join rounds of each new client (data.new_clients) after the last training round: it trains E
+    # local epochs from what the server gives it, and pFedPG's server updates its descriptor alone.
+    new_client_rounds: int = 5
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -211,6 +214,13 @@ class RunConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key}={v!r} must be a positive integer")
+        if isinstance(self.new_client_rounds, bool) or not isinstance(self.new_client_rounds, int) \
+                or self.new_client_rounds < 0:
+            raise ConfigError(f"new_client_rounds={self.new_client_rounds!r} must be an integer >= 0 "
+                              "(0 = only the head trained on the received prompt)")
+        if self.data.new_clients is not None and self.engine != "inprocess":
+            raise ConfigError("data.new_clients runs on engine: inprocess only (the Flower engine has no join rounds "
+                              "yet); drop data.new_clients or use engine: inprocess")
         if not isinstance(self.batched_clients, bool):
             raise ConfigError(f"batched_clients={self.batched_clients!r} must be true or false")
         if self.evaluate_on not in ("test", "val"):

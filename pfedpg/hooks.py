@@ -64,7 +64,9 @@ class ClientData:
 
 @dataclass
 class LocalJob:
-    """Everything local training needs; ``run_default()`` is the plain SGD loop of DESIGN §1."""
+    """Everything local training needs; ``run_default()`` is the plain SGD loop of DESIGN §1.
+    Train what ``pfedpg.client.trainable_parameters(model)`` lists: a new client's round 0 freezes
+    the prompt and trains its head alone."""
 
     client: int
     round: int
@@ -190,6 +192,19 @@ class RunContext:
     client_info: list[dict[str, Any]] = field(default_factory=list)
     #: The run's hooks in config order (an audit reads a DP hook's ``statement()`` / ``epsilon(n)``).
     hooks: list = field(default_factory=list)
+    #: New clients (``data.new_clients``, DESIGN §1): their ids (num_clients, num_clients + 1, ...;
+    #: never in ``schedule``), training-set sizes and facts, and the join rounds each will run
+    #: after the last training round (rounds T + 1 .. T + R for the hooks; T + 0 trains the head
+    #: alone on the received prompt and sends nothing). Client-side points run for them as for any
+    #: client; the server-side points do not (only the new client's own state is updated).
+    new_clients: list[int] = field(default_factory=list)
+    new_train_sizes: list[int] = field(default_factory=list)
+    new_client_info: list[dict[str, Any]] = field(default_factory=list)
+    join_rounds: int = 0
+    #: Filled during the join rounds, for probes of what the server saw: per new client, one
+    #: entry per join round ``{"round", "sent", "delta" (as released), "descriptor" (after the step,
+    #: pfedpg), "initial_descriptor"}``.
+    joins: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class HookChain:

@@ -27,9 +27,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pfedpg.client import ClientState, evaluate, load_into, sgd_local_training
+from pfedpg.client import ClientState, evaluate, frozen_prompt, load_into, sgd_local_training
 from pfedpg.config import RunConfig, dump_config
-from pfedpg.data import load_dataset, partition_clients
+from pfedpg.data import load_dataset, partition_clients, split_new_clients
 from pfedpg.errors import ConfigError, NonFiniteDeltaError
 from pfedpg.hooks import ClientData, HookChain, LocalJob, RunContext, build_hooks
 from pfedpg.models import PromptedViT, backbone_num_params, build_backbone, vpt_init_bound
@@ -107,6 +107,7 @@ class Trainer:
 
         t0 = time.time()
         self.dataset = None
+        self.new_train_data, self.new_test_data, self.new_facts = [], [], []  # data.new_clients
         self.load_clients()
         if cfg.model.weights == "pretrain" and backbone_path is None:
             from pfedpg.pretrain import pretrain_backbone
@@ -139,7 +140,11 @@ class Trainer:
                               schedule=self.schedule, train_sizes=train_sizes, eval_data=self.test_data,
                               evaluate=self.evaluate_client, train_data=self.train_data, model=self.model,
                               client_states=lambda: self.states, client_info=self.client_info(),
-                              hooks=list(self.hooks.hooks))
+                              hooks=list(self.hooks.hooks),
+                              new_clients=[f["client"] for f in self.new_facts],
+                              new_train_sizes=[f["train"] for f in self.new_facts],
+                              new_client_info=self.client_info(self.new_facts),
+                              join_rounds=cfg.new_client_rounds if self.new_facts else 0)
         self.setup_seconds = time.time() - t0
         self.round = 0
         self.current_round = 0  # the round being run (evaluation messages name it)
@@ -151,7 +156,9 @@ class Trainer:
         and ``domain_names``. The Flower engine's server learns the facts from its clients instead."""
         cfg = self.cfg
         self.dataset = load_dataset(cfg.data, seed=cfg.seed)
-        splits = partition_clients(self.dataset, cfg.data, seed=cfg.seed)
+        # New clients (data.new_clients) are held out of the partition before anything else sees it:
+        # training clients are numbered 0..N-1 in partition order, new clients N, N+1, ...
+        splits, new = split_new_clients(partition_clients(self.dataset, cfg.data, seed=cfg.seed), cfg.data, seed=cfg.seed)
         self.num_clients = len(splits)
         self.num_classes = self.dataset.num_classes
 
@@ -159,21 +166,25 @@ class Trainer:
             x = images_to_tensor(self.dataset.images[idx], mean=cfg.model.mean, std=cfg.model.std)
             return x, torch.from_numpy(self.dataset.labels[idx]).long()
 
+        def facts(i, s):
+            return {"client": i, "partition_id": s.client, "train": len(s.train), "test": len(s.test), "val": len(s.val),
+                    "domain": s.domain, "evaluated": len(s.val if cfg.evaluate_on == "val" else s.test),
+                    "label_counts": np.bincount(self.dataset.labels[s.train], minlength=self.num_classes).tolist()}
+
         self.train_data = [tensors(s.train) for s in splits]
         self.test_data = [tensors(s.val if cfg.evaluate_on == "val" else s.test) for s in splits]
-        self.client_facts = [
-            {"client": s.client, "train": len(s.train), "test": len(s.test), "val": len(s.val), "domain": s.domain,
-             "evaluated": len(s.val if cfg.evaluate_on == "val" else s.test),
-             "label_counts": np.bincount(self.dataset.labels[s.train], minlength=self.num_classes).tolist()}
-            for s in splits]
+        self.client_facts = [facts(i, s) for i, s in enumerate(splits)]
+        self.new_train_data = [tensors(s.train) for s in new]
+        self.new_test_data = [tensors(s.val if cfg.evaluate_on == "val" else s.test) for s in new]
+        self.new_facts = [facts(len(splits) + j, s) for j, s in enumerate(new)]
         self.domain_names = list(getattr(self.dataset, "domain_names", []) or [])
         self.class_names = list(getattr(self.dataset, "class_names", []) or [])
 
-    def client_names(self) -> list[str]:
+    def client_names(self, facts: list[dict] | None = None) -> list[str]:
         """A reader's name per client: its domain, and for label-skew partitions its dominant classes
         (the classes holding half of its training records, at most three) — beside the id in tables."""
         out, classes = [], self.class_names
-        for f in self.client_facts:
+        for f in self.client_facts if facts is None else facts:
             parts = []
             if f.get("domain") is not None and self.domain_names:
                 parts.append(self.domain_names[f["domain"]])
@@ -190,9 +201,9 @@ class Trainer:
             out.append(" ".join(parts) or f"client {f['client']}")
         return out
 
-    def client_info(self) -> list[dict[str, Any]]:
+    def client_info(self, facts: list[dict] | None = None) -> list[dict[str, Any]]:
         return [{"client": f["client"], "domain": f["domain"], "label_counts": f["label_counts"],
-                 "domain_names": self.domain_names} for f in self.client_facts]
+                 "domain_names": self.domain_names} for f in (self.client_facts if facts is None else facts)]
 
     # ------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -413,7 +424,9 @@ class Trainer:
                                   "without --resume to start it again (the old files are kept under RUN_DIR/attempt-<k>/)")
             start = self.load_checkpoint(ckpt)
             # Keep the records up to the checkpoint: the rounds after it are re-run identically.
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["round"] <= start] \
+            # (Join rounds run after the last round from the final state: they are re-run as well.)
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln and json.loads(ln)["round"] <= start and json.loads(ln)["type"] != "join"] \
                 if metrics_path.exists() else []
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
         else:
@@ -431,7 +444,10 @@ class Trainer:
                 "master_seed": cfg.seed,
                 "streams": "numpy.random.SeedSequence(master, spawn_key=(crc32(component), client, round))",
                 "participation": self.schedule,
-                "clients": [{k: f[k] for k in ("client", "train", "test", "val", "domain")} for f in self.client_facts],
+                "clients": [{k: f[k] for k in ("client", "partition_id", "train", "test", "val", "domain")}
+                            for f in self.client_facts],
+                "new_clients": [{k: f[k] for k in ("client", "partition_id", "train", "test", "val", "domain")}
+                                for f in self.new_facts],
             }, indent=1))
             metrics_path.write_text("")
         self._log_file = open(self.run_dir / "log.txt", "a")
@@ -469,6 +485,7 @@ class Trainer:
                     if not (cfg.checkpoint_every and r % cfg.checkpoint_every == 0):
                         self.save_checkpoint(r)
                     return None
+            self.run_new_clients(metrics_path)
             summary = self.summarize(metrics_path)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log(f"done: adapted mean {summary['accuracy']['mean']:.4f}, worst {summary['accuracy']['worst']:.4f}")
@@ -546,6 +563,139 @@ class Trainer:
         record["clients"] = record.pop("clients")  # keep it last (the run pops it into client records)
         return record
 
+    # ------------------------------------------------------------------------------------------
+    #: What a new client starts from, per method (summary.json and the report say it).
+    JOIN_START = {
+        "pfedpg": "G(P_base, d_new) with d_new = the mean of the trained descriptors; each join round the client trains "
+                  "from the prompt generated from its current d_new and returns ΔP_new, and the server updates d_new only",
+        "fedvpt": "FedVPT's final global prompt, then local training (nothing is sent)",
+        "local": "the VPT uniform init, then local training (nothing is sent)",
+    }
+
+    def run_new_clients(self, metrics_path: Path) -> None:
+        """DESIGN §1, "New clients": after the last round each held-out client joins. Round 0: its head
+        alone trains E epochs on the prompt it received; join rounds 1..R: prompt and head train E
+        epochs (pfedpg: from G(P_base, d_new), returning ΔP_new; the server updates d_new only; G and
+        P_base stay frozen). Every method spends the same (R + 1)·E epochs; rows go to metrics.jsonl
+        as ``type: join``."""
+        self.join_seconds = 0.0
+        if not self.new_facts:
+            return
+        t0 = time.perf_counter()
+        before = {k: v.detach().clone() for k, v in self.server.state_dict().items()}
+        self.ctx.joins = {}
+        rows = []
+        for j in range(len(self.new_facts)):
+            rows += self.join_client(j)
+        changed = [k for k, v in self.server.state_dict().items() if not torch.equal(v, before[k])]
+        if changed:  # an invariant of the protocol, checked on every run (not a user error)
+            raise RuntimeError(f"join rounds changed the shared server state {changed}; this is a bug")
+        with open(metrics_path, "a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        self.join_seconds = time.perf_counter() - t0
+
+    def join_client(self, j: int) -> list[dict[str, Any]]:
+        """New client ``j``'s rounds 0..R (rows for metrics.jsonl). Its streams (head init, VPT init,
+        shuffling) are keyed by its id and the join round, the same for every method (paired)."""
+        cfg, fact = self.cfg, self.new_facts[j]
+        n, last, R = fact["client"], cfg.rounds, cfg.new_client_rounds
+        x, y = self.new_train_data[j]
+        xt, yt = self.new_test_data[j]
+        k, d, c = self.prompt_tokens, self.dim, self.num_classes
+        g = self.seeds.torch("join.head", client=n)
+        bound = 1.0 / math.sqrt(d)
+        w = torch.empty(c, d).uniform_(-bound, bound, generator=g)
+        b = torch.empty(c).uniform_(-bound, bound, generator=g)
+        state = self.server.join_state()
+        if state is None:
+            prompt = torch.empty(k, d).uniform_(-self.init_bound, self.init_bound,
+                                                generator=self.seeds.torch("join.prompt", client=n))
+        else:
+            prompt = self.server.join_prompt(state)
+        updates = self.server.joins_with_updates
+        record = self.ctx.joins.setdefault(n, [])
+        initial = state["descriptor"].clone() if state is not None and "descriptor" in state else None
+        bs = cfg.client.eval_batch_size
+        rows = []
+        for jr in range(R + 1):
+            r = last + jr
+            start = self.server.join_prompt(state) if (updates and jr > 0) else prompt
+            load_into(self.model, prompt=start, head_weight=w, head_bias=b)
+            data = self.hooks.client_data(self.ctx, client=n, round=r, data=ClientData(x, y))
+            job = LocalJob(client=n, round=r, model=self.model, data=data,
+                           generator=self.seeds.torch("join.local_train", client=n, round=jr),
+                           run_default=partial(sgd_local_training, cfg=cfg.client))
+            if jr == 0:
+                with frozen_prompt(self.model):
+                    result = self.hooks.local_training(self.ctx, job)
+            else:
+                result = self.hooks.local_training(self.ctx, job)
+            with torch.no_grad():
+                adapted = self.model.prompt.prompt.detach().clone()
+                w, b = self.model.head.weight.detach().clone(), self.model.head.bias.detach().clone()
+            row: dict[str, Any] = {"type": "join", "round": r, "join_round": jr, "client": n,
+                                   "partition_id": fact["partition_id"], "train_loss": result.loss,
+                                   "local_steps": result.steps, **result.extra}
+            stop = False
+            if updates and jr > 0:
+                delta = self.hooks.outgoing_delta(self.ctx, client=n, round=r, delta=adapted - start)
+                row["delta_norm"] = float(delta.norm())
+                if torch.isfinite(delta).all():
+                    row.update(self.server.join_step(state, delta))
+                    record.append({"round": r, "sent": start.clone(), "delta": delta.detach().clone(),
+                                   "descriptor": state["descriptor"].clone(), "initial_descriptor": initial})
+                else:  # recorded and logged; its remaining join rounds are not run
+                    row["error"] = f"new client {n} sent a non-finite prompt delta in join round {jr}"
+                    self.log(row["error"] + "; its join rounds stop here")
+                    stop = True
+            prompt = adapted
+            load_into(self.model, prompt=adapted, head_weight=w, head_bias=b)
+            row["acc_adapted"], row["loss_adapted"] = evaluate(self.model, xt, yt, batch_size=bs)
+            if updates:
+                load_into(self.model, prompt=self.server.join_prompt(state), head_weight=w, head_bias=b)
+                row["acc_generated"], row["loss_generated"] = evaluate(self.model, xt, yt, batch_size=bs)
+            rows.append(row)
+            if stop:
+                break
+        name = self.client_names([fact])[0]
+        self.log(f"new client {n} (partition id {fact['partition_id']}, {name}): round 0 {rows[0]['acc_adapted']:.4f}"
+                 f" -> join round {rows[-1]['join_round']} {rows[-1]['acc_adapted']:.4f}")
+        return rows
+
+    def new_clients_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """summary.json's ``new_clients``: accuracy after each join round 0..R, per new client, mean and
+        worst (a round a client did not reach is None)."""
+        if not self.new_facts:
+            return None
+        cfg, R = self.cfg, self.cfg.new_client_rounds
+        ids = [f["client"] for f in self.new_facts]
+        got = {(r["client"], r["join_round"]): r for r in rows if r["type"] == "join"}
+
+        def curve(key):
+            per = [[got.get((n, j), {}).get(key) for j in range(R + 1)] for n in ids]
+            if all(v is None for p in per for v in p):
+                return None
+            full = [None if any(v is None for v in col) else col for col in zip(*per)]
+            return {"mean": [None if col is None else float(np.mean(col)) for col in full],
+                    "worst": [None if col is None else float(min(col)) for col in full], "per_client": per}
+
+        acc = curve("acc_adapted")
+        errors = [r["error"] for r in got.values() if "error" in r]
+        return {
+            "clients": ids, "partition_ids": [f["partition_id"] for f in self.new_facts],
+            "names": self.client_names(self.new_facts), "join_rounds": R, "local_epochs": cfg.client.local_epochs,
+            "budget_epochs": (R + 1) * cfg.client.local_epochs,
+            "start": self.JOIN_START.get(cfg.method, cfg.method),
+            "round_0": "the head alone, trained E local epochs on the received prompt",
+            "train_per_client": [f["train"] for f in self.new_facts],
+            "test_per_client": [f["evaluated"] for f in self.new_facts],
+            "accuracy": acc, "accuracy_generated": curve("acc_generated"),
+            "final": {"mean": acc["mean"][-1], "worst": acc["worst"][-1]} if acc else None,
+            **({"errors": errors} if errors else {}),
+            "seconds": getattr(self, "join_seconds", None),
+        }
+
     def summarize(self, metrics_path: Path) -> dict[str, Any]:
         rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
         last = self.cfg.rounds
@@ -585,5 +735,8 @@ class Trainer:
         }
         if missing:
             summary["clients_missing"] = missing
+        new = self.new_clients_summary(rows)
+        if new is not None:
+            summary["new_clients"] = new
         summary.update({"hook_results": self.hooks.end_of_run(self.ctx, summary=summary)})
         return summary

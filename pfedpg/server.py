@@ -102,6 +102,22 @@ class Server(nn.Module):
     def num_shared(self) -> int:
         return sum(p.numel() for p in self.shared_parameters())
 
+    # --- new clients (DESIGN §1, "New clients"): the server's state stays frozen ---------------
+    #: True when a new client sends ΔP_new each join round and the server updates its own state for it.
+    joins_with_updates: bool = False
+
+    def join_state(self) -> dict[str, torch.Tensor] | None:
+        """What the server keeps for a new client (None: the client starts alone from the VPT init)."""
+        return None
+
+    def join_prompt(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prompt the server sends a new client (for ``joins_with_updates``: every join round)."""
+        raise NotImplementedError
+
+    def join_step(self, state: dict[str, torch.Tensor], delta: torch.Tensor) -> dict[str, float]:
+        """Update the new client's own state from its released ΔP_new; nothing shared changes."""
+        return {}
+
 
 def _flatten(tensors: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, like)])
@@ -161,6 +177,26 @@ class PFedPGServer(Server):
         stack = torch.stack(rows) if rows else torch.zeros(0, self.num_shared())
         return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype), private)
 
+    joins_with_updates = True
+
+    def join_state(self) -> dict[str, torch.Tensor]:
+        """A fresh descriptor for a new client: the mean of the trained descriptors."""
+        return {"descriptor": self.descriptors.detach().mean(0).clone()}
+
+    @torch.no_grad()
+    def join_prompt(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.generator(self.p_base, state["descriptor"]).detach().clone()
+
+    def join_step(self, state: dict[str, torch.Tensor], delta: torch.Tensor) -> dict[str, float]:
+        """Algorithm 1's step restricted to d_new: −ΔP_new back-propagated through the frozen G into
+        d_new only (same sign, α and bound as a training round); G and P_base are not touched."""
+        d = state["descriptor"].detach().clone().requires_grad_(True)
+        p_new = self.generator(self.p_base, d)
+        (grad,) = torch.autograd.grad(p_new, [d], grad_outputs=-delta.to(p_new.dtype), allow_unused=True)
+        grad, norm = self.bound(torch.zeros_like(d) if grad is None else grad)
+        state["descriptor"] = (d - self.cfg.lr * grad).detach()
+        return {"descriptor_grad_norm": norm}
+
     @torch.no_grad()
     def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> dict[str, float]:
         lr = self.cfg.lr
@@ -194,6 +230,13 @@ class FedVPTServer(Server):
 
     def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
         return {n: self.prompt.detach().clone() for n in clients}
+
+    def join_state(self) -> dict[str, torch.Tensor]:
+        """A new client gets the final global prompt and then trains locally (it sends nothing)."""
+        return {"prompt": self.prompt.detach().clone()}
+
+    def join_prompt(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return state["prompt"].clone()
 
     def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
         clients = sorted(deltas)

@@ -8,7 +8,7 @@ pretraining, which no client ever receives.
 from pfedpg.data.base import ClientSplit, ImageDataset, public_indices, resize_images
 from pfedpg.data.config import PARTITION_NAMES, SOURCE_NAMES, DataConfig
 from pfedpg.data.embedded import EMBEDDED_SHIFTS
-from pfedpg.data.partition import PARTITIONERS, partition_clients
+from pfedpg.data.partition import PARTITIONERS, new_client_ids, partition_clients, split_new_clients
 from pfedpg.data.sources import SOURCES, load_dataset
 
 __all__ = [
@@ -21,7 +21,9 @@ __all__ = [
     "SOURCES",
     "SOURCE_NAMES",
     "load_dataset",
+    "new_client_ids",
     "partition_clients",
     "public_indices",
     "resize_images",
+    "split_new_clients",
 ]

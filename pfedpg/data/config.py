@@ -104,6 +104,10 @@ class DataConfig:
     # clients hold (e.g. pretrain on red and green, give every client green).
     private_domains: list[str] | None = None
     classes: list[str] | None = None
+    # Clients held out of training (DESIGN §1, "New clients"): a count k (k of the partition's
+    # clients, drawn with the run's seed) or a list of partition ids. They take no part in any
+    # training round; after the last round each joins for `new_client_rounds` join rounds.
+    new_clients: int | list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCE_NAMES:
@@ -125,6 +129,14 @@ class DataConfig:
         self.alpha = float(self.alpha)
         _check_int("classes_per_client", self.classes_per_client, low=1)
         _check_int("min_size", self.min_size, low=1)
+        if isinstance(self.new_clients, (list, tuple)):
+            ids = list(self.new_clients)
+            if not ids or not all(_is_int(c) and c >= 0 for c in ids) or len(set(ids)) != len(ids):
+                raise _fail("new_clients", self.new_clients, "must be a count >= 1, a list of distinct partition ids "
+                            "(integers >= 0), or null")
+            self.new_clients = sorted(ids)
+        else:
+            _check_int("new_clients", self.new_clients, low=1, optional=True)
         _check_int("max_retries", self.max_retries, low=1)
         if not _is_number(self.test_fraction) or not 0 < self.test_fraction < 1:
             raise _fail("test_fraction", self.test_fraction, "must be a number in (0, 1)")

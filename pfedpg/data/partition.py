@@ -371,3 +371,30 @@ def partition_clients(ds: ImageDataset, cfg: "DataConfig", *, seed: int) -> list
             )
         )
     return clients
+
+
+def new_client_ids(num_clients: int, cfg: "DataConfig", *, seed: int) -> list[int]:
+    """The partition ids held out of training as new clients (``data.new_clients``): a listed set,
+    or k drawn with the run's seed from their own stream (so the choice moves nothing else)."""
+    spec = cfg.new_clients
+    if spec is None:
+        return []
+    if isinstance(spec, list):
+        bad = [c for c in spec if c >= num_clients]
+        if bad:
+            raise ConfigError(f"data.new_clients lists partition id {bad[0]}, but the partition has {num_clients} clients "
+                              f"(0..{num_clients - 1}); pick ids in range")
+        ids = list(spec)
+    else:
+        ids = sorted(int(c) for c in Seeds(seed).numpy("data.new_clients").choice(num_clients, min(spec, num_clients),
+                                                                                  replace=False))
+    if len(ids) >= num_clients:
+        raise ConfigError(f"data.new_clients={spec!r} holds out all {num_clients} clients of the partition; leave at least "
+                          "one to train (lower it, or raise data.num_clients)")
+    return ids
+
+
+def split_new_clients(splits: list[ClientSplit], cfg: "DataConfig", *, seed: int) -> tuple[list[ClientSplit], list[ClientSplit]]:
+    """(training clients, new clients) of a partition, each in partition order."""
+    held = set(new_client_ids(len(splits), cfg, seed=seed))
+    return [s for s in splits if s.client not in held], [s for s in splits if s.client in held]

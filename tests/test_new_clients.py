@@ -1,0 +1,156 @@
+"""New clients (DESIGN §1, "New clients"; data.new_clients): held out of training, they join after the
+last round; the server's shared state stays frozen and pFedPG updates the newcomer's descriptor only."""
+import json
+
+import pytest
+import torch
+
+from pfedpg.client import ClientConfig, frozen_prompt, sgd_local_training
+from pfedpg.errors import ConfigError
+from pfedpg.generators import GENERATORS
+from pfedpg.hooks import ClientData, LocalJob
+from pfedpg.runner import Trainer
+from tests.conftest import tiny_config
+from tests.test_server import K, D, make_server
+
+
+def _rows(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+@pytest.mark.parametrize("generator", GENERATORS.names())
+def test_join_step_moves_the_new_descriptor_towards_the_adapted_prompt(generator):
+    """One join step with the released ΔP_new brings G(P_base, d_new) closer to P̃_new, and the same step
+    with the sign flipped moves it away; P_base, G and the trained descriptors stay bit-identical."""
+    g = torch.Generator().manual_seed(3)
+    moved = {}
+    for sign in (1.0, -1.0):
+        server = make_server(generator, lr=1e-2)
+        before = {k: v.clone() for k, v in server.state_dict().items()}
+        state = server.join_state()
+        assert torch.equal(state["descriptor"], server.descriptors.detach().mean(0))  # the fresh descriptor
+        sent = server.join_prompt(state)
+        target = sent + 0.1 * torch.randn(K, D, generator=g, dtype=torch.float64)
+        g.manual_seed(3)
+        d0 = float((server.join_prompt(state) - target).pow(2).sum())
+        server.join_step(state, sign * (target - sent))
+        moved[sign] = float((server.join_prompt(state) - target).pow(2).sum()) - d0
+        assert all(torch.equal(v, before[k]) for k, v in server.state_dict().items())
+    if generator == "basis":  # "basis only" ignores the descriptor: nothing to move
+        assert moved == {1.0: 0.0, -1.0: 0.0}
+    else:
+        assert moved[1.0] < 0 < moved[-1.0], moved
+
+
+def test_join_step_is_bounded_like_a_training_step():
+    server = make_server(lr=1.0, max_grad_norm=1e-3)
+    state = server.join_state()
+    d0 = state["descriptor"].clone()
+    info = server.join_step(state, torch.randn(K, D, dtype=torch.float64) * 100)
+    assert info["descriptor_grad_norm"] > 1e-3
+    assert float((state["descriptor"] - d0).norm()) == pytest.approx(1e-3, rel=1e-6)  # lr 1 × clipped norm
+
+
+def test_frozen_prompt_trains_the_head_alone(tiny_vit):
+    """Round 0 of a new client: E epochs on the head only; the prompt stays bit-identical."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 5, (40,), generator=g)
+    with torch.no_grad():
+        tiny_vit.prompt.prompt.normal_(generator=g)
+    p0, w0 = tiny_vit.prompt.prompt.detach().clone(), tiny_vit.head.weight.detach().clone()
+    job = LocalJob(client=0, round=0, model=tiny_vit, data=ClientData(x, y), generator=torch.Generator().manual_seed(1),
+                   run_default=None)
+    with frozen_prompt(tiny_vit):
+        sgd_local_training(job, ClientConfig(batch_size=16, lr=0.1))
+    assert torch.equal(tiny_vit.prompt.prompt, p0)
+    assert not torch.equal(tiny_vit.head.weight, w0)
+    assert tiny_vit.prompt.prompt.requires_grad  # restored afterwards
+
+
+@pytest.mark.parametrize("method", ["pfedpg", "fedvpt", "local"])
+def test_new_clients_join_after_training_and_never_train_before(tmp_path, method):
+    cfg = tiny_config(method=method, rounds=3, **{"data.new_clients": [1], "new_client_rounds": 2,
+                                                  "data.num_domains": 4})
+    tr = Trainer(cfg, run_dir=tmp_path / "r")
+    assert tr.num_clients == 3 and [f["partition_id"] for f in tr.client_facts] == [0, 2, 3]
+    assert [f["partition_id"] for f in tr.new_facts] == [1] and tr.ctx.new_clients == [3]
+    summary = tr.run()
+    # Never in a training round: not scheduled, no client row, no server-side record.
+    assert all(3 not in p for p in tr.schedule)
+    assert {r["client"] for r in _rows(tmp_path / "r", "client")} == {0, 1, 2}
+    assert all(3 not in r["participants"] for r in _rows(tmp_path / "r", "round"))
+    # The newcomer's own records are its own (no trained client holds one of them).
+    new_x = tr.new_train_data[0][0].reshape(len(tr.new_train_data[0][0]), -1)
+    for x, _ in tr.train_data:
+        assert not (torch.cdist(new_x, x.reshape(len(x), -1)) == 0).any()
+    joins = _rows(tmp_path / "r", "join")
+    assert [(r["client"], r["join_round"], r["round"]) for r in joins] == [(3, 0, 3), (3, 1, 4), (3, 2, 5)]
+    new = summary["new_clients"]
+    assert new["clients"] == [3] and new["partition_ids"] == [1] and new["join_rounds"] == 2
+    assert new["accuracy"]["per_client"] == [[r["acc_adapted"] for r in joins]]
+    assert len(new["accuracy"]["mean"]) == 3 and new["final"]["mean"] == joins[-1]["acc_adapted"]
+    assert new["budget_epochs"] == 3
+    if method == "pfedpg":  # round 0 sends nothing; each join round sends ΔP_new and moves d_new only
+        assert "delta_norm" not in joins[0] and all(r["delta_norm"] > 0 for r in joins[1:])
+        assert len(tr.ctx.joins[3]) == 2
+        assert new["accuracy_generated"]["per_client"][0][0] == joins[0]["acc_adapted"]  # round 0: the prompt it got
+    else:
+        assert new["accuracy_generated"] is None and all("delta_norm" not in r for r in joins)
+
+
+def test_join_rounds_leave_the_shared_state_bit_identical(tmp_path):
+    """G, P_base (and every trained descriptor) after the join rounds equal the final checkpoint, which
+    is written before they start."""
+    cfg = tiny_config(rounds=2, **{"data.new_clients": 1, "new_client_rounds": 3})
+    tr = Trainer(cfg, run_dir=tmp_path / "r")
+    tr.run()
+    saved = torch.load(tmp_path / "r" / "checkpoints" / "round_0002.pt", weights_only=True)["server"]
+    now = tr.server.state_dict()
+    assert set(saved) == set(now) and {"p_base", "descriptors"} <= set(now)
+    assert all(torch.equal(saved[k], now[k]) for k in now)
+    assert len(tr.ctx.joins[tr.ctx.new_clients[0]]) == 3
+    d = [e["descriptor"] for e in tr.ctx.joins[tr.ctx.new_clients[0]]]
+    assert not torch.equal(d[0], d[-1])  # while the newcomer's own descriptor moved
+
+
+def test_new_clients_are_deterministic_and_resume_to_the_same_numbers(tmp_path):
+    cfg = tiny_config(rounds=3, **{"data.new_clients": 1, "new_client_rounds": 2})
+    a = Trainer(cfg, run_dir=tmp_path / "a").run()["new_clients"]
+    Trainer(cfg, run_dir=tmp_path / "b").run(stop_after=2)
+    b = Trainer(cfg, run_dir=tmp_path / "b").run(resume=True)["new_clients"]
+    for key in ("accuracy", "accuracy_generated", "clients", "partition_ids"):
+        assert a[key] == b[key]
+    assert len(_rows(tmp_path / "b", "join")) == 3  # re-run once, not appended twice
+    # --resume of the finished run rewrites its summary without duplicating the join rows.
+    c = Trainer(cfg, run_dir=tmp_path / "b").run(resume=True)["new_clients"]
+    assert c["accuracy"] == a["accuracy"] and len(_rows(tmp_path / "b", "join")) == 3
+
+
+def test_a_count_of_new_clients_is_drawn_with_the_seed():
+    ids = {s: [f["partition_id"] for f in Trainer(tiny_config(seed=s, **{"data.new_clients": 1}), run_dir="/nonexistent").new_facts]
+           for s in range(6)}
+    assert all(len(v) == 1 for v in ids.values()) and len({v[0] for v in ids.values()}) > 1
+    again = Trainer(tiny_config(seed=0, **{"data.new_clients": 1}), run_dir="/nonexistent").new_facts
+    assert [f["partition_id"] for f in again] == ids[0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.new_clients": 3}, "holds out all 3 clients"),
+    ({"data.new_clients": [0, 1, 2]}, "holds out all 3 clients"),
+    ({"data.new_clients": [5]}, "partition id 5"),
+])
+def test_impossible_new_clients_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(tiny_config(**overrides), run_dir="/nonexistent")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.new_clients": 0}, "data.new_clients"),
+    ({"data.new_clients": [1, 1]}, "distinct"),
+    ({"data.new_clients": [-1]}, "distinct partition ids"),
+    ({"new_client_rounds": -1}, "new_client_rounds"),
+    ({"data.new_clients": 1, "engine": "flower"}, "engine: inprocess only"),
+])
+def test_bad_new_client_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**overrides)
