@@ -87,8 +87,10 @@ class ClientAccountants:
         acc = self._acc.get(client)
         return 0.0 if acc is None else accountant_epsilon(acc, self.delta)
 
-    def summary(self, num_clients: int) -> dict:
-        eps = [self.epsilon(c) for c in range(num_clients)]
+    def summary(self, num_clients: int | list[int]) -> dict:
+        """ε of clients 0..num_clients−1 (or of the listed client ids): max, mean and per client."""
+        ids = range(num_clients) if isinstance(num_clients, int) else num_clients
+        eps = [self.epsilon(c) for c in ids]
         return {"epsilon_max": max(eps), "epsilon_mean": sum(eps) / len(eps), "epsilon_per_client": eps}
 
     def state_dict(self) -> dict:

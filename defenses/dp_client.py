@@ -41,7 +41,8 @@ class ClientLevelDP(Hook):
     """Clip + Gaussian noise on ΔP_n, with one Opacus accountant per client.
 
     Options: ``clip`` C > 0; exactly one of ``noise_multiplier`` z ≥ 0 (noise std zC) or
-    ``target_epsilon`` (z calibrated up front for the most rounds any client is scheduled to join);
+    ``target_epsilon`` (z calibrated up front for the most rounds any client is scheduled to join,
+    a new client's pFedPG join rounds included);
     ``delta`` (< 1/N); ``adjacency`` (replace | add_remove); ``accountant`` (rdp | prv);
     ``noise`` (seeded | local, see ``defenses.accounting.NOISE_SOURCES``).
     z = 0 is the clip-only ablation: ε = ∞.
@@ -71,15 +72,23 @@ class ClientLevelDP(Hook):
 
     def setup(self, ctx) -> None:
         warn_seeded_deployment("dp_client", ctx, self.noise_source)
-        n = ctx.num_clients
+        # New clients (data.new_clients) are clients too: each pFedPG join round is a release.
+        n = ctx.num_clients + len(ctx.new_clients)
         if self.delta >= 1.0 / n:
-            raise ConfigError(f"dp_client.delta={self.delta} must be < 1/N = {1.0 / n:.3g} for client-level DP; lower it")
+            raise ConfigError(f"dp_client.delta={self.delta} must be < 1/N = {1.0 / n:.3g} for client-level DP"
+                              f"{' (N counts the new clients)' if ctx.new_clients else ''}; lower it")
         if self.target_epsilon is not None and self.noise_multiplier is None:
-            joins = max(sum(c in r for r in ctx.schedule) for c in range(n))
+            joins = max(max(sum(c in r for r in ctx.schedule) for c in range(ctx.num_clients)), self.new_client_releases(ctx))
             unit = calibrate_noise(target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=1.0,
                                    steps=joins, accountant=self.accountant_name)
             self.noise_multiplier = unit * self.sensitivity / self.clip  # z = 2·unit under replace
             ctx.log(f"dp_client: z = {self.noise_multiplier:.4f} for ε = {self.target_epsilon} over {joins} releases")
+
+    @staticmethod
+    def new_client_releases(ctx) -> int:
+        """Releases of each new client: one per join round where the server updates its state from
+        ΔP_new (pfedpg); fedvpt and local newcomers send nothing."""
+        return ctx.join_rounds if ctx.new_clients and getattr(ctx.server, "joins_with_updates", False) else 0
 
     def privatize(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         clipped = clip_by_norm(delta, self.clip)
@@ -118,7 +127,11 @@ class ClientLevelDP(Hook):
         }
 
     def end_of_run(self, ctx, *, summary):
-        return {**self.statement(), "noise_multiplier": self.noise_multiplier, **self.accountants.summary(ctx.num_clients)}
+        out = {**self.statement(), "noise_multiplier": self.noise_multiplier, **self.accountants.summary(ctx.num_clients)}
+        if ctx.new_clients:
+            out["new_clients"] = {"clients": list(ctx.new_clients), "releases": self.new_client_releases(ctx),
+                                  **self.accountants.summary(list(ctx.new_clients))}
+        return out
 
     def state_dict(self):
         return {"noise_multiplier": self.noise_multiplier, "accountants": self.accountants.state_dict()}

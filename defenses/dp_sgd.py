@@ -105,21 +105,24 @@ class RecordLevelDPSGD(Hook):
 
     def setup(self, ctx) -> None:
         warn_seeded_deployment("dp_sgd", ctx, self.noise_source)
-        sizes = ctx.train_sizes
+        # Training clients 0..N-1, then the new clients (data.new_clients): each trains in join rounds
+        # 0..R (round 0 the head alone), R + 1 local trainings in all.
+        sizes = dict(enumerate(ctx.train_sizes))
+        sizes.update(zip(ctx.new_clients, ctx.new_train_sizes))
         if self.delta is None:
-            self.delta = 1.0 / (10 * min(sizes))
-        bad = [n for n, s in enumerate(sizes) if self.delta >= 1.0 / s]
+            self.delta = 1.0 / (10 * min(sizes.values()))
+        bad = [n for n, s in sizes.items() if self.delta >= 1.0 / s]
         if bad:
             raise ConfigError(f"dp_sgd.delta={self.delta} must be < 1/|D_n| for every client "
                               f"(client {bad[0]} has {sizes[bad[0]]} records); lower delta")
         self.accountants.delta = self.delta
         cfg = ctx.config.client
         self.batch_size, self.local_epochs = cfg.batch_size, cfg.local_epochs
-        for n, size in enumerate(sizes):
+        for n, size in sizes.items():
             if self.fixed_noise is not None:
                 self.noise[n] = float(self.fixed_noise)
             else:
-                joins = sum(n in r for r in ctx.schedule)
+                joins = ctx.join_rounds + 1 if n in ctx.new_clients else sum(n in r for r in ctx.schedule)
                 self.noise[n] = calibrate_noise(target_epsilon=self.target_epsilon, delta=self.delta,
                                                 sample_rate=self.sample_rate(size), steps=joins * self.steps(size),
                                                 accountant=self.accountant_name)
@@ -204,8 +207,12 @@ class RecordLevelDPSGD(Hook):
         }
 
     def end_of_run(self, ctx, *, summary):
-        return {**self.statement(), "noise_multiplier": [self.noise[c] for c in range(ctx.num_clients)],
-                **self.accountants.summary(ctx.num_clients)}
+        out = {**self.statement(), "noise_multiplier": [self.noise[c] for c in range(ctx.num_clients)],
+               **self.accountants.summary(ctx.num_clients)}
+        if ctx.new_clients:
+            out["new_clients"] = {"clients": list(ctx.new_clients), "noise_multiplier": [self.noise[c] for c in ctx.new_clients],
+                                  "local_trainings": ctx.join_rounds + 1, **self.accountants.summary(list(ctx.new_clients))}
+        return out
 
     def state_dict(self):
         return {"accountants": self.accountants.state_dict()}

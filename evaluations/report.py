@@ -103,6 +103,26 @@ def write_report(run_dir: str | Path) -> Path:
         g = gen["per_client"][n] if gen else None
         lines.append(f"| {n} | {names[n]} | {s['data']['train_per_client'][n]} | {s['data']['test_per_client'][n]} | "
                      f"{_pct(a)} | {_pct(g)} |")
+    new = s.get("new_clients")
+    if new and new.get("accuracy"):
+        na, ng = new["accuracy"], new.get("accuracy_generated")
+        lines += ["", "## New clients", "",
+                  f"{len(new['clients'])} client(s) held out of training (partition ids {new['partition_ids']}) joined after "
+                  f"the last round. They start from {new['start']}. Join round 0 is {new['round_0']}; each method spends the "
+                  f"same (R + 1)·E = {new['budget_epochs']} local epochs. Test records per new client: "
+                  f"{', '.join(map(str, new['test_per_client']))}.", "",
+                  "| join round | mean | worst |" + (" generated prompt (mean) |" if ng else ""),
+                  "|---|---|---|" + ("---|" if ng else "")]
+        for j in range(new["join_rounds"] + 1):
+            lines.append(f"| {j} | {_pct(na['mean'][j])} | {_pct(na['worst'][j])} |"
+                         + (f" {_pct(ng['mean'][j])} |" if ng else ""))
+        lines += ["", "| new client | partition id | who | train | round 0 | last join round |", "|---|---|---|---|---|---|"]
+        for i, n in enumerate(new["clients"]):
+            per = na["per_client"][i]
+            lines.append(f"| {n} | {new['partition_ids'][i]} | {new['names'][i]} | {new['train_per_client'][i]} | "
+                         f"{_pct(per[0])} | {_pct(per[-1])} |")
+        if new.get("errors"):
+            lines += ["", "Join rounds stopped early: " + "; ".join(new["errors"]) + "."]
     lines += [
         "",
         f"![learning curve]({png.name})",
@@ -122,7 +142,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["", "## Hooks", "", "Config order: " + ", ".join(f"`{h}`" for h in s["hooks"]) + "."]
         for name, res in (s.get("hook_results") or {}).items():
             lines.append(f"- `{name}`: `{json.dumps(res)}`")
-    lines += ["", "Files: `config.yaml` (resolved), `seeds.json`, `env.json`, `metrics.jsonl`, `summary.json`, `checkpoints/`.", ""]
+    lines += ["", "Files: `config.yaml` (resolved), `seeds.json`, `env.json`, `metrics.jsonl`, `summary.json`, `log.txt`, `checkpoints/`.", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out

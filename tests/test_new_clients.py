@@ -10,8 +10,9 @@ from pfedpg.errors import ConfigError
 from pfedpg.generators import GENERATORS
 from pfedpg.hooks import ClientData, LocalJob
 from pfedpg.runner import Trainer
-from tests.conftest import tiny_config
-from tests.test_server import K, D, make_server
+import defenses  # noqa: F401  (registers the DP hooks)
+from conftest import tiny_config
+from test_server import K, D, make_server
 
 
 def _rows(run_dir, kind):
@@ -154,3 +155,44 @@ def test_impossible_new_clients_are_one_line_errors(overrides, message):
 def test_bad_new_client_settings_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(**overrides)
+
+
+def test_join_rounds_are_releases_for_dp_client(tmp_path):
+    """A pFedPG newcomer's join rounds are releases: with target_epsilon, z is calibrated for the most
+    releases of any client (here the newcomer's 3 > 2 training rounds), so the newcomer reaches the
+    target and the trained clients stay below it; what the server records is the noised delta."""
+    hook = {"name": "dp_client", "clip": 0.05, "target_epsilon": 4.0, "delta": 1e-3}
+    cfg = tiny_config(rounds=2, hooks=[hook], **{"data.new_clients": 1, "new_client_rounds": 3})
+    tr = Trainer(cfg, run_dir=tmp_path / "r")
+    res = tr.run()["hook_results"]["dp_client"]
+    new = res["new_clients"]
+    assert new["clients"] == tr.ctx.new_clients and new["releases"] == 3
+    assert new["epsilon_max"] == pytest.approx(4.0, rel=0.01)
+    assert res["epsilon_max"] < 3.9  # 2 releases at the same z
+    z = res["noise_multiplier"]
+    for e in tr.ctx.joins[tr.ctx.new_clients[0]]:  # clip 0.05, noise std z·C per coordinate
+        assert float(e["delta"].norm()) == pytest.approx(z * 0.05 * e["delta"].numel() ** 0.5, rel=0.2)
+
+
+def test_fedvpt_and_local_newcomers_release_nothing(tmp_path):
+    hook = {"name": "dp_client", "clip": 0.05, "noise_multiplier": 1.0}
+    res = Trainer(tiny_config(method="fedvpt", hooks=[hook], **{"data.new_clients": 1, "new_client_rounds": 2}),
+                  run_dir=tmp_path / "r").run()["hook_results"]["dp_client"]
+    assert res["new_clients"]["releases"] == 0 and res["new_clients"]["epsilon_max"] == 0.0
+
+
+def test_dp_sgd_accounts_every_local_training_of_a_newcomer(tmp_path):
+    """Record-level DP-SGD covers round 0 (the head alone) and the join rounds: R + 1 trainings, each
+    with the same steps as a training round; the newcomer's z is calibrated for them."""
+    hook = {"name": "dp_sgd", "clip": 1.0, "target_epsilon": 6.0}
+    cfg = tiny_config(rounds=2, hooks=[hook], **{"data.new_clients": 1, "new_client_rounds": 2})
+    tr = Trainer(cfg, run_dir=tmp_path / "r")
+    summary = tr.run()
+    res = summary["hook_results"]["dp_sgd"]["new_clients"]
+    n = tr.ctx.new_clients[0]
+    dp = tr.hooks.hooks[0]
+    assert res["local_trainings"] == 3
+    assert len(dp.accountants._acc[n].history) == 1 and dp.accountants._acc[n].history[0][2] == 3 * dp.steps(tr.new_facts[0]["train"])
+    assert res["epsilon_max"] == pytest.approx(6.0, rel=0.01)
+    rows = _rows(tmp_path / "r", "join")
+    assert rows[0]["local_steps"] == dp.steps(tr.new_facts[0]["train"])  # round 0 runs DP-SGD too
