@@ -29,7 +29,8 @@ from pfedpg.errors import ConfigError
 MECHANISMS = {"dp_client": "client-level DP on ΔP_n", "dp_sgd": "record-level DP-SGD"}
 BASELINES = ("nonprivate", "clip_only", "local")
 COLUMNS = ["cell", "mechanism", "noise_multiplier", "target_epsilon", "epsilon_max", "epsilon_mean", "delta",
-           "accuracy_mean", "accuracy_worst", "accuracy_generated_mean", "seed", "status", "error", "run_dir"]
+           "accuracy_mean", "accuracy_worst", "accuracy_generated_mean", "new_clients_accuracy_mean",
+           "new_clients_accuracy_worst", "new_clients_epsilon_max", "seed", "status", "error", "run_dir"]
 
 
 @dataclass
@@ -126,6 +127,9 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
         return row
     row.update(status="ok", accuracy_mean=summary["accuracy"]["mean"], accuracy_worst=summary["accuracy"]["worst"],
                accuracy_generated_mean=(summary.get("accuracy_generated") or {}).get("mean"))
+    final = (summary.get("new_clients") or {}).get("final")
+    if final:  # data.new_clients: what this mechanism's server (or none, for local) gives a newcomer
+        row.update(new_clients_accuracy_mean=final["mean"], new_clients_accuracy_worst=final["worst"])
     results = summary.get("hook_results") or {}
     hook = results.get("dp_client" if cell["mechanism"] == "clip_only" else cell["mechanism"])
     for probe, head in ((results.get("leakage_audit") or {}).get("probes") or {}).items():
@@ -141,6 +145,9 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
         z = hook["noise_multiplier"]
         row.update(noise_multiplier=float(np.mean(z)) if isinstance(z, list) else z, delta=hook["delta"],
                    epsilon_max=hook["epsilon_max"], epsilon_mean=hook["epsilon_mean"])
+        if hook.get("new_clients"):  # the largest ε is over every client, the new ones included
+            row["new_clients_epsilon_max"] = hook["new_clients"]["epsilon_max"]
+            row["epsilon_max"] = max(row["epsilon_max"], row["new_clients_epsilon_max"])
     elif cell["mechanism"] == "nonprivate":
         row.update(epsilon_max=math.inf, epsilon_mean=math.inf)
     return row
@@ -204,7 +211,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "epsilon_max": ms([r["epsilon_max"] for r in rs]), "accuracy_mean": ms([r["accuracy_mean"] for r in rs]),
                     "accuracy_worst": ms([r["accuracy_worst"] for r in rs]),
                     "accuracy_generated_mean": ms([r["accuracy_generated_mean"] for r in rs]), "seeds": len(rs),
-                    "accuracy_by_seed": {r["seed"]: r["accuracy_mean"] for r in rs}})
+                    "accuracy_by_seed": {r["seed"]: r["accuracy_mean"] for r in rs},
+                    "new_clients_accuracy": ms([r.get("new_clients_accuracy_mean") for r in rs]),
+                    "new_clients_by_seed": {r["seed"]: r["new_clients_accuracy_mean"] for r in rs
+                                            if r.get("new_clients_accuracy_mean") is not None}})
     order = {m: i for i, m in enumerate(["local", "nonprivate", "clip_only", *MECHANISMS])}
     out.sort(key=lambda a: (order.get(a["mechanism"], 99), -(a["epsilon_max"][0] or 0) if a["epsilon_max"][0] is not None else 0))
     return out
@@ -225,8 +235,12 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     from evaluations.stats import fmt_paired, paired, verdict
 
     local = next((a["accuracy_by_seed"] for a in agg if a["mechanism"] == "local"), None)
+    local_new = next((a["new_clients_by_seed"] for a in agg if a["mechanism"] == "local"), None)
+    with_new = any(a["new_clients_by_seed"] for a in agg)
     header = ["mechanism", "privacy unit", "target ε", "z", "ε (max client)", "accuracy % (mean)", "worst client %",
               "generated P_n %", "seeds", "− local (points, paired; 95% CI)", "vs local"]
+    if with_new:  # data.new_clients: the newcomers' accuracy after the last join round
+        header += ["new clients %", "new clients − local (paired)"]
     unit = {"dp_client": "client", "clip_only": "client", "dp_sgd": "record", "nonprivate": "—", "local": "—"}
     body = []
     for a in agg:
@@ -237,6 +251,9 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                      "—" if a["noise_multiplier"] is None else f"{a['noise_multiplier']:.3g}", eps,
                      _fmt(a["accuracy_mean"]), _fmt(a["accuracy_worst"]), _fmt(a["accuracy_generated_mean"]),
                      str(a["seeds"]), fmt_paired(diff) if diff else "", verdict(diff)])
+        if with_new:
+            nd = paired(a["new_clients_by_seed"], local_new) if local_new and a["mechanism"] != "local" else None
+            body[-1] += [_fmt(a["new_clients_accuracy"]), fmt_paired(nd) if nd else ""]
     return header, body
 
 
@@ -330,7 +347,11 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
           "`local` sends nothing and is the floor a private run must beat. Each row's difference from `local` is "
           "paired by seed, with a 95% t-interval: *dominated* only when the whole interval is below zero, "
           "*above local* when it is above, otherwise *level with local*. A run that diverged counts with the "
-          "accuracy measured in the round it diverged (non-finite outputs wrong); the Runs table names it.",
+          "accuracy measured in the round it diverged (non-finite outputs wrong); the Runs table names it."
+          + (" *New clients* (data.new_clients): clients held out of training that join after the last round; their "
+             "accuracy after the last join round, the same budget in every row (`local`: they train alone from the "
+             "VPT init), with ε over every client, the new ones' join rounds included."
+             if any(r.get("new_clients_accuracy_mean") is not None for r in rows) else ""),
           "", table, "",
           "![accuracy vs epsilon](accuracy_vs_epsilon.png)", ""]
     if sweep.audit is not None:

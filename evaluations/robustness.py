@@ -32,7 +32,7 @@ from pfedpg.errors import ConfigError
 
 COLUMNS = ["cell", "attack", "space", "defense", "malicious_fraction", "num_malicious", "seed", "status",
            "diverged_round", "benign_accuracy_mean", "benign_accuracy_worst", "asr", "excluded_true", "excluded_false",
-           "aggregation_ms", "error", "run_dir"]
+           "aggregation_ms", "new_clients_accuracy_mean", "new_clients_accuracy_worst", "error", "run_dir"]
 
 
 @dataclass
@@ -69,10 +69,11 @@ def load_matrix(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def _clients(base: dict[str, Any]) -> tuple[int, int]:
     """(N, m) for the base config."""
-    from pfedpg.data import load_dataset, partition_clients
+    from pfedpg.data import load_dataset, new_client_ids, partition_clients
 
     cfg = config_from_dict(base)
-    n = len(partition_clients(load_dataset(cfg.data, seed=cfg.seed), cfg.data, seed=cfg.seed))
+    total = len(partition_clients(load_dataset(cfg.data, seed=cfg.seed), cfg.data, seed=cfg.seed))
+    n = total - len(new_client_ids(total, cfg.data, seed=cfg.seed))  # new clients never train (nor attack)
     return n, cfg.clients_per_round or n
 
 
@@ -124,6 +125,9 @@ def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
     per_client = summary["accuracy"]["per_client"]
     benign = [a for c, a in enumerate(per_client) if c not in malicious]
     row.update(status="ok", benign_accuracy_mean=float(np.mean(benign)), benign_accuracy_worst=float(np.min(benign)))
+    final = (summary.get("new_clients") or {}).get("final")
+    if final:  # data.new_clients: what the (possibly poisoned) server gives a client that joins afterwards
+        row.update(new_clients_accuracy_mean=final["mean"], new_clients_accuracy_worst=final["worst"])
     if "asr" in results.get(cell["attack"], {}):
         row["asr"] = results[cell["attack"]]["asr"]
     excluded = results.get("robust_aggregation", {}).get("excluded_per_round", {})
@@ -181,7 +185,8 @@ def aggregate(rows):
                     "benign_mean": _ms([r["benign_accuracy_mean"] for r in measured]),
                     "benign_worst": _ms([r["benign_accuracy_worst"] for r in measured]), "asr": _ms([r["asr"] for r in ok]),
                     "excluded_true": _ms([r["excluded_true"] for r in ok]), "excluded_false": _ms([r["excluded_false"] for r in ok]),
-                    "aggregation_ms": _ms([r["aggregation_ms"] for r in ok]), "seeds": len(measured)})
+                    "aggregation_ms": _ms([r["aggregation_ms"] for r in ok]), "seeds": len(measured),
+                    "new_mean": _ms([r["new_clients_accuracy_mean"] for r in ok])})
     out.sort(key=lambda a: (a["fraction"], a["attack"], a["defense"]))
     return out
 
@@ -215,21 +220,24 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
         for r in rows:
             w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
     agg = aggregate(rows)
+    with_new = any(a["new_mean"][0] is not None for a in agg)  # data.new_clients
     header = ["fraction", "attack", "space", "defense", "status", "benign acc % (mean)", "benign worst %", "ASR %",
-              "excluded (malicious / benign)", "aggregation ms", "seeds"]
+              "excluded (malicious / benign)", "aggregation ms", "seeds"] + (["new clients %"] if with_new else [])
     body = []
     for a in agg:
         if a["benign_mean"][0] is None:  # failed or infeasible: nothing measured
             body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], a["status"],
-                         "", "", "", "", "", "0"])
+                         "", "", "", "", "", "0"] + ([""] if with_new else []))
             continue
         exc = "—" if a["excluded_true"][0] is None else f"{a['excluded_true'][0]:.1f} / {a['excluded_false'][0]:.1f}"
         body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], a["status"],
                      _pct(a["benign_mean"]), _pct(a["benign_worst"]), _pct(a["asr"]), exc,
-                     "—" if a["aggregation_ms"][0] is None else f"{a['aggregation_ms'][0]:.2f}", str(a["seeds"])])
+                     "—" if a["aggregation_ms"][0] is None else f"{a['aggregation_ms'][0]:.2f}", str(a["seeds"])]
+                    + ([_pct(a["new_mean"])] if with_new else []))
     for w in worst_case(agg):
         body.append([f"{w['fraction']:g}", f"**worst case** ({w['attack']})", w["space"] or "—", w["defense"],
-                     w["status"], _pct(w["benign_mean"]), _pct(w["benign_worst"]), "", "", "", str(w["seeds"])])
+                     w["status"], _pct(w["benign_mean"]), _pct(w["benign_worst"]), "", "", "", str(w["seeds"])]
+                    + ([""] if with_new else []))
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(r) + " |" for r in body])
     (out / "robustness.md").write_text(table + "\n")
@@ -241,7 +249,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
           "outputs counted wrong. `failed` is kept for errors. The worst-case rows give, per defense and fraction, "
           "the attack with the lowest benign accuracy. `infeasible`: the rule cannot run at this (m, f). "
           "Delta-space ALIE / IPM / Min-Max act through the attacker's own Jacobian; only grad space reproduces "
-          "the published attacks.", "", table, "", "![heat map](heatmap.png)", "", "![worst case](worst_case.png)", ""]
+          "the published attacks." + (" *New clients %*: clients held out of training (data.new_clients, never "
+                                       "malicious) after their join rounds from the final server state — what a poisoned "
+                                       "generator costs a client that joins afterwards." if with_new else ""), "", table, "", "![heat map](heatmap.png)", "", "![worst case](worst_case.png)", ""]
     intro = md[2]
     md[1:1] = ["", run_header(rows)]
     (out / "report.md").write_text("\n".join(md))

@@ -1,6 +1,7 @@
 """New clients (DESIGN §1, "New clients"; data.new_clients): held out of training, they join after the
 last round; the server's shared state stays frozen and pFedPG updates the newcomer's descriptor only."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,55 @@ def test_dp_sgd_accounts_every_local_training_of_a_newcomer(tmp_path):
     assert res["epsilon_max"] == pytest.approx(6.0, rel=0.01)
     rows = _rows(tmp_path / "r", "join")
     assert rows[0]["local_steps"] == dp.steps(tr.new_facts[0]["train"])  # round 0 runs DP-SGD too
+
+
+def test_privacy_sweep_gains_a_new_clients_column(tmp_path):
+    import csv
+
+    import yaml
+
+    from evaluations.privacy import load_sweep, run_sweep
+    from test_privacy_sweep import sweep_file
+
+    path = sweep_file(tmp_path, baselines=["nonprivate", "local"])
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["data"].update(num_domains=4, new_clients=1)
+    spec["base"]["new_client_rounds"] = 2
+    path.write_text(yaml.safe_dump(spec))
+    out = run_sweep(*load_sweep(path), log=lambda m: None)
+    with open(out / "tradeoff.csv") as f:
+        rows = {r["mechanism"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"nonprivate", "local", "dp_client"}
+    for r in rows.values():
+        assert 0 <= float(r["new_clients_accuracy_worst"]) <= float(r["new_clients_accuracy_mean"]) <= 1
+    dp = rows["dp_client"]  # z = 1 for 2 training and 2 join releases: ε over every client, newcomers included
+    assert float(dp["new_clients_epsilon_max"]) > 0 and float(dp["epsilon_max"]) >= float(dp["new_clients_epsilon_max"])
+    table = (out / "tradeoff.md").read_text()
+    assert "new clients %" in table and "new clients − local (paired)" in table
+
+
+def test_robustness_matrix_gains_a_new_clients_column_and_newcomers_are_never_malicious(tmp_path):
+    import csv
+    import json
+
+    import yaml
+
+    from evaluations.robustness import load_matrix, run_matrix
+    from test_robustness_matrix import matrix_file
+
+    path = matrix_file(tmp_path, attacks={"sign_flip": {"space": "grad"}}, defenses={"sum": {}},
+                       malicious_fractions=[0.0, 0.34])
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["data"].update(num_domains=4, new_clients=1)
+    spec["base"]["new_client_rounds"] = 1
+    path.write_text(yaml.safe_dump(spec))
+    out = run_matrix(*load_matrix(path), log=lambda m: None)
+    with open(out / "robustness.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert all(0 <= float(r["new_clients_accuracy_mean"]) <= 1 for r in rows)
+    attacked = next(r for r in rows if r["attack"] == "sign_flip")
+    summary = json.loads((Path(attacked["run_dir"]) / "summary.json").read_text())
+    assert summary["num_clients"] == 3 and attacked["num_malicious"] == "1"  # 0.34 of the 3 that train
+    assert summary["hook_results"]["sign_flip"]["malicious"][0] < 3 <= summary["new_clients"]["clients"][0]
+    assert "new clients %" in (out / "robustness.md").read_text()
