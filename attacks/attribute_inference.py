@@ -147,3 +147,34 @@ def pooled_property_probe(features: dict[int, list[np.ndarray]], properties: dic
             result["transfer"] = {"status": "not applicable: no property varies among both shadows and targets"}
     result["_curve"] = (scores, labels)
     return result
+
+
+def transfer_property_probe(train: dict[int, list[np.ndarray]], test: dict[int, list[np.ndarray]],
+                            properties: dict[str, np.ndarray]) -> dict:
+    """Fit one probe per property on the ``train`` clients' rows (clients whose properties the server
+    knows) and score the ``test`` clients' rows (e.g. new clients' join rounds), pooled over
+    properties. ``properties[name][n]`` is client n's property (ids index the arrays)."""
+    def stack(feats):
+        ids = sorted(feats)
+        rows = np.concatenate([np.stack([np.asarray(f, dtype=float).reshape(-1) for f in feats[n]]) for n in ids])
+        return rows, np.concatenate([[n] * len(feats[n]) for n in ids])
+
+    x_tr, g_tr = stack(train)
+    x_te, g_te = stack(test)
+    scores, labels, per = [], [], {}
+    for name, prop in properties.items():
+        y_tr, y_te = prop[g_tr].astype(int), prop[g_te].astype(int)
+        if len(np.unique(y_tr)) < 2:
+            continue
+        model = _probe().fit(x_tr, y_tr)
+        prior = y_tr.mean()
+        scores.append(model.decision_function(x_te) - np.log(prior / (1 - prior)))
+        labels.append(y_te)
+    if not scores or len(np.unique(np.concatenate(labels))) < 2:
+        return {"status": "not applicable: no property varies among both the known and the probed clients"}
+    scores, labels = np.concatenate(scores), np.concatenate(labels)
+    result = probe_metrics(scores, labels)
+    result.update(clients_known=len(train), clients_probed=len(test), rows_probed=int(len(g_te)),
+                  properties=len(labels) // max(1, len(g_te)))
+    result["_curve"] = (scores, labels)
+    return result

@@ -18,6 +18,9 @@ Probes (name: threat model, unit — what it reads):
 attribute      server    client  d_n − d_n(0), P_n and ΔP_n per round → client properties (domain, class
                                  presence, label skew); grouped CV over clients, permutation p
 linkability    server    client  later ΔP_n matched to each client's earlier releases
+                                 (with data.new_clients, also ``attribute_new_clients_*`` and
+                                 ``linkability_new_clients``: the same on the new clients'
+                                 join rounds, attribute probes fitted on trained clients)
 loss           observer  record  −loss of the client's final model (P̃_n, H_n); members = its
                                  training records, non-members = its held-out records
 confidence     observer  record  probability of the true label under the final model
@@ -235,12 +238,13 @@ class LeakageAudit(Hook):
         self.initial_descriptors = state.get("initial_descriptors")
 
     # ------------------------------------------------------------------------------------------
-    def _dp(self, ctx) -> dict[str, Any] | None:
-        """The run's DP hook, read by duck typing (attacks never import defenses)."""
+    def _dp(self, ctx, clients: list[int] | None = None) -> dict[str, Any] | None:
+        """The run's DP hook, read by duck typing (attacks never import defenses); ε is the largest
+        over ``clients`` (default: the targets)."""
         for h in ctx.hooks:
             if hasattr(h, "statement") and hasattr(h, "epsilon"):
                 st = h.statement()
-                eps = max(h.epsilon(n) for n in self.targets)
+                eps = max(h.epsilon(n) for n in (self.targets if clients is None else clients))
                 unit = "client" if st["privacy_unit"].startswith("client") else "record"
                 delta = float(st["delta"])
                 note = None
@@ -274,6 +278,31 @@ class LeakageAudit(Hook):
             out.append(F.cosine_similarity(g, (-rec["delta"]).reshape(1, -1), dim=1).numpy())
         return np.mean(out, axis=0)
 
+    def _new_client_attributes(self, ctx, joins, views, record, dp_new) -> None:
+        """Attribute inference on the new clients: probes fitted on trained clients whose properties the
+        server knows (the shadows; without shadows, every trained client — an upper bound on the
+        attacker) score each new client's join-round features (d_new − d_new(0), the prompts sent, the
+        released ΔP_new)."""
+        from attacks.attribute_inference import transfer_property_probe
+
+        info = [ctx.client_info[n] for n in range(ctx.num_clients)] + list(ctx.new_client_info)
+        props = client_properties(info, presence_threshold=self.presence_threshold)
+        known = self.shadows or list(range(ctx.num_clients))
+        new_views = {"descriptor": {n: [(e["descriptor"] - e["initial_descriptor"]).numpy() for e in v]
+                                    for n, v in joins.items() if v[0].get("descriptor") is not None},
+                     "prompt": {n: [e["sent"].numpy() for e in v] for n, v in joins.items()},
+                     "delta": {n: [e["delta"].numpy() for e in v] for n, v in joins.items()}}
+        for view, feats in new_views.items():
+            train = {n: f for n, f in views[view].items() if n in known}
+            if not feats or not train:
+                continue
+            res = transfer_property_probe(train, feats, props)
+            res["features"] = {"descriptor": "d_new − d_new(0) after each join round (d_new(0): the mean descriptor)",
+                               "prompt": "G(P_base, d_new) sent each join round",
+                               "delta": "released ΔP_new each join round"}[view]
+            res["known_clients"] = "shadow clients" if self.shadows else "every trained client (upper bound)"
+            record(f"attribute_new_clients_{view}", res, dp_new)
+
     def end_of_run(self, ctx, *, summary):
         t_start = time.perf_counter()
         rng = ctx.seeds.numpy("audit.probes")
@@ -299,16 +328,20 @@ class LeakageAudit(Hook):
             mem[c] = (torch.cat([xm[im], xn[inn]]), torch.cat([ym[im], yn[inn]]),
                       np.r_[np.ones(len(im), bool), np.zeros(len(inn), bool)])
 
-        def record(name, res):
+        joins = {n: v for n, v in (getattr(ctx, "joins", None) or {}).items() if v}  # data.new_clients
+        dp_new = self._dp(ctx, list(joins)) if joins else None
+
+        def record(name, res, env=None):
             side, unit = PROBES[name.split("_")[0]]
             curve = res.pop("_curve", None)
             res["threat_model"] = THREATS["server"] if side.startswith("server") else THREATS["observer"]
             if side == "server+observer":
                 res["threat_model"] = "see the per-score entries"
             res["privacy_unit_of_question"] = unit
-            covered = self._covered(dp, side, unit)
-            res["dp_envelope"] = {"epsilon": dp["epsilon"], "delta": dp["delta"], "mechanism": dp["hook"],
-                                  **({"note": dp["note"]} if dp["note"] else {})} if covered else None
+            env = dp if env is None else env
+            covered = self._covered(env, side, unit)
+            res["dp_envelope"] = {"epsilon": env["epsilon"], "delta": env["delta"], "mechanism": env["hook"],
+                                  **({"note": env["note"]} if env["note"] else {})} if covered else None
             results[name] = res
             if curve is not None:
                 curves[name] = curve
@@ -343,8 +376,16 @@ class LeakageAudit(Hook):
                                        "prompt": "P_n sent each round",
                                        "delta": "released ΔP_n each round"}[view]
                     record(f"attribute_{view}", res)
+                if joins:
+                    self._new_client_attributes(ctx, joins, views, record, dp_new)
             elif probe == "linkability":
-                record("linkability", linkability({n: [r["delta"] for r in v] for n, v in self.records.items()}))
+                releases = {n: [r["delta"] for r in v] for n, v in self.records.items()}
+                record("linkability", linkability(releases))
+                if joins:  # a new client's later join releases matched against every client's earlier ones
+                    res = linkability({**releases, **{n: [e["delta"] for e in v] for n, v in joins.items()}},
+                                      query_clients=sorted(joins))
+                    res["features"] = "new clients' released ΔP_new in their later join rounds, matched to every client's reference"
+                    record("linkability_new_clients", res, dp_new)
             elif probe in ("loss", "confidence"):
                 fn = loss_scores if probe == "loss" else confidence_scores
                 s, lab = observer_scores(fn)

@@ -22,16 +22,21 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm().clamp_min(1e-12)
 
 
-def linkability(releases: dict[int, list[torch.Tensor]]) -> dict:
-    """``releases[n]``: client n's released ΔP_n in round order (clients with < 2 are skipped)."""
+def linkability(releases: dict[int, list[torch.Tensor]], *, query_clients: list[int] | None = None) -> dict:
+    """``releases[n]``: client n's released ΔP_n in round order (clients with < 2 are skipped).
+    ``query_clients``: match only these clients' later releases (e.g. new clients' join rounds)
+    against every client's reference."""
     clients = [n for n, r in sorted(releases.items()) if len(r) >= 2]
     if len(clients) < 2:
         return {"status": "not applicable: fewer than 2 clients released twice"}
+    if query_clients is not None and not set(query_clients) & set(clients):
+        return {"status": "not applicable: no queried client released twice"}
     refs, queries = [], []
     for n in clients:
         half = len(releases[n]) // 2
         refs.append(_unit(torch.stack([_unit(d) for d in releases[n][:half]]).mean(0)))
-        queries += [(n, _unit(d)) for d in releases[n][half:]]
+        if query_clients is None or n in query_clients:
+            queries += [(n, _unit(d)) for d in releases[n][half:]]
     ref = torch.stack(refs)
     scores, labels, hits = [], [], 0
     for n, q in queries:

@@ -249,3 +249,48 @@ def test_robustness_matrix_gains_a_new_clients_column_and_newcomers_are_never_ma
     assert summary["num_clients"] == 3 and attacked["num_malicious"] == "1"  # 0.34 of the 3 that train
     assert summary["hook_results"]["sign_flip"]["malicious"][0] < 3 <= summary["new_clients"]["clients"][0]
     assert "new clients %" in (out / "robustness.md").read_text()
+
+
+def test_transfer_property_probe_reads_a_planted_property_and_not_noise():
+    import numpy as np
+
+    from attacks.attribute_inference import transfer_property_probe
+
+    rng = np.random.default_rng(0)
+    prop = np.array([0, 1] * 10, dtype=bool)  # clients 0..15 known, 16..19 probed
+    feats = {n: [rng.normal(size=8) + 3.0 * prop[n] for _ in range(3)] for n in range(20)}
+    known, probed = {n: feats[n] for n in range(16)}, {n: feats[n] for n in range(16, 20)}
+    planted = transfer_property_probe(known, probed, {"p": prop})
+    assert planted["auc"] > 0.95 and planted["clients_probed"] == 4 and planted["rows_probed"] == 12
+    noise = {n: [rng.normal(size=8) for _ in range(3)] for n in range(20)}
+    blank = transfer_property_probe({n: noise[n] for n in range(16)}, {n: noise[n] for n in range(16, 20)}, {"p": prop})
+    assert blank["auc"] < 0.9
+    assert "not applicable" in transfer_property_probe(known, probed, {"p": np.ones(20, bool)})["status"]
+
+
+def test_linkability_can_query_new_clients_only():
+    from attacks.linkability import linkability
+
+    g = torch.Generator().manual_seed(0)
+    base = {n: torch.randn(32, generator=g) for n in range(4)}
+    releases = {n: [base[n] + 0.1 * torch.randn(32, generator=g) for _ in range(4)] for n in range(4)}
+    res = linkability(releases, query_clients=[3])
+    assert res["queries"] == 2 and res["top1_accuracy"] == 1.0 and res["clients"] == 4
+    assert "not applicable" in linkability(releases, query_clients=[9])["status"]
+
+
+def test_the_audit_probes_new_clients_descriptors_and_deltas(tmp_path):
+    import attacks  # noqa: F401  (registers leakage_audit)
+
+    hook = {"name": "leakage_audit", "probes": ["attribute", "linkability"], "permutations": 2}
+    cfg = tiny_config(rounds=3, hooks=[hook], **{"data.num_domains": 4, "data.clients_per_domain": 2,
+                                                   "data.new_clients": 2, "new_client_rounds": 4})
+    summary = Trainer(cfg, run_dir=tmp_path / "r").run()
+    audit = json.loads((tmp_path / "r" / "audit" / "audit.json").read_text())["probes"]
+    for view in ("descriptor", "prompt", "delta"):
+        res = audit[f"attribute_new_clients_{view}"]
+        assert res["clients_probed"] == 2 and res["rows_probed"] == 8 and 0 <= res["auc"] <= 1, res
+        assert res["known_clients"].startswith("every trained client")
+    link = audit["linkability_new_clients"]
+    assert link["queries"] == 4 and link["clients"] == 8  # 2 later join releases each, against all 8 references
+    assert "linkability_new_clients" in summary["hook_results"]["leakage_audit"]["probes"]
