@@ -29,6 +29,13 @@ A hook that ``controls_client(n)`` (a malicious client) owns client n's code: th
 hooks are skipped for n at ``client_data``, ``local_training`` and ``outgoing_delta``, so its
 crafted delta is what the server receives whatever honest-client hooks (e.g. DP noise) are set;
 its own client-side points run for the clients it controls and no others.
+
+New clients (``data.new_clients``, DESIGN §1) join after the last training round T. In their join
+rounds (``round`` = T + j; ids ``ctx.new_clients``, after the training clients) the client-side
+points run for them as for any client — ``client_data``, ``local_training`` (round T + 0 with the
+prompt frozen: train ``trainable_parameters(model)``) and, for pfedpg, ``outgoing_delta`` — while
+the server-side points do not: only the new client's own state is updated, and nothing is
+aggregated. What the server saw of them is in ``ctx.joins`` for the probes.
 """
 from __future__ import annotations
 
