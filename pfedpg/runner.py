@@ -444,10 +444,12 @@ class Trainer:
                 "master_seed": cfg.seed,
                 "streams": "numpy.random.SeedSequence(master, spawn_key=(crc32(component), client, round))",
                 "participation": self.schedule,
-                "clients": [{k: f[k] for k in ("client", "partition_id", "train", "test", "val", "domain")}
-                            for f in self.client_facts],
-                "new_clients": [{k: f[k] for k in ("client", "partition_id", "train", "test", "val", "domain")}
-                                for f in self.new_facts],
+                "clients": [{k: f.get(k) for k in ("client", "train", "test", "val", "domain")} for f in self.client_facts],
+                # data.new_clients: their ids here, and every client's id in the partition
+                **({"new_clients": [{k: f[k] for k in ("client", "train", "test", "val", "domain")} for f in self.new_facts],
+                    "partition_ids": {"clients": [f["partition_id"] for f in self.client_facts],
+                                      "new_clients": [f["partition_id"] for f in self.new_facts]}}
+                   if self.new_facts else {}),
             }, indent=1))
             metrics_path.write_text("")
         self._log_file = open(self.run_dir / "log.txt", "a")
