@@ -6,7 +6,9 @@ pFedPG with the cross-attention generator, m = 10 from the seeded schedule), run
 once on Flower's simulation engine (Ray, one virtual SuperNode per client, 1 CPU per ClientApp actor,
 ``threads: 1`` on both sides). Prints seconds per training round (rounds after the first, without
 the final evaluation), the ratio Flower ÷ in-process, and whether the per-client accuracies agree
-exactly. Skips with a message when the data file is absent.
+exactly, and memory: the largest resident set (RSS) of each Ray ClientApp actor process, sampled
+every 0.2 s, against the in-process runner's own RSS after its run (what one process holding every
+client needs). Skips with a message when the data file is absent.
 Usage: python bench/flower.py [--clients 10 100 500] [--rounds 4]
 """
 from __future__ import annotations
@@ -44,6 +46,38 @@ def per_round(run_dir: Path) -> float:
     return statistics.mean(r["time_round_s"] for r in rows if r["type"] == "round" and 1 < r["round"] < last)
 
 
+class ActorRSS:
+    """Peak RSS per Ray worker process (``ray::`` in its title) under this process, sampled in a thread."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+
+        self.every, self.peak, self._stop = every, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for p in me.children(recursive=True):
+                try:
+                    title = " ".join(p.cmdline())
+                    if "ClientApp" in title or title.startswith("ray::") and "IDLE" not in title:
+                        self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 500])
@@ -58,16 +92,25 @@ def main() -> None:
     from pfedpg.runner import Trainer
 
     load_plugins()
-    print(f"{'N':>5} {'in-process s/round':>19} {'flower s/round':>15} {'ratio':>6} {'flower wall s':>14} same accuracies")
+    import psutil
+
+    mib = 2 ** 20
+    print(f"{'N':>5} {'in-process s/round':>19} {'flower s/round':>15} {'ratio':>6} {'flower wall s':>14} "
+          f"{'in-process RSS MiB':>19} {'actor RSS MiB (each)':>22} same accuracies")
     for n in args.clients:
         with tempfile.TemporaryDirectory() as d:
-            ref = Trainer(config(n, args.rounds, "inprocess"), run_dir=Path(d) / "in").run()
+            tr = Trainer(config(n, args.rounds, "inprocess"), run_dir=Path(d) / "in")
+            ref = tr.run()
+            rss_in = psutil.Process().memory_info().rss / mib
+            del tr
             t0 = time.time()
-            got = run_flower(config(n, args.rounds, "flower"), Path(d) / "fl", log=lambda m: None)
+            with ActorRSS() as rss:
+                got = run_flower(config(n, args.rounds, "flower"), Path(d) / "fl", log=lambda m: None)
             wall = time.time() - t0
             a, b = per_round(Path(d) / "in"), per_round(Path(d) / "fl")
             same = got["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
-            print(f"{n:>5} {a:>19.2f} {b:>15.2f} {b / a:>6.2f} {wall:>14.1f} {same}", flush=True)
+            actors = " / ".join(f"{v / mib:.0f}" for v in sorted(rss.peak.values(), reverse=True)[:4]) or "none seen"
+            print(f"{n:>5} {a:>19.2f} {b:>15.2f} {b / a:>6.2f} {wall:>14.1f} {rss_in:>19.0f} {actors:>22} {same}", flush=True)
 
 
 if __name__ == "__main__":
