@@ -150,10 +150,13 @@ def pooled_property_probe(features: dict[int, list[np.ndarray]], properties: dic
 
 
 def transfer_property_probe(train: dict[int, list[np.ndarray]], test: dict[int, list[np.ndarray]],
-                            properties: dict[str, np.ndarray]) -> dict:
+                            properties: dict[str, np.ndarray], *, permutations: int = 0,
+                            rng: np.random.Generator | None = None) -> dict:
     """Fit one probe per property on the ``train`` clients' rows (clients whose properties the server
     knows) and score the ``test`` clients' rows (e.g. new clients' join rounds), pooled over
-    properties. ``properties[name][n]`` is client n's property (ids index the arrays)."""
+    properties. ``properties[name][n]`` is client n's property (ids index the arrays). With
+    ``permutations``, the null: the known clients' properties shuffled among them (all properties
+    together, a client keeps one set), the probes refitted, and the p-value of the observed AUC."""
     def stack(feats):
         ids = sorted(feats)
         rows = np.concatenate([np.stack([np.asarray(f, dtype=float).reshape(-1) for f in feats[n]]) for n in ids])
@@ -161,20 +164,37 @@ def transfer_property_probe(train: dict[int, list[np.ndarray]], test: dict[int, 
 
     x_tr, g_tr = stack(train)
     x_te, g_te = stack(test)
-    scores, labels, per = [], [], {}
-    for name, prop in properties.items():
-        y_tr, y_te = prop[g_tr].astype(int), prop[g_te].astype(int)
-        if len(np.unique(y_tr)) < 2:
-            continue
-        model = _probe().fit(x_tr, y_tr)
-        prior = y_tr.mean()
-        scores.append(model.decision_function(x_te) - np.log(prior / (1 - prior)))
-        labels.append(y_te)
+    known = np.array(sorted(train))
+
+    def pooled(owner: dict[int, int] | None):
+        scores, labels = [], []
+        src = g_tr if owner is None else np.array([owner[g] for g in g_tr])
+        for prop in properties.values():
+            y_tr, y_te = prop[src].astype(int), prop[g_te].astype(int)
+            if len(np.unique(y_tr)) < 2:
+                continue
+            model = _probe().fit(x_tr, y_tr)
+            prior = y_tr.mean()
+            scores.append(model.decision_function(x_te) - np.log(prior / (1 - prior)))
+            labels.append(y_te)
+        return scores, labels
+
+    scores, labels = pooled(None)
     if not scores or len(np.unique(np.concatenate(labels))) < 2:
         return {"status": "not applicable: no property varies among both the known and the probed clients"}
     scores, labels = np.concatenate(scores), np.concatenate(labels)
     result = probe_metrics(scores, labels)
     result.update(clients_known=len(train), clients_probed=len(test), rows_probed=int(len(g_te)),
                   properties=len(labels) // max(1, len(g_te)))
+    if permutations:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        null = []
+        for _ in range(permutations):
+            s, lab = pooled(dict(zip(known.tolist(), rng.permutation(known).tolist())))
+            if s and len(np.unique(np.concatenate(lab))) == 2:
+                null.append(probe_metrics(np.concatenate(s), np.concatenate(lab))["auc"])
+        result.update(permutation_p_value=float((1 + sum(a >= result["auc"] for a in null)) / (1 + len(null))),
+                      null_auc_mean=float(np.mean(null)) if null else None,
+                      null_auc_std=float(np.std(null)) if null else None)
     result["_curve"] = (scores, labels)
     return result

@@ -296,7 +296,8 @@ class LeakageAudit(Hook):
             train = {n: f for n, f in views[view].items() if n in known}
             if not feats or not train:
                 continue
-            res = transfer_property_probe(train, feats, props)
+            res = transfer_property_probe(train, feats, props, permutations=self.permutations,
+                                          rng=ctx.seeds.numpy("audit.attribute_new", round=len(view)))
             res["features"] = {"descriptor": "d_new − d_new(0) after each join round (d_new(0): the mean descriptor)",
                                "prompt": "G(P_base, d_new) sent each join round",
                                "delta": "released ΔP_new each join round"}[view]
