@@ -198,40 +198,6 @@ from evaluations.flower_local import Federation, free_port as _free_port  # noqa
 
 @DEPLOY
 @pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
-def test_deployment_two_supernodes(tmp_path):
-    cfg = tiny_config(threads=1, **{"data.num_domains": 2})  # 2 clients, 2 rounds
-    # Node 0 keeps its client alive in a long-running worker; node 1 builds it in every ClientApp.
-    sock = Path(f"/tmp/pfedpg-test-{os.getpid()}-{_free_port()}.sock")
-    fed = Federation(tmp_path, clients=2, node_configs=[{"partition-id": 0, "worker": str(sock)}, {"partition-id": 1}])
-    try:
-        proc = fed.train(cfg, tmp_path / "run")
-        assert sock.exists()  # the worker listens while its SuperNode runs
-        worker_pid = int((Path(str(sock) + ".log").read_text().split("(pid ")[1]).split(")")[0])
-    finally:
-        codes = fed.shutdown()
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "plaintext" in proc.stderr  # insecure: true is explicit and warned about
-    # The worker ends with its SuperNode.
-    deadline = time.time() + 30
-    while time.time() < deadline and Path(f"/proc/{worker_pid}").exists():
-        time.sleep(0.2)
-    assert not Path(f"/proc/{worker_pid}").exists() and not sock.exists()
-    for f in (Path(str(sock) + ".log"), Path(str(sock) + ".lock")):
-        f.unlink(missing_ok=True)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
-    assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
-    assert _rows(tmp_path / "run") == _rows(tmp_path / "ref")
-    # Clean shutdown: every process ends on SIGTERM (uvicorn re-raises it after a graceful stop),
-    # the SuperLink completes its shutdown, and no child process is left behind.
-    assert all(c in (0, -signal.SIGTERM) for c in codes.values()), codes
-    assert "Application shutdown complete" in (tmp_path / "superlink.log").read_text()
-    time.sleep(1)
-    assert fed.leftovers() == []
-
-
-@DEPLOY
-@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
 def test_deployment_client_dies_mid_run(tmp_path):
     # Flower marks a killed node offline after ~60 s (heartbeats); a 50 s timeout leaves a healthy
     # client margin on a loaded machine and costs no extra time here.
@@ -254,6 +220,7 @@ def test_deployment_client_dies_mid_run(tmp_path):
     finally:
         fed.shutdown()
     assert proc.returncode == 0, out[-3000:]
+    assert "plaintext" in out  # insecure: true is explicit and warned about
     rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
     rounds = {r["round"]: r for r in rows if r["type"] == "round"}
     assert sorted(rounds) == [1, 2]
@@ -365,13 +332,16 @@ def test_node_local_class_lists_must_agree(tmp_path):
 def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
     """A deployment as a federation of hospitals runs it: each SuperNode reads only its own files,
     the SuperLink serves TLS and admits only registered SuperNodes. Same numbers as the in-process
-    run on the same records (which the plaintext deployment above also matches)."""
+    run on the same records; node 0 serves its messages from a long-running worker (``worker=``)."""
     from evaluations.flower_certs import make_certificates
 
     cfg = tiny_config(threads=1, **{"data.num_domains": 2})  # 2 clients, 2 rounds
     certs = tmp_path / "certs"
     make_certificates(certs, nodes=3)
     nodes = write_node_files(cfg, tmp_path)
+    # Node 0 keeps its client alive in a long-running worker; node 1 builds it in every ClientApp.
+    sock = Path(f"/tmp/pfedpg-test-{os.getpid()}-{_free_port()}.sock")
+    nodes[0]["worker"] = str(sock)
     fed = Federation(tmp_path, clients=2, certs=certs, auth=True, node_configs=nodes)
     try:
         # A SuperNode whose key was never registered is turned away.
@@ -386,15 +356,30 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
                 os.killpg(rogue.pid, signal.SIGKILL)
         proc = fed.train(_flower(cfg, num_clients=2, superlink=f"127.0.0.1:{fed.port}",
                                  root_certificates=str(certs / "ca.crt")), tmp_path / "run")
+        assert sock.exists()  # the worker listens while its SuperNode runs
+        worker_pid = int((Path(str(sock) + ".log").read_text().split("(pid ")[1]).split(")")[0])
     finally:
-        fed.shutdown()
+        codes = fed.shutdown()
     assert rogue_code != 0 and "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plaintext" not in proc.stderr  # TLS: no insecure warning
+    # The worker ends with its SuperNode.
+    deadline = time.time() + 30
+    while time.time() < deadline and Path(f"/proc/{worker_pid}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{worker_pid}").exists() and not sock.exists()
+    for f in (Path(str(sock) + ".log"), Path(str(sock) + ".lock")):
+        f.unlink(missing_ok=True)
     ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
     assert _rows(tmp_path / "run") == _rows(tmp_path / "ref")
+    # Clean shutdown: every process ends on SIGTERM (uvicorn re-raises it after a graceful stop),
+    # the SuperLink completes its shutdown, and no child process is left behind.
+    assert all(c in (0, -signal.SIGTERM) for c in codes.values()), codes
+    assert "Application shutdown complete" in (tmp_path / "superlink.log").read_text()
+    time.sleep(1)
+    assert fed.leftovers() == []
 
 
 def test_deployment_connection_settings_are_checked_first(tmp_path, capsys):
