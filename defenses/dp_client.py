@@ -78,11 +78,14 @@ class ClientLevelDP(Hook):
             raise ConfigError(f"dp_client.delta={self.delta} must be < 1/N = {1.0 / n:.3g} for client-level DP"
                               f"{' (N counts the new clients)' if ctx.new_clients else ''}; lower it")
         if self.target_epsilon is not None and self.noise_multiplier is None:
-            joins = max(max(sum(c in r for r in ctx.schedule) for c in range(ctx.num_clients)), self.new_client_releases(ctx))
+            trained = max(sum(c in r for r in ctx.schedule) for c in range(ctx.num_clients))
+            joins = max(trained, self.new_client_releases(ctx))
             unit = calibrate_noise(target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=1.0,
                                    steps=joins, accountant=self.accountant_name)
             self.noise_multiplier = unit * self.sensitivity / self.clip  # z = 2·unit under replace
-            ctx.log(f"dp_client: z = {self.noise_multiplier:.4f} for ε = {self.target_epsilon} over {joins} releases")
+            who = "" if joins == trained else (f" (a new client's join rounds; training clients release at most {trained} "
+                                              "times and end below the target)")
+            ctx.log(f"dp_client: z = {self.noise_multiplier:.4f} for ε = {self.target_epsilon} over {joins} releases{who}")
 
     @staticmethod
     def new_client_releases(ctx) -> int:
@@ -131,6 +134,9 @@ class ClientLevelDP(Hook):
         if ctx.new_clients:
             out["new_clients"] = {"clients": list(ctx.new_clients), "releases": self.new_client_releases(ctx),
                                   **self.accountants.summary(list(ctx.new_clients))}
+            # epsilon_max is over every client; epsilon_per_client lists the training clients
+            out["epsilon_max_training_clients"] = out["epsilon_max"]
+            out["epsilon_max"] = max(out["epsilon_max"], out["new_clients"]["epsilon_max"])
         return out
 
     def state_dict(self):

@@ -212,6 +212,8 @@ class RecordLevelDPSGD(Hook):
         if ctx.new_clients:
             out["new_clients"] = {"clients": list(ctx.new_clients), "noise_multiplier": [self.noise[c] for c in ctx.new_clients],
                                   "local_trainings": ctx.join_rounds + 1, **self.accountants.summary(list(ctx.new_clients))}
+            out["epsilon_max_training_clients"] = out["epsilon_max"]  # epsilon_max: over every client
+            out["epsilon_max"] = max(out["epsilon_max"], out["new_clients"]["epsilon_max"])
         return out
 
     def state_dict(self):

@@ -16,32 +16,43 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def learning_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Mean and worst per-client test accuracy per evaluated round, adapted and generated prompts;
-    with new clients, theirs after each join round (round T + j = join round j)."""
+    with new clients, theirs after each join round in a second panel."""
     run_dir = Path(run_dir)
-    rounds = [r for r in read_metrics(run_dir) if r["type"] == "round" and "acc_adapted_mean" in r]
+    rows = read_metrics(run_dir)
+    rounds = [r for r in rows if r["type"] == "round" and "acc_adapted_mean" in r]
+    joins = [r for r in rows if r["type"] == "join"]  # data.new_clients
     out = Path(out) if out else run_dir / "learning_curve.png"
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, axes = plt.subplots(1, 2 if joins else 1, figsize=(10 if joins else 6, 4), dpi=120, squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]} if joins else None)
+    ax = axes[0][0]
     xs = [r["round"] for r in rounds]
     ax.plot(xs, [r["acc_adapted_mean"] for r in rounds], "-o", ms=3, color="C0", label="adapted prompt P̃ (mean)")
     ax.plot(xs, [r["acc_adapted_worst"] for r in rounds], "--", color="C0", alpha=0.6, label="adapted (worst client)")
     if rounds and "acc_generated_mean" in rounds[0]:
         ax.plot(xs, [r["acc_generated_mean"] for r in rounds], "-s", ms=3, color="C1", label="generated prompt P (mean)")
         ax.plot(xs, [r["acc_generated_worst"] for r in rounds], "--", color="C1", alpha=0.6, label="generated (worst client)")
-    joins = [r for r in read_metrics(run_dir) if r["type"] == "join"]
-    if joins:  # data.new_clients: their accuracy after each join round, after the last training round
-        by_round: dict[int, list[float]] = {}
-        for r in joins:
-            by_round.setdefault(r["round"], []).append(r["acc_adapted"])
-        jx = sorted(by_round)
-        ax.axvline(jx[0], color="grey", ls=":", lw=1)
-        ax.plot(jx, [sum(by_round[x]) / len(by_round[x]) for x in jx], "-^", ms=3, color="C2",
-                label="new clients (mean; join rounds after the last round)")
-        ax.plot(jx, [min(by_round[x]) for x in jx], "--", color="C2", alpha=0.6, label="new clients (worst)")
     ax.set_xlabel("round")
     ax.set_ylabel("per-client test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if joins:  # the new clients after each join round (0 = the head alone on the received prompt)
+        jx = sorted({r["join_round"] for r in joins})
+        acc = {j: [r["acc_adapted"] for r in joins if r["join_round"] == j] for j in jx}
+        nx = axes[0][1]
+        nx.plot(jx, [sum(acc[j]) / len(acc[j]) for j in jx], "-^", ms=4, color="C2", label="adapted (mean)")
+        nx.plot(jx, [min(acc[j]) for j in jx], "--v", ms=3, color="C2", alpha=0.6, label="adapted (worst)")
+        gen = {j: [r["acc_generated"] for r in joins if r["join_round"] == j and r.get("acc_generated") is not None]
+               for j in jx}
+        if all(gen[j] for j in jx):
+            nx.plot(jx, [sum(gen[j]) / len(gen[j]) for j in jx], "-s", ms=3, color="C1", label="generated G(P_base, d_new) (mean)")
+        nx.set_xlabel("join round after the last round (0 = head only)")
+        nx.set_ylim(0, 1)
+        nx.set_xticks(jx)
+        nx.grid(alpha=0.3)
+        nx.legend(fontsize=8)
+        nx.set_title(f"{len(acc[jx[0]])} new client{'s' if len(acc[jx[0]]) != 1 else ''}", fontsize=9)
     ax.set_title(run_dir.name, fontsize=9)
     fig.tight_layout()
     fig.savefig(out)

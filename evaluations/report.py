@@ -97,21 +97,28 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     if gen:
         lines.append(f"| generated P_n + head H_n | {_pct(gen['mean'])} | {_pct(gen['worst'])} | {_pct(gen['best'])} | {_pct(gen['std'])} |")
-    lines += ["", "| client | who | train | test | adapted | generated |", "|---|---|---|---|---|---|"]
+    pids = s["data"].get("partition_ids")  # with new clients, training clients are renumbered
+    lines += ["", "| client |" + (" partition id |" if pids else "") + " who | train | test | adapted | generated |",
+              "|---|" + ("---|" if pids else "") + "---|---|---|---|---|"]
     names = s["data"].get("client_names") or [""] * len(acc["per_client"])
     for n, a in enumerate(acc["per_client"]):
         g = gen["per_client"][n] if gen else None
-        lines.append(f"| {n} | {names[n]} | {s['data']['train_per_client'][n]} | {s['data']['test_per_client'][n]} | "
-                     f"{_pct(a)} | {_pct(g)} |")
+        lines.append(f"| {n} |" + (f" {pids[n]} |" if pids else "") + f" {names[n]} | {s['data']['train_per_client'][n]} | "
+                     f"{s['data']['test_per_client'][n]} | {_pct(a)} | {_pct(g)} |")
     new = s.get("new_clients")
     if new and new.get("accuracy"):
         na, ng = new["accuracy"], new.get("accuracy_generated")
+        k = len(new["clients"])
+        ncomm = new.get("communication") or {}
         lines += ["", "## New clients", "",
-                  f"{len(new['clients'])} client(s) held out of training (partition ids {new['partition_ids']}) joined after "
+                  f"{k} client{'s' if k != 1 else ''} held out of training (partition ids {new['partition_ids']}) joined after "
                   f"the last round. They start from {new['start']}. Join round 0 is {new['round_0']}; each method spends the "
-                  f"same (R + 1)·E = {new['budget_epochs']} local epochs. Test records per new client: "
-                  f"{', '.join(map(str, new['test_per_client']))}.", "",
-                  "| join round | mean | worst |" + (" generated prompt (mean) |" if ng else ""),
+                  f"same (R + 1)·E = {new['budget_epochs']} local epoch{'s' if new['budget_epochs'] != 1 else ''}. Test records "
+                  f"per new client: {', '.join(map(str, new['test_per_client']))}."
+                  + (f" Each exchanges {ncomm['down_numbers_per_client']:,} numbers down and {ncomm['up_numbers_per_client']:,} "
+                     "up over its join rounds." if ncomm else ""), "",
+                  "Accuracy % of each new client's adapted prompt and head on its own test split, after each join round:", "",
+                  "| join round | mean | worst |" + (" generated prompt + head (mean) |" if ng else ""),
                   "|---|---|---|" + ("---|" if ng else "")]
         for j in range(new["join_rounds"] + 1):
             lines.append(f"| {j} | {_pct(na['mean'][j])} | {_pct(na['worst'][j])} |"
@@ -136,7 +143,9 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "## Time",
         "",
-        f"Set-up {s['time']['setup_s']:.1f} s, rounds {s['time']['rounds_s']:.1f} s ({s['time']['mean_round_s']:.2f} s per round).",
+        f"Set-up {s['time']['setup_s']:.1f} s, rounds {s['time']['rounds_s']:.1f} s ({s['time']['mean_round_s']:.2f} s per round)"
+        + (f", new clients' join rounds {s['new_clients']['seconds']:.1f} s." if (s.get("new_clients") or {}).get("seconds")
+           is not None else "."),
     ]
     if s.get("hooks"):
         lines += ["", "## Hooks", "", "Config order: " + ", ".join(f"`{h}`" for h in s["hooks"]) + "."]

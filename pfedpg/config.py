@@ -216,7 +216,8 @@ class RunConfig:
                 raise ConfigError(f"{key}={v!r} must be a positive integer")
         if isinstance(self.new_client_rounds, bool) or not isinstance(self.new_client_rounds, int) \
                 or self.new_client_rounds < 0:
-            raise ConfigError(f"new_client_rounds={self.new_client_rounds!r} must be an integer >= 0 "
+            raise ConfigError(f"new_client_rounds={'null' if self.new_client_rounds is None else repr(self.new_client_rounds)} "
+                              "must be an integer >= 0 "
                               "(0 = only the head trained on the received prompt)")
         if self.data.new_clients is not None and self.engine != "inprocess":
             raise ConfigError("data.new_clients runs on engine: inprocess only (the Flower engine has no join rounds "

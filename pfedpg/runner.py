@@ -60,12 +60,14 @@ def set_aside(run_dir: str | Path) -> Path:
     return keep
 
 
-def participation_schedule(*, num_clients: int, per_round: int | None, rounds: int, seeds: Seeds) -> list[list[int]]:
+def participation_schedule(*, num_clients: int, per_round: int | None, rounds: int, seeds: Seeds,
+                           held_out: int = 0) -> list[list[int]]:
     """Pre-computed, seeded m-of-N schedule (full participation when per_round is None)."""
     if per_round is None or per_round == num_clients:
         return [list(range(num_clients)) for _ in range(rounds)]
     if per_round > num_clients:
-        raise ConfigError(f"clients_per_round={per_round} exceeds the {num_clients} clients; lower it or use null (all)")
+        raise ConfigError(f"clients_per_round={per_round} exceeds the {num_clients} clients that train"
+                          f"{' (data.new_clients are held out)' if held_out else ''}; lower it or use null (all)")
     return [sorted(int(c) for c in seeds.numpy("participation", round=r).choice(num_clients, per_round, replace=False))
             for r in range(1, rounds + 1)]
 
@@ -134,7 +136,7 @@ class Trainer:
                                  dim=self.dim, init_bound=self.init_bound, seeds=self.seeds, train_sizes=train_sizes)
         self.states = [self._initial_state(n) for n in range(self.num_clients)]
         self.schedule = participation_schedule(num_clients=self.num_clients, per_round=cfg.clients_per_round,
-                                               rounds=cfg.rounds, seeds=self.seeds)
+                                               rounds=cfg.rounds, seeds=self.seeds, held_out=len(self.new_facts))
         self.ctx = RunContext(config=cfg, seeds=self.seeds, run_dir=self.run_dir, num_clients=self.num_clients,
                               log=self.log, num_classes=self.num_classes, server=self.server,
                               schedule=self.schedule, train_sizes=train_sizes, eval_data=self.test_data,
@@ -661,8 +663,8 @@ class Trainer:
             if stop:
                 break
         name = self.client_names([fact])[0]
-        self.log(f"new client {n} (partition id {fact['partition_id']}, {name}): round 0 {rows[0]['acc_adapted']:.4f}"
-                 f" -> join round {rows[-1]['join_round']} {rows[-1]['acc_adapted']:.4f}")
+        self.log(f"new client {n} (partition id {fact['partition_id']}, {name}): accuracy after join round 0 (head only) "
+                 f"{rows[0]['acc_adapted']:.4f} -> after join round {rows[-1]['join_round']} {rows[-1]['acc_adapted']:.4f}")
         return rows
 
     def new_clients_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -684,6 +686,10 @@ class Trainer:
 
         acc = curve("acc_adapted")
         errors = [r["error"] for r in got.values() if "error" in r]
+        k_d = self.prompt_tokens * self.dim
+        # What one new client exchanges with the server over its join rounds (numbers of K×D prompts).
+        down = {"pfedpg": (R + 1) * k_d, "fedvpt": k_d}.get(cfg.method, 0)  # a prompt per join round / the global one
+        up = R * k_d if self.server.joins_with_updates else 0
         return {
             "clients": ids, "partition_ids": [f["partition_id"] for f in self.new_facts],
             "names": self.client_names(self.new_facts), "join_rounds": R, "local_epochs": cfg.client.local_epochs,
@@ -694,6 +700,8 @@ class Trainer:
             "test_per_client": [f["evaluated"] for f in self.new_facts],
             "accuracy": acc, "accuracy_generated": curve("acc_generated"),
             "final": {"mean": acc["mean"][-1], "worst": acc["worst"][-1]} if acc else None,
+            "communication": {"down_numbers_per_client": down, "up_numbers_per_client": up,
+                              "bytes_per_client": 4 * (down + up)},
             **({"errors": errors} if errors else {}),
             "seconds": getattr(self, "join_seconds", None),
         }
@@ -725,7 +733,9 @@ class Trainer:
             "data": {"source": self.cfg.data.source, "partition": self.cfg.data.partition,
                      "train_per_client": [f["train"] for f in self.client_facts],
                      "test_per_client": [f["evaluated"] for f in self.client_facts],
-                     "client_names": self.client_names()},
+                     "client_names": self.client_names(),
+                     # with data.new_clients the training clients are renumbered; their ids in the partition:
+                     **({"partition_ids": [f["partition_id"] for f in self.client_facts]} if self.new_facts else {})},
             "evaluated_on": self.cfg.evaluate_on,
             "time": {"setup_s": self.setup_seconds, "rounds_s": sum(r["time_round_s"] for r in rounds),
                      "mean_round_s": float(np.mean([r["time_round_s"] for r in rounds])) if rounds else 0.0,

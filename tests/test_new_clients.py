@@ -98,6 +98,14 @@ def test_new_clients_join_after_training_and_never_train_before(tmp_path, method
         assert new["accuracy_generated"]["per_client"][0][0] == joins[0]["acc_adapted"]  # round 0: the prompt it got
     else:
         assert new["accuracy_generated"] is None and all("delta_norm" not in r for r in joins)
+    comm = new["communication"]  # what one newcomer exchanges over its join rounds
+    k_d = tr.prompt_tokens * tr.dim
+    assert (comm["down_numbers_per_client"], comm["up_numbers_per_client"]) == \
+        {"pfedpg": (3 * k_d, 2 * k_d), "fedvpt": (k_d, 0), "local": (0, 0)}[method]
+    from evaluations.report import write_report
+
+    report = write_report(tmp_path / "r").read_text()
+    assert "## New clients" in report and "| client | partition id |" in report and summary["data"]["partition_ids"] == [0, 2, 3]
 
 
 def test_join_rounds_leave_the_shared_state_bit_identical(tmp_path):
@@ -137,8 +145,9 @@ def test_a_count_of_new_clients_is_drawn_with_the_seed():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"data.new_clients": 3}, "holds out all 3 clients"),
-    ({"data.new_clients": [0, 1, 2]}, "holds out all 3 clients"),
+    ({"data.new_clients": 3}, "asks for 3 of the partition's 3 clients.*data.clients_per_domain"),
+    ({"data.new_clients": 5}, "asks for 5 of the partition's 3 clients"),
+    ({"data.new_clients": [0, 1, 2]}, "asks for 3 of the partition's 3 clients"),
     ({"data.new_clients": [5]}, "partition id 5"),
 ])
 def test_impossible_new_clients_are_one_line_errors(overrides, message):
@@ -150,6 +159,8 @@ def test_impossible_new_clients_are_one_line_errors(overrides, message):
     ({"data.new_clients": 0}, "data.new_clients"),
     ({"data.new_clients": [1, 1]}, "distinct"),
     ({"data.new_clients": [-1]}, "distinct partition ids"),
+    ({"data.new_clients": True}, "a count >= 1, a list of distinct partition ids"),
+    ({"data.new_clients": "two"}, "a count >= 1, a list of distinct partition ids"),
     ({"new_client_rounds": -1}, "new_client_rounds"),
     ({"data.new_clients": 1, "engine": "flower"}, "engine: inprocess only"),
 ])
@@ -169,7 +180,8 @@ def test_join_rounds_are_releases_for_dp_client(tmp_path):
     new = res["new_clients"]
     assert new["clients"] == tr.ctx.new_clients and new["releases"] == 3
     assert new["epsilon_max"] == pytest.approx(4.0, rel=0.01)
-    assert res["epsilon_max"] < 3.9  # 2 releases at the same z
+    assert res["epsilon_max_training_clients"] < 3.9  # 2 releases at the same z
+    assert res["epsilon_max"] == new["epsilon_max"]  # the run's headline ε is over every client
     z = res["noise_multiplier"]
     for e in tr.ctx.joins[tr.ctx.new_clients[0]]:  # clip 0.05, noise std z·C per coordinate
         assert float(e["delta"].norm()) == pytest.approx(z * 0.05 * e["delta"].numel() ** 0.5, rel=0.2)
@@ -195,6 +207,7 @@ def test_dp_sgd_accounts_every_local_training_of_a_newcomer(tmp_path):
     assert res["local_trainings"] == 3
     assert len(dp.accountants._acc[n].history) == 1 and dp.accountants._acc[n].history[0][2] == 3 * dp.steps(tr.new_facts[0]["train"])
     assert res["epsilon_max"] == pytest.approx(6.0, rel=0.01)
+    assert summary["hook_results"]["dp_sgd"]["epsilon_max"] >= res["epsilon_max"]
     rows = _rows(tmp_path / "r", "join")
     assert rows[0]["local_steps"] == dp.steps(tr.new_facts[0]["train"])  # round 0 runs DP-SGD too
 

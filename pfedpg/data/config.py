@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from pfedpg.data.embedded import EMBEDDED_SHIFTS, OVERLAY_DOMAINS
 from pfedpg.errors import ConfigError
@@ -107,7 +108,7 @@ class DataConfig:
     # Clients held out of training (DESIGN §1, "New clients"): a count k (k of the partition's
     # clients, drawn with the run's seed) or a list of partition ids. They take no part in any
     # training round; after the last round each joins for `new_client_rounds` join rounds.
-    new_clients: int | list[int] | None = None
+    new_clients: Any = None  # validated below (a count, a list of partition ids, or null)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCE_NAMES:
@@ -129,14 +130,15 @@ class DataConfig:
         self.alpha = float(self.alpha)
         _check_int("classes_per_client", self.classes_per_client, low=1)
         _check_int("min_size", self.min_size, low=1)
-        if isinstance(self.new_clients, (list, tuple)):
-            ids = list(self.new_clients)
-            if not ids or not all(_is_int(c) and c >= 0 for c in ids) or len(set(ids)) != len(ids):
-                raise _fail("new_clients", self.new_clients, "must be a count >= 1, a list of distinct partition ids "
-                            "(integers >= 0), or null")
-            self.new_clients = sorted(ids)
-        else:
-            _check_int("new_clients", self.new_clients, low=1, optional=True)
+        if self.new_clients is not None:
+            nc = self.new_clients
+            ok = (_is_int(nc) and nc >= 1) or (isinstance(nc, (list, tuple)) and nc and all(_is_int(c) and c >= 0 for c in nc)
+                                                and len(set(nc)) == len(nc))
+            if not ok:
+                raise _fail("new_clients", nc, "must be a count >= 1, a list of distinct partition ids (integers >= 0), "
+                            "or null")
+            if isinstance(nc, (list, tuple)):
+                self.new_clients = sorted(nc)
         _check_int("max_retries", self.max_retries, low=1)
         if not _is_number(self.test_fraction) or not 0 < self.test_fraction < 1:
             raise _fail("test_fraction", self.test_fraction, "must be a number in (0, 1)")

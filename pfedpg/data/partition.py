@@ -388,9 +388,10 @@ def new_client_ids(num_clients: int, cfg: "DataConfig", *, seed: int) -> list[in
     else:
         ids = sorted(int(c) for c in Seeds(seed).numpy("data.new_clients").choice(num_clients, min(spec, num_clients),
                                                                                   replace=False))
-    if len(ids) >= num_clients:
-        raise ConfigError(f"data.new_clients={spec!r} holds out all {num_clients} clients of the partition; leave at least "
-                          "one to train (lower it, or raise data.num_clients)")
+    if (spec if isinstance(spec, int) else len(ids)) >= num_clients:
+        more = "data.clients_per_domain or data.num_domains" if cfg.partition == "domain" else "data.num_clients"
+        raise ConfigError(f"data.new_clients={spec!r} asks for {spec if isinstance(spec, int) else len(ids)} of the "
+                          f"partition's {num_clients} clients, and at least one must train; lower it, or raise {more}")
     return ids
 
 
