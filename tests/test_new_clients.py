@@ -212,19 +212,24 @@ def test_dp_sgd_accounts_every_local_training_of_a_newcomer(tmp_path):
     assert rows[0]["local_steps"] == dp.steps(tr.new_facts[0]["train"])  # round 0 runs DP-SGD too
 
 
+def _with_a_new_client(path, *, join_rounds: int):
+    """A grid file whose base has 4 domain clients, one of them held out as a new client."""
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["data"].update(num_domains=4, new_clients=1)
+    spec["base"]["new_client_rounds"] = join_rounds
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def test_privacy_sweep_gains_a_new_clients_column(tmp_path):
     import csv
-
-    import yaml
 
     from evaluations.privacy import load_sweep, run_sweep
     from test_privacy_sweep import sweep_file
 
-    path = sweep_file(tmp_path, baselines=["nonprivate", "local"])
-    spec = yaml.safe_load(path.read_text())
-    spec["base"]["data"].update(num_domains=4, new_clients=1)
-    spec["base"]["new_client_rounds"] = 2
-    path.write_text(yaml.safe_dump(spec))
+    path = _with_a_new_client(sweep_file(tmp_path, baselines=["nonprivate", "local"]), join_rounds=2)
     out = run_sweep(*load_sweep(path), log=lambda m: None)
     with open(out / "tradeoff.csv") as f:
         rows = {r["mechanism"]: r for r in csv.DictReader(f)}
@@ -239,19 +244,12 @@ def test_privacy_sweep_gains_a_new_clients_column(tmp_path):
 
 def test_robustness_matrix_gains_a_new_clients_column_and_newcomers_are_never_malicious(tmp_path):
     import csv
-    import json
-
-    import yaml
 
     from evaluations.robustness import load_matrix, run_matrix
     from test_robustness_matrix import matrix_file
 
-    path = matrix_file(tmp_path, attacks={"sign_flip": {"space": "grad"}}, defenses={"sum": {}},
-                       malicious_fractions=[0.0, 0.34])
-    spec = yaml.safe_load(path.read_text())
-    spec["base"]["data"].update(num_domains=4, new_clients=1)
-    spec["base"]["new_client_rounds"] = 1
-    path.write_text(yaml.safe_dump(spec))
+    path = _with_a_new_client(matrix_file(tmp_path, attacks={"sign_flip": {"space": "grad"}}, defenses={"sum": {}},
+                                          malicious_fractions=[0.0, 0.34]), join_rounds=1)
     out = run_matrix(*load_matrix(path), log=lambda m: None)
     with open(out / "robustness.csv") as f:
         rows = list(csv.DictReader(f))
