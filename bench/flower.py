@@ -47,7 +47,8 @@ def per_round(run_dir: Path) -> float:
 
 
 class ActorRSS:
-    """Peak RSS per Ray worker process (``ray::`` in its title) under this process, sampled in a thread."""
+    """Peak RSS per Ray ClientApp worker process (a ``ray::`` process title other than IDLE), read from
+    /proc every ``every`` seconds in a thread (Linux)."""
 
     def __init__(self, every: float = 0.2):
         import threading
@@ -56,16 +57,17 @@ class ActorRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
         while not self._stop.is_set():
-            for p in me.children(recursive=True):
+            for d in Path("/proc").iterdir():
+                if not d.name.isdigit():
+                    continue
                 try:
-                    title = " ".join(p.cmdline())
-                    if "ClientApp" in title or title.startswith("ray::") and "IDLE" not in title:
-                        self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    title = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    if title.startswith("ray::") and "IDLE" not in title:
+                        rss = next(int(ln.split()[1]) * 1024 for ln in (d / "status").read_text().splitlines()
+                                   if ln.startswith("VmRSS:"))
+                        self.peak[int(d.name)] = max(self.peak.get(int(d.name), 0), rss)
+                except (OSError, StopIteration):
                     pass
             self._stop.wait(self.every)
 
@@ -76,6 +78,12 @@ class ActorRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (Linux /proc)."""
+    return next(int(ln.split()[1]) * 1024 for ln in Path("/proc/self/status").read_text().splitlines()
+                if ln.startswith("VmRSS:"))
 
 
 def main() -> None:
@@ -92,8 +100,6 @@ def main() -> None:
     from pfedpg.runner import Trainer
 
     load_plugins()
-    import psutil
-
     mib = 2 ** 20
     print(f"{'N':>5} {'in-process s/round':>19} {'flower s/round':>15} {'ratio':>6} {'flower wall s':>14} "
           f"{'in-process RSS MiB':>19} {'actor RSS MiB (each)':>22} same accuracies")
@@ -101,7 +107,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             tr = Trainer(config(n, args.rounds, "inprocess"), run_dir=Path(d) / "in")
             ref = tr.run()
-            rss_in = psutil.Process().memory_info().rss / mib
+            rss_in = rss_bytes() / mib
             del tr
             t0 = time.time()
             with ActorRSS() as rss:
