@@ -66,8 +66,7 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg)
     _check_writable(run_dir, "run directory")
-    _OUT.resume_hint = (f"pfedpg-eval train --resume --run-dir {run_dir} (before its first checkpoint: the same "
-                        "command without --resume starts it again)")
+    _OUT.resume_hint = lambda: train_resume_hint(run_dir)
     summary = run_training(cfg, run_dir, log=_log, progress=not args.no_progress and not _OUT.quiet,
                            resume=args.resume, restart=args.restart)
     report = write_report(run_dir)
@@ -341,8 +340,17 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split("\n"))
 
 
+def train_resume_hint(run_dir: Path) -> str:
+    """What an interrupted ``train`` says: --resume where a checkpoint exists, else the same command."""
+    from pfedpg.runner import latest_checkpoint
+
+    if latest_checkpoint(run_dir) is not None:
+        return f"pfedpg-eval train --resume --run-dir {run_dir}"
+    return f"the same command (no checkpoint in {run_dir} yet: it starts the run again)"
+
+
 def _interrupted() -> int:
-    hint = _OUT.resume_hint
+    hint = _OUT.resume_hint() if callable(_OUT.resume_hint) else _OUT.resume_hint
     print("\ninterrupted" + (f"; resume with: {hint}" if hint else ""), file=sys.stderr)
     return 130
 

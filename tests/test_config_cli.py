@@ -243,6 +243,16 @@ def test_ctrl_c_ends_with_the_resume_command(tmp_path):
     assert err.strip().splitlines()[-1].startswith(f"interrupted; resume with: pfedpg-eval train --resume --run-dir {run_dir}")
 
 
+def test_the_interrupt_hint_says_resume_only_once_a_checkpoint_exists(tmp_path):
+    from evaluations.cli import train_resume_hint
+
+    run_dir = tmp_path / "run"
+    assert train_resume_hint(run_dir).startswith("the same command (no checkpoint in")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "round_0001.pt").write_bytes(b"")
+    assert train_resume_hint(run_dir) == f"pfedpg-eval train --resume --run-dir {run_dir}"
+
+
 def test_a_misspelt_hook_option_lists_the_hooks_options():
     from evaluations.plugins import load_plugins
 
