@@ -145,9 +145,8 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
         z = hook["noise_multiplier"]
         row.update(noise_multiplier=float(np.mean(z)) if isinstance(z, list) else z, delta=hook["delta"],
                    epsilon_max=hook["epsilon_max"], epsilon_mean=hook["epsilon_mean"])
-        if hook.get("new_clients"):  # the largest ε is over every client, the new ones included
+        if hook.get("new_clients"):  # (the hook's epsilon_max is already over every client, these included)
             row["new_clients_epsilon_max"] = hook["new_clients"]["epsilon_max"]
-            row["epsilon_max"] = max(row["epsilon_max"], row["new_clients_epsilon_max"])
     elif cell["mechanism"] == "nonprivate":
         row.update(epsilon_max=math.inf, epsilon_mean=math.inf)
     return row

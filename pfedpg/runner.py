@@ -14,6 +14,7 @@ Evaluation uses the final round only (no best-round selection on test data).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -148,6 +149,7 @@ class Trainer:
                               new_client_info=self.client_info(self.new_facts),
                               join_rounds=cfg.new_client_rounds if self.new_facts else 0)
         self.setup_seconds = time.time() - t0
+        self.join_seconds = 0.0  # the new clients' join rounds (run_new_clients)
         self.round = 0
         self.current_round = 0  # the round being run (evaluation messages name it)
 
@@ -215,17 +217,23 @@ class Trainer:
             self._log_file.write(msg + "\n")
             self._log_file.flush()
 
-    def _initial_state(self, n: int) -> ClientState:
-        k, d, c = self.prompt_tokens, self.dim, self.num_classes
-        g = self.seeds.torch("init.head", client=n)
-        bound = 1.0 / math.sqrt(d)  # nn.Linear's default init, drawn from the client's own stream
+    def _fresh_head(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear head with nn.Linear's default init, drawn from the client's own stream ``g``."""
+        d, c = self.dim, self.num_classes
+        bound = 1.0 / math.sqrt(d)
         w = torch.empty(c, d).uniform_(-bound, bound, generator=g)
-        b = torch.empty(c).uniform_(-bound, bound, generator=g)
+        return w, torch.empty(c).uniform_(-bound, bound, generator=g)
+
+    def _vpt_prompt(self, g: torch.Generator) -> torch.Tensor:
+        """VPT's uniform prompt init, drawn from ``g``."""
+        return torch.empty(self.prompt_tokens, self.dim).uniform_(-self.init_bound, self.init_bound, generator=g)
+
+    def _initial_state(self, n: int) -> ClientState:
+        w, b = self._fresh_head(self.seeds.torch("init.head", client=n))
         if self.server.sends_prompts:
             prompt = self.server.prompts_for([n])[n]
         else:
-            prompt = torch.empty(k, d).uniform_(-self.init_bound, self.init_bound,
-                                                generator=self.seeds.torch("init.prompt", client=n))
+            prompt = self._vpt_prompt(self.seeds.torch("init.prompt", client=n))
         return ClientState(prompt=prompt, head_weight=w, head_bias=b)
 
     # ------------------------------------------------------------------------------------------
@@ -568,21 +576,12 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------------------------------
-    #: What a new client starts from, per method (summary.json and the report say it).
-    JOIN_START = {
-        "pfedpg": "G(P_base, d_new) with d_new = the mean of the trained descriptors; each join round the client trains "
-                  "from the prompt generated from its current d_new and returns ΔP_new, and the server updates d_new only",
-        "fedvpt": "FedVPT's final global prompt, then local training (nothing is sent)",
-        "local": "the VPT uniform init, then local training (nothing is sent)",
-    }
-
     def run_new_clients(self, metrics_path: Path) -> None:
         """DESIGN §1, "New clients": after the last round each held-out client joins. Round 0: its head
         alone trains E epochs on the prompt it received; join rounds 1..R: prompt and head train E
         epochs (pfedpg: from G(P_base, d_new), returning ΔP_new; the server updates d_new only; G and
         P_base stay frozen). Every method spends the same (R + 1)·E epochs; rows go to metrics.jsonl
         as ``type: join``."""
-        self.join_seconds = 0.0
         if not self.new_facts:
             return
         t0 = time.perf_counter()
@@ -606,15 +605,10 @@ class Trainer:
         n, last, R = fact["client"], cfg.rounds, cfg.new_client_rounds
         x, y = self.new_train_data[j]
         xt, yt = self.new_test_data[j]
-        k, d, c = self.prompt_tokens, self.dim, self.num_classes
-        g = self.seeds.torch("join.head", client=n)
-        bound = 1.0 / math.sqrt(d)
-        w = torch.empty(c, d).uniform_(-bound, bound, generator=g)
-        b = torch.empty(c).uniform_(-bound, bound, generator=g)
+        w, b = self._fresh_head(self.seeds.torch("join.head", client=n))
         state = self.server.join_state()
         if state is None:
-            prompt = torch.empty(k, d).uniform_(-self.init_bound, self.init_bound,
-                                                generator=self.seeds.torch("join.prompt", client=n))
+            prompt = self._vpt_prompt(self.seeds.torch("join.prompt", client=n))
         else:
             prompt = self.server.join_prompt(state)
         updates = self.server.joins_with_updates
@@ -630,10 +624,7 @@ class Trainer:
             job = LocalJob(client=n, round=r, model=self.model, data=data,
                            generator=self.seeds.torch("join.local_train", client=n, round=jr),
                            run_default=partial(sgd_local_training, cfg=cfg.client))
-            if jr == 0:
-                with frozen_prompt(self.model):
-                    result = self.hooks.local_training(self.ctx, job)
-            else:
+            with frozen_prompt(self.model) if jr == 0 else contextlib.nullcontext():  # round 0: the head alone
                 result = self.hooks.local_training(self.ctx, job)
             with torch.no_grad():
                 adapted = self.model.prompt.prompt.detach().clone()
@@ -687,14 +678,16 @@ class Trainer:
         acc = curve("acc_adapted")
         errors = [r["error"] for r in got.values() if "error" in r]
         k_d = self.prompt_tokens * self.dim
-        # What one new client exchanges with the server over its join rounds (numbers of K×D prompts).
-        down = {"pfedpg": (R + 1) * k_d, "fedvpt": k_d}.get(cfg.method, 0)  # a prompt per join round / the global one
-        up = R * k_d if self.server.joins_with_updates else 0
+        # What one new client exchanges with the server over its join rounds: a prompt every round and a
+        # delta every join round when the server updates it, else the one starting prompt (if any).
+        updates = self.server.joins_with_updates
+        down = (R + 1) * k_d if updates else (k_d if self.server.join_state() is not None else 0)
+        up = R * k_d if updates else 0
         return {
             "clients": ids, "partition_ids": [f["partition_id"] for f in self.new_facts],
             "names": self.client_names(self.new_facts), "join_rounds": R, "local_epochs": cfg.client.local_epochs,
             "budget_epochs": (R + 1) * cfg.client.local_epochs,
-            "start": self.JOIN_START.get(cfg.method, cfg.method),
+            "start": self.server.join_description,
             "round_0": "the head alone, trained E local epochs on the received prompt",
             "train_per_client": [f["train"] for f in self.new_facts],
             "test_per_client": [f["evaluated"] for f in self.new_facts],
@@ -703,7 +696,7 @@ class Trainer:
             "communication": {"down_numbers_per_client": down, "up_numbers_per_client": up,
                               "bytes_per_client": 4 * (down + up)},
             **({"errors": errors} if errors else {}),
-            "seconds": getattr(self, "join_seconds", None),
+            "seconds": self.join_seconds,
         }
 
     def summarize(self, metrics_path: Path) -> dict[str, Any]:

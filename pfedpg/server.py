@@ -105,6 +105,8 @@ class Server(nn.Module):
     # --- new clients (DESIGN §1, "New clients"): the server's state stays frozen ---------------
     #: True when a new client sends ΔP_new each join round and the server updates its own state for it.
     joins_with_updates: bool = False
+    #: What a new client starts from (summary.json and the report say it).
+    join_description: str = "the VPT uniform init, then local training (nothing is sent)"
 
     def join_state(self) -> dict[str, torch.Tensor] | None:
         """What the server keeps for a new client (None: the client starts alone from the VPT init)."""
@@ -178,6 +180,9 @@ class PFedPGServer(Server):
         return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype), private)
 
     joins_with_updates = True
+    join_description = ("G(P_base, d_new) with d_new = the mean of the trained descriptors; each join round the client "
+                        "trains from the prompt generated from its current d_new and returns ΔP_new, and the server "
+                        "updates d_new only")
 
     def join_state(self) -> dict[str, torch.Tensor]:
         """A fresh descriptor for a new client: the mean of the trained descriptors."""
@@ -230,6 +235,8 @@ class FedVPTServer(Server):
 
     def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
         return {n: self.prompt.detach().clone() for n in clients}
+
+    join_description = "FedVPT's final global prompt, then local training (nothing is sent)"
 
     def join_state(self) -> dict[str, torch.Tensor]:
         """A new client gets the final global prompt and then trains locally (it sends nothing)."""

@@ -384,15 +384,14 @@ def new_client_ids(num_clients: int, cfg: "DataConfig", *, seed: int) -> list[in
         if bad:
             raise ConfigError(f"data.new_clients lists partition id {bad[0]}, but the partition has {num_clients} clients "
                               f"(0..{num_clients - 1}); pick ids in range")
-        ids = list(spec)
-    else:
-        ids = sorted(int(c) for c in Seeds(seed).numpy("data.new_clients").choice(num_clients, min(spec, num_clients),
-                                                                                  replace=False))
-    if (spec if isinstance(spec, int) else len(ids)) >= num_clients:
+    asked = len(spec) if isinstance(spec, list) else spec
+    if asked >= num_clients:
         more = "data.clients_per_domain or data.num_domains" if cfg.partition == "domain" else "data.num_clients"
-        raise ConfigError(f"data.new_clients={spec!r} asks for {spec if isinstance(spec, int) else len(ids)} of the "
-                          f"partition's {num_clients} clients, and at least one must train; lower it, or raise {more}")
-    return ids
+        raise ConfigError(f"data.new_clients={spec!r} asks for {asked} of the partition's {num_clients} clients, and at "
+                          f"least one must train; lower it, or raise {more}")
+    if isinstance(spec, list):
+        return list(spec)
+    return sorted(int(c) for c in Seeds(seed).numpy("data.new_clients").choice(num_clients, spec, replace=False))
 
 
 def split_new_clients(splits: list[ClientSplit], cfg: "DataConfig", *, seed: int) -> tuple[list[ClientSplit], list[ClientSplit]]:
