@@ -7,8 +7,9 @@ once on Flower's simulation engine (Ray, one virtual SuperNode per client, 1 CPU
 ``threads: 1`` on both sides). Prints seconds per training round (rounds after the first, without
 the final evaluation), the ratio Flower ÷ in-process, and whether the per-client accuracies agree
 exactly, and memory: the largest resident set (RSS) of each Ray ClientApp actor process, sampled
-every 0.2 s, against the in-process runner's own RSS after its run (what one process holding every
-client needs). Skips with a message when the data file is absent.
+every 0.2 s, and the last one seen before the actor ended (between messages: one client's records),
+against the in-process runner's own RSS after its run (what one process holding every client
+needs). The simulation goes through ``flwr run`` on a simulation SuperLink (evaluations.flower_app). Skips with a message when the data file is absent.
 Usage: python bench/flower.py [--clients 10 100 500] [--rounds 4]
 """
 from __future__ import annotations
@@ -47,13 +48,13 @@ def per_round(run_dir: Path) -> float:
 
 
 class ActorRSS:
-    """Peak RSS per Ray ClientApp worker process (a ``ray::`` process title other than IDLE), read from
-    /proc every ``every`` seconds in a thread (Linux)."""
+    """Peak and last-seen RSS per Ray ClientApp worker process (a ``ray::`` process title other than
+    IDLE), read from /proc every ``every`` seconds in a thread (Linux)."""
 
     def __init__(self, every: float = 0.2):
         import threading
 
-        self.every, self.peak, self._stop = every, {}, threading.Event()
+        self.every, self.peak, self.last, self._stop = every, {}, {}, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -67,6 +68,7 @@ class ActorRSS:
                         rss = next(int(ln.split()[1]) * 1024 for ln in (d / "status").read_text().splitlines()
                                    if ln.startswith("VmRSS:"))
                         self.peak[int(d.name)] = max(self.peak.get(int(d.name), 0), rss)
+                        self.last[int(d.name)] = rss
                 except (OSError, StopIteration):
                     pass
             self._stop.wait(self.every)
@@ -102,7 +104,7 @@ def main() -> None:
     load_plugins()
     mib = 2 ** 20
     print(f"{'N':>5} {'in-process s/round':>19} {'flower s/round':>15} {'ratio':>6} {'flower wall s':>14} "
-          f"{'in-process RSS MiB':>19} {'actor RSS MiB (each)':>22} same accuracies")
+          f"{'in-process RSS MiB':>19} {'actor peak RSS MiB':>19} {'actor last RSS MiB':>19} same accuracies")
     for n in args.clients:
         with tempfile.TemporaryDirectory() as d:
             tr = Trainer(config(n, args.rounds, "inprocess"), run_dir=Path(d) / "in")
@@ -115,8 +117,11 @@ def main() -> None:
             wall = time.time() - t0
             a, b = per_round(Path(d) / "in"), per_round(Path(d) / "fl")
             same = got["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
-            actors = " / ".join(f"{v / mib:.0f}" for v in sorted(rss.peak.values(), reverse=True)[:4]) or "none seen"
-            print(f"{n:>5} {a:>19.2f} {b:>15.2f} {b / a:>6.2f} {wall:>14.1f} {rss_in:>19.0f} {actors:>22} {same}", flush=True)
+            pids = sorted(rss.peak, key=lambda p: -rss.peak[p])[:4]
+            peak = " / ".join(f"{rss.peak[p] / mib:.0f}" for p in pids) or "none seen"
+            last = " / ".join(f"{rss.last[p] / mib:.0f}" for p in pids) or "none seen"
+            print(f"{n:>5} {a:>19.2f} {b:>15.2f} {b / a:>6.2f} {wall:>14.1f} {rss_in:>19.0f} {peak:>19} {last:>19} {same}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 ``run_flower(cfg, run_dir)`` is what ``pfedpg-eval train`` and the sweeps call for a config with
 ``engine: flower``:
 
-* ``flower.superlink: null`` — Flower's simulation engine (Ray) in this process: N virtual
-  SuperNodes, one per client.
-* ``flower.superlink: host:port`` — a deployment: a running SuperLink (its control API) with one
-  SuperNode per client (``--node-config partition-id=<client>``). This writes a Flower App into
-  ``RUN_DIR/flower_app`` and submits it with ``flwr run``; the ServerApp then writes the run
-  directory on the SuperLink's machine.
+Both write the run's Flower App into ``RUN_DIR/flower_app`` and submit it with ``flwr run``
+(Flower's current entry point; a user can start the same app by hand):
+
+* ``flower.superlink: null`` — Flower's simulation engine (Ray): a simulation SuperLink this run
+  starts on 127.0.0.1 and stops again, N virtual SuperNodes, one per client.
+* ``flower.superlink: host:port`` — a deployment: a running SuperLink with one SuperNode per
+  client (``--node-config partition-id=<client>``); the ServerApp then writes the run directory on
+  the SuperLink's machine.
 
 ``server_app`` and ``client_app`` below are the app's components; they read the run from the
 Flower run config (``config-yaml``, ``run-dir``, ``backbone-path``) that ``run_flower`` sets.
@@ -37,11 +39,10 @@ def _require_flwr() -> None:
         raise ConfigError("engine=flower needs Flower: pip install '.[flower]' (or `make venv`, which installs it)") from None
 
 
-def make_server_app(settings: dict[str, Any] | None = None, errors: list | None = None,
-                    log: Callable[[str], None] | None = None):
-    """A ServerApp running ``FlowerTrainer``; ``settings`` None reads them from the run config.
-    An exception is appended to ``errors`` (simulation: the driver re-raises it) and re-raised.
-    ``log`` takes the run's log lines (default: stderr, which ``flwr run --stream`` shows)."""
+def make_server_app():
+    """A ServerApp running ``FlowerTrainer`` on the run settings in its Flower run config. Its log
+    lines go to stderr, which ``flwr run --stream`` shows; an exception also leaves its one-line
+    reason in ``RUN_DIR/flower_error.txt`` for the driver, which is another process."""
     from flwr.serverapp import Grid, ServerApp
 
     from flwr.app import Context
@@ -53,20 +54,25 @@ def make_server_app(settings: dict[str, Any] | None = None, errors: list | None 
         from pfedpg.flower import FlowerTrainer, settings_from  # (torch: only where the server runs)
 
         load_plugins()
-        cfg, run_dir, backbone = settings_from(settings if settings is not None else dict(context.run_config))
+        cfg, run_dir, backbone = settings_from(dict(context.run_config))
+        _check_run_dir_is_new(Path(run_dir))  # (the driver checked; an app started by hand may not be)
         try:
             trainer = FlowerTrainer(cfg, run_dir=run_dir, grid=grid, backbone_path=backbone,
-                                    log=log or (lambda m: print(m, file=sys.stderr, flush=True)))
+                                    log=lambda m: print(m, file=sys.stderr, flush=True))
             trainer.run()
         except Exception as e:
-            if errors is not None:
-                errors.append(e)
-            # The driver may be another process (flwr run): leave it the one-line reason.
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             (Path(run_dir) / "flower_error.txt").write_text(f"{type(e).__name__}: {e}\n")
             raise
 
     return app
+
+
+def _check_run_dir_is_new(run_dir: Path) -> None:
+    if (run_dir / "summary.json").exists() or (run_dir / "metrics.jsonl").exists():
+        what = "a finished run" if (run_dir / "summary.json").exists() else "an unfinished run"
+        raise ConfigError(f"run directory {str(run_dir)!r} holds {what}; give this start another one: "
+                          f"flwr run ... --run-config 'run-dir=\"NEW_DIR\"'")
 
 
 def make_client_app(settings: dict[str, Any] | None = None):
@@ -125,13 +131,10 @@ except ImportError:  # Flower not installed: run_flower says how to install it
 def _settings(cfg: RunConfig, run_dir: Path, backbone_path: str | None) -> dict[str, str]:
     from pfedpg.config import dump_config
 
-    return {"config-yaml": dump_config(cfg), "run-dir": str(run_dir.resolve()), "backbone-path": backbone_path or ""}
-
-
-def _num_clients(cfg: RunConfig) -> int:
-    from pfedpg.data import load_dataset, partition_clients
-
-    return len(partition_clients(load_dataset(cfg.data, seed=cfg.seed), cfg.data, seed=cfg.seed))
+    # client-shards: the simulation's per-client record files, set by _simulate for its own start
+    # ("" = each node partitions the data file itself, e.g. when the app is started by hand).
+    return {"config-yaml": dump_config(cfg), "run-dir": str(run_dir.resolve()), "backbone-path": backbone_path or "",
+            "client-shards": ""}
 
 
 def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None] = print,
@@ -161,18 +164,18 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     run_dir.mkdir(parents=True, exist_ok=True)
     failed = run_dir / "flower_error.txt"
     failed.unlink(missing_ok=True)  # from an attempt that stopped before its first round
-    status = 0
     if cfg.flower.superlink is None:
-        _simulate(cfg, settings, log)
+        status = _simulate(cfg, run_dir, settings, log)
     else:
-        status = _deploy(cfg, run_dir, settings)
+        status = _deploy(cfg, run_dir, settings, log)
     summary = run_dir / "summary.json"
     if not summary.is_file() and failed.is_file():
         kind, _, reason = failed.read_text().strip().partition(": ")
         error = {"ConfigError": ConfigError, "ClientFailure": ClientFailure}.get(kind, RuntimeError)
         raise error(f"the ServerApp stopped: {reason}")
     if not summary.is_file() and status != 0:
-        raise RuntimeError(f"`flwr run` exited with status {status} (SuperLink {cfg.flower.superlink}); see its output above")
+        where = "a local simulation SuperLink" if cfg.flower.superlink is None else f"SuperLink {cfg.flower.superlink}"
+        raise RuntimeError(f"`flwr run` exited with status {status} ({where}); see its output above")
     if not summary.is_file():
         where = "" if cfg.flower.superlink is None else (
             "; the ServerApp writes the run directory on the SuperLink's machine, so look there if it is another one")
@@ -180,19 +183,47 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     return json.loads(summary.read_text())
 
 
-def _simulate(cfg: RunConfig, settings: dict[str, str], log: Callable[[str], None]) -> None:
-    import logging
+def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Callable[[str], None]) -> int:
+    """Flower's simulation engine through its current entry point: ``flwr run`` of the run's Flower
+    App on a simulation SuperLink (``flower-superlink --simulation``) that this run starts on a free
+    port of 127.0.0.1 and stops when it ends (what ``flwr run`` does with a ``:local:`` connection,
+    but owned by this run: no SuperLink left behind, and parallel runs never share one). Flower's
+    Ray backend runs one virtual SuperNode per client, ``flower.client_cpus`` CPUs each."""
+    from evaluations.flower_local import LocalSuperLink
+    from pfedpg.flower import write_client_shards
 
-    from flwr.simulation import run_simulation
+    app = write_flower_app(run_dir, settings)
+    shards = run_dir / "flower_shards"  # each actor reads the client it serves from here, and only that
+    try:
+        num_clients = write_client_shards(cfg, shards)
+        with LocalSuperLink(run_dir / "flower_home", simulation=True) as link:
+            sim = {"num_supernodes": num_clients, "backend": "'ray'", "client_resources_num_cpus": cfg.flower.client_cpus,
+                   "client_resources_num_gpus": 0.0, "init_args_num_cpus": os.cpu_count() or 1,
+                   "init_args_logging_level": "'ERROR'", "init_args_log_to_driver": "false"}
+            return _flwr_run(app, link.connect(), log, "--federation-config", " ".join(f"{k}={v}" for k, v in sim.items()),
+                             "--run-config", f"client-shards={json.dumps(str(shards.resolve()))}")
+    finally:
+        shutil.rmtree(shards, ignore_errors=True)
 
-    errors: list[BaseException] = []
-    backend = {"client_resources": {"num_cpus": cfg.flower.client_cpus, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                             "logging_level": logging.ERROR, "log_to_driver": False}}
-    run_simulation(make_server_app(settings, errors, log), make_client_app(settings),
-                   num_supernodes=_num_clients(cfg), backend_config=backend)
-    if errors:
-        raise errors[0]
+
+def _flwr_run(app: Path, home: Path, log: Callable[[str], None], *args: str) -> int:
+    """``flwr run APP fed --stream`` with the SuperLink connection in ``home/config.toml``; its
+    output (Flower's and the ServerApp's log) goes line by line to ``log``."""
+    import re
+
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if flwr is None:
+        raise ConfigError("the `flwr` command is missing; pip install '.[flower]' in this environment")
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    blank = re.compile(r"^\s*(INFO|DEBUG|WARNING|ERROR)\s*:\s*$")  # Flower's empty log lines
+    with subprocess.Popen([flwr, "run", str(app), "fed", "--stream", *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace") as p:
+        for line in p.stdout:
+            line = ansi.sub("", line.rstrip())
+            if line.strip() and not blank.match(line):
+                log(line)
+    return p.returncode
 
 
 APP_PYPROJECT = """[build-system]
@@ -244,16 +275,20 @@ def _check_connection(cfg: RunConfig, log: Callable[[str], None]) -> None:
                           "CA certificate (PEM), e.g. one made with `pfedpg-eval flower-certs DIR` (DIR/ca.crt)")
 
 
-def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str]) -> int:
+def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Callable[[str], None]) -> int:
     app = write_flower_app(run_dir, settings)
     home = run_dir / "flower_home"  # the CLI's SuperLink connection, kept apart from ~/.flwr
-    home.mkdir(exist_ok=True)
-    conn = [f'address = "{cfg.flower.superlink}"', f"insecure = {'true' if cfg.flower.insecure else 'false'}"]
-    if cfg.flower.root_certificates:
-        conn.append(f"root-certificates = {json.dumps(str(Path(cfg.flower.root_certificates).resolve()))}")
-    (home / "config.toml").write_text('[superlink]\ndefault = "pfedpg"\n\n[superlink.pfedpg]\n' + "\n".join(conn) + "\n")
-    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    if flwr is None:
-        raise ConfigError("the `flwr` command is missing; pip install '.[flower]' in this environment")
-    env = {**os.environ, "FLWR_HOME": str(home)}
-    return subprocess.run([flwr, "run", str(app), "pfedpg", "--stream"], env=env).returncode
+    root = str(Path(cfg.flower.root_certificates).resolve()) if cfg.flower.root_certificates else None
+    write_connection(home, cfg.flower.superlink, insecure=cfg.flower.insecure, root_certificates=root)
+    return _flwr_run(app, home, log)
+
+
+def write_connection(home: Path, address: str, *, insecure: bool, root_certificates: str | None = None) -> Path:
+    """``home/config.toml``: the Flower CLI's SuperLink connection ``fed`` (``FLWR_HOME=home``);
+    what a user writes to start ``RUN_DIR/flower_app`` by hand with ``flwr run RUN_DIR/flower_app fed``."""
+    home.mkdir(parents=True, exist_ok=True)
+    conn = [f"address = {json.dumps(address)}", f"insecure = {'true' if insecure else 'false'}"]
+    if root_certificates:
+        conn.append(f"root-certificates = {json.dumps(root_certificates)}")
+    (home / "config.toml").write_text('[superlink]\ndefault = "fed"\n\n[superlink.fed]\n' + "\n".join(conn) + "\n")
+    return home / "config.toml"

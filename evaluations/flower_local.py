@@ -1,6 +1,10 @@
-"""A throw-away Flower federation on 127.0.0.1 — a SuperLink and one SuperNode per client, each its
-own process — for the deployment tests and ``bench/flower_messages.py``, and for a user who wants
-to try a deployment on one machine before spreading it over several:
+"""Flower processes on 127.0.0.1, owned by whoever starts them:
+
+* :class:`LocalSuperLink` — one ``flower-superlink`` on a free port, stopped (with its children)
+  when the ``with`` block ends; the simulation engine runs on one (``simulation=True``).
+* :class:`Federation` — a throw-away federation, a SuperLink and one SuperNode per client, each
+  its own process — for the deployment tests and ``bench/flower_messages.py``, and for a user who
+  wants to try a deployment on one machine before spreading it over several::
 
     fed = Federation(Path("fed"), clients=2, certs=Path("certs"), auth=True)   # certs: flower-certs
     fed.train(cfg, Path("fed/run")); fed.shutdown()
@@ -24,19 +28,121 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc), whatever session or group it put itself in."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _stop(p: subprocess.Popen, timeout: float = 30) -> int | None:
+    """Stops ``p`` and everything below it (its SuperExec, flwr-simulation, Ray — some start their
+    own sessions): SIGTERM, then SIGKILL to whatever is left after ``timeout`` s."""
+    tree = descendants(p.pid)
+    for pid in [p.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        code = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    deadline = time.time() + timeout
+    while any(_alive(pid) for pid in tree) and time.time() < deadline:
+        time.sleep(0.1)
+    for pid in [*tree, *descendants(p.pid)] + ([p.pid] if code is None else []):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if code is None:
+        p.wait()
+    return code
+
+
+def wait_listening(proc: subprocess.Popen, port: int, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited ({proc.returncode}): {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout:g} s (its log: {log})")
+
+
+class LocalSuperLink:
+    """``flower-superlink`` on a free port of 127.0.0.1 (plaintext: it listens on loopback only),
+    with ``FLWR_HOME=home`` and its log in ``home/superlink.log``; ``simulation=True`` runs Flower's
+    simulation runtime (what ``flwr run`` starts for a ``:local:`` connection). Leaving the ``with``
+    block stops it and everything it started."""
+
+    def __init__(self, home: Path, *, simulation: bool = False):
+        self.home, self.simulation = Path(home), simulation
+
+    def __enter__(self) -> "LocalSuperLink":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log = self.home / "superlink.log"
+        env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        cmd = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd + (["--simulation"] if self.simulation else []), env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_listening(self.proc, self.port, self.log)
+        except BaseException:
+            _stop(self.proc)
+            raise
+        return self
+
+    def connect(self) -> Path:
+        """Writes the Flower CLI's connection ``fed`` to this SuperLink; returns FLWR_HOME."""
+        from evaluations.flower_app import write_connection
+
+        write_connection(self.home, f"127.0.0.1:{self.port}", insecure=True)
+        return self.home
+
+    def __exit__(self, *exc) -> None:
+        _stop(self.proc)
+
+
 class Federation:
     """``flower-superlink`` and one ``flower-supernode`` per client, each its own process.
 
     ``certs``: a directory from ``make_certificates`` — the SuperLink serves TLS with its server
     certificate and (``auth``) admits only SuperNodes whose public keys were registered; each node
     dials with the CA as root certificate and signs with its own key. ``node_configs``: each
-    node's --node-config (default ``partition-id=n``)."""
+    node's --node-config (default ``partition-id=n``). ``env``: extra environment for every process
+    (e.g. ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``)."""
 
     def __init__(self, tmp_path: Path, clients: int, *, certs: Path | None = None, auth: bool = False,
-                 node_configs: list[dict] | None = None):
+                 node_configs: list[dict] | None = None, env: dict[str, str] | None = None):
         self.home = tmp_path / "flwr_home"
         self.home.mkdir()
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                    **(env or {})}
         self.port = free_port()
         self.logs, self.certs = tmp_path, certs
         if certs is None:
@@ -59,9 +165,10 @@ class Federation:
                 "--port", str(free_port()), "--node-config", " ".join(f"{k}={v}" if isinstance(v, int) else f'{k}="{v}"' for k, v in nc.items())]))
 
     def _connection(self) -> None:
-        conn = [f'address = "127.0.0.1:{self.port}"']
-        conn += [f'root-certificates = "{self.certs / "ca.crt"}"'] if self.certs else ["insecure = true"]
-        (self.home / "config.toml").write_text('[superlink]\ndefault = "fed"\n\n[superlink.fed]\n' + "\n".join(conn) + "\n")
+        from evaluations.flower_app import write_connection
+
+        write_connection(self.home, f"127.0.0.1:{self.port}", insecure=self.certs is None,
+                         root_certificates=str(self.certs / "ca.crt") if self.certs else None)
 
     def register(self, public_key: Path) -> None:
         """``flwr supernode register`` through the SuperLink's control API (CLI-managed node auth)."""
@@ -81,15 +188,7 @@ class Federation:
                                 start_new_session=True)
 
     def _wait_listening(self, timeout: float = 60.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.link.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited: {(self.logs / 'superlink.log').read_text()[-2000:]}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("flower-superlink did not listen within 60 s")
+        wait_listening(self.link, self.port, self.logs / "superlink.log", timeout)
 
     def train(self, cfg, run_dir: Path, timeout: float = 400) -> subprocess.CompletedProcess:
         from pfedpg.config import dump_config

@@ -138,7 +138,7 @@ class FlowerConfig:
     # with `pfedpg-eval flower-certs DIR`). insecure: true = plaintext, explicit and logged as a warning.
     insecure: bool = False
     root_certificates: str | None = None
-    client_cpus: float = 1.0  # simulation engine: CPUs reserved per ClientApp (Ray actor)
+    client_cpus: int = 1  # simulation engine: whole CPUs reserved per ClientApp (Ray actor)
     node_wait_s: float = 120.0  # deployment: how long to wait for every client's SuperNode
     round_timeout_s: float = 600.0  # a client without a reply by then has failed this round
     on_client_failure: str = "continue"  # continue: the round goes on without it | fail: stop the run
@@ -153,7 +153,10 @@ class FlowerConfig:
             if not host or not port.isdigit():
                 raise ConfigError(f"flower.superlink={self.superlink!r} must be host:port of the SuperLink "
                                   "(e.g. 127.0.0.1:9093), or null for the simulation engine")
-        for key in ("client_cpus", "node_wait_s", "round_timeout_s"):
+        if self.client_cpus < 1:  # (an integer: the config's types are checked first)
+            raise ConfigError(f"flower.client_cpus={self.client_cpus!r} must be a whole number of CPUs ≥ 1 (Flower "
+                              "1.42's simulation reserves whole CPUs per ClientApp actor)")
+        for key in ("node_wait_s", "round_timeout_s"):
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"flower.{key}={v!r} must be a positive number")

@@ -21,8 +21,10 @@ train      round, P_n (methods that send one)     ΔP_n after its client-side ho
 evaluate   round, P_n of the updated server       its evaluation row (adapted and generated)
 =========  =====================================  =============================================
 
-Where a client's data comes from: with ``flower.num_clients: null`` every node builds the run's
-data set from the config and keeps the share of its ``partition-id`` (simulation and tests). With
+Where a client's data comes from: with ``flower.num_clients: null`` every node partitions the run's
+data set from the config and keeps only the share of the client it is serving (its
+``partition-id``; a simulation actor, which serves many virtual clients, re-reads the file when it
+switches: :class:`PartitionNodeTrainer`) — simulation and tests. With
 ``flower.num_clients: N`` (a deployment) each SuperNode brings its own records — ``--node-config
 "partition-id=<client> data-path=<npz or image folder>"`` plus, optionally, ``test-path=<file or
 folder>`` (its test split; else an npz ``split`` key, else ``test-fraction=<f>``, default
@@ -214,6 +216,78 @@ class NodeTrainer(Trainer):
         self.client_facts = [{**own, "client": i} for i in range(self.num_clients)]
 
 
+def write_client_shards(cfg: RunConfig, out: Path) -> int:
+    """The simulation's per-client record files: ``out/client_<n>.npz`` (uncompressed) with client
+    n's training and evaluated images (uint8, as the data set holds them) and labels, so that a Ray
+    actor switching clients reads one small file, never the whole data set. Returns N."""
+    import numpy as np
+
+    from pfedpg.runner import client_indices, partition_run
+
+    dataset, splits, _ = partition_run(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for n, split in enumerate(splits):
+        tr, ev = client_indices(cfg, split)
+        np.savez(out / f"client_{n}.npz", train_images=dataset.images[tr], train_labels=dataset.labels[tr],
+                 eval_images=dataset.images[ev], eval_labels=dataset.labels[ev])
+    return len(splits)
+
+
+class PartitionNodeTrainer(Trainer):
+    """The client side when every node partitions the run's one data file (``flower.num_clients:
+    null``: the simulation engine, and deployments that share a file): the run built from the
+    config, with every client's split sizes but only one client's records in memory — the client
+    of the message being served (:meth:`hold`). A simulation actor serves many virtual clients in
+    turn: it reads the client's shard (``shards``, from :func:`write_client_shards`), or without
+    shards re-partitions the data file, when it switches. It never holds another client's records,
+    nor the whole data set, between messages."""
+
+    EMPTY = (torch.empty(0), torch.empty(0, dtype=torch.long))
+
+    def __init__(self, cfg: RunConfig, *, shards: str | None = None, **kw):
+        self.shards = Path(shards) if shards else None
+        super().__init__(cfg, **kw)
+
+    def load_clients(self) -> None:
+        dataset, splits, new = self.partition()
+        self.num_clients, self.num_classes = len(splits), dataset.num_classes
+        self.client_facts = [self.client_fact(dataset, i, s) for i, s in enumerate(splits)]
+        self.new_facts = [self.client_fact(dataset, len(splits) + j, s) for j, s in enumerate(new)]
+        self.domain_names = list(getattr(dataset, "domain_names", []) or [])
+        self.class_names = list(getattr(dataset, "class_names", []) or [])
+        # The lists stay the same objects (the hooks' RunContext holds them); hold() fills one slot.
+        self.train_data = [self.EMPTY] * self.num_clients
+        self.test_data = [self.EMPTY] * self.num_clients
+        self.held: int | None = None
+        self.dataset = None
+
+    def hold(self, n: int) -> None:
+        """Keep client ``n``'s records (and no one else's) in memory."""
+        import numpy as np
+
+        if self.held == n:
+            return
+        if self.held is not None:
+            self.train_data[self.held] = self.test_data[self.held] = self.EMPTY
+            self.held = None
+        if self.shards is not None:
+            f = self.shards / f"client_{n}.npz"
+            if not f.is_file():
+                raise DataError(f"client {n}'s simulation shard {str(f)!r} is missing; the driver writes the shards "
+                                "(start simulations with `pfedpg-eval train --engine flower`)")
+            with np.load(f) as z:
+                self.train_data[n] = self.as_tensors(z["train_images"], z["train_labels"])
+                self.test_data[n] = self.as_tensors(z["eval_images"], z["eval_labels"])
+            if [len(self.train_data[n][1]), len(self.test_data[n][1])] != \
+                    [self.client_facts[n]["train"], self.client_facts[n]["evaluated"]]:
+                raise DataError(f"client {n}'s simulation shard {str(f)!r} does not match the run's partition; it "
+                                "belongs to another run — start the run again")
+        else:
+            dataset, splits, _ = self.partition()
+            self.train_data[n], self.test_data[n] = self.client_tensors(dataset, splits[n])
+        self.held = n
+
+
 class ClientRuntime:
     """One run's client logic in a ClientApp process: the run built from its config (cached per
     process, so a simulation actor builds it once), with client n's state loaded from and saved
@@ -221,7 +295,8 @@ class ClientRuntime:
 
     _cache: dict[str, "ClientRuntime"] = {}
 
-    def __init__(self, cfg: RunConfig, backbone_path: str | None, node_config: dict[str, Any] | None = None):
+    def __init__(self, cfg: RunConfig, backbone_path: str | None, node_config: dict[str, Any] | None = None,
+                 shards: str | None = None):
         node_config = dict(node_config or {})
         unknown = sorted(set(node_config) - set(NODE_KEYS))
         if unknown:
@@ -240,7 +315,7 @@ class ClientRuntime:
             self.trainer = NodeTrainer(cfg, client=int(node_config["partition-id"]), node_config=node_config,
                                        backbone_path=backbone_path)
         else:
-            self.trainer = Trainer(cfg, run_dir=Path("."), backbone_path=backbone_path)
+            self.trainer = PartitionNodeTrainer(cfg, run_dir=Path("."), backbone_path=backbone_path, shards=shards)
         self.trainer.hooks.setup(self.trainer.ctx)
         # Hooks and states as set up, before any client touched them: a client's first message
         # starts from these (the cached runtime serves several clients in one simulation actor).
@@ -252,10 +327,11 @@ class ClientRuntime:
         """The runtime of this run (and, with node-local data, of this node's files), built once per process."""
         cfg, _, backbone = settings_from(values)
         local = {k: str(v) for k, v in (node_config or {}).items()} if cfg.flower.num_clients is not None else {}
-        key = json.dumps({**{k: values.get(k) for k in ("config-yaml", "backbone-path")}, "node": local}, sort_keys=True)
+        key = json.dumps({**{k: values.get(k) for k in ("config-yaml", "backbone-path", "client-shards")}, "node": local},
+                         sort_keys=True)
         if key not in cls._cache:
             cls._cache.clear()  # one run per process at a time
-            cls._cache[key] = cls(cfg, backbone, dict(node_config or {}))
+            cls._cache[key] = cls(cfg, backbone, dict(node_config or {}), shards=values.get("client-shards") or None)
         return cls._cache[key]
 
     def client_id(self, context: Context) -> int:
@@ -265,6 +341,11 @@ class ClientRuntime:
         if not 0 <= n < self.trainer.num_clients:
             raise ConfigError(f"partition-id={n}, but the run has {self.trainer.num_clients} clients (0..{self.trainer.num_clients - 1})")
         return n
+
+    def hold(self, n: int) -> None:
+        """Client n's records in memory (with node-local data the node's own are always there)."""
+        if isinstance(self.trainer, PartitionNodeTrainer):
+            self.trainer.hold(n)
 
     def _load(self, n: int, context: Context) -> None:
         st = context.state
@@ -302,6 +383,7 @@ class ClientRuntime:
         if int(task["client"]) != n:
             raise ConfigError(f"a message for client {task['client']} reached the SuperNode of client {n}")
         r = int(task["round"])
+        self.hold(n)
         self._load(n, context)
         start = _tensor(msg.content.array_records["sent"], "prompt") if "sent" in msg.content.array_records \
             else self.trainer.states[n].prompt
@@ -317,6 +399,7 @@ class ClientRuntime:
 
     def evaluate(self, msg: Message, context: Context) -> RecordDict:
         n = self.client_id(context)
+        self.hold(n)
         self._load(n, context)
         generated = _tensor(msg.content.array_records["generated"], "prompt") \
             if "generated" in msg.content.array_records else None

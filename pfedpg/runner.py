@@ -88,6 +88,21 @@ def environment() -> dict[str, Any]:
     }
 
 
+def partition_run(cfg: RunConfig):
+    """(data set, training clients' splits, new clients' splits) from the config and seed. New
+    clients (data.new_clients) are held out of the partition before anything else sees it:
+    training clients are numbered 0..N-1 in partition order, new clients N, N+1, ..."""
+    dataset = load_dataset(cfg.data, seed=cfg.seed)
+    splits, new = split_new_clients(partition_clients(dataset, cfg.data, seed=cfg.seed), cfg.data, seed=cfg.seed)
+    return dataset, splits, new
+
+
+def client_indices(cfg: RunConfig, split) -> tuple[np.ndarray, np.ndarray]:
+    """(training, evaluated) record indices of one client's split: the evaluated split is the test
+    split, or the validation split when tuning (evaluate_on: val)."""
+    return split.train, (split.val if cfg.evaluate_on == "val" else split.test)
+
+
 class Trainer:
     """Builds everything a run needs from a ``RunConfig`` and runs the rounds.
 
@@ -159,30 +174,41 @@ class Trainer:
         split when tuning), ``client_facts`` (split sizes, domain, training label counts per client)
         and ``domain_names``. The Flower engine's server learns the facts from its clients instead."""
         cfg = self.cfg
-        self.dataset = load_dataset(cfg.data, seed=cfg.seed)
-        # New clients (data.new_clients) are held out of the partition before anything else sees it:
-        # training clients are numbered 0..N-1 in partition order, new clients N, N+1, ...
-        splits, new = split_new_clients(partition_clients(self.dataset, cfg.data, seed=cfg.seed), cfg.data, seed=cfg.seed)
+        self.dataset, splits, new = self.partition()
         self.num_clients = len(splits)
         self.num_classes = self.dataset.num_classes
-
-        def tensors(idx):
-            x = images_to_tensor(self.dataset.images[idx], mean=cfg.model.mean, std=cfg.model.std)
-            return x, torch.from_numpy(self.dataset.labels[idx]).long()
-
-        def facts(i, s):
-            return {"client": i, "partition_id": s.client, "train": len(s.train), "test": len(s.test), "val": len(s.val),
-                    "domain": s.domain, "evaluated": len(s.val if cfg.evaluate_on == "val" else s.test),
-                    "label_counts": np.bincount(self.dataset.labels[s.train], minlength=self.num_classes).tolist()}
-
-        self.train_data = [tensors(s.train) for s in splits]
-        self.test_data = [tensors(s.val if cfg.evaluate_on == "val" else s.test) for s in splits]
-        self.client_facts = [facts(i, s) for i, s in enumerate(splits)]
-        self.new_train_data = [tensors(s.train) for s in new]
-        self.new_test_data = [tensors(s.val if cfg.evaluate_on == "val" else s.test) for s in new]
-        self.new_facts = [facts(len(splits) + j, s) for j, s in enumerate(new)]
+        held = [self.client_tensors(self.dataset, s) for s in splits]
+        self.train_data = [t for t, _ in held]
+        self.test_data = [e for _, e in held]
+        self.client_facts = [self.client_fact(self.dataset, i, s) for i, s in enumerate(splits)]
+        held = [self.client_tensors(self.dataset, s) for s in new]
+        self.new_train_data = [t for t, _ in held]
+        self.new_test_data = [e for _, e in held]
+        self.new_facts = [self.client_fact(self.dataset, len(splits) + j, s) for j, s in enumerate(new)]
         self.domain_names = list(getattr(self.dataset, "domain_names", []) or [])
         self.class_names = list(getattr(self.dataset, "class_names", []) or [])
+
+    def partition(self):
+        return partition_run(self.cfg)
+
+    def client_tensors(self, dataset, split) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """One client's (training, evaluated) tensors: the evaluated split is the test split, or the
+        validation split when tuning (evaluate_on: val)."""
+        return tuple(self.as_tensors(dataset.images[idx], dataset.labels[idx]) for idx in self.client_indices(split))
+
+    def client_indices(self, split) -> tuple[np.ndarray, np.ndarray]:
+        return client_indices(self.cfg, split)
+
+    def as_tensors(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Records as the model reads them: normalised float images and integer labels."""
+        x = images_to_tensor(images, mean=self.cfg.model.mean, std=self.cfg.model.std)
+        return x, torch.from_numpy(np.asarray(labels)).long()
+
+    def client_fact(self, dataset, i: int, split) -> dict[str, Any]:
+        return {"client": i, "partition_id": split.client, "train": len(split.train), "test": len(split.test),
+                "val": len(split.val), "domain": split.domain,
+                "evaluated": len(split.val if self.cfg.evaluate_on == "val" else split.test),
+                "label_counts": np.bincount(dataset.labels[split.train], minlength=dataset.num_classes).tolist()}
 
     def client_names(self, facts: list[dict] | None = None) -> list[str]:
         """A reader's name per client: its domain, and for label-skew partitions its dominant classes

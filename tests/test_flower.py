@@ -49,6 +49,18 @@ def _rows(run_dir: Path) -> list[dict]:
     return out
 
 
+def _simulation_processes() -> list[str]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode() if d.name.isdigit() else ""
+        except OSError:
+            continue
+        if "flwr-simulation" in cmd or ("flower-superlink" in cmd and "--simulation" in cmd):
+            out.append(cmd)
+    return out
+
+
 def _server_state(run_dir: Path, r: int) -> dict:
     return torch.load(run_dir / "checkpoints" / f"round_{r:04d}.pt", weights_only=True)["server"]
 
@@ -58,14 +70,14 @@ def _server_state(run_dir: Path, r: int) -> dict:
 
 
 @pytest.mark.parametrize("hooks,extra", [
-    # client-side DP (noise and accountant in the ClientApp), 2 of 3 clients per round
-    ([{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8}], {"clients_per_round": 2}),
+    # client-side DP (noise and accountant in the ClientApp), 2 of 3 clients per round, and a
+    # backdoor: poisoning in the ClientApp, success measured on each benign client's own model
+    ([{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8},
+      {"name": "backdoor", "clients": [0], "trigger_size": 2}], {"clients_per_round": 2}),
     # a malicious client crafting its delta in its ClientApp, a robust rule in the ServerApp, deep
     # prompts (L·K tokens in every message)
     ([{"name": "sign_flip", "clients": [1]}, {"name": "robust_aggregation", "rule": "median"}],
      {"rounds": 3, "model.prompt_depth": "deep", "model.kwargs.depth": 2}),
-    # a backdoor: poisoning in the ClientApp, success measured on each benign client's own model
-    ([{"name": "backdoor", "clients": [0], "trigger_size": 2}], {}),
 ])
 def test_simulation_matches_inprocess(tmp_path, hooks, extra):
     from evaluations.flower_app import run_flower
@@ -74,6 +86,10 @@ def test_simulation_matches_inprocess(tmp_path, hooks, extra):
     Trainer(cfg, run_dir=tmp_path / "inprocess").run()
     ref = json.loads((tmp_path / "inprocess" / "summary.json").read_text())  # as written, like Flower's
     got = run_flower(_flower(cfg), tmp_path / "flower")
+    # Through Flower's current entry point (`flwr run` of the run's app on a simulation SuperLink),
+    # which the run stopped again with everything it started.
+    assert "[tool.flwr.app.components]" in (tmp_path / "flower" / "flower_app" / "pyproject.toml").read_text()
+    assert _simulation_processes() == []
     assert got["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
     assert got["accuracy_generated"]["per_client"] == ref["accuracy_generated"]["per_client"]
     # Every round's losses, delta norms and accuracies, and the final server state, bit for bit.
@@ -87,7 +103,10 @@ def test_simulation_matches_inprocess(tmp_path, hooks, extra):
         assert got["hook_results"]["backdoor"]["asr_per_client"] == ref["hook_results"]["backdoor"]["asr_per_client"]
     if "dp_client" in ref["hook_results"]:
         assert got["hook_results"]["dp_client"]["epsilon_per_client"] == ref["hook_results"]["dp_client"]["epsilon_per_client"]
-        assert min(got["hook_results"]["dp_client"]["epsilon_per_client"]) > 0
+        # Every benign client that trained has spent privacy (the backdoor's client 0 runs no DP).
+        benign = {c for row in _rows(tmp_path / "flower") for c in row.get("participants") or []} - {0}
+        eps = got["hook_results"]["dp_client"]["epsilon_per_client"]
+        assert benign and all(eps[c] > 0 for c in benign)
 
 
 def test_flower_refuses_what_it_cannot_run(tmp_path):
@@ -103,6 +122,10 @@ def test_flower_refuses_what_it_cannot_run(tmp_path):
         _flower(tiny_config(), superlink="localhost")
     with pytest.raises(ConfigError, match="on_client_failure"):
         _flower(tiny_config(), on_client_failure="retry")
+    with pytest.raises(ConfigError, match="client_cpus=0.5 must be an integer"):
+        _flower(tiny_config(), client_cpus=0.5)
+    with pytest.raises(ConfigError, match="client_cpus=0 must be a whole number of CPUs"):
+        _flower(tiny_config(), client_cpus=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,6 +176,24 @@ def _fake_run(tmp_path, policy):
     settings = {"config-yaml": dump_config(cfg), "run-dir": str(tmp_path), "backbone-path": ""}
     grid = FakeGrid(make_client_app(settings), 3, die={101: 2})  # client 1 dies in round 2
     return FlowerTrainer(cfg, run_dir=tmp_path / policy, grid=grid), cfg
+
+
+def test_the_app_started_by_hand_refuses_a_used_run_dir(tmp_path):
+    """`flwr run RUN_DIR/flower_app` by hand: a run directory that holds a run is never written over."""
+    from flwr.app import Context, RecordDict
+
+    from evaluations.flower_app import make_server_app
+
+    cfg = _flower(tiny_config(rounds=1, threads=1))
+    Trainer(cfg, run_dir=tmp_path / "done").run()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "metrics.jsonl").write_text("{}\n")
+    for name, what in (("done", "a finished run"), ("half", "an unfinished run")):
+        before = sorted(p.name for p in (tmp_path / name).iterdir())
+        settings = {"config-yaml": dump_config(cfg), "run-dir": str(tmp_path / name), "backbone-path": ""}
+        with pytest.raises(ConfigError, match=f"holds {what}; .*--run-config 'run-dir="):
+            make_server_app()(grid=None, context=Context(1, 0, {}, RecordDict(), settings))
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == before
 
 
 def test_dead_client_continue_keeps_every_round(tmp_path):
@@ -281,6 +322,39 @@ def test_node_local_data_matches_the_partitioned_run(tmp_path):
                             "run-dir": str(tmp_path), "backbone-path": ""}, nodes[1])
     sizes = [int(x.shape[0]) for x, _ in rt.trainer.train_data]
     assert sizes[1] == ref["data"]["train_per_client"][1] and sizes[0] == sizes[2] == 0
+
+
+@pytest.mark.parametrize("shards", [True, False])
+def test_a_process_serving_every_client_holds_one_clients_records(tmp_path, shards):
+    """Partition mode (simulation): one ClientApp process serves all clients in turn, like a Ray
+    actor, with the partitioned run's numbers, and holds only the current client's records — read
+    from its shard (what the simulation driver writes), or re-partitioned from the data file."""
+    from evaluations.flower_app import make_client_app
+    from pfedpg.flower import ClientRuntime, FlowerTrainer, write_client_shards
+
+    cfg = tiny_config(rounds=2, threads=1, clients_per_round=2)
+    ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
+    fcfg = _flower(cfg)
+    if shards:
+        assert write_client_shards(fcfg, tmp_path / "shards") == 3
+    settings = {"config-yaml": dump_config(fcfg), "run-dir": str(tmp_path), "backbone-path": "",
+                "client-shards": str(tmp_path / "shards") if shards else ""}
+    ClientRuntime._cache.clear()
+    summary = FlowerTrainer(fcfg, run_dir=tmp_path / "one", grid=FakeGrid(make_client_app(settings), 3, die={})).run()
+    assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
+    assert _rows(tmp_path / "one") == _rows(tmp_path / "ref")
+    (rt,) = ClientRuntime._cache.values()  # the one runtime that served every client
+    sizes = [int(x.shape[0]) for x, _ in rt.trainer.train_data]
+    tests = [int(x.shape[0]) for x, _ in rt.trainer.test_data]
+    last = rt.trainer.held
+    assert sizes[last] == ref["data"]["train_per_client"][last] and tests[last] > 0
+    assert sum(sizes) == sizes[last] and sum(tests) == tests[last] and rt.trainer.dataset is None
+    # Every client's split sizes are known (the config fixes the partition); the records are not.
+    assert [f["train"] for f in rt.trainer.client_facts] == ref["data"]["train_per_client"]
+    if shards:  # a shard that is not there is a one-line error, not a silent re-partition
+        (tmp_path / "shards" / f"client_{(last + 1) % 3}.npz").unlink()
+        with pytest.raises(DataError, match=f"client {(last + 1) % 3}'s simulation shard .* is missing"):
+            rt.trainer.hold((last + 1) % 3)
 
 
 def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
