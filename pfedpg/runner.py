@@ -459,6 +459,10 @@ class Trainer:
                 raise ConfigError(f"--resume: no checkpoint in {str(self.run_dir / 'checkpoints')!r}; run the same command "
                                   "without --resume to start it again (the old files are kept under RUN_DIR/attempt-<k>/)")
             start = self.load_checkpoint(ckpt)
+            if (self.run_dir / "summary.json").exists():
+                self.log(f"--resume of a finished run: rewriting its summary from {ckpt.name}"
+                         + (f" (the {len(self.new_facts)} new clients' join rounds run again, to the same numbers)"
+                            if self.new_facts else ""))
             # Keep the records up to the checkpoint: the rounds after it are re-run identically.
             # (Join rounds run after the last round from the final state: they are re-run as well.)
             kept = [ln for ln in metrics_path.read_text().splitlines()

@@ -69,15 +69,22 @@ def _server_state(run_dir: Path, r: int) -> dict:
 # Simulation engine: same config and seed, same numbers
 
 
+SIMULATED_HOOKS = [
+    # client-side DP (noise and accountant in the ClientApp)
+    {"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8},
+    # a backdoor: poisoning in the ClientApp, success measured on each benign client's own model
+    {"name": "backdoor", "clients": [0], "trigger_size": 2},
+    # a malicious client crafting its delta in its ClientApp, a robust rule in the ServerApp
+    {"name": "sign_flip", "clients": [1]}, {"name": "robust_aggregation", "rule": "median"},
+]
+
+
+# One simulation covers every side of the hook corridor (each simulation costs a SuperLink, a
+# flwr-simulation process and a Ray cluster): 6 clients, 3 per round, deep prompts (L·K tokens in
+# every message).
 @pytest.mark.parametrize("hooks,extra", [
-    # client-side DP (noise and accountant in the ClientApp), 2 of 3 clients per round, and a
-    # backdoor: poisoning in the ClientApp, success measured on each benign client's own model
-    ([{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8},
-      {"name": "backdoor", "clients": [0], "trigger_size": 2}], {"clients_per_round": 2}),
-    # a malicious client crafting its delta in its ClientApp, a robust rule in the ServerApp, deep
-    # prompts (L·K tokens in every message)
-    ([{"name": "sign_flip", "clients": [1]}, {"name": "robust_aggregation", "rule": "median"}],
-     {"rounds": 3, "model.prompt_depth": "deep", "model.kwargs.depth": 2}),
+    (SIMULATED_HOOKS, {"clients_per_round": 3, "data.clients_per_domain": 2, "model.prompt_depth": "deep",
+                       "model.kwargs.depth": 2}),
 ])
 def test_simulation_matches_inprocess(tmp_path, hooks, extra):
     from evaluations.flower_app import run_flower
@@ -103,8 +110,8 @@ def test_simulation_matches_inprocess(tmp_path, hooks, extra):
         assert got["hook_results"]["backdoor"]["asr_per_client"] == ref["hook_results"]["backdoor"]["asr_per_client"]
     if "dp_client" in ref["hook_results"]:
         assert got["hook_results"]["dp_client"]["epsilon_per_client"] == ref["hook_results"]["dp_client"]["epsilon_per_client"]
-        # Every benign client that trained has spent privacy (the backdoor's client 0 runs no DP).
-        benign = {c for row in _rows(tmp_path / "flower") for c in row.get("participants") or []} - {0}
+        # Every benign client that trained has spent privacy (the malicious clients 0 and 1 run no DP).
+        benign = {c for row in _rows(tmp_path / "flower") for c in row.get("participants") or []} - {0, 1}
         eps = got["hook_results"]["dp_client"]["epsilon_per_client"]
         assert benign and all(eps[c] > 0 for c in benign)
 
@@ -242,8 +249,10 @@ from evaluations.flower_local import Federation, free_port as _free_port  # noqa
 def test_deployment_client_dies_mid_run(tmp_path):
     # Flower marks a killed node offline after ~60 s (heartbeats); a 50 s timeout leaves a healthy
     # client margin on a loaded machine and costs no extra time here.
-    cfg = _flower(tiny_config(threads=1, **{"data.num_domains": 2}), round_timeout_s=50.0)
-    fed = Federation(tmp_path, clients=2)
+    cfg = _flower(tiny_config(threads=1, eval_every=2, **{"data.num_domains": 2}), round_timeout_s=50.0)
+    # The healthy node 0 answers from a long-running worker (seconds per message, not ~15 s).
+    sock = Path(f"/tmp/pfedpg-test-{os.getpid()}-{_free_port()}.sock")
+    fed = Federation(tmp_path, clients=2, node_configs=[{"partition-id": 0, "worker": str(sock)}, {"partition-id": 1}])
     run_dir = tmp_path / "run"
     try:
         cfg_file = tmp_path / "run.yaml"
@@ -260,6 +269,8 @@ def test_deployment_client_dies_mid_run(tmp_path):
         out, _ = proc.communicate(timeout=300)
     finally:
         fed.shutdown()
+        for f in (sock, Path(str(sock) + ".log"), Path(str(sock) + ".lock")):
+            f.unlink(missing_ok=True)
     assert proc.returncode == 0, out[-3000:]
     assert "plaintext" in out  # insecure: true is explicit and warned about
     rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
@@ -409,7 +420,8 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
     run on the same records; node 0 serves its messages from a long-running worker (``worker=``)."""
     from evaluations.flower_certs import make_certificates
 
-    cfg = tiny_config(threads=1, **{"data.num_domains": 2})  # 2 clients, 2 rounds
+    # 2 clients, 2 rounds, evaluated after the last
+    cfg = tiny_config(threads=1, eval_every=2, **{"data.num_domains": 2})
     certs = tmp_path / "certs"
     make_certificates(certs, nodes=3)
     nodes = write_node_files(cfg, tmp_path)
@@ -423,15 +435,16 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
         rogue = fed._start("rogue", [BIN / "flower-supernode", "--root-certificates", certs / "ca.crt",
                                      "--auth-supernode-private-key", certs / "node2.key", "--superlink",
                                      f"127.0.0.1:{fed.port}", "--port", str(_free_port()), "--node-config", "partition-id=0"])
+        # (It is turned away while the run goes on: the run does not wait for it.)
         try:
+            proc = fed.train(_flower(cfg, num_clients=2, superlink=f"127.0.0.1:{fed.port}",
+                                     root_certificates=str(certs / "ca.crt")), tmp_path / "run")
+            assert sock.exists()  # the worker listens while its SuperNode runs
+            worker_pid = int((Path(str(sock) + ".log").read_text().split("(pid ")[1]).split(")")[0])
             rogue_code = rogue.wait(timeout=120)
         finally:
             if rogue.poll() is None:
                 os.killpg(rogue.pid, signal.SIGKILL)
-        proc = fed.train(_flower(cfg, num_clients=2, superlink=f"127.0.0.1:{fed.port}",
-                                 root_certificates=str(certs / "ca.crt")), tmp_path / "run")
-        assert sock.exists()  # the worker listens while its SuperNode runs
-        worker_pid = int((Path(str(sock) + ".log").read_text().split("(pid ")[1]).split(")")[0])
     finally:
         codes = fed.shutdown()
     assert rogue_code != 0 and "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()

@@ -132,8 +132,10 @@ def test_new_clients_are_deterministic_and_resume_to_the_same_numbers(tmp_path):
         assert a[key] == b[key]
     assert len(_rows(tmp_path / "b", "join")) == 3  # re-run once, not appended twice
     # --resume of the finished run rewrites its summary without duplicating the join rows.
-    c = Trainer(cfg, run_dir=tmp_path / "b").run(resume=True)["new_clients"]
+    lines = []
+    c = Trainer(cfg, run_dir=tmp_path / "b", log=lines.append).run(resume=True)["new_clients"]
     assert c["accuracy"] == a["accuracy"] and len(_rows(tmp_path / "b", "join")) == 3
+    assert any("finished run: rewriting its summary" in ln and "join rounds run again" in ln for ln in lines)
 
 
 def test_a_count_of_new_clients_is_drawn_with_the_seed():
