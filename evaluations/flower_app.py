@@ -17,6 +17,7 @@ Flower run config (``config-yaml``, ``run-dir``, ``backbone-path``) that ``run_f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -179,7 +180,8 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     if not summary.is_file():
         where = "" if cfg.flower.superlink is None else (
             "; the ServerApp writes the run directory on the SuperLink's machine, so look there if it is another one")
-        raise RuntimeError(f"the Flower run ended without {summary} (its log: {run_dir / 'log.txt'}){where}")
+        seen = f"its log: {run_dir / 'log.txt'}" if (run_dir / "log.txt").is_file() else "see Flower's output above"
+        raise RuntimeError(f"the Flower run ended without {summary} ({seen}){where}")
     return json.loads(summary.read_text())
 
 
@@ -192,11 +194,15 @@ def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Call
     from evaluations.flower_local import LocalSuperLink
     from pfedpg.flower import write_client_shards
 
+    cpus = os.cpu_count() or 1
+    if cfg.flower.client_cpus > cpus:
+        raise ConfigError(f"flower.client_cpus={cfg.flower.client_cpus} is more than this machine's {cpus} CPUs: no "
+                          f"ClientApp actor could start; set flower.client_cpus to at most {cpus}")
     app = write_flower_app(run_dir, settings)
     shards = run_dir / "flower_shards"  # each actor reads the client it serves from here, and only that
     try:
         num_clients = write_client_shards(cfg, shards)
-        with LocalSuperLink(run_dir / "flower_home", simulation=True) as link:
+        with _terminate_as_interrupt(), LocalSuperLink(run_dir / "flower_home", simulation=True) as link:
             sim = {"num_supernodes": num_clients, "backend": "'ray'", "client_resources_num_cpus": cfg.flower.client_cpus,
                    "client_resources_num_gpus": 0.0, "init_args_num_cpus": os.cpu_count() or 1,
                    "init_args_logging_level": "'ERROR'", "init_args_log_to_driver": "false"}
@@ -204,6 +210,28 @@ def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Call
                              "--run-config", f"client-shards={json.dumps(str(shards.resolve()))}")
     finally:
         shutil.rmtree(shards, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While the block runs, SIGTERM (``timeout``, a scheduler) ends the run as Ctrl-C does — the
+    ``with`` and ``finally`` blocks stop the SuperLink this run started — instead of leaving it and
+    its simulation running."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _flwr_run(app: Path, home: Path, log: Callable[[str], None], *args: str) -> int:
@@ -217,12 +245,18 @@ def _flwr_run(app: Path, home: Path, log: Callable[[str], None], *args: str) -> 
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     ansi = re.compile(r"\x1b\[[0-9;]*m")
     blank = re.compile(r"^\s*(INFO|DEBUG|WARNING|ERROR)\s*:\s*$")  # Flower's empty log lines
+    # Flower's hints about the simulated federation's size: the run sets num_supernodes itself.
+    noise = ("default simulated SuperNodes changed", "To change federation size", "flwr federation simulation-config")
     with subprocess.Popen([flwr, "run", str(app), "fed", "--stream", *args], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace") as p:
-        for line in p.stdout:
-            line = ansi.sub("", line.rstrip())
-            if line.strip() and not blank.match(line):
-                log(line)
+        try:
+            for line in p.stdout:
+                line = ansi.sub("", line.rstrip())
+                if line.strip() and not blank.match(line) and not any(n in line for n in noise):
+                    log(line)
+        except BaseException:  # Ctrl-C or SIGTERM: do not wait for the CLI to notice
+            p.terminate()
+            raise
     return p.returncode
 
 

@@ -23,8 +23,8 @@ evaluate   round, P_n of the updated server       its evaluation row (adapted an
 
 Where a client's data comes from: with ``flower.num_clients: null`` every node partitions the run's
 data set from the config and keeps only the share of the client it is serving (its
-``partition-id``; a simulation actor, which serves many virtual clients, re-reads the file when it
-switches: :class:`PartitionNodeTrainer`) — simulation and tests. With
+``partition-id``; a simulation actor, which serves many virtual clients, reads the next client's
+shard when it switches: :class:`PartitionNodeTrainer`) — simulation and tests. With
 ``flower.num_clients: N`` (a deployment) each SuperNode brings its own records — ``--node-config
 "partition-id=<client> data-path=<npz or image folder>"`` plus, optionally, ``test-path=<file or
 folder>`` (its test split; else an npz ``split`` key, else ``test-fraction=<f>``, default
@@ -335,6 +335,10 @@ class ClientRuntime:
         return cls._cache[key]
 
     def client_id(self, context: Context) -> int:
+        parts = context.node_config.get("num-partitions")  # (set by Flower's simulation engine)
+        if parts is not None and int(parts) != self.trainer.num_clients:
+            raise ConfigError(f"this simulation has {int(parts)} SuperNodes but the run has {self.trainer.num_clients} "
+                              f"clients; start it with --federation-config \"num_supernodes={self.trainer.num_clients}\"")
         if "partition-id" not in context.node_config:
             raise ConfigError("this SuperNode has no partition-id; start it with --node-config partition-id=<client>")
         n = int(context.node_config["partition-id"])

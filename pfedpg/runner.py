@@ -84,8 +84,17 @@ def environment() -> dict[str, Any]:
     return {
         "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
         "timm": timm.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "argv": sys.argv,
+        "cpu_count": os.cpu_count(), "argv": _redacted(sys.argv),
     }
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """argv for the record, without secrets (a Flower process's one-use ``--token``)."""
+    out = list(argv)
+    for i, a in enumerate(out[:-1]):
+        if a == "--token":
+            out[i + 1] = "<redacted>"
+    return out
 
 
 def partition_run(cfg: RunConfig):

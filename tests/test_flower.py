@@ -133,6 +133,25 @@ def test_flower_refuses_what_it_cannot_run(tmp_path):
         _flower(tiny_config(), client_cpus=0.5)
     with pytest.raises(ConfigError, match="client_cpus=0 must be a whole number of CPUs"):
         _flower(tiny_config(), client_cpus=0)
+    with pytest.raises(ConfigError, match="more than this machine's .* CPUs"):
+        run_flower(_flower(tiny_config(), client_cpus=(os.cpu_count() or 1) + 1), tmp_path / "d")
+
+
+def test_a_simulation_started_with_the_wrong_number_of_supernodes_names_the_fix(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from pfedpg.flower import ClientRuntime
+    from pfedpg.runner import _redacted
+
+    values = {"config-yaml": dump_config(_flower(tiny_config(rounds=1, threads=1))), "run-dir": str(tmp_path),
+              "backbone-path": ""}
+    rt = ClientRuntime.get(values, {})
+    assert rt.client_id(Context(1, 1, {"partition-id": 2, "num-partitions": 3}, RecordDict(), {})) == 2
+    with pytest.raises(ConfigError, match='has 5 SuperNodes but the run has 3 clients; .*"num_supernodes=3"'):
+        rt.client_id(Context(1, 1, {"partition-id": 0, "num-partitions": 5}, RecordDict(), {}))
+    # env.json records a Flower process's argv without its one-use token.
+    assert _redacted(["flwr-serverapp", "--token", "abc", "--insecure"]) == ["flwr-serverapp", "--token", "<redacted>",
+                                                                            "--insecure"]
 
 
 # ------------------------------------------------------------------------------------------------
