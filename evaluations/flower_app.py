@@ -13,7 +13,7 @@ Both write the run's Flower App into ``RUN_DIR/flower_app`` and submit it with `
   the SuperLink's machine.
 
 ``server_app`` and ``client_app`` below are the app's components; they read the run from the
-Flower run config (``config-yaml``, ``run-dir``, ``backbone-path``) that ``run_flower`` sets.
+Flower run config (``config-yaml``, ``run-dir``, ``backbone-path``, ``client-shards``) that ``run_flower`` sets.
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Call
         num_clients = write_client_shards(cfg, shards)
         with _terminate_as_interrupt(), LocalSuperLink(run_dir / "flower_home", simulation=True) as link:
             sim = {"num_supernodes": num_clients, "backend": "'ray'", "client_resources_num_cpus": cfg.flower.client_cpus,
-                   "client_resources_num_gpus": 0.0, "init_args_num_cpus": os.cpu_count() or 1,
+                   "client_resources_num_gpus": 0.0, "init_args_num_cpus": cpus,
                    "init_args_logging_level": "'ERROR'", "init_args_log_to_driver": "false"}
             return _flwr_run(app, link.connect(), log, "--federation-config", " ".join(f"{k}={v}" for k, v in sim.items()),
                              "--run-config", f"client-shards={json.dumps(str(shards.resolve()))}")
@@ -239,10 +239,11 @@ def _flwr_run(app: Path, home: Path, log: Callable[[str], None], *args: str) -> 
     output (Flower's and the ServerApp's log) goes line by line to ``log``."""
     import re
 
-    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    flwr = shutil.which("flwr", path=path)
     if flwr is None:
         raise ConfigError("the `flwr` command is missing; pip install '.[flower]' in this environment")
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path}
     ansi = re.compile(r"\x1b\[[0-9;]*m")
     blank = re.compile(r"^\s*(INFO|DEBUG|WARNING|ERROR)\s*:\s*$")  # Flower's empty log lines
     # Flower's hints about the simulated federation's size: the run sets num_supernodes itself.

@@ -215,6 +215,9 @@ class NodeTrainer(Trainer):
         # Other clients' sizes are unknown here; the server learns the true ones from their nodes.
         self.client_facts = [{**own, "client": i} for i in range(self.num_clients)]
 
+    def hold(self, n: int) -> None:
+        """The node's own records are always in memory (``client_id`` checked that n is its client)."""
+
 
 def write_client_shards(cfg: RunConfig, out: Path) -> int:
     """The simulation's per-client record files: ``out/client_<n>.npz`` (uncompressed) with client
@@ -346,10 +349,6 @@ class ClientRuntime:
             raise ConfigError(f"partition-id={n}, but the run has {self.trainer.num_clients} clients (0..{self.trainer.num_clients - 1})")
         return n
 
-    def hold(self, n: int) -> None:
-        """Client n's records in memory (with node-local data the node's own are always there)."""
-        if isinstance(self.trainer, PartitionNodeTrainer):
-            self.trainer.hold(n)
 
     def _load(self, n: int, context: Context) -> None:
         st = context.state
@@ -387,7 +386,7 @@ class ClientRuntime:
         if int(task["client"]) != n:
             raise ConfigError(f"a message for client {task['client']} reached the SuperNode of client {n}")
         r = int(task["round"])
-        self.hold(n)
+        self.trainer.hold(n)
         self._load(n, context)
         start = _tensor(msg.content.array_records["sent"], "prompt") if "sent" in msg.content.array_records \
             else self.trainer.states[n].prompt
@@ -403,7 +402,7 @@ class ClientRuntime:
 
     def evaluate(self, msg: Message, context: Context) -> RecordDict:
         n = self.client_id(context)
-        self.hold(n)
+        self.trainer.hold(n)
         self._load(n, context)
         generated = _tensor(msg.content.array_records["generated"], "prompt") \
             if "generated" in msg.content.array_records else None
