@@ -123,7 +123,8 @@ class ClientCanaryAudit(Hook):
 
     @staticmethod
     def _theta(ctx) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).double() for p in ctx.server.shared_parameters()]).clone()
+        """The shared state θ as one float64 vector, on the CPU (where the scoring runs)."""
+        return torch.cat([p.detach().reshape(-1).double().cpu() for p in ctx.server.shared_parameters()])
 
     def replaces_release(self, client: int) -> bool:
         """Read by other audits (e.g. leakage_audit leaves these clients out); valid before setup."""
@@ -135,7 +136,7 @@ class ClientCanaryAudit(Hook):
             return delta
         dp = self._client_dp(ctx)
         scale = self.norm if self.norm is not None else (float(dp.clip) if dp is not None else float(delta.norm()))
-        return (scale * self.directions[client]).to(delta.dtype).reshape(delta.shape)
+        return (scale * self.directions[client]).to(device=delta.device, dtype=delta.dtype).reshape(delta.shape)
 
     def _push(self, ctx, client: int, u: torch.Tensor) -> torch.Tensor:
         """v = J_cᵀ u: how a release along u from client c moves the shared state (first order)."""
@@ -144,8 +145,9 @@ class ClientCanaryAudit(Hook):
         if not hasattr(server, "generate"):  # FedVPT: the shared state is the prompt itself
             return u.reshape(-1).double()
         p = server.generate(client)
-        grads = torch.autograd.grad((p * u.to(p.dtype)).sum(), params, allow_unused=True)
-        return torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1).double() for q, g in zip(params, grads)])
+        grads = torch.autograd.grad((p * u.to(p)).sum(), params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1).double().cpu()
+                          for q, g in zip(params, grads)])
 
     def state_dict(self):
         return {"theta0": self.theta0}

@@ -84,6 +84,11 @@ RMIA_DEFAULTS = {"references": 4, "epochs": 5, "a": 0.3, "gamma": 1.0, "populati
 CANARY_DEFAULTS = {"per_client": 64, "guess_fraction": 0.5}
 
 
+def _uniform_like(like: torch.Tensor, bound: float, g: torch.Generator) -> torch.Tensor:
+    """U(−bound, bound) of ``like``'s shape, drawn on the CPU from ``g`` and moved to ``like``'s device."""
+    return torch.empty(like.shape, dtype=like.dtype).uniform_(-bound, bound, generator=g).to(like.device)
+
+
 def _pick(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy(np.sort(rng.permutation(n)[: min(n, k)]))
 
@@ -190,19 +195,17 @@ class LeakageAudit(Hook):
             self.probes = [p for p in self.probes if p != "descriptor"]
         if desc is not None and self.initial_descriptors is None:  # (a resumed run restores it instead)
             # The server drew d_n itself; what training wrote into them is d_n − d_n(0).
-            self.initial_descriptors = desc.detach().clone()
+            self.initial_descriptors = desc.detach().cpu().clone()
         self.canary_data = {}
         if self.canaries is not None:
             x0 = ctx.train_data[0][0]
-            mean = torch.tensor(ctx.config.model.mean).view(3, 1, 1)
-            std = torch.tensor(ctx.config.model.std).view(3, 1, 1)
             for c in self.targets:
                 g = ctx.seeds.torch("audit.canary", client=c)
                 m = self.canaries["per_client"]
-                # Uniform-noise images with random labels: out of distribution, so memorising one is
-                # the only way to fit it (a strong canary), and each is independent of the others.
-                images = torch.rand((m, *x0.shape[1:]), generator=g)
-                x = (images - mean) / std
+                # Uniform-noise images (uint8 records at the stored size, like every record) with random
+                # labels: out of distribution, so memorising one is the only way to fit it (a strong
+                # canary), and each is independent of the others.
+                x = torch.randint(0, 256, (m, *x0.shape[1:]), generator=g, dtype=torch.uint8)
                 y = torch.randint(0, ctx.num_classes, (m,), generator=g)
                 included = torch.rand(m, generator=g) < 0.5
                 self.canary_data[c] = (x, y, included)
@@ -216,15 +219,16 @@ class LeakageAudit(Hook):
     def incoming_deltas(self, ctx, *, round, deltas):
         sent = ctx.server.prompts_for(sorted(deltas))
         for n, d in deltas.items():
-            self.records.setdefault(n, []).append({"round": round, "sent": sent[n].detach().clone(),
-                                                   "delta": d.detach().clone()})
+            # Kept on the CPU: what the server saw, for the probes at the end (a run's worth of K×D tensors).
+            self.records.setdefault(n, []).append({"round": round, "sent": sent[n].detach().cpu().clone(),
+                                                   "delta": d.detach().cpu().clone()})
         return deltas
 
     def end_of_round(self, ctx, *, round, record):
         desc = getattr(ctx.server, "descriptors", None)
         if desc is not None:
             for n in ctx.schedule[round - 1]:
-                self.descriptors.setdefault(n, []).append(desc[n].detach().clone())
+                self.descriptors.setdefault(n, []).append(desc[n].detach().cpu().clone())
         return None
 
     def state_dict(self):
@@ -255,6 +259,11 @@ class LeakageAudit(Hook):
                 return {"hook": h.name, "unit": unit, "epsilon": eps, "delta": delta, "note": note}
         return None
 
+    @staticmethod
+    def _augment(ctx, component: str, i: int):
+        """Shadow / reference model i's augmentation stream: the clients' recipe (``data.augment``)."""
+        return None if ctx.config.data.augment == "none" else ctx.seeds.torch(component, client=i)
+
     def _covered(self, dp, probe_side: str, probe_unit: str) -> bool:
         if dp is None or not math.isfinite(dp["epsilon"]) or probe_unit == "placement":
             return False
@@ -275,7 +284,7 @@ class LeakageAudit(Hook):
             w, b = self._proxy_head(ctx, client, rec)
             load_into(ctx.model, prompt=rec["sent"], head_weight=w, head_bias=b)
             g = prompt_gradients(ctx.model, x, y).reshape(x.shape[0], -1)
-            out.append(F.cosine_similarity(g, (-rec["delta"]).reshape(1, -1), dim=1).numpy())
+            out.append(F.cosine_similarity(g, (-rec["delta"]).reshape(1, -1).to(g), dim=1).cpu().numpy())
         return np.mean(out, axis=0)
 
     def _new_client_attributes(self, ctx, joins, views, record, dp_new) -> None:
@@ -353,7 +362,7 @@ class LeakageAudit(Hook):
                 x, y, is_mem = mem[c]
                 load_into(ctx.model, prompt=states[c].prompt, head_weight=states[c].head_weight,
                           head_bias=states[c].head_bias)
-                s.append(fn(ctx.model, x, y).numpy())
+                s.append(fn(ctx.model, x, y).cpu().numpy())
                 lab.append(is_mem)
             return np.concatenate(s), np.concatenate(lab)
 
@@ -418,27 +427,28 @@ class LeakageAudit(Hook):
                         "confidence": "true-class probability under G(P_base, d_n) with that proxy head",
                         "calibrated": "mean loss under the shadows' generated prompts − loss under G(P_base, d_n)"}
                 for kind, text in what.items():
-                    sc = np.concatenate([scored[c][kind].numpy() for c in self.targets])
+                    sc = np.concatenate([scored[c][kind].cpu().numpy() for c in self.targets])
                     record(f"descriptor_{kind}", {**probe_metrics(sc, lab), "score": text,
                                                   "references": len(self.shadows), "_curve": (sc, lab)})
             elif probe == "lira":
                 target_phi, lab = observer_scores(logit_confidence)
                 tx = torch.cat([mem[c][0] for c in self.targets])
                 ty = torch.cat([mem[c][1] for c in self.targets])
-                init = torch.empty_like(states[0].prompt).uniform_(-0.1, 0.1, generator=ctx.seeds.torch("audit.lira.init"))
+                init = _uniform_like(states[0].prompt, 0.1, ctx.seeds.torch("audit.lira.init"))
                 if ctx.server.sends_prompts:  # shadows start where the server's clients start
                     init = torch.stack(list(ctx.server.prompts_for(self.shadows).values())).mean(0)
                 s = run_lira(ctx.model, targets_x=tx, targets_y=ty, target_phi=target_phi, aux_x=self._aux[0],
                              aux_y=self._aux[1], num_classes=ctx.num_classes, client_cfg=ctx.config.client,
                              shadows=self.lira["shadows"], epochs=self.lira["epochs"], online=self.lira["online"],
                              init_prompt=init, rng=ctx.seeds.numpy("audit.lira"),
-                             seed_stream=lambda i: ctx.seeds.torch("audit.lira.shadow", client=i))
+                             seed_stream=lambda i: ctx.seeds.torch("audit.lira.shadow", client=i),
+                             augment_stream=lambda i: self._augment(ctx, "audit.lira.augment", i))
                 record("lira", {**probe_metrics(s, lab), **{f"lira_{k}": v for k, v in self.lira.items()},
                                 "_curve": (s, lab)})
             elif probe == "rmia":
                 from attacks.rmia import reference_probabilities, rmia_scores, train_references, true_class_probability
 
-                init = torch.empty_like(states[0].prompt).uniform_(-0.1, 0.1, generator=ctx.seeds.torch("audit.rmia.init"))
+                init = _uniform_like(states[0].prompt, 0.1, ctx.seeds.torch("audit.rmia.init"))
                 if ctx.server.sends_prompts:  # references start where the server's clients start
                     init = torch.stack(list(ctx.server.prompts_for(self.shadows).values())).mean(0)
                 o = self.rmia
@@ -446,7 +456,8 @@ class LeakageAudit(Hook):
                     ctx.model, aux_x=self._aux[0], aux_y=self._aux[1], references=o["references"], epochs=o["epochs"],
                     population=o["population"], num_classes=ctx.num_classes, client_cfg=ctx.config.client,
                     init_prompt=init, rng=ctx.seeds.numpy("audit.rmia"),
-                    seed_stream=lambda i: ctx.seeds.torch("audit.rmia.reference", client=i))
+                    seed_stream=lambda i: ctx.seeds.torch("audit.rmia.reference", client=i),
+                    augment_stream=lambda i: self._augment(ctx, "audit.rmia.augment", i))
                 zx, zy = self._aux[0][z_idx], self._aux[1][z_idx]
                 ref_z = reference_probabilities(ctx.model, refs, zx, zy)
                 s, lab = [], []
@@ -477,7 +488,7 @@ class LeakageAudit(Hook):
                     x, y, included = self.canary_data[c]
                     load_into(ctx.model, prompt=states[c].prompt, head_weight=states[c].head_weight,
                               head_bias=states[c].head_bias)
-                    scores_obs.append(loss_scores(ctx.model, x, y).numpy())
+                    scores_obs.append(loss_scores(ctx.model, x, y).cpu().numpy())
                     recs = self.records.get(c, [])[-self.alignment_rounds:]
                     scores_srv.append(self._alignment(ctx, c, recs, x, y) if recs else np.zeros(len(y)))
                     inc.append(included.numpy())

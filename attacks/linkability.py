@@ -40,7 +40,7 @@ def linkability(releases: dict[int, list[torch.Tensor]], *, query_clients: list[
     ref = torch.stack(refs)
     scores, labels, hits = [], [], 0
     for n, q in queries:
-        s = (ref @ q).numpy()
+        s = (ref @ q).cpu().numpy()
         hits += int(clients[int(np.argmax(s))] == n)
         scores.append(s)
         labels.append(np.array([m == n for m in clients]))

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from attacks.membership import batches
 from pfedpg.client import load_into, sgd_local_training
 from pfedpg.hooks import ClientData, LocalJob
 
@@ -29,9 +30,7 @@ def logit_confidence(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
     """φ = log p_y − log Σ_{j≠y} p_j, computed stably from the logits."""
     model.eval()
     out = []
-    for i in range(0, x.shape[0], batch_size):
-        z = model(x[i:i + batch_size])
-        yy = y[i:i + batch_size]
+    for z, yy in batches(model, x, y, batch_size):
         zy = z.gather(1, yy[:, None])[:, 0]
         others = z.scatter(1, yy[:, None], float("-inf"))
         out.append(zy - torch.logsumexp(others, dim=1))
@@ -39,13 +38,15 @@ def logit_confidence(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
 
 
 def train_shadow(model, x: torch.Tensor, y: torch.Tensor, *, init_prompt: torch.Tensor, num_classes: int,
-                 client_cfg, epochs: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A shadow prompt + head trained like a client (same optimiser and lrs) for ``epochs`` epochs."""
-    head_w = torch.zeros(num_classes, init_prompt.shape[1])
-    head_b = torch.zeros(num_classes)
+                 client_cfg, epochs: int, generator: torch.Generator,
+                 augment: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A shadow prompt + head trained like a client (same optimiser, lrs and, with ``augment``, the
+    same data augmentation) for ``epochs`` epochs."""
+    head_w = torch.zeros(num_classes, init_prompt.shape[1], device=init_prompt.device)
+    head_b = torch.zeros(num_classes, device=init_prompt.device)
     load_into(model, prompt=init_prompt, head_weight=head_w, head_bias=head_b)
     job = LocalJob(client=-1, round=0, model=model, data=ClientData(x, y), generator=generator,
-                   run_default=None)
+                   run_default=None, augment=augment)
     sgd_local_training(job, dataclasses.replace(client_cfg, local_epochs=epochs))
     return {"prompt": model.prompt.prompt.detach().clone(), "head_weight": model.head.weight.detach().clone(),
             "head_bias": model.head.bias.detach().clone()}
@@ -84,10 +85,12 @@ def lira_scores(target_phi: np.ndarray, shadow_phi: np.ndarray, in_mask: np.ndar
 
 def run_lira(model, *, targets_x: torch.Tensor, targets_y: torch.Tensor, target_phi: np.ndarray,
              aux_x: torch.Tensor, aux_y: torch.Tensor, num_classes: int, client_cfg, shadows: int, epochs: int,
-             online: bool, init_prompt: torch.Tensor, rng: np.random.Generator, seed_stream) -> np.ndarray:
+             online: bool, init_prompt: torch.Tensor, rng: np.random.Generator, seed_stream,
+             augment_stream=lambda i: None) -> np.ndarray:
     """Train the shadows and return the LiRA score of every target record.
 
-    ``seed_stream(i)`` gives shadow i's shuffling generator. Offline: each shadow trains on a
+    ``seed_stream(i)`` gives shadow i's shuffling generator, ``augment_stream(i)`` its augmentation
+    stream (None: none, as the target's recipe says). Offline: each shadow trains on a
     random half of the auxiliary data. Online: also on a random half of the target records, chosen
     so that every record is IN for half of the shadows (balanced per record)."""
     n_aux, n_t = aux_x.shape[0], targets_x.shape[0]
@@ -106,9 +109,9 @@ def run_lira(model, *, targets_x: torch.Tensor, targets_y: torch.Tensor, target_
             sel = torch.from_numpy(np.flatnonzero(in_mask[i]))
             x, y = torch.cat([x, targets_x[sel]]), torch.cat([y, targets_y[sel]])
         state = train_shadow(model, x, y, init_prompt=init_prompt, num_classes=num_classes, client_cfg=client_cfg,
-                             epochs=epochs, generator=seed_stream(i))
+                             epochs=epochs, generator=seed_stream(i), augment=augment_stream(i))
         load_into(model, **state)
-        phis.append(logit_confidence(model, targets_x, targets_y).numpy())
+        phis.append(logit_confidence(model, targets_x, targets_y).cpu().numpy())
         ins.append(in_mask[i])
     return lira_scores(target_phi, np.stack(phis), np.stack(ins) if online else None)
 

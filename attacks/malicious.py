@@ -21,6 +21,7 @@ from scipy.stats import norm
 
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import ClientData, Hook, register_hook
+from pfedpg.seeding import normal_like
 from pfedpg.server import ClientGradients
 
 SPACES = ("delta", "grad")
@@ -131,7 +132,7 @@ class GaussianAttack(MaliciousClients):
         self.sigma = float(sigma)
 
     def craft_one(self, update, generator):
-        return torch.randn(update.shape, generator=generator, dtype=update.dtype) * self.sigma
+        return normal_like(update, generator) * self.sigma
 
 
 @register_hook("scaling")
@@ -162,7 +163,7 @@ class FreeRider(MaliciousClients):
     def craft_one(self, update, generator):
         if self.disguise == 0:
             return torch.zeros_like(update)
-        return torch.randn(update.shape, generator=generator, dtype=update.dtype) * self.disguise
+        return normal_like(update, generator) * self.disguise
 
 
 @register_hook("alie")
@@ -253,20 +254,28 @@ class LabelFlip(MaliciousClients):
         return ClientData(data.x, (ctx.num_classes - 1) - data.y)
 
 
-def add_trigger(x: torch.Tensor, size: int, value: float) -> torch.Tensor:
-    """A square pixel pattern (checkerboard) in the bottom-right corner, in normalised space."""
+def add_trigger(x: torch.Tensor, size: int, value: float, *, mean, std) -> torch.Tensor:
+    """A size×size checkerboard stamped into the bottom-right corner of uint8 records (N, 3, S, S),
+    BadNets-style: the trigger is part of the image, before any resize or augmentation. Its "on"
+    cells are ``value`` in the model's normalised units (pixel mean + value·std, clipped to the pixel
+    range: the default 2.5 is white), its "off" cells the normalised 0 (the mean colour)."""
+    m = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+    on = ((m + value * s).clamp(0, 1) * 255).round()
+    off = (m.clamp(0, 1) * 255).round()
+    board = torch.tensor([[(i + j) % 2 == 1 for j in range(size)] for i in range(size)])
     out = x.clone()
-    board = torch.tensor([[(i + j) % 2 for j in range(size)] for i in range(size)], dtype=x.dtype)
-    out[..., -size:, -size:] = value * board
+    out[..., -size:, -size:] = torch.where(board, on, off).to(x.dtype)
     return out
 
 
 @register_hook("backdoor")
 class PixelBackdoor(MaliciousClients):
-    """Pixel-pattern backdoor: malicious clients add the trigger to ``poison_fraction`` of their
-    images and relabel them ``target``. The attack success rate is measured on each benign client's
-    own model (adapted prompt and head), on its triggered test images whose true label is not the
-    target."""
+    """Pixel-pattern backdoor: malicious clients stamp the trigger (:func:`add_trigger`;
+    ``trigger_size`` in stored pixels, ``trigger_value`` in normalised units, clipped to the pixel
+    range) into ``poison_fraction`` of their images and relabel them ``target``. The attack
+    success rate is measured on each benign client's own model (adapted prompt and head), on its
+    triggered test images whose true label is not the target."""
 
     data_poisoning = True
 
@@ -284,7 +293,8 @@ class PixelBackdoor(MaliciousClients):
         n = data.x.shape[0]
         idx = torch.from_numpy(np.sort(g.choice(n, int(round_half(self.poison_fraction * n)), replace=False)))
         x, y = data.x.clone(), data.y.clone()
-        x[idx] = add_trigger(x[idx], self.trigger_size, self.trigger_value)
+        x[idx] = add_trigger(x[idx], self.trigger_size, self.trigger_value, mean=ctx.config.model.mean,
+                             std=ctx.config.model.std)
         y[idx] = self.target
         return ClientData(x, y)
 
@@ -299,7 +309,8 @@ class PixelBackdoor(MaliciousClients):
         count = int(keep.sum())
         if count == 0:
             return None
-        xt = add_trigger(x[keep], self.trigger_size, self.trigger_value)
+        xt = add_trigger(x[keep], self.trigger_size, self.trigger_value, mean=ctx.config.model.mean,
+                         std=ctx.config.model.std)
         return {"asr": evaluate(xt, torch.full((count,), self.target, dtype=y.dtype)), "asr_images": count}
 
     def end_of_round(self, ctx, *, round, record):

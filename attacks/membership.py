@@ -20,21 +20,25 @@ import torch.nn.functional as F
 from pfedpg.client import load_into
 
 
+def batches(model, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """(logits, labels) of records (x, y) in batches, both on the model's device."""
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i:i + batch_size])
+        yield logits, y[i:i + batch_size].to(logits.device)
+
+
 @torch.no_grad()
 def loss_scores(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """−cross-entropy per record (on the model's device)."""
     model.eval()
-    out = [F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], reduction="none")
-           for i in range(0, x.shape[0], batch_size)]
-    return -torch.cat(out)
+    return -torch.cat([F.cross_entropy(z, yy, reduction="none") for z, yy in batches(model, x, y, batch_size)])
 
 
 @torch.no_grad()
 def confidence_scores(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """Probability the model gives the record's true label."""
     model.eval()
-    out = [F.softmax(model(x[i:i + batch_size]), dim=1).gather(1, y[i:i + batch_size, None])[:, 0]
-           for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(out)
+    return torch.cat([F.softmax(z, dim=1).gather(1, yy[:, None])[:, 0] for z, yy in batches(model, x, y, batch_size)])
 
 
 def prompt_gradients(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
@@ -56,7 +60,8 @@ def prompt_gradients(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
     try:
         for i in range(0, x.shape[0], batch_size):
             with torch.enable_grad():
-                loss = F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], reduction="sum")
+                logits = model(x[i:i + batch_size])
+                loss = F.cross_entropy(logits, y[i:i + batch_size].to(logits.device), reduction="sum")
                 loss.backward()
             out.append(captured["out"].grad.detach().clone())
             model.zero_grad(set_to_none=True)
@@ -85,10 +90,11 @@ def fit_proxy_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, *,
                    steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear head fitted by L-BFGS on (features, y): the curious server's stand-in for the
     client's private head, trained on auxiliary data it owns. Deterministic (zero init)."""
-    w = torch.zeros(num_classes, features.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
+    w = torch.zeros(num_classes, features.shape[1], requires_grad=True, device=features.device)
+    b = torch.zeros(num_classes, requires_grad=True, device=features.device)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
     f = features.detach()
+    y = y.to(features.device)
 
     def closure():
         opt.zero_grad()
@@ -121,7 +127,7 @@ def generated_prompt_scores(model, *, prompts: dict[int, torch.Tensor], referenc
     prompts that never saw it; calibration removes how hard the record is for everyone."""
     names = sorted(targets)
     sets = [targets[n] for n in names]
-    ref_losses = [torch.zeros(x.shape[0]) for x, _ in sets]
+    ref_losses = [torch.zeros(x.shape[0], device=model.device) for x, _ in sets]
     for ref in references:
         for i, (neg_loss, _) in enumerate(proxy_model_scores(model, ref, aux_x=aux_x, aux_y=aux_y,
                                                              num_classes=num_classes, targets=sets)):

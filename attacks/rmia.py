@@ -18,17 +18,15 @@ import numpy as np
 import torch
 
 from attacks.lira import train_shadow
+from attacks.membership import batches
 from pfedpg.client import load_into
 
 
 @torch.no_grad()
 def true_class_probability(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> np.ndarray:
     model.eval()
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        p = torch.softmax(model(x[i:i + batch_size]), dim=1)
-        out.append(p.gather(1, y[i:i + batch_size, None])[:, 0])
-    return torch.cat(out).numpy().astype(np.float64)
+    out = [torch.softmax(z, dim=1).gather(1, yy[:, None])[:, 0] for z, yy in batches(model, x, y, batch_size)]
+    return torch.cat(out).cpu().numpy().astype(np.float64)
 
 
 def rmia_scores(p_x: np.ndarray, ref_x: np.ndarray, p_z: np.ndarray, ref_z: np.ndarray, *, a: float = 0.3,
@@ -44,7 +42,7 @@ def rmia_scores(p_x: np.ndarray, ref_x: np.ndarray, p_z: np.ndarray, ref_z: np.n
 
 def train_references(model, *, aux_x: torch.Tensor, aux_y: torch.Tensor, references: int, epochs: int,
                      population: int, num_classes: int, client_cfg, init_prompt: torch.Tensor,
-                     rng: np.random.Generator, seed_stream) -> tuple[list[dict], torch.Tensor]:
+                     rng: np.random.Generator, seed_stream, augment_stream=lambda i: None) -> tuple[list[dict], torch.Tensor]:
     """Split the auxiliary records into a population Z (``population`` of them, or a quarter if
     fewer) and a reference pool; train ``references`` models, each on a random half of the pool.
     Returns (the reference states, the indices of Z in aux)."""
@@ -58,7 +56,8 @@ def train_references(model, *, aux_x: torch.Tensor, aux_y: torch.Tensor, referen
     for i in range(references):
         half = torch.from_numpy(rng.permutation(pool)[: len(pool) // 2])
         states.append(train_shadow(model, aux_x[half], aux_y[half], init_prompt=init_prompt, num_classes=num_classes,
-                                   client_cfg=client_cfg, epochs=epochs, generator=seed_stream(i)))
+                                   client_cfg=client_cfg, epochs=epochs, generator=seed_stream(i),
+                                   augment=augment_stream(i)))
     return states, z_idx
 
 

@@ -24,6 +24,7 @@ from defenses.accounting import (ClientAccountants, calibrate_noise, check_dp_op
                                  noise_generator, warn_seeded_deployment)
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
+from pfedpg.seeding import normal_like
 
 ADJACENCIES = {"replace": 2.0, "add_remove": 1.0}  # sensitivity in units of C
 
@@ -97,8 +98,8 @@ class ClientLevelDP(Hook):
         clipped = clip_by_norm(delta, self.clip)
         if self.noise_multiplier == 0:
             return clipped
-        noise = torch.randn(clipped.shape, generator=generator, dtype=clipped.dtype)
-        return clipped + noise * (self.noise_multiplier * self.clip)
+        # Drawn on the CPU from the keyed (or secret) stream and moved: exact, and the same on every device.
+        return clipped + normal_like(clipped, generator) * (self.noise_multiplier * self.clip)
 
     def outgoing_delta(self, ctx, *, client, round, delta):
         released = self.privatize(delta, noise_generator(ctx, self.noise_source, "dp_client.noise", client=client, round=round))

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from defenses.accounting import (ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
                                  noise_generator, warn_seeded_deployment)
-from pfedpg.client import make_optimizer, trainable_parameters
+from pfedpg.client import make_optimizer, trainable_parameters, training_batch
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, LocalResult, register_hook
 from pfedpg.models import PromptTokens
+from pfedpg.seeding import normal_like
 
 _REGISTERED = False
 
@@ -136,8 +137,7 @@ class RecordLevelDPSGD(Hook):
     def local_training(self, ctx, job, call_next):
         cfg = ctx.config.client
         model = job.model
-        x, y = job.data.x, job.data.y
-        n = x.shape[0]
+        n = job.data.y.shape[0]
         q, z = self.sample_rate(n), self.noise[job.client]
         params = trainable_parameters(model)
         opt = make_optimizer(model, cfg)
@@ -152,7 +152,7 @@ class RecordLevelDPSGD(Hook):
             idx = self.poisson_sample(n, q, sample_g)
             summed = [torch.zeros_like(p) for p in params]
             if idx.numel():
-                grads, losses = psg(x[idx], y[idx])
+                grads, losses = psg(*training_batch(model, job.data, idx, job.augment))
                 summed, norms = self.clip_and_sum(grads)
                 clipped += int((norms > self.clip).sum())
                 total += float(losses.sum())
@@ -183,7 +183,7 @@ class RecordLevelDPSGD(Hook):
 
     def add_noise(self, summed: list[torch.Tensor], z: float, g: torch.Generator) -> list[torch.Tensor]:
         """Gaussian noise of std z·C on every coordinate of the clipped sum."""
-        return [s + torch.randn(s.shape, generator=g) * (z * self.clip) for s in summed]
+        return [s + normal_like(s, g) * (z * self.clip) for s in summed]
 
     def epsilon(self, client: int) -> float:
         return self.accountants.epsilon(client)

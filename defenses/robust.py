@@ -51,7 +51,7 @@ def krum_select(g: torch.Tensor, f: int, count: int) -> list[int]:
     remaining = list(range(g.shape[0]))
     chosen = []
     for _ in range(count):
-        scores = krum_scores(g[remaining], f) if len(remaining) > f + 2 else torch.zeros(len(remaining))
+        scores = krum_scores(g[remaining], f) if len(remaining) > f + 2 else torch.zeros(len(remaining), device=g.device)
         best = remaining[int(scores.argmin())]
         chosen.append(best)
         remaining.remove(best)
@@ -147,7 +147,7 @@ class RobustAggregation(Hook):
         if self.rule == "norm_clip":
             return clip_rows(g, self._tau(g)).mean(0), keep
         # centered_clip: v <- v + mean(clip(g_i - v, τ)), a few iterations from the last round's centre
-        v = torch.zeros_like(g[0]) if self.center is None or self.center.shape != g[0].shape else self.center
+        v = torch.zeros_like(g[0]) if self.center is None or self.center.shape != g[0].shape else self.center.to(g)
         tau = self._tau(g - v)
         for _ in range(self.iters):
             v = v + clip_rows(g - v, tau).mean(0)
@@ -157,7 +157,7 @@ class RobustAggregation(Hook):
     def aggregate(self, ctx, *, round, grads):
         g = grads.shared
         if g.shape[0] == 0:
-            return torch.zeros(g.shape[1], dtype=g.dtype)
+            return torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
         if g.shape[0] < min_clients(self.rule, self.f):
             raise ConfigError(f"round {round}: {g.shape[0]} clients reached aggregation, rule {self.rule} with "
                               f"f={self.f} needs {min_clients(self.rule, self.f)}")

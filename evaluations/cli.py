@@ -1,4 +1,4 @@
-"""``pfedpg-eval``: train, pretrain, privacy, audit, robustness, report and flower-certs, on click.
+"""``pfedpg-eval``: train, pretrain, privacy, audit, robustness, plan, report and flower-certs, on click.
 
 Every run subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides. The
 contract: bad input ends with one line ``error: ...`` naming the fix and exit status 2; exit 1 only
@@ -145,6 +145,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from evaluations.plan import plan, render
+
+    if args.config is None:
+        raise ConfigError("plan needs --config FILE (a run config, or a privacy, audit or robustness file)")
+    p = plan(args.config, args.overrides, steps=args.steps, log=_log)
+    print(json.dumps(p, indent=1) if args.json else render(p))
+    return 0
+
+
 def cmd_flower_certs(args) -> int:
     from evaluations.flower_certs import make_certificates
 
@@ -195,6 +205,7 @@ def cli(quiet: bool, verbose: bool) -> None:
       pfedpg-eval privacy --config configs/privacy_demo.yaml --jobs 2
       pfedpg-eval audit --config configs/audit.yaml
       pfedpg-eval robustness --config configs/robustness.yaml --jobs 2
+      pfedpg-eval plan --config configs/cifar10_dirichlet.yaml
     """
     _OUT.quiet, _OUT.verbose = quiet, verbose
     if not verbose:  # library chatter (Opacus' secure-RNG notice, timm, Ray) is not ours to print
@@ -279,6 +290,24 @@ _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x mali
               "pfedpg-eval robustness --config configs/robustness.yaml --jobs 2")
 
 
+@cli.command(short_help="What a config will cost (memory, communication, time) before it runs.",
+             epilog="Example: pfedpg-eval plan --config configs/cifar10_dirichlet.yaml --set client.batch_size=16")
+@_CONFIG
+@_SET
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, metavar="K",
+              help="local steps to time (after one warm-up step)")
+@click.option("--json", "json", is_flag=True, help="print the plan as JSON")
+def plan(**kw) -> int:
+    """What a train, privacy, audit or robustness config will cost, without training.
+
+    Expands the grid into its runs, partitions the data as they will (split sizes), builds one run
+    for real on the chosen device (its uint8 records and the backbone with random weights: nothing
+    is downloaded or pretrained) and times K real local steps and an evaluation batch. Prints the
+    clients and records, the numbers each client sends per round, the measured resident (and GPU)
+    memory, and the time per step extrapolated to every run of the grid."""
+    return cmd_plan(_ns(**kw))
+
+
 @cli.command("flower-certs", short_help="Make a CA, a SuperLink certificate and SuperNode keys (TLS deployment).", epilog="Example: pfedpg-eval flower-certs certs --host link.example.org --nodes 3")
 @click.argument("out_dir", metavar="OUT_DIR")
 @click.option("--host", multiple=True, metavar="NAME",
@@ -328,6 +357,19 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:  # out of memory outside a run's rounds (building it, a plan)
+        from pfedpg.models.device import is_out_of_memory, out_of_memory_error
+
+        kind = is_out_of_memory(e)
+        if kind is None:
+            raise
+        if _OUT.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {_one_line(out_of_memory_error(kind, 'the run device' if kind == 'device' else 'this machine', e))}",
+              file=sys.stderr)
         return 2
 
 

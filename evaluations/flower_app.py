@@ -198,13 +198,24 @@ def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Call
     if cfg.flower.client_cpus > cpus:
         raise ConfigError(f"flower.client_cpus={cfg.flower.client_cpus} is more than this machine's {cpus} CPUs: no "
                           f"ClientApp actor could start; set flower.client_cpus to at most {cpus}")
+    import torch
+
+    if cfg.device.startswith("cuda") and cfg.flower.client_gpus == 0:
+        raise ConfigError(f"device={cfg.device} but flower.client_gpus is 0: the simulation gives ClientApp actors no "
+                          "GPU; set flower.client_gpus (e.g. 0.25 = four actors per GPU) or device: cpu")
+    if cfg.flower.client_gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(f"flower.client_gpus={cfg.flower.client_gpus:g} but torch sees no CUDA device here; set "
+                          "flower.client_gpus: 0")
+    if cfg.device == "auto" and torch.cuda.is_available() and cfg.flower.client_gpus == 0:
+        log("flower: the ClientApps run on the CPU (flower.client_gpus: 0 gives them no GPU; the server uses "
+            "the GPU)")
     app = write_flower_app(run_dir, settings)
     shards = run_dir / "flower_shards"  # each actor reads the client it serves from here, and only that
     try:
         num_clients = write_client_shards(cfg, shards)
         with _terminate_as_interrupt(), LocalSuperLink(run_dir / "flower_home", simulation=True) as link:
             sim = {"num_supernodes": num_clients, "backend": "'ray'", "client_resources_num_cpus": cfg.flower.client_cpus,
-                   "client_resources_num_gpus": 0.0, "init_args_num_cpus": cpus,
+                   "client_resources_num_gpus": float(cfg.flower.client_gpus), "init_args_num_cpus": cpus,
                    "init_args_logging_level": "'ERROR'", "init_args_log_to_driver": "false"}
             return _flwr_run(app, link.connect(), log, "--federation-config", " ".join(f"{k}={v}" for k, v in sim.items()),
                              "--run-config", f"client-shards={json.dumps(str(shards.resolve()))}")

@@ -161,13 +161,39 @@ def divergence(run_dir, summary, error) -> dict[str, Any] | None:
     return div
 
 
+def gpu_slots(jobs: int, gpus: int) -> list[int]:
+    """The GPU each of ``jobs`` worker processes is given, round-robin ([] without GPUs)."""
+    return [w % gpus for w in range(jobs)] if gpus > 0 else []
+
+
+def _pin_worker(slots) -> None:
+    """Worker initializer: this process sees one GPU (the next slot), before anything touches CUDA;
+    ``device: auto`` (or ``cuda``) then runs the cells it takes there."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
+
+
+def _where(summary: dict[str, Any] | None) -> str:
+    dev = (summary or {}).get("device") or {}
+    if not dev:
+        return ""
+    gpu = f", GPU {dev['cuda_visible_devices']} of the machine" if dev.get("cuda_visible_devices") not in (None, "") \
+        and str(dev.get("device", "")).startswith("cuda") else ""
+    return f" (on {dev.get('device')}{gpu})"
+
+
 def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], None] = print,
-              progress: bool = False, jobs: int = 1) -> list[CellResult]:
+              progress: bool = False, jobs: int = 1, gpus: int | None = None) -> list[CellResult]:
     """``grid``: dicts with at least ``cell`` (a unique name) and ``config`` (a run-config dict).
 
     ``jobs`` > 1 runs that many cells at once in worker processes; a cell whose config leaves
     ``threads`` null then gets cores ÷ jobs torch threads. Results depend on the thread count, so set
-    ``threads`` in the config for numbers that do not depend on ``jobs``."""
+    ``threads`` in the config for numbers that do not depend on ``jobs``. On a machine with G GPUs
+    (``gpus``: None = as torch counts them) worker k sees GPU k mod G alone, so cells with
+    ``device: auto`` or ``cuda`` spread over the GPUs, one GPU per cell; a cell's line and its
+    ``summary.json`` (``device``) say where it ran. A grid whose cells name a GPU (``cuda:N``) is
+    not spread: every worker sees every GPU."""
     load_plugins()
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
@@ -198,7 +224,7 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
     def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None) -> None:
         cell, run_dir = grid[i], out / "runs" / grid[i]["cell"]
         if error is None:
-            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}")
+            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}{_where(summary)}")
         elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
             log(f"[{i + 1}/{len(grid)}] {cell['cell']}: diverged ({error})")
         else:  # a failed cell is a row, not the end of the grid
@@ -220,7 +246,22 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
         # spawn: a fresh interpreter per worker (forking a process that has started torch's thread pools is unsafe)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        mp = multiprocessing.get_context("spawn")
+        pin = {}
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        named = any(str(config_from_dict(grid[i]["config"]).device).startswith("cuda:") for i in todo)
+        if gpu_slots(jobs, gpus) and not named:
+            given = mp.Queue()
+            for gpu in gpu_slots(jobs, gpus):
+                given.put(gpu)
+            pin = {"initializer": _pin_worker, "initargs": (given,)}
+            log(f"{jobs} workers on {gpus} GPU(s): worker k sees GPU k mod {gpus} alone")
+        elif gpus and named:
+            log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp, **pin) as pool:
             _pretrain_first([grid[i] for i in todo], pool, threads, log)
             futures = {i: pool.submit(_run_cell, grid[i]["config"], str(out / "runs" / grid[i]["cell"]), threads)
                        for i in todo}

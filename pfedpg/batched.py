@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pfedpg.client import training_batch
 from pfedpg.hooks import LocalJob, LocalResult
 
 
@@ -23,6 +24,7 @@ def batched_sgd_local_training(model, jobs: list[LocalJob], starts: list[dict[st
     """Train ``jobs`` (one per client) together from ``starts`` ({prompt, head_weight, head_bias});
     returns each client's LocalResult and final {prompt, head_weight, head_bias}."""
     c = len(jobs)
+    dev = model.device
     prompts = torch.stack([s["prompt"] for s in starts]).clone().requires_grad_(True)
     weights = torch.stack([s["head_weight"] for s in starts]).clone().requires_grad_(True)
     biases = torch.stack([s["head_bias"] for s in starts]).clone().requires_grad_(True)
@@ -32,7 +34,7 @@ def batched_sgd_local_training(model, jobs: list[LocalJob], starts: list[dict[st
     # Every client's minibatch index lists, drawn exactly as the sequential loop draws them.
     plans = []
     for job in jobs:
-        n = job.data.x.shape[0]
+        n = job.data.y.shape[0]
         steps = []
         for _ in range(cfg.local_epochs):
             order = torch.randperm(n, generator=job.generator)
@@ -42,19 +44,20 @@ def batched_sgd_local_training(model, jobs: list[LocalJob], starts: list[dict[st
     model.train()
     for t in range(max(len(p) for p in plans)):
         active = [i for i in range(c) if t < len(plans[i])]
-        xs = [jobs[i].data.x[plans[i][t]] for i in active]
-        ys = [jobs[i].data.y[plans[i][t]] for i in active]
-        owner = torch.cat([torch.full((len(y),), i, dtype=torch.long) for i, y in zip(active, ys)])
-        x, y = torch.cat(xs), torch.cat(ys)
+        # Each client's batch through the input pipeline with its own augmentation stream.
+        batches = [training_batch(model, jobs[i].data, plans[i][t], jobs[i].augment) for i in active]
+        ys = [yb for _, yb in batches]
+        owner = torch.cat([torch.full((len(y),), i, dtype=torch.long, device=dev) for i, y in zip(active, ys)])
+        x, y = torch.cat([xb for xb, _ in batches]), torch.cat(ys)
         feats = model.features(x, prompts[owner])
         logits = torch.einsum("bd,bkd->bk", feats, weights[owner]) + biases[owner]
         per_sample = F.cross_entropy(logits, y, reduction="none")
-        sizes = torch.tensor([len(yy) for yy in ys], dtype=per_sample.dtype)
-        sample_size = torch.zeros(c, dtype=per_sample.dtype)
-        sample_size[active] = sizes
-        losses = torch.zeros(c, dtype=per_sample.dtype).index_add(0, owner, per_sample) / sample_size.clamp_min(1)
+        sizes = torch.tensor([len(yy) for yy in ys], dtype=per_sample.dtype, device=dev)
+        idx = torch.tensor(active, device=dev)
+        sample_size = torch.zeros(c, dtype=per_sample.dtype, device=dev)
+        sample_size[idx] = sizes
+        losses = torch.zeros(c, dtype=per_sample.dtype, device=dev).index_add(0, owner, per_sample) / sample_size.clamp_min(1)
         grads = torch.autograd.grad(losses.sum(), [prompts, weights, biases])
-        idx = torch.tensor(active)
         with torch.no_grad():
             for k, (param, grad) in enumerate(zip((prompts, weights, biases), grads)):
                 d = grad[idx] + cfg.weight_decay * param[idx] if cfg.weight_decay else grad[idx]
@@ -71,7 +74,7 @@ def batched_sgd_local_training(model, jobs: list[LocalJob], starts: list[dict[st
     model.eval()
     results, finals = [], []
     for i, job in enumerate(jobs):
-        n = job.data.x.shape[0]
+        n = job.data.y.shape[0]
         results.append(LocalResult(loss=totals[i] / max(1, n * cfg.local_epochs), steps=len(plans[i]),
                                    samples=n * cfg.local_epochs))
         finals.append({"prompt": prompts[i].detach().clone(), "head_weight": weights[i].detach().clone(),

@@ -60,6 +60,10 @@ class ClientState:
         return {"prompt": self.prompt, "head_weight": self.head_weight, "head_bias": self.head_bias,
                 "rounds_joined": self.rounds_joined}
 
+    def to(self, device: torch.device) -> "ClientState":
+        return ClientState(self.prompt.to(device), self.head_weight.to(device), self.head_bias.to(device),
+                           self.rounds_joined)
+
     @classmethod
     def from_dict(cls, d: dict) -> "ClientState":
         return cls(d["prompt"], d["head_weight"], d["head_bias"], int(d["rounds_joined"]))
@@ -99,19 +103,26 @@ def make_optimizer(model, cfg: ClientConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def training_batch(model, data, idx: torch.Tensor, augment: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Records ``idx`` of ``data`` as a training batch on the model's device: images through the
+    model's input pipeline (augmented with the ``augment`` stream when the run augments), labels moved."""
+    x = model.prepare(data.x[idx], augment)
+    return x, data.y[idx].to(x.device, non_blocking=True)
+
+
 def sgd_local_training(job: LocalJob, cfg: ClientConfig) -> LocalResult:
     """The plain local loop: E epochs of minibatch SGD on prompt and head."""
     model = job.model
     model.train()
     opt = make_optimizer(model, cfg)
-    x, y = job.data.x, job.data.y
-    n = x.shape[0]
+    n = job.data.y.shape[0]
     total, steps = 0.0, 0
     for _ in range(cfg.local_epochs):
         order = torch.randperm(n, generator=job.generator)
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            xb, yb = training_batch(model, job.data, idx, job.augment)
+            loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -123,14 +134,16 @@ def sgd_local_training(job: LocalJob, cfg: ClientConfig) -> LocalResult:
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) of the model as loaded. A sample whose logits are not
-    all finite counts as wrong (argmax would read NaN as the largest value and could guess right)."""
+    """(top-1 accuracy, mean cross-entropy) of the model as loaded, on records ``x`` (uint8 at their
+    stored size, or model-ready floats). A sample whose logits are not all finite counts as wrong
+    (argmax would read NaN as the largest value and could guess right)."""
     model.eval()
     correct, loss = 0, 0.0
     for i in range(0, x.shape[0], batch_size):
         logits = model(x[i:i + batch_size])
-        right = (logits.argmax(1) == y[i:i + batch_size]) & torch.isfinite(logits).all(1)
+        yb = y[i:i + batch_size].to(logits.device, non_blocking=True)
+        right = (logits.argmax(1) == yb) & torch.isfinite(logits).all(1)
         correct += int(right.sum())
-        loss += float(F.cross_entropy(logits, y[i:i + batch_size], reduction="sum"))
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
     n = max(1, x.shape[0])
     return correct / n, loss / n

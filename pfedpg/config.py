@@ -22,11 +22,11 @@ from pfedpg.client import ClientConfig
 from pfedpg.data.config import DataConfig
 from pfedpg.errors import ConfigError
 from pfedpg.models.backbone import ModelConfig
+from pfedpg.models.device import check_amp, check_device_spec
 from pfedpg.server import SERVERS, ServerConfig
 
 
 AUGMENTS = ("shift", "crop_flip")
-PRETRAIN_DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -89,8 +89,9 @@ class PretrainConfig:
     # Save the whole training state every this many epochs beside the cache entry
     # (<name>-<key>.partial.pt); an interrupted pretraining resumes there, bit for bit. 0 = never.
     checkpoint_every: int = 1
-    device: str = "cpu"  # cuda: train on the GPU (the cached weights are the same format)
-    amp: bool = False    # bfloat16 autocast, cuda only
+    # null: the run's `device`; or auto | cpu | cuda | cuda:N (the cached weights are the same format)
+    device: str | None = None
+    amp: bool = False    # bfloat16 autocast, CUDA only
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
 
     def __post_init__(self):
@@ -114,10 +115,10 @@ class PretrainConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"pretrain.{key}={v!r} must be an integer >= 0")
-        if self.device not in PRETRAIN_DEVICES:
-            raise ConfigError(f"pretrain.device={self.device!r} is not one of {', '.join(PRETRAIN_DEVICES)}")
-        if self.amp and self.device != "cuda":
-            raise ConfigError("pretrain.amp (bfloat16 autocast) needs pretrain.device: cuda; drop amp on the CPU")
+        if self.device is not None:
+            check_device_spec(self.device, "pretrain.device")
+        if self.amp and self.device == "cpu":
+            raise ConfigError("pretrain.amp (bfloat16 autocast) needs a CUDA device; drop amp on pretrain.device: cpu")
         if self.data.path is not None and self.remix:
             raise ConfigError("pretrain.remix re-draws the run's own overlay split; it cannot apply to pretrain.data.path")
 
@@ -139,6 +140,9 @@ class FlowerConfig:
     insecure: bool = False
     root_certificates: str | None = None
     client_cpus: int = 1  # simulation engine: whole CPUs reserved per ClientApp (Ray actor)
+    # simulation engine: the share of a GPU reserved per ClientApp actor (e.g. 0.25: four actors per
+    # GPU; Ray then shows each actor its GPU and `device: auto` uses it). 0 = CPU actors.
+    client_gpus: float = 0.0
     node_wait_s: float = 120.0  # deployment: how long to wait for every client's SuperNode
     round_timeout_s: float = 600.0  # a client without a reply by then has failed this round
     on_client_failure: str = "continue"  # continue: the round goes on without it | fail: stop the run
@@ -156,6 +160,9 @@ class FlowerConfig:
         if self.client_cpus < 1:  # (an integer: the config's types are checked first)
             raise ConfigError(f"flower.client_cpus={self.client_cpus!r} must be a whole number of CPUs ≥ 1 (Flower "
                               "1.42's simulation reserves whole CPUs per ClientApp actor)")
+        if not (math.isfinite(self.client_gpus) and 0 <= self.client_gpus):
+            raise ConfigError(f"flower.client_gpus={self.client_gpus!r} must be a number >= 0 (a GPU share per ClientApp "
+                              "actor, e.g. 0.25; 0 = CPU only)")
         for key in ("node_wait_s", "round_timeout_s"):
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -190,6 +197,15 @@ class RunConfig:
     output_dir: str = "runs"
     run_name: str | None = None
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    # One device for the whole run (DESIGN §9): auto = the first GPU when torch sees one, else the
+    # CPU; cpu; cuda; cuda:N. Backbone, clients, server, DP mechanisms, attacks and probes run on it.
+    device: str = "auto"
+    # bf16: bfloat16 autocast of the frozen backbone's forward and backward (CUDA only); prompts,
+    # heads, the server step, clipping and DP noise stay float32. null: float32 throughout.
+    amp: str | None = None
+    # On a GPU: deterministic kernels (same device, config and seed -> same numbers), no TF32.
+    # false: cuDNN autotuning (faster, not bit-reproducible). No effect on the CPU.
+    deterministic: bool = True
     # Train a round's clients in one batched forward/backward (each sample with its own client's
     # prompt and head): the same updates as one after another, to float tolerance (DESIGN §9).
     # Clients with a local_training hook (dp_sgd) still train one after another.
@@ -209,6 +225,8 @@ class RunConfig:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     def __post_init__(self):
+        check_device_spec(self.device, "device")
+        check_amp(self.amp, self.device)
         if self.engine not in ENGINES:
             raise ConfigError(f"engine={self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.method not in SERVERS:

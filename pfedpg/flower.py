@@ -91,7 +91,8 @@ def _unpack(data: bytes) -> Any:
 
 
 def _tensor_record(**tensors: torch.Tensor) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().contiguous() for k, v in tensors.items()})
+    """Tensors as a message's arrays (from the CPU: a message carries host bytes)."""
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 def _tensor(record: ArrayRecord, key: str) -> torch.Tensor:
@@ -114,7 +115,7 @@ def settings_from(values: dict[str, Any]) -> tuple[RunConfig, str, str | None]:
 # Client side
 
 #: what a SuperNode's --node-config may hold
-NODE_KEYS = ("partition-id", "data-path", "test-path", "test-fraction", "backbone-path", "worker",
+NODE_KEYS = ("partition-id", "data-path", "test-path", "test-fraction", "backbone-path", "worker", "device",
              "num-partitions")  # (the simulation engine sets num-partitions)
 
 
@@ -162,7 +163,6 @@ class NodeTrainer(Trainer):
     def load_clients(self) -> None:
         import numpy as np
 
-        from pfedpg.preprocess import images_to_tensor
         from pfedpg.data.partition import _cap, stratified_choice
         from pfedpg.seeding import Seeds
 
@@ -195,10 +195,6 @@ class NodeTrainer(Trainer):
         if len(train_idx) == 0 or len(test_idx) == 0:
             raise DataError(f"this node has {len(train_idx)} training and {len(test_idx)} test records; both must be > 0")
 
-        def tensors(d, idx):
-            x = images_to_tensor(d.images[idx], mean=cfg.model.mean, std=cfg.model.std)
-            return x, torch.from_numpy(d.labels[idx]).long()
-
         self.num_clients = int(cfg.flower.num_clients)
         if not 0 <= n < self.num_clients:
             raise ConfigError(f"partition-id={n}, but the run has flower.num_clients={self.num_clients} clients "
@@ -208,7 +204,8 @@ class NodeTrainer(Trainer):
         empty = (torch.empty(0), torch.empty(0, dtype=torch.long))
         self.train_data = [empty] * self.num_clients
         self.test_data = [empty] * self.num_clients
-        self.train_data[n], self.test_data[n] = tensors(ds, train_idx), tensors(test_ds, test_idx)
+        self.train_data[n] = self.as_tensors(ds.images[train_idx], ds.labels[train_idx])
+        self.test_data[n] = self.as_tensors(test_ds.images[test_idx], test_ds.labels[test_idx])
         own = {"client": n, "train": int(len(train_idx)), "test": int(len(test_idx)), "val": 0, "domain": None,
                "evaluated": int(len(test_idx)),
                "label_counts": np.bincount(ds.labels[train_idx], minlength=self.num_classes).tolist()}
@@ -304,6 +301,11 @@ class ClientRuntime:
         unknown = sorted(set(node_config) - set(NODE_KEYS))
         if unknown:
             raise ConfigError(f"--node-config has unknown key {unknown[0]!r}; valid: {', '.join(NODE_KEYS)}")
+        if "device" in node_config:  # this node's own device (e.g. --node-config "... device=cuda:0")
+            from pfedpg.models.device import check_device_spec
+
+            spec = check_device_spec(str(node_config["device"]), "--node-config device")
+            cfg = dataclasses.replace(cfg, device=spec)  # (re-validated: amp on a CPU node is refused)
         local = cfg.flower.num_clients is not None
         if local and "data-path" not in node_config:
             raise ConfigError("this run expects node-local data (flower.num_clients is set): start the SuperNode with "
@@ -330,8 +332,8 @@ class ClientRuntime:
         """The runtime of this run (and, with node-local data, of this node's files), built once per process."""
         cfg, _, backbone = settings_from(values)
         local = {k: str(v) for k, v in (node_config or {}).items()} if cfg.flower.num_clients is not None else {}
-        key = json.dumps({**{k: values.get(k) for k in ("config-yaml", "backbone-path", "client-shards")}, "node": local},
-                         sort_keys=True)
+        key = json.dumps({**{k: values.get(k) for k in ("config-yaml", "backbone-path", "client-shards")}, "node": local,
+                          "device": str((node_config or {}).get("device"))}, sort_keys=True)
         if key not in cls._cache:
             cls._cache.clear()  # one run per process at a time
             cls._cache[key] = cls(cfg, backbone, dict(node_config or {}), shards=values.get("client-shards") or None)
@@ -355,7 +357,8 @@ class ClientRuntime:
         if "pfedpg.client" in st.array_records:
             t = st.array_records["pfedpg.client"].to_torch_state_dict()
             meta = st.config_records["pfedpg.meta"]
-            self.trainer.states[n] = ClientState(t["prompt"], t["head_weight"], t["head_bias"], int(meta["rounds_joined"]))
+            self.trainer.states[n] = ClientState(t["prompt"], t["head_weight"], t["head_bias"],
+                                                 int(meta["rounds_joined"])).to(self.trainer.device)
             self.trainer.hooks.load_state_dict(_unpack(meta["hooks"]))
         else:
             self.trainer.states[n] = copy.deepcopy(self.initial_states[n])
@@ -388,8 +391,8 @@ class ClientRuntime:
         r = int(task["round"])
         self.trainer.hold(n)
         self._load(n, context)
-        start = _tensor(msg.content.array_records["sent"], "prompt") if "sent" in msg.content.array_records \
-            else self.trainer.states[n].prompt
+        start = _tensor(msg.content.array_records["sent"], "prompt").to(self.trainer.device) \
+            if "sent" in msg.content.array_records else self.trainer.states[n].prompt
         t0 = time.perf_counter()
         row, delta = self.trainer.train_client(n, r, start)
         work = time.perf_counter() - t0
@@ -404,7 +407,7 @@ class ClientRuntime:
         n = self.client_id(context)
         self.trainer.hold(n)
         self._load(n, context)
-        generated = _tensor(msg.content.array_records["generated"], "prompt") \
+        generated = _tensor(msg.content.array_records["generated"], "prompt").to(self.trainer.device) \
             if "generated" in msg.content.array_records else None
         row = self.trainer.evaluate_one(n, generated)
         return RecordDict({"result": ConfigRecord({"row": json.dumps(row)})})
@@ -546,7 +549,7 @@ class FlowerTrainer(Trainer):
             result = reply.content.config_records["result"]
             row = json.loads(result["row"])
             if "delta" in reply.content.array_records:
-                row["_delta"] = _tensor(reply.content.array_records["delta"], "delta")
+                row["_delta"] = _tensor(reply.content.array_records["delta"], "delta").to(self.device)
             self.hooks.merge_client_state(n, _unpack(result["hooks"]))
             # Flower's cost of the message: reply time at the server minus the client's own work.
             row["message_s"] = self.latency.get(n)

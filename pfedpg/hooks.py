@@ -63,7 +63,10 @@ def register_hook(name: str):
 
 @dataclass
 class ClientData:
-    """One client's training tensors for a round (already normalised)."""
+    """One client's training records for a round: ``x`` uint8 images (N, 3, S, S) at their stored
+    size S on the host, ``y`` int64 labels. A hook that edits pixels edits these uint8 records (a
+    trigger or a canary is part of the image); the model's input pipeline resizes, normalises and
+    augments per batch on the run's device."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -81,6 +84,9 @@ class LocalJob:
     data: ClientData
     generator: torch.Generator  # the round's shuffling stream for this client
     run_default: Callable[["LocalJob"], "LocalResult"]
+    #: the round's augmentation stream for this client (``data.augment``), None = no augmentation;
+    #: pass it to ``pfedpg.client.training_batch`` / ``model.prepare``
+    augment: torch.Generator | None = None
 
 
 @dataclass

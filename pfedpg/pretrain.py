@@ -21,15 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from pfedpg.data import load_dataset, public_indices
+from pfedpg.data.pipeline import InputPipeline, random_shift
 from pfedpg.errors import ConfigError
-from pfedpg.preprocess import images_to_tensor
+from pfedpg.models.device import configure, resolve_device
 from pfedpg.seeding import Seeds
 
 
 #: pretraining refuses fewer records than this per class (a backbone from a dozen images is noise)
 MIN_RECORDS_PER_CLASS = 5
-PUBLIC_SPLIT_FIELDS = ("source", "path", "image_size", "public_fraction", "num_domains", "domains", "classes",
-                       "public_domains", "composite")
+PUBLIC_SPLIT_FIELDS = ("source", "path", "image_size", "storage_size", "public_fraction", "num_domains", "domains",
+                       "classes", "public_domains", "composite")
 
 
 # Recipe fields added after backbones were cached: left out of the key at these values, so those
@@ -60,7 +61,9 @@ def pretrain_key(cfg) -> str:
     from dataclasses import asdict
 
     p = cfg.pretrain
-    recipe = {k: v for k, v in asdict(p).items()
+    # The device's kind, not its name: cuda:0 and cuda:1 train the same weights; CPU and GPU differ
+    # in the last digits, so their backbones are cached apart.
+    recipe = {k: v for k, v in {**asdict(p), "device": pretrain_device(cfg).type}.items()
               if k not in ("cache_dir", "checkpoint_every", "data")
               and not (k in ("domain_prompts", "remix", "mixed_default") and not v)
               and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
@@ -76,8 +79,9 @@ def pretrain_key(cfg) -> str:
         # Only what decides the public records: partition settings (clients, alpha, caps, splits)
         # never touch them, so runs that differ only there share one pretrained backbone.
         # (public_domains only when set, so backbones cached before the key existed stay valid.)
+        # (storage_size likewise: null keeps the keys of backbones cached before it existed.)
         data = {k: v for k, v in asdict(cfg.data).items()
-                if k in PUBLIC_SPLIT_FIELDS and not (k == "public_domains" and v is None)}
+                if k in PUBLIC_SPLIT_FIELDS and not (k in ("public_domains", "storage_size") and v is None)}
     payload = {
         "model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs, "mean": cfg.model.mean, "std": cfg.model.std},
         "data": data,
@@ -92,20 +96,14 @@ def pretrain_key(cfg) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def pretrain_device(cfg) -> torch.device:
+    """``pretrain.device``, else the run's ``device``, resolved on this machine."""
+    spec = cfg.pretrain.device or cfg.device
+    return resolve_device(spec, where="pretrain.device" if cfg.pretrain.device else "device")
+
+
 def cached_path(cfg) -> Path:
     return Path(os.path.expanduser(cfg.pretrain.cache_dir)) / f"{cfg.model.name}-{pretrain_key(cfg)}.safetensors"
-
-
-def _shift_augment(x: torch.Tensor, pad: int, g: torch.Tensor | torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``pad`` pixels (reflect padding), one offset per image."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    rows = (dy.view(b, 1) + torch.arange(h).view(1, h))  # (b, h)
-    cols = (dx.view(b, 1) + torch.arange(w).view(1, w))  # (b, w)
-    bi = torch.arange(b).view(b, 1, 1)
-    return padded.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
 
 
 def _remixer(images: np.ndarray, domains: np.ndarray, *, channels: int, mean, std):
@@ -165,12 +163,6 @@ def _domain_prompted(model, cfg, *, num_classes: int, num_domains: int, generato
     return forward, unprompted, [*model.parameters(), *wrapped.head.parameters(), prompts]
 
 
-def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Horizontal flip of a random half of the batch."""
-    flip = torch.rand(x.shape[0], generator=g) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
 def _pretrain_records(cfg, dataset):
     """``(train ImageDataset, validation ImageDataset or None, where)`` for the pretraining."""
     from pfedpg.data import DataConfig
@@ -219,11 +211,16 @@ def _pretrain_records(cfg, dataset):
     return full.subset(train_idx), val, str(d.path)
 
 
-def _evaluate(forward, ds, cfg, *, device, domain_prompts: bool, batch_size: int = 512) -> float:
+def _records(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 array -> the (N, 3, H, W) uint8 view the input pipeline reads."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+
+def _evaluate(forward, ds, prep, *, device, domain_prompts: bool, batch_size: int = 512) -> float:
     correct = 0
     with torch.no_grad():
         for i in range(0, len(ds.labels), batch_size):
-            xb = images_to_tensor(ds.images[i:i + batch_size], mean=cfg.model.mean, std=cfg.model.std).to(device)
+            xb = prep(_records(ds.images[i:i + batch_size]))
             yb = torch.from_numpy(ds.labels[i:i + batch_size]).long().to(device)
             logits = (forward(xb, torch.from_numpy(ds.domains[i:i + batch_size]).long().to(device))
                       if domain_prompts else forward(xb))
@@ -258,9 +255,11 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     if path.is_file() and not force:
         return path
     p = cfg.pretrain
-    if p.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("pretrain.device=cuda but torch sees no CUDA device; set pretrain.device: cpu")
-    device = torch.device(p.device)
+    device = pretrain_device(cfg)
+    if p.amp and device.type != "cuda":
+        raise ConfigError(f"pretrain.amp (bfloat16 autocast) needs a CUDA device, and pretraining runs on {device}; "
+                          "drop pretrain.amp or set pretrain.device: cuda")
+    configure(device, deterministic=cfg.deterministic)
     ds, val, where = _pretrain_records(cfg, dataset)
     least = MIN_RECORDS_PER_CLASS * ds.num_classes
     if len(ds.labels) < least:
@@ -308,7 +307,8 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     g = seeds.torch("pretrain.shuffle")
-    pad = max(1, ds.images.shape[1] // 8)
+    # Records uint8 at their stored size; each batch resized and normalised on the device.
+    prep = InputPipeline(image_size=cfg.data.image_size, mean=cfg.model.mean, std=cfg.model.std).to(device)
     history: list[dict] = []
     start, seconds = 0, 0.0
     partial = partial_path(cfg)
@@ -347,11 +347,10 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
             if remix is not None:
                 xb, sources = remix(idx, g)
             else:
-                xb = images_to_tensor(ds.images[idx.numpy()], mean=cfg.model.mean, std=cfg.model.std)
-            xb = _shift_augment(xb, pad, g)
-            if p.augment == "crop_flip":
-                xb = _flip(xb, g)
-            xb, yb = xb.to(device), y[idx].to(device)
+                xb = _records(ds.images[idx.numpy()])
+            # shift: a random translation by up to S/8; crop_flip: the same, then a horizontal flip
+            xb = random_shift(prep(xb), g, flip=p.augment == "crop_flip")
+            yb = y[idx].to(device)
             with autocast():
                 logits = forward(xb, dom[idx].to(device)) if p.domain_prompts else model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=p.label_smoothing)
@@ -371,7 +370,7 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
         rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                "lr": sched.get_last_lr()[0]}
         if val is not None:
-            rec["val_accuracy"] = _evaluate(forward, val, cfg, device=device, domain_prompts=p.domain_prompts)
+            rec["val_accuracy"] = _evaluate(forward, val, prep, device=device, domain_prompts=p.domain_prompts)
         seconds += time.time() - t0
         rec["seconds"] = round(seconds, 2)
         history.append(rec)

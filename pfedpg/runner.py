@@ -31,10 +31,11 @@ import torch
 from pfedpg.client import ClientState, evaluate, frozen_prompt, load_into, sgd_local_training
 from pfedpg.config import RunConfig, dump_config
 from pfedpg.data import load_dataset, partition_clients, split_new_clients
+from pfedpg.data.pipeline import InputPipeline
 from pfedpg.errors import ConfigError, NonFiniteDeltaError
 from pfedpg.hooks import ClientData, HookChain, LocalJob, RunContext, build_hooks
 from pfedpg.models import PromptedViT, backbone_num_params, build_backbone, vpt_init_bound
-from pfedpg.preprocess import images_to_tensor
+from pfedpg.models.device import configure, describe, is_out_of_memory, out_of_memory_error, resolve_device
 from pfedpg.seeding import Seeds
 from pfedpg.server import SERVERS, plain_aggregate
 
@@ -61,6 +62,17 @@ def set_aside(run_dir: str | Path) -> Path:
     return keep
 
 
+def _to_cpu(obj: Any) -> Any:
+    """Every tensor in a nest of dicts, lists and tuples copied to the CPU (checkpoints load anywhere)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def participation_schedule(*, num_clients: int, per_round: int | None, rounds: int, seeds: Seeds,
                            held_out: int = 0) -> list[list[int]]:
     """Pre-computed, seeded m-of-N schedule (full participation when per_round is None)."""
@@ -78,13 +90,15 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "worst": float(a.min()), "best": float(a.max()), "std": float(a.std())}
 
 
-def environment() -> dict[str, Any]:
+def environment(device: torch.device | None = None) -> dict[str, Any]:
     import timm
 
     return {
         "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
         "timm": timm.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "argv": _redacted(sys.argv),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        **(describe(device) if device is not None else {}),
     }
 
 
@@ -129,6 +143,9 @@ class Trainer:
         self._log = log
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # One device for the run, chosen before anything is built (DESIGN §9).
+        self.device = resolve_device(cfg.device, amp=cfg.amp)
+        configure(self.device, deterministic=cfg.deterministic)
         self.seeds = Seeds(cfg.seed)
         self.hooks = hooks if hooks is not None else build_hooks(cfg.hooks)
 
@@ -140,14 +157,17 @@ class Trainer:
             from pfedpg.pretrain import pretrain_backbone
 
             backbone_path = pretrain_backbone(cfg, dataset=self.dataset, log=self.log, progress=progress)
+        self.dataset = None  # every client holds its own records now: the pool is not kept twice
         # Which backbone file this run used (a pretraining cache entry or a checkpoint), for the record.
         self.backbone_file = str(backbone_path) if backbone_path is not None else (
             cfg.model.checkpoint if cfg.model.weights == "checkpoint" else None)
         with torch.random.fork_rng():  # timm's init reads torch's global generator; keep it ours
             torch.random.default_generator.manual_seed(int(self.seeds.sequence("init.backbone").generate_state(1)[0]))
             backbone = build_backbone(cfg.model, checkpoint=backbone_path)
+        inputs = InputPipeline(image_size=cfg.data.image_size, mean=cfg.model.mean, std=cfg.model.std,
+                               augment=cfg.data.augment)
         self.model = PromptedViT(backbone, num_prompts=cfg.model.num_prompts, num_classes=self.num_classes,
-                                 deep=cfg.model.prompt_depth == "deep")
+                                 deep=cfg.model.prompt_depth == "deep", inputs=inputs, amp=cfg.amp).to(self.device)
         # K for shallow prompts, L·K for deep ones: the tokens a client trains, sends and the server generates.
         self.prompt_tokens = self.model.num_prompt_tokens
         self.backbone_numbers = backbone_num_params(backbone)
@@ -157,8 +177,10 @@ class Trainer:
         train_sizes = [f["train"] for f in self.client_facts]
 
         server_cls = SERVERS.get(cfg.method)
+        # Initialised on the CPU from its keyed streams (the same numbers on every device), then moved.
         self.server = server_cls(cfg.server, num_clients=self.num_clients, num_prompts=self.prompt_tokens,
-                                 dim=self.dim, init_bound=self.init_bound, seeds=self.seeds, train_sizes=train_sizes)
+                                 dim=self.dim, init_bound=self.init_bound, seeds=self.seeds,
+                                 train_sizes=train_sizes).to(self.device)
         self.states = [self._initial_state(n) for n in range(self.num_clients)]
         self.schedule = participation_schedule(num_clients=self.num_clients, per_round=cfg.clients_per_round,
                                                rounds=cfg.rounds, seeds=self.seeds, held_out=len(self.new_facts))
@@ -209,8 +231,10 @@ class Trainer:
         return client_indices(self.cfg, split)
 
     def as_tensors(self, images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Records as the model reads them: normalised float images and integer labels."""
-        x = images_to_tensor(images, mean=self.cfg.model.mean, std=self.cfg.model.std)
+        """Records as a client holds them: uint8 images (N, 3, S, S) at their stored size, on the host,
+        and int64 labels. The model's input pipeline resizes, normalises (and, in training,
+        augments) each batch on the run's device; no float copy of a client is ever made."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
         return x, torch.from_numpy(np.asarray(labels)).long()
 
     def client_fact(self, dataset, i: int, split) -> dict[str, Any]:
@@ -256,12 +280,18 @@ class Trainer:
         """A linear head with nn.Linear's default init, drawn from the client's own stream ``g``."""
         d, c = self.dim, self.num_classes
         bound = 1.0 / math.sqrt(d)
-        w = torch.empty(c, d).uniform_(-bound, bound, generator=g)
-        return w, torch.empty(c).uniform_(-bound, bound, generator=g)
+        w = torch.empty(c, d).uniform_(-bound, bound, generator=g)  # drawn on the CPU: the same on every device
+        b = torch.empty(c).uniform_(-bound, bound, generator=g)
+        return w.to(self.device), b.to(self.device)
 
     def _vpt_prompt(self, g: torch.Generator) -> torch.Tensor:
-        """VPT's uniform prompt init, drawn from ``g``."""
-        return torch.empty(self.prompt_tokens, self.dim).uniform_(-self.init_bound, self.init_bound, generator=g)
+        """VPT's uniform prompt init, drawn from ``g`` (on the CPU) and moved to the run's device."""
+        p = torch.empty(self.prompt_tokens, self.dim).uniform_(-self.init_bound, self.init_bound, generator=g)
+        return p.to(self.device)
+
+    def augment_stream(self, component: str, client: int, round: int) -> torch.Generator | None:
+        """The augmentation stream of one local training (None when ``data.augment`` is none)."""
+        return None if self.cfg.data.augment == "none" else self.seeds.torch(component, client=client, round=round)
 
     def _initial_state(self, n: int) -> ClientState:
         w, b = self._fresh_head(self.seeds.torch("init.head", client=n))
@@ -309,7 +339,8 @@ class Trainer:
         x, y = self.train_data[n]
         data = self.hooks.client_data(self.ctx, client=n, round=r, data=ClientData(x, y))
         job = LocalJob(client=n, round=r, model=self.model, data=data, generator=self.seeds.torch("local_train", client=n, round=r),
-                       run_default=partial(sgd_local_training, cfg=self.cfg.client))
+                       run_default=partial(sgd_local_training, cfg=self.cfg.client),
+                       augment=self.augment_stream("augment", n, r))
         result = self.hooks.local_training(self.ctx, job)
         with torch.no_grad():
             final = {"prompt": self.model.prompt.prompt.detach().clone(),
@@ -328,7 +359,8 @@ class Trainer:
             x, y = self.train_data[n]
             data = self.hooks.client_data(self.ctx, client=n, round=r, data=ClientData(x, y))
             jobs.append(LocalJob(client=n, round=r, model=self.model, data=data,
-                                 generator=self.seeds.torch("local_train", client=n, round=r), run_default=None))
+                                 generator=self.seeds.torch("local_train", client=n, round=r), run_default=None,
+                                 augment=self.augment_stream("augment", n, r)))
             init.append({"prompt": starts[n], "head_weight": st.head_weight, "head_bias": st.head_bias})
         results, finals = batched_sgd_local_training(self.model, jobs, init, self.cfg.client)
         return {n: self._finish_client(n, r, starts[n], res, fin) for n, res, fin in zip(clients, results, finals)}
@@ -398,7 +430,7 @@ class Trainer:
         if len(generated) > 1:
             p = torch.stack([generated[n].reshape(-1) for n in sorted(generated)])
             dist = torch.cdist(p, p)
-            off = dist[~torch.eye(len(p), dtype=torch.bool)]
+            off = dist[~torch.eye(len(p), dtype=torch.bool, device=dist.device)]
             self._prompt_spread = float(off.mean() / p.norm(dim=1).mean().clamp_min(1e-12))
         else:
             self._prompt_spread = None
@@ -416,9 +448,9 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "version": CHECKPOINT_VERSION, "round": r,
-            "server": {k: v.detach().clone() for k, v in self.server.state_dict().items()},
-            "clients": self.checkpoint_clients(),
-            "hooks": self.hooks.state_dict(),
+            "server": {k: v.detach().cpu().clone() for k, v in self.server.state_dict().items()},
+            "clients": _to_cpu(self.checkpoint_clients()),
+            "hooks": _to_cpu(self.hooks.state_dict()),
             "config": dump_config(self.cfg),
         }
         tmp = path.with_suffix(".tmp")
@@ -439,7 +471,7 @@ class Trainer:
             raise ConfigError(f"checkpoint {str(path)!r} is from a Flower run and holds no client state (it stayed on the "
                               "clients); start a new run")
         self.server.load_state_dict(state["server"])
-        self.states = [ClientState.from_dict(d) for d in state["clients"]]
+        self.states = [ClientState.from_dict(d).to(self.device) for d in state["clients"]]
         self.hooks.load_state_dict(state["hooks"])
         return int(state["round"])
 
@@ -488,7 +520,7 @@ class Trainer:
                                   f"continue it with --resume --run-dir {self.run_dir}, or pass --restart to start it again "
                                   "(its files are kept under RUN_DIR/attempt-<k>/)")
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            (self.run_dir / "env.json").write_text(json.dumps(environment(), indent=2))
+            (self.run_dir / "env.json").write_text(json.dumps(environment(self.device), indent=2))
             (self.run_dir / "seeds.json").write_text(json.dumps({
                 "master_seed": cfg.seed,
                 "streams": "numpy.random.SeedSequence(master, spawn_key=(crc32(component), client, round))",
@@ -507,8 +539,8 @@ class Trainer:
             alone = [n for n in range(self.num_clients) if self.hooks.has_local_training(n)]
             self.log("batched_clients: clients train in one batch" + (
                 f"; clients {alone} run a local_training hook (e.g. dp_sgd) and train one after another" if alone else ""))
-        self.log(f"{cfg.method}: {self.num_clients} clients, {cfg.rounds} rounds, backbone {self.backbone_numbers:,} numbers"
-                 + (f" (resuming after round {start})" if start else ""))
+        self.log(f"{cfg.method}: {self.num_clients} clients, {cfg.rounds} rounds, backbone {self.backbone_numbers:,} numbers, "
+                 f"on {self.device}{' (bf16 autocast)' if cfg.amp else ''}" + (f" (resuming after round {start})" if start else ""))
         rounds = range(start + 1, cfg.rounds + 1)
         if self.progress:
             from tqdm import tqdm
@@ -541,9 +573,21 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log(f"done: adapted mean {summary['accuracy']['mean']:.4f}, worst {summary['accuracy']['worst']:.4f}")
             return summary
-        finally:
+        except (RuntimeError, MemoryError) as e:
+            kind = is_out_of_memory(e)
+            if kind is None:
+                raise
+            # Nothing left behind that blocks the re-run with a smaller setting: the unfinished run's
+            # files move to RUN_DIR/attempt-<k>/ (kept), and the same command starts afresh.
             self._log_file.close()
             self._log_file = None
+            kept = set_aside(self.run_dir)
+            err = out_of_memory_error(kind, str(self.device), e)
+            raise ConfigError(f"{err} (this run's files were moved to {kept})") from None
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
 
     def _record_divergence(self, r: int, error: Exception) -> None:
         """A run that diverged is a result (an attack that makes training diverge has succeeded,
@@ -652,7 +696,7 @@ class Trainer:
             prompt = self.server.join_prompt(state)
         updates = self.server.joins_with_updates
         record = self.ctx.joins.setdefault(n, [])
-        initial = state["descriptor"].clone() if state is not None and "descriptor" in state else None
+        initial = state["descriptor"].cpu().clone() if state is not None and "descriptor" in state else None
         bs = cfg.client.eval_batch_size
         rows = []
         for jr in range(R + 1):
@@ -662,7 +706,8 @@ class Trainer:
             data = self.hooks.client_data(self.ctx, client=n, round=r, data=ClientData(x, y))
             job = LocalJob(client=n, round=r, model=self.model, data=data,
                            generator=self.seeds.torch("join.local_train", client=n, round=jr),
-                           run_default=partial(sgd_local_training, cfg=cfg.client))
+                           run_default=partial(sgd_local_training, cfg=cfg.client),
+                           augment=self.augment_stream("join.augment", n, jr))
             with frozen_prompt(self.model) if jr == 0 else contextlib.nullcontext():  # round 0: the head alone
                 result = self.hooks.local_training(self.ctx, job)
             with torch.no_grad():
@@ -677,8 +722,9 @@ class Trainer:
                 row["delta_norm"] = float(delta.norm())
                 if torch.isfinite(delta).all():
                     row.update(self.server.join_step(state, delta))
-                    record.append({"round": r, "sent": start.clone(), "delta": delta.detach().clone(),
-                                   "descriptor": state["descriptor"].clone(), "initial_descriptor": initial})
+                    # What the server saw, kept on the CPU for the probes (ctx.joins).
+                    record.append({"round": r, "sent": start.cpu().clone(), "delta": delta.detach().cpu().clone(),
+                                   "descriptor": state["descriptor"].cpu().clone(), "initial_descriptor": initial})
                 else:  # recorded and logged; its remaining join rounds are not run
                     row["error"] = f"new client {n} sent a non-finite prompt delta in join round {jr}"
                     self.log(row["error"] + "; its join rounds stop here")
@@ -776,6 +822,8 @@ class Trainer:
                      if rounds else 0.0},
             "hooks": [h.name for h in self.hooks.hooks],
             "backbone": {"name": self.cfg.model.name, "weights": self.cfg.model.weights, "file": self.backbone_file},
+            "device": {**describe(self.device), "amp": self.cfg.amp,
+                       "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},
         }
         if missing:
             summary["clients_missing"] = missing

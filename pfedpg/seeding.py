@@ -42,3 +42,11 @@ class Seeds:
         g = torch.Generator()
         g.manual_seed(int(state[0]) << 32 | int(state[1]))
         return g
+
+
+def normal_like(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal numbers of ``like``'s shape and dtype, drawn on the CPU from ``generator`` (a
+    keyed stream, or a secret one) and moved to ``like``'s device. Drawing on the CPU is exact and
+    cheap for what is drawn this way (a prompt's or a head's numbers per release or step), and gives
+    the same numbers on every device."""
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)

@@ -176,8 +176,8 @@ class PFedPGServer(Server):
             rows.append(_flatten(list(grads[:-1]), shared))
             d_grad = grads[-1]
             private[n] = [torch.zeros_like(self.descriptors[n]) if d_grad is None else d_grad[n]]
-        stack = torch.stack(rows) if rows else torch.zeros(0, self.num_shared())
-        return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype), private)
+        stack = torch.stack(rows) if rows else torch.zeros(0, self.num_shared(), device=self.p_base.device)
+        return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype, device=stack.device), private)
 
     joins_with_updates = True
     join_description = ("G(P_base, d_new) with d_new = the mean of the trained descriptors; each join round the client "
@@ -248,9 +248,9 @@ class FedVPTServer(Server):
     def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
         clients = sorted(deltas)
         stack = torch.stack([-deltas[n].reshape(-1).to(self.prompt.dtype) for n in clients]) if clients \
-            else torch.zeros(0, self.prompt.numel())
+            else torch.zeros(0, self.prompt.numel(), device=self.prompt.device)
         sizes = self.train_sizes[clients] if clients else self.train_sizes[:0]
-        weights = (sizes / sizes.sum()).to(stack.dtype) if clients else torch.zeros(0)
+        weights = (sizes / sizes.sum()).to(stack.dtype) if clients else torch.zeros(0, device=stack.device)
         return ClientGradients(clients, stack, weights, {})
 
     @torch.no_grad()
@@ -273,7 +273,9 @@ class LocalServer(Server):
         return {}
 
     def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
-        return ClientGradients(sorted(deltas), torch.zeros(len(deltas), 0), torch.ones(len(deltas)), {})
+        device = next(iter(deltas.values())).device if deltas else None
+        return ClientGradients(sorted(deltas), torch.zeros(len(deltas), 0, device=device),
+                               torch.ones(len(deltas), device=device), {})
 
     def apply(self, shared_update: torch.Tensor, grads: ClientGradients) -> dict[str, float]:
         return {}
@@ -282,7 +284,7 @@ class LocalServer(Server):
 def plain_aggregate(grads: ClientGradients) -> torch.Tensor:
     """The default rule: Σ_n w_n g_n (pfedpg: w_n = 1, the plain update; fedvpt: FedAvg weights)."""
     if grads.shared.shape[0] == 0:
-        return torch.zeros(grads.shared.shape[1], dtype=grads.shared.dtype)
+        return torch.zeros(grads.shared.shape[1], dtype=grads.shared.dtype, device=grads.shared.device)
     # A left-to-right sum over clients, so it equals the same per-client VJPs summed one by one.
     out = grads.weights[0] * grads.shared[0]
     for w, g in zip(grads.weights[1:], grads.shared[1:]):

@@ -1,5 +1,6 @@
 """Malicious clients (DESIGN §7): crafting in delta and grad space, ASR on the right images."""
 import json
+from types import SimpleNamespace
 
 import torch
 
@@ -84,20 +85,26 @@ def test_backdoor_poisons_its_data_and_asr_uses_benign_non_target_images():
             return success
         return evaluate
 
-    x = torch.zeros(6, 3, 8, 8)
+    x = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)  # uint8 records, as clients hold them
     y = torch.tensor([0, 1, 2, 0, 3, 4])
     hook = PixelBackdoor(clients=[1], target=0, poison_fraction=0.5, trigger_size=2, trigger_value=3.0)
+    model = SimpleNamespace(mean=[0.5, 0.4, 0.3], std=[0.25, 0.25, 0.25])
     ctx = ctx_for(n=3, eval_data=[(x, y)] * 3)
+    ctx.config = SimpleNamespace(model=model)
     hook.setup(ctx)
     poisoned = hook.client_data(ctx, client=1, round=1, data=ClientData(x, torch.tensor([5, 5, 5, 5, 5, 5])))
     assert int((poisoned.y == 0).sum()) == 3 and int((poisoned.x[:, :, -2:, -2:] != 0).any(dim=(1, 2, 3)).sum()) == 3
+    assert poisoned.x.dtype == torch.uint8 and torch.equal(poisoned.x[:, :, :-2], x[:, :, :-2])  # only the corner
+    # The trigger in pixels: "on" cells at mean + 3·std, clipped to 255; "off" cells at the mean colour.
+    corner = poisoned.x[poisoned.y == 0][0, :, -2:, -2:]
+    assert corner[:, 0, 1].tolist() == [255, 255, 255] and corner[:, 0, 0].tolist() == [128, 102, 76]
     # Measured on each client's own model where it is evaluated; the malicious client is skipped.
     rows = [{"client": c, **{f"backdoor/{k}": v for k, v in (hook.client_metrics(
         ctx, client=c, evaluate=evaluate_as(c, [1.0, 0.0, 0.5][c])) or {}).items()}} for c in range(3)]
     assert [c for c, _, _ in asked] == [0, 2]  # benign clients only
     for _, xs, ys in asked:
         assert xs.shape[0] == 4 and bool((ys == 0).all())  # the two true-target images are excluded
-        assert torch.equal(xs, add_trigger(x[y != 0], 2, 3.0))
+        assert torch.equal(xs, add_trigger(x[y != 0], 2, 3.0, mean=model.mean, std=model.std))
     # The round's ASR pools the benign clients' triggered images (4 each).
     out = hook.end_of_round(ctx, round=1, record={"acc_adapted_mean": 0.5, "clients": rows})
     assert out == {"asr": 0.75}

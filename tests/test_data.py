@@ -412,11 +412,13 @@ def test_npz_round_trip(tmp_path):
 def test_npz_public_split_comes_from_train_records_and_resizes(tmp_path):
     path = tmp_path / "tiny.npz"
     _write_npz(path, n_train=80, n_test=20)
-    cfg = DataConfig(source="npz", path=str(path), image_size=4, public_fraction=0.25)
+    cfg = DataConfig(source="npz", path=str(path), image_size=4, storage_size=4, public_fraction=0.25)
 
     ds = load_dataset(cfg, seed=0)
 
-    assert ds.images.shape == (100, 4, 4, 3)
+    assert ds.images.shape == (100, 4, 4, 3)  # stored at data.storage_size
+    # Without storage_size the records stay at the file's 6×6 (the model's 4×4 is reached per batch).
+    assert load_dataset(DataConfig(source="npz", path=str(path), image_size=4), seed=0).images.shape == (100, 6, 6, 3)
     pub = public_indices(ds)
     assert pub.size == 20 and np.all(ds.split[pub] == 0)
     assert set(ds.labels[pub]) == set(range(4)) and set(ds.domains[pub]) == {0, 1}
@@ -553,7 +555,7 @@ def _write_images(root: Path, layout: dict[str, int], size=(10, 14)):
 def test_folder_loader_reads_domain_class_layout(tmp_path):
     _write_images(tmp_path, {"amazon/bike": 3, "amazon/mug": 2, "webcam/mug": 4, "webcam/pen": 1})
     (tmp_path / "webcam" / "pen" / "notes.txt").write_text("not an image")
-    cfg = DataConfig(source="folder", path=str(tmp_path), image_size=8, public_fraction=0.0)
+    cfg = DataConfig(source="folder", path=str(tmp_path), image_size=8, storage_size=8, public_fraction=0.0)
 
     ds = load_dataset(cfg, seed=0)
 
@@ -572,7 +574,8 @@ def test_folder_loader_accepts_single_domain_layout_and_filters(tmp_path):
     ds = load_dataset(cfg, seed=0)
 
     assert ds.domain_names == ["office"] and ds.class_names == ["mug", "pen"]
-    assert len(ds) == 5 and ds.images.shape[1:] == (5, 5, 3)
+    # Stored at the files' own centre square (10×14 -> 10×10), not at the model's 5×5.
+    assert len(ds) == 5 and ds.images.shape[1:] == (10, 10, 3)
 
 
 def test_folder_without_images_raises(tmp_path):
@@ -632,7 +635,8 @@ def test_cifar10_pickle_loader(tmp_path):
 
 def test_cifar10_resizes_and_reports_missing_files(tmp_path):
     d = _write_cifar10(tmp_path)
-    ds = load_dataset(DataConfig(source="cifar10", path=str(d), image_size=8, public_fraction=0.0), seed=0)
+    ds = load_dataset(DataConfig(source="cifar10", path=str(d), image_size=8, storage_size=8, public_fraction=0.0),
+                      seed=0)
     (d / "test_batch").unlink()
 
     assert ds.images.shape == (17, 8, 8, 3)

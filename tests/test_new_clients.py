@@ -82,9 +82,9 @@ def test_new_clients_join_after_training_and_never_train_before(tmp_path, method
     assert {r["client"] for r in _rows(tmp_path / "r", "client")} == {0, 1, 2}
     assert all(3 not in r["participants"] for r in _rows(tmp_path / "r", "round"))
     # The newcomer's own records are its own (no trained client holds one of them).
-    new_x = tr.new_train_data[0][0].reshape(len(tr.new_train_data[0][0]), -1)
+    new_x = tr.new_train_data[0][0].reshape(len(tr.new_train_data[0][0]), -1).float()
     for x, _ in tr.train_data:
-        assert not (torch.cdist(new_x, x.reshape(len(x), -1)) == 0).any()
+        assert not (torch.cdist(new_x, x.reshape(len(x), -1).float()) == 0).any()
     joins = _rows(tmp_path / "r", "join")
     assert [(r["client"], r["join_round"], r["round"]) for r in joins] == [(3, 0, 3), (3, 1, 4), (3, 2, 5)]
     new = summary["new_clients"]

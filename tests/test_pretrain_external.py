@@ -132,11 +132,11 @@ def test_continue_from_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"pretrain.amp": True}, "amp .*needs pretrain.device: cuda"),
+    ({"pretrain.amp": True, "pretrain.device": "cpu"}, "amp .*needs a CUDA device"),
     ({"pretrain.augment": "randaug"}, "pretrain.augment='randaug' is not one of shift, crop_flip"),
     ({"pretrain.data.val_fraction": 0.2}, "need pretrain.data.path"),
     ({"pretrain.data.val_fraction": 1.5, "pretrain.data.path": "x.npz"}, "val_fraction=1.5 must be in"),
-    ({"pretrain.device": "tpu"}, "pretrain.device='tpu' is not one of cpu, cuda"),
+    ({"pretrain.device": "tpu"}, "pretrain.device='tpu' is not one of auto, cpu, cuda, cuda:N"),
     ({"pretrain.warmup_epochs": -1}, "warmup_epochs=-1 must be an integer >= 0"),
 ])
 def test_bad_recipe_settings_are_one_line_errors(tmp_path, kw, match):

@@ -1,5 +1,6 @@
 """The privacy sweep: grid, resume, failed cells, outputs (DESIGN §5)."""
 import csv
+import json
 
 import pytest
 import yaml
@@ -182,15 +183,26 @@ def test_a_saved_config_equal_after_defaults_is_reused(tmp_path):
 
 def test_cells_in_parallel_give_the_sequential_table_and_pretrain_each_backbone_once(tmp_path, monkeypatch):
     """--jobs 2: worker processes, same rows as one after another (threads fixed in the config);
-    the pretrained backbone the cells share is trained once, before the cells start."""
+    the pretrained backbone the cells share is trained once, before the cells start. With a stubbed
+    count of 2 GPUs each worker sees one of them (round-robin), and each cell records which."""
+    import torch
+
+    from evaluations.sweep import gpu_slots
+
+    assert gpu_slots(3, 2) == [0, 1, 0] and gpu_slots(2, 4) == [0, 1] and gpu_slots(2, 0) == []
     path = sweep_file(tmp_path)
     tree = yaml.safe_load(path.read_text())
-    tree["base"].update({"threads": 1, "model": {**tree["base"]["model"], "weights": "pretrain"},
+    tree["base"].update({"threads": 1, "device": "cpu", "model": {**tree["base"]["model"], "weights": "pretrain"},
                          "pretrain": {"epochs": 1, "cache_dir": str(tmp_path / "cache")}})
     path.write_text(yaml.safe_dump(tree))
     sweep, base = load_sweep(path)
     logs = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the parent counts 2 GPUs; the cells run on the CPU
     par = run_sweep(sweep, base, out_dir=tmp_path / "par", log=logs.append, jobs=2)
+    monkeypatch.undo()
+    assert sum("2 workers on 2 GPU(s)" in m for m in logs) == 1
+    seen = {json.loads((d / "env.json").read_text())["cuda_visible_devices"] for d in (par / "runs").iterdir()}
+    assert seen <= {"0", "1"} and seen  # every cell ran in a worker that saw one GPU
     assert sum("pretraining 1 backbone" in m for m in logs) == 1
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     seq = run_sweep(sweep, base, out_dir=tmp_path / "seq", log=lambda m: None)

@@ -245,9 +245,9 @@ def test_evaluate_on_validation_split(tmp_path):
     t = Trainer(cfg, run_dir=tmp_path / "r")
     summary = t.run()
     assert summary["evaluated_on"] == "val"
-    from pfedpg.data import partition_clients
+    from pfedpg.runner import partition_run
 
-    splits = partition_clients(t.dataset, cfg.data, seed=cfg.seed)  # the run's own partition (seeded)
+    _, splits, _ = partition_run(cfg)  # the run's own partition (seeded)
     assert [f["val"] for f in t.client_facts] == [len(s.val) for s in splits]
     assert summary["data"]["test_per_client"] == [len(s.val) for s in splits]
     assert all(not set(s.val) & set(s.test) for s in splits)

@@ -1,7 +1,8 @@
 """In-memory containers shared by every data source and partitioner (DESIGN §2).
 
-An :class:`ImageDataset` is the whole pool of records of one source, already resized to the
-configured square size; a :class:`ClientSplit` is one client's view of it, as sorted index arrays.
+An :class:`ImageDataset` is the whole pool of records of one source, uint8 at one square storage
+size (``data.storage_size``; the model's input size is reached per batch, :mod:`pfedpg.data.pipeline`);
+a :class:`ClientSplit` is one client's view of it, as sorted index arrays.
 Clients hold indices rather than copies so probes and audits can refer to the exact records a client
 trained on (members) or held out (non-members), DESIGN §6.
 """
@@ -61,7 +62,7 @@ class ImageDataset:
         if square and h != w:
             raise DataError(f"images must be square, got {h}×{w}")
         if image_size is not None and h != image_size:
-            raise DataError(f"images are {h}×{w} but data.image_size is {image_size}")
+            raise DataError(f"images are {h}×{w} but their storage size is {image_size}")
         for name in ("labels", "domains"):
             arr = getattr(self, name)
             if not isinstance(arr, np.ndarray) or arr.shape != (n,) or arr.dtype != np.int64:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pfedpg.data.embedded import EMBEDDED_SHIFTS, OVERLAY_DOMAINS
+from pfedpg.data.pipeline import AUGMENTS
 from pfedpg.errors import ConfigError
 
 # The registries in sources.py / partition.py are the source of truth; these tuples exist so the
@@ -75,7 +76,13 @@ class DataConfig:
 
     source: str = "embedded"
     path: str | None = None
-    image_size: int = 16
+    image_size: int = 16  # the model's input size; records are resized to it per batch
+    # Records are held as uint8 at this square size (null: the source's own size, at most
+    # max(256, image_size); the embedded source renders at image_size). Memory is records × 3 × S².
+    storage_size: int | None = None
+    # Training batches only, seeded per client and round: none | crop_flip (reflect-pad S/8, random
+    # crop, horizontal flip) | random_resized_crop (area 8-100 %, aspect 3/4-4/3, flip). On the device.
+    augment: str = "none"
     partition: str = "domain"
     num_clients: int | None = None
     clients_per_domain: int = 1
@@ -119,6 +126,12 @@ class DataConfig:
         elif not isinstance(self.path, str) or not self.path:
             raise _fail("path", self.path, f"is required for source {self.source!r} (a file or directory)")
         _check_int("image_size", self.image_size, low=1)
+        _check_int("storage_size", self.storage_size, low=1, optional=True)
+        if self.source == "embedded" and self.storage_size not in (None, self.image_size):
+            raise _fail("storage_size", self.storage_size, "is not used by source 'embedded' (it renders at "
+                        "data.image_size); drop it")
+        if self.augment not in AUGMENTS:
+            raise _fail("augment", self.augment, f"must be one of {', '.join(AUGMENTS)}")
         if self.partition not in PARTITION_NAMES:
             raise _fail("partition", self.partition, f"must be one of {', '.join(PARTITION_NAMES)}")
         _check_int("num_clients", self.num_clients, low=1, optional=True)

@@ -5,7 +5,10 @@ A loader turns ``(cfg, seed)`` into a raw :class:`ImageDataset`; :func:`load_dat
 
 1. keep only ``cfg.classes`` / ``cfg.domains`` if given (labels and domain ids are renumbered in the
    source's own order; an unknown name is a ConfigError listing the available ones);
-2. centre-crop to square and resize to ``cfg.image_size`` (bicubic, antialiased);
+2. centre-crop to square and resize to the storage size (bicubic, antialiased): ``cfg.storage_size``,
+   else the source's own size capped at max(256, ``cfg.image_size``). Records stay uint8 at that
+   size; the model's input pipeline resizes each batch to ``cfg.image_size`` on the run's device
+   (:mod:`pfedpg.data.pipeline`);
 3. for every source but ``embedded`` (which reserves its public digits itself, before the domain
    shifts), carve ``cfg.public_fraction`` of the *train* records (``split == 0``, or all records when
    the source has no split) as the public pretraining split, stratified over (domain, class) cells,
@@ -154,6 +157,31 @@ def _read_image(f: Path, size: int) -> np.ndarray:
         raise DataError(f"cannot read image {f} ({exc}); remove or replace the file") from exc
 
 
+def storage_size(cfg: DataConfig, native: int) -> int:
+    """The square size records are held at: ``data.storage_size``, else the source's own size
+    capped at max(256, ``data.image_size``) (never below the model's input unless the source is)."""
+    if cfg.storage_size is not None:
+        return int(cfg.storage_size)
+    return int(min(native, max(256, cfg.image_size)))
+
+
+def _folder_storage_size(cfg: DataConfig, files: list[Path]) -> int:
+    """An image folder's storage size: ``data.storage_size``, else the largest centre square among
+    the files (read from their headers only) capped as :func:`storage_size` says."""
+    if cfg.storage_size is not None:
+        return int(cfg.storage_size)
+    from PIL import Image, UnidentifiedImageError
+
+    largest = 1
+    for f in files:
+        try:
+            with Image.open(f) as im:  # lazy: the header alone, no decoding
+                largest = max(largest, min(im.size))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read image {f} ({exc}); remove or replace the file") from exc
+    return storage_size(cfg, largest)
+
+
 def load_folder(cfg: DataConfig, *, seed: int) -> ImageDataset:
     """Read ``root/<domain>/<class>/*`` (or single-domain ``root/<class>/*``), filtering by name before reading."""
     root = _require(cfg.path, "a directory laid out as root/<domain>/<class>/*.jpg")
@@ -187,7 +215,10 @@ def load_folder(cfg: DataConfig, *, seed: int) -> ImageDataset:
         raise DataError(f"class folder {where[0] if where else empty[0]!r} holds no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); add images, remove the folder, or list the classes to "
                         "keep in data.classes")
-    images = np.stack([_read_image(f, cfg.image_size) for f in files])
+    size = _folder_storage_size(cfg, files)
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)  # filled in place: no list of copies
+    for i, f in enumerate(files):
+        images[i] = _read_image(f, size)
     return ImageDataset(
         images=images,
         labels=np.asarray(labels, dtype=np.int64),
@@ -301,9 +332,11 @@ def load_dataset(cfg: DataConfig, *, seed: int) -> ImageDataset:
         ds = _keep_names(ds, cfg)
         if len(ds) == 0:
             raise DataError(f"no records left after data.classes / data.domains filtering in {cfg.path}")
-        ds.images = resize_images(ds.images, size=cfg.image_size)
+        size = storage_size(cfg, min(ds.images.shape[1:3]))
+        ds.images = resize_images(ds.images, size=size)
         train = np.ones(len(ds), dtype=bool) if ds.split is None else ds.split == 0
         ds.public = stratified_public_mask(
             ds.labels, ds.domains, train, fraction=cfg.public_fraction, rng=Seeds(seed).numpy("data.public")
         )
+        return ds.validate(image_size=size)
     return ds.validate(image_size=cfg.image_size)

@@ -10,11 +10,18 @@ the first is inserted before block 1 like the shallow prompt, and before each la
 K prompt positions are *overwritten* with layer l's prompt (VPT's own code). The prompt parameter
 is always one (L·K)×D matrix, layer by layer, so everything downstream (server, DP, attacks) sees a
 set of L·K tokens — pFedPG-deep generates all of them with one generator and one descriptor.
+
+Input: uint8 records at their stored size go through the model's :class:`InputPipeline` (moved to
+the model's device, resized, normalised; ``prepare`` with a generator also augments a training
+batch); float input is taken as model-ready. With ``amp="bf16"`` on CUDA the frozen backbone runs
+under bfloat16 autocast; the prompt tokens, the head and the features the head reads stay float32.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pfedpg.models.device import autocast
 
 
 class PromptTokens(nn.Module):
@@ -50,7 +57,8 @@ class PromptTokens(nn.Module):
 class PromptedViT(nn.Module):
     """Frozen timm ``VisionTransformer`` + prompt tokens (shallow or deep) + local linear head."""
 
-    def __init__(self, backbone: nn.Module, *, num_prompts: int, num_classes: int, deep: bool = False):
+    def __init__(self, backbone: nn.Module, *, num_prompts: int, num_classes: int, deep: bool = False,
+                 inputs: nn.Module | None = None, amp: str | None = None):
         super().__init__()
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens"):
             if not hasattr(backbone, attr):
@@ -68,6 +76,23 @@ class PromptedViT(nn.Module):
         depth = len(backbone.blocks) if deep else 1
         self.prompt = PromptTokens(num_prompts, dim, depth=depth, num_prefix_tokens=backbone.num_prefix_tokens)
         self.head = nn.Linear(dim, num_classes)
+        self.inputs = inputs  # pfedpg.data.pipeline.InputPipeline: uint8 records -> model input
+        self.amp = amp
+
+    @property
+    def device(self) -> torch.device:
+        """Where the frozen backbone computes (the run's device)."""
+        return self.backbone.cls_token.device
+
+    def prepare(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Model-ready float images on the model's device: uint8 records through the input pipeline
+        (augmented with ``generator`` when given), float ones only moved."""
+        if images.is_floating_point():
+            return images.to(self.device)
+        if self.inputs is None:
+            raise TypeError("this PromptedViT has no input pipeline for uint8 images; build it with "
+                            "inputs=InputPipeline(...) or pass normalised float images")
+        return self.inputs(images, generator)
 
     @property
     def embed_dim(self) -> int:
@@ -86,24 +111,26 @@ class PromptedViT(nn.Module):
         """Final normed CLS token; ``prompts`` (B × L·K × D): a prompt per sample instead of the
         module's (clients trained in one batch, DESIGN §9)."""
         b = self.backbone
-        x = b.patch_embed(images)
-        x = b._pos_embed(x)  # CLS (+ registers) and positional embedding, as the backbone does
-        if prompts is None:
-            prompts = self.prompt(x)
-        p, k, depth = self.prompt.num_prefix_tokens, self.prompt.num_prompts, self.prompt.depth
-        layers = prompts.reshape(prompts.shape[0], depth, k, prompts.shape[-1])
-        x = torch.cat([x[:, :p], layers[:, 0], x[:, p:]], dim=1)  # no position for prompts
-        x = b.patch_drop(x)
-        x = b.norm_pre(x)
-        if depth == 1:
-            x = b.blocks(x)
-        else:
-            for i, block in enumerate(b.blocks):
-                if i > 0:  # VPT-deep: overwrite the prompt positions with this layer's prompt
-                    x = torch.cat([x[:, :p], layers[:, i], x[:, p + k:]], dim=1)
-                x = block(x)
-        x = b.norm(x)
-        return x[:, 0]
+        images = self.prepare(images)
+        with autocast(images.device, self.amp):
+            x = b.patch_embed(images)
+            x = b._pos_embed(x)  # CLS (+ registers) and positional embedding, as the backbone does
+            if prompts is None:
+                prompts = self.prompt(x)
+            p, k, depth = self.prompt.num_prefix_tokens, self.prompt.num_prompts, self.prompt.depth
+            layers = prompts.reshape(prompts.shape[0], depth, k, prompts.shape[-1])
+            x = torch.cat([x[:, :p], layers[:, 0].to(x.dtype), x[:, p:]], dim=1)  # no position for prompts
+            x = b.patch_drop(x)
+            x = b.norm_pre(x)
+            if depth == 1:
+                x = b.blocks(x)
+            else:
+                for i, block in enumerate(b.blocks):
+                    if i > 0:  # VPT-deep: overwrite the prompt positions with this layer's prompt
+                        x = torch.cat([x[:, :p], layers[:, i].to(x.dtype), x[:, p + k:]], dim=1)
+                    x = block(x)
+            x = b.norm(x)
+        return x[:, 0].float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))

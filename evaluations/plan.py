@@ -1,0 +1,375 @@
+"""``pfedpg-eval plan``: what a run, sweep, audit or matrix will cost, before any of it runs (DESIGN §9).
+
+For a run config or a grid file (privacy, audit, robustness) the plan
+
+* expands the grid into its runs (the grid's own cell builders) and, per seed, partitions the data as
+  the runs will (split sizes only, no training);
+* counts each run's work: local SGD steps (``E · ⌈|D_n| / B⌉`` per participant and round; new
+  clients' join rounds included), records evaluated (adapted and generated prompt on every
+  evaluation round), the audit's shadow and reference trainings (LiRA, RMIA), and what each client
+  sends and receives per round;
+* builds one run for real — its uint8 record store and the backbone on the chosen device, with
+  random weights of the configured architecture (speed does not depend on the weights, and nothing is
+  downloaded or pretrained) — and times a few real local steps (the clients' own recipe: input
+  pipeline, augmentation, and DP-SGD when a cell uses it) and an evaluation batch;
+* extrapolates: steps × measured seconds per step, summed over the grid's runs (one after another;
+  with ``--jobs N`` on N GPUs about 1/N of it).
+
+Memory is measured, not modelled: the resident set (and on a GPU the peak allocated device memory)
+of this process after building the run and taking the steps — the record store, the model and a few
+batches, which is what a run holds. Not counted: pretraining a backbone that is not cached yet (its
+steps are stated), the server step (milliseconds), and the audit's forward-only probes.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import resource
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pfedpg.config import RunConfig, config_from_dict, load_config, load_yaml_file
+from pfedpg.errors import ConfigError
+
+GRID_KINDS = ("privacy", "audit", "robustness")
+
+
+# ------------------------------------------------------------------------------------------------
+# What runs: a run config, or a grid file's cells
+
+
+def expand(path: str | Path, overrides: list[str] | None) -> tuple[str, list[dict[str, Any]]]:
+    """(kind, [{"cell": name, "config": RunConfig dict}, ...]) for a run config or a grid file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass --config with a run config or a privacy, audit or "
+                          "robustness file (see configs/)")
+    tree = load_yaml_file(p) or {}
+    kind = next((k for k in GRID_KINDS if isinstance(tree, dict) and k in tree), "train")
+    if kind == "train":
+        cfg = load_config(p, overrides)
+        return kind, [{"cell": cfg.run_name or cfg.method, "config": cfg.to_dict()}]
+    if kind == "privacy":
+        from evaluations.privacy import cells, load_sweep
+
+        sweep, base = load_sweep(p, overrides)
+        return kind, cells(sweep, base)
+    if kind == "audit":
+        from evaluations.audit import load_audit, with_audit_hook
+        from evaluations.privacy import cells
+
+        grid, probes, base = load_audit(p, overrides)
+        return kind, cells(grid, with_audit_hook(base, probes))
+    from evaluations.robustness import _clients, cells, load_matrix
+
+    matrix, base = load_matrix(p, overrides)
+    return kind, [c for c in cells(matrix, base, *_clients(base)) if "infeasible" not in c]
+
+
+# ------------------------------------------------------------------------------------------------
+# Counting a run's work
+
+
+@dataclasses.dataclass
+class Work:
+    """One run's work in units the measured step times price."""
+
+    train_steps: int = 0  # plain local SGD steps (and shadow / reference trainings)
+    dp_steps: int = 0  # DP-SGD steps (per-sample gradients, clipping, noise)
+    eval_records: int = 0  # records evaluated (forward only), every evaluation round and prompt
+    pretrain_steps: int = 0  # backbone pretraining not cached yet (not timed; shared by runs of one key)
+    pretrain_key: str | None = None
+    numbers_sent: int = 0  # numbers the clients send over the run
+    numbers_received: int = 0
+
+
+def _facts(cfg: RunConfig, cache: dict) -> dict[str, Any]:
+    """Split sizes of cfg's partition (cached per seed and data config): training clients' train and
+    evaluated sizes, new clients' too."""
+    from pfedpg.runner import client_indices, partition_run
+
+    key = json.dumps([cfg.seed, dataclasses.asdict(cfg.data), cfg.evaluate_on], sort_keys=True, default=str)
+    if key not in cache:
+        dataset, splits, new = partition_run(cfg)
+        sizes = [(len(s.train), len(client_indices(cfg, s)[1])) for s in splits]
+        new_sizes = [(len(s.train), len(client_indices(cfg, s)[1])) for s in new]
+        cache[key] = {"train": [a for a, _ in sizes], "eval": [b for _, b in sizes],
+                      "new_train": [a for a, _ in new_sizes], "new_eval": [b for _, b in new_sizes],
+                      "public": int(dataset.public.sum()) if dataset.public is not None else 0,
+                      "store_bytes": int(sum(a + b for a, b in sizes + new_sizes)) * 3 * dataset.image_size ** 2,
+                      "storage_size": dataset.image_size, "classes": dataset.num_classes}
+        del dataset
+    return cache[key]
+
+
+def count(cfg: RunConfig, facts: dict[str, Any], *, prompt_numbers: int) -> Work:
+    """The work of one run with config ``cfg`` on a partition with ``facts``."""
+    from pfedpg.runner import participation_schedule
+    from pfedpg.seeding import Seeds
+    from pfedpg.server import SERVERS
+
+    w = Work()
+    bs, e = cfg.client.batch_size, cfg.client.local_epochs
+    names = [h.get("name") for h in cfg.hooks]
+    dp_sgd = "dp_sgd" in names
+    sends = SERVERS.get(cfg.method).sends_prompts
+    n = len(facts["train"])
+    schedule = participation_schedule(num_clients=n, per_round=cfg.clients_per_round, rounds=cfg.rounds,
+                                      seeds=Seeds(cfg.seed), held_out=len(facts["new_train"]))
+    steps = [e * math.ceil(t / bs) for t in facts["train"]]
+    evals = sum(facts["eval"]) * (2 if sends else 1)  # adapted prompt, and the generated one where sent
+    for r, participants in enumerate(schedule, start=1):
+        local = sum(steps[c] for c in participants)
+        if dp_sgd:
+            w.dp_steps += local
+        else:
+            w.train_steps += local
+        if sends:
+            w.numbers_sent += len(participants) * prompt_numbers
+            w.numbers_received += len(participants) * prompt_numbers
+        if r % cfg.eval_every == 0 or r == cfg.rounds:
+            w.eval_records += evals
+    joins = cfg.new_client_rounds + 1 if facts["new_train"] else 0
+    for t, v in zip(facts["new_train"], facts["new_eval"]):
+        if dp_sgd:
+            w.dp_steps += joins * e * math.ceil(t / bs)
+        else:
+            w.train_steps += joins * e * math.ceil(t / bs)
+        w.eval_records += joins * v * (2 if sends else 1)
+    for h in cfg.hooks:
+        if h.get("name") == "leakage_audit":
+            w.train_steps += _audit_steps(h, facts, cfg)
+    if cfg.model.weights == "pretrain":
+        from pfedpg.pretrain import cached_path
+
+        if not cached_path(cfg).is_file():
+            # Records of the public split; of an external set only where max_records says (else unknown: 0).
+            records = facts["public"] if cfg.pretrain.data.path is None else (cfg.pretrain.data.max_records or 0)
+            w.pretrain_steps = cfg.pretrain.epochs * math.ceil(records / cfg.pretrain.batch_size)
+            w.pretrain_key = str(cached_path(cfg))
+    return w
+
+
+def _audit_steps(options: dict[str, Any], facts: dict[str, Any], cfg: RunConfig) -> int:
+    """LiRA shadows and RMIA references: prompt-and-head trainings on halves of the auxiliary records
+    (the shadow clients' training and held-out records)."""
+    from attacks.leakage import LeakageAudit
+
+    audit = LeakageAudit(**{k: v for k, v in options.items() if k != "name"})
+    n = len(facts["train"])
+    shadows = audit.shadow_ids if audit.shadow_ids is not None else list(range(n - audit.shadow_count, n))
+    aux = sum(facts["train"][s] + facts["eval"][s] for s in shadows if s < n)
+    bs = cfg.client.batch_size
+    steps = 0
+    if "lira" in audit.probes:
+        steps += audit.lira["shadows"] * audit.lira["epochs"] * math.ceil((aux // 2) / bs)
+    if "rmia" in audit.probes:
+        pool = aux - min(audit.rmia["population"], aux // 4)
+        steps += audit.rmia["references"] * audit.rmia["epochs"] * math.ceil((pool // 2) / bs)
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring one run for real
+
+
+def _rss_bytes() -> int:
+    """Peak resident set of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(cfg: RunConfig, *, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Build the run (random weights of the configured backbone, its uint8 records, on its device)
+    and time ``steps`` local steps of the plain recipe, of DP-SGD when ``cfg`` has it, and an
+    evaluation batch."""
+    from pfedpg.client import evaluate, load_into, sgd_local_training
+    from pfedpg.hooks import ClientData, LocalJob
+    from pfedpg.models.device import is_out_of_memory, out_of_memory_error
+    from pfedpg.runner import Trainer
+
+    timing = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="random", checkpoint=None),
+                                 client=dataclasses.replace(cfg.client, local_epochs=1), rounds=1,
+                                 data=dataclasses.replace(cfg.data, new_clients=None))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        try:
+            trainer = Trainer(timing, run_dir=tmp, log=lambda m: None)
+        except (RuntimeError, MemoryError) as e:
+            kind = is_out_of_memory(e)
+            if kind is None:
+                raise
+            raise out_of_memory_error(kind, cfg.device, e) from None
+        build_s = time.perf_counter() - t0
+        device = trainer.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer.hooks.setup(trainer.ctx)  # (a hook whose setup fails would fail the run too)
+        bs = cfg.client.batch_size
+        x, y = trainer.train_data[0]
+        m = min(len(y), (steps + 1) * bs)
+        st = trainer.states[0]
+
+        def job(records: int, run_default) -> LocalJob:
+            load_into(trainer.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
+            return LocalJob(client=0, round=1, model=trainer.model, data=ClientData(x[:records], y[:records]),
+                            generator=trainer.seeds.torch("plan", client=0), run_default=run_default,
+                            augment=trainer.augment_stream("plan.augment", 0, 1))
+
+        def timed(call) -> float:
+            call(min(m, bs))  # warm-up: allocator, kernels, first touch
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            result = call(m)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return (time.perf_counter() - t) / max(1, result.steps)
+
+        plain = partial(sgd_local_training, cfg=timing.client)
+        try:
+            out: dict[str, Any] = {"device": str(device), "build_s": build_s,
+                                   "train_step_s": timed(lambda k: plain(job(k, plain))), "measured_records": m}
+            if any(h.get("name") == "dp_sgd" for h in cfg.hooks):
+                out["dp_step_s"] = timed(lambda k: trainer.hooks.local_training(trainer.ctx, job(k, plain)))
+            xe, ye = trainer.test_data[0]
+            ebs = cfg.client.eval_batch_size
+            k = min(ebs, len(ye))  # one evaluation batch (at most eval_batch_size records)
+            evaluate(trainer.model, xe[:k], ye[:k], batch_size=ebs)  # warm-up
+            t = time.perf_counter()
+            evaluate(trainer.model, xe[:k], ye[:k], batch_size=ebs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out["eval_record_s"] = (time.perf_counter() - t) / max(1, k)
+            out["eval_records_timed"] = k
+        except (RuntimeError, MemoryError) as e:
+            kind = is_out_of_memory(e)
+            if kind is None:
+                raise
+            raise out_of_memory_error(kind, str(device), e) from None
+        out["batch_size"], out["eval_batch_size"] = bs, ebs
+        out["backbone_numbers"] = trainer.backbone_numbers
+        out["prompt_numbers"] = trainer.prompt_tokens * trainer.dim
+        out["model_bytes"] = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+        out["records_bytes"] = sum(t.numel() * t.element_size() for pair in (*trainer.train_data, *trainer.test_data)
+                                   for t in pair)
+        if device.type == "cuda":
+            out["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["host_peak_bytes"] = _rss_bytes()
+        del trainer
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3,
+         log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The plan of a config file, as a dict (:func:`render` writes it for a reader)."""
+    kind, grid = expand(path, overrides)
+    configs = [config_from_dict(c["config"]) for c in grid]
+    if not configs:
+        raise ConfigError(f"{path}: the grid has no runnable cell")
+    # Time the recipe with the most expensive local training: a DP-SGD cell if there is one.
+    probe = next((c for c in configs if any(h.get("name") == "dp_sgd" for h in c.hooks)), configs[0])
+    from pfedpg.models.device import resolve_device
+
+    log(f"plan: building one run on {resolve_device(probe.device, amp=probe.amp)} and timing {steps} local steps ...")
+    m = measure(probe, steps=steps, log=log)
+    cache: dict = {}
+    runs = []
+    for cell, cfg in zip(grid, configs):
+        facts = _facts(cfg, cache)
+        w = count(cfg, facts, prompt_numbers=m["prompt_numbers"])
+        seconds = (w.train_steps * m["train_step_s"] + w.dp_steps * m.get("dp_step_s", m["train_step_s"])
+                   + w.eval_records * m["eval_record_s"])
+        runs.append({"cell": cell["cell"], "method": cfg.method, "seed": cfg.seed, "rounds": cfg.rounds,
+                     "clients": len(facts["train"]), "new_clients": len(facts["new_train"]),
+                     **dataclasses.asdict(w), "seconds": seconds})
+    facts = _facts(configs[0], cache)
+    first = configs[0]
+    return {
+        "kind": kind, "config": str(path), "runs": runs, "measured": m,
+        "data": {"source": first.data.source, "clients": len(facts["train"]), "new_clients": len(facts["new_train"]),
+                 "train_per_client": facts["train"], "eval_per_client": facts["eval"],
+                 "image_size": first.data.image_size, "storage_size": facts["storage_size"],
+                 "store_bytes": facts["store_bytes"], "augment": first.data.augment},
+        "communication": {"numbers_per_client_round": m["prompt_numbers"],
+                          "bytes_per_client_round": 4 * m["prompt_numbers"],
+                          "ratio_vs_backbone": m["prompt_numbers"] / m["backbone_numbers"]},
+        "total_seconds": sum(r["seconds"] for r in runs),
+        # A backbone is pretrained once for every run that shares its cache key.
+        "pretrain_steps": sum({r["pretrain_key"]: r["pretrain_steps"] for r in runs if r["pretrain_key"]}.values()),
+        "pretrain_backbones": len({r["pretrain_key"] for r in runs if r["pretrain_key"]}),
+    }
+
+
+def _size(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if b < 1024 or unit == "TiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
+        b /= 1024
+    return f"{b:.2f} TiB"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _spread(v: list[int]) -> str:
+    if not v:
+        return "-"
+    return f"{min(v)}–{max(v)} (median {statistics.median(v):g}, total {sum(v)})"
+
+
+def render(p: dict[str, Any]) -> str:
+    m, d, c = p["measured"], p["data"], p["communication"]
+    lines = [f"plan of {p['config']} ({p['kind']}: {len(p['runs'])} run{'s' if len(p['runs']) != 1 else ''})", ""]
+    lines += [f"data       {d['source']}: {d['clients']} clients" + (f" + {d['new_clients']} new" if d["new_clients"] else ""),
+              f"           training records per client {_spread(d['train_per_client'])}",
+              f"           evaluated records per client {_spread(d['eval_per_client'])}",
+              f"           stored uint8 at {d['storage_size']}×{d['storage_size']}, model input {d['image_size']}×{d['image_size']}"
+              f" (resized per batch on the device), augment: {d['augment']}"]
+    lines += [f"sends      {c['numbers_per_client_round']:,} numbers ({_size(c['bytes_per_client_round'])}) down and up per "
+              f"client and round; {c['ratio_vs_backbone']:.2e} of the backbone's {m['backbone_numbers']:,}"]
+    mem = [f"memory     resident {_size(m['host_peak_bytes'])} measured (records {_size(m['records_bytes'])}, "
+           f"model {_size(m['model_bytes'])}, plus the runtime and a few batches)"]
+    if "device_peak_bytes" in m:
+        mem.append(f"           {m['device']}: {_size(m['device_peak_bytes'])} allocated at peak")
+    lines += mem
+    lines.append(f"time       on {m['device']}: {m['train_step_s'] * 1e3:.1f} ms per local step of {m['batch_size']} records, "
+                 f"{m['eval_record_s'] * 1e3:.2f} ms per evaluated record (a batch of {m['eval_records_timed']})"
+                 + (f", {m['dp_step_s'] * 1e3:.1f} ms per DP-SGD step ({m['dp_step_s'] / m['train_step_s']:.2f}× a plain step)"
+                    if "dp_step_s" in m else "") + f" (timed on {m['measured_records']} records of client 0)")
+    lines.append("")
+    lines.append("| run | method | seed | rounds | local steps | DP-SGD steps | records evaluated | numbers sent | time |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in p["runs"]:
+        lines.append(f"| {r['cell']} | {r['method']} | {r['seed']} | {r['rounds']} | {r['train_steps']:,} | {r['dp_steps']:,} | "
+                     f"{r['eval_records']:,} | {r['numbers_sent']:,} | {_duration(r['seconds'])} |")
+    lines.append("")
+    total = p["total_seconds"]
+    lines.append(f"total      {_duration(total)} for {len(p['runs'])} run(s) one after another"
+                 + (f"; with --jobs N on N GPUs about {_duration(total / 2)} at N = 2, {_duration(total / 4)} at N = 4"
+                    if len(p["runs"]) > 1 else ""))
+    if p["pretrain_backbones"]:
+        lines.append(f"           plus pretraining {p['pretrain_backbones']} backbone(s) not cached yet: "
+                     f"{p['pretrain_steps']:,} steps of the whole backbone (not timed)")
+    lines.append("not counted: the server step (milliseconds), the audit's forward-only probes")
+    return "\n".join(lines)
+
+
+__all__ = ["count", "expand", "measure", "plan", "render"]
