@@ -63,6 +63,15 @@ def test_seeded_augmentation_is_reproducible_and_only_moves_pixels():
         assert set(out[i].unique().tolist()) <= set(x[i].float().unique().tolist())
     # random_resized_crop goes straight to the model's size (here a 24×24 input from 16×16 records).
     assert random_resized_crop(x.float(), 24, torch.Generator().manual_seed(0)).shape == (12, 3, 24, 24)
+    # A box of a quarter of the area, sampled at its own size: exactly one 8×8 window of the image, or
+    # its mirror; the whole image: the image or its mirror.
+    crops = random_resized_crop(x.float(), 8, torch.Generator().manual_seed(0), scale=(0.25, 0.25), ratio=(1, 1))
+    whole = random_resized_crop(x.float(), 16, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
+    for i in range(len(x)):
+        windows = [x[i, :, r:r + 8, c:c + 8].float() for r in range(9) for c in range(9)]
+        assert any(torch.allclose(crops[i], w, atol=1e-3) or torch.allclose(crops[i], w.flip(-1), atol=1e-3)
+                   for w in windows)
+        assert torch.allclose(whole[i], x[i].float(), atol=1e-3) or torch.allclose(whole[i], x[i].float().flip(-1), atol=1e-3)
 
 
 def _losses(run_dir):
