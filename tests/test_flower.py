@@ -407,6 +407,12 @@ def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
     refused({"partition-id": 0}, r"expects node-local data.*data-path=")
     refused({"partition-id": 5, "data-path": nodes[0]["data-path"]}, r"partition-id=5, but the run has flower.num_clients=3")
     refused({"partition-id": 0, "data-path": nodes[0]["data-path"], "data_path": "x"}, r"unknown key 'data_path'")
+    # A node's own device: a spec it cannot read is one line naming the node config key.
+    refused({"partition-id": 0, "data-path": nodes[0]["data-path"], "device": "tpu"},
+            r"--node-config device='tpu' is not one of auto, cpu, cuda, cuda:N")
+    ClientRuntime._cache.clear()
+    rt = ClientRuntime.get(values, {"partition-id": 0, "data-path": nodes[0]["data-path"], "device": "cpu"})
+    assert rt.trainer.device == torch.device("cpu") and rt.trainer.cfg.device == "cpu"
     partitioned = {**values, "config-yaml": dump_config(_flower(cfg))}
     refused({"partition-id": 0, "data-path": nodes[0]["data-path"]}, r"flower.num_clients is null", partitioned)
     with pytest.raises(ConfigError, match="flower.num_clients .*needs a deployment"):
