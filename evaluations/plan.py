@@ -186,82 +186,79 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(cfg: RunConfig, *, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Build the run (random weights of the configured backbone, its uint8 records, on its device)
-    and time ``steps`` local steps of the plain recipe, of DP-SGD when ``cfg`` has it, and an
-    evaluation batch."""
+def _timer(device: torch.device) -> Callable[[], float]:
+    """perf_counter that waits for the device's queued work first."""
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return now
+
+
+def _time_steps(trainer, cfg: RunConfig, steps: int) -> dict[str, Any]:
+    """Seconds per local step (plain; DP-SGD through the hook chain when ``cfg`` has it) on client
+    0's records, after one warm-up step, and seconds per evaluated record."""
     from pfedpg.client import evaluate, load_into, sgd_local_training
     from pfedpg.hooks import ClientData, LocalJob
-    from pfedpg.models.device import is_out_of_memory, out_of_memory_error
+
+    now = _timer(trainer.device)
+    bs, ebs = cfg.client.batch_size, cfg.client.eval_batch_size
+    x, y = trainer.train_data[0]
+    m = min(len(y), (steps + 1) * bs)
+    st = trainer.states[0]
+    plain = partial(sgd_local_training, cfg=trainer.cfg.client)  # (E = 1 in the timing build)
+
+    def local(records: int, through_hooks: bool) -> float:
+        load_into(trainer.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
+        job = LocalJob(client=0, round=1, model=trainer.model, data=ClientData(x[:records], y[:records]),
+                       generator=trainer.seeds.torch("plan", client=0), run_default=plain,
+                       augment=trainer.augment_stream("plan.augment", 0, 1))
+        return trainer.hooks.local_training(trainer.ctx, job) if through_hooks else plain(job)
+
+    def per_step(through_hooks: bool) -> float:
+        local(min(m, bs), through_hooks)  # warm-up: allocator, kernels, first touch
+        t = now()
+        result = local(m, through_hooks)
+        return (now() - t) / max(1, result.steps)
+
+    out = {"train_step_s": per_step(False), "measured_records": m, "batch_size": bs, "eval_batch_size": ebs}
+    if any(h.get("name") == "dp_sgd" for h in cfg.hooks):
+        out["dp_step_s"] = per_step(True)
+    xe, ye = trainer.test_data[0]
+    k = min(ebs, len(ye))  # one evaluation batch (at most eval_batch_size records)
+    evaluate(trainer.model, xe[:k], ye[:k], batch_size=ebs)  # warm-up
+    t = now()
+    evaluate(trainer.model, xe[:k], ye[:k], batch_size=ebs)
+    out.update(eval_record_s=(now() - t) / max(1, k), eval_records_timed=k)
+    return out
+
+
+def measure(cfg: RunConfig, *, steps: int) -> dict[str, Any]:
+    """Build the run (random weights of the configured backbone, its uint8 records, on its device),
+    time ``steps`` local steps and an evaluation batch, and read the memory it took."""
+    import tempfile
+
+    from pfedpg.models.device import out_of_memory_as_error
     from pfedpg.runner import Trainer
 
     timing = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="random", checkpoint=None),
                                  client=dataclasses.replace(cfg.client, local_epochs=1), rounds=1,
                                  data=dataclasses.replace(cfg.data, new_clients=None))
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        try:
+        with out_of_memory_as_error(cfg.device):
             trainer = Trainer(timing, run_dir=tmp, log=lambda m: None)
-        except (RuntimeError, MemoryError) as e:
-            kind = is_out_of_memory(e)
-            if kind is None:
-                raise
-            raise out_of_memory_error(kind, cfg.device, e) from None
-        build_s = time.perf_counter() - t0
         device = trainer.device
+        out: dict[str, Any] = {"device": str(device), "build_s": time.perf_counter() - t0}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.hooks.setup(trainer.ctx)  # (a hook whose setup fails would fail the run too)
-        bs = cfg.client.batch_size
-        x, y = trainer.train_data[0]
-        m = min(len(y), (steps + 1) * bs)
-        st = trainer.states[0]
-
-        def job(records: int, run_default) -> LocalJob:
-            load_into(trainer.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
-            return LocalJob(client=0, round=1, model=trainer.model, data=ClientData(x[:records], y[:records]),
-                            generator=trainer.seeds.torch("plan", client=0), run_default=run_default,
-                            augment=trainer.augment_stream("plan.augment", 0, 1))
-
-        def timed(call) -> float:
-            call(min(m, bs))  # warm-up: allocator, kernels, first touch
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            result = call(m)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return (time.perf_counter() - t) / max(1, result.steps)
-
-        plain = partial(sgd_local_training, cfg=timing.client)
-        try:
-            out: dict[str, Any] = {"device": str(device), "build_s": build_s,
-                                   "train_step_s": timed(lambda k: plain(job(k, plain))), "measured_records": m}
-            if any(h.get("name") == "dp_sgd" for h in cfg.hooks):
-                out["dp_step_s"] = timed(lambda k: trainer.hooks.local_training(trainer.ctx, job(k, plain)))
-            xe, ye = trainer.test_data[0]
-            ebs = cfg.client.eval_batch_size
-            k = min(ebs, len(ye))  # one evaluation batch (at most eval_batch_size records)
-            evaluate(trainer.model, xe[:k], ye[:k], batch_size=ebs)  # warm-up
-            t = time.perf_counter()
-            evaluate(trainer.model, xe[:k], ye[:k], batch_size=ebs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            out["eval_record_s"] = (time.perf_counter() - t) / max(1, k)
-            out["eval_records_timed"] = k
-        except (RuntimeError, MemoryError) as e:
-            kind = is_out_of_memory(e)
-            if kind is None:
-                raise
-            raise out_of_memory_error(kind, str(device), e) from None
-        out["batch_size"], out["eval_batch_size"] = bs, ebs
-        out["backbone_numbers"] = trainer.backbone_numbers
-        out["prompt_numbers"] = trainer.prompt_tokens * trainer.dim
-        out["model_bytes"] = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-        out["records_bytes"] = sum(t.numel() * t.element_size() for pair in (*trainer.train_data, *trainer.test_data)
-                                   for t in pair)
+        with out_of_memory_as_error(str(device)):
+            out.update(_time_steps(trainer, cfg, steps))
+        out.update(backbone_numbers=trainer.backbone_numbers, prompt_numbers=trainer.prompt_tokens * trainer.dim,
+                   model_bytes=sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
+                   records_bytes=sum(t.numel() * t.element_size() for pair in (*trainer.train_data, *trainer.test_data)
+                                     for t in pair))
         if device.type == "cuda":
             out["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
         out["host_peak_bytes"] = _rss_bytes()
@@ -284,7 +281,7 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
     from pfedpg.models.device import resolve_device
 
     log(f"plan: building one run on {resolve_device(probe.device, amp=probe.amp)} and timing {steps} local steps ...")
-    m = measure(probe, steps=steps, log=log)
+    m = measure(probe, steps=steps)
     cache: dict = {}
     runs = []
     for cell, cfg in zip(grid, configs):
@@ -350,7 +347,7 @@ def render(p: dict[str, Any]) -> str:
     if "device_peak_bytes" in m:
         mem.append(f"           {m['device']}: {_size(m['device_peak_bytes'])} allocated at peak")
     lines += mem
-    lines.append(f"time       on {m['device']}: {m['train_step_s'] * 1e3:.1f} ms per local step of {m['batch_size']} records, "
+    lines.append(f"time       on {m['device']}: {m['train_step_s'] * 1e3:.1f} ms per local step (batch size {m['batch_size']}), "
                  f"{m['eval_record_s'] * 1e3:.2f} ms per evaluated record (a batch of {m['eval_records_timed']})"
                  + (f", {m['dp_step_s'] * 1e3:.1f} ms per DP-SGD step ({m['dp_step_s'] / m['train_step_s']:.2f}× a plain step)"
                     if "dp_step_s" in m else "") + f" (timed on {m['measured_records']} records of client 0)")

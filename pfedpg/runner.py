@@ -35,7 +35,7 @@ from pfedpg.data.pipeline import InputPipeline
 from pfedpg.errors import ConfigError, NonFiniteDeltaError
 from pfedpg.hooks import ClientData, HookChain, LocalJob, RunContext, build_hooks
 from pfedpg.models import PromptedViT, backbone_num_params, build_backbone, vpt_init_bound
-from pfedpg.models.device import configure, describe, is_out_of_memory, out_of_memory_error, resolve_device
+from pfedpg.models.device import configure, describe, out_of_memory_as_error, resolve_device, to_cpu
 from pfedpg.seeding import Seeds
 from pfedpg.server import SERVERS, plain_aggregate
 
@@ -60,17 +60,6 @@ def set_aside(run_dir: str | Path) -> Path:
         if not f.name.startswith("attempt-"):
             f.rename(keep / f.name)
     return keep
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Every tensor in a nest of dicts, lists and tuples copied to the CPU (checkpoints load anywhere)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def participation_schedule(*, num_clients: int, per_round: int | None, rounds: int, seeds: Seeds,
@@ -449,8 +438,8 @@ class Trainer:
         state = {
             "version": CHECKPOINT_VERSION, "round": r,
             "server": {k: v.detach().cpu().clone() for k, v in self.server.state_dict().items()},
-            "clients": _to_cpu(self.checkpoint_clients()),
-            "hooks": _to_cpu(self.hooks.state_dict()),
+            "clients": to_cpu(self.checkpoint_clients()),  # (a checkpoint loads on any device)
+            "hooks": to_cpu(self.hooks.state_dict()),
             "config": dump_config(self.cfg),
         }
         tmp = path.with_suffix(".tmp")
@@ -548,46 +537,45 @@ class Trainer:
             rounds = tqdm(rounds, desc=cfg.method, unit="round", initial=start, total=cfg.rounds, file=sys.stderr)
         t_train = 0.0
         try:
-            for r in rounds:
-                try:
-                    record = self.run_round(r)
-                except NonFiniteDeltaError as e:
-                    self._record_divergence(r, e)
-                    raise
-                t_train += record["time_round_s"]
-                with open(metrics_path, "a") as f:
-                    for row in record.pop("clients"):
-                        f.write(json.dumps(row) + "\n")
-                    f.write(json.dumps(record) + "\n")
-                if self.progress and "acc_adapted_mean" in record:
-                    rounds.set_postfix(acc=f"{record['acc_adapted_mean']:.3f}")
-                self.round = r
-                if (cfg.checkpoint_every and r % cfg.checkpoint_every == 0) or r == cfg.rounds:
-                    self.save_checkpoint(r)
-                if stop_after is not None and r >= stop_after and r < cfg.rounds:
-                    if not (cfg.checkpoint_every and r % cfg.checkpoint_every == 0):
+            # Out of memory: one line naming the knobs, and nothing left behind that blocks the re-run
+            # with a smaller setting (the unfinished run's files move to RUN_DIR/attempt-<k>/).
+            with out_of_memory_as_error(str(self.device), on_error=self._set_aside_unfinished):
+                for r in rounds:
+                    try:
+                        record = self.run_round(r)
+                    except NonFiniteDeltaError as e:
+                        self._record_divergence(r, e)
+                        raise
+                    t_train += record["time_round_s"]
+                    with open(metrics_path, "a") as f:
+                        for row in record.pop("clients"):
+                            f.write(json.dumps(row) + "\n")
+                        f.write(json.dumps(record) + "\n")
+                    if self.progress and "acc_adapted_mean" in record:
+                        rounds.set_postfix(acc=f"{record['acc_adapted_mean']:.3f}")
+                    self.round = r
+                    if (cfg.checkpoint_every and r % cfg.checkpoint_every == 0) or r == cfg.rounds:
                         self.save_checkpoint(r)
-                    return None
-            self.run_new_clients(metrics_path)
-            summary = self.summarize(metrics_path)
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.log(f"done: adapted mean {summary['accuracy']['mean']:.4f}, worst {summary['accuracy']['worst']:.4f}")
-            return summary
-        except (RuntimeError, MemoryError) as e:
-            kind = is_out_of_memory(e)
-            if kind is None:
-                raise
-            # Nothing left behind that blocks the re-run with a smaller setting: the unfinished run's
-            # files move to RUN_DIR/attempt-<k>/ (kept), and the same command starts afresh.
+                    if stop_after is not None and r >= stop_after and r < cfg.rounds:
+                        if not (cfg.checkpoint_every and r % cfg.checkpoint_every == 0):
+                            self.save_checkpoint(r)
+                        return None
+                self.run_new_clients(metrics_path)
+                summary = self.summarize(metrics_path)
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                self.log(f"done: adapted mean {summary['accuracy']['mean']:.4f}, worst {summary['accuracy']['worst']:.4f}")
+                return summary
+        finally:
+            self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-            kept = set_aside(self.run_dir)
-            err = out_of_memory_error(kind, str(self.device), e)
-            raise ConfigError(f"{err} (this run's files were moved to {kept})") from None
-        finally:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
+
+    def _set_aside_unfinished(self) -> str:
+        self._close_log()
+        return f"this run's files were moved to {set_aside(self.run_dir)}"
 
     def _record_divergence(self, r: int, error: Exception) -> None:
         """A run that diverged is a result (an attack that makes training diverge has succeeded,

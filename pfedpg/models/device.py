@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from typing import Any, Callable
 
 import torch
 
@@ -127,3 +128,28 @@ def out_of_memory_error(kind: str, device: str, error: BaseException) -> ConfigE
              "data.max_train_per_client")
     alt = "; or run on another device (device: ...)" if kind == "device" else ""
     return ConfigError(f"out of {where} on {device} ({first}); {knobs}{alt} — `pfedpg-eval plan` shows what a config needs")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(device: str, *, on_error: Callable[[], str | None] | None = None):
+    """An allocation failure inside the block becomes the one-line :func:`out_of_memory_error`;
+    ``on_error`` runs first (clean-up) and may return a note for the message."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        kind = is_out_of_memory(e)
+        if kind is None:
+            raise
+        note = on_error() if on_error is not None else None
+        raise ConfigError(f"{out_of_memory_error(kind, device, e)}{f' ({note})' if note else ''}") from None
+
+
+def to_cpu(obj: Any) -> Any:
+    """Every tensor in a nest of dicts, lists and tuples, copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
