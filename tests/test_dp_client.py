@@ -218,3 +218,97 @@ def test_audit_lower_bound_stays_below_the_accountant(z):
 def test_audit_flags_broken_mechanisms(mode):
     result = run_audit(Broken(mode, clip=1.0, noise_multiplier=4.0))
     assert result.violated, result.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# The release itself against its closed form (issue 24): T releases through the hook's own client-side
+# path (outgoing_delta), each from its own (client, round) stream, of deltas with norms on both sides
+# of C. What was released minus the correctly clipped delta must be N(0, (zC)² I), independent from
+# release to release, and the released deltas must be the clipped ones at scale 1.
+
+RELEASE_Z, RELEASE_C, RELEASE_D, CLIENTS, ROUNDS = 0.5, 1.0, 64, 40, 100   # T = 4,000 releases
+
+
+def _releases(hook):
+    ctx = RunContext(config=None, seeds=Seeds(3), run_dir=None, num_clients=CLIENTS, log=lambda m: None,
+                     schedule=[list(range(CLIENTS))] * ROUNDS)
+    hook.setup(ctx)
+    g = torch.Generator().manual_seed(11)
+    deltas, released = [], []
+    for r in range(1, ROUNDS + 1):
+        for c in range(CLIENTS):
+            d = torch.randn(4, RELEASE_D // 4, generator=g, dtype=torch.float64)
+            d = d / d.norm() * RELEASE_C * float(torch.empty(1).uniform_(0.2, 5.0, generator=g))
+            deltas.append(d)
+            released.append(hook.outgoing_delta(ctx, client=c, round=r, delta=d.clone()))
+    return torch.stack(deltas).reshape(len(deltas), -1), torch.stack(released).reshape(len(released), -1)
+
+
+def _release_check(hook) -> tuple[list[str], dict]:
+    """Checks and their power at this size (T = 4,000 releases of d = 64 numbers, z = 0.5, C = 1):
+
+    - clipping: the released deltas regressed on the correctly clipped ones give the scale a with
+      standard error zC/√(Σ|s|²) ≈ 0.008; |a − 1| > 5 SE flags. Clipping at 1.1C: a = 1.09 here
+      (the clip binds on ~80 % of the deltas), 11 SE (power > 0.999); no clipping: a = 2.9;
+      clipping after the noise: a = 0.55.
+    - noise scale: the residual's std within 6/√(2·T·d) (0.84 % relative) of zC. Noise × 0.95 is
+      6 tolerances off (30 sd; power 1); clipping after the noise shrinks the residual to 0.12.
+    - noise independence: pairwise cosines of the residuals ~N(0, 1/d); |cos| > 7/√d (0.875) flags
+      (the largest of 8 million pairs reads 0.62 here; a false alarm: below 1e-4). Reused noise
+      gives cos = 1.
+    """
+    deltas, released = _releases(hook)
+    norms = deltas.norm(dim=1, keepdim=True)
+    clipped = deltas * (RELEASE_C / norms).clamp(max=1.0)
+    resid = released - clipped
+    facts, problems = {}, []
+    facts["scale"] = float((released * clipped).sum() / (clipped * clipped).sum())
+    facts["scale_se"] = RELEASE_Z * RELEASE_C / float((clipped * clipped).sum().sqrt())
+    if abs(facts["scale"] - 1) > 5 * facts["scale_se"]:
+        problems.append(f"clipping: released = {facts['scale']:.3f} × the clipped delta (± {facts['scale_se']:.3f})")
+    facts["noise_std"] = float(resid.std())
+    tol = 6 / (2 * resid.numel()) ** 0.5
+    if abs(facts["noise_std"] / (RELEASE_Z * RELEASE_C) - 1) > tol:
+        problems.append(f"noise: residual std {facts['noise_std']:.4f}, expected {RELEASE_Z * RELEASE_C} (± {tol:.2%})")
+    unit = resid / resid.norm(dim=1, keepdim=True)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(0)
+    facts["max_cos"] = float(cos.abs().max())
+    if facts["max_cos"] > 7 / RELEASE_D ** 0.5:
+        problems.append(f"noise: two releases' noise has cosine {facts['max_cos']:.2f}")
+    return problems, facts
+
+
+class BrokenRelease(ClientLevelDP):
+    """Broken releases the closed-form checks must flag (privatize is the whole client-side step)."""
+
+    def __init__(self, mode, **kw):
+        super().__init__(**kw)
+        self.mode = mode
+
+    def privatize(self, delta, generator):
+        z, c = self.noise_multiplier, self.clip
+        if self.mode == "noise_95":
+            return clip_by_norm(delta, c) + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (0.95 * z * c)
+        if self.mode == "clip_110":
+            return clip_by_norm(delta, 1.1 * c) + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (z * c)
+        if self.mode == "no_clip":
+            return delta + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (z * c)
+        if self.mode == "clip_after_noise":
+            return clip_by_norm(delta + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (z * c), c)
+        if self.mode == "reused_noise":
+            return super().privatize(delta, torch.Generator().manual_seed(0))
+        raise ValueError(self.mode)
+
+
+def test_the_release_matches_its_closed_form():
+    problems, facts = _release_check(ClientLevelDP(clip=RELEASE_C, noise_multiplier=RELEASE_Z))
+    assert problems == [], facts
+    assert facts["scale_se"] < 0.015  # the clipping check has the power its docstring states
+
+
+@pytest.mark.parametrize("mode, flagged", [("noise_95", "noise"), ("clip_110", "clipping"), ("no_clip", "clipping"),
+                                           ("clip_after_noise", "noise"), ("reused_noise", "noise")])
+def test_broken_releases_are_flagged(mode, flagged):
+    problems, facts = _release_check(BrokenRelease(mode, clip=RELEASE_C, noise_multiplier=RELEASE_Z))
+    assert any(p.startswith(flagged) for p in problems), (problems, facts)
