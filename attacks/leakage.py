@@ -64,6 +64,7 @@ from attacks.metrics import dp_region, plot_roc, probe_metrics  # noqa: F401  (d
 from pfedpg.client import load_into
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import ClientData, Hook, register_hook
+from pfedpg.models.device import is_out_of_memory
 
 #: probe -> (threat model, unit of the question it asks). ``placement`` (which client holds x) moves a
 #: record between two clients: no single neighbouring relation of either mechanism covers it.
@@ -366,9 +367,8 @@ class LeakageAudit(Hook):
                 lab.append(is_mem)
             return np.concatenate(s), np.concatenate(lab)
 
-        for i, probe in enumerate(self.probes):
-            t0 = time.perf_counter()
-            ctx.log(f"leakage_audit: probe {i + 1}/{len(self.probes)}: {probe}")
+        def run_probe(probe: str) -> None:
+            """One probe, its results recorded through ``record``."""
             if probe == "attribute":
                 info = [ctx.client_info[n] for n in range(ctx.num_clients)]
                 props = client_properties(info, presence_threshold=self.presence_threshold)
@@ -507,6 +507,17 @@ class LeakageAudit(Hook):
                     curves[f"canary_{side}"] = (sc, inc)
                 record("canary", {**res, "canaries_per_client": self.canaries["per_client"],
                                   "inclusion_probability": 0.5})
+
+        for i, probe in enumerate(self.probes):
+            t0 = time.perf_counter()
+            ctx.log(f"leakage_audit: probe {i + 1}/{len(self.probes)}: {probe}")
+            try:
+                run_probe(probe)
+            except (ValueError, RuntimeError) as e:  # one probe that breaks down must not lose the run
+                if is_out_of_memory(e):
+                    raise
+                results[probe] = {"status": f"failed: {type(e).__name__}: {e}"}
+                ctx.log(f"leakage_audit: probe {probe} failed ({type(e).__name__}: {e}); the other probes go on")
             timings[probe] = time.perf_counter() - t0
 
         rounds = summary.get("time", {})

@@ -89,7 +89,31 @@ def prompt_features(model, prompt: torch.Tensor, x: torch.Tensor, *, batch_size:
 def fit_proxy_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_decay: float = 1e-3,
                    steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear head fitted by L-BFGS on (features, y): the curious server's stand-in for the
-    client's private head, trained on auxiliary data it owns. Deterministic (zero init)."""
+    client's private head, trained on auxiliary data it owns. Deterministic (zero init). Features
+    so degenerate that L-BFGS' line search breaks down (a generated prompt that swamps the input
+    makes every record's features nearly the same) are fitted standardised instead; a head that
+    still cannot be fitted raises ValueError (the audit records the probe as failed)."""
+    try:
+        w, b = _lbfgs_head(features, y, num_classes, weight_decay=weight_decay, steps=steps)
+        if bool(torch.isfinite(w).all() and torch.isfinite(b).all()):
+            return w, b
+    except RuntimeError:
+        pass
+    mu, sd = features.mean(0), features.std(0).clamp_min(1e-6)
+    try:
+        w, b = _lbfgs_head((features - mu) / sd, y, num_classes, weight_decay=weight_decay, steps=steps)
+        w = w / sd
+        b = b - w @ mu
+        if bool(torch.isfinite(w).all() and torch.isfinite(b).all()):
+            return w, b
+    except RuntimeError:
+        pass
+    raise ValueError(f"no proxy head could be fitted on these features (finite: {bool(torch.isfinite(features).all())}, "
+                     f"spread {float(features.std(0).max()):.3g})")
+
+
+def _lbfgs_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_decay: float,
+                steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     w = torch.zeros(num_classes, features.shape[1], requires_grad=True, device=features.device)
     b = torch.zeros(num_classes, requires_grad=True, device=features.device)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")

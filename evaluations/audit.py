@@ -139,6 +139,12 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
                     res[f"{extra}_per_seed"] = vals
         res["runs"] = len(parts)
         out[name] = res
+    # A probe that broke down in a run (audit.json status "failed: ..."): said beside the pool, or alone.
+    for r, d in zip(per_run, run_dirs):
+        for name, res in r["probes"].items():
+            if str(res.get("status", "")).startswith("failed"):
+                out.setdefault(name, {"status": "failed in every run", "runs": 0}).setdefault(
+                    "failed_runs", []).append(f"{d.name}: {res['status']}")
     seconds = {}
     for r in per_run:
         for name, res in r["probes"].items():
