@@ -153,20 +153,59 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
     client = [json.loads((d / "audit" / "client_canary.json").read_text()) for d in run_dirs
               if (d / "audit" / "client_canary.json").is_file()]
     if client:
-        from attacks.client_canary import estimate_epsilon
-
-        # Pooled over seeds: each run's cosines in units of its own null spread.
-        cin = np.concatenate([np.asarray(c["cos_in"]) / c["null_std"] for c in client])
-        null = np.concatenate([np.asarray(c["cos_null"]) / c["null_std"] for c in client])
-        pooled = estimate_epsilon(cin, null, delta=client[0]["delta"])
-        acc = max((c["accountant_epsilon"] for c in client if c["accountant_epsilon"] is not None), default=None)
-        out["client_canary"] = {**pooled, "accountant_epsilon": acc, "runs": len(client),
-                                "epsilon_hat_per_seed": [c["epsilon_hat"] for c in client],
-                                "epsilon_ci_per_seed": [c["epsilon_ci"] for c in client],
-                                "view": client[0]["view"], "note": client[0]["note"],
-                                "threat_model": client[0].get("threat_model")}
+        out["client_canary"] = pooled_client_canaries(client)
     return {"probes": out, "dp": dp, "cost_in_training_rounds": {k: float(np.mean(v)) for k, v in seconds.items()},
             "_pools": pools}
+
+
+def _eps(v) -> str:
+    return "∞" if v is not None and math.isinf(v) else ("—" if v is None else f"{v:.2f}")
+
+
+def epsilon_reading(r: dict[str, Any]) -> str:
+    """``ε̂ 2.1 [0.0, 4.3] (equal variance 1.2 [0.3, 2.4])`` of one view of the client canary audit."""
+    if r.get("epsilon_hat") is None:
+        return r.get("status", "no estimate")
+    ev = r["equal_variance"]
+    return (f"ε̂ {_eps(r['epsilon_hat'])} [{_eps(r['epsilon_ci'][0])}, {_eps(r['epsilon_ci'][1])}] (equal variance "
+            f"{_eps(ev['epsilon_hat'])} [{_eps(ev['epsilon_ci'][0])}, {_eps(ev['epsilon_ci'][1])}])")
+
+
+def client_canary_cell(r: dict[str, Any]) -> str:
+    """The report's cell for the client-level one-run audit: both views, the cap, claim and flags."""
+    out = f"final state: {epsilon_reading(r)}"
+    if "releases" in r:
+        out += f"; releases: {epsilon_reading(r['releases'])}" + (" **flagged**" if r["releases"].get("flagged") else "")
+    out += f"; {r['canaries']} canaries, cap {_eps(r['epsilon_cap'])}"
+    if r.get("claimed_epsilon") is not None:
+        out += f"; claim {_eps(r['claimed_epsilon'])}, accountant {_eps(r.get('accountant_epsilon'))}"
+    return out + (" **flagged**" if r.get("flagged") else "")
+
+
+def pooled_client_canaries(client: list[dict[str, Any]]) -> dict[str, Any]:
+    """The client-level one-run audit pooled over seeds: each run's cosines in units of its own null
+    (its null's mean and spread), one estimate on the pool, and the bootstrap resampling seeds first."""
+    from attacks.client_canary import compare, estimate_epsilon
+
+    def pool(views: list[dict[str, Any]]) -> dict[str, Any]:
+        cin = np.concatenate([(np.asarray(v["cos_in"]) - v["null_mean"]) / v["null_std"] for v in views])
+        null = np.concatenate([(np.asarray(v["cos_null"]) - v["null_mean"]) / v["null_std"] for v in views])
+        groups = np.concatenate([np.full(len(v["cos_in"]), i) for i, v in enumerate(views)])
+        null_groups = np.concatenate([np.full(len(v["cos_null"]), i) for i, v in enumerate(views)])
+        est = estimate_epsilon(cin, null, delta=views[0]["delta"], groups=groups, null_groups=null_groups)
+        return {**est, "epsilon_hat_per_seed": [v["epsilon_hat"] for v in views],
+                "epsilon_ci_per_seed": [v["epsilon_ci"] for v in views]}
+
+    acc = max((c["accountant_epsilon"] for c in client if c.get("accountant_epsilon") is not None), default=None)
+    claims = [c.get("claimed_epsilon") for c in client if c.get("claimed_epsilon") is not None]
+    claim = max(claims) if claims else None
+    res = pool(client)
+    res.update(compare(res, claim, acc), runs=len(client), view=client[0]["view"], note=client[0]["note"],
+               threat_model=client[0].get("threat_model"), claim=client[0].get("claim"))
+    if all("releases" in c for c in client):
+        rel = pool([c["releases"] for c in client])
+        res["releases"] = {**rel, **compare(rel, claim, acc)}
+    return res
 
 
 def _v(t) -> str:
@@ -210,9 +249,7 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
             if r is None:
                 cells.append("—")
             elif p == "client_canary":
-                cells.append(f"ε̂ {r['epsilon_hat']:.2f} [{r['epsilon_ci'][0]:.2f}, {r['epsilon_ci'][1]:.2f}], "
-                             f"{r['canaries']} canaries" + (f" (accountant {r['accountant_epsilon']:.2f})"
-                                                            if r.get("accountant_epsilon") else ""))
+                cells.append(client_canary_cell(r))
             elif p.startswith("canary_"):
                 cells.append(f"AUC {r['auc']:.3f}; ε_lb {r['epsilon_lower_bound']:.2f} (cap {r['epsilon_cap']:.2f})"
                              + (f" (accountant {r['accountant_epsilon']:.2f}"
@@ -229,7 +266,12 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
           "pooled (1,000 for 1%, 10,000 for 0.1%); `neg.` = the negatives (non-members) pooled. Canary columns give the AUC and the "
           "one-run ε lower bound (Steinke et al. 2023), the cap (the most its canaries could certify, with every "
           "guess right) and the accountant's ε where DP covers that view; a lower bound above the accountant's ε "
-          "would be a bug, and where the accountant's ε is above the cap no violation could have shown.", "", *table, "",
+          "would be a bug, and where the accountant's ε is above the cap no violation could have shown. "
+          "client_canary: the client-level one-run audit (Andrew et al. 2024) — Gaussians fitted to the canaries' "
+          "and the null's cosines, ε̂ between them with a bootstrap interval, the equal-variance (μ-GDP) reading "
+          "beside it, on the final server state and on the releases the server received; the claim is the canary "
+          "game's own ε (√R/z as μ-GDP), flagged when an interval lies wholly above it. An estimate, not a bound; "
+          "above the cap it rests on the fitted tails.", "", *table, "",
           "![TPR at 1% and 0.1% FPR vs ε](tpr_vs_epsilon.png)", "", "## Threat models", ""]
     any_group = next(iter(clean.values()), {"probes": {}})
     for p, r in any_group["probes"].items():

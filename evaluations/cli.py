@@ -99,7 +99,7 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from evaluations.audit import load_audit, run_audit
+    from evaluations.audit import client_canary_cell, load_audit, run_audit
 
     grid, probes, base = load_audit(args.config, args.overrides)
     _check_writable(args.out or grid.out_dir, "audit directory")
@@ -108,7 +108,7 @@ def cmd_audit(args) -> int:
     for group, res in summary["groups"].items():
         cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in res["probes"].items() if "auc" in r)
         cc = res["probes"].get("client_canary")
-        extra = f"; client-level ε̂ {cc['epsilon_hat']:.2f} [{cc['epsilon_ci'][0]:.2f}, {cc['epsilon_ci'][1]:.2f}]" if cc else ""
+        extra = f"; client canaries: {client_canary_cell(cc)}" if cc else ""
         print(f"{group}: AUC {cells}{extra}")
     print(f"report: {out / 'report.md'} (and report.html, audit.json, roc_*.png, tpr_vs_epsilon.png)")
     return 1 if (out / "FAILED").exists() else 0

@@ -302,14 +302,15 @@ def test_audit_cli_with_client_canaries(tmp_path):
     the canary clients out of their targets."""
     from evaluations.cli import main
 
-    path = audit_file(tmp_path, client_canaries={"clients": 1, "null_directions": 100})
+    path = audit_file(tmp_path, client_canaries={"clients": 2, "null_directions": 100})
     assert main(["audit", "--config", str(path)]) == 0
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     cc = audit["groups"]["dp_client-eps8"]["probes"]["client_canary"]
-    assert cc["runs"] == 2 and cc["canaries"] == 2 and cc["null_directions"] == 200 and len(cc["epsilon_hat_per_seed"]) == 2
-    assert cc["accountant_epsilon"] == pytest.approx(8.0, rel=0.01)
+    assert cc["runs"] == 2 and cc["canaries"] == 4 and cc["null_directions"] == 200 and len(cc["epsilon_hat_per_seed"]) == 2
+    assert cc["resampled"].startswith("seeds") and cc["releases"]["canaries"] == 4  # pooled: seeds resampled first
+    assert cc["accountant_epsilon"] == pytest.approx(8.0, rel=0.01) and cc["claimed_epsilon"] < cc["accountant_epsilon"]
     assert audit["groups"]["nonprivate"]["probes"]["client_canary"]["accountant_epsilon"] is None
-    assert audit["groups"]["nonprivate"]["probes"]["loss"]["n_targets"] == 2 * 3 * 20  # client 0 is a canary
+    assert audit["groups"]["nonprivate"]["probes"]["loss"]["n_targets"] == 2 * 2 * 20  # clients 0 and 1 are canaries
     run = next((tmp_path / "audit" / "runs").glob("dp_client-eps8-s0"))
     hooks = [h["name"] for h in yaml.safe_load((run / "config.yaml").read_text())["hooks"]]
     assert hooks.index("client_canary_audit") < hooks.index("dp_client")
