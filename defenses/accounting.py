@@ -163,6 +163,22 @@ def noise_generator(ctx, source: str, component: str, *, client: int, round: int
     return g
 
 
+PUBLIC = ("the client's split sizes, the rounds it takes part in and its number of local steps, the noise "
+          "multiplier, and the accountant's state (a function of those)")
+
+
+def client_metrics_statement(ctx) -> str:
+    """What the statement says of the clients' own losses, accuracies and measurements (DESIGN §5)."""
+    cfg = getattr(ctx, "config", None)
+    if cfg is not None and cfg.privacy.release_metrics:
+        return ("RELEASED to the server outside the guarantee (privacy.release_metrics: true): training loss, records "
+                "drawn, clipped fraction, evaluation accuracy and loss, and hook measurements")
+    if cfg is not None and cfg.engine == "flower":
+        return "kept by each client in its own metrics file, never sent to the server"
+    return ("kept on the client side: the in-process runner stands for both sides and records them as the client "
+            "would (a Flower client keeps them in its own metrics file)")
+
+
 def warn_seeded_deployment(hook: str, ctx, source: str) -> None:
     """A deployed run whose server knows the noise seed gets a loud log line, not silence."""
     cfg = ctx.config

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from defenses.accounting import (ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
-                                 noise_generator, warn_seeded_deployment)
+from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
+                                 client_metrics_statement, noise_generator, warn_seeded_deployment)
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.seeding import normal_like
@@ -49,6 +49,8 @@ class ClientLevelDP(Hook):
     z = 0 is the clip-only ablation: ε = ∞.
     """
 
+    privacy_mechanism = True  # what a client sends under it: the release and what the statement names public
+
     def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float = 1e-5, adjacency: str = "replace", accountant: str = "rdp", noise: str = "seeded"):
         super().__init__()
@@ -73,6 +75,7 @@ class ClientLevelDP(Hook):
 
     def setup(self, ctx) -> None:
         warn_seeded_deployment("dp_client", ctx, self.noise_source)
+        self.metrics_statement = client_metrics_statement(ctx)
         # New clients (data.new_clients) are clients too: each pFedPG join round is a release.
         n = ctx.num_clients + len(ctx.new_clients)
         if self.delta >= 1.0 / n:
@@ -128,6 +131,8 @@ class ClientLevelDP(Hook):
             "delta": self.delta,
             "accountant": f"opacus {self.accountant_name}",
             "noise_source": self.noise_source,
+            "public": PUBLIC,
+            "client_metrics": getattr(self, "metrics_statement", client_metrics_statement(None)),
         }
 
     def end_of_run(self, ctx, *, summary):

@@ -19,8 +19,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from defenses.accounting import (ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
-                                 noise_generator, warn_seeded_deployment)
+from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
+                                 client_metrics_statement, noise_generator, warn_seeded_deployment)
 from pfedpg.client import make_optimizer, trainable_parameters, training_batch
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, LocalResult, register_hook
@@ -92,6 +92,8 @@ class RecordLevelDPSGD(Hook):
     Gaussian noise and the Poisson sampling come from secret seeds — amplification by sampling
     assumes the adversary does not know which records each step drew."""
 
+    privacy_mechanism = True  # what a client sends under it: the release and what the statement names public
+
     def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float | None = None, accountant: str = "rdp", noise: str = "seeded"):
         super().__init__()
@@ -106,6 +108,7 @@ class RecordLevelDPSGD(Hook):
 
     def setup(self, ctx) -> None:
         warn_seeded_deployment("dp_sgd", ctx, self.noise_source)
+        self.metrics_statement = client_metrics_statement(ctx)
         # Training clients 0..N-1, then the new clients (data.new_clients): each trains in join rounds
         # 0..R (round 0 the head alone), R + 1 local trainings in all.
         sizes = dict(enumerate(ctx.train_sizes))
@@ -204,6 +207,8 @@ class RecordLevelDPSGD(Hook):
             "delta": self.delta,
             "accountant": f"opacus {self.accountant_name}, one per client for the whole run",
             "noise_source": self.noise_source,
+            "public": PUBLIC,
+            "client_metrics": getattr(self, "metrics_statement", client_metrics_statement(None)),
         }
 
     def end_of_run(self, ctx, *, summary):

@@ -71,7 +71,8 @@ def cmd_train(args) -> int:
                            resume=args.resume, restart=args.restart)
     report = write_report(run_dir)
     acc = summary["accuracy"]
-    print(f"{cfg.method}: adapted-prompt accuracy mean {acc['mean']:.4f}, worst {acc['worst']:.4f} -> {report}")
+    print(f"{cfg.method}: adapted-prompt accuracy mean {acc['mean']:.4f}, worst {acc['worst']:.4f} -> {report}" if acc
+          else f"{cfg.method}: {summary.get('client_metrics')} -> {report}")
     return 0
 
 

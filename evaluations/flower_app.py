@@ -134,8 +134,56 @@ def _settings(cfg: RunConfig, run_dir: Path, backbone_path: str | None) -> dict[
 
     # client-shards: the simulation's per-client record files, set by _simulate for its own start
     # ("" = each node partitions the data file itself, e.g. when the app is started by hand).
+    # client-metrics-dir: where the clients keep the rows they do not send under a DP mechanism (the
+    # simulation's RUN_DIR/client_metrics, set by _simulate; "" = each node's metrics-dir or its default).
     return {"config-yaml": dump_config(cfg), "run-dir": str(run_dir.resolve()), "backbone-path": backbone_path or "",
-            "client-shards": ""}
+            "client-shards": "", "client-metrics-dir": ""}
+
+
+CLIENT_METRICS = "client_metrics"
+
+
+def merge_client_metrics(run_dir: Path) -> None:
+    """The study's side of a simulation: the rows the clients kept under a DP mechanism
+    (RUN_DIR/client_metrics/client_<n>.jsonl) folded back into metrics.jsonl — each client row gets
+    its training and evaluation figures, each round record the aggregates the server could not
+    compute — and summary.json's accuracies rederived, exactly as the in-process runner writes them.
+    The server never received any of it."""
+    from pfedpg.runner import accuracy_blocks, round_eval_stats, round_train_stats
+
+    kept: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for f in sorted((run_dir / CLIENT_METRICS).glob("client_*.jsonl")):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            kept[(row.pop("kind"), row["round"], row["client"])] = row
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["type"] != "client":
+            continue
+        train = kept.get(("train", row["round"], row["client"]))
+        if train is not None and row.get("participated", True):
+            row.update(train)
+        evaluated = kept.get(("eval", row["round"], row["client"]))
+        if evaluated is not None:
+            row.pop("withheld", None)
+            row.update(evaluated)
+        by_round.setdefault(row["round"], []).append(row)
+    for row in rows:
+        if row["type"] == "round":
+            clients = by_round.get(row["round"], [])
+            row.update(round_train_stats(c for c in clients if c.get("participated", True)))
+            if row.pop("client_metrics", None) == "withheld":
+                row.update(round_eval_stats(sorted(clients, key=lambda c: c["client"])))
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last = max(r["round"] for r in rows if r["type"] == "round")
+    final = sorted((r for r in by_round.get(last, []) if "acc_adapted" in r), key=lambda r: r["client"])
+    summary.update(accuracy_blocks(final))
+    summary["client_metrics"] = (f"kept by the clients ({CLIENT_METRICS}/) and merged by the driver after the run; the "
+                                 "server never received them")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None] = print,
@@ -170,6 +218,9 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     else:
         status = _deploy(cfg, run_dir, settings, log)
     summary = run_dir / "summary.json"
+    if summary.is_file() and (run_dir / CLIENT_METRICS).is_dir():
+        merge_client_metrics(run_dir)
+        log(f"flower: merged the rows the clients kept ({run_dir / CLIENT_METRICS}) into metrics.jsonl and summary.json")
     if not summary.is_file() and failed.is_file():
         kind, _, reason = failed.read_text().strip().partition(": ")
         error = {"ConfigError": ConfigError, "ClientFailure": ClientFailure}.get(kind, RuntimeError)
@@ -217,8 +268,10 @@ def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Call
             sim = {"num_supernodes": num_clients, "backend": "'ray'", "client_resources_num_cpus": cfg.flower.client_cpus,
                    "client_resources_num_gpus": float(cfg.flower.client_gpus), "init_args_num_cpus": cpus,
                    "init_args_logging_level": "'ERROR'", "init_args_log_to_driver": "false"}
+            kept = (run_dir / CLIENT_METRICS).resolve()
             return _flwr_run(app, link.connect(), log, "--federation-config", " ".join(f"{k}={v}" for k, v in sim.items()),
-                             "--run-config", f"client-shards={json.dumps(str(shards.resolve()))}")
+                             "--run-config", f"client-shards={json.dumps(str(shards.resolve()))} "
+                                             f"client-metrics-dir={json.dumps(str(kept))}")
     finally:
         shutil.rmtree(shards, ignore_errors=True)
 

@@ -53,7 +53,9 @@ def expand(path: str | Path, overrides: list[str] | None) -> tuple[str, list[dic
         raise ConfigError(f"config file {str(p)!r} not found; pass --config with a run config or a privacy, audit or "
                           "robustness file (see configs/)")
     tree = load_yaml_file(p) or {}
-    kind = next((k for k in GRID_KINDS if isinstance(tree, dict) and k in tree), "train")
+    # A grid file holds base / base_config and its section alone (a run config may have a privacy: section).
+    kind = next((k for k in GRID_KINDS if isinstance(tree, dict) and k in tree
+                 and set(tree) <= {"base", "base_config", k}), "train")
     if kind == "train":
         cfg = load_config(p, overrides)
         return kind, [{"cell": cfg.run_name or cfg.method, "config": cfg.to_dict()}]

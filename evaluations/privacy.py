@@ -125,6 +125,9 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
     if summary is None:
         row.update(status="failed", error=error)
         return row
+    if summary.get("accuracy") is None:  # a deployment whose clients kept their accuracies (DESIGN §5)
+        row.update(status="withheld", error=summary.get("client_metrics"))
+        return row
     row.update(status="ok", accuracy_mean=summary["accuracy"]["mean"], accuracy_worst=summary["accuracy"]["worst"],
                accuracy_generated_mean=(summary.get("accuracy_generated") or {}).get("mean"))
     final = (summary.get("new_clients") or {}).get("final")

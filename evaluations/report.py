@@ -88,20 +88,28 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "## Accuracy after the last round",
         "",
-        f"Per-client top-1 accuracy on each client's own {'validation' if s.get('evaluated_on') == 'val' else 'test'} "
-        "split; the last round, never the best one.",
-        "",
-        "| prompt | mean | worst | best | std |",
-        "|---|---|---|---|---|",
-        f"| adapted P̃_n + head H_n | {_pct(acc['mean'])} | {_pct(acc['worst'])} | {_pct(acc['best'])} | {_pct(acc['std'])} |",
     ]
+    if acc is None:  # a deployment under a DP mechanism: the clients kept them (DESIGN §5)
+        lines += [f"Not known to the server: {s.get('client_metrics')}. Each client's rows are in its own metrics "
+                  "file (the node's metrics-dir).", ""]
+    else:
+        lines += [
+            f"Per-client top-1 accuracy on each client's own {'validation' if s.get('evaluated_on') == 'val' else 'test'} "
+            "split; the last round, never the best one." + (f" Client metrics: {s['client_metrics']}."
+                                                          if s.get("client_metrics") else ""),
+            "",
+            "| prompt | mean | worst | best | std |",
+            "|---|---|---|---|---|",
+            f"| adapted P̃_n + head H_n | {_pct(acc['mean'])} | {_pct(acc['worst'])} | {_pct(acc['best'])} | {_pct(acc['std'])} |",
+        ]
     if gen:
         lines.append(f"| generated P_n + head H_n | {_pct(gen['mean'])} | {_pct(gen['worst'])} | {_pct(gen['best'])} | {_pct(gen['std'])} |")
     pids = s["data"].get("partition_ids")  # with new clients, training clients are renumbered
     lines += ["", "| client |" + (" partition id |" if pids else "") + " who | train | test | adapted | generated |",
               "|---|" + ("---|" if pids else "") + "---|---|---|---|---|"]
-    names = s["data"].get("client_names") or [""] * len(acc["per_client"])
-    for n, a in enumerate(acc["per_client"]):
+    per_client = acc["per_client"] if acc else [None] * s["num_clients"]
+    names = s["data"].get("client_names") or [""] * len(per_client)
+    for n, a in enumerate(per_client):
         g = gen["per_client"][n] if gen else None
         lines.append(f"| {n} |" + (f" {pids[n]} |" if pids else "") + f" {names[n]} | {s['data']['train_per_client'][n]} | "
                      f"{s['data']['test_per_client'][n]} | {_pct(a)} | {_pct(g)} |")

@@ -224,7 +224,8 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
     def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None) -> None:
         cell, run_dir = grid[i], out / "runs" / grid[i]["cell"]
         if error is None:
-            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: accuracy {summary['accuracy']['mean']:.4f}{_where(summary)}")
+            acc = f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy") else "accuracy kept by the clients"
+            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: {acc}{_where(summary)}")
         elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
             log(f"[{i + 1}/{len(grid)}] {cell['cell']}: diverged ({error})")
         else:  # a failed cell is a row, not the end of the grid

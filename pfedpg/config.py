@@ -123,6 +123,20 @@ class PretrainConfig:
             raise ConfigError("pretrain.remix re-draws the run's own overlay split; it cannot apply to pretrain.data.path")
 
 
+@dataclass
+class PrivacyConfig:
+    """What leaves a client besides its DP release (DESIGN §5). Under a DP mechanism (``dp_client``,
+    ``dp_sgd``) a client sends the release and what the privacy statement names as public (split
+    sizes, the number of local steps, the accountant's state); its training losses, clipped
+    fractions, evaluation accuracies and losses and hook measurements stay with it — in a Flower run
+    each client writes them to its own metrics file, which the simulation driver merges for the study
+    after the run. ``release_metrics: true`` sends them to the server as well, and the statement then
+    lists them as released outside the guarantee. The in-process runner stands for both sides and
+    always keeps them."""
+
+    release_metrics: bool = False
+
+
 ENGINES = ("inprocess", "flower")
 FAILURE_POLICIES = ("continue", "fail")
 
@@ -223,6 +237,7 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     hooks: list[dict[str, Any]] = field(default_factory=list)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self):
         check_device_spec(self.device, "device")

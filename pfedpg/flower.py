@@ -116,7 +116,12 @@ def settings_from(values: dict[str, Any]) -> tuple[RunConfig, str, str | None]:
 
 #: what a SuperNode's --node-config may hold
 NODE_KEYS = ("partition-id", "data-path", "test-path", "test-fraction", "backbone-path", "worker", "device",
-             "num-partitions")  # (the simulation engine sets num-partitions)
+             "metrics-dir", "num-partitions")  # (the simulation engine sets num-partitions)
+
+#: What a training reply may carry besides the release under a DP mechanism: public by the privacy
+#: statement (a function of the client's split size and the schedule). Everything else in a client's
+#: rows stays with it unless privacy.release_metrics (DESIGN §5, "What leaves a client").
+PUBLIC_ROW_KEYS = ("local_steps",)
 
 
 def node_dataset(cfg: RunConfig, path: str, key: str):
@@ -296,7 +301,7 @@ class ClientRuntime:
     _cache: dict[str, "ClientRuntime"] = {}
 
     def __init__(self, cfg: RunConfig, backbone_path: str | None, node_config: dict[str, Any] | None = None,
-                 shards: str | None = None):
+                 shards: str | None = None, metrics_dir: str | None = None):
         node_config = dict(node_config or {})
         unknown = sorted(set(node_config) - set(NODE_KEYS))
         if unknown:
@@ -322,6 +327,9 @@ class ClientRuntime:
         else:
             self.trainer = PartitionNodeTrainer(cfg, run_dir=Path("."), backbone_path=backbone_path, shards=shards)
         self.trainer.hooks.setup(self.trainer.ctx)
+        # Under a DP mechanism the client keeps its own rows (its metrics file), the server gets the release.
+        self.withhold = bool(self.trainer.hooks.privacy_mechanisms()) and not cfg.privacy.release_metrics
+        self.metrics_dir = Path(node_config.get("metrics-dir") or metrics_dir or "pfedpg-client-metrics")
         # Hooks and states as set up, before any client touched them: a client's first message
         # starts from these (the cached runtime serves several clients in one simulation actor).
         self.initial_hooks = copy.deepcopy(self.trainer.hooks.state_dict())
@@ -332,11 +340,13 @@ class ClientRuntime:
         """The runtime of this run (and, with node-local data, of this node's files), built once per process."""
         cfg, _, backbone = settings_from(values)
         local = {k: str(v) for k, v in (node_config or {}).items()} if cfg.flower.num_clients is not None else {}
-        key = json.dumps({**{k: values.get(k) for k in ("config-yaml", "backbone-path", "client-shards")}, "node": local,
+        key = json.dumps({**{k: values.get(k) for k in ("config-yaml", "backbone-path", "client-shards", "client-metrics-dir")},
+                          "node": local,
                           "device": str((node_config or {}).get("device"))}, sort_keys=True)
         if key not in cls._cache:
             cls._cache.clear()  # one run per process at a time
-            cls._cache[key] = cls(cfg, backbone, dict(node_config or {}), shards=values.get("client-shards") or None)
+            cls._cache[key] = cls(cfg, backbone, dict(node_config or {}), shards=values.get("client-shards") or None,
+                                  metrics_dir=values.get("client-metrics-dir") or None)
         return cls._cache[key]
 
     def client_id(self, context: Context) -> int:
@@ -397,8 +407,11 @@ class ClientRuntime:
         row, delta = self.trainer.train_client(n, r, start)
         work = time.perf_counter() - t0
         self._save(n, context)
-        content = RecordDict({"result": ConfigRecord({"row": json.dumps(row), "work_s": work,
-                                                      "hooks": _pack(self.trainer.hooks.client_state(n))})})
+        result = {"row": json.dumps(row), "work_s": work}
+        if self.withhold:  # the release and the public step count only (its compute time is no less private)
+            self._keep(n, "train", r, row)
+            result = {"row": json.dumps({k: row[k] for k in PUBLIC_ROW_KEYS if k in row})}
+        content = RecordDict({"result": ConfigRecord({**result, "hooks": _pack(self.trainer.hooks.client_state(n))})})
         if delta is not None:
             content.array_records["delta"] = _tensor_record(delta=delta)
         return content
@@ -410,7 +423,17 @@ class ClientRuntime:
         generated = _tensor(msg.content.array_records["generated"], "prompt").to(self.trainer.device) \
             if "generated" in msg.content.array_records else None
         row = self.trainer.evaluate_one(n, generated)
+        if self.withhold:  # evaluated where the data is, kept there
+            self._keep(n, "eval", int(msg.content.config_records["task"]["round"]), row)
+            row = {"client": n, "withheld": True}
         return RecordDict({"result": ConfigRecord({"row": json.dumps(row)})})
+
+    def _keep(self, n: int, kind: str, r: int, row: dict[str, Any]) -> None:
+        """The client side's own record of a row it does not send: RUN_DIR/client_metrics/client_<n>.jsonl
+        in a simulation (the driver merges them after the run), the node's ``metrics-dir`` in a deployment."""
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_dir / f"client_{n}.jsonl", "a") as fh:
+            fh.write(json.dumps({"kind": kind, "round": r, "client": n, **row}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------

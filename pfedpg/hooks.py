@@ -107,6 +107,10 @@ class Hook:
     #: the clients hold); None when it can. Under Flower the client-side points run in each
     #: client's ClientApp and the server-side points in the ServerApp.
     inprocess_only: str | None = None
+    #: A DP mechanism on what clients send (DESIGN §5, "What leaves a client"): with one in the run,
+    #: a client sends its DP release and what the statement names public, and keeps its losses,
+    #: accuracies and other measurements (unless ``privacy.release_metrics``).
+    privacy_mechanism: bool = False
 
     def __init__(self, **options):
         if options:
@@ -324,6 +328,9 @@ class HookChain:
         for h in self.hooks:
             if h.name in state:
                 h.merge_client_state(client, state[h.name])
+
+    def privacy_mechanisms(self) -> list[str]:
+        return [h.name for h in self.hooks if h.privacy_mechanism]
 
     def inprocess_only(self) -> list[str]:
         """One line per hook that cannot run on the Flower engine, with the reason."""

@@ -79,6 +79,39 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "worst": float(a.min()), "best": float(a.max()), "std": float(a.std())}
 
 
+def round_train_stats(rows) -> dict[str, Any]:
+    """A round record's training figures from its participants' rows (clients that failed, or keep
+    their loss to themselves, are left out)."""
+    trained = [row["train_loss"] for row in rows if "error" not in row and row.get("train_loss") is not None]
+    return {"train_loss_mean": float(np.mean(trained)) if trained else None}
+
+
+def round_eval_stats(evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """A round record's accuracy figures from every client's evaluation row; a client that could not
+    be evaluated counts as missing, not as 0."""
+    answered = [e for e in evals if e.get("acc_adapted") is not None]
+    out: dict[str, Any] = {}
+    if len(answered) < len(evals):
+        out["clients_missing"] = [e["client"] for e in evals if e.get("acc_adapted") is None]
+    out.update({f"acc_adapted_{k}": v for k, v in _stats([e["acc_adapted"] for e in answered]).items()})
+    if answered[0].get("acc_generated") is not None:
+        out.update({f"acc_generated_{k}": v for k, v in _stats([e["acc_generated"] for e in answered]).items()})
+    return out
+
+
+def accuracy_blocks(final: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json's ``accuracy`` and ``accuracy_generated`` from the last round's client rows
+    (sorted by client); a client that could not be evaluated is None in ``per_client``."""
+    def block(key):
+        vals = [r.get(key) for r in final]
+        present = [v for v in vals if v is not None]
+        if not present:
+            return None
+        return {**_stats(present), "per_client": vals}
+
+    return {"accuracy": block("acc_adapted"), "accuracy_generated": block("acc_generated")}
+
+
 def environment(device: torch.device | None = None) -> dict[str, Any]:
     import timm
 
@@ -563,7 +596,9 @@ class Trainer:
                 self.run_new_clients(metrics_path)
                 summary = self.summarize(metrics_path)
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-                self.log(f"done: adapted mean {summary['accuracy']['mean']:.4f}, worst {summary['accuracy']['worst']:.4f}")
+                acc = summary["accuracy"]
+                self.log(f"done: adapted mean {acc['mean']:.4f}, worst {acc['worst']:.4f}" if acc else
+                         f"done: the clients kept their accuracies ({summary.get('client_metrics')})")
                 return summary
         finally:
             self._close_log()
@@ -613,11 +648,10 @@ class Trainer:
                 deltas[n] = delta
                 row["delta_norm"] = float(delta.norm())
         failed = {n: row["error"] for n, row in client_rows.items() if "error" in row}
-        trained = [row["train_loss"] for row in client_rows.values() if "error" not in row]
         t_train = time.perf_counter() - t0
         server_info = self.server_step(r, deltas)
         record: dict[str, Any] = {"type": "round", "round": r, "participants": participants,
-                                  "train_loss_mean": float(np.mean(trained)) if trained else None, **server_info}
+                                  **round_train_stats(client_rows.values()), **server_info}
         if failed:
             record["failed_clients"] = {str(n): e for n, e in sorted(failed.items())}
         rows = []
@@ -627,14 +661,12 @@ class Trainer:
             for e in evals:
                 n = e["client"]
                 rows.append({"type": "client", "round": r, "participated": n in client_rows, **client_rows.get(n, {}), **e})
-            answered = [e for e in evals if e.get("acc_adapted") is not None]
-            if not answered:
+            if all(e.get("withheld") for e in evals):  # kept by the clients (DESIGN §5, "What leaves a client")
+                record["client_metrics"] = "withheld"
+            elif not any(e.get("acc_adapted") is not None for e in evals):
                 raise RuntimeError(f"round {r}: no client could be evaluated; see the errors in {self.run_dir / 'log.txt'}")
-            if len(answered) < len(evals):
-                record["clients_missing"] = [e["client"] for e in evals if e.get("acc_adapted") is None]
-            record.update({f"acc_adapted_{k}": v for k, v in _stats([e["acc_adapted"] for e in answered]).items()})
-            if answered[0]["acc_generated"] is not None:
-                record.update({f"acc_generated_{k}": v for k, v in _stats([e["acc_generated"] for e in answered]).items()})
+            else:
+                record.update(round_eval_stats(evals))
             record["generated_prompt_spread"] = self._prompt_spread
         else:
             rows = [{"type": "client", "round": r, "client": n, "participated": True, **row} for n, row in client_rows.items()]
@@ -780,21 +812,12 @@ class Trainer:
         rounds = [r for r in rows if r["type"] == "round"]
 
         missing = [r["client"] for r in final if r["acc_adapted"] is None]
-
-        def block(key):
-            vals = [r[key] for r in final]
-            present = [v for v in vals if v is not None]
-            if not present:
-                return None
-            # Clients that could not be evaluated (a Flower client that died) count as None, not 0.
-            return {**_stats(present), "per_client": vals}
-
         summary = {
             "method": self.cfg.method, "seed": self.cfg.seed, "rounds": last,
             "num_clients": self.num_clients, "clients_per_round": len(self.schedule[0]),
             "generator": self.cfg.server.generator if self.cfg.method == "pfedpg" else None,
-            "accuracy": block("acc_adapted"),
-            "accuracy_generated": block("acc_generated"),
+            # (clients that could not be evaluated, e.g. a Flower client that died, count as None, not 0)
+            **accuracy_blocks(final),
             "communication": self.communication(),
             "data": {"source": self.cfg.data.source, "partition": self.cfg.data.partition,
                      "train_per_client": [f["train"] for f in self.client_facts],
@@ -815,6 +838,9 @@ class Trainer:
         }
         if missing:
             summary["clients_missing"] = missing
+        if any(r.get("client_metrics") == "withheld" for r in rounds):
+            summary["client_metrics"] = (f"withheld: under {', '.join(self.hooks.privacy_mechanisms())} each client "
+                                         "kept its losses, accuracies and measurements (privacy.release_metrics: false)")
         new = self.new_clients_summary(rows)
         if new is not None:
             summary["new_clients"] = new

@@ -15,6 +15,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+from flwr.app import MessageType  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from evaluations.plugins import load_plugins  # noqa: E402
 from pfedpg.config import config_from_dict, dump_config  # noqa: E402
@@ -89,7 +90,10 @@ SIMULATED_HOOKS = [
 def test_simulation_matches_inprocess(tmp_path, hooks, extra):
     from evaluations.flower_app import run_flower
 
-    cfg = tiny_config(threads=1, hooks=hooks, **extra)
+    # privacy.release_metrics: the clients send their rows too (the default keeps them on the clients
+    # under dp_client; test_the_server_receives_only_the_release_under_dp checks that path), so the
+    # server's own summary can be compared whole, backdoor success included.
+    cfg = tiny_config(threads=1, hooks=hooks, **extra, **{"privacy.release_metrics": True})
     Trainer(cfg, run_dir=tmp_path / "inprocess").run()
     ref = json.loads((tmp_path / "inprocess" / "summary.json").read_text())  # as written, like Flower's
     got = run_flower(_flower(cfg), tmp_path / "flower")
@@ -202,6 +206,74 @@ def _fake_run(tmp_path, policy):
     settings = {"config-yaml": dump_config(cfg), "run-dir": str(tmp_path), "backbone-path": ""}
     grid = FakeGrid(make_client_app(settings), 3, die={101: 2})  # client 1 dies in round 2
     return FlowerTrainer(cfg, run_dir=tmp_path / policy, grid=grid), cfg
+
+
+class RecordingGrid(FakeGrid):
+    """FakeGrid that keeps every reply the server receives (its type and content)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.received = []
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for m, i in zip(messages, ids):
+            if i in self.replies:
+                self.received.append((m.metadata.message_type, self.replies[i].content))
+        return ids
+
+
+@pytest.mark.parametrize("mechanism", [{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8},
+                                       {"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-4}])
+def test_the_server_receives_only_the_release_under_dp(tmp_path, mechanism):
+    """Every message the Flower server receives under each mechanism: the set-up query's split sizes,
+    the DP release ΔP_n, the public step count and the accountant's state — no loss, accuracy, records
+    drawn, clipped fraction or compute time. The clients keep those rows; merged after the run they
+    are the in-process run's rows. With privacy.release_metrics they are sent, and the statement says
+    they are released outside the guarantee."""
+    from evaluations.flower_app import make_client_app, merge_client_metrics
+    from pfedpg.flower import FlowerTrainer, _unpack
+
+    cfg = tiny_config(rounds=2, threads=1, hooks=[mechanism])
+    fcfg = _flower(cfg)
+    run_dir = tmp_path / "flower"
+    settings = {"config-yaml": dump_config(fcfg), "run-dir": str(run_dir), "backbone-path": "",
+                "client-metrics-dir": str(run_dir / "client_metrics")}
+    grid = RecordingGrid(make_client_app(settings), 3, die={})
+    summary = FlowerTrainer(fcfg, run_dir=run_dir, grid=grid).run()
+    kinds = {}
+    for kind, content in grid.received:
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == MessageType.TRAIN:
+            assert set(content.array_records) == {"delta"}
+            result = content.config_records["result"]
+            assert set(result.keys()) == {"row", "hooks"}
+            assert set(json.loads(result["row"])) == {"local_steps"}
+            state = _unpack(result["hooks"])
+            assert set(state) == {mechanism["name"]} and set(state[mechanism["name"]]) == {"accountant"}
+        elif kind == MessageType.EVALUATE:
+            assert not content.array_records and set(json.loads(content.config_records["result"]["row"])) == {"client", "withheld"}
+        else:
+            facts = json.loads(content.config_records["info"]["json"])["facts"]
+            assert facts["domain"] is None and facts["label_counts"] is None
+    assert kinds == {MessageType.QUERY: 3, MessageType.TRAIN: 6, MessageType.EVALUATE: 6}
+    assert summary["accuracy"] is None and summary["client_metrics"].startswith("withheld")
+    statement = summary["hook_results"][mechanism["name"]]
+    assert statement["client_metrics"].startswith("kept by each client") and "split sizes" in statement["public"]
+    # The study's side: the rows the clients kept, merged, are the in-process run's.
+    ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
+    merge_client_metrics(run_dir)
+    merged = json.loads((run_dir / "summary.json").read_text())
+    assert merged["accuracy"] == ref["accuracy"] and merged["accuracy_generated"] == ref["accuracy_generated"]
+    assert _rows(run_dir) == _rows(tmp_path / "ref")
+    # privacy.release_metrics: the rows travel, and the statement names them outside the guarantee.
+    released = _flower(tiny_config(rounds=1, threads=1, hooks=[mechanism], **{"privacy.release_metrics": True}))
+    settings = {**settings, "config-yaml": dump_config(released), "run-dir": str(tmp_path / "released")}
+    grid = RecordingGrid(make_client_app(settings), 3, die={})
+    out = FlowerTrainer(released, run_dir=tmp_path / "released", grid=grid).run()
+    rows = [json.loads(c.config_records["result"]["row"]) for k, c in grid.received if k == MessageType.TRAIN]
+    assert all("train_loss" in r for r in rows) and out["accuracy"] is not None
+    assert out["hook_results"][mechanism["name"]]["client_metrics"].startswith("RELEASED to the server outside")
 
 
 def test_the_app_started_by_hand_refuses_a_used_run_dir(tmp_path):
@@ -338,10 +410,16 @@ def _node_local_run(tmp_path, cfg, nodes, name="local"):
 def test_node_local_data_matches_the_partitioned_run(tmp_path):
     from pfedpg.flower import ClientRuntime
 
+    from evaluations.flower_app import merge_client_metrics
+
     cfg = tiny_config(rounds=2, threads=1, hooks=[{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8}])
-    nodes = write_node_files(cfg, tmp_path)
+    # Under dp_client each node keeps its rows in its own metrics-dir (here all beside the run, to merge).
+    nodes = [{**n, "metrics-dir": str(tmp_path / "local" / "client_metrics")} for n in write_node_files(cfg, tmp_path)]
     trainer = _node_local_run(tmp_path, cfg, nodes)
     summary = trainer.run()
+    assert summary["accuracy"] is None  # the server never saw them
+    merge_client_metrics(tmp_path / "local")
+    summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
     # The nodes trained on their own files only: the numbers are the partitioned run's, bit for bit.
     assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
