@@ -16,7 +16,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from attacks.metrics import probe_metrics
+from attacks.metrics import auc, probe_metrics
 
 
 def _probe():
@@ -60,7 +60,7 @@ def grouped_probe(features, labels, groups, *, folds: int = 5, permutations: int
         y_perm = np.array([perm[g] for g in groups])
         if len(np.unique(y_perm)) < 2:
             continue
-        null.append(probe_metrics(out_of_fold_scores(features, y_perm, groups, folds=folds), y_perm)["auc"])
+        null.append(auc(out_of_fold_scores(features, y_perm, groups, folds=folds), y_perm))
     null = np.asarray(null)
     result["permutation_p_value"] = float((1 + (null >= result["auc"]).sum()) / (1 + len(null)))
     result["null_auc_mean"] = float(null.mean()) if len(null) else None
@@ -115,7 +115,7 @@ def pooled_property_probe(features: dict[int, list[np.ndarray]], properties: dic
             s = out_of_fold_scores(rows, y, groups, folds=folds)
             scores.append(s)
             labels.append(y)
-            per[name] = probe_metrics(s, y)["auc"]
+            per[name] = auc(s, y)
         return np.concatenate(scores), np.concatenate(labels), per
 
     if not properties:
@@ -123,7 +123,7 @@ def pooled_property_probe(features: dict[int, list[np.ndarray]], properties: dic
     scores, labels, per = pooled(None)
     result = probe_metrics(scores, labels)
     n_all = len(next(iter(properties.values())))
-    null = [probe_metrics(*pooled(rng.permutation(n_all))[:2])["auc"] for _ in range(permutations)]
+    null = [auc(*pooled(rng.permutation(n_all))[:2]) for _ in range(permutations)]
     # With few clients and many features the out-of-fold AUC is biased below 0.5 under no signal;
     # the permutation null shows by how much, and the p-value is against that null, not against 0.5.
     result.update(permutation_p_value=float((1 + sum(a >= result["auc"] for a in null)) / (1 + len(null))),
@@ -192,7 +192,7 @@ def transfer_property_probe(train: dict[int, list[np.ndarray]], test: dict[int, 
         for _ in range(permutations):
             s, lab = pooled(dict(zip(known.tolist(), rng.permutation(known).tolist())))
             if s and len(np.unique(np.concatenate(lab))) == 2:
-                null.append(probe_metrics(np.concatenate(s), np.concatenate(lab))["auc"])
+                null.append(auc(np.concatenate(s), np.concatenate(lab)))
         result.update(permutation_p_value=float((1 + sum(a >= result["auc"] for a in null)) / (1 + len(null))),
                       null_auc_mean=float(np.mean(null)) if null else None,
                       null_auc_std=float(np.std(null)) if null else None)

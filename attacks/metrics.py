@@ -2,8 +2,9 @@
 positive class, and a higher score means "more likely positive".
 
 AUC (ties count ½), the best balanced accuracy over thresholds, and TPR at a fixed FPR with a
-Clopper–Pearson interval. TPR at FPR α is only reported when α ≥ 10 / n_negatives; below that
-resolution it is ``unresolved`` (pool targets over clients and seeds to reach low FPR).
+bootstrap interval that refits the threshold (over seeds where the scores come from several runs).
+TPR at FPR α is only reported when α ≥ 10 / n_negatives and some threshold reaches near α;
+otherwise it is ``unresolved`` (pool targets over clients and seeds to reach low FPR).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from attacks.audit import clopper_pearson
 
 
 def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -41,23 +41,64 @@ def balanced_accuracy_max(scores, labels) -> float:
     return float(np.max((tpr + 1 - fpr) / 2))
 
 
-def tpr_at_fpr(scores, labels, target_fpr: float, *, alpha: float = 0.05) -> dict:
-    """TPR at the largest threshold whose FPR ≤ target (no interpolation), with a CP interval."""
+def _tpr_point(s: np.ndarray, y: np.ndarray, target_fpr: float) -> tuple[float, float]:
+    """(TPR, its FPR) at the largest threshold whose FPR ≤ target (no interpolation)."""
+    fpr, tpr, _ = roc_curve(s, y)
+    i = int(np.flatnonzero(fpr <= target_fpr + 1e-12).max())
+    return float(tpr[i]), float(fpr[i])
+
+
+def tpr_at_fpr(scores, labels, target_fpr: float, *, groups=None, alpha: float = 0.05, bootstrap: int = 300,
+               seed: int = 0) -> dict:
+    """TPR at the largest threshold whose FPR ≤ target, with a (1 − alpha) percentile-bootstrap
+    interval that refits the threshold in every resample, so it covers the threshold's uncertainty
+    (set by the few negatives beyond it) as well as the TPR's. ``groups`` (e.g. the seed of each
+    score) makes the bootstrap resample whole groups — the independent units, since the records
+    scored against one model are not independent; without it records are resampled, positives and
+    negatives apart (and the interval says so).
+
+    ``unresolved`` when fewer than 10 / target negatives were scored, or when tied scores leave no
+    threshold near the target (the largest FPR ≤ target is below half of it: a block of tied
+    negatives straddles it, as RMIA's discrete scores do)."""
+    s = np.asarray(scores, dtype=float)
     y = np.asarray(labels).astype(bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if target_fpr < 10.0 / n_neg:
-        return {"value": "unresolved", "interval": None, "n_negatives": n_neg,
+        return {"value": "unresolved", "reason": "too few negatives", "interval": None, "n_negatives": n_neg,
                 "needs_negatives": int(np.ceil(10.0 / target_fpr))}
-    fpr, tpr, _ = roc_curve(scores, labels)
-    i = int(np.flatnonzero(fpr <= target_fpr + 1e-12).max())
-    k = int(round(tpr[i] * n_pos))
-    return {"value": float(tpr[i]), "interval": list(clopper_pearson(k, n_pos, alpha)), "n_negatives": n_neg}
+    value, achieved = _tpr_point(s, y, target_fpr)
+    if achieved < 0.5 * target_fpr:
+        return {"value": "unresolved", "reason": f"tied scores: no threshold between FPR {achieved:.2g} and the target",
+                "interval": None, "n_negatives": n_neg, "achieved_fpr": achieved}
+    rng = np.random.default_rng(seed)
+    draws = []
+    if groups is not None and len(np.unique(groups)) > 1:
+        g = np.asarray(groups)
+        ids = np.unique(g)
+        members = {k: np.flatnonzero(g == k) for k in ids}
+        method = f"bootstrap over {len(ids)} groups (seeds), threshold refitted"
+        for _ in range(bootstrap):
+            idx = np.concatenate([members[k] for k in rng.choice(ids, size=len(ids))])
+            if y[idx].all() or not y[idx].any():
+                continue
+            draws.append(_tpr_point(s[idx], y[idx], target_fpr)[0])
+    else:
+        pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+        method = "bootstrap over records (positives and negatives apart), threshold refitted; records of one model " \
+                 "are not independent, so this understates the spread"
+        for _ in range(bootstrap):
+            idx = np.concatenate([rng.choice(pos, size=n_pos), rng.choice(neg, size=n_neg)])
+            draws.append(_tpr_point(s[idx], y[idx], target_fpr)[0])
+    lo, hi = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"value": value, "interval": [float(lo), float(hi)], "interval_method": method, "n_negatives": n_neg,
+            "achieved_fpr": achieved}
 
 
-def probe_metrics(scores, labels) -> dict:
+def probe_metrics(scores, labels, *, groups=None) -> dict:
     y = np.asarray(labels).astype(bool)
     return {"auc": auc(scores, labels), "balanced_accuracy": balanced_accuracy_max(scores, labels),
-            "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01), "tpr_at_0.1pct_fpr": tpr_at_fpr(scores, labels, 0.001),
+            "tpr_at_1pct_fpr": tpr_at_fpr(scores, labels, 0.01, groups=groups),
+            "tpr_at_0.1pct_fpr": tpr_at_fpr(scores, labels, 0.001, groups=groups),
             "n_targets": int(len(y)), "n_positives": int(y.sum())}
 
 

@@ -117,7 +117,8 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
     for name, parts in pools.items():
         s = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts]).astype(bool)
-        res = probe_metrics(s, y)
+        seeds = np.concatenate([np.full(len(p[0]), i) for i, p in enumerate(parts)])  # the independent units
+        res = probe_metrics(s, y, groups=seeds)
         if name.startswith("canary_"):
             side = name.split("_", 1)[1]
             ref = first["canary"][side]

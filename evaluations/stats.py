@@ -28,14 +28,21 @@ def paired(a: dict, b: dict) -> dict | None:
     return {"seeds": seeds, "diffs": d, "mean": mean, "std": std, "ci": (mean - half, mean + half)}
 
 
+MIN_SEEDS = 3  # a verdict from fewer paired seeds rests on one or two numbers and their (t(1)) spread
+
+
 def verdict(p: dict | None, *, below: str = "dominated (below local)", above: str = "above local",
             level: str = "level with local") -> str:
     """``below`` only when the whole 95% interval is below zero, ``above`` when it is above, else
-    ``level``; one seed gives no interval and so no verdict."""
+    ``level`` — from at least three paired seeds whose differences are not all the same (two
+    identical differences would give a zero-width interval and a verdict from nothing)."""
     if p is None:
         return ""
-    if p["ci"] is None:
-        return "one seed: no interval"
+    n = len(p["seeds"])
+    if n < MIN_SEEDS:
+        return f"too few seeds ({n}; a verdict needs {MIN_SEEDS})"
+    if p["std"] <= 1e-9 * max(1.0, abs(p["mean"])):  # identical differences (up to rounding)
+        return f"no spread over the {n} seeds: no interval"
     lo, hi = p["ci"]
     return below if hi < 0 else above if lo > 0 else level
 

@@ -35,6 +35,37 @@ def test_tpr_at_fpr_resolution_and_interval():
     lo, hi = r["interval"]
     assert lo <= r["value"] <= hi and 0.2 < r["value"] < 0.55  # Φ(2 − 2.326) ≈ 0.37
     assert tpr_at_fpr(s, y, 0.001)["value"] == "unresolved"  # needs ≥ 10 / 0.001 = 10,000 non-members
+    # Tied scores: a block of negatives straddles the target, so no threshold reaches it (RMIA's
+    # discrete scores). Not 0.000.
+    tied = np.r_[rng.normal(2, 1, 2000), np.where(rng.random(2000) < 0.05, 5.0, rng.normal(0, 1, 2000))]
+    t = tpr_at_fpr(tied, y, 0.01)
+    assert t["value"] == "unresolved" and t["reason"].startswith("tied scores")
+
+
+def test_the_tpr_interval_covers_the_threshold_uncertainty():
+    """Scores N(2, 1) vs N(0, 1), 1,000 negatives: TPR at 1 % FPR is Φ(2 − Φ⁻¹(0.99)) = 0.372. The
+    threshold is set by the ~10 negatives above it, so a Clopper–Pearson interval on the TPR alone
+    (given the threshold) covers the truth far less often than 95 % (measured: 19 of these 40 draws);
+    the bootstrap that refits the threshold covers it (37 of 40). Over seeds (groups), the bootstrap
+    resamples the seeds."""
+    from scipy.stats import norm
+
+    from attacks.audit import clopper_pearson
+
+    truth = float(norm.cdf(2 - norm.ppf(0.99)))
+    covered = {"bootstrap": 0, "clopper_pearson": 0}
+    for seed in range(40):
+        rng = np.random.default_rng(100 + seed)
+        y = np.r_[np.ones(1000), np.zeros(1000)].astype(bool)
+        s = np.r_[rng.normal(2, 1, 1000), rng.normal(0, 1, 1000)]
+        r = tpr_at_fpr(s, y, 0.01, bootstrap=200)
+        covered["bootstrap"] += r["interval"][0] <= truth <= r["interval"][1]
+        lo, hi = clopper_pearson(round(r["value"] * 1000), 1000)
+        covered["clopper_pearson"] += lo <= truth <= hi
+    assert covered["bootstrap"] >= 34 and covered["clopper_pearson"] < covered["bootstrap"], covered
+    seeds = np.tile(np.arange(4), 250)  # each seed a quarter of the positives and of the negatives
+    grouped = tpr_at_fpr(np.r_[rng.normal(2, 1, 1000), rng.normal(0, 1, 1000)], y, 0.01, groups=np.r_[seeds, seeds])
+    assert grouped["interval_method"].startswith("bootstrap over 4 groups")
 
 
 def test_planted_property_is_found_and_shuffled_labels_are_not():
