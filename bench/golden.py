@@ -1,0 +1,104 @@
+"""Golden outputs for a refactor that must change nothing: make them before, check them after.
+
+    python bench/golden.py make DIR     # runs the set below into DIR/runs and keeps the outputs in DIR
+    python bench/golden.py check DIR    # runs the set again into a fresh folder and compares, bit for bit
+
+The set (issue 25): configs/quickstart.yaml's summary.json, metrics.jsonl and final server state; the
+demo sweep's tradeoff.csv (configs/privacy_demo.yaml); configs/audit.yaml's audit.json; and
+configs/robustness.yaml's robustness.csv. Compared after dropping what cannot repeat — wall times,
+absolute paths of the run folders, the environment — and nothing else: every accuracy, loss, ε,
+AUC and tensor must be equal. About 11 minutes on 2 cores with the backbones cached.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "evaluations.cli"]
+#: keys whose values are times, paths or other facts of the machine, not results
+VOLATILE = {"seconds", "setup_s", "rounds_s", "mean_round_s", "mean_train_round_s", "time_eval_s", "time_train_s",
+            "time_round_s", "aggregation_ms", "seconds_per_training_round", "mean_train_round_s", "run_dir",
+            "audit_dir", "file", "cost_in_training_rounds", "flower_setup_query_s", "device"}
+
+
+def _run(args: list[str]) -> None:
+    subprocess.run([*CLI, "-q", *args], cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def produce(work: Path) -> dict[str, Path]:
+    """Run the set into ``work``; returns the files to compare."""
+    runs = work / "runs"
+    _run(["train", "--config", "configs/quickstart.yaml", "--run-dir", str(runs / "quickstart"), "--no-progress"])
+    _run(["privacy", "--config", "configs/privacy_demo.yaml", "--out", str(runs / "demo"), "--jobs", "2"])
+    _run(["audit", "--config", "configs/audit.yaml", "--out", str(runs / "audit"), "--jobs", "2"])
+    _run(["robustness", "--config", "configs/robustness.yaml", "--out", str(runs / "robustness"), "--jobs", "2"])
+    q = runs / "quickstart"
+    final = sorted((q / "checkpoints").glob("round_*.pt"))[-1]
+    return {"quickstart/summary.json": q / "summary.json", "quickstart/metrics.jsonl": q / "metrics.jsonl",
+            "quickstart/server.pt": final, "demo/tradeoff.csv": runs / "demo" / "tradeoff.csv",
+            "audit/audit.json": runs / "audit" / "audit.json", "robustness/robustness.csv": runs / "robustness" / "robustness.csv"}
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def load(name: str, path: Path):
+    """A golden file as comparable data."""
+    if name.endswith(".pt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {"server": state["server"], "clients": state["clients"]}
+    if name.endswith(".jsonl"):
+        return [_clean(json.loads(ln)) for ln in path.read_text().splitlines() if ln]
+    if name.endswith(".json"):
+        return _clean(json.loads(path.read_text()))
+    with open(path) as fh:
+        return [_clean(row) for row in csv.DictReader(fh)]
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=["make", "check"])
+    ap.add_argument("dir", type=Path)
+    args = ap.parse_args()
+    if args.mode == "make":
+        files = produce(args.dir)
+        for name, path in files.items():
+            (args.dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, args.dir / name)
+        print(f"golden files in {args.dir}: {', '.join(files)}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        files = produce(Path(tmp))
+        bad = [name for name, path in files.items() if not same(load(name, args.dir / name), load(name, path))]
+    for name in files:
+        print(f"{name}: {'DIFFERS' if name in bad else 'identical'}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
