@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from attacks.audit import audit_delta_mechanism, clopper_pearson, epsilon_lower_bound
 from conftest import tiny_config
-from defenses.accounting import accountant_epsilon, gdp_epsilon, make_accountant
+from defenses.accounting import accountant_epsilon, make_accountant
+from pfedpg.gdp import gdp_epsilon
 from defenses.dp_client import ClientLevelDP, clip_by_norm
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import RunContext

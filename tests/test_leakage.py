@@ -42,7 +42,7 @@ def test_one_run_bound_stays_below_epsilon_of_a_gaussian_mechanism_and_flags_bro
     """Canaries through a real (ε, δ)-DP Gaussian release. Sized so the audit *can* fail: its cap
     (every guess right) is well above the accountant's ε. The correct mechanism stays below ε in
     every trial; the same release with the noise removed, or with a quarter of it, is flagged."""
-    from defenses.accounting import gdp_epsilon
+    from pfedpg.gdp import gdp_epsilon
 
     rng = np.random.default_rng(1)
     mu = 0.5  # sensitivity / σ
