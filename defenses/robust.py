@@ -5,10 +5,10 @@ P_base) for each client and, by default, sums them (the plain update). A robust 
 sum with ``(Σ_n w_n) · AGG({g_n})``, so it matches the plain update's magnitude when all clients
 agree. Descriptor gradients stay per client and are never aggregated.
 
-Rules (each on an (m, P) stack): ``mean``, ``median`` (coordinate-wise), ``trimmed_mean``
+Rules, one registered class each in :data:`AGGREGATION_RULES` (each on an (m, P) stack): ``mean``, ``median`` (coordinate-wise), ``trimmed_mean``
 (drop f largest and f smallest per coordinate), ``krum`` / ``multi_krum`` (Blanchard et al. 2017),
 ``bulyan`` (El Mhamdi et al. 2018), ``geometric_median`` (smoothed Weiszfeld; Pillutla et al. 2022),
-``norm_clip`` (clip each g_n to τ, then mean), ``centered_clip`` (Karimireddy et al. 2021).
+``norm_clip`` (clip each g_n to the radius τ, then mean), ``centered_clip`` (Karimireddy et al. 2021).
 A rule whose precondition fails at the configured (m, f) — Krum needs m ≥ 2f + 3, Bulyan
 m ≥ 4f + 3, trimmed mean m > 2f — is a config error, never a silent fallback.
 """
@@ -18,8 +18,10 @@ import math
 
 import torch
 
+from pfedpg.deprecation import take_renamed
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
+from pfedpg.registry import Registry
 
 
 def coordinate_median(g: torch.Tensor) -> torch.Tensor:
@@ -85,82 +87,197 @@ def clip_rows(g: torch.Tensor, tau: float) -> torch.Tensor:
     return g * (tau / norms.clamp_min(1e-12)).clamp(max=1.0)
 
 
-RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median", "norm_clip",
-         "centered_clip")
+class Rule:
+    """One aggregation rule: ``combine`` maps an (m, P) stack to a mean-like aggregate and the rows it
+    kept. ``min_clients(f)`` is the smallest m at which it tolerates f malicious clients; ``radius``
+    the clipping radius τ of the rules that clip (``auto`` = the median client norm of the round)."""
+
+    def __init__(self, *, f: int, radius: float | str, iters: int):
+        self.f, self.radius, self.iters = f, radius, iters
+
+    @staticmethod
+    def min_clients(f: int) -> int:
+        return 1
+
+    def tau(self, g: torch.Tensor) -> float:
+        return float(g.norm(dim=1).median()) if self.radius == "auto" else float(self.radius)
+
+    def combine(self, g: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+#: rule name -> its class
+AGGREGATION_RULES: Registry[type[Rule]] = Registry("robust aggregation rule")
+
+
+@AGGREGATION_RULES.register("mean")
+class Mean(Rule):
+    def combine(self, g):
+        return g.mean(0), list(range(g.shape[0]))
+
+
+@AGGREGATION_RULES.register("median")
+class Median(Rule):
+    """Coordinate-wise median."""
+
+    @staticmethod
+    def min_clients(f):
+        return 2 * f + 1
+
+    def combine(self, g):
+        return coordinate_median(g), list(range(g.shape[0]))
+
+
+@AGGREGATION_RULES.register("trimmed_mean")
+class TrimmedMean(Rule):
+    """Drop the f largest and f smallest values per coordinate."""
+
+    @staticmethod
+    def min_clients(f):
+        return 2 * f + 1
+
+    def combine(self, g):
+        return trimmed_mean(g, self.f), list(range(g.shape[0]))
+
+
+@AGGREGATION_RULES.register("krum")
+class Krum(Rule):
+    """Blanchard et al. 2017: the one vector with the lowest Krum score."""
+
+    @staticmethod
+    def min_clients(f):
+        return 2 * f + 3
+
+    def combine(self, g):
+        (i,) = multi_krum_select(g, self.f, 1)
+        return g[i], [i]
+
+
+@AGGREGATION_RULES.register("multi_krum")
+class MultiKrum(Rule):
+    """The mean of the m − f vectors with the lowest Krum scores."""
+
+    @staticmethod
+    def min_clients(f):
+        return 2 * f + 3
+
+    def combine(self, g):
+        chosen = multi_krum_select(g, self.f, g.shape[0] - self.f)
+        return g[chosen].mean(0), chosen
+
+
+@AGGREGATION_RULES.register("bulyan")
+class Bulyan(Rule):
+    """El Mhamdi et al. 2018: recursive Krum, then a trimmed mean around the median."""
+
+    @staticmethod
+    def min_clients(f):
+        return 4 * f + 3
+
+    def combine(self, g):
+        agg, chosen = bulyan(g, self.f)
+        return agg, sorted(chosen)
+
+
+@AGGREGATION_RULES.register("geometric_median")
+class GeometricMedian(Rule):
+    """Smoothed Weiszfeld (Pillutla et al. 2022)."""
+
+    @staticmethod
+    def min_clients(f):
+        return 2 * f + 1
+
+    def combine(self, g):
+        return geometric_median(g), list(range(g.shape[0]))
+
+
+@AGGREGATION_RULES.register("norm_clip")
+class NormClip(Rule):
+    """Clip each g_n to the radius τ, then the mean."""
+
+    def combine(self, g):
+        return clip_rows(g, self.tau(g)).mean(0), list(range(g.shape[0]))
+
+
+@AGGREGATION_RULES.register("centered_clip")
+class CenteredClip(Rule):
+    """Karimireddy et al. 2021: v ← v + mean(clip(g_n − v, τ)), ``iters`` times from last round's centre."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.center: torch.Tensor | None = None
+
+    def combine(self, g):
+        v = torch.zeros_like(g[0]) if self.center is None or self.center.shape != g[0].shape else self.center.to(g)
+        tau = self.tau(g - v)
+        for _ in range(self.iters):
+            v = v + clip_rows(g - v, tau).mean(0)
+        self.center = v.detach().clone()
+        return v, list(range(g.shape[0]))
+
+    def state_dict(self):
+        return {"center": self.center}
+
+    def load_state_dict(self, state):
+        self.center = state["center"]
+
+
+RULES = tuple(AGGREGATION_RULES.names())
 
 
 def min_clients(rule: str, f: int) -> int:
     """The smallest m at which ``rule`` tolerates f malicious clients."""
-    return {"krum": 2 * f + 3, "multi_krum": 2 * f + 3, "bulyan": 4 * f + 3, "trimmed_mean": 2 * f + 1,
-            "median": 2 * f + 1, "geometric_median": 2 * f + 1}.get(rule, 1)
+    return AGGREGATION_RULES.get(rule).min_clients(f)
 
 
 @register_hook("robust_aggregation")
 class RobustAggregation(Hook):
-    """Options: ``rule`` (one of RULES); ``f`` malicious clients tolerated (default 0); ``clip`` τ
-    for norm_clip / centered_clip (``auto`` = the median client norm of the round); ``iters`` for
-    centered_clip (default 3); ``multi_krum`` keeps m − f."""
+    """Options: ``rule`` (a name in AGGREGATION_RULES); ``f`` malicious clients tolerated (default 0);
+    ``radius`` τ for norm_clip / centered_clip (``auto`` = the median client norm of the round; the
+    old name ``clip`` works for one release); ``iters`` for centered_clip (default 3); ``multi_krum``
+    keeps m − f."""
 
-    def __init__(self, *, rule: str, f: int = 0, clip: float | str = "auto", iters: int = 3):
+    def __init__(self, *, rule: str, f: int = 0, radius: float | str = "auto", iters: int = 3,
+                 clip: float | str | None = None):
         super().__init__()
-        if rule not in RULES:
+        if clip is not None:
+            radius = take_renamed({"clip": clip} if radius == "auto" else {"clip": clip, "radius": radius},
+                                  {"clip": "radius"}, "robust_aggregation.")["radius"]
+        if rule not in AGGREGATION_RULES:
             raise ConfigError(f"robust_aggregation.rule={rule!r} is not one of {', '.join(RULES)}")
         if not isinstance(f, int) or isinstance(f, bool) or f < 0:
             raise ConfigError(f"robust_aggregation.f={f!r} must be an integer >= 0")
-        if clip != "auto" and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-            raise ConfigError(f"robust_aggregation.clip={clip!r} must be a positive number or 'auto'")
-        self.rule, self.f, self.clip, self.iters = rule, f, clip, int(iters)
-        self.center: torch.Tensor | None = None  # centered_clip's running centre
+        if radius != "auto" and not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+            raise ConfigError(f"robust_aggregation.radius={radius!r} must be a positive number or 'auto'")
+        self.rule_name, self.f = rule, f
+        self.rule = AGGREGATION_RULES.get(rule)(f=f, radius=radius, iters=int(iters))
         self.excluded: dict[int, list[int]] = {}
 
     def setup(self, ctx) -> None:
         m = min(len(r) for r in ctx.schedule) if ctx.schedule else ctx.num_clients
-        need = min_clients(self.rule, self.f)
+        need = self.rule.min_clients(self.f)
         if m < need:
-            raise ConfigError(f"robust_aggregation rule {self.rule} with f={self.f} needs at least {need} clients per "
-                              f"round, the schedule has {m}; lower f or raise clients_per_round")
-
-    def _tau(self, g: torch.Tensor) -> float:
-        return float(g.norm(dim=1).median()) if self.clip == "auto" else float(self.clip)
+            raise ConfigError(f"robust_aggregation rule {self.rule_name} with f={self.f} needs at least {need} clients "
+                              f"per round, the schedule has {m}; lower f or raise clients_per_round")
 
     def combine(self, g: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """(mean-like aggregate, indices of the rows it kept)."""
-        m, f = g.shape[0], self.f
-        keep = list(range(m))
-        if self.rule == "mean":
-            return g.mean(0), keep
-        if self.rule == "median":
-            return coordinate_median(g), keep
-        if self.rule == "trimmed_mean":
-            return trimmed_mean(g, f), keep
-        if self.rule == "krum":
-            (i,) = multi_krum_select(g, f, 1)
-            return g[i], [i]
-        if self.rule == "multi_krum":
-            chosen = multi_krum_select(g, f, m - f)
-            return g[chosen].mean(0), chosen
-        if self.rule == "bulyan":
-            agg, chosen = bulyan(g, f)
-            return agg, sorted(chosen)
-        if self.rule == "geometric_median":
-            return geometric_median(g), keep
-        if self.rule == "norm_clip":
-            return clip_rows(g, self._tau(g)).mean(0), keep
-        # centered_clip: v <- v + mean(clip(g_i - v, τ)), a few iterations from the last round's centre
-        v = torch.zeros_like(g[0]) if self.center is None or self.center.shape != g[0].shape else self.center.to(g)
-        tau = self._tau(g - v)
-        for _ in range(self.iters):
-            v = v + clip_rows(g - v, tau).mean(0)
-        self.center = v.detach().clone()
-        return v, keep
+        return self.rule.combine(g)
 
     def aggregate(self, ctx, *, round, grads):
         g = grads.shared
         if g.shape[0] == 0:
             return torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
-        if g.shape[0] < min_clients(self.rule, self.f):
-            raise ConfigError(f"round {round}: {g.shape[0]} clients reached aggregation, rule {self.rule} with "
-                              f"f={self.f} needs {min_clients(self.rule, self.f)}")
+        need = self.rule.min_clients(self.f)
+        if g.shape[0] < need:
+            raise ConfigError(f"round {round}: {g.shape[0]} clients reached aggregation, rule {self.rule_name} with "
+                              f"f={self.f} needs {need}")
         agg, kept = self.combine(g)
         self.excluded[round] = [grads.clients[i] for i in range(g.shape[0]) if i not in kept]
         return grads.weights.sum() * agg
@@ -169,11 +286,13 @@ class RobustAggregation(Hook):
         return {"excluded": self.excluded.get(round, [])}
 
     def end_of_run(self, ctx, *, summary):
-        return {"rule": self.rule, "f": self.f, "excluded_per_round": {str(k): v for k, v in self.excluded.items()}}
+        return {"rule": self.rule_name, "f": self.f,
+                "excluded_per_round": {str(k): v for k, v in self.excluded.items()}}
 
     def state_dict(self):
-        return {"center": self.center, "excluded": {str(k): v for k, v in self.excluded.items()}}
+        return {"center": self.rule.state_dict().get("center"),
+                "excluded": {str(k): v for k, v in self.excluded.items()}}
 
     def load_state_dict(self, state):
-        self.center = state["center"]
+        self.rule.load_state_dict(state)
         self.excluded = {int(k): v for k, v in state["excluded"].items()}

@@ -90,3 +90,25 @@ def test_a_robust_run_and_its_exclusions(tmp_path):
     plain = Trainer(tiny_config(rounds=2), run_dir=tmp_path / "p").run()
     # f = 0 multi-Krum keeps every client: the same run as the plain sum, up to summation order.
     assert summary["accuracy"]["mean"] == pytest.approx(plain["accuracy"]["mean"], abs=0.05)
+
+
+def test_each_rule_is_a_registered_class_with_its_precondition():
+    from defenses.robust import AGGREGATION_RULES, min_clients
+
+    assert set(RULES) == set(AGGREGATION_RULES.names())
+    assert {r: min_clients(r, 2) for r in ("krum", "multi_krum", "bulyan", "trimmed_mean", "mean", "norm_clip")} == \
+        {"krum": 7, "multi_krum": 7, "bulyan": 11, "trimmed_mean": 5, "mean": 1, "norm_clip": 1}
+
+
+def test_the_old_option_name_clip_still_works_with_a_warning():
+    from pfedpg.deprecation import RenamedKeyWarning
+
+    _, stack = benign_and_outliers()
+    with pytest.warns(RenamedKeyWarning, match="robust_aggregation.clip is renamed robust_aggregation.radius"):
+        old = RobustAggregation(rule="norm_clip", clip=0.5)
+    new = RobustAggregation(rule="norm_clip", radius=0.5)
+    assert torch.equal(old.combine(stack)[0], new.combine(stack)[0])
+    with pytest.raises(ConfigError, match="keep only robust_aggregation.radius"):
+        RobustAggregation(rule="norm_clip", clip=0.5, radius=0.7)
+    with pytest.raises(ConfigError, match="radius"):
+        RobustAggregation(rule="norm_clip", radius=-1.0)
