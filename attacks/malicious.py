@@ -14,6 +14,7 @@ The malicious set is drawn once from ``fraction`` of the N clients with the stre
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -168,18 +169,20 @@ class FreeRider(MaliciousClients):
 
 @register_hook("alie")
 class ALIE(MaliciousClients):
-    """A Little Is Enough (Baruch et al. 2019): μ − z·σ per coordinate over the benign updates.
-    ``z: auto`` uses z_max = Φ⁻¹((n − s) / n), s = ⌊n/2 + 1⌋ − f."""
+    """A Little Is Enough (Baruch et al. 2019): μ − k·σ per coordinate over the benign updates, k =
+    ``num_std`` standard deviations (the paper's z_max; renamed from ``z``, which is DP's noise
+    multiplier). ``auto`` uses z_max = Φ⁻¹((n − s) / n), s = ⌊n/2 + 1⌋ − f."""
 
     needs_benign = True
+    RENAMED: ClassVar[dict[str, str]] = {"z": "num_std"}
 
-    def __init__(self, *, z: float | str = "auto", **kw):
+    def __init__(self, *, num_std: float | str = "auto", **kw):
         super().__init__(**kw)
-        self.z = z
+        self.num_std = num_std
 
     def z_value(self, n: int, f: int) -> float:
-        if self.z != "auto":
-            return float(self.z)
+        if self.num_std != "auto":
+            return float(self.num_std)
         s = math.floor(n / 2 + 1) - f
         return float(norm.ppf((n - s) / n))
 
@@ -193,16 +196,18 @@ class ALIE(MaliciousClients):
 
 @register_hook("ipm")
 class IPM(MaliciousClients):
-    """Inner-product manipulation (Xie et al. 2020): −ε · mean(benign); small ε (0.1) or large (100)."""
+    """Inner-product manipulation (Xie et al. 2020): −magnitude · mean(benign); small (0.1) or large
+    (100). The paper's ε, renamed from ``epsilon`` so it is not read as a privacy budget."""
 
     needs_benign = True
+    RENAMED: ClassVar[dict[str, str]] = {"epsilon": "magnitude"}
 
-    def __init__(self, *, epsilon: float = 0.1, **kw):
+    def __init__(self, *, magnitude: float = 0.1, **kw):
         super().__init__(**kw)
-        self.epsilon = float(epsilon)
+        self.magnitude = float(magnitude)
 
     def craft_from_benign(self, benign, k):
-        return (-self.epsilon * benign.mean(0)).expand(k, -1).clone()
+        return (-self.magnitude * benign.mean(0)).expand(k, -1).clone()
 
 
 class _OptimizedPerturbation(MaliciousClients):

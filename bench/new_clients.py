@@ -2,7 +2,7 @@
 each method, in the positive control's regime (``configs/positive_control.yaml``), paired by seed.
 
 ``data.new_clients`` of the control's 24 clients are held out of training; after the last round each
-joins for ``new_client_rounds`` join rounds with the same budget in every method: round 0 trains the
+joins for ``data.new_client_rounds`` join rounds with the same budget in every method: round 0 trains the
 head alone on the prompt it received (pfedpg: G(P_base, mean descriptor); fedvpt: the final global
 prompt; local: the VPT init), then each join round trains prompt and head E epochs (pfedpg: from the
 prompt generated from its current descriptor, which the server updates from ΔP_new alone).
@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--new-clients", type=int, default=4, help="clients held out of the 24 (default 4)")
-    p.add_argument("--join-rounds", type=int, default=5, help="new_client_rounds R (default 5)")
+    p.add_argument("--join-rounds", type=int, default=5, help="data.new_client_rounds R (default 5)")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "new_clients")
     a = p.parse_args(argv)
-    extra = [f"data.new_clients={a.new_clients}", f"new_client_rounds={a.join_rounds}"]
+    extra = [f"data.new_clients={a.new_clients}", f"data.new_client_rounds={a.join_rounds}"]
     grid = "positive_control"
     regime.GRIDS[grid]["cells"]["new_clients"] = extra
     every = regime.arms(None)

@@ -46,11 +46,11 @@ TIN4 = "../shared/models/vit_p4_d192_l6_cifar10pub_tin4.safetensors"
 # pfedpg server arms: the paper's plain step at its α, a larger α, and the bounded step (DESIGN §1).
 # Every arm sets all three knobs, so a grid's base config cannot leak into an arm's meaning.
 PFEDPG_ARMS = {
-    "pfedpg_a1e-3": ["server.residual=false", "server.lr=0.001", "server.max_grad_norm=null"],
-    "pfedpg_a0.1": ["server.residual=false", "server.lr=0.1", "server.max_grad_norm=null"],
-    "pfedpg_a1_b1": ["server.residual=false", "server.lr=1.0", "server.max_grad_norm=1.0"],
-    "pfedpg_res_a0.1": ["server.residual=true", "server.lr=0.1", "server.max_grad_norm=null"],
-    "pfedpg_res_a1_b1": ["server.residual=true", "server.lr=1.0", "server.max_grad_norm=1.0"],
+    "pfedpg_a1e-3": ["server.residual=false", "server.lr=0.001", "server.update_bound=null"],
+    "pfedpg_a0.1": ["server.residual=false", "server.lr=0.1", "server.update_bound=null"],
+    "pfedpg_a1_b1": ["server.residual=false", "server.lr=1.0", "server.update_bound=1.0"],
+    "pfedpg_res_a0.1": ["server.residual=true", "server.lr=0.1", "server.update_bound=null"],
+    "pfedpg_res_a1_b1": ["server.residual=true", "server.lr=1.0", "server.update_bound=1.0"],
 }
 BASELINE_ARMS = {"local": ["method=local"], "fedvpt": ["method=fedvpt"]}
 

@@ -15,10 +15,10 @@ m ≥ 4f + 3, trimmed mean m > 2f — is a config error, never a silent fallback
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
-from pfedpg.deprecation import take_renamed
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.registry import Registry
@@ -240,15 +240,13 @@ def min_clients(rule: str, f: int) -> int:
 class RobustAggregation(Hook):
     """Options: ``rule`` (a name in AGGREGATION_RULES); ``f`` malicious clients tolerated (default 0);
     ``radius`` τ for norm_clip / centered_clip (``auto`` = the median client norm of the round; the
-    old name ``clip`` works for one release); ``iters`` for centered_clip (default 3); ``multi_krum``
+    old option name ``clip`` works in configs for one release); ``iters`` for centered_clip (default 3); ``multi_krum``
     keeps m − f."""
 
-    def __init__(self, *, rule: str, f: int = 0, radius: float | str = "auto", iters: int = 3,
-                 clip: float | str | None = None):
+    RENAMED: ClassVar[dict[str, str]] = {"clip": "radius"}
+
+    def __init__(self, *, rule: str, f: int = 0, radius: float | str = "auto", iters: int = 3):
         super().__init__()
-        if clip is not None:
-            radius = take_renamed({"clip": clip} if radius == "auto" else {"clip": clip, "radius": radius},
-                                  {"clip": "radius"}, "robust_aggregation.")["radius"]
         if rule not in AGGREGATION_RULES:
             raise ConfigError(f"robust_aggregation.rule={rule!r} is not one of {', '.join(RULES)}")
         if not isinstance(f, int) or isinstance(f, bool) or f < 0:

@@ -139,7 +139,7 @@ def count(cfg: RunConfig, facts: dict[str, Any], *, prompt_numbers: int) -> Work
             w.numbers_received += len(participants) * prompt_numbers
         if r % cfg.eval_every == 0 or r == cfg.rounds:
             w.eval_records += evals
-    joins = cfg.new_client_rounds + 1 if facts["new_train"] else 0
+    joins = cfg.data.new_client_rounds + 1 if facts["new_train"] else 0
     for t, v in zip(facts["new_train"], facts["new_eval"]):
         if dp_sgd:
             w.dp_steps += joins * e * math.ceil(t / bs)

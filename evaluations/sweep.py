@@ -18,7 +18,7 @@ from evaluations.plugins import load_plugins
 from evaluations.report import write_report
 import yaml
 
-from pfedpg.config import config_from_dict, dump_config, load_yaml_file
+from pfedpg.config import config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
 
 
@@ -47,7 +47,7 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
             raise ConfigError(f"base_config {tree['base_config']!r} not found as {str(bp)!r} (a relative base_config "
                               "is read from the sweep file's folder); fix the path")
         base = load_yaml_file(bp, "base_config") or {}
-    cfg = config_from_dict(_deep_merge(base, tree.get("base") or {}), overrides)  # validates; errors name the key
+    cfg = config_from_dict(_deep_merge(upgrade_keys(base), upgrade_keys(tree.get("base") or {})), overrides)  # validates; errors name the key
     return tree.get(section) or {}, cfg
 
 
@@ -65,7 +65,7 @@ def _same_config(saved: Path, cfg) -> bool:
     does not count for two in-process runs: it has no effect on them (so a changed Flower default
     leaves finished in-process cells valid)."""
     try:
-        old = config_from_dict(yaml.safe_load(saved.read_text()) or {})
+        old = saved_config(saved.read_text())
     except (ConfigError, yaml.YAMLError):
         return False
     a, b = yaml.safe_load(dump_config(old)), yaml.safe_load(dump_config(cfg))

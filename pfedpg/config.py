@@ -12,14 +12,16 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from pfedpg.client import ClientConfig
 from pfedpg.data.config import DataConfig
+from pfedpg.deprecation import RenamedKeyWarning, renamed, take_renamed
 from pfedpg.errors import ConfigError
 from pfedpg.models.backbone import ModelConfig
 from pfedpg.models.device import check_amp, check_device_spec
@@ -227,9 +229,6 @@ class RunConfig:
     # inprocess: the reference runner, one process. flower: the same rounds through Flower's
     # ServerApp/ClientApp (section ``flower``); same config and seed, same numbers (DESIGN §9).
     engine: str = "inprocess"
-    # Join rounds of each new client (data.new_clients) after the last training round: it trains E
-    # local epochs from what the server gives it, and pFedPG's server updates its descriptor alone.
-    new_client_rounds: int = 5
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -238,6 +237,8 @@ class RunConfig:
     hooks: list[dict[str, Any]] = field(default_factory=list)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    RENAMED: ClassVar[dict[str, str]] = {"new_client_rounds": "data.new_client_rounds"}
 
     def __post_init__(self):
         check_device_spec(self.device, "device")
@@ -250,11 +251,6 @@ class RunConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{key}={v!r} must be a positive integer")
-        if isinstance(self.new_client_rounds, bool) or not isinstance(self.new_client_rounds, int) \
-                or self.new_client_rounds < 0:
-            raise ConfigError(f"new_client_rounds={'null' if self.new_client_rounds is None else repr(self.new_client_rounds)} "
-                              "must be an integer >= 0 "
-                              "(0 = only the head trained on the received prompt)")
         if self.data.new_clients is not None and self.engine != "inprocess":
             raise ConfigError("data.new_clients runs on engine: inprocess only (the Flower engine has no join rounds "
                               "yet); drop data.new_clients or use engine: inprocess")
@@ -344,6 +340,7 @@ def build_dataclass(cls, values: dict[str, Any], where: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     prefix = f"{where}." if where else ""
+    values = upgrade_keys(values, cls, where)
     unknown = [k for k in values if k not in names]
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys{' in ' + where if where else ''}: {', '.join(names)}")
@@ -429,7 +426,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         value = load_yaml(raw)
     except yaml.YAMLError:
         value = raw
-    parts = key.strip().split(".")
+    parts = _upgrade_path(key.strip().split("."))
     node = tree
     cls: Any = RunConfig
     for p in parts[:-1]:
@@ -443,6 +440,20 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {key}: {p} is not a section")
         cls = _field_type(cls, p)
     node[parts[-1]] = value
+
+
+def _upgrade_path(parts: list[str]) -> list[str]:
+    """A ``--set`` key's parts with renamed keys under their new names (one warning each)."""
+    out: list[str] = []
+    cls: Any = RunConfig
+    for i, p in enumerate(parts):
+        new = getattr(cls, "RENAMED", {}).get(p) if dataclasses.is_dataclass(cls) else None
+        if new is not None:
+            renamed(".".join(out + [p]), ".".join(out + [new]))
+            return _upgrade_path(out + new.split(".") + parts[i + 1:])
+        out.append(p)
+        cls = _field_type(cls, p)
+    return out
 
 
 def _field_type(cls: Any, name: str) -> Any:
@@ -465,8 +476,31 @@ def _default_of(cls: Any, name: str) -> Any:
     return None
 
 
+def upgrade_keys(tree: Any, cls: Any = None, where: str = "") -> Any:
+    """``tree`` with every renamed key (a section's ``RENAMED``, old -> new) under its new name,
+    section by section, one :class:`~pfedpg.deprecation.RenamedKeyWarning` per key. Apply it to each
+    layer before layers are merged, so that an old key in one layer and the new key in another
+    do not read as both given."""
+    cls = RunConfig if cls is None else cls
+    if not isinstance(tree, dict) or not dataclasses.is_dataclass(cls):
+        return tree
+    prefix = f"{where}." if where else ""
+    out = take_renamed(tree, getattr(cls, "RENAMED", {}), prefix)
+    for key in [k for k in out if "." in k]:  # moved into a section
+        section, name = key.split(".", 1)
+        inner = out.get(section) if isinstance(out.get(section), dict) else {}
+        if name in inner:
+            raise ConfigError(f"{prefix}{key} is given twice (once under its old name); keep only {prefix}{key}")
+        out[section] = {**inner, name: out.pop(key)}
+    for name, value in out.items():
+        sub = _field_type(cls, name)
+        if sub is not None:
+            out[name] = upgrade_keys(value, sub, f"{prefix}{name}")
+    return out
+
+
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
-    tree = dict(values or {})
+    tree = upgrade_keys(dict(values or {}))
     for o in overrides or []:
         apply_override(tree, o)
     return build_dataclass(RunConfig, tree)
@@ -482,6 +516,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     return config_from_dict(values, overrides)
+
+
+def saved_config(text: str) -> RunConfig:
+    """A config this toolkit wrote (a run's config.yaml, a checkpoint's copy), resolved under
+    today's key names without warnings: a run saved before a rename stays the same run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RenamedKeyWarning)
+        return config_from_dict(load_yaml(text) or {})
 
 
 def dump_config(cfg: RunConfig) -> str:

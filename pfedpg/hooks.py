@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 
+from pfedpg.deprecation import take_renamed
 from pfedpg.errors import ConfigError
 from pfedpg.registry import Registry
 
@@ -348,8 +349,9 @@ def build_hooks(specs: list[dict[str, Any]]) -> HookChain:
     for i, spec in enumerate(specs or []):
         if not isinstance(spec, dict) or "name" not in spec:
             raise ConfigError(f"hooks[{i}] must be a mapping with a `name` key, got {spec!r}")
-        options = {k: v for k, v in spec.items() if k != "name"}
         cls = HOOKS.get(spec["name"])
+        options = take_renamed({k: v for k, v in spec.items() if k != "name"}, getattr(cls, "RENAMED", {}),
+                               f"{spec['name']}.")
         params = inspect.signature(cls.__init__).parameters
         valid = [p for p, v in params.items() if p != "self" and v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
         takes_any = any(v.kind == v.VAR_KEYWORD for v in params.values())

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pfedpg.client import ClientState, evaluate, frozen_prompt, load_into, sgd_local_training
-from pfedpg.config import RunConfig, dump_config
+from pfedpg.config import RunConfig, dump_config, saved_config
 from pfedpg.data import load_dataset, partition_clients, split_new_clients
 from pfedpg.data.pipeline import InputPipeline
 from pfedpg.errors import ConfigError, NonFiniteDeltaError
@@ -215,7 +215,7 @@ class Trainer:
                               new_clients=[f["client"] for f in self.new_facts],
                               new_train_sizes=[f["train"] for f in self.new_facts],
                               new_client_info=self.client_info(self.new_facts),
-                              join_rounds=cfg.new_client_rounds if self.new_facts else 0)
+                              join_rounds=cfg.data.new_client_rounds if self.new_facts else 0)
         self.setup_seconds = time.time() - t0
         self.join_seconds = 0.0  # the new clients' join rounds (run_new_clients)
         self.round = 0
@@ -418,7 +418,7 @@ class Trainer:
         if not all(bool(torch.isfinite(p).all()) for p in self.server.parameters()):
             raise NonFiniteDeltaError(f"the server state became non-finite in round {r}'s step "
                                       f"(update norm {step.get('server_update_norm', float('nan')):.3g}); "
-                                      "bound it with server.max_grad_norm or a robust rule")
+                                      "bound it with server.update_bound or a robust rule")
         return {"aggregation_ms": agg_ms, "clients_aggregated": len(grads.clients), **step}
 
     def evaluate_client(self, n: int, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -486,7 +486,11 @@ class Trainer:
             raise ConfigError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}); delete it to resume from an earlier one") from None
         if state.get("version") != CHECKPOINT_VERSION:
             raise ConfigError(f"checkpoint {str(path)!r} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
-        if state["config"] != dump_config(self.cfg):
+        try:
+            same = dump_config(saved_config(state["config"])) == dump_config(self.cfg)
+        except ConfigError:
+            same = False
+        if not same:
             raise ConfigError(f"--resume: the config differs from the one {str(path)!r} was written with; "
                               "resume with the run's own config.yaml")
         if state["clients"] is None:
@@ -705,7 +709,7 @@ class Trainer:
         """New client ``j``'s rounds 0..R (rows for metrics.jsonl). Its streams (head init, VPT init,
         shuffling) are keyed by its id and the join round, the same for every method (paired)."""
         cfg, fact = self.cfg, self.new_facts[j]
-        n, last, R = fact["client"], cfg.rounds, cfg.new_client_rounds
+        n, last, R = fact["client"], cfg.rounds, cfg.data.new_client_rounds
         x, y = self.new_train_data[j]
         xt, yt = self.new_test_data[j]
         w, b = self._fresh_head(self.seeds.torch("join.head", client=n))
@@ -768,7 +772,7 @@ class Trainer:
         worst (a round a client did not reach is None)."""
         if not self.new_facts:
             return None
-        cfg, R = self.cfg, self.cfg.new_client_rounds
+        cfg, R = self.cfg, self.cfg.data.new_client_rounds
         ids = [f["client"] for f in self.new_facts]
         got = {(r["client"], r["join_round"]): r for r in rows if r["type"] == "join"}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,8 +43,11 @@ class ServerConfig:
     attention_logit_std: float = 1.0
     # The bounded step (DESIGN §1): before the SGD step, clip the aggregated shared-parameter update
     # and each descriptor gradient to this L2 norm (pFedHN's trainer clips at 50). null = the
-    # paper's plain step. What lets α ≫ 1e-3 survive client-level DP noise.
-    max_grad_norm: float | None = None
+    # paper's plain step. What lets α ≫ 1e-3 survive client-level DP noise. (Formerly
+    # max_grad_norm, which in Opacus is DP-SGD's per-sample clip.)
+    update_bound: float | None = None
+
+    RENAMED: ClassVar[dict[str, str]] = {"max_grad_norm": "update_bound"}
 
     def __post_init__(self):
         if self.generator not in GENERATORS:
@@ -52,8 +56,8 @@ class ServerConfig:
             raise ConfigError(f"server.lr={self.lr!r} must be a positive number (paper: 1e-3)")
         if not self.attention_logit_std > 0:
             raise ConfigError(f"server.attention_logit_std={self.attention_logit_std!r} must be > 0")
-        if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise ConfigError(f"server.max_grad_norm={self.max_grad_norm!r} must be a positive number, or null (the plain step)")
+        if self.update_bound is not None and not (self.update_bound > 0 and math.isfinite(self.update_bound)):
+            raise ConfigError(f"server.update_bound={self.update_bound!r} must be a positive number, or null (the plain step)")
 
 
 @dataclass
@@ -92,9 +96,9 @@ class Server(nn.Module):
         raise NotImplementedError
 
     def bound(self, update: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``update`` clipped to ``server.max_grad_norm`` (unchanged when null), and its norm before."""
+        """``update`` clipped to ``server.update_bound`` (unchanged when null), and its norm before."""
         norm = float(update.norm())
-        c = self.cfg.max_grad_norm
+        c = self.cfg.update_bound
         if c is not None and norm > c:
             update = update * (c / norm)
         return update, norm

@@ -57,12 +57,12 @@ def test_grad_space_replaces_only_the_malicious_rows():
 
 def test_alie_automatic_z_and_ipm_by_hand():
     # n = 10, f = 2: s = floor(10/2 + 1) - 2 = 4, z = Φ⁻¹(6/10) ≈ 0.2533
-    assert abs(ALIE(z="auto").z_value(10, 2) - 0.2533) < 1e-3
+    assert abs(ALIE(num_std="auto").z_value(10, 2) - 0.2533) < 1e-3
     benign = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
-    crafted = ALIE(z=1.5).craft_from_benign(benign, 2)
+    crafted = ALIE(num_std=1.5).craft_from_benign(benign, 2)
     expected = benign.mean(0) - 1.5 * benign.std(0)
     assert torch.allclose(crafted, expected.expand(2, -1))
-    assert torch.allclose(IPM(epsilon=0.5).craft_from_benign(benign, 1), torch.tensor([[-1.0, -1.0]]))
+    assert torch.allclose(IPM(magnitude=0.5).craft_from_benign(benign, 1), torch.tensor([[-1.0, -1.0]]))
 
 
 def test_min_max_and_min_sum_stay_inside_their_constraints():

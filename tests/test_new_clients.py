@@ -45,7 +45,7 @@ def test_join_step_moves_the_new_descriptor_towards_the_adapted_prompt(generator
 
 
 def test_join_step_is_bounded_like_a_training_step():
-    server = make_server(lr=1.0, max_grad_norm=1e-3)
+    server = make_server(lr=1.0, update_bound=1e-3)
     state = server.join_state()
     d0 = state["descriptor"].clone()
     info = server.join_step(state, torch.randn(K, D, dtype=torch.float64) * 100)
@@ -71,7 +71,7 @@ def test_frozen_prompt_trains_the_head_alone(tiny_vit):
 
 @pytest.mark.parametrize("method", ["pfedpg", "fedvpt", "local"])
 def test_new_clients_join_after_training_and_never_train_before(tmp_path, method):
-    cfg = tiny_config(method=method, rounds=3, **{"data.new_clients": [1], "new_client_rounds": 2,
+    cfg = tiny_config(method=method, rounds=3, **{"data.new_clients": [1], "data.new_client_rounds": 2,
                                                   "data.num_domains": 4})
     tr = Trainer(cfg, run_dir=tmp_path / "r")
     assert tr.num_clients == 3 and [f["partition_id"] for f in tr.client_facts] == [0, 2, 3]
@@ -111,7 +111,7 @@ def test_new_clients_join_after_training_and_never_train_before(tmp_path, method
 def test_join_rounds_leave_the_shared_state_bit_identical(tmp_path):
     """G, P_base (and every trained descriptor) after the join rounds equal the final checkpoint, which
     is written before they start."""
-    cfg = tiny_config(rounds=2, **{"data.new_clients": 1, "new_client_rounds": 3})
+    cfg = tiny_config(rounds=2, **{"data.new_clients": 1, "data.new_client_rounds": 3})
     tr = Trainer(cfg, run_dir=tmp_path / "r")
     tr.run()
     saved = torch.load(tmp_path / "r" / "checkpoints" / "round_0002.pt", weights_only=True)["server"]
@@ -124,7 +124,7 @@ def test_join_rounds_leave_the_shared_state_bit_identical(tmp_path):
 
 
 def test_new_clients_are_deterministic_and_resume_to_the_same_numbers(tmp_path):
-    cfg = tiny_config(rounds=3, **{"data.new_clients": 1, "new_client_rounds": 2})
+    cfg = tiny_config(rounds=3, **{"data.new_clients": 1, "data.new_client_rounds": 2})
     a = Trainer(cfg, run_dir=tmp_path / "a").run()["new_clients"]
     Trainer(cfg, run_dir=tmp_path / "b").run(stop_after=2)
     b = Trainer(cfg, run_dir=tmp_path / "b").run(resume=True)["new_clients"]
@@ -163,7 +163,7 @@ def test_impossible_new_clients_are_one_line_errors(overrides, message):
     ({"data.new_clients": [-1]}, "distinct partition ids"),
     ({"data.new_clients": True}, "a count >= 1, a list of distinct partition ids"),
     ({"data.new_clients": "two"}, "a count >= 1, a list of distinct partition ids"),
-    ({"new_client_rounds": -1}, "new_client_rounds"),
+    ({"data.new_client_rounds": -1}, "new_client_rounds"),
     ({"data.new_clients": 1, "engine": "flower"}, "engine: inprocess only"),
 ])
 def test_bad_new_client_settings_are_config_errors(overrides, message):
@@ -176,7 +176,7 @@ def test_join_rounds_are_releases_for_dp_client(tmp_path):
     releases of any client (here the newcomer's 3 > 2 training rounds), so the newcomer reaches the
     target and the trained clients stay below it; what the server records is the noised delta."""
     hook = {"name": "dp_client", "clip": 0.05, "target_epsilon": 4.0, "delta": 1e-3}
-    cfg = tiny_config(rounds=2, hooks=[hook], **{"data.new_clients": 1, "new_client_rounds": 3})
+    cfg = tiny_config(rounds=2, hooks=[hook], **{"data.new_clients": 1, "data.new_client_rounds": 3})
     tr = Trainer(cfg, run_dir=tmp_path / "r")
     res = tr.run()["hook_results"]["dp_client"]
     new = res["new_clients"]
@@ -191,7 +191,7 @@ def test_join_rounds_are_releases_for_dp_client(tmp_path):
 
 def test_fedvpt_and_local_newcomers_release_nothing(tmp_path):
     hook = {"name": "dp_client", "clip": 0.05, "noise_multiplier": 1.0}
-    res = Trainer(tiny_config(method="fedvpt", hooks=[hook], **{"data.new_clients": 1, "new_client_rounds": 2}),
+    res = Trainer(tiny_config(method="fedvpt", hooks=[hook], **{"data.new_clients": 1, "data.new_client_rounds": 2}),
                   run_dir=tmp_path / "r").run()["hook_results"]["dp_client"]
     assert res["new_clients"]["releases"] == 0 and res["new_clients"]["epsilon_max"] == 0.0
 
@@ -200,7 +200,7 @@ def test_dp_sgd_accounts_every_local_training_of_a_newcomer(tmp_path):
     """Record-level DP-SGD covers round 0 (the head alone) and the join rounds: R + 1 trainings, each
     with the same steps as a training round; the newcomer's z is calibrated for them."""
     hook = {"name": "dp_sgd", "clip": 1.0, "target_epsilon": 6.0}
-    cfg = tiny_config(rounds=2, hooks=[hook], **{"data.new_clients": 1, "new_client_rounds": 2})
+    cfg = tiny_config(rounds=2, hooks=[hook], **{"data.new_clients": 1, "data.new_client_rounds": 2})
     tr = Trainer(cfg, run_dir=tmp_path / "r")
     summary = tr.run()
     res = summary["hook_results"]["dp_sgd"]["new_clients"]
@@ -220,7 +220,7 @@ def _with_a_new_client(path, *, join_rounds: int):
 
     spec = yaml.safe_load(path.read_text())
     spec["base"]["data"].update(num_domains=4, new_clients=1)
-    spec["base"]["new_client_rounds"] = join_rounds
+    spec["base"]["data"]["new_client_rounds"] = join_rounds
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -301,7 +301,7 @@ def test_the_audit_probes_new_clients_descriptors_and_deltas(tmp_path):
 
     hook = {"name": "leakage_audit", "probes": ["attribute", "linkability"], "permutations": 2}
     cfg = tiny_config(rounds=3, hooks=[hook], **{"data.num_domains": 4, "data.clients_per_domain": 2,
-                                                   "data.new_clients": 2, "new_client_rounds": 4})
+                                                   "data.new_clients": 2, "data.new_client_rounds": 4})
     summary = Trainer(cfg, run_dir=tmp_path / "r").run()
     audit = json.loads((tmp_path / "r" / "audit" / "audit.json").read_text())["probes"]
     for view in ("descriptor", "prompt", "delta"):

@@ -102,13 +102,15 @@ def test_each_rule_is_a_registered_class_with_its_precondition():
 
 def test_the_old_option_name_clip_still_works_with_a_warning():
     from pfedpg.deprecation import RenamedKeyWarning
+    from pfedpg.hooks import build_hooks
 
     _, stack = benign_and_outliers()
     with pytest.warns(RenamedKeyWarning, match="robust_aggregation.clip is renamed robust_aggregation.radius"):
-        old = RobustAggregation(rule="norm_clip", clip=0.5)
+        (old,) = build_hooks([{"name": "robust_aggregation", "rule": "norm_clip", "clip": 0.5}]).hooks
     new = RobustAggregation(rule="norm_clip", radius=0.5)
+    assert old.rule.radius == 0.5
     assert torch.equal(old.combine(stack)[0], new.combine(stack)[0])
     with pytest.raises(ConfigError, match="keep only robust_aggregation.radius"):
-        RobustAggregation(rule="norm_clip", clip=0.5, radius=0.7)
+        build_hooks([{"name": "robust_aggregation", "rule": "norm_clip", "clip": 0.5, "radius": "auto"}])
     with pytest.raises(ConfigError, match="radius"):
         RobustAggregation(rule="norm_clip", radius=-1.0)

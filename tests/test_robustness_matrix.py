@@ -71,7 +71,7 @@ def test_an_attack_that_diverges_is_a_result_and_the_command_exits_0(tmp_path, c
     `failed`; the command exits 0; running it again reuses the divergence and gives the same table."""
     from evaluations.cli import main
 
-    path = matrix_file(tmp_path, attacks={"ipm": {"space": "grad", "epsilon": 1.0e6}},
+    path = matrix_file(tmp_path, attacks={"ipm": {"space": "grad", "magnitude": 1.0e6}},
                        defenses={"sum": {}, "median": {}}, malicious_fractions=[0.34])
     raw = yaml.safe_load(path.read_text())
     raw["base"]["server"] = {"lr": 1.0}

@@ -128,7 +128,7 @@ def test_fedvpt_is_fedavg_of_the_deltas():
 @pytest.mark.parametrize("method", ["pfedpg", "fedvpt"])
 def test_bounded_step_clips_the_shared_update_and_each_descriptor_gradient(method):
     c, lr = 0.5, 0.1
-    server = make_server(method=method, lr=lr, max_grad_norm=c)
+    server = make_server(method=method, lr=lr, update_bound=c)
     before = {k: v.detach().clone() for k, v in server.state_dict().items()}
     g = torch.Generator().manual_seed(3)
     deltas = {n: 100.0 * torch.randn(K, D, generator=g, dtype=torch.float64) for n in range(N)}
@@ -148,7 +148,7 @@ def test_bounded_step_clips_the_shared_update_and_each_descriptor_gradient(metho
             step = server.descriptors[n].detach() - before["descriptors"][n]
             assert float(step.norm()) == pytest.approx(lr * c, rel=1e-9)
     # Below the bound the step is the plain one.
-    loose = make_server(method=method, lr=lr, max_grad_norm=1e9)
+    loose = make_server(method=method, lr=lr, update_bound=1e9)
     plain_server = make_server(method=method, lr=lr)
     for s in (loose, plain_server):
         gr = s.client_gradients(deltas)
@@ -158,7 +158,7 @@ def test_bounded_step_clips_the_shared_update_and_each_descriptor_gradient(metho
 
 
 def test_bounded_step_keeps_the_sign():
-    server = make_server(lr=1e-2, max_grad_norm=1e-3)
+    server = make_server(lr=1e-2, update_bound=1e-3)
     sent = server.prompts_for([0, 1])
     targets = {n: sent[n] + torch.randn(K, D, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
                for n in sent}
@@ -167,12 +167,12 @@ def test_bounded_step_keeps_the_sign():
     assert distance(server, targets) < before
 
 
-def test_max_grad_norm_is_validated():
+def test_update_bound_is_validated():
     from pfedpg.errors import ConfigError
 
     for bad in (0.0, -1.0, float("inf")):
-        with pytest.raises(ConfigError, match="server.max_grad_norm"):
-            ServerConfig(max_grad_norm=bad)
+        with pytest.raises(ConfigError, match="server.update_bound"):
+            ServerConfig(update_bound=bad)
 
 
 def test_a_large_server_lr_under_dp_noise_diverges_without_the_bound_and_stays_finite_with_it(tmp_path):
@@ -188,7 +188,7 @@ def test_a_large_server_lr_under_dp_noise_diverges_without_the_bound_and_stays_f
     kw = {"rounds": 5, "checkpoint_every": 0, "hooks": hooks, "server.lr": 1.0}
     with pytest.raises(NonFiniteDeltaError):
         Trainer(tiny_config(**kw), run_dir=tmp_path / "plain").run()
-    t = Trainer(tiny_config(**kw, **{"server.max_grad_norm": 1.0}), run_dir=tmp_path / "bounded")
+    t = Trainer(tiny_config(**kw, **{"server.update_bound": 1.0}), run_dir=tmp_path / "bounded")
     summary = t.run()
     assert all(torch.isfinite(p).all() for p in t.server.prompts_for(list(range(t.num_clients))).values())
     assert summary["accuracy"]["mean"] > 0

@@ -116,6 +116,10 @@ class DataConfig:
     # clients, drawn with the run's seed) or a list of partition ids. They take no part in any
     # training round; after the last round each joins for `new_client_rounds` join rounds.
     new_clients: Any = None  # validated below (a count, a list of partition ids, or null)
+    # Join rounds of each new client after the last training round: it trains E local epochs from
+    # what the server gives it, and pFedPG's server updates its descriptor alone. 0 = only the head
+    # trained on the received prompt. (Formerly the top-level new_client_rounds.)
+    new_client_rounds: int = 5
 
     def __post_init__(self) -> None:
         if self.source not in SOURCE_NAMES:
@@ -143,6 +147,7 @@ class DataConfig:
         self.alpha = float(self.alpha)
         _check_int("classes_per_client", self.classes_per_client, low=1)
         _check_int("min_size", self.min_size, low=1)
+        _check_int("new_client_rounds", self.new_client_rounds, low=0)
         if self.new_clients is not None:
             nc = self.new_clients
             ok = (_is_int(nc) and nc >= 1) or (isinstance(nc, (list, tuple)) and nc and all(_is_int(c) and c >= 0 for c in nc)
