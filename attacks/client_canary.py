@@ -55,7 +55,7 @@ def epsilon_cap(canaries: int, null_directions: int, delta: float, alpha: float 
     Clopper–Pearson bound with the canaries perfectly separated from the null,
     ln((1 − δ − FNR_hi) / FPR_hi). A two-Gaussian estimate above it rests on the fitted tails, not on
     anything the canaries were seen to do."""
-    from attacks.audit import clopper_pearson
+    from attacks.epsilon_bounds import clopper_pearson
 
     fnr_hi = clopper_pearson(0, canaries, alpha)[1]
     fpr_hi = clopper_pearson(0, null_directions, alpha)[1]

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.attribute_inference import client_properties, pooled_property_probe
-from attacks.audit import one_run_audit
+from attacks.epsilon_bounds import one_run_audit
 from attacks.linkability import linkability, source_inference
 from attacks.lira import logit_confidence, run_lira
 from attacks.membership import confidence_scores, fit_proxy_head, loss_scores, prompt_features, prompt_gradients

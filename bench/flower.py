@@ -9,7 +9,7 @@ the final evaluation), the ratio Flower ÷ in-process, and whether the per-clien
 exactly, and memory: the largest resident set (RSS) of each Ray ClientApp actor process, sampled
 every 0.2 s, and the last one seen before the actor ended (between messages: one client's records),
 against the in-process runner's own RSS after its run (what one process holding every client
-needs). The simulation goes through ``flwr run`` on a simulation SuperLink (evaluations.flower_app). Skips with a message when the data file is absent.
+needs). The simulation goes through ``flwr run`` on a simulation SuperLink (evaluations.flower.app). Skips with a message when the data file is absent.
 Usage: python bench/flower.py [--clients 10 100 500] [--rounds 4]
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main() -> None:
         print(f"skipped: {DATA} not found (see ../shared/data/README.md)")
         return
     sys.path.insert(0, str(REPO))
-    from evaluations.flower_app import run_flower
+    from evaluations.flower.app import run_flower
     from evaluations.plugins import load_plugins
     from pfedpg.runner import Trainer
 

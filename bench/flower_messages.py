@@ -1,11 +1,11 @@
 """Per-message overhead of a Flower deployment, with and without the node's long-running worker.
 
-A SuperLink and 2 SuperNodes on 127.0.0.1 (``evaluations.flower_local``, plaintext), the embedded
+A SuperLink and 2 SuperNodes on 127.0.0.1 (``evaluations.flower.local``, plaintext), the embedded
 digits, the positive control's backbone shape with random weights (16 px, patch 4, width 64,
 depth 4), pFedPG, R rounds, one evaluation at the end, ``threads: 1``. Run once with every
 SuperNode building its client in each ClientApp process (Flower 1.42's default: a fresh process
 per message), once with ``--node-config "... worker=<socket>"`` (the client is built once in a
-long-running worker, ``evaluations.flower_worker``), and once more with the worker and
+long-running worker, ``evaluations.flower.worker``), and once more with the worker and
 ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.05`` in the SuperNodes' environment (their SuperExec looks
 for a new message's task every 0.05 s instead of every 1 s).
 
@@ -49,7 +49,7 @@ MODES = {
 
 
 def measure(cfg, work: Path, worker: bool, env: dict[str, str]) -> dict:
-    from evaluations.flower_local import Federation
+    from evaluations.flower.local import Federation
 
     work.mkdir(parents=True)
     nodes = [{"partition-id": n, **({"worker": f"/tmp/pfedpg-bench-{int(time.time())}-{n}.sock"} if worker else {})}

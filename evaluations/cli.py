@@ -101,7 +101,7 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from evaluations.audit import client_canary_cell, load_audit, run_audit
+    from evaluations.leakage_sweep import client_canary_cell, load_audit, run_audit
 
     grid, probes, base = load_audit(args.config, args.overrides)
     _check_writable(args.out or grid.out_dir, "audit directory")
@@ -158,7 +158,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_flower_certs(args) -> int:
-    from evaluations.flower_certs import make_certificates
+    from evaluations.flower.certs import make_certificates
 
     files = make_certificates(args.out_dir, hosts=args.host or ["127.0.0.1", "localhost"], nodes=args.nodes, days=args.days)
     for name, path in files.items():

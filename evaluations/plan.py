@@ -22,7 +22,6 @@ steps are stated), the server step (milliseconds), and the audit's forward-only 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -33,7 +32,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from pfedpg.config import RunConfig, config_from_dict, load_config, load_yaml_file
@@ -65,7 +63,7 @@ def expand(path: str | Path, overrides: list[str] | None) -> tuple[str, list[dic
         sweep, base = load_sweep(p, overrides)
         return kind, cells(sweep, base)
     if kind == "audit":
-        from evaluations.audit import load_audit, with_audit_hook
+        from evaluations.leakage_sweep import load_audit, with_audit_hook
         from evaluations.privacy import cells
 
         grid, probes, base = load_audit(p, overrides)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from evaluations.leakage_pooling import UNITS, group_key, plot_tpr_vs_epsilon, pooled_probes
 from evaluations.report import html_page, img_tag, run_header
 from evaluations.sweep import divergence, load_grid_file, run_cells
 from pfedpg.config import build_dataclass
@@ -163,8 +164,6 @@ def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str |
     results = run_cells(cells(sweep, base), out, log=log, progress=progress, jobs=jobs)
     rows = [_row(r.cell, r.run_dir, r.summary, r.error) for r in results]
     if sweep.audit is not None:
-        from evaluations.audit import group_key, plot_tpr_vs_epsilon, pooled_probes
-
         by_group: dict[str, list[Path]] = {}
         for r in results:
             if r.summary is not None and (r.run_dir / "audit" / "audit.json").is_file():
@@ -266,9 +265,6 @@ def markdown_table(header, body) -> str:
 
 
 #: the privacy unit of each mechanism's ε: ε of different units are not comparable, so each gets its own axis
-UNITS = {"dp_client": "client-level ε (one client's whole data set)", "dp_sgd": "record-level ε (one record)"}
-
-
 def plot(path: Path, agg: list[dict[str, Any]]) -> None:
     """Accuracy against ε, one panel per privacy unit (client-level and record-level ε are not
     comparable), with the baselines as horizontal lines in every panel."""

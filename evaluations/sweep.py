@@ -86,7 +86,7 @@ def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bo
                  resume: bool = False, restart: bool = False) -> dict[str, Any]:
     """One run on the engine ``cfg.engine`` names; returns its summary."""
     if cfg.engine == "flower":
-        from evaluations.flower_app import run_flower
+        from evaluations.flower.app import run_flower
 
         return run_flower(cfg, run_dir, log=log, resume=resume)
     from pfedpg.runner import Trainer

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attacks.audit import audit_delta_mechanism, clopper_pearson, epsilon_lower_bound
+from attacks.epsilon_bounds import audit_delta_mechanism, clopper_pearson, epsilon_lower_bound
 from conftest import tiny_config
 from defenses.accounting import accountant_epsilon, make_accountant
 from pfedpg.gdp import gdp_epsilon

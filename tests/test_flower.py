@@ -88,7 +88,7 @@ SIMULATED_HOOKS = [
                        "model.kwargs.depth": 2}),
 ])
 def test_simulation_matches_inprocess(tmp_path, hooks, extra):
-    from evaluations.flower_app import run_flower
+    from evaluations.flower.app import run_flower
 
     # privacy.release_metrics: the clients send their rows too (the default keeps them on the clients
     # under dp_client; test_the_server_receives_only_the_release_under_dp checks that path), so the
@@ -121,7 +121,7 @@ def test_simulation_matches_inprocess(tmp_path, hooks, extra):
 
 
 def test_flower_refuses_what_it_cannot_run(tmp_path):
-    from evaluations.flower_app import run_flower
+    from evaluations.flower.app import run_flower
 
     with pytest.raises(ConfigError, match="leakage_audit.*engine: inprocess"):
         run_flower(_flower(tiny_config(hooks=[{"name": "leakage_audit", "probes": ["loss"]}])), tmp_path / "a")
@@ -144,7 +144,7 @@ def test_flower_refuses_what_it_cannot_run(tmp_path):
 def test_a_simulation_started_with_the_wrong_number_of_supernodes_names_the_fix(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from pfedpg.flower import ClientRuntime
+    from evaluations.flower.node import ClientRuntime
     from pfedpg.runner import _redacted
 
     values = {"config-yaml": dump_config(_flower(tiny_config(rounds=1, threads=1))), "run-dir": str(tmp_path),
@@ -199,8 +199,8 @@ class FakeGrid:
 
 
 def _fake_run(tmp_path, policy):
-    from evaluations.flower_app import make_client_app
-    from pfedpg.flower import FlowerTrainer
+    from evaluations.flower.app import make_client_app
+    from evaluations.flower.trainer import FlowerTrainer
 
     cfg = _flower(tiny_config(rounds=3, threads=1), on_client_failure=policy, round_timeout_s=0.5)
     settings = {"config-yaml": dump_config(cfg), "run-dir": str(tmp_path), "backbone-path": ""}
@@ -231,8 +231,9 @@ def test_the_server_receives_only_the_release_under_dp(tmp_path, mechanism):
     drawn, clipped fraction or compute time. The clients keep those rows; merged after the run they
     are the in-process run's rows. With privacy.release_metrics they are sent, and the statement says
     they are released outside the guarantee."""
-    from evaluations.flower_app import make_client_app, merge_client_metrics
-    from pfedpg.flower import FlowerTrainer, _unpack
+    from evaluations.flower.app import make_client_app, merge_client_metrics
+    from evaluations.flower.messages import unpack
+    from evaluations.flower.trainer import FlowerTrainer
 
     cfg = tiny_config(rounds=2, threads=1, hooks=[mechanism])
     fcfg = _flower(cfg)
@@ -249,7 +250,7 @@ def test_the_server_receives_only_the_release_under_dp(tmp_path, mechanism):
             result = content.config_records["result"]
             assert set(result.keys()) == {"row", "hooks"}
             assert set(json.loads(result["row"])) == {"local_steps"}
-            state = _unpack(result["hooks"])
+            state = unpack(result["hooks"])
             assert set(state) == {mechanism["name"]} and set(state[mechanism["name"]]) == {"accountant"}
         elif kind == MessageType.EVALUATE:
             assert not content.array_records and set(json.loads(content.config_records["result"]["row"])) == {"client", "withheld"}
@@ -280,7 +281,7 @@ def test_the_app_started_by_hand_refuses_a_used_run_dir(tmp_path):
     """`flwr run RUN_DIR/flower_app` by hand: a run directory that holds a run is never written over."""
     from flwr.app import Context, RecordDict
 
-    from evaluations.flower_app import make_server_app
+    from evaluations.flower.app import make_server_app
 
     cfg = _flower(tiny_config(rounds=1, threads=1))
     Trainer(cfg, run_dir=tmp_path / "done").run()
@@ -332,7 +333,7 @@ def test_dead_client_fail_stops_with_finished_rounds_kept(tmp_path):
 # Deployment: a SuperLink and two SuperNodes as separate processes on 127.0.0.1
 
 
-from evaluations.flower_local import Federation, free_port as _free_port  # noqa: E402
+from evaluations.flower.local import Federation, free_port as _free_port  # noqa: E402
 
 
 @DEPLOY
@@ -398,8 +399,8 @@ def write_node_files(cfg, out: Path) -> list[dict]:
 
 
 def _node_local_run(tmp_path, cfg, nodes, name="local"):
-    from evaluations.flower_app import make_client_app
-    from pfedpg.flower import FlowerTrainer
+    from evaluations.flower.app import make_client_app
+    from evaluations.flower.trainer import FlowerTrainer
 
     fcfg = _flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=len(nodes), round_timeout_s=30.0, node_wait_s=5.0)
     settings = {"config-yaml": dump_config(fcfg), "run-dir": str(tmp_path), "backbone-path": ""}
@@ -408,9 +409,9 @@ def _node_local_run(tmp_path, cfg, nodes, name="local"):
 
 
 def test_node_local_data_matches_the_partitioned_run(tmp_path):
-    from pfedpg.flower import ClientRuntime
+    from evaluations.flower.node import ClientRuntime
 
-    from evaluations.flower_app import merge_client_metrics
+    from evaluations.flower.app import merge_client_metrics
 
     cfg = tiny_config(rounds=2, threads=1, hooks=[{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8}])
     # Under dp_client each node keeps its rows in its own metrics-dir (here all beside the run, to merge).
@@ -437,8 +438,9 @@ def test_a_process_serving_every_client_holds_one_clients_records(tmp_path, shar
     """Partition mode (simulation): one ClientApp process serves all clients in turn, like a Ray
     actor, with the partitioned run's numbers, and holds only the current client's records — read
     from its shard (what the simulation driver writes), or re-partitioned from the data file."""
-    from evaluations.flower_app import make_client_app
-    from pfedpg.flower import ClientRuntime, FlowerTrainer, write_client_shards
+    from evaluations.flower.app import make_client_app
+    from evaluations.flower.node import ClientRuntime, write_client_shards
+    from evaluations.flower.trainer import FlowerTrainer
 
     cfg = tiny_config(rounds=2, threads=1, clients_per_round=2)
     ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
@@ -466,7 +468,7 @@ def test_a_process_serving_every_client_holds_one_clients_records(tmp_path, shar
 
 
 def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
-    from pfedpg.flower import ClientRuntime
+    from evaluations.flower.node import ClientRuntime
 
     cfg = tiny_config(rounds=1, threads=1)
     nodes = write_node_files(cfg, tmp_path)
@@ -521,7 +523,7 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
     """A deployment as a federation of hospitals runs it: each SuperNode reads only its own files,
     the SuperLink serves TLS and admits only registered SuperNodes. Same numbers as the in-process
     run on the same records; node 0 serves its messages from a long-running worker (``worker=``)."""
-    from evaluations.flower_certs import make_certificates
+    from evaluations.flower.certs import make_certificates
 
     # 2 clients, 2 rounds, evaluated after the last
     cfg = tiny_config(threads=1, eval_every=2, **{"data.num_domains": 2})

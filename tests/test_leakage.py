@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from attacks.attribute_inference import client_properties, pooled_property_probe
-from attacks.audit import one_run_audit, one_run_epsilon_lower_bound, one_run_p_value
+from attacks.epsilon_bounds import one_run_audit, one_run_epsilon_lower_bound, one_run_p_value
 from attacks.leakage import dp_region
 from attacks.linkability import linkability, source_inference
 from attacks.lira import lira_scores
@@ -324,7 +324,7 @@ def test_audit_cli_with_client_canaries(tmp_path):
     ({"probes": {"shadows": 2}}, "unexpected keyword"),
 ])
 def test_bad_audit_files_are_config_errors(tmp_path, audit, message):
-    from evaluations.audit import load_audit
+    from evaluations.leakage_sweep import load_audit
 
     with pytest.raises(ConfigError, match=message):
         load_audit(audit_file(tmp_path, **audit))

@@ -50,7 +50,7 @@ def test_the_tpr_interval_covers_the_threshold_uncertainty():
     resamples the seeds."""
     from scipy.stats import norm
 
-    from attacks.audit import clopper_pearson
+    from attacks.epsilon_bounds import clopper_pearson
 
     truth = float(norm.cdf(2 - norm.ppf(0.99)))
     covered = {"bootstrap": 0, "clopper_pearson": 0}

@@ -7,7 +7,7 @@ pretraining, which no client ever receives.
 """
 from pfedpg.data.base import ClientSplit, ImageDataset, public_indices, resize_images
 from pfedpg.data.config import PARTITION_NAMES, SOURCE_NAMES, DataConfig
-from pfedpg.data.embedded import EMBEDDED_SHIFTS
+from pfedpg.data.styles import EMBEDDED_SHIFTS
 from pfedpg.data.partition import PARTITIONERS, new_client_ids, partition_clients, split_new_clients
 from pfedpg.data.sources import SOURCES, load_dataset
 

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pfedpg.data.embedded import EMBEDDED_SHIFTS, OVERLAY_DOMAINS
+from pfedpg.data.styles import EMBEDDED_SHIFTS, OVERLAY_DOMAINS
 from pfedpg.data.pipeline import AUGMENTS
 from pfedpg.errors import ConfigError
 

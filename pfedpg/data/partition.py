@@ -311,7 +311,8 @@ def _deal_source_test(
     return [test_pool[owner == n] for n in range(len(parts))]
 
 
-def _cap(ds: ImageDataset, idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+def cap_records(ds: ImageDataset, idx: np.ndarray, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    """``idx`` if it holds at most ``cap`` records (or cap is null), else ``cap`` of them drawn stratified by label."""
     if cap is None or idx.size <= cap:
         return idx
     return idx[stratified_choice(ds.labels[idx], total=cap, rng=rng)]
@@ -349,9 +350,9 @@ def partition_clients(ds: ImageDataset, cfg: "DataConfig", *, seed: int) -> list
         else:
             train, test, val = _split_own(ds, records, client=n, cfg=cfg, rng=rng)
         # One stream per cap, so changing the train cap never reshuffles the capped test set.
-        train = _cap(ds, train, cfg.max_train_per_client, seeds.numpy("data.subsample.train", client=n))
-        test = _cap(ds, test, cfg.max_test_per_client, seeds.numpy("data.subsample.test", client=n))
-        val = _cap(ds, val, cfg.max_val_per_client, seeds.numpy("data.subsample.val", client=n))
+        train = cap_records(ds, train, cfg.max_train_per_client, seeds.numpy("data.subsample.train", client=n))
+        test = cap_records(ds, test, cfg.max_test_per_client, seeds.numpy("data.subsample.test", client=n))
+        val = cap_records(ds, val, cfg.max_val_per_client, seeds.numpy("data.subsample.val", client=n))
         if train.size == 0 or test.size == 0:
             what = "train" if train.size == 0 else "test"
             raise DataError(

@@ -52,7 +52,8 @@ def make_server_app():
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from pfedpg.flower import FlowerTrainer, settings_from  # (torch: only where the server runs)
+        from evaluations.flower.messages import settings_from
+        from evaluations.flower.trainer import FlowerTrainer  # (torch: only where the server runs)
 
         load_plugins()
         cfg, run_dir, backbone = settings_from(dict(context.run_config))
@@ -79,7 +80,7 @@ def _check_run_dir_is_new(run_dir: Path) -> None:
 def make_client_app(settings: dict[str, Any] | None = None):
     """A ClientApp answering query / train / evaluate messages with ``ClientRuntime`` — in this
     process, or, when the SuperNode's --node-config names a ``worker`` socket, in the node's
-    long-running worker (``evaluations.flower_worker``), which keeps the built client (backbone,
+    long-running worker (``evaluations.flower.worker``), which keeps the built client (backbone,
     data, state) across messages."""
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
@@ -90,7 +91,7 @@ def make_client_app(settings: dict[str, Any] | None = None):
         values = settings if settings is not None else dict(context.run_config)
         node_config = dict(context.node_config)
         if node_config.get("worker"):
-            from evaluations.flower_worker import forward
+            from evaluations.flower.worker import forward
 
             content, state = forward(str(node_config["worker"]), kind, values, node_config, msg.content, context.state)
             for key in list(context.state.keys()):
@@ -98,7 +99,7 @@ def make_client_app(settings: dict[str, Any] | None = None):
             for key, record in state.items():
                 context.state[key] = record
             return Message(content, reply_to=msg)
-        from pfedpg.flower import ClientRuntime
+        from evaluations.flower.node import ClientRuntime
 
         load_plugins()
         return Message(getattr(ClientRuntime.get(values, node_config), kind)(msg, context), reply_to=msg)
@@ -191,7 +192,7 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     """Run ``cfg`` on Flower into ``run_dir``; returns summary.json's contents."""
     _require_flwr()
     load_plugins()
-    from pfedpg.flower import check_supported
+    from evaluations.flower.trainer import check_supported
     from pfedpg.hooks import build_hooks
 
     check_supported(cfg, build_hooks(cfg.hooks), resume=resume)  # before Ray or a SuperLink is touched
@@ -242,8 +243,8 @@ def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Call
     port of 127.0.0.1 and stops when it ends (what ``flwr run`` does with a ``:local:`` connection,
     but owned by this run: no SuperLink left behind, and parallel runs never share one). Flower's
     Ray backend runs one virtual SuperNode per client, ``flower.client_cpus`` CPUs each."""
-    from evaluations.flower_local import LocalSuperLink
-    from pfedpg.flower import write_client_shards
+    from evaluations.flower.local import LocalSuperLink
+    from evaluations.flower.node import write_client_shards
 
     cpus = os.cpu_count() or 1
     if cfg.flower.client_cpus > cpus:
@@ -359,7 +360,7 @@ def write_flower_app(run_dir: Path, settings: dict[str, str]) -> Path:
     lines = "\n".join(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in settings.items())
     (app / "pyproject.toml").write_text(APP_PYPROJECT.format(config=lines))
     (app / "pfedpg_run.py").write_text('"""Components of one pfedpg-eval run (see RUN_DIR/config.yaml)."""\n'
-                                       "from evaluations import flower_app as _app\n\n"
+                                       "from evaluations.flower import app as _app\n\n"
                                        "server_app = _app.server_app\nclient_app = _app.client_app\n")
     return app
 
@@ -378,16 +379,7 @@ def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Callab
     app = write_flower_app(run_dir, settings)
     home = run_dir / "flower_home"  # the CLI's SuperLink connection, kept apart from ~/.flwr
     root = str(Path(cfg.flower.root_certificates).resolve()) if cfg.flower.root_certificates else None
+    from evaluations.flower.local import write_connection
+
     write_connection(home, cfg.flower.superlink, insecure=cfg.flower.insecure, root_certificates=root)
     return _flwr_run(app, home, log)
-
-
-def write_connection(home: Path, address: str, *, insecure: bool, root_certificates: str | None = None) -> Path:
-    """``home/config.toml``: the Flower CLI's SuperLink connection ``fed`` (``FLWR_HOME=home``);
-    what a user writes to start ``RUN_DIR/flower_app`` by hand with ``flwr run RUN_DIR/flower_app fed``."""
-    home.mkdir(parents=True, exist_ok=True)
-    conn = [f"address = {json.dumps(address)}", f"insecure = {'true' if insecure else 'false'}"]
-    if root_certificates:
-        conn.append(f"root-certificates = {json.dumps(root_certificates)}")
-    (home / "config.toml").write_text('[superlink]\ndefault = "fed"\n\n[superlink.fed]\n' + "\n".join(conn) + "\n")
-    return home / "config.toml"

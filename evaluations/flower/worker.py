@@ -13,7 +13,7 @@ after ``--idle-s`` seconds without a message, or on SIGTERM. The socket is creat
 (0600): only the user running the SuperNode can talk to it. Requests are pickled, which is why
 the socket must stay private to that user.
 
-Run it by hand (e.g. under a service manager) with ``python -m evaluations.flower_worker --socket
+Run it by hand (e.g. under a service manager) with ``python -m evaluations.flower.worker --socket
 PATH``; the ClientApp then uses the running one.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _start(path: str, timeout: float) -> socket.socket:
             return sock
         Path(path).unlink(missing_ok=True)  # a stale socket of a worker that died
         log = open(path + ".log", "a")
-        subprocess.Popen([sys.executable, "-m", "evaluations.flower_worker", "--socket", path,
+        subprocess.Popen([sys.executable, "-m", "evaluations.flower.worker", "--socket", path,
                           "--watch-pid", str(os.getppid())], stdout=log, stderr=subprocess.STDOUT,
                          stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + timeout
@@ -105,7 +105,7 @@ def forward(path: str, kind: str, values: dict, node_config: dict, content, stat
 def serve(path: str, *, watch_pid: int | None = None, idle_s: float = IDLE_S) -> None:
     """Answer messages until the watched process is gone, ``idle_s`` pass without one, or SIGTERM."""
     from evaluations.plugins import load_plugins
-    from pfedpg.flower import ClientRuntime
+    from evaluations.flower.node import ClientRuntime
 
     load_plugins()
     stop = []
@@ -163,7 +163,7 @@ def _alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluations.flower_worker",
+    p = argparse.ArgumentParser(prog="python -m evaluations.flower.worker",
                                 description="A SuperNode's long-running pfedpg-eval client worker (see the module docs).")
     p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (the node-config's worker=)")
     p.add_argument("--watch-pid", type=int, metavar="PID", help="exit when this process is gone")

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -92,6 +93,17 @@ def wait_listening(proc: subprocess.Popen, port: int, log: Path, timeout: float 
     raise RuntimeError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout:g} s (its log: {log})")
 
 
+def write_connection(home: Path, address: str, *, insecure: bool, root_certificates: str | None = None) -> Path:
+    """``home/config.toml``: the Flower CLI's SuperLink connection ``fed`` (``FLWR_HOME=home``);
+    what a user writes to start ``RUN_DIR/flower_app`` by hand with ``flwr run RUN_DIR/flower_app fed``."""
+    home.mkdir(parents=True, exist_ok=True)
+    conn = [f"address = {json.dumps(address)}", f"insecure = {'true' if insecure else 'false'}"]
+    if root_certificates:
+        conn.append(f"root-certificates = {json.dumps(root_certificates)}")
+    (home / "config.toml").write_text('[superlink]\ndefault = "fed"\n\n[superlink.fed]\n' + "\n".join(conn) + "\n")
+    return home / "config.toml"
+
+
 class LocalSuperLink:
     """``flower-superlink`` on a free port of 127.0.0.1 (plaintext: it listens on loopback only),
     with ``FLWR_HOME=home`` and its log in ``home/superlink.log``; ``simulation=True`` runs Flower's
@@ -119,8 +131,6 @@ class LocalSuperLink:
 
     def connect(self) -> Path:
         """Writes the Flower CLI's connection ``fed`` to this SuperLink; returns FLWR_HOME."""
-        from evaluations.flower_app import write_connection
-
         write_connection(self.home, f"127.0.0.1:{self.port}", insecure=True)
         return self.home
 
@@ -165,8 +175,6 @@ class Federation:
                 "--port", str(free_port()), "--node-config", " ".join(f"{k}={v}" if isinstance(v, int) else f'{k}="{v}"' for k, v in nc.items())]))
 
     def _connection(self) -> None:
-        from evaluations.flower_app import write_connection
-
         write_connection(self.home, f"127.0.0.1:{self.port}", insecure=self.certs is None,
                          root_certificates=str(self.certs / "ca.crt") if self.certs else None)
 

@@ -1,0 +1,162 @@
+"""Leakage pooled over seeds: the probes' (score, label) pools and the client canary audit, read
+back from each run's ``audit/`` folder, and the TPR-vs-ε plot — shared by the privacy sweep (with
+``audit:``) and the audit command (``evaluations.leakage_sweep``)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: what one ε counts, per DP mechanism (client-level and record-level ε are not comparable)
+UNITS = {"dp_client": "client-level ε (one client's whole data set)", "dp_sgd": "record-level ε (one record)"}
+
+
+def group_key(cell: dict[str, Any]) -> str:
+    name = cell["cell"]
+    return name.rsplit("-s", 1)[0]
+
+
+def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
+    """Pool each probe's (scores, labels) over runs; metrics on the pool; canaries get the one-run
+    bound on all canaries of all runs (independent runs form one product mechanism)."""
+    from attacks.epsilon_bounds import one_run_audit
+    from attacks.metrics import probe_metrics
+
+    pools: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    per_run: list[dict] = []
+    for d in run_dirs:
+        audit = json.loads((d / "audit" / "audit.json").read_text())
+        per_run.append(audit)
+        data = np.load(d / "audit" / "scores.npz")
+        for key in data.files:
+            if key.endswith("__scores"):
+                name = key[: -len("__scores")]
+                pools.setdefault(name, []).append((data[key], data[name + "__labels"]))
+    first = per_run[0]["probes"]
+    dp = per_run[0].get("dp")
+    out: dict[str, Any] = {}
+    for name, parts in pools.items():
+        s = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts]).astype(bool)
+        seeds = np.concatenate([np.full(len(p[0]), i) for i, p in enumerate(parts)])  # the independent units
+        res = probe_metrics(s, y, groups=seeds)
+        if name.startswith("canary_"):
+            side = name.split("_", 1)[1]
+            ref = first["canary"][side]
+            one = one_run_audit(s, y, delta=ref["delta"], guess_fraction=ref["guesses"] / ref["canaries"])
+            eps = max((r["probes"]["canary"][side]["accountant_epsilon"] or -1) for r in per_run)
+            eps = None if eps < 0 else eps
+            res.update(one, threat_model=ref["threat_model"], accountant_epsilon=eps,
+                       violation=bool(eps is not None and one["epsilon_lower_bound"] > eps),
+                       can_fail=bool(eps is not None and one["epsilon_cap"] > eps))
+        else:
+            ref = first.get(name, {})
+            res.update(threat_model=ref.get("threat_model"), dp_envelope=ref.get("dp_envelope"))
+            if ref.get("dp_envelope"):
+                res["dp_envelope"] = {**ref["dp_envelope"],
+                                      "epsilon": max(r["probes"][name]["dp_envelope"]["epsilon"] for r in per_run)}
+            for extra in ("top1_accuracy", "chance", "permutation_p_value", "null_auc_mean"):
+                vals = [r["probes"][name].get(extra) for r in per_run if r["probes"].get(name, {}).get(extra) is not None]
+                if vals:
+                    res[f"{extra}_per_seed"] = vals
+        res["runs"] = len(parts)
+        out[name] = res
+    # A probe that broke down in a run (audit.json status "failed: ..."): said beside the pool, or alone.
+    for r, d in zip(per_run, run_dirs):
+        for name, res in r["probes"].items():
+            if str(res.get("status", "")).startswith("failed"):
+                out.setdefault(name, {"status": "failed in every run", "runs": 0}).setdefault(
+                    "failed_runs", []).append(f"{d.name}: {res['status']}")
+    seconds = {}
+    for r in per_run:
+        for name, res in r["probes"].items():
+            if "seconds_per_training_round" in res and res["seconds_per_training_round"] is not None:
+                seconds.setdefault(name, []).append(res["seconds_per_training_round"])
+    client = [json.loads((d / "audit" / "client_canary.json").read_text()) for d in run_dirs
+              if (d / "audit" / "client_canary.json").is_file()]
+    if client:
+        out["client_canary"] = pooled_client_canaries(client)
+    return {"probes": out, "dp": dp, "cost_in_training_rounds": {k: float(np.mean(v)) for k, v in seconds.items()},
+            "_pools": pools}
+
+
+def pooled_client_canaries(client: list[dict[str, Any]]) -> dict[str, Any]:
+    """The client-level one-run audit pooled over seeds: each run's cosines in units of its own null
+    (its null's mean and spread), one estimate on the pool, and the bootstrap resampling seeds first."""
+    from attacks.client_canary import compare, estimate_epsilon
+
+    def pool(views: list[dict[str, Any]]) -> dict[str, Any]:
+        cin = np.concatenate([(np.asarray(v["cos_in"]) - v["null_mean"]) / v["null_std"] for v in views])
+        null = np.concatenate([(np.asarray(v["cos_null"]) - v["null_mean"]) / v["null_std"] for v in views])
+        groups = np.concatenate([np.full(len(v["cos_in"]), i) for i, v in enumerate(views)])
+        null_groups = np.concatenate([np.full(len(v["cos_null"]), i) for i, v in enumerate(views)])
+        est = estimate_epsilon(cin, null, delta=views[0]["delta"], groups=groups, null_groups=null_groups)
+        return {**est, "epsilon_hat_per_seed": [v["epsilon_hat"] for v in views],
+                "epsilon_ci_per_seed": [v["epsilon_ci"] for v in views]}
+
+    acc = max((c["accountant_epsilon"] for c in client if c.get("accountant_epsilon") is not None), default=None)
+    claims = [c.get("claimed_epsilon") for c in client if c.get("claimed_epsilon") is not None]
+    claim = max(claims) if claims else None
+    res = pool(client)
+    res.update(compare(res, claim, acc), runs=len(client), view=client[0]["view"], note=client[0]["note"],
+               threat_model=client[0].get("threat_model"), claim=client[0].get("claim"))
+    if all("releases" in c for c in client):
+        rel = pool([c["releases"] for c in client])
+        res["releases"] = {**rel, **compare(rel, claim, acc)}
+    return res
+
+
+def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: dict[str, float] | None = None) -> None:
+    """TPR at 1% FPR (solid) and at 0.1% FPR (dashed), pooled, against ε, wherever the pooled
+    negatives resolve that FPR: one panel per DP mechanism (client-level and record-level ε are not
+    comparable), each with the non-private groups at its right edge; one colour per probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def points(res):
+        for p, r in res["probes"].items():
+            for key in ("tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"):
+                v = r.get(key, {}).get("value") if isinstance(r.get(key), dict) else None
+                if isinstance(v, float):
+                    yield p, key, v
+
+    private = {g: r for g, r in groups.items() if (r.get("dp") or {}).get("epsilon") is not None
+               and math.isfinite(r["dp"]["epsilon"])}
+    open_ = {g: r for g, r in groups.items() if g not in private}
+    mechs = sorted({r["dp"]["hook"] for r in private.values()}) or [None]
+    probes = sorted({p for r in groups.values() for p, _, _ in points(r)})
+    colour = {p: plt.cm.tab20(i % 20) for i, p in enumerate(probes)}
+    fig, axes = plt.subplots(1, len(mechs), figsize=(4.6 * len(mechs) + 2.4, 4.4), dpi=120, sharey=True, squeeze=False)
+    drawn = {}
+    for ax, mech in zip(axes[0], mechs):
+        mine = {g: r for g, r in private.items() if r["dp"]["hook"] == mech}
+        finite = [r["dp"]["epsilon"] for r in mine.values()]
+        right = max(finite) * 4 if finite else 10.0
+        series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for res, x in [(r, r["dp"]["epsilon"]) for r in mine.values()] + [(r, right) for r in open_.values()]:
+            for p, key, v in points(res):
+                series.setdefault((p, key), []).append((x, v))
+        for (p, key), pts in sorted(series.items()):
+            xs, ys = zip(*sorted(pts))
+            line, = ax.plot(xs, ys, "-o" if key == "tpr_at_1pct_fpr" else "--s", ms=3, color=colour[p])
+            drawn.setdefault(f"{p}{'' if key == 'tpr_at_1pct_fpr' else ', 0.1% FPR'}", line)
+        ax.set_xscale("log")
+        ax.axvline(right, color="k", lw=0.5, ls=":")
+        unit = UNITS.get(mech, "ε") if mech else "ε"
+        ax.set_xlabel(f"{unit}\n(dotted line at {right:.3g}: no DP, ε = ∞)", fontsize=8)
+        ax.set_title(mech or "no DP mechanism", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        if not series:
+            ax.text(0.5, 0.5, "TPR at 1% and 0.1% FPR unresolved\n(pool more targets: >= 1,000 non-members)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    axes[0][0].set_ylabel("TPR at 1% FPR (solid) / 0.1% FPR (dashed), pooled")
+    if drawn:
+        fig.legend(list(drawn.values()), list(drawn), fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
