@@ -53,45 +53,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from attacks.attribute_inference import client_properties, pooled_property_probe
-from attacks.epsilon_bounds import one_run_audit
-from attacks.linkability import linkability, source_inference
-from attacks.lira import logit_confidence, run_lira
-from attacks.membership import confidence_scores, fit_proxy_head, loss_scores, prompt_features, prompt_gradients
-from attacks.metrics import dp_region, plot_roc, probe_metrics  # noqa: F401  (dp_region re-exported)
-from pfedpg.client import load_into
+from attacks.metrics import dp_region, plot_roc  # noqa: F401  (dp_region re-exported)
+from attacks.probes import PROBE_TYPES, ProbeRun, pick
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import ClientData, Hook, register_hook
 from pfedpg.models.device import is_out_of_memory
 
-#: probe -> (threat model, unit of the question it asks). ``placement`` (which client holds x) moves a
-#: record between two clients: no single neighbouring relation of either mechanism covers it.
-PROBES: dict[str, tuple[str, str]] = {
-    "attribute": ("server", "client"), "linkability": ("server", "client"), "loss": ("observer", "record"),
-    "confidence": ("observer", "record"), "alignment": ("server", "record"), "lira": ("observer", "record"),
-    "source": ("server", "placement"), "canary": ("server+observer", "record"), "rmia": ("observer", "record"),
-    "descriptor": ("server", "record"),
-}
-NEEDS_AUX = ("alignment", "lira", "source", "canary", "rmia", "descriptor")
-THREATS = {
-    "server": "honest-but-curious server: sees P_n it sent, the released ΔP_n, d_n, G, P_base and the backbone; "
-              "not the local heads",
-    "observer": "external observer who can query the client's final model (adapted prompt and head)",
-}
 LIRA_DEFAULTS = {"shadows": 8, "epochs": 5, "online": False}
 RMIA_DEFAULTS = {"references": 4, "epochs": 5, "a": 0.3, "gamma": 1.0, "population": 1000}
 CANARY_DEFAULTS = {"per_client": 64, "guess_fraction": 0.5}
-
-
-def _uniform_like(like: torch.Tensor, bound: float, g: torch.Generator) -> torch.Tensor:
-    """U(−bound, bound) of ``like``'s shape, drawn on the CPU from ``g`` and moved to ``like``'s device."""
-    return torch.empty(like.shape, dtype=like.dtype).uniform_(-bound, bound, generator=g).to(like.device)
-
-
-def _pick(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
-    return torch.from_numpy(np.sort(rng.permutation(n)[: min(n, k)]))
 
 
 @register_hook("leakage_audit")
@@ -124,9 +95,10 @@ class LeakageAudit(Hook):
                        ("permutations", permutations), ("aux_per_head", aux_per_head)):
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key in ("shadow_clients", "permutations") else 1):
                 raise ConfigError(f"leakage_audit.{key}={v!r} must be a {'non-negative' if key in ('shadow_clients', 'permutations') else 'positive'} integer")
-        unknown = [p for p in (probes or []) if p not in PROBES]
+        unknown = [p for p in (probes or []) if p not in PROBE_TYPES]
         if unknown:
-            raise ConfigError(f"leakage_audit.probes: unknown probe {unknown[0]!r}; choose from {', '.join(PROBES)}")
+            raise ConfigError(f"leakage_audit.probes: unknown probe {unknown[0]!r}; choose from "
+                              f"{', '.join(PROBE_TYPES.in_order())}")
         if lira is not None and set(lira) - set(LIRA_DEFAULTS):
             raise ConfigError(f"leakage_audit.lira: unknown key {sorted(set(lira) - set(LIRA_DEFAULTS))[0]!r}; "
                               f"valid: {', '.join(LIRA_DEFAULTS)}")
@@ -150,10 +122,11 @@ class LeakageAudit(Hook):
         self.canaries = None if canaries is None else {**CANARY_DEFAULTS, **canaries}
         if self.canaries is not None and (not isinstance(self.canaries["per_client"], int) or self.canaries["per_client"] < 2):
             raise ConfigError("leakage_audit.canaries.per_client must be an integer >= 2")
-        default = [p for p in PROBES if (shadow_clients or p not in NEEDS_AUX) and (p != "canary" or canaries)]
+        default = [p for p in PROBE_TYPES.in_order() if (shadow_clients or not PROBE_TYPES.get(p).needs_aux)
+                   and (p != "canary" or canaries)]
         self.probes = list(probes) if probes is not None else default
         self._probes_defaulted = probes is None
-        need = [p for p in self.probes if p in NEEDS_AUX]
+        need = [p for p in self.probes if PROBE_TYPES.get(p).needs_aux]
         if need and shadow_clients < 1:
             raise ConfigError(f"leakage_audit: probe {need[0]!r} needs auxiliary data; set shadow_clients >= 1 "
                               "(the last clients become the server's own)")
@@ -260,281 +233,63 @@ class LeakageAudit(Hook):
                 return {"hook": h.name, "unit": unit, "epsilon": eps, "delta": delta, "note": note}
         return None
 
-    @staticmethod
-    def _augment(ctx, component: str, i: int):
-        """Shadow / reference model i's augmentation stream: the clients' recipe (``data.augment``)."""
-        return None if ctx.config.data.augment == "none" else ctx.seeds.torch(component, client=i)
-
-    def _covered(self, dp, probe_side: str, probe_unit: str) -> bool:
-        if dp is None or not math.isfinite(dp["epsilon"]) or probe_unit == "placement":
-            return False
-        if dp["unit"] == "client":
-            return probe_side == "server"
-        return probe_unit == "record"
-
-    def _proxy_head(self, ctx, client: int, rec: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (client, rec["round"])
-        if key not in self._heads:
-            feats = prompt_features(ctx.model, rec["sent"], self._aux[0][self._aux_head_idx])
-            self._heads[key] = fit_proxy_head(feats, self._aux[1][self._aux_head_idx], ctx.num_classes)
-        return self._heads[key]
-
-    def _alignment(self, ctx, client: int, recs: list[dict], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-        out = []
-        for rec in recs:
-            w, b = self._proxy_head(ctx, client, rec)
-            load_into(ctx.model, prompt=rec["sent"], head_weight=w, head_bias=b)
-            g = prompt_gradients(ctx.model, x, y).reshape(x.shape[0], -1)
-            out.append(F.cosine_similarity(g, (-rec["delta"]).reshape(1, -1).to(g), dim=1).cpu().numpy())
-        return np.mean(out, axis=0)
-
-    def _new_client_attributes(self, ctx, joins, views, record, dp_new) -> None:
-        """Attribute inference on the new clients: probes fitted on trained clients whose properties the
-        server knows (the shadows; without shadows, every trained client — an upper bound on the
-        attacker) score each new client's join-round features (d_new − d_new(0), the prompts sent, the
-        released ΔP_new)."""
-        from attacks.attribute_inference import transfer_property_probe
-
-        info = [ctx.client_info[n] for n in range(ctx.num_clients)] + list(ctx.new_client_info)
-        props = client_properties(info, presence_threshold=self.presence_threshold)
-        known = self.shadows or list(range(ctx.num_clients))
-        new_views = {"descriptor": {n: [(e["descriptor"] - e["initial_descriptor"]).numpy() for e in v]
-                                    for n, v in joins.items() if v[0].get("descriptor") is not None},
-                     "prompt": {n: [e["sent"].numpy() for e in v] for n, v in joins.items()},
-                     "delta": {n: [e["delta"].numpy() for e in v] for n, v in joins.items()}}
-        for view, feats in new_views.items():
-            train = {n: f for n, f in views[view].items() if n in known}
-            if not feats or not train:
-                continue
-            res = transfer_property_probe(train, feats, props, permutations=self.permutations,
-                                          rng=ctx.seeds.numpy("audit.attribute_new", round=len(view)))
-            res["features"] = {"descriptor": "d_new − d_new(0) after each join round (d_new(0): the mean descriptor)",
-                               "prompt": "G(P_base, d_new) sent each join round",
-                               "delta": "released ΔP_new each join round"}[view]
-            res["known_clients"] = "shadow clients" if self.shadows else "every trained client (upper bound)"
-            record(f"attribute_new_clients_{view}", res, dp_new)
-
     def end_of_run(self, ctx, *, summary):
         t_start = time.perf_counter()
-        rng = ctx.seeds.numpy("audit.probes")
         out_dir = Path(ctx.run_dir) / self.out
         out_dir.mkdir(parents=True, exist_ok=True)
-        dp = self._dp(ctx)
-        states = ctx.client_states()
-        results: dict[str, dict[str, Any]] = {}
-        curves: dict[str, tuple] = {}
+        run = self._probe_run(ctx)
         timings: dict[str, float] = {}
-        self._heads = {}
-        if self.shadows:
-            ax = torch.cat([torch.cat([ctx.train_data[s][0], ctx.eval_data[s][0]]) for s in self.shadows])
-            ay = torch.cat([torch.cat([ctx.train_data[s][1], ctx.eval_data[s][1]]) for s in self.shadows])
-            self._aux = (ax, ay)
-            self._aux_head_idx = _pick(ctx.seeds.numpy("audit.aux"), ax.shape[0], self.aux_per_head)
-
-        # Membership targets: members = training records, non-members = held-out records, per client.
-        mem = {}
-        for c in self.targets:
-            (xm, ym), (xn, yn) = ctx.train_data[c], ctx.eval_data[c]
-            im, inn = _pick(rng, xm.shape[0], self.targets_per_client), _pick(rng, xn.shape[0], self.targets_per_client)
-            mem[c] = (torch.cat([xm[im], xn[inn]]), torch.cat([ym[im], yn[inn]]),
-                      np.r_[np.ones(len(im), bool), np.zeros(len(inn), bool)])
-
-        joins = {n: v for n, v in (getattr(ctx, "joins", None) or {}).items() if v}  # data.new_clients
-        dp_new = self._dp(ctx, list(joins)) if joins else None
-
-        def record(name, res, env=None):
-            side, unit = PROBES[name.split("_")[0]]
-            curve = res.pop("_curve", None)
-            res["threat_model"] = THREATS["server"] if side.startswith("server") else THREATS["observer"]
-            if side == "server+observer":
-                res["threat_model"] = "see the per-score entries"
-            res["privacy_unit_of_question"] = unit
-            env = dp if env is None else env
-            covered = self._covered(env, side, unit)
-            res["dp_envelope"] = {"epsilon": env["epsilon"], "delta": env["delta"], "mechanism": env["hook"],
-                                  **({"note": env["note"]} if env["note"] else {})} if covered else None
-            results[name] = res
-            if curve is not None:
-                curves[name] = curve
-
-        def observer_scores(fn):
-            s, lab = [], []
-            for c in self.targets:
-                x, y, is_mem = mem[c]
-                load_into(ctx.model, prompt=states[c].prompt, head_weight=states[c].head_weight,
-                          head_bias=states[c].head_bias)
-                s.append(fn(ctx.model, x, y).cpu().numpy())
-                lab.append(is_mem)
-            return np.concatenate(s), np.concatenate(lab)
-
-        def run_probe(probe: str) -> None:
-            """One probe, its results recorded through ``record``."""
-            if probe == "attribute":
-                info = [ctx.client_info[n] for n in range(ctx.num_clients)]
-                props = client_properties(info, presence_threshold=self.presence_threshold)
-                d0 = self.initial_descriptors
-                views = {"descriptor": {n: [(d - d0[n]).numpy() for d in v] for n, v in self.descriptors.items()},
-                         "prompt": {n: [r["sent"].numpy() for r in v] for n, v in self.records.items()},
-                         "delta": {n: [r["delta"].numpy() for r in v] for n, v in self.records.items()}}
-                for view, feats in views.items():
-                    if not feats:
-                        continue
-                    res = pooled_property_probe(feats, props, permutations=self.permutations,
-                                                rng=ctx.seeds.numpy("audit.attribute", round=len(view)),
-                                                shadow_clients=self.shadows or None)
-                    res["features"] = {"descriptor": "d_n − d_n(0) after each round (the server drew d_n(0))",
-                                       "prompt": "P_n sent each round",
-                                       "delta": "released ΔP_n each round"}[view]
-                    record(f"attribute_{view}", res)
-                if joins:
-                    self._new_client_attributes(ctx, joins, views, record, dp_new)
-            elif probe == "linkability":
-                releases = {n: [r["delta"] for r in v] for n, v in self.records.items()}
-                record("linkability", linkability(releases))
-                if joins:  # a new client's later join releases matched against every client's earlier ones
-                    res = linkability({**releases, **{n: [e["delta"] for e in v] for n, v in joins.items()}},
-                                      query_clients=sorted(joins))
-                    res["features"] = "new clients' released ΔP_new in their later join rounds, matched to every client's reference"
-                    record("linkability_new_clients", res, dp_new)
-            elif probe in ("loss", "confidence"):
-                fn = loss_scores if probe == "loss" else confidence_scores
-                s, lab = observer_scores(fn)
-                record(probe, {**probe_metrics(s, lab), "_curve": (s, lab)})
-            elif probe == "alignment":
-                s, lab = [], []
-                for c in self.targets:
-                    recs = self.records.get(c, [])[-self.alignment_rounds:]
-                    if not recs:
-                        continue
-                    x, y, is_mem = mem[c]
-                    s.append(self._alignment(ctx, c, recs, x, y))
-                    lab.append(is_mem)
-                s, lab = np.concatenate(s), np.concatenate(lab)
-                record("alignment", {**probe_metrics(s, lab), "rounds_used": self.alignment_rounds, "_curve": (s, lab)})
-            elif probe == "descriptor":
-                from attacks.membership import generated_prompt_scores
-
-                # The final server state's generated prompts G(P_base, d_n): the targets' own and, as
-                # references that never saw a target record, the shadow clients'.
-                gen = ctx.server.prompts_for(self.targets + self.shadows)
-                head_idx = self._aux_head_idx
-                scored = generated_prompt_scores(
-                    ctx.model, prompts=gen, references=[gen[s] for s in self.shadows], aux_x=self._aux[0][head_idx],
-                    aux_y=self._aux[1][head_idx], num_classes=ctx.num_classes,
-                    targets={c: (mem[c][0], mem[c][1]) for c in self.targets})
-                lab = np.concatenate([mem[c][2] for c in self.targets])
-                what = {"loss": "−loss under G(P_base, d_n) with a proxy head fitted on auxiliary data",
-                        "confidence": "true-class probability under G(P_base, d_n) with that proxy head",
-                        "calibrated": "mean loss under the shadows' generated prompts − loss under G(P_base, d_n)"}
-                for kind, text in what.items():
-                    sc = np.concatenate([scored[c][kind].cpu().numpy() for c in self.targets])
-                    record(f"descriptor_{kind}", {**probe_metrics(sc, lab), "score": text,
-                                                  "references": len(self.shadows), "_curve": (sc, lab)})
-            elif probe == "lira":
-                target_phi, lab = observer_scores(logit_confidence)
-                tx = torch.cat([mem[c][0] for c in self.targets])
-                ty = torch.cat([mem[c][1] for c in self.targets])
-                init = _uniform_like(states[0].prompt, 0.1, ctx.seeds.torch("audit.lira.init"))
-                if ctx.server.sends_prompts:  # shadows start where the server's clients start
-                    init = torch.stack(list(ctx.server.prompts_for(self.shadows).values())).mean(0)
-                s = run_lira(ctx.model, targets_x=tx, targets_y=ty, target_phi=target_phi, aux_x=self._aux[0],
-                             aux_y=self._aux[1], num_classes=ctx.num_classes, client_cfg=ctx.config.client,
-                             shadows=self.lira["shadows"], epochs=self.lira["epochs"], online=self.lira["online"],
-                             init_prompt=init, rng=ctx.seeds.numpy("audit.lira"),
-                             seed_stream=lambda i: ctx.seeds.torch("audit.lira.shadow", client=i),
-                             augment_stream=lambda i: self._augment(ctx, "audit.lira.augment", i))
-                record("lira", {**probe_metrics(s, lab), **{f"lira_{k}": v for k, v in self.lira.items()},
-                                "_curve": (s, lab)})
-            elif probe == "rmia":
-                from attacks.rmia import reference_probabilities, rmia_scores, train_references, true_class_probability
-
-                init = _uniform_like(states[0].prompt, 0.1, ctx.seeds.torch("audit.rmia.init"))
-                if ctx.server.sends_prompts:  # references start where the server's clients start
-                    init = torch.stack(list(ctx.server.prompts_for(self.shadows).values())).mean(0)
-                o = self.rmia
-                refs, z_idx = train_references(
-                    ctx.model, aux_x=self._aux[0], aux_y=self._aux[1], references=o["references"], epochs=o["epochs"],
-                    population=o["population"], num_classes=ctx.num_classes, client_cfg=ctx.config.client,
-                    init_prompt=init, rng=ctx.seeds.numpy("audit.rmia"),
-                    seed_stream=lambda i: ctx.seeds.torch("audit.rmia.reference", client=i),
-                    augment_stream=lambda i: self._augment(ctx, "audit.rmia.augment", i))
-                zx, zy = self._aux[0][z_idx], self._aux[1][z_idx]
-                ref_z = reference_probabilities(ctx.model, refs, zx, zy)
-                s, lab = [], []
-                for c in self.targets:
-                    x, y, is_mem = mem[c]
-                    ref_x = reference_probabilities(ctx.model, refs, x, y)
-                    load_into(ctx.model, prompt=states[c].prompt, head_weight=states[c].head_weight,
-                              head_bias=states[c].head_bias)
-                    s.append(rmia_scores(true_class_probability(ctx.model, x, y), ref_x,
-                                         true_class_probability(ctx.model, zx, zy), ref_z, a=o["a"], gamma=o["gamma"]))
-                    lab.append(is_mem)
-                s, lab = np.concatenate(s), np.concatenate(lab)
-                record("rmia", {**probe_metrics(s, lab), **{f"rmia_{k}": v for k, v in o.items()},
-                                "population_size": int(len(z_idx)), "_curve": (s, lab)})
-            elif probe == "source":
-                cands = [c for c in self.targets if self.records.get(c)]
-                xs, ys, owners = [], [], []
-                for c in cands:
-                    x, y = ctx.train_data[c]
-                    idx = _pick(rng, x.shape[0], self.source_targets)
-                    xs.append(x[idx]), ys.append(y[idx]), owners.append(np.full(len(idx), c))
-                x, y, owners = torch.cat(xs), torch.cat(ys), np.concatenate(owners)
-                mat = np.stack([self._alignment(ctx, m, self.records[m][-1:], x, y) for m in cands], axis=1)
-                record("source", source_inference(mat, owners, cands))
-            elif probe == "canary":
-                scores_obs, scores_srv, inc = [], [], []
-                for c in self.targets:
-                    x, y, included = self.canary_data[c]
-                    load_into(ctx.model, prompt=states[c].prompt, head_weight=states[c].head_weight,
-                              head_bias=states[c].head_bias)
-                    scores_obs.append(loss_scores(ctx.model, x, y).cpu().numpy())
-                    recs = self.records.get(c, [])[-self.alignment_rounds:]
-                    scores_srv.append(self._alignment(ctx, c, recs, x, y) if recs else np.zeros(len(y)))
-                    inc.append(included.numpy())
-                inc = np.concatenate(inc)
-                delta = dp["delta"] if dp else 1e-5
-                res = {}
-                for side, sc in (("observer", np.concatenate(scores_obs)), ("server", np.concatenate(scores_srv))):
-                    one = one_run_audit(sc, inc, delta=delta, guess_fraction=self.canaries["guess_fraction"])
-                    covered = self._covered(dp, side, "record")
-                    one.update(probe_metrics(sc, inc), threat_model=THREATS[side],
-                               accountant_epsilon=dp["epsilon"] if covered else None)
-                    one["violation"] = bool(covered and one["epsilon_lower_bound"] > dp["epsilon"])
-                    # Whether this audit could have found a violation at all (its cap above ε).
-                    one["can_fail"] = bool(covered and one["epsilon_cap"] > dp["epsilon"])
-                    res[side] = one
-                    curves[f"canary_{side}"] = (sc, inc)
-                record("canary", {**res, "canaries_per_client": self.canaries["per_client"],
-                                  "inclusion_probability": 0.5})
-
         for i, probe in enumerate(self.probes):
             t0 = time.perf_counter()
             ctx.log(f"leakage_audit: probe {i + 1}/{len(self.probes)}: {probe}")
             try:
-                run_probe(probe)
+                PROBE_TYPES.get(probe)().run(run)
             except (ValueError, RuntimeError) as e:  # one probe that breaks down must not lose the run
                 if is_out_of_memory(e):
                     raise
-                results[probe] = {"status": f"failed: {type(e).__name__}: {e}"}
+                run.results[probe] = {"status": f"failed: {type(e).__name__}: {e}"}
                 ctx.log(f"leakage_audit: probe {probe} failed ({type(e).__name__}: {e}); the other probes go on")
             timings[probe] = time.perf_counter() - t0
 
-        rounds = summary.get("time", {})
-        round_s = rounds.get("mean_train_round_s") or None
+        results, curves = run.results, run.curves
+        round_s = summary.get("time", {}).get("mean_train_round_s") or None
         for probe, sec in timings.items():
             for name, res in results.items():
                 if name == probe or name.startswith(probe + "_"):
                     res["seconds"] = sec
                     res["seconds_per_training_round"] = sec / round_s if round_s else None
-        audit = {"probes": results, "dp": dp, "targets": self.targets, "shadow_clients": self.shadows,
+        audit = {"probes": results, "dp": run.dp, "targets": self.targets, "shadow_clients": self.shadows,
                  "seconds": time.perf_counter() - t_start, "mean_train_round_s": round_s}
         (out_dir / "audit.json").write_text(json.dumps(audit, indent=2, default=_json_default))
         np.savez(out_dir / "scores.npz", **{f"{k}__scores": v[0] for k, v in curves.items()},
                  **{f"{k}__labels": v[1] for k, v in curves.items()})
         if curves:
-            plot_audit_roc(out_dir / "roc.png", curves, dp_envelope=dp, title=f"{ctx.config.method} seed {ctx.config.seed}")
+            plot_audit_roc(out_dir / "roc.png", curves, dp_envelope=run.dp,
+                           title=f"{ctx.config.method} seed {ctx.config.seed}")
         return {"probes": {k: headline(v) for k, v in results.items()}, "audit_dir": str(out_dir)}
+
+    def _probe_run(self, ctx) -> ProbeRun:
+        """What the probes share: the membership targets (members = training records, non-members =
+        held-out records, per target client), the auxiliary data, the DP envelopes."""
+        rng = ctx.seeds.numpy("audit.probes")
+        dp = self._dp(ctx)
+        states = ctx.client_states()
+        aux = aux_head_idx = None
+        if self.shadows:
+            ax = torch.cat([torch.cat([ctx.train_data[s][0], ctx.eval_data[s][0]]) for s in self.shadows])
+            ay = torch.cat([torch.cat([ctx.train_data[s][1], ctx.eval_data[s][1]]) for s in self.shadows])
+            aux = (ax, ay)
+            aux_head_idx = pick(ctx.seeds.numpy("audit.aux"), ax.shape[0], self.aux_per_head)
+        mem = {}
+        for c in self.targets:
+            (xm, ym), (xn, yn) = ctx.train_data[c], ctx.eval_data[c]
+            im, inn = pick(rng, xm.shape[0], self.targets_per_client), pick(rng, xn.shape[0], self.targets_per_client)
+            mem[c] = (torch.cat([xm[im], xn[inn]]), torch.cat([ym[im], yn[inn]]),
+                      np.r_[np.ones(len(im), bool), np.zeros(len(inn), bool)])
+        joins = {n: v for n, v in (getattr(ctx, "joins", None) or {}).items() if v}  # data.new_clients
+        dp_new = self._dp(ctx, list(joins)) if joins else None
+        return ProbeRun(ctx=ctx, audit=self, rng=rng, states=states, mem=mem, dp=dp, joins=joins, dp_new=dp_new,
+                        aux=aux, aux_head_idx=aux_head_idx)
 
 
 def _json_default(o):
@@ -569,4 +324,4 @@ def plot_audit_roc(path: Path, curves: dict[str, tuple], *, dp_envelope: dict | 
     return plot_roc(path, curves, title=title, envelope=env)
 
 
-__all__ = ["LeakageAudit", "PROBES", "dp_region", "headline", "plot_audit_roc"]
+__all__ = ["LeakageAudit", "PROBE_TYPES", "dp_region", "headline", "plot_audit_roc"]

@@ -33,5 +33,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def in_order(self) -> list[str]:
+        """The names in the order they were registered (where the order means something: the
+        leakage probes run in it)."""
+        return list(self._items)
+
     def __contains__(self, name: str) -> bool:
         return name in self._items
