@@ -23,7 +23,7 @@ import torch
 from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
                                  client_metrics_statement, noise_generator, warn_seeded_deployment)
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import Hook, register_hook
+from pfedpg.hooks import Hook, PrivacyResult, register_hook
 from pfedpg.seeding import normal_like
 
 ADJACENCIES = {"replace": 2.0, "add_remove": 1.0}  # sensitivity in units of C
@@ -136,14 +136,18 @@ class ClientLevelDP(Hook):
         }
 
     def end_of_run(self, ctx, *, summary):
-        out = {**self.statement(), "noise_multiplier": self.noise_multiplier, **self.accountants.summary(ctx.num_clients)}
+        return self.privacy_result(ctx).to_dict()
+
+    def privacy_result(self, ctx) -> PrivacyResult:
+        ids = range(ctx.num_clients)
+        new = None
         if ctx.new_clients:
-            out["new_clients"] = {"clients": list(ctx.new_clients), "releases": self.new_client_releases(ctx),
-                                  **self.accountants.summary(list(ctx.new_clients))}
-            # epsilon_max is over every client; epsilon_per_client lists the training clients
-            out["epsilon_max_training_clients"] = out["epsilon_max"]
-            out["epsilon_max"] = max(out["epsilon_max"], out["new_clients"]["epsilon_max"])
-        return out
+            new = {"clients": list(ctx.new_clients), "releases": self.new_client_releases(ctx),
+                   "noise_multiplier": [self.noise_multiplier] * len(ctx.new_clients),
+                   "epsilon": [self.epsilon(c) for c in ctx.new_clients]}
+        return PrivacyResult(unit="client", delta=self.delta, epsilon=[self.epsilon(c) for c in ids],
+                             noise_multiplier=[self.noise_multiplier] * ctx.num_clients, statement=self.statement(),
+                             new_clients=new)
 
     def state_dict(self):
         return {"noise_multiplier": self.noise_multiplier, "accountants": self.accountants.state_dict()}

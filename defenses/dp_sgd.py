@@ -23,7 +23,7 @@ from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, che
                                  client_metrics_statement, noise_generator, warn_seeded_deployment)
 from pfedpg.client import make_optimizer, trainable_parameters, training_batch
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import Hook, LocalResult, register_hook
+from pfedpg.hooks import Hook, LocalResult, PrivacyResult, register_hook
 from pfedpg.models import PromptTokens
 from pfedpg.seeding import normal_like
 
@@ -212,14 +212,16 @@ class RecordLevelDPSGD(Hook):
         }
 
     def end_of_run(self, ctx, *, summary):
-        out = {**self.statement(), "noise_multiplier": [self.noise[c] for c in range(ctx.num_clients)],
-               **self.accountants.summary(ctx.num_clients)}
+        return self.privacy_result(ctx).to_dict()
+
+    def privacy_result(self, ctx) -> PrivacyResult:
+        new = None
         if ctx.new_clients:
-            out["new_clients"] = {"clients": list(ctx.new_clients), "noise_multiplier": [self.noise[c] for c in ctx.new_clients],
-                                  "local_trainings": ctx.join_rounds + 1, **self.accountants.summary(list(ctx.new_clients))}
-            out["epsilon_max_training_clients"] = out["epsilon_max"]  # epsilon_max: over every client
-            out["epsilon_max"] = max(out["epsilon_max"], out["new_clients"]["epsilon_max"])
-        return out
+            new = {"clients": list(ctx.new_clients), "noise_multiplier": [self.noise[c] for c in ctx.new_clients],
+                   "local_trainings": ctx.join_rounds + 1, "epsilon": [self.epsilon(c) for c in ctx.new_clients]}
+        return PrivacyResult(unit="record", delta=self.delta, epsilon=[self.epsilon(c) for c in range(ctx.num_clients)],
+                             noise_multiplier=[self.noise[c] for c in range(ctx.num_clients)],
+                             statement=self.statement(), new_clients=new)
 
     def state_dict(self):
         return {"accountants": self.accountants.state_dict()}

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from evaluations.leakage_pooling import group_key, plot_tpr_vs_epsilon, pooled_probes
 from evaluations.report import html_page, img_tag, run_header
-from evaluations.sweep import load_grid_file, run_cells
+from evaluations.privacy import MECHANISMS, PrivacySweep, PrivacySweepConfig, cells
+from evaluations.sweep import load_grid_file, run_grid
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
 
@@ -31,8 +31,6 @@ AUDIT_BASELINES = ("nonprivate", "clip_only")
 
 def load_audit(path, overrides=None):
     """-> (PrivacySweepConfig of the grid, leakage_audit options, base run config dict)."""
-    from evaluations.privacy import MECHANISMS, PrivacySweepConfig
-
     section, cfg = load_grid_file(path, "audit", overrides, example="configs/audit_digits_shared.yaml")
     section = dict(section)
     probes = section.pop("probes", None) or {}
@@ -206,23 +204,35 @@ def _default(o):
 
 def run_audit(grid, probes: dict[str, Any], base: dict[str, Any], *, out_dir=None,
               log: Callable[[str], None] = print, progress: bool = False, jobs: int = 1) -> Path:
-    from evaluations.privacy import _row, cells
+    return run_grid(AuditGrid(grid, base, probes), out_dir=out_dir, log=log, progress=progress, jobs=jobs)
 
-    out = Path(out_dir or grid.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "audit.yaml").write_text(yaml.safe_dump({"base": base, "audit": {**grid.__dict__, "probes": probes}},
-                                                   sort_keys=False))
-    results = run_cells(cells(grid, with_audit_hook(base, probes)), out, log=log, progress=progress, jobs=jobs)
-    rows, by_group = [], {}
-    for r in results:
-        row = _row(r.cell, r.run_dir, r.summary, r.error)
-        row["group"] = group_key(r.cell)
-        rows.append(row)
-        if r.summary is not None:
-            by_group.setdefault(row["group"], []).append(r.run_dir)
-    groups = {g: pooled_probes(dirs) for g, dirs in by_group.items()}
-    write_audit_outputs(out, rows, groups)
-    failed = [r for r in rows if r["status"] == "failed"]  # errors; a diverged cell is a result
-    if failed:
-        (out / "FAILED").write_text("\n".join(f"{r['cell']}: {r['error']}" for r in failed) + "\n")
-    return out
+
+class AuditGrid(PrivacySweep):
+    """The audit's grid: the privacy sweep's cells, each run with the leakage audit hook, its probes
+    pooled per group of seeds."""
+
+    settings_file = "audit.yaml"
+
+    def __init__(self, settings, base: dict[str, Any], probes: dict[str, Any]):
+        super().__init__(settings, base)
+        self.probes = probes
+
+    def settings_record(self) -> dict[str, Any]:
+        return {"base": self.base, "audit": {**self.settings.__dict__, "probes": self.probes}}
+
+    def cells(self) -> list[dict[str, Any]]:
+        return cells(self.settings, with_audit_hook(self.base, self.probes))
+
+    def row(self, cell, run_dir, summary, error) -> dict[str, Any]:
+        return {**super().row(cell, run_dir, summary, error), "group": group_key(cell)}
+
+    def write_outputs(self, out: Path, rows: list[dict[str, Any]], results) -> None:
+        by_group: dict[str, list[Path]] = {}
+        for row, r in zip(rows, results):
+            if r.summary is not None:
+                by_group.setdefault(row["group"], []).append(r.run_dir)
+        groups = {g: pooled_probes(dirs) for g, dirs in by_group.items()}
+        write_audit_outputs(out, rows, groups)
+        failed = [r for r in rows if r["status"] == "failed"]  # errors; a diverged cell is a result
+        if failed:
+            (out / "FAILED").write_text("\n".join(f"{r['cell']}: {r['error']}" for r in failed) + "\n")

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from evaluations.leakage_pooling import UNITS, group_key, plot_tpr_vs_epsilon, pooled_probes
 from evaluations.report import html_page, img_tag, run_header
-from evaluations.sweep import divergence, load_grid_file, run_cells
+from evaluations.sweep import CellResult, Grid, divergence, load_grid_file, run_grid
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
 
@@ -146,8 +145,8 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
                 row[f"{probe}_{side}_epsilon_lower_bound"] = v["epsilon_lower_bound"]
                 row[f"{probe}_{side}_epsilon_cap"] = v.get("epsilon_cap")
     if hook is not None:
-        z = hook["noise_multiplier"]
-        row.update(noise_multiplier=float(np.mean(z)) if isinstance(z, list) else z, delta=hook["delta"],
+        zs = hook["noise_multiplier"]  # one z per client (PrivacyResult): the z, or their mean when they differ
+        row.update(noise_multiplier=zs[0] if len(set(zs)) == 1 else float(np.mean(zs)), delta=hook["delta"],
                    epsilon_max=hook["epsilon_max"], epsilon_mean=hook["epsilon_mean"])
         if hook.get("new_clients"):  # (the hook's epsilon_max is already over every client, these included)
             row["new_clients_epsilon_max"] = hook["new_clients"]["epsilon_max"]
@@ -156,22 +155,37 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
     return row
 
 
+class PrivacySweep(Grid):
+    """The accuracy–privacy grid: seeds × (baselines + mechanisms × ε or z)."""
+
+    settings_file = "sweep.yaml"
+
+    def settings_record(self) -> dict[str, Any]:
+        return {"base": self.base, "privacy": self.settings.__dict__}
+
+    def cells(self) -> list[dict[str, Any]]:
+        return cells(self.settings, self.base)
+
+    def row(self, cell, run_dir, summary, error) -> dict[str, Any]:
+        return _row(cell, run_dir, summary, error)
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return aggregate(rows)
+
+    def write_outputs(self, out: Path, rows: list[dict[str, Any]], results: list[CellResult]) -> None:
+        if self.settings.audit is not None:
+            by_group: dict[str, list[Path]] = {}
+            for r in results:
+                if r.summary is not None and (r.run_dir / "audit" / "audit.json").is_file():
+                    by_group.setdefault(group_key(r.cell), []).append(r.run_dir)
+            groups = {g: pooled_probes(d) for g, d in by_group.items()}
+            plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", groups)
+        write_outputs(out, rows, self.settings)
+
+
 def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
               log: Callable[[str], None] = print, progress: bool = False, jobs: int = 1) -> Path:
-    out = Path(out_dir or sweep.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump({"base": base, "privacy": sweep.__dict__}, sort_keys=False))
-    results = run_cells(cells(sweep, base), out, log=log, progress=progress, jobs=jobs)
-    rows = [_row(r.cell, r.run_dir, r.summary, r.error) for r in results]
-    if sweep.audit is not None:
-        by_group: dict[str, list[Path]] = {}
-        for r in results:
-            if r.summary is not None and (r.run_dir / "audit" / "audit.json").is_file():
-                by_group.setdefault(group_key(r.cell), []).append(r.run_dir)
-        groups = {g: pooled_probes(d) for g, d in by_group.items()}
-        plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", groups)
-    write_outputs(out, rows, sweep)
-    return out
+    return run_grid(PrivacySweep(sweep, base), out_dir=out_dir, log=log, progress=progress, jobs=jobs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import yaml
 
 from defenses.robust import RULES, min_clients
 from evaluations.plugins import load_plugins
 from evaluations.report import html_page, img_tag, run_header
-from evaluations.sweep import divergence, load_grid_file, run_cells
+from evaluations.sweep import CellResult, Grid, divergence, load_grid_file, run_grid
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
 
@@ -138,21 +137,35 @@ def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
     return row
 
 
+class RobustnessMatrix(Grid):
+    """The accuracy–robustness grid: seeds × malicious fractions × attacks × defenses."""
+
+    settings_file = "matrix.yaml"
+    shows_progress = False
+
+    def __init__(self, settings: RobustnessConfig, base: dict[str, Any]):
+        super().__init__(settings, base)
+        self.n, self.m = _clients(base)
+
+    def settings_record(self) -> dict[str, Any]:
+        return {"base": self.base, "robustness": self.settings.__dict__}
+
+    def cells(self) -> list[dict[str, Any]]:
+        return cells(self.settings, self.base, self.n, self.m)
+
+    def row(self, cell, run_dir, summary, error) -> dict[str, Any]:
+        return _row(cell, run_dir, summary, error)
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return aggregate(rows)
+
+    def write_outputs(self, out: Path, rows: list[dict[str, Any]], results: list[CellResult]) -> None:
+        write_outputs(out, rows)
+
+
 def run_matrix(matrix: RobustnessConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
                log: Callable[[str], None] = print, jobs: int = 1) -> Path:
-    out = Path(out_dir or matrix.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "matrix.yaml").write_text(yaml.safe_dump({"base": base, "robustness": matrix.__dict__}, sort_keys=False))
-    n, m = _clients(base)
-    grid = cells(matrix, base, n, m)
-    runnable = [c for c in grid if "infeasible" not in c]
-    results = {r.cell["cell"]: r for r in run_cells(runnable, out, log=log, jobs=jobs)}
-    rows = []
-    for c in grid:
-        r = results.get(c["cell"])
-        rows.append(_row(c, r.run_dir if r else None, r.summary if r else None, r.error if r else None))
-    write_outputs(out, rows)
-    return out
+    return run_grid(RobustnessMatrix(matrix, base), out_dir=out_dir, log=log, jobs=jobs)
 
 
 def _ms(vals):

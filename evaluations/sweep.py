@@ -1,4 +1,6 @@
-"""Running a grid of ordinary runs, resumably (shared by the privacy and robustness sweeps).
+"""Running a grid of ordinary runs, resumably: the :class:`Grid` interface that the privacy sweep,
+the robustness matrix and the leakage audit implement, :func:`run_grid` that runs one, and the cell
+loop under it (:func:`run_cells`).
 
 Each cell is one run directory ``OUT/runs/CELL``. A cell whose ``summary.json`` exists is reused;
 one with checkpoints but no summary resumes from them; one whose saved config differs from the
@@ -12,7 +14,7 @@ import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from evaluations.plugins import load_plugins
 from evaluations.report import write_report
@@ -272,3 +274,53 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
                 except Exception as e:
                     finish(i, None, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e)))
     return [r for r in slots if r is not None]
+
+
+class Grid:
+    """One sweep over ordinary runs. A grid says what its cells are (``cells``: dicts with a unique
+    ``cell`` name, a run ``config`` and the grid's own fields; ``infeasible``: a reason, and the cell
+    is a row without a run), what one cell reads as a table row (``row``), how rows combine over seeds
+    (``aggregate``) and what it writes (``write_outputs``). :func:`run_grid` does the rest — the
+    settings file, resumable cells, ``--jobs`` — the same for every grid."""
+
+    #: the file in the output folder that records the grid's settings and base config
+    settings_file: ClassVar[str] = "sweep.yaml"
+    #: whether a cell's rounds show a progress bar when the caller asks for one
+    shows_progress: ClassVar[bool] = True
+
+    def __init__(self, settings: Any, base: dict[str, Any]):
+        self.settings, self.base = settings, base
+
+    def settings_record(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def cells(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def row(self, cell: dict[str, Any], run_dir: Path | None, summary: dict[str, Any] | None,
+            error: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def write_outputs(self, out: Path, rows: list[dict[str, Any]], results: list[CellResult]) -> None:
+        raise NotImplementedError
+
+
+def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[str], None] = print,
+             progress: bool = False, jobs: int = 1) -> Path:
+    """Run every feasible cell of ``grid`` (reusing finished ones), read each cell's row — in the
+    grid's order, infeasible cells included — and write the grid's outputs; returns the folder."""
+    out = Path(out_dir or grid.settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / grid.settings_file).write_text(yaml.safe_dump(grid.settings_record(), sort_keys=False))
+    cells = grid.cells()
+    done = {r.cell["cell"]: r for r in run_cells([c for c in cells if "infeasible" not in c], out, log=log,
+                                                  progress=progress and grid.shows_progress, jobs=jobs)}
+    rows = []
+    for c in cells:
+        r = done.get(c["cell"])
+        rows.append(grid.row(c, r.run_dir if r else None, r.summary if r else None, r.error if r else None))
+    grid.write_outputs(out, rows, [done[c["cell"]] for c in cells if c["cell"] in done])
+    return out

@@ -313,3 +313,24 @@ def test_the_release_matches_its_closed_form():
 def test_broken_releases_are_flagged(mode, flagged):
     problems, facts = _release_check(BrokenRelease(mode, clip=RELEASE_C, noise_multiplier=RELEASE_Z))
     assert any(p.startswith(flagged) for p in problems), (problems, facts)
+
+
+def test_both_dp_hooks_report_one_typed_result(tmp_path):
+    """dp_client and dp_sgd end a run with the same shape (pfedpg.hooks.PrivacyResult): the unit, δ,
+    and ε and z per client — no scalar-or-list for the sweep to tell apart."""
+    import defenses  # noqa: F401  (registers the hooks)
+    from conftest import tiny_config
+    from pfedpg.hooks import PrivacyResult
+    from pfedpg.runner import Trainer
+
+    for hook, unit in (({"name": "dp_client", "clip": 0.1, "noise_multiplier": 1.0}, "client"),
+                       ({"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}, "record")):
+        t = Trainer(tiny_config(rounds=1, hooks=[hook]), run_dir=tmp_path / hook["name"])
+        res = t.run()["hook_results"][hook["name"]]
+        n = t.ctx.num_clients
+        assert res["unit"] == unit and res["noise_multiplier"] == [1.0] * n and len(res["epsilon_per_client"]) == n
+        assert res["epsilon_max"] == max(res["epsilon_per_client"]) > 0
+        typed = next(h for h in t.hooks.hooks if h.name == hook["name"]).privacy_result(t.ctx)
+        assert isinstance(typed, PrivacyResult) and typed.to_dict() == res
+    with pytest.raises(ValueError, match="one ε and one z per client"):
+        PrivacyResult(unit="client", delta=1e-5, epsilon=[1.0], noise_multiplier=[1.0, 1.0], statement={})
