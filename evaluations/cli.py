@@ -291,7 +291,7 @@ _grid_command("privacy", cmd_privacy, "sweep", "Accuracy-privacy trade-off sweep
 _grid_command("audit", cmd_audit, "audit", "Leakage audit: membership, attribute, source, linkability probes, empirical ε",
               "Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, clip-only} and mechanism "
               "x privacy level, each run with the leakage_audit hook (audit.probes). Writes audit.json (per group and "
-              "probe: auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with Clopper-Pearson intervals, n_targets, "
+              "probe: auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with bootstrap intervals that refit the threshold, n_targets, "
               "threat_model), roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. Exit "
               "status 1 if a cell failed.",
               "pfedpg-eval audit --config configs/audit_positive_control.yaml --jobs 2")

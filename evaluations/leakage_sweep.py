@@ -163,8 +163,9 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
     md = ["# Leakage audit: pFedPG", "",
           "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; TPR at a "
-          "given FPR (with its 95% Clopper–Pearson interval) is `unresolved` when fewer than 10 / FPR negatives were "
-          "pooled (1,000 for 1%, 10,000 for 0.1%); `neg.` = the negatives (non-members) pooled. Canary columns give the AUC and the "
+          "given FPR (with its 95% bootstrap interval that refits the threshold: over seeds when pooled, over records "
+          "within one run; `interval_method` in audit.json) is `unresolved` when fewer than 10 / FPR negatives were "
+          "pooled (1,000 for 1%, 10,000 for 0.1%) or tied scores leave no threshold near that FPR; `neg.` = the negatives (non-members) pooled. Canary columns give the AUC and the "
           "one-run ε lower bound (Steinke et al. 2023), the cap (the most its canaries could certify, with every "
           "guess right) and the accountant's ε where DP covers that view; a lower bound above the accountant's ε "
           "would be a bug, and where the accountant's ε is above the cap no violation could have shown. "
