@@ -23,7 +23,8 @@ import torch
 from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
                                  client_metrics_statement, noise_generator, warn_seeded_deployment)
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import Hook, PrivacyResult, register_hook
+from pfedpg.hooks import Hook, register_hook
+from pfedpg.privacy_result import PrivacyResult
 from pfedpg.seeding import normal_like
 
 ADJACENCIES = {"replace": 2.0, "add_remove": 1.0}  # sensitivity in units of C

@@ -23,7 +23,8 @@ from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, che
                                  client_metrics_statement, noise_generator, warn_seeded_deployment)
 from pfedpg.client import make_optimizer, trainable_parameters, training_batch
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import Hook, LocalResult, PrivacyResult, register_hook
+from pfedpg.hooks import Hook, LocalResult, register_hook
+from pfedpg.privacy_result import PrivacyResult
 from pfedpg.models import PromptTokens
 from pfedpg.seeding import normal_like
 

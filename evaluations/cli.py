@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import click
 
 from evaluations.plugins import load_plugins
-from pfedpg.deprecation import RenamedKeyWarning
+from pfedpg.deprecation import show_renamed_keys_as_one_line
 from pfedpg.errors import ClientFailure, ConfigError, DataError, NonFiniteDeltaError
 
 
@@ -214,17 +214,7 @@ def cli(quiet: bool, verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    # An old config key or option name: one line naming the new one, even when quiet.
-    warnings.filterwarnings("default", category=RenamedKeyWarning)
-    _show = warnings.showwarning
-
-    def show(message, category, *args, **kwargs):
-        if issubclass(category, RenamedKeyWarning):
-            print(f"warning: {message}", file=sys.stderr, flush=True)
-        else:
-            _show(message, category, *args, **kwargs)
-
-    warnings.showwarning = show
+    show_renamed_keys_as_one_line()  # an old config key or option name, even when quiet
 
 
 @cli.command(epilog="Example: pfedpg-eval train --config configs/quickstart.yaml --set rounds=5 --run-dir runs/try")

@@ -9,9 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
-import types
-import typing
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +18,11 @@ import yaml
 
 from pfedpg.client import ClientConfig
 from pfedpg.data.config import DataConfig
-from pfedpg.deprecation import RenamedKeyWarning, renamed, take_renamed
+from pfedpg.deprecation import RenamedKeyWarning, renamed
+from pfedpg import typed
 from pfedpg.errors import ConfigError
+from pfedpg.typed import _default_of, _field_type, build_dataclass
+from pfedpg.yamlio import load_yaml, load_yaml_file  # noqa: F401  (load_yaml_file re-exported)
 from pfedpg.models.backbone import ModelConfig
 from pfedpg.models.device import check_amp, check_device_spec
 from pfedpg.server import SERVERS, ServerConfig
@@ -279,144 +279,6 @@ class RunConfig:
         return asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Generic dataclass construction with one-line errors
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, where: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}={value!r} has the wrong type")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
-        return build_dataclass(tp, value, where)
-    if tp is Any:
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r} must be a list")
-        (inner,) = typing.get_args(tp)[:1] or (Any,)
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r} must be a mapping")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}={value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}={value!r} must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}={value!r} must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r} must be a string")
-        return value
-    return value
-
-
-def build_dataclass(cls, values: dict[str, Any], where: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    prefix = f"{where}." if where else ""
-    values = upgrade_keys(values, cls, where)
-    unknown = [k for k in values if k not in names]
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys{' in ' + where if where else ''}: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        msg = str(e)
-        # Section validators name their own fields; add the section prefix when it is missing.
-        if where and not msg.startswith(where) and any(msg.startswith(n) for n in names):
-            msg = f"{where}.{msg}"
-        raise ConfigError(msg) from None
-
-
-class YAMLLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with the YAML 1.2 core schema for booleans and numbers: ``1e-3``,
-    ``1E5``, ``.5``, ``-2e-4`` are floats (YAML 1.1, PyYAML's default, reads the first two as
-    strings); ``010`` is ten, ``0o17`` and ``0x10`` are octal and hex; ``1_000``, ``yes``, ``on`` and
-    ``1:30`` stay strings (YAML 1.1 reads them as 1000, True, True and 90)."""
-
-
-# Drop the YAML 1.1 resolvers for bool / int / float, then add the YAML 1.2 core ones.
-YAMLLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
-                                                  "tag:yaml.org,2002:float")]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                 list("tTfF"))
-YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
-                                 list("-+0123456789"))
-YAMLLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _construct_int(loader, node) -> int:
-    v = loader.construct_scalar(node)
-    if v.startswith("0o"):
-        return int(v[2:], 8)
-    if v.startswith("0x"):
-        return int(v[2:], 16)
-    return int(v, 10)
-
-
-def _construct_bool(loader, node) -> bool:
-    return loader.construct_scalar(node).lower() == "true"
-
-
-YAMLLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-YAMLLoader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
-
-
-def load_yaml(text: str):
-    """YAML text -> Python values, with YAML 1.2 numbers (:class:`YAMLLoader`)."""
-    return yaml.load(text, Loader=YAMLLoader)
-
-
-def load_yaml_file(path: str | Path, what: str = "config file"):
-    """A YAML file's values; a syntax error is one ConfigError line with the line and column."""
-    p = Path(path)
-    try:
-        return load_yaml(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        context = getattr(e, "context", None)
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML{where}: {problem}"
-                          + (f" ({context})" if context else "") + "; fix the file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {str(p)!r} is not a text file; pass a YAML file") from None
-
-
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """``a.b=value`` with value parsed as YAML (``0.1``, ``true``, ``[1, 2]``, ``null``)."""
     if "=" not in assignment:
@@ -456,47 +318,9 @@ def _upgrade_path(parts: list[str]) -> list[str]:
     return out
 
 
-def _field_type(cls: Any, name: str) -> Any:
-    """The dataclass type of field ``name`` of ``cls`` (None when it is not a dataclass field)."""
-    if not dataclasses.is_dataclass(cls):
-        return None
-    hints = typing.get_type_hints(cls)
-    tp = hints.get(name)
-    return tp if dataclasses.is_dataclass(tp) else None
-
-
-def _default_of(cls: Any, name: str) -> Any:
-    if not dataclasses.is_dataclass(cls):
-        return None
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-            return None if f.default is dataclasses.MISSING else f.default
-    return None
-
-
 def upgrade_keys(tree: Any, cls: Any = None, where: str = "") -> Any:
-    """``tree`` with every renamed key (a section's ``RENAMED``, old -> new) under its new name,
-    section by section, one :class:`~pfedpg.deprecation.RenamedKeyWarning` per key. Apply it to each
-    layer before layers are merged, so that an old key in one layer and the new key in another
-    do not read as both given."""
-    cls = RunConfig if cls is None else cls
-    if not isinstance(tree, dict) or not dataclasses.is_dataclass(cls):
-        return tree
-    prefix = f"{where}." if where else ""
-    out = take_renamed(tree, getattr(cls, "RENAMED", {}), prefix)
-    for key in [k for k in out if "." in k]:  # moved into a section
-        section, name = key.split(".", 1)
-        inner = out.get(section) if isinstance(out.get(section), dict) else {}
-        if name in inner:
-            raise ConfigError(f"{prefix}{key} is given twice (once under its old name); keep only {prefix}{key}")
-        out[section] = {**inner, name: out.pop(key)}
-    for name, value in out.items():
-        sub = _field_type(cls, name)
-        if sub is not None:
-            out[name] = upgrade_keys(value, sub, f"{prefix}{name}")
-    return out
+    """:func:`pfedpg.typed.upgrade_keys` from the top of a run config (``cls``: RunConfig)."""
+    return typed.upgrade_keys(tree, RunConfig if cls is None else cls, where)
 
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:

@@ -7,6 +7,7 @@ The CLI prints the warning as one ``warning:`` line.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Mapping
 
@@ -35,3 +36,21 @@ def take_renamed(values: Mapping[str, Any], renames: Mapping[str, str], where: s
         renamed(f"{where}{old}", f"{where}{new}")
         out[new] = out.pop(old)
     return out
+
+
+def show_renamed_keys_as_one_line() -> None:
+    """Print each :class:`RenamedKeyWarning` as one ``warning: ...`` line on stderr (shown even where
+    other FutureWarnings are silenced); other warnings keep Python's display."""
+    warnings.filterwarnings("default", category=RenamedKeyWarning)
+    show = warnings.showwarning
+    if getattr(show, "renamed_keys_one_line", False):
+        return
+
+    def one_line(message, category, *args, **kwargs):
+        if issubclass(category, RenamedKeyWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show(message, category, *args, **kwargs)
+
+    one_line.renamed_keys_one_line = True
+    warnings.showwarning = one_line

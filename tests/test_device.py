@@ -166,13 +166,13 @@ def test_out_of_memory_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_pa
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(job, cfg)
 
-    monkeypatch.setattr("pfedpg.runner.sgd_local_training", exhausted)
+    monkeypatch.setattr("pfedpg.run.rounds.sgd_local_training", exhausted)
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 or all(not ln.startswith("error") for ln in err[:-1])
     assert "out of GPU memory" in err[-1] and "client.batch_size" in err[-1] and "attempt-1" in err[-1]
     assert not (run / "metrics.jsonl").exists() and (run / "attempt-1" / "checkpoints").is_dir()
-    monkeypatch.setattr("pfedpg.runner.sgd_local_training", real)
+    monkeypatch.setattr("pfedpg.run.rounds.sgd_local_training", real)
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--no-progress"]) == 0  # the same command runs
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
                                          "memory: you tried to allocate 123 bytes")) == "host"

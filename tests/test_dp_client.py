@@ -320,7 +320,7 @@ def test_both_dp_hooks_report_one_typed_result(tmp_path):
     and ε and z per client — no scalar-or-list for the sweep to tell apart."""
     import defenses  # noqa: F401  (registers the hooks)
     from conftest import tiny_config
-    from pfedpg.hooks import PrivacyResult
+    from pfedpg.privacy_result import PrivacyResult
     from pfedpg.runner import Trainer
 
     for hook, unit in (({"name": "dp_client", "clip": 0.1, "noise_multiplier": 1.0}, "client"),

@@ -145,7 +145,7 @@ def test_a_simulation_started_with_the_wrong_number_of_supernodes_names_the_fix(
     from flwr.app import Context, RecordDict
 
     from evaluations.flower.node import ClientRuntime
-    from pfedpg.runner import _redacted
+    from pfedpg.run.summary import _redacted
 
     values = {"config-yaml": dump_config(_flower(tiny_config(rounds=1, threads=1))), "run-dir": str(tmp_path),
               "backbone-path": ""}
