@@ -161,7 +161,7 @@ class LeakageAudit(Hook):
         if not ctx.server.sends_prompts and any(p in self.probes for p in ("attribute", "linkability", "alignment", "source")):
             raise ConfigError(f"leakage_audit: method {ctx.config.method!r} sends nothing to the server; audit pfedpg or "
                               "fedvpt, or keep only the observer probes (loss, confidence, lira, canary)")
-        desc = getattr(ctx.server, "descriptors", None)
+        desc = ctx.server.client_descriptors()
         if desc is None and "descriptor" in self.probes:
             if not self._probes_defaulted:
                 raise ConfigError(f"leakage_audit: probe 'descriptor' reads the server's client descriptors, and method "
@@ -199,7 +199,7 @@ class LeakageAudit(Hook):
         return deltas
 
     def end_of_round(self, ctx, *, round, record):
-        desc = getattr(ctx.server, "descriptors", None)
+        desc = ctx.server.client_descriptors()
         if desc is not None:
             for n in ctx.schedule[round - 1]:
                 self.descriptors.setdefault(n, []).append(desc[n].detach().cpu().clone())
@@ -286,7 +286,7 @@ class LeakageAudit(Hook):
             im, inn = pick(rng, xm.shape[0], self.targets_per_client), pick(rng, xn.shape[0], self.targets_per_client)
             mem[c] = (torch.cat([xm[im], xn[inn]]), torch.cat([ym[im], yn[inn]]),
                       np.r_[np.ones(len(im), bool), np.zeros(len(inn), bool)])
-        joins = {n: v for n, v in (getattr(ctx, "joins", None) or {}).items() if v}  # data.new_clients
+        joins = {n: v for n, v in ctx.joins.items() if v}  # data.new_clients
         dp_new = self._dp(ctx, list(joins)) if joins else None
         return ProbeRun(ctx=ctx, audit=self, rng=rng, states=states, mem=mem, dp=dp, joins=joins, dp_new=dp_new,
                         aux=aux, aux_head_idx=aux_head_idx)

@@ -162,7 +162,7 @@ PUBLIC = ("the client's split sizes, the rounds it takes part in and its number 
 
 def client_metrics_statement(ctx) -> str:
     """What the statement says of the clients' own losses, accuracies and measurements (DESIGN §5)."""
-    cfg = getattr(ctx, "config", None)
+    cfg = ctx.config if ctx is not None else None
     if cfg is not None and cfg.privacy.release_metrics:
         return ("RELEASED to the server outside the guarantee (privacy.release_metrics: true): training loss, records "
                 "drawn, clipped fraction, evaluation accuracy and loss, and hook measurements")

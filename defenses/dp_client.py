@@ -96,7 +96,7 @@ class ClientLevelDP(Hook):
     def new_client_releases(ctx) -> int:
         """Releases of each new client: one per join round where the server updates its state from
         ΔP_new (pfedpg); fedvpt and local newcomers send nothing."""
-        return ctx.join_rounds if ctx.new_clients and getattr(ctx.server, "joins_with_updates", False) else 0
+        return ctx.join_rounds if ctx.new_clients and ctx.server.joins_with_updates else 0
 
     def privatize(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         clipped = clip_by_norm(delta, self.clip)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -179,6 +179,19 @@ def _overrides(hook: Hook, point: str) -> bool:
     return getattr(type(hook), point) is not getattr(Hook, point)
 
 
+class ServerView(Protocol):
+    """What a hook reads of the method's server (``ctx.server``), through these, not attribute probing."""
+
+    sends_prompts: bool  # False for ``local``: nothing is exchanged
+    joins_with_updates: bool  # pFedPG: a new client's join rounds update its descriptor
+
+    def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]: ...
+
+    def client_descriptors(self) -> torch.Tensor | None: ...
+
+    def shared_parameters(self) -> list[torch.nn.Parameter]: ...
+
+
 @dataclass
 class RunContext:
     """What hooks may read: the resolved config, the seeds, the run directory and a logger.
@@ -190,7 +203,7 @@ class RunContext:
     num_clients: int
     log: Callable[[str], None]
     num_classes: int = 0
-    server: Any = None
+    server: ServerView | None = None
     #: The pre-computed participation schedule: schedule[r - 1] lists round r's clients.
     schedule: list[list[int]] = field(default_factory=list)
     #: Training-set size per client (record-level DP needs it for δ and the sampling rate).

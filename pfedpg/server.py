@@ -103,6 +103,10 @@ class Server(nn.Module):
             update = update * (c / norm)
         return update, norm
 
+    def client_descriptors(self) -> torch.Tensor | None:
+        """The clients' descriptors d_n (N, D) for a method that learns them (pFedPG), else None."""
+        return None
+
     def num_shared(self) -> int:
         return sum(p.numel() for p in self.shared_parameters())
 
@@ -158,6 +162,9 @@ class PFedPGServer(Server):
                                                                    generator=seeds.torch("init.descriptor", client=n))
                              for n in range(num_clients)])
         self.descriptors = nn.Parameter(d)
+
+    def client_descriptors(self) -> torch.Tensor:
+        return self.descriptors
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [self.p_base, *self.generator.parameters()]
