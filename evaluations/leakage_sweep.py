@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from evaluations.leakage_pooling import group_key, plot_tpr_vs_epsilon, pooled_probes
-from evaluations.report import html_page, img_tag, run_header
+from evaluations.report import html_page, img_tag, run_header, write_grid_markdown
 from evaluations.privacy import MECHANISMS, PrivacySweep, PrivacySweepConfig, cells
 from evaluations.sweep import load_grid_file, run_grid
 from pfedpg.config import build_dataclass
@@ -180,11 +180,7 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
         md.append(f"- **{p}**: {r.get('threat_model')}")
     md += ["", "## ROC curves (log–log; dashed: the region the accountant's (ε, δ) allows, for covered probes)", ""]
     md += [f"### {g}\n\n![ROC {g}](roc_{g}.png)\n" for g in clean]
-    md += ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"]
-    md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r.get('error') else ''} | `{r['run_dir']}` |" for r in rows]
-    intro = md[2]
-    md[1:1] = ["", run_header(rows)]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    intro = write_grid_markdown(out / "report.md", md, rows)
     esc = html.escape
     parts = html_page("pFedPG leakage audit", "Leakage audit: pFedPG", intro, header, body, width="80em",
                       meta=run_header(rows))

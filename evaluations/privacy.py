@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from evaluations.leakage_pooling import UNITS, group_key, plot_tpr_vs_epsilon, pooled_probes
-from evaluations.report import html_page, img_tag, run_header
+from evaluations.report import html_page, img_tag, run_header, write_grid_markdown
 from evaluations.sweep import CellResult, Grid, divergence, load_grid_file, run_grid
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
@@ -376,11 +376,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     if "dp_client" in statements:
         md += ["Client-level DP protects what leaves the client (ΔP_n and all server state derived from it), "
                "not the client's own adapted prompt or head: probes on those get no ε under `dp_client`.", ""]
-    md += ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"]
-    md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r['error'] else ''} | `{r['run_dir']}` |" for r in rows]
-    intro = md[2]
-    md[1:1] = ["", run_header(rows)]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    intro = write_grid_markdown(out / "report.md", md, rows)
     # HTML: the same content, self-contained apart from the PNG beside it.
     esc = html.escape
     parts = html_page("pFedPG privacy trade-off", "Privacy trade-off: pFedPG", intro, header, body, width="70em",

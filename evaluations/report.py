@@ -21,6 +21,17 @@ def img_tag(path: str | Path, alt: str) -> str:
     return f"<img src='data:image/png;base64,{data}' alt='{html.escape(alt)}' style='max-width:100%'>"
 
 
+def write_grid_markdown(path: Path, md: list[str], rows: list[dict]) -> str:
+    """A grid's report.md: ``md`` (title, blank, intro, ...) with the header line of what ran after
+    the title and, at the end, one line per cell with its status (and error) and folder. Returns the
+    intro paragraph (the HTML page repeats it)."""
+    intro = md[2]
+    md = md[:1] + ["", run_header(rows)] + md[1:] + ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"]
+    md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r.get('error') else ''} | `{r['run_dir']}` |" for r in rows]
+    path.write_text("\n".join(md) + "\n")
+    return intro
+
+
 def run_header(rows: list[dict]) -> str:
     """One line saying what a grid ran: method, data, clients, rounds, seeds, backbone, version —
     read from its runs' saved configs (the header a reader of a pasted report needs)."""
