@@ -162,6 +162,7 @@ class ClientCanaryAudit(Hook):
         self.directions: dict[int, torch.Tensor] = {}
         self.theta0: torch.Tensor | None = None
         self.released: dict[int, torch.Tensor] = {}  # per canary: the sum of its releases as the server got them
+        self.client_dp: Hook | None = None  # the run's client-level DP hook, found at setup
 
     def _client_dp(self, ctx):
         # Duck typing (attacks never import defenses): a client-level mechanism has a clip C and a
@@ -180,7 +181,7 @@ class ClientCanaryAudit(Hook):
         if max(self.canaries) >= n or len(self.canaries) >= n:
             raise ConfigError(f"client_canary_audit.clients={self.clients_opt!r} needs fewer than the run's {n} clients")
         hooks = list(ctx.hooks)
-        dp = self._client_dp(ctx)
+        dp = self.client_dp = self._client_dp(ctx)
         if dp is not None and hooks.index(dp) < hooks.index(self):
             raise ConfigError(f"list client_canary_audit before {dp.name} in hooks: the canaries' releases must go "
                               "through the mechanism")
@@ -204,23 +205,12 @@ class ClientCanaryAudit(Hook):
     def outgoing_delta(self, ctx, *, client, round, delta):
         if client not in self.canaries:
             return delta
-        dp = self._client_dp(ctx)
+        dp = self.client_dp
         # Under client-level DP far above C (Andrew et al.'s canaries are ×10⁴): the mechanism's own clipping must
         # bound it, so a mechanism that clips after adding its noise shows up as a canary the noise cannot hide.
         scale = self.norm if self.norm is not None else (CANARY_SCALE * float(dp.clip) if dp is not None
                                                          else float(delta.norm()))
         return (scale * self.directions[client]).to(device=delta.device, dtype=delta.dtype).reshape(delta.shape)
-
-    def _push(self, ctx, client: int, u: torch.Tensor) -> torch.Tensor:
-        """v = J_cᵀ u: how a release along u from client c moves the shared state (first order)."""
-        server = ctx.server
-        params = server.shared_parameters()
-        if not hasattr(server, "generate"):  # FedVPT: the shared state is the prompt itself
-            return u.reshape(-1).double()
-        p = server.generate(client)
-        grads = torch.autograd.grad((p * u.to(p)).sum(), params, allow_unused=True)
-        return torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1).double().cpu()
-                          for q, g in zip(params, grads)])
 
     def game_epsilon(self, ctx, dp, delta: float) -> float | None:
         """What the mechanism claims for the canaries' game (None without client-level DP): the
@@ -263,8 +253,8 @@ class ClientCanaryAudit(Hook):
         def cos(v, w):
             return float(v @ w / (v.norm() * w.norm() + 1e-300))
 
-        out = {"final_state": ([cos(self._push(ctx, c, self.directions[c]), move) for c in self.canaries],
-                               [cos(self._push(ctx, c, u), move) for c, u in self._null_directions(ctx, "audit.client_canary.null")])}
+        out = {"final_state": ([cos(ctx.server.pullback(c, self.directions[c]), move) for c in self.canaries],
+                               [cos(ctx.server.pullback(c, u), move) for c, u in self._null_directions(ctx, "audit.client_canary.null")])}
         if all(c in self.released for c in self.canaries):
             out["releases"] = ([cos(self.released[c], self.directions[c].reshape(-1)) for c in self.canaries],
                                [cos(self.released[c], u.reshape(-1))

@@ -309,7 +309,7 @@ class PixelBackdoor(MaliciousClients):
         in-process, or in the client's Flower ClientApp."""
         if client in self.malicious:
             return None
-        x, y = ctx.eval_data[client]
+        x, y = ctx.eval_data_of(client)
         keep = y != self.target
         count = int(keep.sum())
         if count == 0:

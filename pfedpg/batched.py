@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pfedpg.client import training_batch
-from pfedpg.hooks import LocalJob, LocalResult
+from pfedpg.jobs import LocalJob, LocalResult
 
 
 def batched_sgd_local_training(model, jobs: list[LocalJob], starts: list[dict[str, torch.Tensor]], cfg) -> \

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import LocalJob, LocalResult
+from pfedpg.jobs import LocalJob, LocalResult
 
 
 @dataclass

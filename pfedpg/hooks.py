@@ -25,6 +25,11 @@ point                 side    contract
 ``end_of_run``        both    ``(ctx, summary) -> dict`` merged into ``summary.json``
 ====================  ======  ===============================================================
 
+``ctx`` is cut to the point's side (``pfedpg/context.py``): client-side points get a ``ClientSide``
+view (the run's public facts; ``eval_data_of(client)`` at ``client_metrics``), server-side points a
+``ServerSide`` view (the public facts and ``server``, a ``ServerView``), and ``setup``,
+``end_of_round`` and ``end_of_run`` the whole ``RunContext``.
+
 A hook that ``controls_client(n)`` (a malicious client) owns client n's code: the honest-client
 hooks are skipped for n at ``client_data``, ``local_training`` and ``outgoing_delta``, so its
 crafted delta is what the server receives whatever honest-client hooks (e.g. DP noise) are set;
@@ -40,13 +45,14 @@ aggregated. What the server saw of them is in ``ctx.joins`` for the probes.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
+from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.deprecation import take_renamed
 from pfedpg.errors import ConfigError
+from pfedpg.jobs import ClientData, LocalJob, LocalResult  # noqa: F401  (re-exported)
 from pfedpg.registry import Registry
 
 HOOKS: Registry[type["Hook"]] = Registry("hook")
@@ -60,42 +66,6 @@ def register_hook(name: str):
         return HOOKS.register(name)(cls)
 
     return deco
-
-
-@dataclass
-class ClientData:
-    """One client's training records for a round: ``x`` uint8 images (N, 3, S, S) at their stored
-    size S on the host, ``y`` int64 labels. A hook that edits pixels edits these uint8 records (a
-    trigger or a canary is part of the image); the model's input pipeline resizes, normalises and
-    augments per batch on the run's device."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-
-@dataclass
-class LocalJob:
-    """Everything local training needs; ``run_default()`` is the plain SGD loop of DESIGN §1.
-    Train what ``pfedpg.client.trainable_parameters(model)`` lists: a new client's round 0 freezes
-    the prompt and trains its head alone."""
-
-    client: int
-    round: int
-    model: torch.nn.Module
-    data: ClientData
-    generator: torch.Generator  # the round's shuffling stream for this client
-    run_default: Callable[["LocalJob"], "LocalResult"]
-    #: the round's augmentation stream for this client (``data.augment``), None = no augmentation;
-    #: pass it to ``pfedpg.client.training_batch`` / ``model.prepare``
-    augment: torch.Generator | None = None
-
-
-@dataclass
-class LocalResult:
-    loss: float
-    steps: int
-    samples: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Hook:
@@ -125,38 +95,38 @@ class Hook:
         """True when this hook *replaces* client ``client``'s code (a malicious client)."""
         return False
 
-    def setup(self, ctx: "RunContext") -> None:
+    def setup(self, ctx: RunContext) -> None:
         pass
 
     # --- client side ---------------------------------------------------------------------------
-    def client_data(self, ctx: "RunContext", *, client: int, round: int, data: ClientData) -> ClientData:
+    def client_data(self, ctx: ClientSide, *, client: int, round: int, data: ClientData) -> ClientData:
         return data
 
-    def local_training(self, ctx: "RunContext", job: LocalJob, call_next: Callable[[LocalJob], LocalResult]) -> LocalResult:
+    def local_training(self, ctx: ClientSide, job: LocalJob, call_next: Callable[[LocalJob], LocalResult]) -> LocalResult:
         return call_next(job)
 
-    def outgoing_delta(self, ctx: "RunContext", *, client: int, round: int, delta: torch.Tensor) -> torch.Tensor:
+    def outgoing_delta(self, ctx: ClientSide, *, client: int, round: int, delta: torch.Tensor) -> torch.Tensor:
         return delta
 
     # --- server side ---------------------------------------------------------------------------
-    def incoming_deltas(self, ctx: "RunContext", *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def incoming_deltas(self, ctx: ServerSide, *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return deltas
 
-    def shared_gradients(self, ctx: "RunContext", *, round: int, grads):
+    def shared_gradients(self, ctx: ServerSide, *, round: int, grads):
         return grads
 
-    def aggregate(self, ctx: "RunContext", *, round: int, grads) -> torch.Tensor:
+    def aggregate(self, ctx: ServerSide, *, round: int, grads) -> torch.Tensor:
         raise NotImplementedError  # only hooks that override this take part in aggregation
 
-    def client_metrics(self, ctx: "RunContext", *, client: int,
+    def client_metrics(self, ctx: ClientSide, *, client: int,
                        evaluate: Callable[[torch.Tensor, torch.Tensor], float]) -> dict[str, Any] | None:
         return None
 
     # --- both ----------------------------------------------------------------------------------
-    def end_of_round(self, ctx: "RunContext", *, round: int, record: dict[str, Any]) -> dict[str, Any] | None:
+    def end_of_round(self, ctx: RunContext, *, round: int, record: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
-    def end_of_run(self, ctx: "RunContext", *, summary: dict[str, Any]) -> dict[str, Any] | None:
+    def end_of_run(self, ctx: RunContext, *, summary: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -177,65 +147,6 @@ class Hook:
 
 def _overrides(hook: Hook, point: str) -> bool:
     return getattr(type(hook), point) is not getattr(Hook, point)
-
-
-class ServerView(Protocol):
-    """What a hook reads of the method's server (``ctx.server``), through these, not attribute probing."""
-
-    sends_prompts: bool  # False for ``local``: nothing is exchanged
-    joins_with_updates: bool  # pFedPG: a new client's join rounds update its descriptor
-
-    def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]: ...
-
-    def client_descriptors(self) -> torch.Tensor | None: ...
-
-    def shared_parameters(self) -> list[torch.nn.Parameter]: ...
-
-
-@dataclass
-class RunContext:
-    """What hooks may read: the resolved config, the seeds, the run directory and a logger.
-    ``server`` is the method's server (server-side hooks only may look at it)."""
-
-    config: Any
-    seeds: Any
-    run_dir: Any
-    num_clients: int
-    log: Callable[[str], None]
-    num_classes: int = 0
-    server: ServerView | None = None
-    #: The pre-computed participation schedule: schedule[r - 1] lists round r's clients.
-    schedule: list[list[int]] = field(default_factory=list)
-    #: Training-set size per client (record-level DP needs it for δ and the sampling rate).
-    train_sizes: list[int] = field(default_factory=list)
-    #: Each client's evaluation tensors (x, y) and ``evaluate(client, x, y) -> accuracy`` with that
-    #: client's current adapted prompt and head (e.g. attack success rates on triggered images).
-    eval_data: list = field(default_factory=list)
-    evaluate: Callable[[int, torch.Tensor, torch.Tensor], float] | None = None
-    #: Simulation-side views for probes and audits (``attacks/``), which play a stated threat model
-    #: and read only what it allows: each client's training tensors (x, y) before client hooks, the
-    #: shared prompted model (load a client's state into it with ``pfedpg.client.load_into``),
-    #: ``client_states() -> [ClientState]`` (adapted prompt, head) and per-client facts of the data
-    #: (``domain``, ``label_counts`` of the training split, ``domain_names``).
-    train_data: list = field(default_factory=list)
-    model: Any = None
-    client_states: Callable[[], list] | None = None
-    client_info: list[dict[str, Any]] = field(default_factory=list)
-    #: The run's hooks in config order (an audit reads a DP hook's ``statement()`` / ``epsilon(n)``).
-    hooks: list = field(default_factory=list)
-    #: New clients (``data.new_clients``, DESIGN §1): their ids (num_clients, num_clients + 1, ...;
-    #: never in ``schedule``), training-set sizes and facts, and the join rounds each will run
-    #: after the last training round (rounds T + 1 .. T + R for the hooks; T + 0 trains the head
-    #: alone on the received prompt and sends nothing). Client-side points run for them as for any
-    #: client; the server-side points do not (only the new client's own state is updated).
-    new_clients: list[int] = field(default_factory=list)
-    new_train_sizes: list[int] = field(default_factory=list)
-    new_client_info: list[dict[str, Any]] = field(default_factory=list)
-    join_rounds: int = 0
-    #: Filled during the join rounds, for probes of what the server saw: per new client, one
-    #: entry per join round ``{"round", "sent", "delta" (as released), "descriptor" (after the step,
-    #: pfedpg), "initial_descriptor"}``.
-    joins: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class HookChain:
@@ -274,38 +185,43 @@ class HookChain:
         """True when a hook wraps client ``client``'s local training (it cannot join a batched round)."""
         return any(_overrides(h, "local_training") for h in self._client_hooks(client))
 
-    def client_data(self, ctx, *, client: int, round: int, data: ClientData) -> ClientData:
+    def client_data(self, ctx: RunContext, *, client: int, round: int, data: ClientData) -> ClientData:
+        view = ctx.client_side
         for h in self._client_hooks(client):
-            data = h.client_data(ctx, client=client, round=round, data=data)
+            data = h.client_data(view, client=client, round=round, data=data)
         return data
 
-    def local_training(self, ctx, job: LocalJob) -> LocalResult:
+    def local_training(self, ctx: RunContext, job: LocalJob) -> LocalResult:
         # Middleware: the first hook in config order is the outermost (Flower mods' convention).
+        view = ctx.client_side
         call: Callable[[LocalJob], LocalResult] = job.run_default
         for h in reversed(self._client_hooks(job.client)):
             if _overrides(h, "local_training"):
-                call = (lambda hook, nxt: (lambda j: hook.local_training(ctx, j, nxt)))(h, call)
+                call = (lambda hook, nxt: (lambda j: hook.local_training(view, j, nxt)))(h, call)
         return call(job)
 
-    def outgoing_delta(self, ctx, *, client: int, round: int, delta: torch.Tensor) -> torch.Tensor:
+    def outgoing_delta(self, ctx: RunContext, *, client: int, round: int, delta: torch.Tensor) -> torch.Tensor:
+        view = ctx.client_side
         for h in self._client_hooks(client):
-            delta = h.outgoing_delta(ctx, client=client, round=round, delta=delta)
+            delta = h.outgoing_delta(view, client=client, round=round, delta=delta)
         return delta
 
-    def incoming_deltas(self, ctx, *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def incoming_deltas(self, ctx: RunContext, *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        view = ctx.server_side
         for h in self.hooks:
-            deltas = h.incoming_deltas(ctx, round=round, deltas=deltas)
+            deltas = h.incoming_deltas(view, round=round, deltas=deltas)
         return deltas
 
-    def shared_gradients(self, ctx, *, round: int, grads):
+    def shared_gradients(self, ctx: RunContext, *, round: int, grads):
+        view = ctx.server_side
         for h in self.hooks:
-            grads = h.shared_gradients(ctx, round=round, grads=grads)
+            grads = h.shared_gradients(view, round=round, grads=grads)
         return grads
 
-    def aggregate(self, ctx, *, round: int, grads, default: Callable) -> torch.Tensor:
+    def aggregate(self, ctx: RunContext, *, round: int, grads, default: Callable) -> torch.Tensor:
         if self.aggregator is None:
             return default(grads)
-        return self.aggregator.aggregate(ctx, round=round, grads=grads)
+        return self.aggregator.aggregate(ctx.server_side, round=round, grads=grads)
 
     def _prefixed(self, point: str, **kw) -> dict[str, Any]:
         """Every hook's dict from ``point``, keys prefixed ``<hook>/``."""
@@ -316,15 +232,15 @@ class HookChain:
                 extra.update({f"{h.name}/{k}": v for k, v in out.items()})
         return extra
 
-    def client_metrics(self, ctx, *, client: int, evaluate) -> dict[str, Any]:
+    def client_metrics(self, ctx: RunContext, *, client: int, evaluate) -> dict[str, Any]:
         """Every hook's measurements on client ``client``'s model (a measurement, not client
         behaviour: it runs for every hook, whoever controls the client)."""
-        return self._prefixed("client_metrics", ctx=ctx, client=client, evaluate=evaluate)
+        return self._prefixed("client_metrics", ctx=ctx.client_side, client=client, evaluate=evaluate)
 
-    def end_of_round(self, ctx, *, round: int, record: dict[str, Any]) -> dict[str, Any]:
+    def end_of_round(self, ctx: RunContext, *, round: int, record: dict[str, Any]) -> dict[str, Any]:
         return self._prefixed("end_of_round", ctx=ctx, round=round, record=record)
 
-    def end_of_run(self, ctx, *, summary: dict[str, Any]) -> dict[str, Any]:
+    def end_of_run(self, ctx: RunContext, *, summary: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         for h in self.hooks:
             out = h.end_of_run(ctx, summary=summary)
@@ -396,5 +312,5 @@ class NoopHook(Hook):
     def incoming_deltas(self, ctx, *, round, deltas):
         return dict(deltas)
 
-    def end_of_round(self, ctx, *, round, record):
+    def end_of_round(self, ctx: RunContext, *, round, record):
         return None

@@ -107,6 +107,11 @@ class Server(nn.Module):
         """The clients' descriptors d_n (N, D) for a method that learns them (pFedPG), else None."""
         return None
 
+    def pullback(self, client: int, u: torch.Tensor) -> torch.Tensor:
+        """J_cᵀ u as one float64 vector on the CPU: how a release along ``u`` from client ``client``
+        moves the shared state, to first order. Here the shared state is the prompt itself (FedVPT)."""
+        return u.reshape(-1).double()
+
     def num_shared(self) -> int:
         return sum(p.numel() for p in self.shared_parameters())
 
@@ -176,6 +181,13 @@ class PFedPGServer(Server):
     def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
         with torch.no_grad():
             return {n: self.generate(n).detach().clone() for n in clients}
+
+    def pullback(self, client: int, u: torch.Tensor) -> torch.Tensor:
+        params = self.shared_parameters()
+        p = self.generate(client)
+        grads = torch.autograd.grad((p * u.to(p)).sum(), params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1).double().cpu()
+                          for q, g in zip(params, grads)])
 
     def client_gradients(self, deltas: dict[int, torch.Tensor]) -> ClientGradients:
         shared = self.shared_parameters()

@@ -92,7 +92,7 @@ def test_backdoor_poisons_its_data_and_asr_uses_benign_non_target_images():
     ctx = ctx_for(n=3, eval_data=[(x, y)] * 3)
     ctx.config = SimpleNamespace(model=model)
     hook.setup(ctx)
-    poisoned = hook.client_data(ctx, client=1, round=1, data=ClientData(x, torch.tensor([5, 5, 5, 5, 5, 5])))
+    poisoned = hook.client_data(ctx.client_side, client=1, round=1, data=ClientData(x, torch.tensor([5, 5, 5, 5, 5, 5])))
     assert int((poisoned.y == 0).sum()) == 3 and int((poisoned.x[:, :, -2:, -2:] != 0).any(dim=(1, 2, 3)).sum()) == 3
     assert poisoned.x.dtype == torch.uint8 and torch.equal(poisoned.x[:, :, :-2], x[:, :, :-2])  # only the corner
     # The trigger in pixels: "on" cells at mean + 3·std, clipped to 255; "off" cells at the mean colour.
@@ -100,7 +100,7 @@ def test_backdoor_poisons_its_data_and_asr_uses_benign_non_target_images():
     assert corner[:, 0, 1].tolist() == [255, 255, 255] and corner[:, 0, 0].tolist() == [128, 102, 76]
     # Measured on each client's own model where it is evaluated; the malicious client is skipped.
     rows = [{"client": c, **{f"backdoor/{k}": v for k, v in (hook.client_metrics(
-        ctx, client=c, evaluate=evaluate_as(c, [1.0, 0.0, 0.5][c])) or {}).items()}} for c in range(3)]
+        ctx.client_side, client=c, evaluate=evaluate_as(c, [1.0, 0.0, 0.5][c])) or {}).items()}} for c in range(3)]
     assert [c for c, _, _ in asked] == [0, 2]  # benign clients only
     for _, xs, ys in asked:
         assert xs.shape[0] == 4 and bool((ys == 0).all())  # the two true-target images are excluded

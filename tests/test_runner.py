@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_config
 from pfedpg.errors import ConfigError, NonFiniteDeltaError
-from pfedpg.hooks import Hook, HookChain, build_hooks
+from pfedpg.hooks import Hook, HookChain, RunContext, build_hooks
 from pfedpg.runner import Trainer, participation_schedule
 from pfedpg.seeding import Seeds
 
@@ -142,9 +142,10 @@ def test_a_controlling_hook_replaces_the_honest_client_hooks():
             return -delta
 
     chain = HookChain([Honest(), Attacker()])
+    ctx = RunContext(config=None, seeds=Seeds(0), run_dir=None, num_clients=2, log=print)
     d = torch.ones(2, 2)
-    assert torch.equal(chain.outgoing_delta(None, client=0, round=1, delta=d), -d)
-    assert torch.equal(chain.outgoing_delta(None, client=1, round=1, delta=d), d + 1)
+    assert torch.equal(chain.outgoing_delta(ctx, client=0, round=1, delta=d), -d)
+    assert torch.equal(chain.outgoing_delta(ctx, client=1, round=1, delta=d), d + 1)
 
 
 def test_two_aggregators_and_unknown_hooks_are_config_errors():

@@ -15,7 +15,8 @@ from pfedpg.config import RunConfig
 from pfedpg.data import load_dataset, partition_clients, split_new_clients
 from pfedpg.data.pipeline import InputPipeline
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import HookChain, RunContext, build_hooks
+from pfedpg.context import RunContext
+from pfedpg.hooks import HookChain, build_hooks
 from pfedpg.models import PromptedViT, backbone_num_params, build_backbone, vpt_init_bound
 from pfedpg.models.device import configure, resolve_device
 from pfedpg.seeding import Seeds
