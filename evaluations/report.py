@@ -80,6 +80,8 @@ def _pct(v) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
+    """``report.md`` of one finished run: its setting, accuracy (per client, new clients), the
+    learning curve, communication, time and hook results."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -87,24 +89,41 @@ def write_report(run_dir: str | Path) -> Path:
     s = json.loads(summary_path.read_text())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     png = learning_curve(run_dir)
-    acc, gen, comm = s["accuracy"], s.get("accuracy_generated"), s["communication"]
-    lines = [
+    lines = _run_header(run_dir, s, cfg) + _accuracy_tables(s)
+    if (s.get("new_clients") or {}).get("accuracy"):
+        lines += _new_clients_section(s["new_clients"])
+    lines += _communication_time_hooks(s, png)
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _run_header(run_dir: Path, s: dict, cfg: dict) -> list[str]:
+    comm = s["communication"]
+    backbone_file = (s.get("backbone") or {}).get("file")
+    return [
         f"# pFedPG-eval run: {run_dir.name}",
         "",
         f"Method **{s['method']}**" + (f" (generator `{s['generator']}`)" if s.get("generator") else "")
         + f", seed {s['seed']}, {s['rounds']} rounds, {s['num_clients']} clients ({s['clients_per_round']} per round).",
         f"Data `{s['data']['source']}`, partition `{s['data']['partition']}`; backbone `{cfg['model']['name']}` "
-        f"({cfg['model']['weights']}{', file `' + str((s.get('backbone') or {}).get('file')) + '`' if (s.get('backbone') or {}).get('file') else ''}, {comm['backbone_numbers']:,} numbers, frozen), K = {cfg['model']['num_prompts']} prompts"
+        f"({cfg['model']['weights']}{', file `' + str(backbone_file) + '`' if backbone_file else ''}, "
+        f"{comm['backbone_numbers']:,} numbers, frozen), K = {cfg['model']['num_prompts']} prompts"
         + (" per layer (deep)." if cfg['model'].get('prompt_depth') == "deep" else " (shallow)."),
         "",
         "## Accuracy after the last round",
         "",
     ]
+
+
+def _accuracy_tables(s: dict) -> list[str]:
+    """The mean/worst/best table and the per-client table (or why the server does not know them)."""
+    acc, gen = s["accuracy"], s.get("accuracy_generated")
     if acc is None:  # a deployment under a DP mechanism: the clients kept them (DESIGN §5)
-        lines += [f"Not known to the server: {s.get('client_metrics')}. Each client's rows are in its own metrics "
-                  "file (the node's metrics-dir).", ""]
+        lines = [f"Not known to the server: {s.get('client_metrics')}. Each client's rows are in its own metrics "
+                 "file (the node's metrics-dir).", ""]
     else:
-        lines += [
+        lines = [
             f"Per-client top-1 accuracy on each client's own {'validation' if s.get('evaluated_on') == 'val' else 'test'} "
             "split; the last round, never the best one." + (f" Client metrics: {s['client_metrics']}."
                                                           if s.get("client_metrics") else ""),
@@ -124,32 +143,39 @@ def write_report(run_dir: str | Path) -> Path:
         g = gen["per_client"][n] if gen else None
         lines.append(f"| {n} |" + (f" {pids[n]} |" if pids else "") + f" {names[n]} | {s['data']['train_per_client'][n]} | "
                      f"{s['data']['test_per_client'][n]} | {_pct(a)} | {_pct(g)} |")
-    new = s.get("new_clients")
-    if new and new.get("accuracy"):
-        na, ng = new["accuracy"], new.get("accuracy_generated")
-        k = len(new["clients"])
-        ncomm = new.get("communication") or {}
-        lines += ["", "## New clients", "",
-                  f"{k} client{'s' if k != 1 else ''} held out of training (partition ids {new['partition_ids']}) joined after "
-                  f"the last round. They start from {new['start']}. Join round 0 is {new['round_0']}; each method spends the "
-                  f"same (R + 1)·E = {new['budget_epochs']} local epoch{'s' if new['budget_epochs'] != 1 else ''}. Test records "
-                  f"per new client: {', '.join(map(str, new['test_per_client']))}."
-                  + (f" Each exchanges {ncomm['down_numbers_per_client']:,} numbers down and {ncomm['up_numbers_per_client']:,} "
-                     "up over its join rounds." if ncomm else ""), "",
-                  "Accuracy % of each new client's adapted prompt and head on its own test split, after each join round:", "",
-                  "| join round | mean | worst |" + (" generated prompt + head (mean) |" if ng else ""),
-                  "|---|---|---|" + ("---|" if ng else "")]
-        for j in range(new["join_rounds"] + 1):
-            lines.append(f"| {j} | {_pct(na['mean'][j])} | {_pct(na['worst'][j])} |"
-                         + (f" {_pct(ng['mean'][j])} |" if ng else ""))
-        lines += ["", "| new client | partition id | who | train | round 0 | last join round |", "|---|---|---|---|---|---|"]
-        for i, n in enumerate(new["clients"]):
-            per = na["per_client"][i]
-            lines.append(f"| {n} | {new['partition_ids'][i]} | {new['names'][i]} | {new['train_per_client'][i]} | "
-                         f"{_pct(per[0])} | {_pct(per[-1])} |")
-        if new.get("errors"):
-            lines += ["", "Join rounds stopped early: " + "; ".join(new["errors"]) + "."]
-    lines += [
+    return lines
+
+
+def _new_clients_section(new: dict) -> list[str]:
+    na, ng = new["accuracy"], new.get("accuracy_generated")
+    k = len(new["clients"])
+    ncomm = new.get("communication") or {}
+    lines = ["", "## New clients", "",
+             f"{k} client{'s' if k != 1 else ''} held out of training (partition ids {new['partition_ids']}) joined after "
+             f"the last round. They start from {new['start']}. Join round 0 is {new['round_0']}; each method spends the "
+             f"same (R + 1)·E = {new['budget_epochs']} local epoch{'s' if new['budget_epochs'] != 1 else ''}. Test records "
+             f"per new client: {', '.join(map(str, new['test_per_client']))}."
+             + (f" Each exchanges {ncomm['down_numbers_per_client']:,} numbers down and {ncomm['up_numbers_per_client']:,} "
+                "up over its join rounds." if ncomm else ""), "",
+             "Accuracy % of each new client's adapted prompt and head on its own test split, after each join round:", "",
+             "| join round | mean | worst |" + (" generated prompt + head (mean) |" if ng else ""),
+             "|---|---|---|" + ("---|" if ng else "")]
+    for j in range(new["join_rounds"] + 1):
+        lines.append(f"| {j} | {_pct(na['mean'][j])} | {_pct(na['worst'][j])} |"
+                     + (f" {_pct(ng['mean'][j])} |" if ng else ""))
+    lines += ["", "| new client | partition id | who | train | round 0 | last join round |", "|---|---|---|---|---|---|"]
+    for i, n in enumerate(new["clients"]):
+        per = na["per_client"][i]
+        lines.append(f"| {n} | {new['partition_ids'][i]} | {new['names'][i]} | {new['train_per_client'][i]} | "
+                     f"{_pct(per[0])} | {_pct(per[-1])} |")
+    if new.get("errors"):
+        lines += ["", "Join rounds stopped early: " + "; ".join(new["errors"]) + "."]
+    return lines
+
+
+def _communication_time_hooks(s: dict, png: Path) -> list[str]:
+    comm = s["communication"]
+    lines = [
         "",
         f"![learning curve]({png.name})",
         "",
@@ -171,6 +197,4 @@ def write_report(run_dir: str | Path) -> Path:
         for name, res in (s.get("hook_results") or {}).items():
             lines.append(f"- `{name}`: `{json.dumps(res)}`")
     lines += ["", "Files: `config.yaml` (resolved), `seeds.json`, `env.json`, `metrics.jsonl`, `summary.json`, `log.txt`, `checkpoints/`.", ""]
-    out = run_dir / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    return lines

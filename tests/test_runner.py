@@ -313,7 +313,7 @@ def test_remix_redraws_overlay_distractors_from_public_label_channels_only():
     overlay's stay black."""
     import numpy as np
 
-    from pfedpg.pretrain import _remixer
+    from pfedpg.pretrain_loop import _remixer
 
     rng = np.random.default_rng(0)
     n, s = 12, 4
