@@ -133,6 +133,75 @@ def determinism(size: dict, data: str) -> dict:
     return {"identical": same, "max_abs_difference": diff, "tensors_compared": len(finals[0])}
 
 
+def _recorder(out: Path, header: dict, rows: list[dict]):
+    """``record(name, fn, **facts)``: runs one measurement, keeps its row (or its error: a failed
+    measurement is a row, and the others still run) in ``gpu.json`` at once, prints it."""
+
+    def record(name: str, fn, **facts) -> dict | None:
+        t0 = time.perf_counter()
+        try:
+            res = {"measurement": name, **facts, **fn()}
+        except Exception as e:
+            res = {"measurement": name, **facts, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+            print(f"  {name} {facts}: FAILED {res['error']}", flush=True)
+        res["wall_s"] = time.perf_counter() - t0
+        rows.append(res)
+        (out / "gpu.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
+        if "error" not in res:
+            print(f"  {name} {facts}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in res.items() if k not in ("measurement", *facts, "wall_s")),
+                  flush=True)
+        return None if "error" in res else res
+
+    return record
+
+
+def _round_and_dp_lines(want: set, size: dict, data: Path, cuda: bool, record) -> list[str]:
+    lines = []
+    if "round" in want:
+        fp32 = record("round", lambda: rounds(config(size, data, clients=10, per_round=10)), clients=10, amp=None)
+        bf16 = record("round", lambda: rounds(config(size, data, clients=10, per_round=10, amp="bf16")),
+                      clients=10, amp="bf16") if cuda else None
+        if fp32:
+            lines.append(f"| one round, 10 clients, float32 | {fp32['round_s']:.2f} s ({fp32['images_per_s']:.0f} img/s) |"
+                         + (f" {fp32['peak_gib']:.1f} GiB |" if "peak_gib" in fp32 else " – |"))
+        if fp32 and bf16:
+            lines.append(f"| one round, 10 clients, bf16 | {bf16['round_s']:.2f} s ({bf16['images_per_s']:.0f} img/s); "
+                         f"bf16 ÷ float32 = {bf16['round_s'] / fp32['round_s']:.2f} | {bf16['peak_gib']:.1f} GiB |")
+    if "dp_step" in want:
+        dp = [{"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}]
+        plain = record("dp_step", lambda: rounds(config(size, data, clients=4, per_round=4)), clients=4, dp=False)
+        priv = record("dp_step", lambda: rounds(config(size, data, clients=4, per_round=4, hooks=dp)), clients=4, dp=True)
+        if plain and priv:
+            lines.append(f"| DP-SGD step ÷ plain step (4 clients, training time) | "
+                         f"{priv['train_s'] / plain['train_s']:.2f} | – |")
+    return lines
+
+
+def _server_and_determinism_lines(want: set, size: dict, data: Path, record) -> list[str]:
+    lines = []
+    if "batched" in want:
+        for m in (4, 10, 32):
+            seq = record("batched", lambda: rounds(config(size, data, clients=32, per_round=m)), clients=m, batched=False)
+            bat = record("batched", lambda: rounds(config(size, data, clients=32, per_round=m, batched=True)),
+                         clients=m, batched=True)
+            if seq and bat:
+                lines.append(f"| batched ÷ sequential, m = {m} | {bat['train_s'] / seq['train_s']:.2f} "
+                             f"({seq['train_s']:.2f} s → {bat['train_s']:.2f} s) | "
+                             + (f"{bat['peak_gib']:.1f} GiB |" if "peak_gib" in bat else "– |"))
+    if "generator" in want:
+        for m in (10, 32):
+            g = record("generator", lambda: generator_step(size, data, m), clients=m)
+            if g:
+                lines.append(f"| generator step (VJPs + sum + update), m = {m} | {g['server_step_ms']:.1f} ms | – |")
+    if "determinism" in want:
+        det = record("determinism", lambda: determinism(size, data), clients=4)
+        if det:
+            lines.append(f"| two fresh builds, two rounds, bit-identical | {det['identical']} "
+                         f"(max difference {det['max_abs_difference']:.2g}) | – |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "out"))
@@ -148,64 +217,11 @@ def main() -> None:
     header = {"size": size["label"], "device": device, "torch": torch.__version__, "cuda": torch.version.cuda,
               "records_per_client": size["records"], "batch_size": 32, "local_epochs": 1}
     print(f"bench/gpu.py on {device}: {size['label']}" + ("" if cuda else " — this is not the paper-scale measurement"))
-    rows: list[dict] = []
-
-    def record(name: str, fn, **facts) -> dict | None:
-        t0 = time.perf_counter()
-        try:
-            res = {"measurement": name, **facts, **fn()}
-        except Exception as e:  # a failed measurement is a row, and the others still run
-            res = {"measurement": name, **facts, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-            print(f"  {name} {facts}: FAILED {res['error']}", flush=True)
-        res["wall_s"] = time.perf_counter() - t0
-        rows.append(res)
-        (out / "gpu.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
-        if "error" not in res:
-            print(f"  {name} {facts}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                     for k, v in res.items() if k not in ("measurement", *facts, "wall_s")),
-                  flush=True)
-        return None if "error" in res else res
-
+    record = _recorder(out, header, [])
     want = set(args.only or MEASUREMENTS)
     with tempfile.TemporaryDirectory() as d:
         data = synthetic_npz(Path(d) / "synthetic.npz", 32, size["records"])
-        lines = []
-        if "round" in want:
-            fp32 = record("round", lambda: rounds(config(size, data, clients=10, per_round=10)), clients=10, amp=None)
-            bf16 = record("round", lambda: rounds(config(size, data, clients=10, per_round=10, amp="bf16")),
-                          clients=10, amp="bf16") if cuda else None
-            if fp32:
-                lines.append(f"| one round, 10 clients, float32 | {fp32['round_s']:.2f} s ({fp32['images_per_s']:.0f} img/s) |"
-                             + (f" {fp32['peak_gib']:.1f} GiB |" if "peak_gib" in fp32 else " – |"))
-            if fp32 and bf16:
-                lines.append(f"| one round, 10 clients, bf16 | {bf16['round_s']:.2f} s ({bf16['images_per_s']:.0f} img/s); "
-                             f"bf16 ÷ float32 = {bf16['round_s'] / fp32['round_s']:.2f} | {bf16['peak_gib']:.1f} GiB |")
-        if "dp_step" in want:
-            dp = [{"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}]
-            plain = record("dp_step", lambda: rounds(config(size, data, clients=4, per_round=4)), clients=4, dp=False)
-            priv = record("dp_step", lambda: rounds(config(size, data, clients=4, per_round=4, hooks=dp)), clients=4, dp=True)
-            if plain and priv:
-                lines.append(f"| DP-SGD step ÷ plain step (4 clients, training time) | "
-                             f"{priv['train_s'] / plain['train_s']:.2f} | – |")
-        if "batched" in want:
-            for m in (4, 10, 32):
-                seq = record("batched", lambda: rounds(config(size, data, clients=32, per_round=m)), clients=m, batched=False)
-                bat = record("batched", lambda: rounds(config(size, data, clients=32, per_round=m, batched=True)),
-                             clients=m, batched=True)
-                if seq and bat:
-                    lines.append(f"| batched ÷ sequential, m = {m} | {bat['train_s'] / seq['train_s']:.2f} "
-                                 f"({seq['train_s']:.2f} s → {bat['train_s']:.2f} s) | "
-                                 + (f"{bat['peak_gib']:.1f} GiB |" if "peak_gib" in bat else "– |"))
-        if "generator" in want:
-            for m in (10, 32):
-                g = record("generator", lambda: generator_step(size, data, m), clients=m)
-                if g:
-                    lines.append(f"| generator step (VJPs + sum + update), m = {m} | {g['server_step_ms']:.1f} ms | – |")
-        if "determinism" in want:
-            det = record("determinism", lambda: determinism(size, data), clients=4)
-            if det:
-                lines.append(f"| two fresh builds, two rounds, bit-identical | {det['identical']} "
-                             f"(max difference {det['max_abs_difference']:.2g}) | – |")
+        lines = _round_and_dp_lines(want, size, data, cuda, record) + _server_and_determinism_lines(want, size, data, record)
     table = [f"{size['label']} on {device} (torch {torch.__version__}), {size['records']} records per client, "
              "batch 32, E = 1", "", "| measurement | result | peak GPU memory |", "|---|---|---|", *lines]
     (out / "gpu.md").write_text("\n".join(table) + "\n")

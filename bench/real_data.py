@@ -322,8 +322,7 @@ def prompt_ablation(rdir: Path) -> dict | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -339,11 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--ablate-prompt", action="store_true",
                    help="diagnostic after the runs: final heads with the initial instead of the final prompt")
-    a = p.parse_args(argv)
-    out = a.out if a.out.is_absolute() else (Path.cwd() / a.out)
-    if a.jobs < 1:
-        p.error("--jobs must be >= 1")
+    return p
 
+
+def _plan_jobs(a: argparse.Namespace, out: Path) -> list[dict]:
+    """One job per dataset × seed × method; a dataset whose inputs are missing is skipped, with why."""
     jobs = []
     for dataset in a.datasets:
         missing = missing_inputs(dataset, a.overrides)
@@ -357,6 +356,31 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = build_command(dataset, method, seed, a.rounds, a.overrides, rdir, a.validation)
                 jobs.append({"dataset": dataset, "method": method, "seed": seed, "run_dir": rdir, "cmd": cmd,
                              "sets": run_sets(dataset, method, seed, a.rounds, a.overrides, a.validation)})
+    return jobs
+
+
+def _ablation_lines(jobs: list[dict]) -> list[str]:
+    lines = ["", ("Prompt ablation (final heads; accuracy % on the evaluation split with the final prompt vs the "
+             "prompt each client started the run with):"), "",
+             "| dataset | method | seed | final prompt | initial prompt | gap |", "|---|---|---|---|---|---|"]
+    for j in sorted(jobs, key=lambda j: (j["dataset"], METHODS.index(j["method"]), j["seed"])):
+        r = prompt_ablation(j["run_dir"])
+        if r:
+            lines.append(f"| {j['dataset']} | {j['method']} | {j['seed']} | {100 * r['acc_final_prompt']:.1f} | "
+                         f"{100 * r['acc_initial_prompt']:.1f} | "
+                         f"{100 * (r['acc_final_prompt'] - r['acc_initial_prompt']):+.1f} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = _parser()
+    a = p.parse_args(argv)
+    out = a.out if a.out.is_absolute() else (Path.cwd() / a.out)
+    if a.jobs < 1:
+        p.error("--jobs must be >= 1")
+    jobs = _plan_jobs(a, out)
     if not jobs:
         print("nothing to run")
         return 0
@@ -387,17 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     if a.ablate_prompt:
-        lines = ["", ("Prompt ablation (final heads; accuracy % on the evaluation split with the final prompt vs the "
-                 "prompt each client started the run with):"), "",
-                 "| dataset | method | seed | final prompt | initial prompt | gap |", "|---|---|---|---|---|---|"]
-        for j in sorted(jobs, key=lambda j: (j["dataset"], METHODS.index(j["method"]), j["seed"])):
-            r = prompt_ablation(j["run_dir"])
-            if r:
-                lines.append(f"| {j['dataset']} | {j['method']} | {j['seed']} | {100 * r['acc_final_prompt']:.1f} | "
-                             f"{100 * r['acc_initial_prompt']:.1f} | "
-                             f"{100 * (r['acc_final_prompt'] - r['acc_initial_prompt']):+.1f} |")
-                print(lines[-1], flush=True)
-        md += "\n".join(lines) + "\n"
+        md += "\n".join(_ablation_lines(jobs)) + "\n"
         (out / name).write_text(header + md)
     print(f"wall {wall / 60:.1f} min for {todo} new runs; table written to {out / name}")
     if failed:

@@ -203,38 +203,13 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
     slots: list[CellResult | None] = [None] * len(grid)
     todo = []
     for i, cell in enumerate(grid):
-        run_dir = out / "runs" / cell["cell"]
-        saved = run_dir / "config.yaml"
-        if saved.is_file() and not _same_config(saved, config_from_dict(cell["config"])):
-            # A cell of the same name from an edited sweep file: never reuse stale results silently.
-            error = f"ConfigError: {run_dir} holds a run with a different config; delete it or choose another --out"
-            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: FAILED ({error})")
-            slots[i] = CellResult(cell, run_dir, None, error)
-        elif (run_dir / "summary.json").is_file():
-            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: done before, reused")
-            slots[i] = CellResult(cell, run_dir, json.loads((run_dir / "summary.json").read_text()), None)
-        elif (run_dir / "diverged.json").is_file():  # a divergence is a result: the same one again
-            error = json.loads((run_dir / "diverged.json").read_text())["error"]
-            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: diverged before, reused")
-            slots[i] = CellResult(cell, run_dir, None, error)
-        else:
-            if (run_dir / "error.txt").is_file():  # failed before (an error, not a result): start clean
-                log(f"[{i + 1}/{len(grid)}] {cell['cell']}: failed before; running it again from scratch")
-                shutil.rmtree(run_dir)
+        slots[i] = _earlier_result(cell, out / "runs" / cell["cell"], f"[{i + 1}/{len(grid)}] {cell['cell']}", log)
+        if slots[i] is None:
             todo.append(i)
 
     def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None) -> None:
-        cell, run_dir = grid[i], out / "runs" / grid[i]["cell"]
-        if error is None:
-            acc = f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy") else "accuracy kept by the clients"
-            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: {acc}{_where(summary)}")
-        elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
-            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: diverged ({error})")
-        else:  # a failed cell is a row, not the end of the grid
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(trace or error)
-            log(f"[{i + 1}/{len(grid)}] {cell['cell']}: FAILED ({error})")
-        slots[i] = CellResult(cell, run_dir, summary, error)
+        slots[i] = _finish_cell(grid[i], out / "runs" / grid[i]["cell"], f"[{i + 1}/{len(grid)}] {grid[i]['cell']}",
+                                summary, error, trace, log)
 
     if jobs == 1 or len(todo) <= 1:
         for i in todo:
@@ -243,37 +218,79 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
             except Exception as e:
                 finish(i, None, f"{type(e).__name__}: {e}", traceback.format_exc())
     else:
-        import multiprocessing
-        import os
-        from concurrent.futures import ProcessPoolExecutor
-
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        # spawn: a fresh interpreter per worker (forking a process that has started torch's thread pools is unsafe)
-        mp = multiprocessing.get_context("spawn")
-        pin = {}
-        if gpus is None:
-            import torch
-
-            gpus = torch.cuda.device_count()
-        named = any(str(config_from_dict(grid[i]["config"]).device).startswith("cuda:") for i in todo)
-        if gpu_slots(jobs, gpus) and not named:
-            given = mp.Queue()
-            for gpu in gpu_slots(jobs, gpus):
-                given.put(gpu)
-            pin = {"initializer": _pin_worker, "initargs": (given,)}
-            log(f"{jobs} workers on {gpus} GPU(s): worker k sees GPU k mod {gpus} alone")
-        elif gpus and named:
-            log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp, **pin) as pool:
-            _pretrain_first([grid[i] for i in todo], pool, threads, log)
-            futures = {i: pool.submit(_run_cell, grid[i]["config"], str(out / "runs" / grid[i]["cell"]), threads)
-                       for i in todo}
-            for i, f in futures.items():
-                try:
-                    finish(i, f.result(), None, None)
-                except Exception as e:
-                    finish(i, None, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e)))
+        _run_in_workers(grid, todo, out, jobs=jobs, gpus=gpus, log=log, finish=finish)
     return [r for r in slots if r is not None]
+
+
+def _earlier_result(cell: dict[str, Any], run_dir: Path, tag: str, log: Callable[[str], None]) -> CellResult | None:
+    """What a cell's folder already holds: a finished run or a divergence (reused), a run of another
+    config (an error row); None when the cell must run (a failed run's folder is cleared first)."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and not _same_config(saved, config_from_dict(cell["config"])):
+        # A cell of the same name from an edited sweep file: never reuse stale results silently.
+        error = f"ConfigError: {run_dir} holds a run with a different config; delete it or choose another --out"
+        log(f"{tag}: FAILED ({error})")
+        return CellResult(cell, run_dir, None, error)
+    if (run_dir / "summary.json").is_file():
+        log(f"{tag}: done before, reused")
+        return CellResult(cell, run_dir, json.loads((run_dir / "summary.json").read_text()), None)
+    if (run_dir / "diverged.json").is_file():  # a divergence is a result: the same one again
+        error = json.loads((run_dir / "diverged.json").read_text())["error"]
+        log(f"{tag}: diverged before, reused")
+        return CellResult(cell, run_dir, None, error)
+    if (run_dir / "error.txt").is_file():  # failed before (an error, not a result): start clean
+        log(f"{tag}: failed before; running it again from scratch")
+        shutil.rmtree(run_dir)
+    return None
+
+
+def _finish_cell(cell: dict[str, Any], run_dir: Path, tag: str, summary: dict[str, Any] | None, error: str | None,
+                 trace: str | None, log: Callable[[str], None]) -> CellResult:
+    if error is None:
+        acc = f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy") else "accuracy kept by the clients"
+        log(f"{tag}: {acc}{_where(summary)}")
+    elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
+        log(f"{tag}: diverged ({error})")
+    else:  # a failed cell is a row, not the end of the grid
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(trace or error)
+        log(f"{tag}: FAILED ({error})")
+    return CellResult(cell, run_dir, summary, error)
+
+
+def _run_in_workers(grid: list[dict[str, Any]], todo: list[int], out: Path, *, jobs: int, gpus: int | None,
+                    log: Callable[[str], None], finish: Callable) -> None:
+    """The cells ``todo`` in ``jobs`` spawned worker processes (spread over the GPUs where there are)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # spawn: a fresh interpreter per worker (forking a process that has started torch's thread pools is unsafe)
+    mp = multiprocessing.get_context("spawn")
+    pin = {}
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    named = any(str(config_from_dict(grid[i]["config"]).device).startswith("cuda:") for i in todo)
+    if gpu_slots(jobs, gpus) and not named:
+        given = mp.Queue()
+        for gpu in gpu_slots(jobs, gpus):
+            given.put(gpu)
+        pin = {"initializer": _pin_worker, "initargs": (given,)}
+        log(f"{jobs} workers on {gpus} GPU(s): worker k sees GPU k mod {gpus} alone")
+    elif gpus and named:
+        log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp, **pin) as pool:
+        _pretrain_first([grid[i] for i in todo], pool, threads, log)
+        futures = {i: pool.submit(_run_cell, grid[i]["config"], str(out / "runs" / grid[i]["cell"]), threads)
+                   for i in todo}
+        for i, f in futures.items():
+            try:
+                finish(i, f.result(), None, None)
+            except Exception as e:
+                finish(i, None, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e)))
 
 
 class Grid:

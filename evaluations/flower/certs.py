@@ -45,32 +45,29 @@ def _check_host(h: str) -> None:
                           "hyphens, dot-separated labels of 1-63 characters); pass the name the SuperNodes dial")
 
 
-def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = ("127.0.0.1", "localhost"),
-                      nodes: int = 0, days: int = 365) -> dict[str, Path]:
-    """Write a CA, a SuperLink certificate valid for ``hosts`` and ``nodes`` SuperNode key pairs."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
+def _check_certificate_args(out: Path, hosts, nodes) -> None:
     if not hosts:
         raise ConfigError("flower-certs needs at least one --host (the name or address the nodes dial)")
     for h in hosts:
         _check_host(h)
     if not isinstance(nodes, int) or nodes < 0:
         raise ConfigError(f"flower-certs --nodes={nodes!r} must be a non-negative integer")
-    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"flower-certs: {str(out)!r} is a file; choose a directory")
     existing = [p.name for p in (out / "ca.key", out / "server.key") if p.exists()]
     if existing:
         raise ConfigError(f"flower-certs: {out / existing[0]} exists and keys are never overwritten; choose a directory "
                           "without ca.key / server.key")
-    out.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    pem = serialization.Encoding.PEM
-    no_pw = serialization.NoEncryption()
 
+
+def _ca_and_server(hosts, days: int):
+    """A self-signed CA (ECDSA P-384) and a SuperLink certificate it signs for ``hosts`` (IP or DNS names)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = _dt.datetime.now(_dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfedpg-eval federation CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
@@ -81,7 +78,6 @@ def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = (
                                        key_encipherment=False, data_encipherment=False, key_agreement=False,
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
-
     names = []
     for h in hosts:
         try:
@@ -97,7 +93,21 @@ def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = (
            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
            .sign(ca_key, hashes.SHA256()))
+    return ca_key, ca, srv_key, srv
 
+
+def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = ("127.0.0.1", "localhost"),
+                      nodes: int = 0, days: int = 365) -> dict[str, Path]:
+    """Write a CA, a SuperLink certificate valid for ``hosts`` and ``nodes`` SuperNode key pairs."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(out)
+    _check_certificate_args(out, hosts, nodes)
+    out.mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+    no_pw = serialization.NoEncryption()
+    ca_key, ca, srv_key, srv = _ca_and_server(hosts, days)
     files = {
         "ca_cert": _write(out / "ca.crt", ca.public_bytes(pem)),
         "ca_key": _write(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw), private=True),

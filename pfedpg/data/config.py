@@ -122,6 +122,13 @@ class DataConfig:
     new_client_rounds: int = 5
 
     def __post_init__(self) -> None:
+        # In this order: the first wrong field is the one the error names.
+        self._check_source()
+        self._check_partition()
+        self._check_splits()
+        self._check_domains_and_classes()
+
+    def _check_source(self) -> None:
         if self.source not in SOURCE_NAMES:
             raise _fail("source", self.source, f"must be one of {', '.join(SOURCE_NAMES)}")
         if self.source == "embedded":
@@ -136,6 +143,8 @@ class DataConfig:
                         "data.image_size); drop it")
         if self.augment not in AUGMENTS:
             raise _fail("augment", self.augment, f"must be one of {', '.join(AUGMENTS)}")
+
+    def _check_partition(self) -> None:
         if self.partition not in PARTITION_NAMES:
             raise _fail("partition", self.partition, f"must be one of {', '.join(PARTITION_NAMES)}")
         _check_int("num_clients", self.num_clients, low=1, optional=True)
@@ -157,6 +166,8 @@ class DataConfig:
                             "or null")
             if isinstance(nc, (list, tuple)):
                 self.new_clients = sorted(nc)
+
+    def _check_splits(self) -> None:
         _check_int("max_retries", self.max_retries, low=1)
         if not _is_number(self.test_fraction) or not 0 < self.test_fraction < 1:
             raise _fail("test_fraction", self.test_fraction, "must be a number in (0, 1)")
@@ -176,6 +187,8 @@ class DataConfig:
         if not _is_number(self.public_fraction) or not 0 <= self.public_fraction < 1:
             raise _fail("public_fraction", self.public_fraction, "must be a number in [0, 1) (0 disables)")
         self.public_fraction = float(self.public_fraction)
+
+    def _check_domains_and_classes(self) -> None:
         _check_int("num_domains", self.num_domains, low=1, high=len(EMBEDDED_SHIFTS))
         _check_names("domains", self.domains)
         _check_names("classes", self.classes)

@@ -76,19 +76,8 @@ class Joins:
             row: dict[str, Any] = {"type": "join", "round": r, "join_round": jr, "client": n,
                                    "partition_id": fact["partition_id"], "train_loss": result.loss,
                                    "local_steps": result.steps, **result.extra}
-            stop = False
-            if updates and jr > 0:
-                delta = self.hooks.outgoing_delta(self.ctx, client=n, round=r, delta=adapted - start)
-                row["delta_norm"] = float(delta.norm())
-                if torch.isfinite(delta).all():
-                    row.update(self.server.join_step(state, delta))
-                    # What the server saw, kept on the CPU for the probes (ctx.joins).
-                    record.append({"round": r, "sent": start.cpu().clone(), "delta": delta.detach().cpu().clone(),
-                                   "descriptor": state["descriptor"].cpu().clone(), "initial_descriptor": initial})
-                else:  # recorded and logged; its remaining join rounds are not run
-                    row["error"] = f"new client {n} sent a non-finite prompt delta in join round {jr}"
-                    self.log(row["error"] + "; its join rounds stop here")
-                    stop = True
+            stop = updates and jr > 0 and not self._join_send(n, r, jr, state, start, adapted, row,
+                                                             record=record, initial=initial)
             prompt = adapted
             load_into(self.model, prompt=adapted, head_weight=w, head_bias=b)
             row["acc_adapted"], row["loss_adapted"] = evaluate(self.model, xt, yt, batch_size=bs)
@@ -103,6 +92,22 @@ class Joins:
                  f"{rows[0]['acc_adapted']:.4f} -> after join round {rows[-1]['join_round']} {rows[-1]['acc_adapted']:.4f}")
         return rows
 
+
+    def _join_send(self, n: int, r: int, jr: int, state: dict, start: torch.Tensor, adapted: torch.Tensor,
+                   row: dict[str, Any], *, record: list, initial: torch.Tensor | None) -> bool:
+        """New client ``n`` releases ΔP_new through its client-side hooks and the server updates its
+        own state for it; False (recorded and logged) when the release is not finite."""
+        delta = self.hooks.outgoing_delta(self.ctx, client=n, round=r, delta=adapted - start)
+        row["delta_norm"] = float(delta.norm())
+        if not torch.isfinite(delta).all():  # its remaining join rounds are not run
+            row["error"] = f"new client {n} sent a non-finite prompt delta in join round {jr}"
+            self.log(row["error"] + "; its join rounds stop here")
+            return False
+        row.update(self.server.join_step(state, delta))
+        # What the server saw, kept on the CPU for the probes (ctx.joins).
+        record.append({"round": r, "sent": start.cpu().clone(), "delta": delta.detach().cpu().clone(),
+                       "descriptor": state["descriptor"].cpu().clone(), "initial_descriptor": initial})
+        return True
     def new_clients_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         """summary.json's ``new_clients``: accuracy after each join round 0..R, per new client, mean and
         worst (a round a client did not reach is None)."""
