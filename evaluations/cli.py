@@ -47,8 +47,7 @@ def _check_writable(d: str | Path, what: str) -> None:
 
 
 def _run_dir(cfg) -> Path:
-    name = cfg.run_name or f"{cfg.method}-{cfg.data.source}-seed{cfg.seed}"
-    return Path(cfg.output_dir) / name
+    return Path(cfg.output_dir) / (cfg.run_name or f"{cfg.method}-{cfg.data.source}-seed{cfg.seed}")
 
 
 def cmd_train(args) -> int:
@@ -124,8 +123,7 @@ def cmd_robustness(args) -> int:
     out = run_matrix(matrix, base, out_dir=args.out, jobs=args.jobs, log=_log)
     print((out / "robustness.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, robustness.csv, heatmap.png, worst_case.png)")
-    rows = (out / "robustness.csv").read_text()
-    return 1 if ",failed," in rows else 0
+    return 1 if ",failed," in (out / "robustness.csv").read_text() else 0
 
 
 def cmd_report(args) -> int:
@@ -164,8 +162,6 @@ def cmd_flower_certs(args) -> int:
     for name, path in files.items():
         print(f"{name}: {path}")
     return 0
-
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,16 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see pfedpg-eval {e.ctx.info_name + ' ' if e.ctx and e.ctx.parent else ''}--help)".replace("  ", " ")
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         return 2
-    except click.Abort:  # Ctrl-C inside a click prompt
-        return _interrupted()
-    except KeyboardInterrupt:
+    except (click.Abort, KeyboardInterrupt):  # Abort: Ctrl-C inside a click prompt
         return _interrupted()
     except (ConfigError, DataError, NonFiniteDeltaError, ClientFailure, FileNotFoundError, NotADirectoryError,
             IsADirectoryError, PermissionError) as e:
-        if _OUT.verbose:
-            import traceback
-
-            traceback.print_exc()
+        _traceback_if_verbose()
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as e:  # out of memory outside a run's rounds (building it, a plan)
@@ -367,13 +358,17 @@ def main(argv: list[str] | None = None) -> int:
         kind = is_out_of_memory(e)
         if kind is None:
             raise
-        if _OUT.verbose:
-            import traceback
-
-            traceback.print_exc()
+        _traceback_if_verbose()
         print(f"error: {_one_line(out_of_memory_error(kind, 'the run device' if kind == 'device' else 'this machine', e))}",
               file=sys.stderr)
         return 2
+
+
+def _traceback_if_verbose() -> None:
+    if _OUT.verbose:
+        import traceback
+
+        traceback.print_exc()
 
 
 def _one_line(e: BaseException) -> str:

@@ -31,9 +31,8 @@ records.
 
 **Caps.** ``max_train_per_client`` / ``max_test_per_client`` / ``max_val_per_client`` subsample each
 split, stratified, from a separate stream per split (``"data.subsample.train"`` / ``".test"`` /
-``".val"``, client=n) so changing a cap
-never moves the split itself, nor the other split's subsample.
-Capped-away records belong to no client.
+``".val"``, client=n) so changing a cap never moves the split itself, nor the other split's
+subsample. Capped-away records belong to no client.
 """
 from __future__ import annotations
 
