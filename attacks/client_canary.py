@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
 from pfedpg.gdp import gaussians_epsilon, gdp_epsilon
 from pfedpg.hooks import Hook, register_hook
@@ -172,7 +173,7 @@ class ClientCanaryAudit(Hook):
                 return h
         return None
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         if not ctx.server.sends_prompts:
             raise ConfigError("client_canary_audit needs a method whose server state the clients' releases move "
                               "(pfedpg or fedvpt), not local")
@@ -202,7 +203,7 @@ class ClientCanaryAudit(Hook):
         opt = self.clients_opt
         return client < opt if isinstance(opt, int) else client in opt
 
-    def outgoing_delta(self, ctx, *, client, round, delta):
+    def outgoing_delta(self, ctx: ClientSide, *, client, round, delta):
         if client not in self.canaries:
             return delta
         dp = self.client_dp
@@ -221,7 +222,7 @@ class ClientCanaryAudit(Hook):
         releases = max(sum(c in r for r in ctx.schedule) for c in self.canaries)
         return math.inf if z == 0 else gdp_epsilon(math.sqrt(releases) / z, delta)
 
-    def incoming_deltas(self, ctx, *, round, deltas):
+    def incoming_deltas(self, ctx: ServerSide, *, round, deltas):
         for c in self.canaries:
             if c in deltas:
                 d = deltas[c].detach().reshape(-1).double().cpu()
@@ -261,7 +262,7 @@ class ClientCanaryAudit(Hook):
                                 for c, u in self._null_directions(ctx, "audit.client_canary.null_releases")])
         return out
 
-    def end_of_run(self, ctx, *, summary):
+    def end_of_run(self, ctx: RunContext, *, summary):
         dp = self._client_dp(ctx)
         delta = self.delta if self.delta is not None else (float(dp.statement()["delta"]) if dp is not None else 1e-5)
         acc = max(dp.epsilon(c) for c in self.canaries) if dp is not None else None

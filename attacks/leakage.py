@@ -56,6 +56,7 @@ import torch
 
 from attacks.metrics import dp_region, plot_roc  # noqa: F401  (dp_region re-exported)
 from attacks.probes import PROBE_TYPES, ProbeRun, pick
+from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import ClientData, Hook, register_hook
 from pfedpg.models.device import is_out_of_memory
@@ -144,7 +145,7 @@ class LeakageAudit(Hook):
         self.initial_descriptors: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         n = ctx.num_clients
         if self.shadow_count >= n:
             raise ConfigError(f"leakage_audit.shadow_clients={self.shadow_count} leaves no target among {n} clients; lower it")
@@ -184,13 +185,13 @@ class LeakageAudit(Hook):
                 included = torch.rand(m, generator=g) < 0.5
                 self.canary_data[c] = (x, y, included)
 
-    def client_data(self, ctx, *, client, round, data):
+    def client_data(self, ctx: ClientSide, *, client, round, data):
         if client not in self.canary_data:
             return data
         x, y, inc = self.canary_data[client]
         return ClientData(torch.cat([data.x, x[inc]]), torch.cat([data.y, y[inc]]))
 
-    def incoming_deltas(self, ctx, *, round, deltas):
+    def incoming_deltas(self, ctx: ServerSide, *, round, deltas):
         sent = ctx.server.prompts_for(sorted(deltas))
         for n, d in deltas.items():
             # Kept on the CPU: what the server saw, for the probes at the end (a run's worth of K×D tensors).
@@ -198,7 +199,7 @@ class LeakageAudit(Hook):
                                                    "delta": d.detach().cpu().clone()})
         return deltas
 
-    def end_of_round(self, ctx, *, round, record):
+    def end_of_round(self, ctx: RunContext, *, round, record):
         desc = ctx.server.client_descriptors()
         if desc is not None:
             for n in ctx.schedule[round - 1]:
@@ -233,7 +234,7 @@ class LeakageAudit(Hook):
                 return {"hook": h.name, "unit": unit, "epsilon": eps, "delta": delta, "note": note}
         return None
 
-    def end_of_run(self, ctx, *, summary):
+    def end_of_run(self, ctx: RunContext, *, summary):
         t_start = time.perf_counter()
         out_dir = Path(ctx.run_dir) / self.out
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import ClientData, Hook, register_hook
 from pfedpg.seeding import normal_like
@@ -45,7 +46,7 @@ class MaliciousClients(Hook):
         self.fraction, self.fixed, self.space = float(fraction), clients, space
         self.malicious: list[int] = []
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         n = ctx.num_clients
         if self.fixed is not None:
             bad = [c for c in self.fixed if not 0 <= c < n]
@@ -70,12 +71,12 @@ class MaliciousClients(Hook):
         raise NotImplementedError
 
     # ---- delta space -------------------------------------------------------------------------
-    def outgoing_delta(self, ctx, *, client, round, delta):
+    def outgoing_delta(self, ctx: ClientSide, *, client, round, delta):
         if self.space != "delta" or self.needs_benign or self.data_poisoning:
             return delta
         return self.craft_one(delta, ctx.seeds.torch("attack.craft", client=client, round=round))
 
-    def incoming_deltas(self, ctx, *, round, deltas):
+    def incoming_deltas(self, ctx: ServerSide, *, round, deltas):
         bad = [c for c in sorted(deltas) if c in self.malicious]
         if self.space != "delta" or not self.needs_benign or not bad:
             return deltas
@@ -89,7 +90,7 @@ class MaliciousClients(Hook):
         return out
 
     # ---- grad space --------------------------------------------------------------------------
-    def shared_gradients(self, ctx, *, round, grads: ClientGradients):
+    def shared_gradients(self, ctx: ServerSide, *, round, grads: ClientGradients):
         if self.space != "grad" or self.data_poisoning:
             return grads
         rows = [i for i, c in enumerate(grads.clients) if c in self.malicious]
@@ -106,7 +107,7 @@ class MaliciousClients(Hook):
                 shared[i] = self.craft_one(shared[i], ctx.seeds.torch("attack.craft", client=grads.clients[i], round=round))
         return ClientGradients(grads.clients, shared, grads.weights, grads.private)
 
-    def end_of_run(self, ctx, *, summary):
+    def end_of_run(self, ctx: RunContext, *, summary):
         return {"malicious": self.malicious, "space": self.space}
 
     def state_dict(self):
@@ -144,7 +145,7 @@ class Scaling(MaliciousClients):
         super().__init__(**kw)
         self.factor = factor
 
-    def setup(self, ctx):
+    def setup(self, ctx: RunContext):
         super().setup(ctx)
         if self.factor is None:
             self.factor = float(ctx.num_clients)
@@ -255,7 +256,7 @@ class LabelFlip(MaliciousClients):
 
     data_poisoning = True
 
-    def client_data(self, ctx, *, client, round, data):
+    def client_data(self, ctx: ClientSide, *, client, round, data):
         return ClientData(data.x, (ctx.num_classes - 1) - data.y)
 
 
@@ -293,7 +294,7 @@ class PixelBackdoor(MaliciousClients):
         self.trigger_size, self.trigger_value = int(trigger_size), float(trigger_value)
         self.last: dict = {"asr": None, "asr_per_client": {}}
 
-    def client_data(self, ctx, *, client, round, data):
+    def client_data(self, ctx: ClientSide, *, client, round, data):
         g = ctx.seeds.numpy("attack.poison", client=client, round=round)
         n = data.x.shape[0]
         idx = torch.from_numpy(np.sort(g.choice(n, int(round_half(self.poison_fraction * n)), replace=False)))
@@ -303,7 +304,7 @@ class PixelBackdoor(MaliciousClients):
         y[idx] = self.target
         return ClientData(x, y)
 
-    def client_metrics(self, ctx, *, client, evaluate):
+    def client_metrics(self, ctx: ClientSide, *, client, evaluate):
         """ASR on a benign client's own model: its triggered test images whose true label is not
         the target (images that already carry it do not count). Runs where the client's model is:
         in-process, or in the client's Flower ClientApp."""
@@ -318,7 +319,7 @@ class PixelBackdoor(MaliciousClients):
                          std=ctx.config.model.std)
         return {"asr": evaluate(xt, torch.full((count,), self.target, dtype=y.dtype)), "asr_images": count}
 
-    def end_of_round(self, ctx, *, round, record):
+    def end_of_round(self, ctx: RunContext, *, round, record):
         if "acc_adapted_mean" not in record:  # evaluation rounds only
             return None
         per_client = {row["client"]: (row[f"{self.name}/asr"], row[f"{self.name}/asr_images"])
@@ -328,7 +329,7 @@ class PixelBackdoor(MaliciousClients):
                      "asr_per_client": {c: a for c, (a, _) in sorted(per_client.items())}}
         return {"asr": self.last["asr"]}
 
-    def end_of_run(self, ctx, *, summary):
+    def end_of_run(self, ctx: RunContext, *, summary):
         # The last round always evaluates, so its ASR is the final models'.
         return {**super().end_of_run(ctx, summary=summary), **self.last, "target": self.target}
 

@@ -22,6 +22,7 @@ import torch
 
 from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
                                  client_metrics_statement, noise_generator, warn_seeded_deployment)
+from pfedpg.context import ClientSide, RunContext
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.privacy_result import PrivacyResult
@@ -74,7 +75,7 @@ class ClientLevelDP(Hook):
     def accounting_multiplier(self) -> float:
         return self.noise_multiplier * self.clip / self.sensitivity
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         warn_seeded_deployment("dp_client", ctx, self.noise_source)
         self.metrics_statement = client_metrics_statement(ctx)
         # New clients (data.new_clients) are clients too: each pFedPG join round is a release.
@@ -105,7 +106,7 @@ class ClientLevelDP(Hook):
         # Drawn on the CPU from the keyed (or secret) stream and moved: exact, and the same on every device.
         return clipped + normal_like(clipped, generator) * (self.noise_multiplier * self.clip)
 
-    def outgoing_delta(self, ctx, *, client, round, delta):
+    def outgoing_delta(self, ctx: ClientSide, *, client, round, delta):
         released = self.privatize(delta, noise_generator(ctx, self.noise_source, "dp_client.noise", client=client, round=round))
         if self.noise_multiplier > 0:
             self.accountants.step(client, noise_multiplier=self.accounting_multiplier, sample_rate=1.0)
@@ -116,7 +117,7 @@ class ClientLevelDP(Hook):
     def epsilon(self, client: int) -> float:
         return self.accountants.epsilon(client)
 
-    def end_of_round(self, ctx, *, round, record):
+    def end_of_round(self, ctx: RunContext, *, round, record):
         return self.accountants.summary(ctx.num_clients)
 
     def statement(self) -> dict:
@@ -136,7 +137,7 @@ class ClientLevelDP(Hook):
             "client_metrics": getattr(self, "metrics_statement", client_metrics_statement(None)),
         }
 
-    def end_of_run(self, ctx, *, summary):
+    def end_of_run(self, ctx: RunContext, *, summary):
         return self.privacy_result(ctx).to_dict()
 
     def privacy_result(self, ctx) -> PrivacyResult:

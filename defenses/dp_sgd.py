@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
                                  client_metrics_statement, noise_generator, warn_seeded_deployment)
+from pfedpg.context import ClientSide, RunContext
 from pfedpg.client import make_optimizer, trainable_parameters, training_batch
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, LocalResult, register_hook
@@ -107,7 +108,7 @@ class RecordLevelDPSGD(Hook):
         self.noise: dict[int, float] = {}
         self.accountants = ClientAccountants(accountant, delta)
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         warn_seeded_deployment("dp_sgd", ctx, self.noise_source)
         self.metrics_statement = client_metrics_statement(ctx)
         # Training clients 0..N-1, then the new clients (data.new_clients): each trains in join rounds
@@ -138,7 +139,7 @@ class RecordLevelDPSGD(Hook):
     def steps(self, size: int) -> int:
         return self.local_epochs * math.ceil(1.0 / self.sample_rate(size))
 
-    def local_training(self, ctx, job, call_next):
+    def local_training(self, ctx: ClientSide, job, call_next):
         cfg = ctx.config.client
         model = job.model
         n = job.data.y.shape[0]
@@ -192,7 +193,7 @@ class RecordLevelDPSGD(Hook):
     def epsilon(self, client: int) -> float:
         return self.accountants.epsilon(client)
 
-    def end_of_round(self, ctx, *, round, record):
+    def end_of_round(self, ctx: RunContext, *, round, record):
         return self.accountants.summary(ctx.num_clients)
 
     def statement(self) -> dict:
@@ -212,7 +213,7 @@ class RecordLevelDPSGD(Hook):
             "client_metrics": getattr(self, "metrics_statement", client_metrics_statement(None)),
         }
 
-    def end_of_run(self, ctx, *, summary):
+    def end_of_run(self, ctx: RunContext, *, summary):
         return self.privacy_result(ctx).to_dict()
 
     def privacy_result(self, ctx) -> PrivacyResult:

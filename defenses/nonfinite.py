@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from pfedpg.context import RunContext, ServerSide
 from pfedpg.hooks import Hook, register_hook
 
 
@@ -16,7 +17,7 @@ class RejectNonFinite(Hook):
         super().__init__()
         self.rejected: list[tuple[int, int]] = []  # (round, client)
 
-    def incoming_deltas(self, ctx, *, round, deltas):
+    def incoming_deltas(self, ctx: ServerSide, *, round, deltas):
         kept = {}
         for n, d in deltas.items():
             if torch.isfinite(d).all():
@@ -26,10 +27,10 @@ class RejectNonFinite(Hook):
                 ctx.log(f"round {round}: rejected a non-finite delta from client {n}")
         return kept
 
-    def end_of_round(self, ctx, *, round, record):
+    def end_of_round(self, ctx: RunContext, *, round, record):
         return {"rejected": [n for r, n in self.rejected if r == round]}
 
-    def end_of_run(self, ctx, *, summary):
+    def end_of_run(self, ctx: RunContext, *, summary):
         return {"rejected": [list(x) for x in self.rejected]}
 
     def state_dict(self):

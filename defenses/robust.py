@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from pfedpg.context import RunContext, ServerSide
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.registry import Registry
@@ -257,7 +258,7 @@ class RobustAggregation(Hook):
         self.rule = AGGREGATION_RULES.get(rule)(f=f, radius=radius, iters=int(iters))
         self.excluded: dict[int, list[int]] = {}
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         m = min(len(r) for r in ctx.schedule) if ctx.schedule else ctx.num_clients
         need = self.rule.min_clients(self.f)
         if m < need:
@@ -268,7 +269,7 @@ class RobustAggregation(Hook):
         """(mean-like aggregate, indices of the rows it kept)."""
         return self.rule.combine(g)
 
-    def aggregate(self, ctx, *, round, grads):
+    def aggregate(self, ctx: ServerSide, *, round, grads):
         g = grads.shared
         if g.shape[0] == 0:
             return torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
@@ -280,10 +281,10 @@ class RobustAggregation(Hook):
         self.excluded[round] = [grads.clients[i] for i in range(g.shape[0]) if i not in kept]
         return grads.weights.sum() * agg
 
-    def end_of_round(self, ctx, *, round, record):
+    def end_of_round(self, ctx: RunContext, *, round, record):
         return {"excluded": self.excluded.get(round, [])}
 
-    def end_of_run(self, ctx, *, summary):
+    def end_of_run(self, ctx: RunContext, *, summary):
         return {"rule": self.rule_name, "f": self.f,
                 "excluded_per_round": {str(k): v for k, v in self.excluded.items()}}
 

@@ -300,16 +300,16 @@ class NoopHook(Hook):
     """Implements every point as the identity. A template for new hooks, and the control of the
     'no-op hooks equal no hooks' regression test."""
 
-    def client_data(self, ctx, *, client, round, data):
+    def client_data(self, ctx: ClientSide, *, client, round, data):
         return data
 
-    def local_training(self, ctx, job, call_next):
+    def local_training(self, ctx: ClientSide, job, call_next):
         return call_next(job)
 
-    def outgoing_delta(self, ctx, *, client, round, delta):
+    def outgoing_delta(self, ctx: ClientSide, *, client, round, delta):
         return delta
 
-    def incoming_deltas(self, ctx, *, round, deltas):
+    def incoming_deltas(self, ctx: ServerSide, *, round, deltas):
         return dict(deltas)
 
     def end_of_round(self, ctx: RunContext, *, round, record):
