@@ -123,6 +123,15 @@ class RunFacts:
     def __init__(self, ctx: RunContext):
         self._ctx = ctx
 
+    def __getattr__(self, name: str):
+        # Only reached for what the view does not hold: say where it can be read.
+        if name in RunContext.__dataclass_fields__:
+            side = "client" if isinstance(self, ClientSide) else "server"
+            where = "a server-side point (ctx.server) or " if name == "server" else ""
+            raise AttributeError(f"a {side}-side hook point may not read ctx.{name}; read it at {where}setup, "
+                                 "end_of_round or end_of_run, which get the whole RunContext (pfedpg/context.py)")
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     @property
     def config(self) -> Config:
         return self._ctx.config

@@ -89,8 +89,10 @@ def test_the_narrow_views_cannot_reach_the_simulation(tmp_path):
             getattr(client, name)
         with pytest.raises(AttributeError):
             getattr(server, name)
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="client-side hook point may not read ctx.server; read it at a server-side"):
         client.server  # noqa: B018 — a client-side point never sees the server
+    with pytest.raises(AttributeError, match="server-side hook point may not read ctx.train_data"):
+        server.train_data  # noqa: B018
     with pytest.raises(AttributeError):
         server.eval_data_of(0)
     with pytest.raises(AttributeError):
