@@ -152,13 +152,9 @@ class LeakageAudit(Hook):
         if self.shadow_ids is not None and max(self.shadow_ids) >= n:
             raise ConfigError(f"leakage_audit.shadow_clients lists client {max(self.shadow_ids)}, but the run has {n} clients (0..{n - 1})")
         self.shadows = self.shadow_ids if self.shadow_ids is not None else list(range(n - self.shadow_count, n))
-        # Clients whose releases another audit replaces (client_canary_audit's canary clients) are
-        # neither targets nor shadows: what they send is not theirs.
-        replaced = {c for h in ctx.hooks if hasattr(h, "replaces_release") for c in range(n) if h.replaces_release(c)}
-        if replaced & set(self.shadows):
-            raise ConfigError(f"leakage_audit: clients {sorted(replaced & set(self.shadows))} are client canaries and "
-                              "shadows at once; choose other client_canary_audit.clients")
-        self.targets = [c for c in range(n) if c not in self.shadows and c not in replaced]
+        self.targets = [c for c in range(n) if c not in self.shadows]
+        # Clients another hook added for its own audit (canary clients) hold no data: not recorded.
+        self.audit_ids = {c for ids in ctx.audit_clients.values() for c in ids}
         if not ctx.server.sends_prompts and any(p in self.probes for p in ("attribute", "linkability", "alignment", "source")):
             raise ConfigError(f"leakage_audit: method {ctx.config.method!r} sends nothing to the server; audit pfedpg or "
                               "fedvpt, or keep only the observer probes (loss, confidence, lira, canary)")
@@ -192,8 +188,10 @@ class LeakageAudit(Hook):
         return ClientData(torch.cat([data.x, x[inc]]), torch.cat([data.y, y[inc]]))
 
     def incoming_deltas(self, ctx: ServerSide, *, round, deltas):
-        sent = ctx.server.prompts_for(sorted(deltas))
-        for n, d in deltas.items():
+        mine = sorted(n for n in deltas if n not in self.audit_ids)
+        sent = ctx.server.prompts_for(mine)
+        for n in mine:
+            d = deltas[n]
             # Kept on the CPU: what the server saw, for the probes at the end (a run's worth of K×D tensors).
             self.records.setdefault(n, []).append({"round": round, "sent": sent[n].detach().cpu().clone(),
                                                    "delta": d.detach().cpu().clone()})

@@ -117,6 +117,24 @@ class ClientAccountants:
         self._unbounded = set(state.get("unbounded", []))
 
 
+# A DP hook's mechanism record ({client: [entry per local training or release]}) in checkpoints and
+# between a Flower client's process and the server: string keys, so that it survives JSON as well.
+def record_state(record: dict[int, list[dict]]) -> dict[str, list[dict]]:
+    return {str(c): [dict(e) for e in entries] for c, entries in record.items()}
+
+
+def load_record(state: dict[str, list[dict]]) -> dict[int, list[dict]]:
+    return {int(c): [dict(e) for e in entries] for c, entries in state.items()}
+
+
+def merge_record(record: dict[int, list[dict]], client: int, entries: list[dict]) -> None:
+    """Replace client ``client``'s record with the one its own process kept (as its accountant)."""
+    if entries:
+        record[client] = [dict(e) for e in entries]
+    else:
+        record.pop(client, None)
+
+
 def check_dp_options(hook: str, *, clip, noise_multiplier, target_epsilon, accountant: str,
                      allow_zero_noise: bool) -> None:
     """Shared option checks of the DP hooks, each a one-line ConfigError naming the fix."""

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
-                                 client_metrics_statement, noise_generator, warn_seeded_deployment)
+                                 client_metrics_statement, load_record, merge_record, noise_generator, record_state,
+                                 warn_seeded_deployment)
 from pfedpg.context import ClientSide, RunContext
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
@@ -69,6 +70,12 @@ class ClientLevelDP(Hook):
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         self.sensitivity = ADJACENCIES[adjacency] * self.clip
         self.accountants = ClientAccountants(accountant, self.delta)
+        #: What the mechanism did, per client, one entry per release {round, noise_multiplier, clip,
+        #: adjacency}: the noise std privatize added / C and the C it clipped to, taken there and not from
+        #: accounting_multiplier, so a wrong conversion between adjacencies in the accounting shows as a
+        #: mismatch with the accountant's history (tests/test_accounting_history.py).
+        self.mechanism_record: dict[int, list[dict]] = {}
+        self._used: dict | None = None  # what the last privatize call used, for outgoing_delta's record
 
     # Noise std is z·C; for accounting, the multiplier per unit sensitivity is z·C / sensitivity.
     @property
@@ -100,14 +107,21 @@ class ClientLevelDP(Hook):
         return ctx.join_rounds if ctx.new_clients and ctx.server.joins_with_updates else 0
 
     def privatize(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        clipped = clip_by_norm(delta, self.clip)
-        if self.noise_multiplier == 0:
+        clip, std = self.clip, self.noise_multiplier * self.clip
+        self._used = {"noise_multiplier": std / clip, "clip": clip}
+        clipped = clip_by_norm(delta, clip)
+        if std == 0:
             return clipped
         # Drawn on the CPU from the keyed (or secret) stream and moved: exact, and the same on every device.
-        return clipped + normal_like(clipped, generator) * (self.noise_multiplier * self.clip)
+        return clipped + normal_like(clipped, generator) * std
 
     def outgoing_delta(self, ctx: ClientSide, *, client, round, delta):
+        self._used = None
         released = self.privatize(delta, noise_generator(ctx, self.noise_source, "dp_client.noise", client=client, round=round))
+        # A privatize that bypasses the one above (tests' broken variants) leaves no entry: a missing release.
+        if self._used is not None:
+            entry = {"round": round, **self._used, "adjacency": self.adjacency}
+            self.mechanism_record.setdefault(client, []).append(entry)
         if self.noise_multiplier > 0:
             self.accountants.step(client, noise_multiplier=self.accounting_multiplier, sample_rate=1.0)
         else:
@@ -151,15 +165,20 @@ class ClientLevelDP(Hook):
                              noise_multiplier=[self.noise_multiplier] * ctx.num_clients, statement=self.statement(),
                              new_clients=new)
 
+    # Checkpoints from before the mechanism record load with an empty one.
     def state_dict(self):
-        return {"noise_multiplier": self.noise_multiplier, "accountants": self.accountants.state_dict()}
+        return {"noise_multiplier": self.noise_multiplier, "accountants": self.accountants.state_dict(),
+                "mechanism_record": record_state(self.mechanism_record)}
 
     def client_state(self, client):
-        return {"accountant": self.accountants.client_state(client)}
+        return {"accountant": self.accountants.client_state(client),
+                "mechanism_record": [dict(e) for e in self.mechanism_record.get(client, [])]}
 
     def merge_client_state(self, client, state):
         self.accountants.merge_client_state(client, state["accountant"])
+        merge_record(self.mechanism_record, client, state.get("mechanism_record", []))
 
     def load_state_dict(self, state):
         self.noise_multiplier = state["noise_multiplier"]
         self.accountants.load_state_dict(state["accountants"])
+        self.mechanism_record = load_record(state.get("mechanism_record", {}))

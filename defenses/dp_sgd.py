@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
-                                 client_metrics_statement, noise_generator, warn_seeded_deployment)
+                                 client_metrics_statement, load_record, merge_record, noise_generator, record_state,
+                                 warn_seeded_deployment)
 from pfedpg.context import ClientSide, RunContext
 from pfedpg.client import make_optimizer, trainable_parameters, training_batch
 from pfedpg.errors import ConfigError
@@ -107,6 +108,12 @@ class RecordLevelDPSGD(Hook):
         self.target_epsilon, self.fixed_noise = target_epsilon, noise_multiplier
         self.noise: dict[int, float] = {}
         self.accountants = ClientAccountants(accountant, delta)
+        #: What the mechanism did, per client, one entry per local training {round, sample_rate,
+        #: noise_multiplier, steps}: the rate handed to poisson_sample, the z handed to add_noise (its
+        #: noise std / C) and the loop iterations run. Taken where they are used, not from what the
+        #: accountant is told, so a wrong q or step count fed to calibration and accountant alike (ε
+        #: consistent with itself, wrong for the mechanism) shows as a mismatch (tests/test_accounting_history.py).
+        self.mechanism_record: dict[int, list[dict]] = {}
 
     def setup(self, ctx: RunContext) -> None:
         warn_seeded_deployment("dp_sgd", ctx, self.noise_source)
@@ -149,25 +156,40 @@ class RecordLevelDPSGD(Hook):
         noise_g = noise_generator(ctx, self.noise_source, "dp_sgd.noise", client=job.client, round=job.round)
         sample_g = job.generator if self.noise_source == "seeded" else \
             noise_generator(ctx, self.noise_source, "dp_sgd.sampling", client=job.client, round=job.round)
+        canaries = job.gradient_canaries  # an audit's records with fixed gradients (pfedpg.jobs.GradientCanaries)
+        canary_g = None if canaries is None else \
+            noise_generator(ctx, self.noise_source, "dp_sgd.canary_sampling", client=job.client, round=job.round)
         model.train()
         total, seen, clipped = 0.0, 0, 0
-        steps = self.steps(n)
+        steps, ran = self.steps(n), 0
         psg = PerSampleGradients(model)
         for _ in range(steps):
             idx = self.poisson_sample(n, q, sample_g)
-            summed = [torch.zeros_like(p) for p in params]
+            per_sample = None
             if idx.numel():
-                grads, losses = psg(*training_batch(model, job.data, idx, job.augment))
-                summed, norms = self.clip_and_sum(grads)
-                clipped += int((norms > self.clip).sum())
+                per_sample, losses = psg(*training_batch(model, job.data, idx, job.augment))
                 total += float(losses.sum())
                 seen += idx.numel()
-            for p, s in zip(params, self.add_noise(summed, z, noise_g)):
+            if canaries is not None:  # sampled like any record, at the same q
+                dirs = canaries.directions()
+                extra = self.canary_gradients(dirs, canaries.scale, self.poisson_sample(len(dirs), q, canary_g), params)
+                per_sample = extra if per_sample is None else [torch.cat([g, e]) for g, e in zip(per_sample, extra)]
+            summed = [torch.zeros_like(p) for p in params]
+            if per_sample is not None:
+                summed, norms = self.clip_and_sum(per_sample)
+                clipped += int((norms[:idx.numel()] > self.clip).sum())
+            noisy = self.add_noise(summed, z, noise_g)
+            if canaries is not None:
+                canaries.observe(torch.cat([g.reshape(-1) for g in noisy]))
+            for p, s in zip(params, noisy):
                 p.grad = s / (q * n)
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.accountants.step(job.client, noise_multiplier=z, sample_rate=q)
+            ran += 1
         psg.close()
+        self.mechanism_record.setdefault(job.client, []).append(
+            {"round": job.round, "sample_rate": q, "noise_multiplier": z, "steps": ran})
         model.eval()
         return LocalResult(loss=total / max(1, seen), steps=steps, samples=seen,
                            extra={"dp_sgd_clipped_fraction": clipped / max(1, seen)})
@@ -178,6 +200,14 @@ class RecordLevelDPSGD(Hook):
     def poisson_sample(n: int, q: float, g: torch.Generator) -> torch.Tensor:
         """Poisson sampling: each of the n records joins this step independently with probability q."""
         return (torch.rand(n, generator=g) < q).nonzero().squeeze(1)
+
+    def canary_gradients(self, directions: torch.Tensor, scale: float | None, drawn: torch.Tensor,
+                         params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The drawn canaries' per-sample gradients, per parameter ([k × param shape]): scale · C (or C)
+        times each one's direction, split over the parameters in ``trainable_parameters`` order."""
+        flat = directions[drawn] * (self.clip if scale is None else scale * self.clip)
+        sizes = [p.numel() for p in params]
+        return [piece.reshape(len(drawn), *p.shape).to(p) for piece, p in zip(flat.split(sizes, dim=1), params)]
 
     def clip_and_sum(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Scale each sample's whole gradient (all parameters together) to L2 norm ≤ C, then sum over
@@ -225,14 +255,18 @@ class RecordLevelDPSGD(Hook):
                              noise_multiplier=[self.noise[c] for c in range(ctx.num_clients)],
                              statement=self.statement(), new_clients=new)
 
+    # Checkpoints from before the mechanism record load with an empty one.
     def state_dict(self):
-        return {"accountants": self.accountants.state_dict()}
+        return {"accountants": self.accountants.state_dict(), "mechanism_record": record_state(self.mechanism_record)}
 
     def client_state(self, client):
-        return {"accountant": self.accountants.client_state(client)}
+        return {"accountant": self.accountants.client_state(client),
+                "mechanism_record": [dict(e) for e in self.mechanism_record.get(client, [])]}
 
     def merge_client_state(self, client, state):
         self.accountants.merge_client_state(client, state["accountant"])
+        merge_record(self.mechanism_record, client, state.get("mechanism_record", []))
 
     def load_state_dict(self, state):
         self.accountants.load_state_dict(state["accountants"])
+        self.mechanism_record = load_record(state.get("mechanism_record", {}))

@@ -100,7 +100,7 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from evaluations.leakage_sweep import client_canary_cell, load_audit, run_audit
+    from evaluations.leakage_sweep import client_canary_cell, gradient_canary_cell, load_audit, run_audit
 
     grid, probes, base = load_audit(args.config, args.overrides)
     _check_writable(args.out or grid.out_dir, "audit directory")
@@ -108,8 +108,9 @@ def cmd_audit(args) -> int:
     summary = json.loads((out / "audit.json").read_text())
     for group, res in summary["groups"].items():
         cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in res["probes"].items() if "auc" in r)
-        cc = res["probes"].get("client_canary")
-        extra = f"; client canaries: {client_canary_cell(cc)}" if cc else ""
+        cc, gc = res["probes"].get("client_canary"), res["probes"].get("gradient_canary")
+        extra = (f"; client canaries: {client_canary_cell(cc)}" if cc else "") + \
+            (f"; gradient canaries: {gradient_canary_cell(gc)}" if gc else "")
         print(f"{group}: AUC {cells}{extra}")
     print(f"report: {out / 'report.md'} (and report.html, audit.json, roc_*.png, tpr_vs_epsilon.png)")
     return 1 if (out / "FAILED").exists() else 0

@@ -79,33 +79,45 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
               if (d / "audit" / "client_canary.json").is_file()]
     if client:
         out["client_canary"] = pooled_client_canaries(client)
+    grad = [json.loads((d / "audit" / "gradient_canary.json").read_text()) for d in run_dirs
+            if (d / "audit" / "gradient_canary.json").is_file()]
+    if grad:
+        from attacks.gradient_canary import pooled_gradient_canaries
+
+        out["gradient_canary"] = pooled_gradient_canaries(grad)
     return {"probes": out, "dp": dp, "cost_in_training_rounds": {k: float(np.mean(v)) for k, v in seconds.items()},
             "_pools": pools}
 
 
 def pooled_client_canaries(client: list[dict[str, Any]]) -> dict[str, Any]:
-    """The client-level one-run audit pooled over seeds: each run's cosines in units of its own null
-    (its null's mean and spread), one estimate on the pool, and the bootstrap resampling seeds first."""
-    from attacks.client_canary import compare, estimate_epsilon
+    """The client-level one-run audit pooled over seeds: the canaries of every run are independent
+    draws of one game, so the bounds run on all of them at once; Andrew et al.'s estimate reads each
+    run's cosines in units of its own null (its mean and spread) and resamples the seeds first."""
+    from attacks.client_canary import canary_views_result
 
-    def pool(views: list[dict[str, Any]]) -> dict[str, Any]:
-        cin = np.concatenate([(np.asarray(v["cos_in"]) - v["null_mean"]) / v["null_std"] for v in views])
-        null = np.concatenate([(np.asarray(v["cos_null"]) - v["null_mean"]) / v["null_std"] for v in views])
-        groups = np.concatenate([np.full(len(v["cos_in"]), i) for i, v in enumerate(views)])
-        null_groups = np.concatenate([np.full(len(v["cos_null"]), i) for i, v in enumerate(views)])
-        est = estimate_epsilon(cin, null, delta=views[0]["delta"], groups=groups, null_groups=null_groups)
-        return {**est, "epsilon_hat_per_seed": [v["epsilon_hat"] for v in views],
-                "epsilon_ci_per_seed": [v["epsilon_ci"] for v in views]}
+    def unit(v: dict[str, Any], key: str) -> np.ndarray:
+        null = np.asarray(v["cos_null"])
+        return (np.asarray(v[key]) - null.mean()) / null.std(ddof=1)
 
-    acc = max((c["accountant_epsilon"] for c in client if c.get("accountant_epsilon") is not None), default=None)
-    claims = [c.get("claimed_epsilon") for c in client if c.get("claimed_epsilon") is not None]
-    claim = max(claims) if claims else None
-    res = pool(client)
-    res.update(compare(res, claim, acc), runs=len(client), view=client[0]["view"], note=client[0]["note"],
-               threat_model=client[0].get("threat_model"), claim=client[0].get("claim"))
-    if all("releases" in c for c in client):
-        rel = pool([c["releases"] for c in client])
-        res["releases"] = {**rel, **compare(rel, claim, acc)}
+    views: dict[str, dict[str, Any]] = {}
+    for name in ("releases", "final_state"):
+        parts = [c["views"][name] for c in client if name in c["views"]]
+        if len(parts) == len(client):
+            views[name] = {"scores": np.concatenate([p["scores"] for p in parts]),
+                           "inserted": np.concatenate([p["inserted"] for p in parts]),
+                           "threshold": parts[0]["threshold"], "cos": np.concatenate([unit(p, "cos") for p in parts]),
+                           "cos_null": np.concatenate([unit(p, "cos_null") for p in parts])}
+    groups = (np.concatenate([np.full(len(c["views"]["final_state"]["scores"]), i) for i, c in enumerate(client)]),
+              np.concatenate([np.full(len(c["views"]["final_state"]["cos_null"]), i) for i, c in enumerate(client)]))
+    claims = [c["claimed_epsilon"] for c in client if c.get("claimed_epsilon") is not None]
+    accs = [c["accountant_epsilon"] for c in client if c.get("accountant_epsilon") is not None]
+    head = client[0][client[0]["headline"]]
+    res = canary_views_result(views, claim=max(claims) if claims else None, accountant=max(accs) if accs else None,
+                              delta=head["delta"], alpha=head["alpha"], groups=groups)
+    res.update(runs=len(client), epsilon_lb_per_seed=[c["epsilon_lb"] for c in client],
+               violation_per_seed=[c["violation"] for c in client],
+               **{k: client[0][k] for k in ("pair", "claim", "threat_model", "view", "rounds")},
+               canary_clients=sum(c["canary_clients"] for c in client), inserted=sum(c["inserted"] for c in client))
     return res
 
 

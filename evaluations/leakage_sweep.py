@@ -36,7 +36,10 @@ def load_audit(path, overrides=None):
     probes = section.pop("probes", None) or {}
     client_canaries = section.pop("client_canaries", None)
     if client_canaries is not None and not isinstance(client_canaries, dict):
-        raise ConfigError("audit.client_canaries must be a mapping of client_canary_audit options, e.g. {clients: 2}")
+        raise ConfigError("audit.client_canaries must be a mapping of client_canary_audit options, e.g. {clients: 500}")
+    gradient_canaries = section.pop("gradient_canaries", None)
+    if gradient_canaries is not None and not isinstance(gradient_canaries, dict):
+        raise ConfigError("audit.gradient_canaries must be a mapping of gradient_canary_audit options, e.g. {canaries: 1000}")
     if not isinstance(probes, dict):
         raise ConfigError("audit.probes must be a mapping of leakage_audit options, e.g. {shadow_clients: 6}")
     section.setdefault("mechanisms", {})
@@ -63,50 +66,101 @@ def load_audit(path, overrides=None):
         LeakageAudit(**probes)
     except TypeError as e:
         raise ConfigError(f"audit.probes: {e}") from None
-    if client_canaries is not None:
-        from attacks.client_canary import ClientCanaryAudit
+    for key, options, hook in (("client_canaries", client_canaries, "client_canary_audit"),
+                               ("gradient_canaries", gradient_canaries, "gradient_canary_audit")):
+        if options is not None:
+            from pfedpg.hooks import HOOKS
 
-        try:
-            ClientCanaryAudit(**client_canaries)
-        except TypeError as e:
-            raise ConfigError(f"audit.client_canaries: {e}") from None
-        probes = {**probes, "_client_canaries": client_canaries}
+            try:
+                HOOKS.get(hook)(**options)
+            except TypeError as e:
+                raise ConfigError(f"audit.{key}: {e}") from None
+            probes = {**probes, f"_{key}": options}
+    if gradient_canaries is not None and "dp_sgd" not in grid.mechanisms:
+        raise ConfigError("audit.gradient_canaries audit DP-SGD: add dp_sgd to audit.mechanisms, or drop them")
     return grid, probes, cfg.to_dict()
+
+
+#: which cells each one-run audit joins: client canaries test a client-level claim (and read as large
+#: without one), gradient canaries go into DP-SGD's own steps
+CANARY_HOOKS = {"_client_canaries": ("client_canary_audit", lambda mech: mech != "dp_sgd"),
+                "_gradient_canaries": ("gradient_canary_audit", lambda mech: mech == "dp_sgd")}
 
 
 def with_audit_hook(base: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:
     """The base with the audit's hooks; they come before each cell's DP hook (appended later), so
-    client canaries go through the mechanism."""
+    canaries go through the mechanism."""
     b = copy.deepcopy(base)
     probes = dict(probes)
-    client = probes.pop("_client_canaries", None)
-    b["hooks"] = [*b["hooks"], {"name": "leakage_audit", **probes},
-                  *([{"name": "client_canary_audit", **client}] if client is not None else [])]
+    extra = [{"name": hook, **probes.pop(key)} for key, (hook, _) in CANARY_HOOKS.items() if key in probes]
+    b["hooks"] = [*b["hooks"], {"name": "leakage_audit", **probes}, *extra]
     return b
+
+
+def cell_hooks(cell: dict[str, Any]) -> dict[str, Any]:
+    """The cell with only the one-run audits that apply to its mechanism."""
+    drop = {hook for hook, applies in CANARY_HOOKS.values() if not applies(cell["mechanism"])}
+    cell["config"]["hooks"] = [h for h in cell["config"]["hooks"] if h["name"] not in drop]
+    return cell
 
 
 def _eps(v) -> str:
     return "∞" if v is not None and math.isinf(v) else ("—" if v is None else f"{v:.2f}")
 
 
-def epsilon_reading(r: dict[str, Any]) -> str:
-    """``ε̂ 2.1 [0.0, 4.3] (equal variance 1.2 [0.3, 2.4])`` of one view of the client canary audit."""
-    if r.get("epsilon_hat") is None:
-        return r.get("status", "no estimate")
-    ev = r["equal_variance"]
-    return (f"ε̂ {_eps(r['epsilon_hat'])} [{_eps(r['epsilon_ci'][0])}, {_eps(r['epsilon_ci'][1])}] (equal variance "
-            f"{_eps(ev['epsilon_hat'])} [{_eps(ev['epsilon_ci'][0])}, {_eps(ev['epsilon_ci'][1])}])")
+def bound_reading(r: dict[str, Any]) -> str:
+    """``ε_lb 7.21 (cap 27.3) vs claim 7.94: can fail, no violation`` of one one-run audit's headline."""
+    out = f"ε_lb {_eps(r['epsilon_lb'])} (cap {_eps(r['epsilon_cap'])})"
+    if r.get("claimed_epsilon") is None:
+        return out + ", no claim"
+    verdict = f"**VIOLATION** (p = {r['claim_p_value']:.2g} at the claim)" if r["violation"] else "no violation"
+    return out + f" vs claim {_eps(r['claimed_epsilon'])}: " + ("can fail, " if r["can_fail"] else "cannot fail, ") + verdict
 
 
 def client_canary_cell(r: dict[str, Any]) -> str:
-    """The report's cell for the client-level one-run audit: both views, the cap, claim and flags."""
-    out = f"final state: {epsilon_reading(r)}"
-    if "releases" in r:
-        out += f"; releases: {epsilon_reading(r['releases'])}" + (" **flagged**" if r["releases"].get("flagged") else "")
-    out += f"; {r['canaries']} canaries, cap {_eps(r['epsilon_cap'])}"
-    if r.get("claimed_epsilon") is not None:
-        out += f"; claim {_eps(r['claimed_epsilon'])}, accountant {_eps(r.get('accountant_epsilon'))}"
-    return out + (" **flagged**" if r.get("flagged") else "")
+    """The report's cell for the client-level one-run audit: each view's order-statistics bound (its
+    family), Steinke et al.'s beside it, Andrew et al.'s estimate, the canaries and the accountant."""
+    parts = []
+    for view in ("releases", "final_state"):
+        if view in r:
+            v = r[view]
+            est = v["estimate"]
+            parts.append(f"{view.replace('_', ' ')}: {bound_reading(v)} [Steinke {_eps(v['bounds']['steinke']['epsilon_lb'])}; "
+                         f"estimate ε̂ {_eps(est.get('epsilon_hat'))}]")
+    return "; ".join(parts) + (f"; {r['canary_clients']} canary clients ({r['inserted']} inserted), {r['family']}, "
+                               f"accountant {_eps(r.get('accountant_epsilon'))}")
+
+
+ONE_RUN_TEXT = [
+    "## One-run audits: what each bound can and cannot show", "",
+    "Canaries are inserted with probability ½ each in one run; a bound rejects every mechanism of its family under "
+    "which guesses as good as the auditor's had probability < 5 %, and reports the ε of the least private one rejected "
+    "(`ε_lb`). `can fail` means the cap lies above the claim, so a broken mechanism could have shown; `VIOLATION` means "
+    "ε_lb lies above the claim — at an exactly tight claim a correct mechanism shows one in 5 % of runs (the bound's "
+    "level), so read a violation with its p-value in audit.json and rerun with another seed.",
+    "",
+    "- **Order statistics (Xiang et al. 2025)**, the headline: every guess released, its mistakes read against the "
+    "family's Bayes error. It reaches the claim when the canaries play the idealised game (the client canaries' "
+    "releases, the gradient canaries); it says nothing about mechanisms outside its family.",
+    "- **f-DP recursion (Mahloujifar et al. 2025)**: one-sided guesses over every threshold with a Bonferroni "
+    "correction, the same family. Valid for any threshold choice; looser than the order statistics at these sizes.",
+    "- **(ε, δ) family**: the order-statistics bound assuming nothing but (ε, δ)-DP at the run's δ. It cannot be "
+    "wrong about the family, and it cannot reach a large ε (its cap is about ln(n) for n canaries).",
+    "- **Model-based (Gaussian scores)**: a lower bound on μ if both canary groups' scores are Gaussian with one "
+    "spread — exact for the client canaries' releases under a correct mechanism, unchecked elsewhere; no cap.",
+    "- **Steinke et al. 2023**: the earlier one-run bound, kept for comparison; its cap, ln(n / ln(1/α)), lies "
+    "below a claim of ε = 8 at any practical n, so it cannot contradict one.",
+    "- **Estimate (Andrew et al. 2024)**: Gaussians fitted to the inserted canaries' cosines and to never-inserted "
+    "directions'; an estimate with a bootstrap interval, not a bound.",
+]
+
+
+def gradient_canary_cell(r: dict[str, Any]) -> str:
+    """The report's cell for the gradient canaries (DP-SGD): the bound in the mechanism's own family."""
+    g = r["game"]
+    return (f"{bound_reading(r)} [Steinke {_eps(r['bounds']['steinke']['epsilon_lb'])}; f-DP recursion "
+            f"{_eps(r['bounds']['fdp_recursion']['epsilon_lb'])}]; {r['canaries']} canaries ({r['included']} inserted) in "
+            f"client {g['client']}, q {g['sample_rate']:.3g}, {g['steps']} steps, σ {g['noise_multiplier']:.3g}")
 
 
 def _v(t) -> str:
@@ -151,6 +205,8 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
                 cells.append("—")
             elif p == "client_canary":
                 cells.append(client_canary_cell(r))
+            elif p == "gradient_canary":
+                cells.append(gradient_canary_cell(r))
             elif p.startswith("canary_"):
                 cells.append(f"AUC {r['auc']:.3f}; ε_lb {r['epsilon_lower_bound']:.2f} (cap {r['epsilon_cap']:.2f})"
                              + (f" (accountant {r['accountant_epsilon']:.2f}"
@@ -165,15 +221,10 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
           "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; TPR at a "
           "given FPR (with its 95% bootstrap interval that refits the threshold: over seeds when pooled, over records "
           "within one run; `interval_method` in audit.json) is `unresolved` when fewer than 10 / FPR negatives were "
-          "pooled (1,000 for 1%, 10,000 for 0.1%) or tied scores leave no threshold near that FPR; `neg.` = the negatives (non-members) pooled. Canary columns give the AUC and the "
-          "one-run ε lower bound (Steinke et al. 2023), the cap (the most its canaries could certify, with every "
-          "guess right) and the accountant's ε where DP covers that view; a lower bound above the accountant's ε "
-          "would be a bug, and where the accountant's ε is above the cap no violation could have shown. "
-          "client_canary: the client-level one-run audit (Andrew et al. 2024) — Gaussians fitted to the canaries' "
-          "and the null's cosines, ε̂ between them with a bootstrap interval, the equal-variance (μ-GDP) reading "
-          "beside it, on the final server state and on the releases the server received; the claim is the canary "
-          "game's own ε (√R/z as μ-GDP), flagged when an interval lies wholly above it. An estimate, not a bound; "
-          "above the cap it rests on the fitted tails.", "", *table, "",
+          "pooled (1,000 for 1%, 10,000 for 0.1%) or tied scores leave no threshold near that FPR; `neg.` = the "
+          "negatives (non-members) pooled. The one-run audits (canary rows, `client_canary`, `gradient_canary`) give "
+          "a 95% lower bound ε_lb on the mechanism's ε, its cap (the bound with every guess right) and the claim it "
+          "tests; they are explained below the table.", "", *table, "", *ONE_RUN_TEXT, "",
           "![TPR at 1% and 0.1% FPR vs ε](tpr_vs_epsilon.png)", "", "## Threat models", ""]
     any_group = next(iter(clean.values()), {"probes": {}})
     for p, r in any_group["probes"].items():
@@ -218,7 +269,7 @@ class AuditGrid(PrivacySweep):
         return {"base": self.base, "audit": {**self.settings.__dict__, "probes": self.probes}}
 
     def cells(self) -> list[dict[str, Any]]:
-        return cells(self.settings, with_audit_hook(self.base, self.probes))
+        return [cell_hooks(c) for c in cells(self.settings, with_audit_hook(self.base, self.probes))]
 
     def row(self, cell, run_dir, summary, error) -> dict[str, Any]:
         return {**super().row(cell, run_dir, summary, error), "group": group_key(cell)}

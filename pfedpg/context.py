@@ -100,6 +100,9 @@ class RunContext:
     new_train_sizes: list[int] = field(default_factory=list)
     new_client_info: list[dict[str, Any]] = field(default_factory=list)
     join_rounds: int = 0
+    #: Clients that hooks added for an audit (``Hook.audit_clients``), by hook name: they take part in
+    #: every training round besides ``schedule``'s clients, hold no data and are never evaluated.
+    audit_clients: dict[str, list[int]] = field(default_factory=dict)
     #: Filled during the join rounds, for probes of what the server saw: per new client, one
     #: entry per join round ``{"round", "sent", "delta" (as released), "descriptor" (after the step,
     #: pfedpg), "initial_descriptor"}``.
@@ -174,6 +177,10 @@ class RunFacts:
     @property
     def join_rounds(self) -> int:
         return self._ctx.join_rounds
+
+    @property
+    def audit_clients(self) -> dict[str, list[int]]:
+        return self._ctx.audit_clients
 
 
 class ClientSide(RunFacts):

@@ -20,8 +20,8 @@ from scipy.stats import norm
 
 
 def gdp_delta(mu: float, eps: float) -> float:
-    """δ(ε) of μ-GDP (e^ε capped so that a huge ε cannot overflow)."""
-    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(min(eps, 700.0)) * norm.cdf(-eps / mu - mu / 2))
+    """δ(ε) of μ-GDP; the second term as exp(ε + log Φ(·)), so that a huge ε neither overflows nor is cut."""
+    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps + float(log_ndtr(-eps / mu - mu / 2))))
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
@@ -38,6 +38,16 @@ def gdp_epsilon(mu: float, delta: float) -> float:
         if hi > 1e6:
             return math.inf
     return float(brentq(lambda e: gdp_delta(mu, e) - delta, 0.0, hi, xtol=1e-10))
+
+
+def gdp_mu(eps: float, delta: float) -> float:
+    """The μ whose μ-GDP gives exactly (ε, δ) (the inverse of :func:`gdp_epsilon` in μ; δ(ε) grows with μ)."""
+    if gdp_delta(1e-12, eps) >= delta:
+        return 0.0
+    hi = 1.0
+    while gdp_delta(hi, eps) < delta:
+        hi *= 2
+    return float(brentq(lambda m: gdp_delta(m, eps) - delta, 1e-12, hi, xtol=1e-12))
 
 
 def _log_prob_region(m: float, s: float, lo: float | None, hi: float | None) -> float:
@@ -109,4 +119,4 @@ def gaussians_epsilon(m1: float, s1: float, m0: float, s0: float, delta: float) 
     return float(brentq(excess, hi / 2 if hi > 1 else 0.0, hi, xtol=1e-8))
 
 
-__all__ = ["gaussians_delta", "gaussians_epsilon", "gdp_delta", "gdp_epsilon"]
+__all__ = ["gaussians_delta", "gaussians_epsilon", "gdp_delta", "gdp_epsilon", "gdp_mu"]

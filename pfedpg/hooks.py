@@ -35,6 +35,10 @@ hooks are skipped for n at ``client_data``, ``local_training`` and ``outgoing_de
 crafted delta is what the server receives whatever honest-client hooks (e.g. DP noise) are set;
 its own client-side points run for the clients it controls and no others.
 
+A hook may add clients of its own (``Hook.audit_clients``: an audit's canary clients, which hold no
+data and do not train); only ``outgoing_delta`` runs for them on the client side, on the zero update,
+and the server-side points see their releases with everyone's.
+
 New clients (``data.new_clients``, DESIGN §1) join after the last training round T. In their join
 rounds (``round`` = T + j; ids ``ctx.new_clients``, after the training clients) the client-side
 points run for them as for any client — ``client_data``, ``local_training`` (round T + 0 with the
@@ -82,6 +86,12 @@ class Hook:
     #: a client sends its DP release and what the statement names public, and keeps its losses,
     #: accuracies and other measurements (unless ``privacy.release_metrics``).
     privacy_mechanism: bool = False
+    #: How many clients this hook adds to the run (an audit's canary clients, DESIGN §6). They hold
+    #: no data and do not train: each training round each sends the zero update through
+    #: ``outgoing_delta`` (where the hook that added them writes its canary, and a DP mechanism
+    #: releases it), and the server treats the release as any client's. They are never evaluated and
+    #: count in no accuracy; their ids (after the training and new clients) are in ``ctx.audit_clients``.
+    audit_clients: int = 0
 
     def __init__(self, **options):
         if options:
@@ -180,6 +190,15 @@ class HookChain:
     def setup(self, ctx: RunContext) -> None:
         for h in self.hooks:
             h.setup(ctx)
+
+    def assign_audit_clients(self, first: int) -> dict[str, list[int]]:
+        """Ids for the clients hooks add (``Hook.audit_clients``), from ``first`` on, by hook name."""
+        out: dict[str, list[int]] = {}
+        for h in self.hooks:
+            if h.audit_clients:
+                out[h.name] = list(range(first, first + h.audit_clients))
+                first += h.audit_clients
+        return out
 
     def has_local_training(self, client: int) -> bool:
         """True when a hook wraps client ``client``'s local training (it cannot join a batched round)."""

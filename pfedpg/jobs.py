@@ -21,6 +21,21 @@ class ClientData:
 
 
 @dataclass
+class GradientCanaries:
+    """White-box canaries for a record-level mechanism (DESIGN §6, "Audits that can fail"): records
+    whose per-sample gradient the auditor sets. Each step the mechanism calls ``directions()`` for the
+    inserted canaries' gradient directions of that step, (G, P) unit rows over the trainable
+    parameters (``pfedpg.client.trainable_parameters(model)``, flattened and concatenated), samples
+    each canary like a record at the records' own rate, with gradient ``scale`` × its direction
+    (None: the mechanism's clip norm, which its clipping leaves alone), and hands ``observe`` the
+    step's released (noised) gradient sum, flattened."""
+
+    directions: Callable[[], torch.Tensor]
+    scale: float | None
+    observe: Callable[[torch.Tensor], None]
+
+
+@dataclass
 class LocalJob:
     """Everything local training needs; ``run_default()`` is the plain SGD loop of DESIGN §1.
     Train what ``pfedpg.client.trainable_parameters(model)`` lists: a new client's round 0 freezes
@@ -35,6 +50,8 @@ class LocalJob:
     #: the round's augmentation stream for this client (``data.augment``), None = no augmentation;
     #: pass it to ``pfedpg.client.training_batch`` / ``model.prepare``
     augment: torch.Generator | None = None
+    #: set by an audit hook for a record-level mechanism to take (None = no canaries)
+    gradient_canaries: GradientCanaries | None = None
 
 
 @dataclass

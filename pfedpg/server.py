@@ -77,10 +77,14 @@ class Server(nn.Module):
     sends_prompts: bool = True
 
     def __init__(self, cfg: ServerConfig, *, num_clients: int, num_prompts: int, dim: int,
-                 init_bound: float, seeds: Seeds, train_sizes: list[int]):
+                 init_bound: float, seeds: Seeds, train_sizes: list[int], audit_clients: list[int] = ()):
         super().__init__()
         self.cfg, self.num_clients = cfg, num_clients
         self.num_prompts, self.dim = num_prompts, dim
+        #: An audit's clients (DESIGN §6: canary clients that hold no data): ids after the training and
+        #: new clients, served like any client; ``rows`` maps every served client to its index.
+        self.audit_clients = list(audit_clients)
+        self.rows = {**{n: n for n in range(num_clients)}, **{c: num_clients + k for k, c in enumerate(self.audit_clients)}}
 
     def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
         raise NotImplementedError
@@ -149,34 +153,37 @@ def _unflatten(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor
 @SERVERS.register("pfedpg")
 class PFedPGServer(Server):
     def __init__(self, cfg: ServerConfig, *, num_clients: int, num_prompts: int, dim: int,
-                 init_bound: float, seeds: Seeds, train_sizes: list[int]):
+                 init_bound: float, seeds: Seeds, train_sizes: list[int], audit_clients: list[int] = ()):
         super().__init__(cfg, num_clients=num_clients, num_prompts=num_prompts, dim=dim,
-                         init_bound=init_bound, seeds=seeds, train_sizes=train_sizes)
+                         init_bound=init_bound, seeds=seeds, train_sizes=train_sizes, audit_clients=audit_clients)
         gen_cls = GENERATORS.get(cfg.generator)
         self.generator = gen_cls(num_prompts=num_prompts, dim=dim, residual=cfg.residual, hidden=cfg.mlp_hidden)
         self.generator.reset_parameters(seeds.torch("init.generator"))
         g = seeds.torch("init.p_base")
         self.p_base = nn.Parameter(torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound, generator=g))
-        # One K×D descriptor per client, each from its own stream: adding clients never changes the others.
+        # One K×D descriptor per client, each from its own stream: adding clients never changes the others
+        # (an audit's clients get rows after the training clients', scaled as theirs).
+        served = list(self.rows)
         if isinstance(self.generator, CrossAttentionGenerator):
             d = torch.stack([torch.randn(num_prompts, dim, generator=seeds.torch("init.descriptor", client=n))
-                             for n in range(num_clients)])
-            d = d * (cfg.attention_logit_std / self.generator.logits_std(self.p_base.detach(), d))
+                             for n in served])
+            d = d * (cfg.attention_logit_std / self.generator.logits_std(self.p_base.detach(), d[:num_clients]))
         else:
             d = torch.stack([torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound,
                                                                    generator=seeds.torch("init.descriptor", client=n))
-                             for n in range(num_clients)])
+                             for n in served])
         self.descriptors = nn.Parameter(d)
 
     def client_descriptors(self) -> torch.Tensor:
-        return self.descriptors
+        """The training clients' descriptors (an audit's clients are not probed)."""
+        return self.descriptors[:self.num_clients] if self.audit_clients else self.descriptors
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [self.p_base, *self.generator.parameters()]
 
     def generate(self, client: int) -> torch.Tensor:
         """P_n with its autograd graph (rows of ``descriptors`` are read one client at a time)."""
-        return self.generator(self.p_base, self.descriptors[client])
+        return self.generator(self.p_base, self.descriptors[self.rows[client]])
 
     def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
         with torch.no_grad():
@@ -198,7 +205,7 @@ class PFedPGServer(Server):
                                         grad_outputs=-deltas[n].to(p_n.dtype), allow_unused=True)
             rows.append(_flatten(list(grads[:-1]), shared))
             d_grad = grads[-1]
-            private[n] = [torch.zeros_like(self.descriptors[n]) if d_grad is None else d_grad[n]]
+            private[n] = [torch.zeros_like(self.descriptors[0]) if d_grad is None else d_grad[self.rows[n]]]
         stack = torch.stack(rows) if rows else torch.zeros(0, self.num_shared(), device=self.p_base.device)
         return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype, device=stack.device), private)
 
@@ -209,7 +216,7 @@ class PFedPGServer(Server):
 
     def join_state(self) -> dict[str, torch.Tensor]:
         """A fresh descriptor for a new client: the mean of the trained descriptors."""
-        return {"descriptor": self.descriptors.detach().mean(0).clone()}
+        return {"descriptor": self.descriptors.detach()[:self.num_clients].mean(0).clone()}
 
     @torch.no_grad()
     def join_prompt(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -236,7 +243,7 @@ class PFedPGServer(Server):
         for n, (d_grad,) in grads.private.items():
             d_grad, d_norm = self.bound(d_grad)
             d_norms.append(d_norm)
-            self.descriptors[n].sub_(lr * d_grad)
+            self.descriptors[self.rows[n]].sub_(lr * d_grad)
         return {"server_update_norm": norm, "descriptor_grad_norm_max": max(d_norms, default=0.0)}
 
 
@@ -246,12 +253,14 @@ class FedVPTServer(Server):
     weighted sum of the per-client gradients −ΔP_n."""
 
     def __init__(self, cfg: ServerConfig, *, num_clients: int, num_prompts: int, dim: int,
-                 init_bound: float, seeds: Seeds, train_sizes: list[int]):
+                 init_bound: float, seeds: Seeds, train_sizes: list[int], audit_clients: list[int] = ()):
         super().__init__(cfg, num_clients=num_clients, num_prompts=num_prompts, dim=dim,
-                         init_bound=init_bound, seeds=seeds, train_sizes=train_sizes)
+                         init_bound=init_bound, seeds=seeds, train_sizes=train_sizes, audit_clients=audit_clients)
         g = seeds.torch("init.prompt")
         self.prompt = nn.Parameter(torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound, generator=g))
-        self.register_buffer("train_sizes", torch.tensor(train_sizes, dtype=torch.float64))
+        # FedAvg weights by row; an audit's client weighs as the mean training client (Andrew et al.'s canary clients).
+        sizes = list(train_sizes) + [sum(train_sizes) / len(train_sizes)] * len(self.audit_clients)
+        self.register_buffer("train_sizes", torch.tensor(sizes, dtype=torch.float64))
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [self.prompt]
@@ -272,7 +281,7 @@ class FedVPTServer(Server):
         clients = sorted(deltas)
         stack = torch.stack([-deltas[n].reshape(-1).to(self.prompt.dtype) for n in clients]) if clients \
             else torch.zeros(0, self.prompt.numel(), device=self.prompt.device)
-        sizes = self.train_sizes[clients] if clients else self.train_sizes[:0]
+        sizes = self.train_sizes[[self.rows[n] for n in clients]] if clients else self.train_sizes[:0]
         weights = (sizes / sizes.sum()).to(stack.dtype) if clients else torch.zeros(0, device=stack.device)
         return ClientGradients(clients, stack, weights, {})
 

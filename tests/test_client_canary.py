@@ -1,6 +1,6 @@
-"""The client-level one-run audit (Andrew et al. 2024; DESIGN §6): two Gaussians and their ε, the
-estimator's intervals on planted canaries, noise off reads large, the correct client-level mechanism
-reads at or below its claim, and broken mechanisms are flagged."""
+"""The client-level one-run audit (DESIGN §6): Andrew et al.'s estimate (two Gaussians and their ε, its
+intervals on planted canaries), and canary clients through the hooks — noise off reads at the cap, the
+correct client-level mechanism stays at or below its claim, broken mechanisms are violations."""
 import json
 import math
 
@@ -9,7 +9,7 @@ import pytest
 
 import torch
 
-from attacks.client_canary import epsilon_cap, estimate_epsilon
+from attacks.canary_estimate import epsilon_cap, estimate_epsilon
 from conftest import tiny_config
 from pfedpg.errors import ConfigError
 from pfedpg.gdp import gaussians_delta, gaussians_epsilon, gdp_epsilon
@@ -54,37 +54,31 @@ def run(tmp_path, name, hooks, **kw):
     from pfedpg.runner import Trainer
 
     load_plugins()
-    cfg = tiny_config(**{"data.clients_per_domain": 6, "rounds": 4, "hooks": hooks, "server.lr": 0.1,
-                         "model.num_prompts": 16, **kw})
+    cfg = tiny_config(**{"rounds": 4, "hooks": hooks, "server.lr": 0.1, **kw})
     summary = Trainer(cfg, run_dir=tmp_path / name).run()
     return summary["hook_results"]["client_canary_audit"]
 
 
-CANARY = {"name": "client_canary_audit", "clients": 8, "null_directions": 500}   # 8 of 18 clients
-# z = 1: the claim for a canary's 4 releases is μ = √4 / 1 = 2 (ε 10.0). A smaller μ leaves 8 canaries
-# too little room to see a broken mechanism's doubled μ (measured: the ×0.5 break flagged at z = 1,
-# not at z = 3).
-DP = {"name": "dp_client", "clip": 0.05, "noise_multiplier": 1.0, "delta": 1e-5}
+CANARY = {"name": "client_canary_audit", "clients": 150, "null_directions": 300}
+# z = 2 under replace (the canary pair ±C·u): the claim for a canary's 4 releases is μ = 2·√4 / 2 = 2 (ε 10.0)
+DP = {"name": "dp_client", "clip": 0.05, "noise_multiplier": 2.0, "delta": 1e-5}
 
 
 @pytest.mark.parametrize("method", ["pfedpg", "fedvpt"])
-def test_noise_off_reads_large_and_the_correct_mechanism_reads_at_or_below_its_claim(tmp_path, method):
+def test_noise_off_reads_at_the_cap_and_the_correct_mechanism_stays_at_its_claim(tmp_path, method):
     off = run(tmp_path, "off", [CANARY, {**DP, "noise_multiplier": 0.0}], method=method)
     on = run(tmp_path, "on", [CANARY, DP], method=method)
-    # noise off (clip only): the canaries stand out in both views (measured: final state 31 / 58 by the
-    # two-Gaussian fit, releases: cos = 1 exactly, an infinite ε̂)
-    assert off["equal_variance"]["epsilon_ci"][0] > 8 and off["releases"]["equal_variance"]["epsilon_ci"][0] > 100
-    assert off["claimed_epsilon"] == math.inf and off["flagged"] is None
-    # the correct mechanism: every interval reaches down to a value at or below the claim (10.0) and the
-    # accountant's ε (25.9, replace adjacency); measured releases: equal variance 9.4 [5.6, 13.8]
+    # noise off (clip only): every release guess right — the bound is its cap; ε = ∞ is claimed, so no violation
+    assert off["releases"]["correct"] == 150 and off["releases"]["epsilon_lb"] == off["releases"]["epsilon_cap"]
+    assert off["claimed_epsilon"] == math.inf and off["violation"] is False and off["can_fail"] is False
     assert on["claimed_epsilon"] == pytest.approx(gdp_epsilon(2.0, 1e-5))
-    assert on["claimed_epsilon"] < on["accountant_epsilon"]
-    for view in (on, on["releases"]):
-        assert view["epsilon_ci"][0] <= on["claimed_epsilon"] and view["equal_variance"]["epsilon_ci"][0] <= on["claimed_epsilon"]
-        assert not view["flagged"]
+    assert on["claimed_epsilon"] < on["accountant_epsilon"]  # RDP is looser than the exact μ-GDP claim
+    assert on["can_fail"] and not on["violation"] and on["headline"] == "releases"
+    for view in ("releases", "final_state"):
+        assert all(not b["violation"] for b in on[view]["bounds"].values()), on[view]["bounds"]
     written = json.loads((tmp_path / "on" / "audit" / "client_canary.json").read_text())
-    assert written["epsilon_hat"] == on["epsilon_hat"] and written["canary_clients"] == list(range(8))
-    assert len(written["cos_null"]) == 500 and len(written["releases"]["cos_null"]) == 500
+    assert written["epsilon_lb"] == on["epsilon_lb"] and written["canary_clients"] == 150
+    assert len(written["views"]["releases"]["cos_null"]) == 300 and sum(written["views"]["releases"]["inserted"]) == on["inserted"]
 
 
 class _Broken:
@@ -106,24 +100,23 @@ class _Broken:
 
 
 @pytest.mark.parametrize("mode", ["half_noise", "clip_after_noise"])
-def test_broken_mechanisms_are_flagged(tmp_path, monkeypatch, mode):
-    """The server's view of the releases flags both. Measured (FedVPT; equal-variance readings against
-    the claim 10.0): half the noise 22.9 [18.1, 28.3]; clipping after the noise (the 100 C canary
-    passes nearly noise-free) 193 [172, 217], and on the final state 33.6 [28.5, 39.1] too. Half
-    the noise does not show on the final state (5.9 [3.0, 9.4]): FedAvg dilutes a canary by the other
-    clients' noise, μ ≈ √R / (z√m)."""
+def test_broken_mechanisms_are_violations(tmp_path, monkeypatch, mode):
+    """The releases view reaches above the claim (10.0) for both: half the noise doubles μ; clipping
+    after the noise lets the 100 C canary through nearly noise-free."""
     from pfedpg.hooks import HOOKS
 
     monkeypatch.setitem(HOOKS._items, "dp_client", _Broken.make(mode))
     res = run(tmp_path, mode, [CANARY, DP], method="fedvpt")
-    assert res["releases"]["flagged"] and res["releases"]["interval_above_claim"]["equal_variance"], res["releases"]
+    assert res["violation"] and res["releases"]["epsilon_lb"] > res["claimed_epsilon"], res["releases"]
 
 
 def test_hook_order_and_bad_options(tmp_path):
     with pytest.raises(ConfigError, match="before dp_client"):
         run(tmp_path, "order", [{"name": "dp_client", "clip": 0.05, "noise_multiplier": 1.0},
                                 {"name": "client_canary_audit"}])
-    with pytest.raises(ConfigError, match="not local"):
+    with pytest.raises(ConfigError, match="send nothing|sends nothing"):
         run(tmp_path, "local", [{"name": "client_canary_audit"}], method="local")
     with pytest.raises(ConfigError, match="null_directions"):
         run(tmp_path, "bad", [{"name": "client_canary_audit", "null_directions": 3}])
+    with pytest.raises(ConfigError, match="is a count"):
+        run(tmp_path, "ids", [{"name": "client_canary_audit", "clients": [0, 1]}])

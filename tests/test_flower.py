@@ -251,7 +251,7 @@ def test_the_server_receives_only_the_release_under_dp(tmp_path, mechanism):
             assert set(result.keys()) == {"row", "hooks"}
             assert set(json.loads(result["row"])) == {"local_steps"}
             state = unpack(result["hooks"])
-            assert set(state) == {mechanism["name"]} and set(state[mechanism["name"]]) == {"accountant"}
+            assert set(state) == {mechanism["name"]} and set(state[mechanism["name"]]) == {"accountant", "mechanism_record"}
         elif kind == MessageType.EVALUATE:
             assert not content.array_records and set(json.loads(content.config_records["result"]["row"])) == {"client", "withheld"}
         else:

@@ -297,28 +297,34 @@ def test_audit_cli_pools_seeds_and_writes_the_report(tmp_path, capsys):
 
 
 def test_audit_cli_with_client_canaries(tmp_path):
-    """audit.client_canaries adds the client-level one-run audit to every cell, before the DP hook:
-    audit.json holds its pooled estimate beside the accountant's ε, and the record-level probes leave
-    the canary clients out of their targets."""
+    """audit.client_canaries adds canary clients to every cell without record-level DP, before the DP
+    hook: audit.json holds their pooled bounds and estimate beside the claim and the accountant's ε,
+    and the record-level probes keep every training client as a target."""
     from evaluations.cli import main
 
-    path = audit_file(tmp_path, client_canaries={"clients": 2, "null_directions": 100})
+    path = audit_file(tmp_path, client_canaries={"clients": 30, "null_directions": 100})
     assert main(["audit", "--config", str(path)]) == 0
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     cc = audit["groups"]["dp_client-eps8"]["probes"]["client_canary"]
-    assert cc["runs"] == 2 and cc["canaries"] == 4 and cc["null_directions"] == 200 and len(cc["epsilon_hat_per_seed"]) == 2
-    assert cc["resampled"].startswith("seeds") and cc["releases"]["canaries"] == 4  # pooled: seeds resampled first
+    assert cc["runs"] == 2 and cc["canary_clients"] == 60 and cc["releases"]["canaries"] == 60
+    assert cc["releases"]["estimate"]["null_directions"] == 200 and len(cc["epsilon_lb_per_seed"]) == 2
+    assert cc["releases"]["estimate"]["resampled"].startswith("seeds")  # pooled: seeds resampled first
     assert cc["accountant_epsilon"] == pytest.approx(8.0, rel=0.01) and cc["claimed_epsilon"] < cc["accountant_epsilon"]
+    for key in ("epsilon_lb", "epsilon_cap", "family", "claimed_epsilon", "can_fail", "violation"):
+        assert key in cc and key in cc["releases"]
+    assert cc["releases"]["bounds"]["steinke"]["method"] == "Steinke et al. 2023"
     assert audit["groups"]["nonprivate"]["probes"]["client_canary"]["accountant_epsilon"] is None
-    assert audit["groups"]["nonprivate"]["probes"]["loss"]["n_targets"] == 2 * 2 * 20  # clients 0 and 1 are canaries
+    assert audit["groups"]["nonprivate"]["probes"]["loss"]["n_targets"] == 2 * 4 * 20  # every training client a target
     run = next((tmp_path / "audit" / "runs").glob("dp_client-eps8-s0"))
     hooks = [h["name"] for h in yaml.safe_load((run / "config.yaml").read_text())["hooks"]]
     assert hooks.index("client_canary_audit") < hooks.index("dp_client")
-    assert "ε̂" in (tmp_path / "audit" / "report.md").read_text()
+    report = (tmp_path / "audit" / "report.md").read_text()
+    assert "ε_lb" in report and "what each bound can and cannot show" in report
 
 
 @pytest.mark.parametrize("audit, message", [
     ({"client_canaries": {"clients": 0}}, "client_canary_audit.clients=0"),
+    ({"gradient_canaries": {"canaries": 100}}, "add dp_sgd to audit.mechanisms"),
     ({"baselines": ["local"]}, "cannot be audited"),
     ({"probes": {"shadow_clients": 0, "probes": ["lira"]}}, "needs auxiliary data"),
     ({"probes": {"shadows": 2}}, "unexpected keyword"),

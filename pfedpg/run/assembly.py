@@ -110,10 +110,16 @@ class Assembly:
         cfg = self.cfg
         train_sizes = [f["train"] for f in self.client_facts]
         server_cls = SERVERS.get(cfg.method)
+        # An audit's clients (canary clients) get the ids after the training and the new clients.
+        self.audit_clients = self.hooks.assign_audit_clients(self.num_clients + len(self.new_facts))
+        self.audit_ids = [c for ids in self.audit_clients.values() for c in ids]
+        if self.audit_ids and not server_cls.sends_prompts:
+            raise ConfigError(f"hooks {sorted(self.audit_clients)} add clients whose releases the server takes in; "
+                              f"method {cfg.method!r} sends nothing: use pfedpg or fedvpt")
         # Initialised on the CPU from its keyed streams (the same numbers on every device), then moved.
         self.server = server_cls(cfg.server, num_clients=self.num_clients, num_prompts=self.prompt_tokens,
                                  dim=self.dim, init_bound=self.init_bound, seeds=self.seeds,
-                                 train_sizes=train_sizes).to(self.device)
+                                 train_sizes=train_sizes, audit_clients=self.audit_ids).to(self.device)
         self.states = [self._initial_state(n) for n in range(self.num_clients)]
         self.schedule = participation_schedule(num_clients=self.num_clients, per_round=cfg.clients_per_round,
                                                rounds=cfg.rounds, seeds=self.seeds, held_out=len(self.new_facts))
@@ -126,7 +132,8 @@ class Assembly:
                               new_clients=[f["client"] for f in self.new_facts],
                               new_train_sizes=[f["train"] for f in self.new_facts],
                               new_client_info=self.client_info(self.new_facts),
-                              join_rounds=cfg.data.new_client_rounds if self.new_facts else 0)
+                              join_rounds=cfg.data.new_client_rounds if self.new_facts else 0,
+                              audit_clients=self.audit_clients)
 
     def load_clients(self) -> None:
         """The clients' data: sets ``num_clients``, ``num_classes``, ``train_data`` / ``test_data``

@@ -32,10 +32,13 @@ class Rounds:
                 deltas[n] = delta
                 row["delta_norm"] = float(delta.norm())
         failed = {n: row["error"] for n, row in client_rows.items() if "error" in row}
+        deltas.update(self.audit_releases(r))
         t_train = time.perf_counter() - t0
         server_info = self.server_step(r, deltas)
         record: dict[str, Any] = {"type": "round", "round": r, "participants": participants,
                                   **round_train_stats(client_rows.values()), **server_info}
+        if self.audit_ids:
+            record["audit_clients"] = len(self.audit_ids)
         if failed:
             record["failed_clients"] = {str(n): e for n, e in sorted(failed.items())}
         rows = []
@@ -76,6 +79,12 @@ class Rounds:
                 row["_delta"] = delta
             rows[n] = row
         return rows
+
+    def audit_releases(self, r: int) -> dict[int, torch.Tensor]:
+        """Round r's releases of the clients hooks added for an audit (``Hook.audit_clients``): they do
+        not train, so each sends the zero update through the client-side ``outgoing_delta`` chain."""
+        zero = torch.zeros(self.prompt_tokens, self.dim, device=self.device)
+        return {c: self.hooks.outgoing_delta(self.ctx, client=c, round=r, delta=zero.clone()) for c in self.audit_ids}
 
     def train_client(self, n: int, r: int, start_prompt: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
         st = self.states[n]
