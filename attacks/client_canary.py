@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from attacks.canary_estimate import MIN_CANARIES, compare, estimate_epsilon
-from attacks.one_run_bounds import audit_bounds
+from attacks.one_run_bounds import audit_bounds, check_level
 from attacks.tradeoff import gdp_family
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
@@ -42,6 +42,10 @@ from pfedpg.gdp import gdp_epsilon
 from pfedpg.hooks import Hook, register_hook
 
 CANARY_SCALE = 100.0  # a canary release's norm under client-level DP, in units of the clip C
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @register_hook("client_canary_audit")
@@ -60,13 +64,14 @@ class ClientCanaryAudit(Hook):
             raise ConfigError("client_canary_audit.clients is a count: the canaries are clients of their own, added to "
                               "the run (e.g. clients: 500), not training clients")
         if isinstance(clients, bool) or not isinstance(clients, int) or clients < MIN_CANARIES:
-            raise ConfigError(f"client_canary_audit.clients={clients!r} must be a count >= {MIN_CANARIES}")
-        if not isinstance(null_directions, int) or null_directions < 10:
+            raise ConfigError(f"client_canary_audit.clients={clients!r} must be an integer >= {MIN_CANARIES}")
+        if isinstance(null_directions, bool) or not isinstance(null_directions, int) or null_directions < 10:
             raise ConfigError(f"client_canary_audit.null_directions={null_directions!r} must be an integer >= 10")
-        if norm is not None and not (isinstance(norm, (int, float)) and norm > 0):
+        if norm is not None and not (_number(norm) and norm > 0):
             raise ConfigError(f"client_canary_audit.norm={norm!r} must be a positive number or null")
-        if not 0 < alpha < 0.5:
-            raise ConfigError(f"client_canary_audit.alpha={alpha!r} must be in (0, 0.5)")
+        if delta is not None and not (_number(delta) and 0 < delta < 1):
+            raise ConfigError(f"client_canary_audit.delta={delta!r} must be in (0, 1), or null for the DP hook's")
+        check_level("client_canary_audit", alpha, out)
         self.audit_clients = clients
         self.null_directions, self.norm, self.delta, self.alpha, self.out = null_directions, norm, delta, alpha, out
         self.canaries: list[int] = []

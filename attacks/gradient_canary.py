@@ -20,9 +20,10 @@ P ≫ canaries dimensions (Keinan, Shenfeld & Ligett 2025).
 
 The family is the mechanism's own: T Poisson-subsampled Gaussian steps at the client's q, by noise
 multiplier σ (:func:`attacks.tradeoff.subsampled_gaussian_family`, a pessimistic privacy loss
-distribution) — not a Gaussian (CLT) shortcut, which could raise a false alarm. The claim is the
-run's accountant's ε for the client (the canaries share its q and T); a member's ε is read with the
-same accountant, so ``violation`` says the accountant's own σ was rejected.
+distribution) — not a Gaussian (CLT) shortcut, which could raise a false alarm. The claim is the tight
+ε of the client's own member (its σ, q and T; the canaries are its records), read from the same
+distribution as every member's ε, so ``violation`` says the run's σ was rejected; the accountant's ε
+(RDP or PRV, looser) is reported beside it.
 """
 from __future__ import annotations
 
@@ -33,22 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.one_run_bounds import audit_bounds
+from attacks.one_run_bounds import audit_bounds, check_level
 from attacks.tradeoff import subsampled_gaussian_family
 from pfedpg.client import trainable_parameters
 from pfedpg.context import ClientSide, RunContext
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.jobs import GradientCanaries
-
-
-def accountant_epsilon(name: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε of ``steps`` subsampled Gaussian steps by the named Opacus accountant (the run's own)."""
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    acc = {"rdp": RDPAccountant, "prv": PRVAccountant}[name]()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
 
 
 @register_hook("gradient_canary_audit")
@@ -66,10 +58,9 @@ class GradientCanaryAudit(Hook):
             raise ConfigError(f"gradient_canary_audit.client={client!r} must be a client id")
         if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 10:
             raise ConfigError(f"gradient_canary_audit.canaries={canaries!r} must be an integer >= 10")
-        if not (isinstance(scale, (int, float)) and scale > 0):
+        if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and scale > 0):
             raise ConfigError(f"gradient_canary_audit.scale={scale!r} must be a positive number (units of the clip C)")
-        if not 0 < alpha < 0.5:
-            raise ConfigError(f"gradient_canary_audit.alpha={alpha!r} must be in (0, 0.5)")
+        check_level("gradient_canary_audit", alpha, out)
         self.client, self.count, self.scale, self.alpha, self.out = client, canaries, float(scale), alpha, out
         self.inserted: np.ndarray | None = None
         self.scores: torch.Tensor | None = None  # Σ_t ⟨g̃_t, u_{i,t}⟩ per canary, float64
@@ -138,9 +129,9 @@ class GradientCanaryAudit(Hook):
         if steps != self.steps:
             raise ValueError(f"gradient_canary_audit saw {self.steps} steps, the mechanism recorded {steps}")
         game = {"client": self.client, "sample_rate": q, "steps": steps, "noise_multiplier": sigma, "scale": self.scale,
-                "accountant": dp.accountant_name, "delta": float(dp.delta), "alpha": self.alpha}
+                "delta": float(dp.delta), "alpha": self.alpha}
         scores = (self.scores / float(dp.clip)).numpy()
-        res = gradient_canary_bounds(scores, self.inserted, game, claim=float(dp.epsilon(self.client)))
+        res = gradient_canary_bounds(scores, self.inserted, game, accountant=float(dp.epsilon(self.client)))
         out = Path(ctx.run_dir) / self.out
         out.mkdir(parents=True, exist_ok=True)
         (out / "gradient_canary.json").write_text(json.dumps({**res, "scores": scores.tolist(),
@@ -148,19 +139,20 @@ class GradientCanaryAudit(Hook):
         return res
 
 
-def gradient_canary_bounds(scores, inserted, game: dict[str, Any], *, claim: float) -> dict[str, Any]:
+def gradient_canary_bounds(scores, inserted, game: dict[str, Any], *, accountant: float) -> dict[str, Any]:
     """Every bound on the canaries' scores (one run's, or several runs' of the same game pooled), in
-    the mechanism's own family, the guesses split at the midpoint scale · q · T / 2."""
+    the mechanism's own family, the guesses split at the midpoint scale · q · T / 2. Members' ε and the
+    claim are both read from the family's privacy loss distribution — the tight ε of T steps at (q, σ),
+    as dp_client's claim is the exact μ-GDP one; the run's accountant (RDP or PRV, looser) stands beside."""
     q, steps, delta = game["sample_rate"], game["steps"], game["delta"]
-    family = subsampled_gaussian_family(
-        sample_rate=q, steps=steps, delta=delta,
-        epsilon=lambda s: accountant_epsilon(game["accountant"], noise_multiplier=s, sample_rate=q, steps=steps,
-                                             delta=delta))
-    res = audit_bounds(scores, inserted, family=family, claimed_epsilon=claim, delta=delta, alpha=game["alpha"],
-                       threshold=game["scale"] * q * steps / 2, claim_member=1.0 / game["noise_multiplier"])
-    res.update(game=game, claim="the accountant's ε for the client: the canaries are records sampled at its rate q "
-                                "for its T steps", threat_model="white-box: every step's released (noised) gradient sum "
-                                                                "of the canaries' client")
+    family = subsampled_gaussian_family(sample_rate=q, steps=steps, delta=delta)
+    claim_member = 1.0 / game["noise_multiplier"]
+    res = audit_bounds(scores, inserted, family=family, claimed_epsilon=family.epsilon(claim_member), delta=delta,
+                       alpha=game["alpha"], threshold=game["scale"] * q * steps / 2, claim_member=claim_member)
+    res.update(game=game, accountant_epsilon=accountant,
+               claim="the tight ε of the client's T Poisson-subsampled Gaussian steps at its rate q and noise σ (a "
+                     "privacy loss distribution); the canaries are records of that client; the accountant's ε beside",
+               threat_model="white-box: every step's released (noised) gradient sum of the canaries' client")
     return res
 
 
@@ -170,10 +162,10 @@ def pooled_gradient_canaries(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if any(r["game"] != game for r in runs):
         raise ValueError("gradient canaries of runs with different rates, steps or noise cannot be pooled")
     res = gradient_canary_bounds(np.concatenate([r["scores"] for r in runs]), np.concatenate([r["inserted"] for r in runs]),
-                                 game, claim=max(r["claimed_epsilon"] for r in runs))
+                                 game, accountant=max(r["accountant_epsilon"] for r in runs))
     res.update(runs=len(runs), epsilon_lb_per_seed=[r["epsilon_lb"] for r in runs],
                violation_per_seed=[r["violation"] for r in runs])
     return res
 
 
-__all__ = ["GradientCanaryAudit", "accountant_epsilon", "gradient_canary_bounds", "pooled_gradient_canaries"]
+__all__ = ["GradientCanaryAudit", "gradient_canary_bounds", "pooled_gradient_canaries"]

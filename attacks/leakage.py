@@ -34,8 +34,9 @@ rmia           observer  record  offline RMIA (Zarifzadeh et al. 2024) with ``rm
                                  reference prompts and a population held out of the aux data
 source         server    place.  which target client holds a training record (alignment at each
                                  client's last release)
-canary         both      record  canaries included with probability ½; one-run ε lower bound
-                                 (Steinke et al. 2023) from the observer's and the server's score
+canary         both      record  canaries included with probability ½; one-run ε lower bounds
+                                 (attacks.one_run_bounds, (ε, δ) family; Steinke et al. 2023 beside
+                                 them) from the observer's and the server's score
 =============  ========  ======  ===========================================================
 
 DP envelope: with ``dp_client`` on, server-side probes are covered (everything the server holds is
@@ -304,7 +305,7 @@ def _json_default(o):
 def headline(res: dict[str, Any]) -> dict[str, Any]:
     """The numbers a sweep table shows: AUC, TPR at 1% and 0.1% FPR (values only), targets."""
     if "observer" in res and "server" in res:  # the canary probe: one entry per score
-        return {side: {"auc": res[side]["auc"], "epsilon_lower_bound": res[side]["epsilon_lower_bound"],
+        return {side: {"auc": res[side]["auc"], "epsilon_lb": res[side]["epsilon_lb"],
                        "epsilon_cap": res[side]["epsilon_cap"], "accountant_epsilon": res[side]["accountant_epsilon"]}
                 for side in ("observer", "server")}
     if "auc" not in res:

@@ -66,6 +66,18 @@ class OneRunBound:
         return {**asdict(self), "can_fail": self.can_fail, "violation": self.violation}
 
 
+def check_level(hook: str, alpha, out) -> None:
+    """An audit hook's shared options: the bounds' level α and its output folder inside the run directory."""
+    from pathlib import PurePath
+
+    from pfedpg.errors import ConfigError
+
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
+        raise ConfigError(f"{hook}.alpha={alpha!r} must be a number in (0, 0.5) (the bounds' level; 0.05 by default)")
+    if not isinstance(out, str) or not out or PurePath(out).is_absolute() or ".." in PurePath(out).parts:
+        raise ConfigError(f"{hook}.out={out!r} must be a folder name inside the run directory (default audit)")
+
+
 def _largest_rejected(rejects: Callable[[float], bool], t_max: float, tol: float = 1e-6) -> float:
     """The largest strength t in (0, t_max] that ``rejects`` (monotone: weaker members are rejected
     first); 0 when none is, t_max when all are (the search limit, reported as such)."""
@@ -269,5 +281,5 @@ def audit_bounds(scores, included, *, family: Family, claimed_epsilon: float | N
             "bounds": {k: b.to_dict() for k, b in bounds.items()}}
 
 
-__all__ = ["OneRunBound", "audit_bounds", "fdp_audit", "fdp_rejects", "gaussian_model_bound", "gaussian_model_mu", "mahloujifar_bound",
+__all__ = ["OneRunBound", "audit_bounds", "check_level", "fdp_audit", "fdp_rejects", "gaussian_model_bound", "gaussian_model_mu", "mahloujifar_bound",
            "map_guesses", "order_statistics_bound", "order_statistics_tail", "xiang_bound"]

@@ -100,18 +100,13 @@ def cmd_privacy(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from evaluations.leakage_sweep import client_canary_cell, gradient_canary_cell, load_audit, run_audit
+    from evaluations.leakage_sweep import group_line, load_audit, run_audit
 
     grid, probes, base = load_audit(args.config, args.overrides)
     _check_writable(args.out or grid.out_dir, "audit directory")
     out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, log=_log)
-    summary = json.loads((out / "audit.json").read_text())
-    for group, res in summary["groups"].items():
-        cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in res["probes"].items() if "auc" in r)
-        cc, gc = res["probes"].get("client_canary"), res["probes"].get("gradient_canary")
-        extra = (f"; client canaries: {client_canary_cell(cc)}" if cc else "") + \
-            (f"; gradient canaries: {gradient_canary_cell(gc)}" if gc else "")
-        print(f"{group}: AUC {cells}{extra}")
+    for group, res in json.loads((out / "audit.json").read_text())["groups"].items():
+        print(group_line(group, res))
     print(f"report: {out / 'report.md'} (and report.html, audit.json, roc_*.png, tpr_vs_epsilon.png)")
     return 1 if (out / "FAILED").exists() else 0
 
@@ -279,8 +274,10 @@ _grid_command("audit", cmd_audit, "audit", "Leakage audit: membership, attribute
               "Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, clip-only} and mechanism "
               "x privacy level, each run with the leakage_audit hook (audit.probes). Writes audit.json (per group and "
               "probe: auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with bootstrap intervals that refit the threshold, n_targets, "
-              "threat_model), roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. Exit "
-              "status 1 if a cell failed.",
+              "threat_model), roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. "
+              "audit.client_canaries / audit.gradient_canaries add the one-run audits (configs/audit_falsifiable.yaml): "
+              "per group epsilon_lb, epsilon_cap, family, claimed_epsilon, can_fail, violation. --set overrides the "
+              "base run config. Exit status 1 if a cell failed.",
               "pfedpg-eval audit --config configs/audit_positive_control.yaml --jobs 2")
 _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x malicious fractions x seeds",
               "Run the matrix of a robustness file (see configs/robustness.yaml). Writes robustness.csv, "

@@ -22,8 +22,8 @@ def group_key(cell: dict[str, Any]) -> str:
 def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
     """Pool each probe's (scores, labels) over runs; metrics on the pool; canaries get the one-run
     bound on all canaries of all runs (independent runs form one product mechanism)."""
-    from attacks.epsilon_bounds import one_run_audit
     from attacks.metrics import probe_metrics
+    from attacks.probes import record_canary_bounds
 
     pools: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     per_run: list[dict] = []
@@ -46,12 +46,12 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
         if name.startswith("canary_"):
             side = name.split("_", 1)[1]
             ref = first["canary"][side]
-            one = one_run_audit(s, y, delta=ref["delta"], guess_fraction=ref["guesses"] / ref["canaries"])
             eps = max((r["probes"]["canary"][side]["accountant_epsilon"] or -1) for r in per_run)
             eps = None if eps < 0 else eps
-            res.update(one, threat_model=ref["threat_model"], accountant_epsilon=eps,
-                       violation=bool(eps is not None and one["epsilon_lower_bound"] > eps),
-                       can_fail=bool(eps is not None and one["epsilon_cap"] > eps))
+            steinke = ref["bounds"]["steinke"]
+            res.update(record_canary_bounds(s, y, claim=eps, delta=ref["delta"],
+                                            guess_fraction=steinke["guesses"] / steinke["canaries"]),
+                       threat_model=ref["threat_model"], accountant_epsilon=eps)
         else:
             ref = first.get(name, {})
             res.update(threat_model=ref.get("threat_model"), dp_envelope=ref.get("dp_envelope"))

@@ -39,7 +39,8 @@ def load_audit(path, overrides=None):
         raise ConfigError("audit.client_canaries must be a mapping of client_canary_audit options, e.g. {clients: 500}")
     gradient_canaries = section.pop("gradient_canaries", None)
     if gradient_canaries is not None and not isinstance(gradient_canaries, dict):
-        raise ConfigError("audit.gradient_canaries must be a mapping of gradient_canary_audit options, e.g. {canaries: 1000}")
+        raise ConfigError("audit.gradient_canaries must be a mapping of gradient_canary_audit options, "
+                          "e.g. {canaries: 1000}")
     if not isinstance(probes, dict):
         raise ConfigError("audit.probes must be a mapping of leakage_audit options, e.g. {shadow_clients: 6}")
     section.setdefault("mechanisms", {})
@@ -69,15 +70,20 @@ def load_audit(path, overrides=None):
     for key, options, hook in (("client_canaries", client_canaries, "client_canary_audit"),
                                ("gradient_canaries", gradient_canaries, "gradient_canary_audit")):
         if options is not None:
-            from pfedpg.hooks import HOOKS
+            from pfedpg.hooks import build_hooks
 
             try:
-                HOOKS.get(hook)(**options)
-            except TypeError as e:
-                raise ConfigError(f"audit.{key}: {e}") from None
+                build_hooks([{"name": hook, **options}])
+            except ConfigError as e:  # "hooks[0] (name): unknown option ..." -> "audit.key: unknown option ..."
+                raise ConfigError(f"audit.{key}: {str(e).split('): ', 1)[-1]}") from None
+            if options.get("out", "audit") != "audit":
+                raise ConfigError(f"audit.{key}.out: the audit pools RUN_DIR/audit over seeds; leave out unset")
             probes = {**probes, f"_{key}": options}
     if gradient_canaries is not None and "dp_sgd" not in grid.mechanisms:
         raise ConfigError("audit.gradient_canaries audit DP-SGD: add dp_sgd to audit.mechanisms, or drop them")
+    if client_canaries is not None and not (set(grid.mechanisms) - {"dp_sgd"} or grid.baselines):
+        raise ConfigError("audit.client_canaries join the cells without DP-SGD, and this grid has none: add dp_client "
+                          "to audit.mechanisms or a baseline (nonprivate), or drop them")
     return grid, probes, cfg.to_dict()
 
 
@@ -114,7 +120,8 @@ def bound_reading(r: dict[str, Any]) -> str:
     if r.get("claimed_epsilon") is None:
         return out + ", no claim"
     verdict = f"**VIOLATION** (p = {r['claim_p_value']:.2g} at the claim)" if r["violation"] else "no violation"
-    return out + f" vs claim {_eps(r['claimed_epsilon'])}: " + ("can fail, " if r["can_fail"] else "cannot fail, ") + verdict
+    can = "can fail, " if r["can_fail"] else "cannot fail, "
+    return out + f" vs claim {_eps(r['claimed_epsilon'])} at δ {r['delta']:.2g}: " + can + verdict
 
 
 def client_canary_cell(r: dict[str, Any]) -> str:
@@ -125,19 +132,23 @@ def client_canary_cell(r: dict[str, Any]) -> str:
         if view in r:
             v = r[view]
             est = v["estimate"]
-            parts.append(f"{view.replace('_', ' ')}: {bound_reading(v)} [Steinke {_eps(v['bounds']['steinke']['epsilon_lb'])}; "
-                         f"estimate ε̂ {_eps(est.get('epsilon_hat'))}]")
+            steinke = _eps(v["bounds"]["steinke"]["epsilon_lb"])
+            hat = est.get("epsilon_hat")
+            beyond = f", above its cap {_eps(est['epsilon_cap'])}" if hat is not None and hat > est["epsilon_cap"] else ""
+            parts.append(f"{view.replace('_', ' ')}: {bound_reading(v)} [Steinke {steinke}; "
+                         f"estimate ε̂ {_eps(hat)}{beyond}]")
     return "; ".join(parts) + (f"; {r['canary_clients']} canary clients ({r['inserted']} inserted), {r['family']}, "
                                f"accountant {_eps(r.get('accountant_epsilon'))}")
 
 
 ONE_RUN_TEXT = [
     "## One-run audits: what each bound can and cannot show", "",
-    "Canaries are inserted with probability ½ each in one run; a bound rejects every mechanism of its family under "
-    "which guesses as good as the auditor's had probability < 5 %, and reports the ε of the least private one rejected "
-    "(`ε_lb`). `can fail` means the cap lies above the claim, so a broken mechanism could have shown; `VIOLATION` means "
-    "ε_lb lies above the claim — at an exactly tight claim a correct mechanism shows one in 5 % of runs (the bound's "
-    "level), so read a violation with its p-value in audit.json and rerun with another seed.",
+    "Canaries are inserted with probability ½ each in one run; a bound rejects every mechanism of its family "
+    "under which guesses as good as the auditor's had probability < 5 %, and reports the ε of the least private "
+    "one rejected (`ε_lb`). `can fail` means the cap lies above the claim, so a broken mechanism could have "
+    "shown; `VIOLATION` means ε_lb lies above the claim — at an exactly tight claim a correct mechanism shows "
+    "one in 5 % of runs (the bound's level), so read a violation with its p-value in audit.json and rerun "
+    "with another seed.",
     "",
     "- **Order statistics (Xiang et al. 2025)**, the headline: every guess released, its mistakes read against the "
     "family's Bayes error. It reaches the claim when the canaries play the idealised game (the client canaries' "
@@ -151,16 +162,38 @@ ONE_RUN_TEXT = [
     "- **Steinke et al. 2023**: the earlier one-run bound, kept for comparison; its cap, ln(n / ln(1/α)), lies "
     "below a claim of ε = 8 at any practical n, so it cannot contradict one.",
     "- **Estimate (Andrew et al. 2024)**: Gaussians fitted to the inserted canaries' cosines and to never-inserted "
-    "directions'; an estimate with a bootstrap interval, not a bound.",
+    "directions'; an estimate with a bootstrap interval (audit.json), not a bound; above its cap it rests on the "
+    "fitted tails, not on anything the canaries were seen to do.",
+    "",
+    "Claims, each at the run's δ: client canaries test the exact μ-GDP ε of a canary's releases (μ = sensitivity / C "
+    "· √R / z), gradient canaries the tight ε of the client's T subsampled Gaussian steps (a privacy loss "
+    "distribution); ε_lb is read on the same scale. The accountant's ε (RDP or PRV) is looser and stands beside "
+    "them; the record canaries, far from the idealised game, test the accountant's (ε, δ) itself. An outcome's "
+    "p-value under the claim near 1 (audit.json `claim_p_value`) says the score is far from the optimal test, "
+    "not that the mechanism is more private than claimed.",
 ]
 
 
 def gradient_canary_cell(r: dict[str, Any]) -> str:
     """The report's cell for the gradient canaries (DP-SGD): the bound in the mechanism's own family."""
     g = r["game"]
-    return (f"{bound_reading(r)} [Steinke {_eps(r['bounds']['steinke']['epsilon_lb'])}; f-DP recursion "
-            f"{_eps(r['bounds']['fdp_recursion']['epsilon_lb'])}]; {r['canaries']} canaries ({r['included']} inserted) in "
-            f"client {g['client']}, q {g['sample_rate']:.3g}, {g['steps']} steps, σ {g['noise_multiplier']:.3g}")
+    b = r["bounds"]
+    return (f"{bound_reading(r)} [Steinke {_eps(b['steinke']['epsilon_lb'])}; f-DP recursion "
+            f"{_eps(b['fdp_recursion']['epsilon_lb'])}]; {r['canaries']} canaries ({r['included']} inserted) "
+            f"in client {g['client']}, q {g['sample_rate']:.3g}, {g['steps']} steps, σ {g['noise_multiplier']:.3g}, "
+            f"accountant {_eps(r.get('accountant_epsilon'))}")
+
+
+def group_line(group: str, res: dict[str, Any]) -> str:
+    """The console's line for one group: the probes' AUC, then each one-run audit's headline."""
+    probes = res["probes"]
+    cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in probes.items() if "auc" in r)
+    parts = [f"AUC {cells}"] if cells else []
+    if "client_canary" in probes:
+        parts.append(f"client canaries: {client_canary_cell(probes['client_canary'])}")
+    if "gradient_canary" in probes:
+        parts.append(f"gradient canaries: {gradient_canary_cell(probes['gradient_canary'])}")
+    return f"{group}: " + "; ".join(parts)
 
 
 def _v(t) -> str:
@@ -181,16 +214,19 @@ def _tpr(t: dict) -> str:
 def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]) -> None:
     from attacks.leakage import plot_audit_roc
 
-    clean = {}
+    clean, roc = {}, []  # roc: the groups with probe scores to draw (a file of one-run audits alone has none)
     for g, res in groups.items():
         pools = res.pop("_pools")
         curves = {k: (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v]).astype(bool))
                   for k, v in pools.items()}
-        plot_audit_roc(out / f"roc_{g}.png", curves, dp_envelope=res["dp"], title=f"{g} (pooled over seeds)")
+        if curves:
+            plot_audit_roc(out / f"roc_{g}.png", curves, dp_envelope=res["dp"], title=f"{g} (pooled over seeds)")
+            roc.append(g)
         clean[g] = res
     (out / "audit.json").write_text(json.dumps({"cells": rows, "groups": clean}, indent=2, default=_default))
     probes = sorted({p for g in clean.values() for p in g["probes"]})
-    plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", clean)
+    if roc:
+        plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", clean)
     # One row per probe, one column per group (probes outnumber groups: a table that fits the page).
     header = ["probe"]
     for g in clean:
@@ -208,10 +244,8 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
             elif p == "gradient_canary":
                 cells.append(gradient_canary_cell(r))
             elif p.startswith("canary_"):
-                cells.append(f"AUC {r['auc']:.3f}; ε_lb {r['epsilon_lower_bound']:.2f} (cap {r['epsilon_cap']:.2f})"
-                             + (f" (accountant {r['accountant_epsilon']:.2f}"
-                                + ("" if r.get("can_fail") else ": above the cap, the audit cannot fail") + ")"
-                                if r.get("accountant_epsilon") else ""))
+                steinke = _eps(r["bounds"]["steinke"]["epsilon_lb"])
+                cells.append(f"AUC {r['auc']:.3f}; {bound_reading(r)} [Steinke {steinke}]")
             else:
                 cells.append(f"AUC {r['auc']:.3f}; TPR@1% {_tpr(r['tpr_at_1pct_fpr'])}; "
                              f"TPR@0.1% {_tpr(r['tpr_at_0.1pct_fpr'])}; {r['n_targets'] - r['n_positives']} neg.")
@@ -225,18 +259,19 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
           "negatives (non-members) pooled. The one-run audits (canary rows, `client_canary`, `gradient_canary`) give "
           "a 95% lower bound ε_lb on the mechanism's ε, its cap (the bound with every guess right) and the claim it "
           "tests; they are explained below the table.", "", *table, "", *ONE_RUN_TEXT, "",
-          "![TPR at 1% and 0.1% FPR vs ε](tpr_vs_epsilon.png)", "", "## Threat models", ""]
-    any_group = next(iter(clean.values()), {"probes": {}})
-    for p, r in any_group["probes"].items():
-        md.append(f"- **{p}**: {r.get('threat_model')}")
-    md += ["", "## ROC curves (log–log; dashed: the region the accountant's (ε, δ) allows, for covered probes)", ""]
-    md += [f"### {g}\n\n![ROC {g}](roc_{g}.png)\n" for g in clean]
+          *(["![TPR at 1% and 0.1% FPR vs ε](tpr_vs_epsilon.png)", ""] if roc else []), "## Threat models", ""]
+    threats = {p: r.get("threat_model") for g in clean.values() for p, r in g["probes"].items()}
+    md += [f"- **{p}**: {t}" for p, t in threats.items()]
+    if roc:
+        md += ["", "## ROC curves (log–log; dashed: the region the accountant's (ε, δ) allows, for covered probes)", ""]
+        md += [f"### {g}\n\n![ROC {g}](roc_{g}.png)\n" for g in roc]
     intro = write_grid_markdown(out / "report.md", md, rows)
     esc = html.escape
     parts = html_page("pFedPG leakage audit", "Leakage audit: pFedPG", intro, header, body, width="80em",
                       meta=run_header(rows))
-    parts += [img_tag(out / "tpr_vs_epsilon.png", "TPR vs epsilon")]
-    parts += [f"<h3>{esc(g)}</h3>" + img_tag(out / f"roc_{g}.png", f"ROC {g}") for g in clean]
+    if roc:
+        parts += [img_tag(out / "tpr_vs_epsilon.png", "TPR vs epsilon")]
+    parts += [f"<h3>{esc(g)}</h3>" + img_tag(out / f"roc_{g}.png", f"ROC {g}") for g in roc]
     (out / "report.html").write_text("\n".join(parts))
 
 

@@ -140,9 +140,9 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
             row[f"{probe}_auc"] = head["auc"]
             row[f"{probe}_tpr_at_0.1pct_fpr"] = head["tpr_at_0.1pct_fpr"]
         for side, v in head.items():  # the canary probe: one entry per view
-            if isinstance(v, dict) and "epsilon_lower_bound" in v:
+            if isinstance(v, dict) and "epsilon_lb" in v:
                 row[f"{probe}_{side}_auc"] = v["auc"]
-                row[f"{probe}_{side}_epsilon_lower_bound"] = v["epsilon_lower_bound"]
+                row[f"{probe}_{side}_epsilon_lb"] = v["epsilon_lb"]
                 row[f"{probe}_{side}_epsilon_cap"] = v.get("epsilon_cap")
     if hook is not None:
         zs = hook["noise_multiplier"]  # one z per client (PrivacyResult): the z, or their mean when they differ

@@ -21,6 +21,11 @@ Why every δ returned is ≥ the true δ (for any ε):
   the window up (pessimistic) and the mass above it down, so that mass's bound (≤ tail) is added at +∞.
 * δ on the grid is summed from the top in terms that are all ≥ 0, so small δ keep their digits.
 Floating-point rounding (≈1e−16 of the total mass per grid point) is the one error not bounded.
+
+Written here, for the one-run audits' DP-SGD family (``attacks.tradeoff``), rather than taken from Google's
+dp-accounting (it pins attrs < 24, below what Flower and Ray install) or Opacus' PRV accountant (the remove
+direction only, and an ε with error bounds rather than a profile a trade-off curve can be read from). Checked in
+tests/test_pld.py: μ-GDP exactly at q = 1, and within 0.5 % of Opacus' PRV estimate below its RDP bound.
 """
 from __future__ import annotations
 
