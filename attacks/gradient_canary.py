@@ -13,8 +13,9 @@ guesses split at the midpoint scale · q · T / 2, fixed by the game.
 Why a fresh direction every step rather than one fixed direction: the client's own records' clipped
 gradients add up coherently over the steps. Measured on configs/audit_falsifiable.yaml with fixed
 directions, the scores spread 14 where the mechanism alone gives 8 (their sum's projection on a fixed
-random direction), and the audit read ε_lb 2.2 against the claim 8; a new direction each step meets
-them as T independent small projections. DP-SGD's guarantee holds for any gradient sequence of norm
+random direction), and the audit read ε_lb 2.2 against the RDP accountant's 8 (5.8 with a new
+direction per step, on that scale): a new direction each step meets them as T independent small
+projections. DP-SGD's guarantee holds for any gradient sequence of norm
 ≤ C, so the game and its family are unchanged; canaries interfere little with each other in
 P ≫ canaries dimensions (Keinan, Shenfeld & Ligett 2025).
 

@@ -115,8 +115,9 @@ def order_statistics_bound(family: Family, *, n: int, r: int, u: int, alpha: flo
 
 
 def map_guesses(scores, included, *, threshold: float, released: int | None = None) -> tuple[int, int, int]:
-    """(n, r, u): guess "in" above ``threshold`` and "out" below it (fixed before the run), release
-    the ``released`` guesses farthest from it (default all), count the wrong ones."""
+    """(n, r, u): guess "in" above ``threshold`` and "out" below it (fixed by the game, or read from the
+    output without the inclusion bits, as a median is), release the ``released`` guesses farthest from
+    it (default all), count the wrong ones."""
     s, inc = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
     n = len(s)
     r = n if released is None else int(released)

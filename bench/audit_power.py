@@ -27,11 +27,11 @@ def audit(seeds: list[int], mechanism: str | None, out: Path) -> dict:
     tree["audit"].update(seeds=seeds, out_dir=str(out))
     if mechanism is not None:
         tree["audit"]["mechanisms"] = {mechanism: tree["audit"]["mechanisms"][mechanism]}
-        if mechanism != "dp_sgd":
-            tree["audit"].pop("gradient_canaries")
+        tree["audit"].pop("client_canaries" if mechanism == "dp_sgd" else "gradient_canaries")
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(tree))
-    main(["audit", "--config", str(path), "--jobs", "1"])
+    if main(["audit", "--config", str(path), "--jobs", "1"]) != 0:
+        raise SystemExit(f"the audit of {path} failed")
     return json.loads((out / "audit.json").read_text())["groups"]
 
 

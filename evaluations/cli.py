@@ -107,7 +107,8 @@ def cmd_audit(args) -> int:
     out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, log=_log)
     for group, res in json.loads((out / "audit.json").read_text())["groups"].items():
         print(group_line(group, res))
-    print(f"report: {out / 'report.md'} (and report.html, audit.json, roc_*.png, tpr_vs_epsilon.png)")
+    plots = ", roc_*.png, tpr_vs_epsilon.png" if (out / "tpr_vs_epsilon.png").exists() else ""
+    print(f"report: {out / 'report.md'} (and report.html, audit.json{plots})")
     return 1 if (out / "FAILED").exists() else 0
 
 
