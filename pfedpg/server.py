@@ -200,12 +200,13 @@ class PFedPGServer(Server):
         shared = self.shared_parameters()
         rows, private, clients = [], {}, sorted(deltas)
         for n in clients:
-            p_n = self.generate(n)
-            grads = torch.autograd.grad(p_n, shared + [self.descriptors],
-                                        grad_outputs=-deltas[n].to(p_n.dtype), allow_unused=True)
+            # The gradient of client n's own row (not of every row: an audit's hundreds of canary clients
+            # would make the step quadratic in the clients); the same numbers.
+            d_n = self.descriptors[self.rows[n]]
+            p_n = self.generator(self.p_base, d_n)
+            grads = torch.autograd.grad(p_n, shared + [d_n], grad_outputs=-deltas[n].to(p_n.dtype), allow_unused=True)
             rows.append(_flatten(list(grads[:-1]), shared))
-            d_grad = grads[-1]
-            private[n] = [torch.zeros_like(self.descriptors[0]) if d_grad is None else d_grad[self.rows[n]]]
+            private[n] = [torch.zeros_like(d_n) if grads[-1] is None else grads[-1]]
         stack = torch.stack(rows) if rows else torch.zeros(0, self.num_shared(), device=self.p_base.device)
         return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype, device=stack.device), private)
 
