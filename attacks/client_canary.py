@@ -128,7 +128,8 @@ class ClientCanaryAudit(Hook):
         if client not in self.directions:
             return delta
         sign = 1.0 if self.inserted[client] else (-1.0 if self.pair == "replace" else 0.0)
-        return (sign * self.scale() * self.directions[client]).to(device=delta.device, dtype=delta.dtype).reshape(delta.shape)
+        release = sign * self.scale() * self.directions[client]
+        return release.to(device=delta.device, dtype=delta.dtype).reshape(delta.shape)
 
     def incoming_deltas(self, ctx: ServerSide, *, round, deltas):
         for c in self.canaries:
@@ -170,7 +171,8 @@ class ClientCanaryAudit(Hook):
                                             for c, u in self._null_directions(ctx, "audit.client_canary.null")]}}
         if all(c in self.released for c in self.canaries):
             unit = self.scale() if self.client_dp is None else float(self.client_dp.clip)
-            rel = [float(self.released[c] @ self.directions[c].reshape(-1)) / (self.rounds[c] * unit) for c in self.canaries]
+            rel = [float(self.released[c] @ self.directions[c].reshape(-1)) / (self.rounds[c] * unit)
+                   for c in self.canaries]
             out["releases"] = {"scores": rel, "threshold": 0.0 if replace else 0.5,
                                "cos": [cos(self.released[c], self.directions[c].reshape(-1)) for c in self.canaries],
                                "cos_null": [cos(self.released[c], u.reshape(-1)) for c, u in
@@ -188,7 +190,8 @@ class ClientCanaryAudit(Hook):
         if dp is None:
             return None
         z = float(dp.noise_multiplier or 0.0)
-        mu = (2.0 if self.pair == "replace" else 1.0) * math.sqrt(max(self.rounds.values(), default=0)) / z if z else math.inf
+        sensitivity = 2.0 if self.pair == "replace" else 1.0  # in units of C
+        mu = sensitivity * math.sqrt(max(self.rounds.values(), default=0)) / z if z else math.inf
         return gdp_epsilon(mu, delta)
 
     def end_of_run(self, ctx: RunContext, *, summary):

@@ -71,28 +71,31 @@ class GradientCanaryAudit(Hook):
     @staticmethod
     def _record_level_dp(ctx):
         # Duck typing (attacks never import defenses): the record-level mechanism samples at a rate q.
-        return next((h for h in ctx.hooks if getattr(h, "privacy_mechanism", False) and hasattr(h, "sample_rate")), None)
+        return next((h for h in ctx.hooks if getattr(h, "privacy_mechanism", False) and hasattr(h, "sample_rate")),
+                    None)
 
     def setup(self, ctx: RunContext) -> None:
         if self.client >= ctx.num_clients:
-            raise ConfigError(f"gradient_canary_audit.client={self.client} is not a training client (0..{ctx.num_clients - 1})")
+            raise ConfigError(f"gradient_canary_audit.client={self.client} is not a training client "
+                              f"(0..{ctx.num_clients - 1})")
         dp = self._record_level_dp(ctx)
         hooks = list(ctx.hooks)
         if dp is None:
             raise ConfigError("gradient_canary_audit needs a record-level mechanism to insert its canaries into: add "
                               "{name: dp_sgd, ...} after it in hooks")
         if hooks.index(dp) < hooks.index(self):
-            raise ConfigError(f"list gradient_canary_audit before {dp.name} in hooks: its canaries go into the mechanism")
+            raise ConfigError(f"list gradient_canary_audit before {dp.name} in hooks: its canaries go into the "
+                              "mechanism")
         self.dim = sum(p.numel() for p in trainable_parameters(ctx.model))
         self.seeds = ctx.seeds
         self.inserted = ctx.seeds.numpy("audit.gradient_canary.inserted").random(self.count) < 0.5
         if self.scores is None:  # a resumed run has them from its checkpoint
-            self.scores = torch.zeros(self.count, dtype=torch.float64)
+            self.scores = torch.zeros(self.count, dtype=torch.float64, device="cpu")  # scored on the CPU, in float64
 
     def _directions(self, device) -> torch.Tensor:
         """Step ``self.steps``'s directions (kept for scoring); the inserted canaries' for the mechanism."""
         u = torch.randn(self.count, self.dim, generator=self.seeds.torch("audit.gradient_canary", round=self.steps),
-                        dtype=torch.float64)
+                        dtype=torch.float64, device="cpu")  # drawn on the CPU: the same on every device
         self._step = u / u.norm(dim=1, keepdim=True)
         return self._step[torch.from_numpy(self.inserted)].to(device=device, dtype=torch.float32)
 
@@ -162,8 +165,9 @@ def pooled_gradient_canaries(runs: list[dict[str, Any]]) -> dict[str, Any]:
     game = runs[0]["game"]
     if any(r["game"] != game for r in runs):
         raise ValueError("gradient canaries of runs with different rates, steps or noise cannot be pooled")
-    res = gradient_canary_bounds(np.concatenate([r["scores"] for r in runs]), np.concatenate([r["inserted"] for r in runs]),
-                                 game, accountant=max(r["accountant_epsilon"] for r in runs))
+    scores = np.concatenate([r["scores"] for r in runs])
+    res = gradient_canary_bounds(scores, np.concatenate([r["inserted"] for r in runs]), game,
+                                 accountant=max(r["accountant_epsilon"] for r in runs))
     res.update(runs=len(runs), epsilon_lb_per_seed=[r["epsilon_lb"] for r in runs],
                violation_per_seed=[r["violation"] for r in runs])
     return res

@@ -282,5 +282,6 @@ def audit_bounds(scores, included, *, family: Family, claimed_epsilon: float | N
             "bounds": {k: b.to_dict() for k, b in bounds.items()}}
 
 
-__all__ = ["OneRunBound", "audit_bounds", "check_level", "fdp_audit", "fdp_rejects", "gaussian_model_bound", "gaussian_model_mu", "mahloujifar_bound",
-           "map_guesses", "order_statistics_bound", "order_statistics_tail", "xiang_bound"]
+__all__ = ["OneRunBound", "audit_bounds", "check_level", "fdp_audit", "fdp_rejects", "gaussian_model_bound",
+           "gaussian_model_mu", "mahloujifar_bound", "map_guesses", "order_statistics_bound", "order_statistics_tail",
+           "xiang_bound"]

@@ -69,7 +69,8 @@ class ProfileCurve:
 
     def _arrays(self):
         # ε beyond 700 bounds nothing a float can tell apart from certainty; e^ε would overflow
-        return np.minimum(np.asarray(self.eps, dtype=float), 700.0)[:, None], np.asarray(self.delta, dtype=float)[:, None]
+        eps = np.minimum(np.asarray(self.eps, dtype=float), 700.0)
+        return eps[:, None], np.asarray(self.delta, dtype=float)[:, None]
 
     def fbar_inv(self, y: float) -> float:
         e, d = (a[:, 0] for a in self._arrays())

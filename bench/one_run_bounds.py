@@ -62,7 +62,8 @@ def main() -> None:
         inc = np.r_[np.ones(half, bool), np.zeros(half, bool)]
         row = [steinke_best(s, inc, n), fdp_audit(s[inc], s[~inc], gdp_family(DELTA), alpha=ALPHA)[1], xiang(s, inc),
                max(xiang(s, inc, r) for r in range(n // 10, n + 1, n // 20)),
-               order_statistics_bound(epsilon_delta_family(DELTA), n=n, r=n, u=map_guesses(s, inc, threshold=MU / 2)[2])[1],
+               order_statistics_bound(epsilon_delta_family(DELTA), n=n, r=n,
+                                      u=map_guesses(s, inc, threshold=MU / 2)[2])[1],
                gdp_epsilon(gaussian_model_mu(s[inc], s[~inc], alpha=ALPHA), DELTA),
                gdp_epsilon(MU - norm.ppf(1 - ALPHA) * math.sqrt(2 / half), DELTA)]
         print(f"| {n:,} | " + " | ".join(f"{v:.2f}" for v in row) + " |")

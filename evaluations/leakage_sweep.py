@@ -134,7 +134,8 @@ def client_canary_cell(r: dict[str, Any]) -> str:
             est = v["estimate"]
             steinke = _eps(v["bounds"]["steinke"]["epsilon_lb"])
             hat = est.get("epsilon_hat")
-            beyond = f", above its cap {_eps(est['epsilon_cap'])}" if hat is not None and hat > est["epsilon_cap"] else ""
+            above = hat is not None and hat > est["epsilon_cap"]
+            beyond = f", above its cap {_eps(est['epsilon_cap'])}" if above else ""
             parts.append(f"{view.replace('_', ' ')}: {bound_reading(v)} [Steinke {steinke}; "
                          f"estimate ε̂ {_eps(hat)}{beyond}]")
     return "; ".join(parts) + (f"; {r['canary_clients']} canary clients ({r['inserted']} inserted), {r['family']}, "

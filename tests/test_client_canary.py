@@ -78,7 +78,8 @@ def test_noise_off_reads_at_the_cap_and_the_correct_mechanism_stays_at_its_claim
         assert all(not b["violation"] for b in on[view]["bounds"].values()), on[view]["bounds"]
     written = json.loads((tmp_path / "on" / "audit" / "client_canary.json").read_text())
     assert written["epsilon_lb"] == on["epsilon_lb"] and written["canary_clients"] == 150
-    assert len(written["views"]["releases"]["cos_null"]) == 300 and sum(written["views"]["releases"]["inserted"]) == on["inserted"]
+    releases = written["views"]["releases"]
+    assert len(releases["cos_null"]) == 300 and sum(releases["inserted"]) == on["inserted"]
 
 
 class _Broken:

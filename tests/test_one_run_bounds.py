@@ -24,7 +24,8 @@ def test_gdp_and_dp_convert_as_published():
     assert gdp_delta(gdp_mu(3.0, 1e-6), 3.0) == pytest.approx(1e-6, rel=1e-8)
 
 
-@pytest.mark.parametrize("n, r, u, expected", [(1000, 1000, 159, 9.0038), (1000, 500, 20, 8.9216), (1000, 100, 10, 3.1645)])
+@pytest.mark.parametrize("n, r, u, expected",
+                         [(1000, 1000, 159, 9.0038), (1000, 500, 20, 8.9216), (1000, 100, 10, 3.1645)])
 def test_order_statistics_bound_reproduces_xiang_et_al(n, r, u, expected):
     """Xiang et al. (arXiv 2509.08704), GDP family, α = 0.05, ε at δ = 1e-5."""
     _, eps = order_statistics_bound(gdp_family(1e-5), n=n, r=r, u=u, alpha=0.05)
@@ -34,7 +35,8 @@ def test_order_statistics_bound_reproduces_xiang_et_al(n, r, u, expected):
 def test_all_guesses_released_is_the_binomial_at_the_bayes_error():
     mu = 1.3
     assert bayes_error(GaussianCurve(mu)) == pytest.approx(norm.cdf(-mu / 2), rel=1e-9)
-    assert order_statistics_tail(GaussianCurve(mu), n=300, r=300, u=40) == pytest.approx(binom.cdf(40, 300, norm.cdf(-mu / 2)))
+    at_bayes = binom.cdf(40, 300, norm.cdf(-mu / 2))
+    assert order_statistics_tail(GaussianCurve(mu), n=300, r=300, u=40) == pytest.approx(at_bayes)
     # r < n reads the curve through γ̄(w) ≤ γ̄(0): the released guesses are the confident ones, so u
     # mistakes are likelier than at the Bayes error — between that binomial and the one at γ̄ of the
     # largest abstained rank (here E[W] = 1/301)
