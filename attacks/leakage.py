@@ -59,7 +59,8 @@ from attacks.metrics import dp_region, plot_roc  # noqa: F401  (dp_region re-exp
 from attacks.probes import PROBE_TYPES, ProbeRun, pick
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import ClientData, Hook, register_hook
+from pfedpg.hooks import Hook, register_hook
+from pfedpg.jobs import ClientData
 from pfedpg.models.device import is_out_of_memory
 
 LIRA_DEFAULTS = {"shadows": 8, "epochs": 5, "online": False}

@@ -22,7 +22,7 @@ import torch
 
 from attacks.membership import batches
 from pfedpg.client import load_into, sgd_local_training
-from pfedpg.hooks import ClientData, LocalJob
+from pfedpg.jobs import ClientData, LocalJob
 
 
 @torch.no_grad()

@@ -22,7 +22,8 @@ from scipy.stats import norm
 
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import ClientData, Hook, register_hook
+from pfedpg.hooks import Hook, register_hook
+from pfedpg.jobs import ClientData
 from pfedpg.seeding import normal_like
 from pfedpg.server import ClientGradients
 

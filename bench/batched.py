@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pfedpg.config import config_from_dict  # noqa: E402
-from pfedpg.runner import Trainer  # noqa: E402
+from pfedpg.run import Trainer  # noqa: E402
 
 
 def config(m: int, rounds: int, threads: int, batched: bool) -> dict:

@@ -30,7 +30,7 @@ def main() -> None:
 
     from evaluations.plugins import load_plugins
     from pfedpg.config import config_from_dict
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     print(f"{'f':>4} {'seed':>4} {'ASR attacked %':>15} {'ASR clean %':>12} {'added (pts)':>12}  benign clients")

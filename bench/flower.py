@@ -99,7 +99,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from evaluations.flower.app import run_flower
     from evaluations.plugins import load_plugins
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     mib = 2 ** 20

@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     from evaluations.plugins import load_plugins
     from pfedpg.config import config_from_dict
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     cfg = config(args.rounds)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluations.plugins import load_plugins  # noqa: E402
 from pfedpg.config import config_from_dict  # noqa: E402
-from pfedpg.runner import Trainer  # noqa: E402
+from pfedpg.run import Trainer  # noqa: E402
 from pfedpg.server import plain_aggregate  # noqa: E402
 
 PAPER = {"name": "vit_base_patch16_224", "kwargs": {}, "image_size": 224, "records": 64, "label": "paper scale: ViT-B/16, 224 px"}

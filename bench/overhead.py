@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pfedpg.client import load_into, make_optimizer  # noqa: E402
 from pfedpg.config import config_from_dict  # noqa: E402
-from pfedpg.runner import Trainer  # noqa: E402
+from pfedpg.run import Trainer  # noqa: E402
 
 PRESETS = {
     # The embedded default (16x16, patch 4, width 64, depth 4), 4 clients.

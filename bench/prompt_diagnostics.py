@@ -62,7 +62,7 @@ def prompt_ablation(rdir: Path) -> dict | None:
 
     from pfedpg.client import evaluate, load_into
     from pfedpg.config import config_from_dict
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     ckpts = sorted((rdir / "checkpoints").glob("round_*.pt"))
     if not ckpts:

@@ -27,7 +27,7 @@ DATA = REPO.parent / "shared" / "data" / "digits_32.npz"
 def one(n: int, rounds: int, threads: int) -> dict:
     sys.path.insert(0, str(REPO))
     from pfedpg.config import config_from_dict
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     cfg = config_from_dict({
         "rounds": rounds, "clients_per_round": 10, "eval_every": 10_000, "checkpoint_every": 0, "threads": threads,

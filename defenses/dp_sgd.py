@@ -25,7 +25,8 @@ from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, che
 from pfedpg.context import ClientSide, RunContext
 from pfedpg.client import make_optimizer, trainable_parameters, training_batch
 from pfedpg.errors import ConfigError
-from pfedpg.hooks import Hook, LocalResult, register_hook
+from pfedpg.hooks import Hook, register_hook
+from pfedpg.jobs import LocalResult
 from pfedpg.privacy_result import PrivacyResult
 from pfedpg.models import PromptTokens
 from pfedpg.seeding import normal_like

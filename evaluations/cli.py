@@ -381,7 +381,7 @@ def _one_line(e: BaseException) -> str:
 
 def train_resume_hint(run_dir: Path) -> str:
     """What an interrupted ``train`` says: --resume where a checkpoint exists, else the same command."""
-    from pfedpg.runner import latest_checkpoint
+    from pfedpg.run import latest_checkpoint
 
     if latest_checkpoint(run_dir) is not None:
         return f"pfedpg-eval train --resume --run-dir {run_dir}"

@@ -94,7 +94,7 @@ class Work:
 def _facts(cfg: RunConfig, cache: dict) -> dict[str, Any]:
     """Split sizes of cfg's partition (cached per seed and data config): training clients' train and
     evaluated sizes, new clients' too."""
-    from pfedpg.runner import client_indices, partition_run
+    from pfedpg.run import client_indices, partition_run
 
     key = json.dumps([cfg.seed, dataclasses.asdict(cfg.data), cfg.evaluate_on], sort_keys=True, default=str)
     if key not in cache:
@@ -112,7 +112,7 @@ def _facts(cfg: RunConfig, cache: dict) -> dict[str, Any]:
 
 def count(cfg: RunConfig, facts: dict[str, Any], *, prompt_numbers: int) -> Work:
     """The work of one run with config ``cfg`` on a partition with ``facts``."""
-    from pfedpg.runner import participation_schedule
+    from pfedpg.run import participation_schedule
     from pfedpg.seeding import Seeds
     from pfedpg.server import SERVERS
 
@@ -199,7 +199,7 @@ def _time_steps(trainer, cfg: RunConfig, steps: int) -> dict[str, Any]:
     """Seconds per local step (plain; DP-SGD through the hook chain when ``cfg`` has it) on client
     0's records, after one warm-up step, and seconds per evaluated record."""
     from pfedpg.client import evaluate, load_into, sgd_local_training
-    from pfedpg.hooks import ClientData, LocalJob
+    from pfedpg.jobs import ClientData, LocalJob
 
     now = _timer(trainer.device)
     bs, ebs = cfg.client.batch_size, cfg.client.eval_batch_size
@@ -239,7 +239,7 @@ def measure(cfg: RunConfig, *, steps: int) -> dict[str, Any]:
     import tempfile
 
     from pfedpg.models.device import out_of_memory_as_error
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     timing = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="random", checkpoint=None),
                                  client=dataclasses.replace(cfg.client, local_epochs=1), rounds=1,

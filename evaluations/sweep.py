@@ -91,7 +91,7 @@ def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bo
         from evaluations.flower.app import run_flower
 
         return run_flower(cfg, run_dir, log=log, resume=resume)
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume, restart=restart)
 
@@ -108,7 +108,7 @@ def _set_threads(cfg, share: int | None) -> None:
 def _run_cell(cfg_dict: dict[str, Any], run_dir: str, threads: int | None, progress: bool = False) -> dict[str, Any]:
     """One cell, start to finish (also the body of a parallel worker): runs, resuming a cell cut
     short, and writes its report. ``threads`` sets torch's threads when the config leaves them open."""
-    from pfedpg.runner import latest_checkpoint
+    from pfedpg.run import latest_checkpoint
 
     load_plugins()
     cfg = config_from_dict(cfg_dict)

@@ -49,15 +49,32 @@ aggregated. What the server saw of them is in ``ctx.joins`` for the probes.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.deprecation import take_renamed
 from pfedpg.errors import ConfigError
-from pfedpg.jobs import ClientData, LocalJob, LocalResult  # noqa: F401  (re-exported)
 from pfedpg.registry import Registry
+
+if TYPE_CHECKING:
+    from pfedpg.jobs import ClientData, LocalJob, LocalResult
+
+_MOVED = ("ClientData", "LocalJob", "LocalResult")
+
+
+def __getattr__(name: str):
+    """The job types live in :mod:`pfedpg.jobs`; importing them from here works for this release, with
+    a warning (removed in the next release)."""
+    if name in _MOVED:
+        warnings.warn(f"import {name} from pfedpg.jobs; pfedpg.hooks.{name} goes in the next release",
+                      FutureWarning, stacklevel=2)
+        from pfedpg import jobs
+
+        return getattr(jobs, name)
+    raise AttributeError(f"module 'pfedpg.hooks' has no attribute {name!r}")
 
 HOOKS: Registry[type["Hook"]] = Registry("hook")
 

@@ -1,9 +1,14 @@
-"""The in-process runner's import face: :class:`Trainer` and its helpers live in ``pfedpg/run/``
-(assembly, rounds, checkpoint, joins, summary, trainer); this module keeps ``from pfedpg.runner
-import Trainer`` working."""
+"""Deprecated import face of the in-process runner: :class:`Trainer` and its helpers live in
+``pfedpg.run`` (assembly, rounds, checkpoint, joins, summary, trainer). ``from pfedpg.runner import
+Trainer`` works for this release, with a warning; the module goes in the next release."""
+import warnings
+
 from pfedpg.run import (CHECKPOINT_VERSION, Trainer, accuracy_blocks, client_indices, environment,
                         latest_checkpoint, participation_schedule, partition_run, round_eval_stats,
                         round_train_stats, set_aside)
+
+warnings.warn("pfedpg.runner is deprecated: import from pfedpg.run (the module goes in the next release)",
+              FutureWarning, stacklevel=2)
 
 __all__ = ["CHECKPOINT_VERSION", "Trainer", "accuracy_blocks", "client_indices", "environment", "latest_checkpoint",
            "participation_schedule", "partition_run", "round_eval_stats", "round_train_stats", "set_aside"]

@@ -30,7 +30,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from conftest import tiny_config
 from defenses.accounting import ClientAccountants
 from pfedpg.gdp import gdp_epsilon
-from pfedpg.runner import Trainer
+from pfedpg.run import Trainer
 
 B, EPOCHS, ROUNDS, PER_ROUND, CLIENTS = 32, 1, 3, 2, 3
 SGD_DELTA, CLIENT_DELTA, CLIP = 1e-4, 1e-5, 0.5

@@ -173,3 +173,37 @@ def test_no_cycle_even_through_type_checking_imports():
     did, until the styles moved to pfedpg.data.styles)."""
     found = cycles(import_graph(type_checking=True))
     assert not found, "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_no_module_imports_the_deprecated_faces():
+    """Internal code imports pfedpg.run and pfedpg.jobs directly (issue 30): nothing imports the old
+    pfedpg.runner face, and nothing takes the job types through pfedpg.hooks."""
+    graph = import_graph()
+    assert not [m for m, deps in graph.items() if "pfedpg.runner" in deps and m != "pfedpg.runner"]
+    moved = {"ClientData", "LocalJob", "LocalResult"}
+    offenders = []
+    for path in [*modules().values(), *sorted((ROOT / "bench").glob("*.py")), *sorted((ROOT / "tests").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ("pfedpg.runner", "pfedpg.hooks") and \
+                    (node.module == "pfedpg.runner" or moved & {a.name for a in node.names}):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_the_deprecated_faces_still_work_with_a_warning():
+    import importlib
+    import sys
+    import warnings
+
+    import pfedpg.hooks
+    import pfedpg.jobs
+    import pfedpg.run
+
+    sys.modules.pop("pfedpg.runner", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = importlib.import_module("pfedpg.runner")
+        job = pfedpg.hooks.LocalJob
+    assert runner.Trainer is pfedpg.run.Trainer and job is pfedpg.jobs.LocalJob
+    assert [w.category for w in caught] == [FutureWarning, FutureWarning]
+    assert "pfedpg.run" in str(caught[0].message) and "pfedpg.jobs" in str(caught[1].message)

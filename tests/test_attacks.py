@@ -8,8 +8,9 @@ import attacks  # noqa: F401
 import defenses  # noqa: F401
 from attacks.malicious import ALIE, IPM, MinMax, MinSum, PixelBackdoor, SignFlip, add_trigger
 from conftest import tiny_config
-from pfedpg.hooks import ClientData, HookChain, RunContext, build_hooks
-from pfedpg.runner import Trainer
+from pfedpg.hooks import HookChain, RunContext, build_hooks
+from pfedpg.jobs import ClientData
+from pfedpg.run import Trainer
 from pfedpg.seeding import Seeds
 from pfedpg.server import ClientGradients
 

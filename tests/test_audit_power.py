@@ -20,7 +20,7 @@ def falsifiable_cell(tmp_path, mechanism: str) -> dict:
     from evaluations.leakage_sweep import AuditGrid, load_audit
     from evaluations.plugins import load_plugins
     from pfedpg.config import config_from_dict
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     grid, probes, base = load_audit(SHIPPED, TINY)

@@ -8,7 +8,7 @@ from pfedpg.errors import ConfigError
 
 def run(tmp_path, name, **overrides):
     from evaluations.plugins import load_plugins
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     cfg = tiny_config(**{"checkpoint_every": 0, **overrides})
@@ -39,7 +39,7 @@ def test_one_batched_step_matches_torch_sgd_to_float_precision(tiny_vit):
     """Two clients, one step each: the batched update equals torch.optim.SGD on each client alone."""
     from pfedpg.batched import batched_sgd_local_training
     from pfedpg.client import ClientConfig, load_into, sgd_local_training
-    from pfedpg.hooks import ClientData, LocalJob
+    from pfedpg.jobs import ClientData, LocalJob
 
     cfg = ClientConfig(lr=0.25, head_lr=0.05, batch_size=8, local_epochs=1)
     g = torch.Generator().manual_seed(0)

@@ -51,7 +51,7 @@ def test_estimator_recovers_a_planted_epsilon_with_intervals_that_cover_it():
 
 def run(tmp_path, name, hooks, **kw):
     from evaluations.plugins import load_plugins
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     cfg = tiny_config(**{"rounds": 4, "hooks": hooks, "server.lr": 0.1, **kw})

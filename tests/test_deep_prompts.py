@@ -103,7 +103,7 @@ def deep_config(**kw):
 
 @pytest.mark.parametrize("method", ["pfedpg", "fedvpt", "local"])
 def test_deep_runs_for_every_method_and_counts_every_layer(tmp_path, method):
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     t = Trainer(deep_config(method=method), run_dir=tmp_path / method)
     summary = t.run()
@@ -118,7 +118,7 @@ def test_deep_runs_for_every_method_and_counts_every_layer(tmp_path, method):
 
 def test_deep_prompts_with_dp_sgd_dp_client_an_attack_and_a_robust_rule(tmp_path):
     from evaluations.plugins import load_plugins
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     hooks = [{"name": "dp_client", "clip": 1.0, "noise_multiplier": 1.0},

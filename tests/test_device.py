@@ -11,7 +11,7 @@ from pfedpg.data import resize_images
 from pfedpg.data.pipeline import InputPipeline, crop_flip, random_resized_crop
 from pfedpg.errors import ConfigError
 from pfedpg.models.device import is_out_of_memory, resolve_device
-from pfedpg.runner import Trainer
+from pfedpg.run import Trainer
 
 
 def _legacy(images: np.ndarray, mean, std) -> torch.Tensor:
@@ -30,7 +30,7 @@ def test_the_per_batch_pipeline_gives_the_preloaded_tensors_bit_for_bit():
     cfg = tiny_config()
     t = Trainer(cfg, run_dir="unused")
     mean, std = cfg.model.mean, cfg.model.std
-    from pfedpg.runner import client_indices, partition_run
+    from pfedpg.run import client_indices, partition_run
 
     dataset, splits, _ = partition_run(cfg)
     for n, split in enumerate(splits):

@@ -13,7 +13,7 @@ from pfedpg.gdp import gdp_epsilon
 from defenses.dp_client import ClientLevelDP, clip_by_norm
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import RunContext
-from pfedpg.runner import Trainer
+from pfedpg.run import Trainer
 from pfedpg.seeding import Seeds
 
 vectors = st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=40)
@@ -321,7 +321,7 @@ def test_both_dp_hooks_report_one_typed_result(tmp_path):
     import defenses  # noqa: F401  (registers the hooks)
     from conftest import tiny_config
     from pfedpg.privacy_result import PrivacyResult
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     for hook, unit in (({"name": "dp_client", "clip": 0.1, "noise_multiplier": 1.0}, "client"),
                        ({"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}, "record")):

@@ -9,7 +9,7 @@ from conftest import tiny_config
 from defenses.dp_sgd import RecordLevelDPSGD, per_sample_gradients
 from pfedpg.client import trainable_parameters
 from pfedpg.errors import ConfigError
-from pfedpg.runner import Trainer
+from pfedpg.run import Trainer
 
 
 def test_per_sample_gradients_equal_a_loop_of_single_examples(tiny_vit):

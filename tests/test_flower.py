@@ -20,7 +20,7 @@ from conftest import tiny_config  # noqa: E402
 from evaluations.plugins import load_plugins  # noqa: E402
 from pfedpg.config import config_from_dict, dump_config  # noqa: E402
 from pfedpg.errors import ConfigError, DataError  # noqa: E402
-from pfedpg.runner import Trainer  # noqa: E402
+from pfedpg.run import Trainer  # noqa: E402
 
 # Under `pytest -n 2 --dist loadgroup` (make test) the Flower tests run in two groups, each on one
 # worker: the deployments (SuperLinks and SuperNodes as processes) one after another in one, Ray's

@@ -5,7 +5,7 @@ import pytest
 from conftest import tiny_config
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.hooks import Hook, HookChain
-from pfedpg.runner import Trainer
+from pfedpg.run import Trainer
 from pfedpg.server import plain_aggregate
 
 CLIENT_POINTS = ("client_data", "local_training", "outgoing_delta", "client_metrics")

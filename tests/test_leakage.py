@@ -132,7 +132,7 @@ def audit_hook(**extra):
 
 def run_with(tmp_path, hooks, name="run", **overrides):
     from evaluations.plugins import load_plugins
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     cfg = tiny_config(**{"data.clients_per_domain": 2, "rounds": 3, "hooks": hooks, **overrides})
@@ -370,7 +370,7 @@ def test_shadow_clients_by_id(tmp_path):
 
 def test_a_resumed_run_audits_exactly_like_an_uninterrupted_one(tmp_path):
     from evaluations.plugins import load_plugins
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     hooks = [audit_hook(probes=["attribute", "linkability", "loss", "alignment"], canaries=None)]

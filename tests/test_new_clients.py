@@ -9,8 +9,8 @@ import torch
 from pfedpg.client import ClientConfig, frozen_prompt, sgd_local_training
 from pfedpg.errors import ConfigError
 from pfedpg.generators import GENERATORS
-from pfedpg.hooks import ClientData, LocalJob
-from pfedpg.runner import Trainer
+from pfedpg.jobs import ClientData, LocalJob
+from pfedpg.run import Trainer
 import defenses  # noqa: F401  (registers the DP hooks)
 from conftest import tiny_config
 from test_server import K, D, make_server

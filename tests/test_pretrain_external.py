@@ -157,7 +157,7 @@ def test_missing_external_file_and_no_public_split_name_the_fix(tmp_path):
 
 def test_cli_pretrain_on_external_data_then_a_run_uses_it(tmp_path, capsys):
     from evaluations.cli import main
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     f = _npz(tmp_path / "pub.npz", split=True)
     cfg = tiny_config(**{"model.weights": "pretrain", "pretrain.cache_dir": str(tmp_path / "cache"),

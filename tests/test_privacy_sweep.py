@@ -30,14 +30,14 @@ def read_csv(path):
 
 
 def test_interrupted_sweep_resumes_to_the_same_table(tmp_path, monkeypatch):
-    import pfedpg.runner
+    import pfedpg.run
 
     # Uninterrupted reference.
     sweep, base = load_sweep(sweep_file(tmp_path))
     ref = run_sweep(sweep, base, out_dir=tmp_path / "ref", log=lambda m: None)
     assert [r["status"] for r in read_csv(ref / "tradeoff.csv")] == ["ok"] * 4
     # Interrupted: the third cell's run is killed (not an error the sweep may swallow).
-    original = pfedpg.runner.Trainer.run
+    original = pfedpg.run.Trainer.run
     calls = {"n": 0}
 
     def flaky(self, **kw):
@@ -46,10 +46,10 @@ def test_interrupted_sweep_resumes_to_the_same_table(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, **kw)
 
-    monkeypatch.setattr(pfedpg.runner.Trainer, "run", flaky)
+    monkeypatch.setattr(pfedpg.run.Trainer, "run", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep, base, out_dir=tmp_path / "cut", log=lambda m: None)
-    monkeypatch.setattr(pfedpg.runner.Trainer, "run", original)
+    monkeypatch.setattr(pfedpg.run.Trainer, "run", original)
     logs = []
     run_sweep(sweep, base, out_dir=tmp_path / "cut", log=logs.append)
     assert sum("reused" in m for m in logs) == 2  # the finished runs were not redone

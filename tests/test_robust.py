@@ -7,7 +7,7 @@ from defenses.robust import (RULES, RobustAggregation, coordinate_median, geomet
                              trimmed_mean)
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import RunContext
-from pfedpg.runner import Trainer
+from pfedpg.run import Trainer
 from pfedpg.seeding import Seeds
 from pfedpg.server import ClientGradients, plain_aggregate
 

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 from pfedpg.errors import ConfigError, NonFiniteDeltaError
 from pfedpg.hooks import Hook, HookChain, RunContext, build_hooks
-from pfedpg.runner import Trainer, participation_schedule
+from pfedpg.run import Trainer, participation_schedule
 from pfedpg.seeding import Seeds
 
 
@@ -246,7 +246,7 @@ def test_evaluate_on_validation_split(tmp_path):
     t = Trainer(cfg, run_dir=tmp_path / "r")
     summary = t.run()
     assert summary["evaluated_on"] == "val"
-    from pfedpg.runner import partition_run
+    from pfedpg.run import partition_run
 
     _, splits, _ = partition_run(cfg)  # the run's own partition (seeded)
     assert [f["val"] for f in t.client_facts] == [len(s.val) for s in splits]

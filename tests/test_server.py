@@ -181,7 +181,7 @@ def test_a_large_server_lr_under_dp_noise_diverges_without_the_bound_and_stays_f
     from conftest import tiny_config
     from evaluations.plugins import load_plugins
     from pfedpg.errors import NonFiniteDeltaError
-    from pfedpg.runner import Trainer
+    from pfedpg.run import Trainer
 
     load_plugins()
     hooks = [{"name": "dp_client", "clip": 1.0, "noise_multiplier": 1.0}]

@@ -150,7 +150,7 @@ def merge_client_metrics(run_dir: Path) -> None:
     its training and evaluation figures, each round record the aggregates the server could not
     compute — and summary.json's accuracies rederived, exactly as the in-process runner writes them.
     The server never received any of it."""
-    from pfedpg.runner import accuracy_blocks, round_eval_stats, round_train_stats
+    from pfedpg.run import accuracy_blocks, round_eval_stats, round_train_stats
 
     kept: dict[tuple[str, int, int], dict[str, Any]] = {}
     for f in sorted((run_dir / CLIENT_METRICS).glob("client_*.jsonl")):
@@ -202,7 +202,7 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"run directory {str(run_dir)!r} holds a finished run; choose another --run-dir or run_name")
     if (run_dir / "metrics.jsonl").exists():  # Flower runs do not resume: start it again, keep its files
-        from pfedpg.runner import set_aside
+        from pfedpg.run import set_aside
 
         log(f"run directory {run_dir} held an unfinished Flower run; starting it again (its files are in {set_aside(run_dir)})")
     backbone = None

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig
 from pfedpg.errors import ConfigError, DataError
-from pfedpg.runner import Trainer
+from pfedpg.run import Trainer
 from evaluations.flower.messages import pack, settings_from, tensor_of, tensor_record, unpack
 
 
@@ -133,7 +133,7 @@ def write_client_shards(cfg: RunConfig, out: Path) -> int:
     actor switching clients reads one small file, never the whole data set. Returns N."""
     import numpy as np
 
-    from pfedpg.runner import client_indices, partition_run
+    from pfedpg.run import client_indices, partition_run
 
     dataset, splits, _ = partition_run(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from pfedpg.config import RunConfig
 from pfedpg.errors import ClientFailure, ConfigError
 from pfedpg.hooks import build_hooks
-from pfedpg.runner import Trainer
+from pfedpg.run import Trainer
 from evaluations.flower.messages import tensor_of, tensor_record, unpack
 
 

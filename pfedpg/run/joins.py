@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pfedpg.client import evaluate, frozen_prompt, load_into, sgd_local_training
-from pfedpg.hooks import ClientData, LocalJob
+from pfedpg.jobs import ClientData, LocalJob
 
 
 class Joins:

@@ -11,7 +11,7 @@ import torch
 
 from pfedpg.client import evaluate, load_into, sgd_local_training
 from pfedpg.errors import NonFiniteDeltaError
-from pfedpg.hooks import ClientData, LocalJob
+from pfedpg.jobs import ClientData, LocalJob
 from pfedpg.server import plain_aggregate
 from pfedpg.run.summary import round_eval_stats, round_train_stats
 
