@@ -28,6 +28,7 @@ demo: $(CORE)
 	@echo "report: runs/demo/report.md (also report.html)"
 
 test: $(STAMP)
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup  # 2 workers; the Flower tests share one (tests/test_flower.py)
 
 # The demo's HTML report in a headless Chromium (apt-get install chromium): images load, nothing

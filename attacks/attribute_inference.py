@@ -72,7 +72,8 @@ def grouped_probe(features, labels, groups, *, folds: int = 5, permutations: int
 # Client properties and the pooled probe over them
 
 
-def client_properties(info: list[dict], *, presence_threshold: float = 0.05, min_clients: int = 2) -> dict[str, np.ndarray]:
+def client_properties(info: list[dict], *, presence_threshold: float = 0.05,
+                      min_clients: int = 2) -> dict[str, np.ndarray]:
     """Binary properties per client from what the audit knows of each client's training data.
 
     * ``domain=<name>`` — the client's (dominant) domain is <name> (one-vs-rest per domain);
@@ -127,7 +128,8 @@ def pooled_property_probe(features: dict[int, list[np.ndarray]], properties: dic
     # With few clients and many features the out-of-fold AUC is biased below 0.5 under no signal;
     # the permutation null shows by how much, and the p-value is against that null, not against 0.5.
     result.update(permutation_p_value=float((1 + sum(a >= result["auc"] for a in null)) / (1 + len(null))),
-                  null_auc_mean=float(np.mean(null)) if null else None, null_auc_std=float(np.std(null)) if null else None,
+                  null_auc_mean=float(np.mean(null)) if null else None,
+                  null_auc_std=float(np.std(null)) if null else None,
                   per_property_auc=per, clients=len(clients), rows=int(len(groups)), properties=len(properties))
     if shadow_clients:
         shadow = np.isin(groups, shadow_clients)

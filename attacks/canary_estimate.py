@@ -105,10 +105,12 @@ def compare(res: dict[str, Any], claim: float | None, accountant: float | None) 
     ``flagged`` when either reading's whole interval lies above the claim."""
     known = claim is not None and math.isfinite(claim)
     above = {"two_gaussians": bool(res["epsilon_ci"] and res["epsilon_ci"][0] > claim) if known else None,
-             "equal_variance": bool(res["equal_variance"].get("epsilon_ci") and res["equal_variance"]["epsilon_ci"][0] > claim)
+             "equal_variance": bool(res["equal_variance"].get("epsilon_ci")
+                                    and res["equal_variance"]["epsilon_ci"][0] > claim)
              if known else None}
     return {"claimed_epsilon": claim, "accountant_epsilon": accountant,
-            "estimate_above_claim": bool(res["epsilon_hat"] is not None and res["epsilon_hat"] > claim) if known else None,
+            "estimate_above_claim": bool(res["epsilon_hat"] is not None and res["epsilon_hat"] > claim)
+            if known else None,
             "interval_above_claim": above, "flagged": bool(any(above.values())) if known else None,
             "claim_within_reach": bool(claim < res["epsilon_cap"]) if known else None}
 

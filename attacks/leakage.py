@@ -90,14 +90,18 @@ class LeakageAudit(Hook):
         if isinstance(shadow_clients, (list, tuple)):
             if not shadow_clients or any(not isinstance(c, int) or c < 0 for c in shadow_clients) \
                     or len(set(shadow_clients)) != len(shadow_clients):
-                raise ConfigError(f"leakage_audit.shadow_clients={shadow_clients!r} must be a count or a list of distinct client ids")
+                raise ConfigError(f"leakage_audit.shadow_clients={shadow_clients!r} must be a count or a list of "
+                                  "distinct client ids")
             self.shadow_ids = sorted(shadow_clients)
             shadow_clients = len(shadow_clients)
         for key, v in (("shadow_clients", shadow_clients), ("targets_per_client", targets_per_client),
                        ("alignment_rounds", alignment_rounds), ("source_targets_per_client", source_targets_per_client),
                        ("permutations", permutations), ("aux_per_head", aux_per_head)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key in ("shadow_clients", "permutations") else 1):
-                raise ConfigError(f"leakage_audit.{key}={v!r} must be a {'non-negative' if key in ('shadow_clients', 'permutations') else 'positive'} integer")
+            if not isinstance(v, int) or isinstance(v, bool) \
+                    or v < (0 if key in ("shadow_clients", "permutations") else 1):
+                raise ConfigError(f"leakage_audit.{key}={v!r} must be a "
+                                  f"{'non-negative' if key in ('shadow_clients', 'permutations') else 'positive'} "
+                                  "integer")
         unknown = [p for p in (probes or []) if p not in PROBE_TYPES]
         if unknown:
             raise ConfigError(f"leakage_audit.probes: unknown probe {unknown[0]!r}; choose from "
@@ -106,7 +110,8 @@ class LeakageAudit(Hook):
             raise ConfigError(f"leakage_audit.lira: unknown key {sorted(set(lira) - set(LIRA_DEFAULTS))[0]!r}; "
                               f"valid: {', '.join(LIRA_DEFAULTS)}")
         if canaries is not None and set(canaries) - set(CANARY_DEFAULTS):
-            raise ConfigError(f"leakage_audit.canaries: unknown key {sorted(set(canaries) - set(CANARY_DEFAULTS))[0]!r}; "
+            raise ConfigError("leakage_audit.canaries: unknown key "
+                              f"{sorted(set(canaries) - set(CANARY_DEFAULTS))[0]!r}; "
                               f"valid: {', '.join(CANARY_DEFAULTS)}")
         if rmia is not None and set(rmia) - set(RMIA_DEFAULTS):
             raise ConfigError(f"leakage_audit.rmia: unknown key {sorted(set(rmia) - set(RMIA_DEFAULTS))[0]!r}; "
@@ -123,7 +128,8 @@ class LeakageAudit(Hook):
         if not isinstance(self.lira["shadows"], int) or self.lira["shadows"] < (2 if self.lira["online"] else 1):
             raise ConfigError(f"leakage_audit.lira.shadows={self.lira['shadows']!r} must be >= 1 (>= 2 online)")
         self.canaries = None if canaries is None else {**CANARY_DEFAULTS, **canaries}
-        if self.canaries is not None and (not isinstance(self.canaries["per_client"], int) or self.canaries["per_client"] < 2):
+        if self.canaries is not None and (not isinstance(self.canaries["per_client"], int)
+                                          or self.canaries["per_client"] < 2):
             raise ConfigError("leakage_audit.canaries.per_client must be an integer >= 2")
         default = [p for p in PROBE_TYPES.in_order() if (shadow_clients or not PROBE_TYPES.get(p).needs_aux)
                    and (p != "canary" or canaries)]
@@ -134,9 +140,11 @@ class LeakageAudit(Hook):
             raise ConfigError(f"leakage_audit: probe {need[0]!r} needs auxiliary data; set shadow_clients >= 1 "
                               "(the last clients become the server's own)")
         if "canary" in self.probes and self.canaries is None:
-            raise ConfigError("leakage_audit: probe 'canary' needs canaries: {per_client: 64} (it inserts them into the run)")
+            raise ConfigError("leakage_audit: probe 'canary' needs canaries: {per_client: 64} "
+                              "(it inserts them into the run)")
         if self.canaries is not None and "canary" not in self.probes:
-            raise ConfigError("leakage_audit: canaries are set but probe 'canary' is not in probes; add it or drop canaries")
+            raise ConfigError("leakage_audit: canaries are set but probe 'canary' is not in probes; "
+                              "add it or drop canaries")
         self.shadow_count = shadow_clients
         self.targets_per_client, self.alignment_rounds = targets_per_client, alignment_rounds
         self.source_targets = source_targets_per_client
@@ -150,21 +158,24 @@ class LeakageAudit(Hook):
     def setup(self, ctx: RunContext) -> None:
         n = ctx.num_clients
         if self.shadow_count >= n:
-            raise ConfigError(f"leakage_audit.shadow_clients={self.shadow_count} leaves no target among {n} clients; lower it")
+            raise ConfigError(f"leakage_audit.shadow_clients={self.shadow_count} leaves no target among {n} clients; "
+                              "lower it")
         if self.shadow_ids is not None and max(self.shadow_ids) >= n:
-            raise ConfigError(f"leakage_audit.shadow_clients lists client {max(self.shadow_ids)}, but the run has {n} clients (0..{n - 1})")
+            raise ConfigError(f"leakage_audit.shadow_clients lists client {max(self.shadow_ids)}, "
+                              f"but the run has {n} clients (0..{n - 1})")
         self.shadows = self.shadow_ids if self.shadow_ids is not None else list(range(n - self.shadow_count, n))
         self.targets = [c for c in range(n) if c not in self.shadows]
         # Clients another hook added for its own audit (canary clients) hold no data: not recorded.
         self.audit_ids = {c for ids in ctx.audit_clients.values() for c in ids}
-        if not ctx.server.sends_prompts and any(p in self.probes for p in ("attribute", "linkability", "alignment", "source")):
-            raise ConfigError(f"leakage_audit: method {ctx.config.method!r} sends nothing to the server; audit pfedpg or "
-                              "fedvpt, or keep only the observer probes (loss, confidence, lira, canary)")
+        if not ctx.server.sends_prompts and any(p in self.probes
+                                                for p in ("attribute", "linkability", "alignment", "source")):
+            raise ConfigError(f"leakage_audit: method {ctx.config.method!r} sends nothing to the server; audit "
+                              "pfedpg or fedvpt, or keep only the observer probes (loss, confidence, lira, canary)")
         desc = ctx.server.client_descriptors()
         if desc is None and "descriptor" in self.probes:
             if not self._probes_defaulted:
-                raise ConfigError(f"leakage_audit: probe 'descriptor' reads the server's client descriptors, and method "
-                                  f"{ctx.config.method!r} has none; audit pfedpg or drop the probe")
+                raise ConfigError("leakage_audit: probe 'descriptor' reads the server's client descriptors, "
+                                  f"and method {ctx.config.method!r} has none; audit pfedpg or drop the probe")
             self.probes = [p for p in self.probes if p != "descriptor"]
         if desc is not None and self.initial_descriptors is None:  # (a resumed run restores it instead)
             # The server drew d_n itself; what training wrote into them is d_n − d_n(0).

@@ -105,7 +105,8 @@ class MaliciousClients(Hook):
             shared[rows] = self.craft_from_benign(benign, len(rows)).to(shared.dtype)
         else:
             for i in rows:
-                shared[i] = self.craft_one(shared[i], ctx.seeds.torch("attack.craft", client=grads.clients[i], round=round))
+                shared[i] = self.craft_one(shared[i],
+                                           ctx.seeds.torch("attack.craft", client=grads.clients[i], round=round))
         return ClientGradients(grads.clients, shared, grads.weights, grads.private)
 
     def end_of_run(self, ctx: RunContext, *, summary):

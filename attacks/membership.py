@@ -108,8 +108,8 @@ def fit_proxy_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, *,
             return w, b
     except RuntimeError:
         pass
-    raise ValueError(f"no proxy head could be fitted on these features (finite: {bool(torch.isfinite(features).all())}, "
-                     f"spread {float(features.std(0).max()):.3g})")
+    raise ValueError("no proxy head could be fitted on these features (finite: "
+                     f"{bool(torch.isfinite(features).all())}, spread {float(features.std(0).max()):.3g})")
 
 
 def _lbfgs_head(features: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_decay: float,
@@ -142,7 +142,8 @@ def proxy_model_scores(model, prompt: torch.Tensor, *, aux_x: torch.Tensor, aux_
 
 def generated_prompt_scores(model, *, prompts: dict[int, torch.Tensor], references: list[torch.Tensor],
                             aux_x: torch.Tensor, aux_y: torch.Tensor, num_classes: int,
-                            targets: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+                            targets: dict[int, tuple[torch.Tensor, torch.Tensor]]
+                            ) -> dict[int, dict[str, torch.Tensor]]:
     """Membership scores from the descriptor: for each target client n (``prompts[n]`` =
     G(P_base, d_n), ``targets[n]`` = its candidate records), the records' ``loss`` (−ℓ) and
     ``confidence`` under that prompt with a proxy head, and ``calibrated`` = mean_ref ℓ_ref − ℓ_n,

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), predicting positive when score >= threshold; thresholds descending."""
     s = np.asarray(scores, dtype=float)

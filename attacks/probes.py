@@ -203,7 +203,8 @@ class Linkability(Probe):
         if run.joins:  # a new client's later join releases matched against every client's earlier ones
             res = linkability({**releases, **{n: [e["delta"] for e in v] for n, v in run.joins.items()}},
                               query_clients=sorted(run.joins))
-            res["features"] = "new clients' released ΔP_new in their later join rounds, matched to every client's reference"
+            res["features"] = ("new clients' released ΔP_new in their later join rounds, "
+                               "matched to every client's reference")
             run.record("linkability_new_clients", res, run.dp_new)
 
 

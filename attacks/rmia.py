@@ -42,7 +42,8 @@ def rmia_scores(p_x: np.ndarray, ref_x: np.ndarray, p_z: np.ndarray, ref_z: np.n
 
 def train_references(model, *, aux_x: torch.Tensor, aux_y: torch.Tensor, references: int, epochs: int,
                      population: int, num_classes: int, client_cfg, init_prompt: torch.Tensor,
-                     rng: np.random.Generator, seed_stream, augment_stream=lambda i: None) -> tuple[list[dict], torch.Tensor]:
+                     rng: np.random.Generator, seed_stream,
+                     augment_stream=lambda i: None) -> tuple[list[dict], torch.Tensor]:
     """Split the auxiliary records into a population Z (``population`` of them, or a quarter if
     fewer) and a reference pool; train ``references`` models, each on a random half of the pool.
     Returns (the reference states, the indices of Z in aux)."""

@@ -57,7 +57,8 @@ def main() -> None:
     for f, v in added.items():
         if v:
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            print(f"f = {f}: the backdoor adds {100 * statistics.mean(v):.1f} ± {100 * sd:.1f} points over the clean rate")
+            print(f"f = {f}: the backdoor adds {100 * statistics.mean(v):.1f} ± {100 * sd:.1f} points "
+                  "over the clean rate")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ from pfedpg.client import trainable_parameters  # noqa: E402
 from pfedpg.models import ModelConfig, PromptedViT, build_backbone  # noqa: E402
 
 SHAPES = {
-    "embedded-default (16px, d64, depth 4)": {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
-    "shared backbone shape (32px, d192, depth 6)": {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0},
+    "embedded-default (16px, d64, depth 4)": {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4,
+                                              "num_heads": 4, "mlp_ratio": 2.0},
+    "shared backbone shape (32px, d192, depth 6)": {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6,
+                                                    "num_heads": 3, "mlp_ratio": 4.0},
 }
 
 

@@ -9,7 +9,8 @@ the final evaluation), the ratio Flower ÷ in-process, and whether the per-clien
 exactly, and memory: the largest resident set (RSS) of each Ray ClientApp actor process, sampled
 every 0.2 s, and the last one seen before the actor ended (between messages: one client's records),
 against the in-process runner's own RSS after its run (what one process holding every client
-needs). The simulation goes through ``flwr run`` on a simulation SuperLink (evaluations.flower.app). Skips with a message when the data file is absent.
+needs). The simulation goes through ``flwr run`` on a simulation SuperLink (evaluations.flower.app).
+Skips with a message when the data file is absent.
 Usage: python bench/flower.py [--clients 10 100 500] [--rounds 4]
 """
 from __future__ import annotations
@@ -120,8 +121,8 @@ def main() -> None:
             pids = sorted(rss.peak, key=lambda p: -rss.peak[p])[:4]
             peak = " / ".join(f"{rss.peak[p] / mib:.0f}" for p in pids) or "none seen"
             last = " / ".join(f"{rss.last[p] / mib:.0f}" for p in pids) or "none seen"
-            print(f"{n:>5} {a:>19.2f} {b:>15.2f} {b / a:>6.2f} {wall:>14.1f} {rss_in:>19.0f} {peak:>19} {last:>19} {same}",
-                  flush=True)
+            print(f"{n:>5} {a:>19.2f} {b:>15.2f} {b / a:>6.2f} {wall:>14.1f} {rss_in:>19.0f} {peak:>19} {last:>19} "
+                  f"{same}", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def produce(work: Path) -> dict[str, Path]:
     final = sorted((q / "checkpoints").glob("round_*.pt"))[-1]
     return {"quickstart/summary.json": q / "summary.json", "quickstart/metrics.jsonl": q / "metrics.jsonl",
             "quickstart/server.pt": final, "demo/tradeoff.csv": runs / "demo" / "tradeoff.csv",
-            "audit/audit.json": runs / "audit" / "audit.json", "robustness/robustness.csv": runs / "robustness" / "robustness.csv"}
+            "audit/audit.json": runs / "audit" / "audit.json",
+            "robustness/robustness.csv": runs / "robustness" / "robustness.csv"}
 
 
 def _clean(obj):

@@ -39,7 +39,8 @@ from pfedpg.config import config_from_dict  # noqa: E402
 from pfedpg.run import Trainer  # noqa: E402
 from pfedpg.server import plain_aggregate  # noqa: E402
 
-PAPER = {"name": "vit_base_patch16_224", "kwargs": {}, "image_size": 224, "records": 64, "label": "paper scale: ViT-B/16, 224 px"}
+PAPER = {"name": "vit_base_patch16_224", "kwargs": {}, "image_size": 224, "records": 64,
+         "label": "paper scale: ViT-B/16, 224 px"}
 REDUCED = {"name": "vit_tiny_patch16_224", "image_size": 32, "records": 16,
            "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0},
            "label": "REDUCED (no CUDA): ViT width 192, depth 6, patch 4, 32 px"}
@@ -149,7 +150,8 @@ def _recorder(out: Path, header: dict, rows: list[dict]):
         (out / "gpu.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
         if "error" not in res:
             print(f"  {name} {facts}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                     for k, v in res.items() if k not in ("measurement", *facts, "wall_s")),
+                                                     for k, v in res.items()
+                                                     if k not in ("measurement", *facts, "wall_s")),
                   flush=True)
         return None if "error" in res else res
 
@@ -163,7 +165,8 @@ def _round_and_dp_lines(want: set, size: dict, data: Path, cuda: bool, record) -
         bf16 = record("round", lambda: rounds(config(size, data, clients=10, per_round=10, amp="bf16")),
                       clients=10, amp="bf16") if cuda else None
         if fp32:
-            lines.append(f"| one round, 10 clients, float32 | {fp32['round_s']:.2f} s ({fp32['images_per_s']:.0f} img/s) |"
+            lines.append(f"| one round, 10 clients, float32 | {fp32['round_s']:.2f} s "
+                         f"({fp32['images_per_s']:.0f} img/s) |"
                          + (f" {fp32['peak_gib']:.1f} GiB |" if "peak_gib" in fp32 else " – |"))
         if fp32 and bf16:
             lines.append(f"| one round, 10 clients, bf16 | {bf16['round_s']:.2f} s ({bf16['images_per_s']:.0f} img/s); "
@@ -171,7 +174,8 @@ def _round_and_dp_lines(want: set, size: dict, data: Path, cuda: bool, record) -
     if "dp_step" in want:
         dp = [{"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}]
         plain = record("dp_step", lambda: rounds(config(size, data, clients=4, per_round=4)), clients=4, dp=False)
-        priv = record("dp_step", lambda: rounds(config(size, data, clients=4, per_round=4, hooks=dp)), clients=4, dp=True)
+        priv = record("dp_step", lambda: rounds(config(size, data, clients=4, per_round=4, hooks=dp)),
+                      clients=4, dp=True)
         if plain and priv:
             lines.append(f"| DP-SGD step ÷ plain step (4 clients, training time) | "
                          f"{priv['train_s'] / plain['train_s']:.2f} | – |")
@@ -182,7 +186,8 @@ def _server_and_determinism_lines(want: set, size: dict, data: Path, record) -> 
     lines = []
     if "batched" in want:
         for m in (4, 10, 32):
-            seq = record("batched", lambda: rounds(config(size, data, clients=32, per_round=m)), clients=m, batched=False)
+            seq = record("batched", lambda: rounds(config(size, data, clients=32, per_round=m)),
+                         clients=m, batched=False)
             bat = record("batched", lambda: rounds(config(size, data, clients=32, per_round=m, batched=True)),
                          clients=m, batched=True)
             if seq and bat:
@@ -221,7 +226,8 @@ def main() -> None:
     want = set(args.only or MEASUREMENTS)
     with tempfile.TemporaryDirectory() as d:
         data = synthetic_npz(Path(d) / "synthetic.npz", 32, size["records"])
-        lines = _round_and_dp_lines(want, size, data, cuda, record) + _server_and_determinism_lines(want, size, data, record)
+        lines = (_round_and_dp_lines(want, size, data, cuda, record)
+                 + _server_and_determinism_lines(want, size, data, record))
     table = [f"{size['label']} on {device} (torch {torch.__version__}), {size['records']} records per client, "
              "batch 32, E = 1", "", "| measurement | result | peak GPU memory |", "|---|---|---|", *lines]
     (out / "gpu.md").write_text("\n".join(table) + "\n")

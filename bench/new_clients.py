@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 import regime  # noqa: E402
+
 from evaluations.stats import paired  # noqa: E402
 
 ARMS = ("local", "fedvpt", "pfedpg_res_a1_b1")  # pfedpg_res_a1_b1 = the control's own server settings
@@ -75,7 +76,8 @@ def table(runs: dict, rounds: int, seeds: list[int]) -> str:
     lines = [f"New clients {nc['partition_ids']} (seed {any_run['seed']}; each seed draws its own) of the control's "
              f"{any_run['num_clients'] + len(nc['clients'])} clients; {nc['test_per_client']} test records each; "
              f"budget (R + 1)·E = {nc['budget_epochs']} epochs. Accuracy % of the new clients (mean over them, then "
-             f"over seeds {', '.join(map(str, sorted(seeds)))}); differences in points, paired by seed, 95% t-interval.",
+             f"over seeds {', '.join(map(str, sorted(seeds)))}); differences in points, paired by seed, "
+             "95% t-interval.",
              "", "| join round | " + " | ".join(ARMS) + " | pfedpg generated | pfedpg − local | pfedpg − fedvpt |",
              "|---|" + "---|" * (len(ARMS) + 3)]
     curves = {arm: curve(arm) for arm in ARMS}

@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), action="append", help="default: all")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| preset | clients/round | full round (s) | steps alone (s) | ratio | server step (s) | eval all clients (s) |")
+    print("| preset | clients/round | full round (s) | steps alone (s) | ratio | server step (s) "
+          "| eval all clients (s) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.preset or sorted(PRESETS):
         m = measure(name, PRESETS[name], args.rounds)

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.tables_only:
         return write_tables(sweep, base, out)
     if a.reuse_from:
-        print("reused from bench/real_data.py:", ", ".join(reuse(cells(sweep, base), out, a.reuse_from)) or "none", flush=True)
+        print("reused from bench/real_data.py:", ", ".join(reuse(cells(sweep, base), out, a.reuse_from)) or "none",
+              flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     sets = [x for o in a.overrides for x in ("--set", o)]

@@ -94,7 +94,8 @@ def run_dir(out: Path, dataset: str, method: str, seed: int, rounds: int | None,
     return base / dataset / method / tag
 
 
-def run_sets(dataset: str, method: str, seed: int, rounds: int | None, overrides: list[str], validation: bool) -> list[str]:
+def run_sets(dataset: str, method: str, seed: int, rounds: int | None, overrides: list[str],
+             validation: bool) -> list[str]:
     sets = [f"method={method}", f"seed={seed}", "threads=1"]
     if rounds:
         sets += [f"rounds={rounds}", f"eval_every={rounds}"]
@@ -159,8 +160,8 @@ def execute(job: dict) -> dict:
         changed = _config_changes(job)
         if not changed:
             return {**job, "status": "cached"}
-        print(f"  [stale] {job['dataset']} {job['method']} seed {job['seed']}: config changed ({', '.join(changed)}); re-running",
-              flush=True)
+        print(f"  [stale] {job['dataset']} {job['method']} seed {job['seed']}: config changed ({', '.join(changed)}); "
+              "re-running", flush=True)
     rc, wall, log = run_cli(job["cmd"], rdir)
     status = "ok" if rc == 0 and summary.exists() else f"failed (exit {rc}, see {log})"
     print(f"  [{status}] {job['dataset']} {job['method']} seed {job['seed']}: {wall:.0f} s", flush=True)
@@ -211,10 +212,12 @@ def collect(jobs: list[dict]) -> list[dict]:
             "dataset": dataset, "method": method, "seeds": sorted(s["seed"] for s in summaries),
             "acc": _mean_std(acc), "worst": _mean_std(worst), "gen": _mean_std(gen) if gen else None,
             "sec_per_round": sum(secs) / len(secs) if secs else math.nan,
-            "evaluated_on": first.get("evaluated_on", "test"), "wall_s": [s["time"]["setup_s"] + s["time"]["rounds_s"] for s in summaries],
+            "evaluated_on": first.get("evaluated_on", "test"),
+            "wall_s": [s["time"]["setup_s"] + s["time"]["rounds_s"] for s in summaries],
             "per_seed": acc, "rounds": first["rounds"], "clients": first["num_clients"],
             "train": first["data"]["train_per_client"], "test": evaluated,
-            "drift": {k: sum(d[k] for d in drift if d[k] is not None) / len(drift) for k in drift[0]} if drift else None,
+            "drift": {k: sum(d[k] for d in drift if d[k] is not None) / len(drift) for k in drift[0]}
+            if drift else None,
         })
     order = {m: i for i, m in enumerate(METHODS)}
     table.sort(key=lambda r: (list(DATASETS).index(r["dataset"]), order.get(r["method"], 99)))
@@ -225,7 +228,8 @@ def markdown(table: list[dict], *, validation: bool) -> str:
     split = "validation" if validation else "test"
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
     lines = [
-        f"| dataset | method | adapted acc % ({split}, mean ± std over seeds) | worst client % | generated acc % | s / round | seeds |",
+        f"| dataset | method | adapted acc % ({split}, mean ± std over seeds) | worst client % | generated acc % "
+        "| s / round | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in table:
@@ -234,7 +238,8 @@ def markdown(table: list[dict], *, validation: bool) -> str:
                      f"{r['sec_per_round']:.1f} | {','.join(map(str, r['seeds']))} |")
     lines += ["", ("Per seed (adapted mean %), sizes, and how far the server's prompts moved "
               "(‖P(T)−P(0)‖/‖P(0)‖; last-round ‖ΔP‖/‖P‖; pairwise spread of the generated prompts):"), "",
-              f"| dataset | method | per seed | rounds | clients | train / client | {split} / client | prompt moved | last ΔP | spread |",
+              f"| dataset | method | per seed | rounds | clients | train / client | {split} / client | prompt moved "
+              "| last ΔP | spread |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         d = r["drift"]
@@ -316,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(j["cmd"]))
         return 0
     todo = sum(not (j["run_dir"] / "summary.json").exists() for j in jobs)
-    print(f"{len(jobs)} runs ({len(jobs) - todo} with a summary, reused unless stale), {a.jobs} at a time -> {out}", flush=True)
+    print(f"{len(jobs)} runs ({len(jobs) - todo} with a summary, reused unless stale), {a.jobs} at a time -> {out}",
+          flush=True)
     t0 = time.time()
     # Longest runs first (cifar10 has more clients), so parallel slots finish together.
     ordered = sorted(jobs, key=lambda j: (j["dataset"] != "cifar10", j["seed"], METHODS.index(j["method"])))

@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from real_data import run_cli  # noqa: E402  (one way to run a CLI job and keep its log)
+
 SHARED = REPO.parent / "shared"
 TIN4 = "../shared/models/vit_p4_d192_l6_cifar10pub_tin4.safetensors"
 
@@ -133,7 +134,8 @@ def job(grid: str, phase: str, out: Path, cell: str, arm: str, arm_sets: list[st
     sets = run_sets(grid, phase, g["cells"][cell], arm_sets, seed)
     key = hashlib.sha1(run_key(g["config"], sets).encode()).hexdigest()[:8]
     rdir = out / grid / phase / cell / arm / f"seed{seed}-{key}"
-    cmd = [sys.executable, "-m", "evaluations.cli", "train", "--no-progress", "--config", g["config"], "--run-dir", str(rdir)]
+    cmd = [sys.executable, "-m", "evaluations.cli", "train", "--no-progress", "--config", g["config"],
+           "--run-dir", str(rdir)]
     for s in sets:
         cmd += ["--set", s]
     return {"cell": cell, "arm": arm, "seed": seed, "run_dir": rdir, "cmd": cmd}
@@ -183,7 +185,8 @@ def _diff_text(p: dict | None) -> str:
     per = " / ".join(_pct(x, True) for x in p["diffs"])
     if p["ci"] is None:
         return f"{per} (n = 1)"
-    return f"{per}; mean {_pct(p['mean'], True)}, sd {100 * p['std']:.1f}, 95% CI [{_pct(p['ci'][0], True)}, {_pct(p['ci'][1], True)}]"
+    return (f"{per}; mean {_pct(p['mean'], True)}, sd {100 * p['std']:.1f}, "
+            f"95% CI [{_pct(p['ci'][0], True)}, {_pct(p['ci'][1], True)}]")
 
 
 def markdown(grid: str, phase: str, collected: tuple[dict, dict]) -> str:
@@ -191,8 +194,10 @@ def markdown(grid: str, phase: str, collected: tuple[dict, dict]) -> str:
     g = GRIDS[grid]
     split = "validation" if phase == "val" else "test"
     lines = [f"Grid `{grid}` ({g['config']} + {' '.join(g['common']) or 'nothing'}), {split} split. Accuracy % "
-             "(mean over clients, then over seeds); differences in points, paired by seed (per seed; mean, sd, 95% t-CI).",
-             "", "| cell | overrides | arm | acc % | per seed | − local | − fedvpt | s / run |", "|---|---|---|---|---|---|---|---|"]
+             "(mean over clients, then over seeds); differences in points, paired by seed "
+             "(per seed; mean, sd, 95% t-CI).",
+             "", "| cell | overrides | arm | acc % | per seed | − local | − fedvpt | s / run |",
+             "|---|---|---|---|---|---|---|---|"]
     for cell, by_arm in results.items():
         acc = {a: {s: v["accuracy"]["mean"] for s, v in runs.items()} for a, runs in by_arm.items()}
         for arm, runs in by_arm.items():
@@ -241,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: grid {a.grid} has no cell {bad[0]}; cells: {', '.join(g['cells'])}")
     seeds = a.seeds or PHASE_SEEDS[a.phase]
     out = a.out if a.out.is_absolute() else Path.cwd() / a.out
-    jobs = [job(a.grid, a.phase, out, c, arm, sets, s) for c in cells for arm, sets in arms(a.arms).items() for s in seeds]
-    print(f"{len(jobs)} runs ({sum((j['run_dir'] / 'summary.json').exists() for j in jobs)} cached), {a.jobs} at a time",
-          flush=True)
+    jobs = [job(a.grid, a.phase, out, c, arm, sets, s)
+            for c in cells for arm, sets in arms(a.arms).items() for s in seeds]
+    print(f"{len(jobs)} runs ({sum((j['run_dir'] / 'summary.json').exists() for j in jobs)} cached), "
+          f"{a.jobs} at a time", flush=True)
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         done = list(pool.map(execute, jobs))

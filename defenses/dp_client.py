@@ -17,12 +17,21 @@ Flower deployment with seeded noise logs a warning.
 """
 from __future__ import annotations
 
-
 import torch
 
-from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
-                                 client_metrics_statement, load_record, merge_record, noise_generator, record_state,
-                                 warn_seeded_deployment)
+from defenses.accounting import (
+    PUBLIC,
+    ClientAccountants,
+    calibrate_noise,
+    check_dp_options,
+    check_noise_source,
+    client_metrics_statement,
+    load_record,
+    merge_record,
+    noise_generator,
+    record_state,
+    warn_seeded_deployment,
+)
 from pfedpg.context import ClientSide, RunContext
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
@@ -96,9 +105,10 @@ class ClientLevelDP(Hook):
             unit = calibrate_noise(target_epsilon=self.target_epsilon, delta=self.delta, sample_rate=1.0,
                                    steps=joins, accountant=self.accountant_name)
             self.noise_multiplier = unit * self.sensitivity / self.clip  # z = 2·unit under replace
-            who = "" if joins == trained else (f" (a new client's join rounds; training clients release at most {trained} "
-                                              "times and end below the target)")
-            ctx.log(f"dp_client: z = {self.noise_multiplier:.4f} for ε = {self.target_epsilon} over {joins} releases{who}")
+            who = "" if joins == trained else (" (a new client's join rounds; training clients release at most "
+                                              f"{trained} times and end below the target)")
+            ctx.log(f"dp_client: z = {self.noise_multiplier:.4f} for ε = {self.target_epsilon} "
+                    f"over {joins} releases{who}")
 
     @staticmethod
     def new_client_releases(ctx) -> int:
@@ -117,7 +127,8 @@ class ClientLevelDP(Hook):
 
     def outgoing_delta(self, ctx: ClientSide, *, client, round, delta):
         self._used = None
-        released = self.privatize(delta, noise_generator(ctx, self.noise_source, "dp_client.noise", client=client, round=round))
+        released = self.privatize(delta, noise_generator(ctx, self.noise_source, "dp_client.noise",
+                                                         client=client, round=round))
         # A privatize that bypasses the one above (tests' broken variants) leaves no entry: a missing release.
         if self._used is not None:
             entry = {"round": round, **self._used, "adjacency": self.adjacency}
@@ -140,8 +151,8 @@ class ClientLevelDP(Hook):
             "adjacency": self.adjacency,
             "threat_model": "honest-but-curious server and observers of server state; "
                             "not the client's own adapted prompt or head",
-            "mechanism": f"clip ΔP_n to global L2 norm C={self.clip}, add N(0, (zC)^2 I) with z={self.noise_multiplier:.4g}, "
-                         "on the client before sending",
+            "mechanism": f"clip ΔP_n to global L2 norm C={self.clip}, add N(0, (zC)^2 I) "
+                         f"with z={self.noise_multiplier:.4g}, on the client before sending",
             "sensitivity": self.sensitivity,
             "sampling": "none (sample rate 1 per release; client sampling gives no amplification against the server)",
             "delta": self.delta,

@@ -19,16 +19,26 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from defenses.accounting import (PUBLIC, ClientAccountants, calibrate_noise, check_dp_options, check_noise_source,
-                                 client_metrics_statement, load_record, merge_record, noise_generator, record_state,
-                                 warn_seeded_deployment)
-from pfedpg.context import ClientSide, RunContext
+from defenses.accounting import (
+    PUBLIC,
+    ClientAccountants,
+    calibrate_noise,
+    check_dp_options,
+    check_noise_source,
+    client_metrics_statement,
+    load_record,
+    merge_record,
+    noise_generator,
+    record_state,
+    warn_seeded_deployment,
+)
 from pfedpg.client import make_optimizer, trainable_parameters, training_batch
+from pfedpg.context import ClientSide, RunContext
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.jobs import LocalResult
-from pfedpg.privacy_result import PrivacyResult
 from pfedpg.models import PromptTokens
+from pfedpg.privacy_result import PrivacyResult
 from pfedpg.seeding import normal_like
 
 _REGISTERED = False

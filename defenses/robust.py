@@ -5,10 +5,11 @@ P_base) for each client and, by default, sums them (the plain update). A robust 
 sum with ``(Σ_n w_n) · AGG({g_n})``, so it matches the plain update's magnitude when all clients
 agree. Descriptor gradients stay per client and are never aggregated.
 
-Rules, one registered class each in :data:`AGGREGATION_RULES` (each on an (m, P) stack): ``mean``, ``median`` (coordinate-wise), ``trimmed_mean``
-(drop f largest and f smallest per coordinate), ``krum`` / ``multi_krum`` (Blanchard et al. 2017),
-``bulyan`` (El Mhamdi et al. 2018), ``geometric_median`` (smoothed Weiszfeld; Pillutla et al. 2022),
-``norm_clip`` (clip each g_n to the radius τ, then mean), ``centered_clip`` (Karimireddy et al. 2021).
+Rules, one registered class each in :data:`AGGREGATION_RULES` (each on an (m, P) stack):
+``mean``, ``median`` (coordinate-wise), ``trimmed_mean`` (drop f largest and f smallest per
+coordinate), ``krum`` / ``multi_krum`` (Blanchard et al. 2017), ``bulyan`` (El Mhamdi et al. 2018),
+``geometric_median`` (smoothed Weiszfeld; Pillutla et al. 2022), ``norm_clip`` (clip each g_n to
+the radius τ, then mean), ``centered_clip`` (Karimireddy et al. 2021).
 A rule whose precondition fails at the configured (m, f) — Krum needs m ≥ 2f + 3, Bulyan
 m ≥ 4f + 3, trimmed mean m > 2f — is a config error, never a silent fallback.
 """
@@ -54,7 +55,8 @@ def krum_select(g: torch.Tensor, f: int, count: int) -> list[int]:
     remaining = list(range(g.shape[0]))
     chosen = []
     for _ in range(count):
-        scores = krum_scores(g[remaining], f) if len(remaining) > f + 2 else torch.zeros(len(remaining), device=g.device)
+        scores = (krum_scores(g[remaining], f) if len(remaining) > f + 2
+                  else torch.zeros(len(remaining), device=g.device))
         best = remaining[int(scores.argmin())]
         chosen.append(best)
         remaining.remove(best)

@@ -1,11 +1,10 @@
 """``pfedpg-eval``: train, pretrain, privacy, audit, robustness, plan, report and flower-certs, on click.
 
-Every run subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides. The
-contract: bad input ends with one line ``error: ...`` naming the fix and exit status 2; exit 1 only
-for a run or grid cell that failed; Ctrl-C ends with the command that resumes (exit 130).
-``main(argv)`` returns the exit status (the console script exits with it). Shell completion:
-``eval "$(_PFEDPG_EVAL_COMPLETE=bash_source pfedpg-eval)"`` (``zsh_source``, ``fish_source``).
-"""
+Every run subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides. The contract: bad input
+ends with one line ``error: ...`` naming the fix and exit status 2; exit 1 only for a run or grid cell that failed;
+Ctrl-C ends with the command that resumes (exit 130). ``main(argv)`` returns the exit status (the console script exits
+with it). Shell completion: ``eval "$(_PFEDPG_EVAL_COMPLETE=bash_source pfedpg-eval)"`` (``zsh_source``,
+``fish_source``)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +18,6 @@ import click
 from evaluations.plugins import load_plugins
 from pfedpg.deprecation import show_renamed_keys_as_one_line
 from pfedpg.errors import ClientFailure, ConfigError, DataError, NonFiniteDeltaError
-
 
 #: what every command prints its progress with (``--quiet`` silences it)
 _OUT = SimpleNamespace(quiet=False, verbose=False)
@@ -52,15 +50,16 @@ def _run_dir(cfg) -> Path:
 
 def cmd_train(args) -> int:
     from evaluations.report import write_report
-    from pfedpg.config import load_config
     from evaluations.sweep import run_training
+    from pfedpg.config import load_config
 
     if args.resume and args.run_dir is None:
         raise ConfigError("--resume needs --run-dir RUN_DIR (the run to continue)")
     if args.resume:
         run_dir = Path(args.run_dir)
         if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"no run in {str(run_dir)!r} to resume (no config.yaml); drop --resume to start one there")
+            raise ConfigError(f"no run in {str(run_dir)!r} to resume (no config.yaml); "
+                              "drop --resume to start one there")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
@@ -82,7 +81,8 @@ def cmd_pretrain(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.weights != "pretrain":
-        raise ConfigError(f"pretrain needs model.weights=pretrain (it is {cfg.model.weights!r}); add --set model.weights=pretrain")
+        raise ConfigError(f"pretrain needs model.weights=pretrain (it is {cfg.model.weights!r}); "
+                          "add --set model.weights=pretrain")
     path = pretrain_backbone(cfg, log=_log, force=args.force, progress=not args.no_progress and not _OUT.quiet)
     print(path)
     return 0
@@ -155,7 +155,8 @@ def cmd_plan(args) -> int:
 def cmd_flower_certs(args) -> int:
     from evaluations.flower.certs import make_certificates
 
-    files = make_certificates(args.out_dir, hosts=args.host or ["127.0.0.1", "localhost"], nodes=args.nodes, days=args.days)
+    files = make_certificates(args.out_dir, hosts=args.host or ["127.0.0.1", "localhost"], nodes=args.nodes,
+                              days=args.days)
     for name, path in files.items():
         print(f"{name}: {path}")
     return 0
@@ -165,11 +166,11 @@ def cmd_flower_certs(args) -> int:
 # The click commands: each gathers its options into the namespace the cmd_* functions read.
 
 _CONFIG = click.option("--config", "-c", metavar="FILE", help="YAML config (see configs/); defaults apply when omitted")
-_SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set client.lr=1e-3 --set rounds=5 (repeatable; YAML 1.2 values)")
-_ENGINE = click.option("--engine", type=click.Choice(["inprocess", "flower"]),
-                       help="run in this process (default) or through Flower: its simulation engine, or the SuperLink at "
-                            "--set flower.superlink=HOST:PORT (needs pip install '.[flower]'); same as --set engine=...")
+_SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value, e.g. "
+                    "--set client.lr=1e-3 --set rounds=5 (repeatable; YAML 1.2 values)")
+_ENGINE = click.option("--engine", type=click.Choice(["inprocess", "flower"]), help="run in this process (default) "
+                       "or through Flower: its simulation engine, or the SuperLink at --set flower.superlink=HOST:PORT "
+                       "(needs pip install '.[flower]'); same as --set engine=...")
 _NO_PROGRESS = click.option("--no-progress", is_flag=True, help="no progress bars")
 
 
@@ -200,8 +201,7 @@ def cli(quiet: bool, verbose: bool) -> None:
       pfedpg-eval privacy --config configs/privacy_demo.yaml --jobs 2
       pfedpg-eval audit --config configs/audit.yaml
       pfedpg-eval robustness --config configs/robustness.yaml --jobs 2
-      pfedpg-eval plan --config configs/cifar10_dirichlet.yaml
-    """
+      pfedpg-eval plan --config configs/cifar10_dirichlet.yaml"""
     _OUT.quiet, _OUT.verbose = quiet, verbose
     if not verbose:  # library chatter (Opacus' secure-RNG notice, timm, Ray) is not ours to print
         warnings.filterwarnings("ignore", category=UserWarning)
@@ -214,7 +214,8 @@ def cli(quiet: bool, verbose: bool) -> None:
 @_CONFIG
 @_SET
 @_ENGINE
-@click.option("--run-dir", metavar="DIR", help="run directory (default: output_dir/run_name, or OUTPUT_DIR/METHOD-SOURCE-seedSEED)")
+@click.option("--run-dir", metavar="DIR",
+              help="run directory (default: output_dir/run_name, or OUTPUT_DIR/METHOD-SOURCE-seedSEED)")
 @click.option("--resume", is_flag=True, help="continue the run in --run-dir from its latest checkpoint")
 @click.option("--restart", is_flag=True, help="start an unfinished run in the run directory again (its files are kept "
                                               "under RUN_DIR/attempt-<k>/)")
@@ -238,10 +239,9 @@ def train(**kw) -> int:
 def pretrain(**kw) -> int:
     """Pretrain the backbone and cache it; prints the cached file's path.
 
-    Supervised pretraining of the whole backbone on the data's public split (never given to
-    clients), or on an external data set given as pretrain.data.path; cached under
-    pretrain.cache_dir by config hash, with a per-epoch log and resumable state beside it (an
-    interrupted pretraining continues where it stopped)."""
+    Supervised pretraining of the whole backbone on the data's public split (never given to clients), or on an external
+    data set given as pretrain.data.path; cached under pretrain.cache_dir by config hash, with a per-epoch log and
+    resumable state beside it (an interrupted pretraining continues where it stopped)."""
     _OUT.resume_hint = "the same pfedpg-eval pretrain command (it continues from its last epoch checkpoint)"
     return cmd_pretrain(_ns(**kw))
 
@@ -255,9 +255,8 @@ def _grid_command(name: str, func, what: str, short: str, long: str, example: st
     @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
                   help="run N cells at once in worker processes; a config with threads: null gets cores/N threads "
                        "per cell, so set threads for numbers independent of N")
-    @click.option("--no-progress", is_flag=True,
-                  help="accepted for symmetry with train: a grid shows no progress bars, one line per finished cell "
-                       "(-q silences those)")
+    @click.option("--no-progress", is_flag=True, help="accepted for symmetry with train: a grid shows no progress "
+                                                      "bars, one line per finished cell (-q silences those)")
     def command(**kw) -> int:
         _OUT.resume_hint = f"the same pfedpg-eval {name} command (finished cells are reused)"
         return func(_ns(**kw))
@@ -266,19 +265,20 @@ def _grid_command(name: str, func, what: str, short: str, long: str, example: st
 
 
 _grid_command("privacy", cmd_privacy, "sweep", "Accuracy-privacy trade-off sweep (client-level DP, DP-SGD, baselines)",
-              "Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x {non-private, local, clip-only} "
-              "and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, accuracy_vs_epsilon.png, report.md "
-              "and report.html; rerunning the same command resumes, reusing finished runs. --set overrides the base "
-              "run config. Exit status 1 if a cell failed (it is a row in the table).",
+              "Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x {non-private, local, "
+              "clip-only} and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, accuracy_vs_epsilon.png, "
+              "report.md and report.html; rerunning the same command resumes, reusing finished runs. --set overrides "
+              "the base run config. Exit status 1 if a cell failed (it is a row in the table).",
               "pfedpg-eval privacy --config configs/privacy_demo.yaml --jobs 2")
-_grid_command("audit", cmd_audit, "audit", "Leakage audit: membership, attribute, source, linkability probes, empirical ε",
+_grid_command("audit", cmd_audit, "audit",
+              "Leakage audit: membership, attribute, source, linkability probes, empirical ε",
               "Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, clip-only} and mechanism "
               "x privacy level, each run with the leakage_audit hook (audit.probes). Writes audit.json (per group and "
-              "probe: auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with bootstrap intervals that refit the threshold, n_targets, "
-              "threat_model), roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning resumes. "
-              "audit.client_canaries / audit.gradient_canaries add the one-run audits (configs/audit_falsifiable.yaml): "
-              "per group epsilon_lb, epsilon_cap, family, claimed_epsilon, can_fail, violation. --set overrides the "
-              "base run config. Exit status 1 if a cell failed.",
+              "probe: auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with bootstrap intervals that refit the threshold, "
+              "n_targets, threat_model), roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning "
+              "resumes. audit.client_canaries / audit.gradient_canaries add the one-run audits "
+              "(configs/audit_falsifiable.yaml): per group epsilon_lb, epsilon_cap, family, claimed_epsilon, can_fail, "
+              "violation. --set overrides the base run config. Exit status 1 if a cell failed.",
               "pfedpg-eval audit --config configs/audit_positive_control.yaml --jobs 2")
 _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x malicious fractions x seeds",
               "Run the matrix of a robustness file (see configs/robustness.yaml). Writes robustness.csv, "
@@ -298,21 +298,22 @@ _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x mali
 def plan(**kw) -> int:
     """What a train, privacy, audit or robustness config will cost, without training.
 
-    Expands the grid into its runs, partitions the data as they will (split sizes), builds one run
-    for real on the chosen device (its uint8 records and the backbone with random weights: nothing
-    is downloaded or pretrained) and times K real local steps and an evaluation batch. Prints the
-    clients and records, the numbers each client sends per round, the measured resident (and GPU)
-    memory, and the time per step extrapolated to every run of the grid."""
+    Expands the grid into its runs, partitions the data as they will (split sizes), builds one run for real on the
+    chosen device (its uint8 records and the backbone with random weights: nothing is downloaded or pretrained) and
+    times K real local steps and an evaluation batch. Prints the clients and records, the numbers each client sends per
+    round, the measured resident (and GPU) memory, and the time per step extrapolated to every run of the grid."""
     return cmd_plan(_ns(**kw))
 
 
-@cli.command("flower-certs", short_help="Make a CA, a SuperLink certificate and SuperNode keys (TLS deployment).", epilog="Example: pfedpg-eval flower-certs certs --host link.example.org --nodes 3")
+@cli.command("flower-certs", short_help="Make a CA, a SuperLink certificate and SuperNode keys (TLS deployment).",
+             epilog="Example: pfedpg-eval flower-certs certs --host link.example.org --nodes 3")
 @click.argument("out_dir", metavar="OUT_DIR")
 @click.option("--host", multiple=True, metavar="NAME",
               help="a name or IP address the SuperNodes dial (repeatable; default 127.0.0.1 and localhost)")
 @click.option("--nodes", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="SuperNode key pairs to make")
-@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, metavar="D", help="validity in days")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, metavar="D",
+              help="validity in days")
 def flower_certs(**kw) -> int:
     """Make a CA, a SuperLink certificate and SuperNode keys for a TLS deployment.
 
@@ -358,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if kind is None:
             raise
         _traceback_if_verbose()
-        print(f"error: {_one_line(out_of_memory_error(kind, 'the run device' if kind == 'device' else 'this machine', e))}",
+        print("error: "
+              f"{_one_line(out_of_memory_error(kind, 'the run device' if kind == 'device' else 'this machine', e))}",
               file=sys.stderr)
         return 2
 

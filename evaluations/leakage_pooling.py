@@ -59,7 +59,8 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
                 res["dp_envelope"] = {**ref["dp_envelope"],
                                       "epsilon": max(r["probes"][name]["dp_envelope"]["epsilon"] for r in per_run)}
             for extra in ("top1_accuracy", "chance", "permutation_p_value", "null_auc_mean"):
-                vals = [r["probes"][name].get(extra) for r in per_run if r["probes"].get(name, {}).get(extra) is not None]
+                vals = [r["probes"][name].get(extra) for r in per_run
+                        if r["probes"].get(name, {}).get(extra) is not None]
                 if vals:
                     res[f"{extra}_per_seed"] = vals
         res["runs"] = len(parts)

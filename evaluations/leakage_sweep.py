@@ -20,8 +20,8 @@ from typing import Any, Callable
 import numpy as np
 
 from evaluations.leakage_pooling import group_key, plot_tpr_vs_epsilon, pooled_probes
-from evaluations.report import html_page, img_tag, run_header, write_grid_markdown
 from evaluations.privacy import MECHANISMS, PrivacySweep, PrivacySweepConfig, cells
+from evaluations.report import html_page, img_tag, run_header, write_grid_markdown
 from evaluations.sweep import load_grid_file, run_grid
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
@@ -55,11 +55,13 @@ def load_audit(path, overrides=None):
         section["out_dir"] = "runs/audit"
     grid = build_dataclass(PrivacySweepConfig, section, "audit")
     if any(h.get("name") in (*MECHANISMS, "leakage_audit") for h in cfg.hooks):
-        raise ConfigError("base.hooks lists a DP or leakage_audit hook; the audit adds them itself — remove it from base")
+        raise ConfigError("base.hooks lists a DP or leakage_audit hook; the audit adds them itself — "
+                          "remove it from base")
     if cfg.method != "pfedpg":
         raise ConfigError(f"the audit evaluates pfedpg (base.method is {cfg.method!r}); set it to pfedpg")
     if cfg.engine != "inprocess":
-        raise ConfigError("the audit's probes run in one process (engine: inprocess); drop --engine flower / engine: flower")
+        raise ConfigError("the audit's probes run in one process (engine: inprocess); "
+                          "drop --engine flower / engine: flower")
     # Validate the probe options now, not in the first cell.
     from attacks.leakage import LeakageAudit
 

@@ -335,28 +335,34 @@ def _spread(v: list[int]) -> str:
 def render(p: dict[str, Any]) -> str:
     m, d, c = p["measured"], p["data"], p["communication"]
     lines = [f"plan of {p['config']} ({p['kind']}: {len(p['runs'])} run{'s' if len(p['runs']) != 1 else ''})", ""]
-    lines += [f"data       {d['source']}: {d['clients']} clients" + (f" + {d['new_clients']} new" if d["new_clients"] else ""),
+    lines += [f"data       {d['source']}: {d['clients']} clients"
+              + (f" + {d['new_clients']} new" if d["new_clients"] else ""),
               f"           training records per client {_spread(d['train_per_client'])}",
               f"           evaluated records per client {_spread(d['eval_per_client'])}",
-              f"           stored uint8 at {d['storage_size']}×{d['storage_size']}, model input {d['image_size']}×{d['image_size']}"
+              f"           stored uint8 at {d['storage_size']}×{d['storage_size']}, "
+              f"model input {d['image_size']}×{d['image_size']}"
               f" (resized per batch on the device), augment: {d['augment']}"]
-    lines += [f"sends      {c['numbers_per_client_round']:,} numbers ({_size(c['bytes_per_client_round'])}) down and up per "
-              f"client and round; {c['ratio_vs_backbone']:.2e} of the backbone's {m['backbone_numbers']:,}"]
+    lines += [f"sends      {c['numbers_per_client_round']:,} numbers ({_size(c['bytes_per_client_round'])}) "
+              f"down and up per client and round; {c['ratio_vs_backbone']:.2e} of the backbone's "
+              f"{m['backbone_numbers']:,}"]
     mem = [f"memory     resident {_size(m['host_peak_bytes'])} measured (records {_size(m['records_bytes'])}, "
            f"model {_size(m['model_bytes'])}, plus the runtime and a few batches)"]
     if "device_peak_bytes" in m:
         mem.append(f"           {m['device']}: {_size(m['device_peak_bytes'])} allocated at peak")
     lines += mem
-    lines.append(f"time       on {m['device']}: {m['train_step_s'] * 1e3:.1f} ms per local step (batch size {m['batch_size']}), "
-                 f"{m['eval_record_s'] * 1e3:.2f} ms per evaluated record (a batch of {m['eval_records_timed']})"
-                 + (f", {m['dp_step_s'] * 1e3:.1f} ms per DP-SGD step ({m['dp_step_s'] / m['train_step_s']:.2f}× a plain step)"
+    lines.append(f"time       on {m['device']}: {m['train_step_s'] * 1e3:.1f} ms per local step "
+                 f"(batch size {m['batch_size']}), {m['eval_record_s'] * 1e3:.2f} ms per evaluated record "
+                 f"(a batch of {m['eval_records_timed']})"
+                 + (f", {m['dp_step_s'] * 1e3:.1f} ms per DP-SGD step "
+                    f"({m['dp_step_s'] / m['train_step_s']:.2f}× a plain step)"
                     if "dp_step_s" in m else "") + f" (timed on {m['measured_records']} records of client 0)")
     lines.append("")
-    lines.append("| run | method | seed | rounds | local steps | DP-SGD steps | records evaluated | numbers sent | time |")
+    lines.append("| run | method | seed | rounds | local steps | DP-SGD steps "
+                 "| records evaluated | numbers sent | time |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in p["runs"]:
-        lines.append(f"| {r['cell']} | {r['method']} | {r['seed']} | {r['rounds']} | {r['train_steps']:,} | {r['dp_steps']:,} | "
-                     f"{r['eval_records']:,} | {r['numbers_sent']:,} | {_duration(r['seconds'])} |")
+        lines.append(f"| {r['cell']} | {r['method']} | {r['seed']} | {r['rounds']} | {r['train_steps']:,} | "
+                     f"{r['dp_steps']:,} | {r['eval_records']:,} | {r['numbers_sent']:,} | {_duration(r['seconds'])} |")
     lines.append("")
     total = p["total_seconds"]
     lines.append(f"total      {_duration(total)} for {len(p['runs'])} run(s) one after another"

@@ -29,8 +29,10 @@ def learning_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.plot(xs, [r["acc_adapted_mean"] for r in rounds], "-o", ms=3, color="C0", label="adapted prompt P̃ (mean)")
     ax.plot(xs, [r["acc_adapted_worst"] for r in rounds], "--", color="C0", alpha=0.6, label="adapted (worst client)")
     if rounds and "acc_generated_mean" in rounds[0]:
-        ax.plot(xs, [r["acc_generated_mean"] for r in rounds], "-s", ms=3, color="C1", label="generated prompt P (mean)")
-        ax.plot(xs, [r["acc_generated_worst"] for r in rounds], "--", color="C1", alpha=0.6, label="generated (worst client)")
+        ax.plot(xs, [r["acc_generated_mean"] for r in rounds], "-s", ms=3, color="C1",
+                label="generated prompt P (mean)")
+        ax.plot(xs, [r["acc_generated_worst"] for r in rounds], "--", color="C1", alpha=0.6,
+                label="generated (worst client)")
     ax.set_xlabel("round")
     ax.set_ylabel("per-client test accuracy")
     ax.set_ylim(0, 1)
@@ -46,7 +48,8 @@ def learning_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
         gen = {j: [r["acc_generated"] for r in joins if r["join_round"] == j and r.get("acc_generated") is not None]
                for j in jx}
         if all(gen[j] for j in jx):
-            nx.plot(jx, [sum(gen[j]) / len(gen[j]) for j in jx], "-s", ms=3, color="C1", label="generated G(P_base, d_new) (mean)")
+            nx.plot(jx, [sum(gen[j]) / len(gen[j]) for j in jx], "-s", ms=3, color="C1",
+                    label="generated G(P_base, d_new) (mean)")
         nx.set_xlabel("join round after the last round (0 = head only)")
         nx.set_ylim(0, 1)
         nx.set_xticks(jx)

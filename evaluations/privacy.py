@@ -1,12 +1,10 @@
 """``pfedpg-eval privacy``: the accuracy–privacy trade-off sweep (DESIGN §5).
 
-Grid: seeds × {non-private pFedPG, ``local`` (sends nothing), clip-only (client-level, z = 0)} and
-mechanism × privacy level (target ε or noise multiplier). Each cell is one ordinary run directory
-under ``OUT/runs/``; a cell whose ``summary.json`` exists is reused, so an interrupted sweep resumes
-where it stopped and finished runs are never lost. A cell that fails becomes a ``failed`` row with
-its error. Outputs: ``tradeoff.csv`` (one row per run), ``tradeoff.md`` (mean ± std over seeds),
-``accuracy_vs_epsilon.png`` and ``report.md`` / ``report.html``.
-"""
+Grid: seeds × {non-private pFedPG, ``local`` (sends nothing), clip-only (client-level, z = 0)} and mechanism × privacy
+level (target ε or noise multiplier). Each cell is one ordinary run directory under ``OUT/runs/``; a cell whose
+``summary.json`` exists is reused, so an interrupted sweep resumes where it stopped and finished runs are never lost. A
+cell that fails becomes a ``failed`` row with its error. Outputs: ``tradeoff.csv`` (one row per run), ``tradeoff.md``
+(mean ± std over seeds), ``accuracy_vs_epsilon.png`` and ``report.md`` / ``report.html``."""
 from __future__ import annotations
 
 import copy
@@ -38,7 +36,8 @@ class PrivacySweepConfig:
     """The ``privacy:`` section of a sweep file; the ``base:`` section is an ordinary run config."""
 
     seeds: list[int] = field(default_factory=lambda: [0])
-    mechanisms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"dp_client": {"clip": 0.5}, "dp_sgd": {"clip": 1.0}})
+    mechanisms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"dp_client": {"clip": 0.5},
+                                                                           "dp_sgd": {"clip": 1.0}})
     target_epsilons: list[float] | None = field(default_factory=lambda: [1.0, 8.0])
     noise_multipliers: list[float] | None = None
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
@@ -52,7 +51,8 @@ class PrivacySweepConfig:
             raise ConfigError("privacy.seeds must list at least one seed")
         unknown = [m for m in self.mechanisms if m not in MECHANISMS]
         if unknown:
-            raise ConfigError(f"privacy.mechanisms: unknown mechanism {unknown[0]!r}; choose from {', '.join(MECHANISMS)}")
+            raise ConfigError(f"privacy.mechanisms: unknown mechanism {unknown[0]!r}; "
+                              f"choose from {', '.join(MECHANISMS)}")
         for m, opts in self.mechanisms.items():
             if "noise_multiplier" in opts or "target_epsilon" in opts:
                 raise ConfigError(f"privacy.mechanisms.{m}: set the privacy level in privacy.target_epsilons "
@@ -71,7 +71,8 @@ class PrivacySweepConfig:
             raise ConfigError("privacy.baselines: clip_only needs a dp_client mechanism (for its clip C)")
 
 
-def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> tuple[PrivacySweepConfig, dict[str, Any]]:
+def load_sweep(path: str | Path | None,
+               overrides: list[str] | None = None) -> tuple[PrivacySweepConfig, dict[str, Any]]:
     """-> (sweep settings, base run config as a dict with --set overrides applied and validated)."""
     section, cfg = load_grid_file(path, "privacy", overrides, example="configs/privacy.yaml")
     dp = [h.get("name") for h in cfg.hooks if h.get("name") in MECHANISMS]
@@ -98,7 +99,8 @@ def cells(sweep: PrivacySweepConfig, base: dict[str, Any]) -> list[dict[str, Any
         if "nonprivate" in sweep.baselines:
             out.append({"cell": f"nonprivate-s{seed}", "mechanism": "nonprivate", "seed": seed, "config": cfg_with()})
         if "local" in sweep.baselines:
-            out.append({"cell": f"local-s{seed}", "mechanism": "local", "seed": seed, "config": cfg_with(method="local")})
+            out.append({"cell": f"local-s{seed}", "mechanism": "local", "seed": seed,
+                        "config": cfg_with(method="local")})
         if "clip_only" in sweep.baselines:
             opts = {"name": "dp_client", **sweep.mechanisms["dp_client"], "noise_multiplier": 0.0}
             out.append({"cell": f"clip_only-s{seed}", "mechanism": "clip_only", "seed": seed, "noise_multiplier": 0.0,
@@ -223,7 +225,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (mech, eps, z), rs in groups.items():
         out.append({"mechanism": mech, "target_epsilon": eps,
                     "noise_multiplier": ms([r["noise_multiplier"] for r in rs])[0],
-                    "epsilon_max": ms([r["epsilon_max"] for r in rs]), "accuracy_mean": ms([r["accuracy_mean"] for r in rs]),
+                    "epsilon_max": ms([r["epsilon_max"] for r in rs]),
+                    "accuracy_mean": ms([r["accuracy_mean"] for r in rs]),
                     "accuracy_worst": ms([r["accuracy_worst"] for r in rs]),
                     "accuracy_generated_mean": ms([r["accuracy_generated_mean"] for r in rs]), "seeds": len(rs),
                     "accuracy_by_seed": {r["seed"]: r["accuracy_mean"] for r in rs},
@@ -231,7 +234,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "new_clients_by_seed": {r["seed"]: r["new_clients_accuracy_mean"] for r in rs
                                             if r.get("new_clients_accuracy_mean") is not None}})
     order = {m: i for i, m in enumerate(["local", "nonprivate", "clip_only", *MECHANISMS])}
-    out.sort(key=lambda a: (order.get(a["mechanism"], 99), -(a["epsilon_max"][0] or 0) if a["epsilon_max"][0] is not None else 0))
+    out.sort(key=lambda a: (order.get(a["mechanism"], 99),
+                            -(a["epsilon_max"][0] or 0) if a["epsilon_max"][0] is not None else 0))
     return out
 
 
@@ -291,8 +295,8 @@ def plot(path: Path, agg: list[dict[str, Any]]) -> None:
     mechs = [m for m in MECHANISMS if any(a["mechanism"] == m and a["epsilon_max"][0] is not None for a in agg)] \
         or list(MECHANISMS)[:1]
     fig, axes = plt.subplots(1, len(mechs), figsize=(5.2 * len(mechs) + 2.2, 4.2), dpi=120, sharey=True, squeeze=False)
-    styles = {"nonprivate": ("k", "--", "non-private pFedPG (ε = ∞)"), "clip_only": ("C2", ":", "clip only (z = 0, ε = ∞)"),
-              "local": ("C3", "-.", "local (sends nothing)")}
+    styles = {"nonprivate": ("k", "--", "non-private pFedPG (ε = ∞)"),
+              "clip_only": ("C2", ":", "clip only (z = 0, ε = ∞)"), "local": ("C3", "-.", "local (sends nothing)")}
     for k, (ax, mech) in enumerate(zip(axes[0], mechs)):
         i = list(MECHANISMS).index(mech)
         pts = sorted((a["epsilon_max"][0], a["accuracy_mean"][0], a["accuracy_mean"][1] or 0.0) for a in agg
@@ -303,7 +307,8 @@ def plot(path: Path, agg: list[dict[str, Any]]) -> None:
         for base, (color, ls, label) in styles.items():
             a = next((a for a in agg if a["mechanism"] == base), None)
             if a is not None:
-                ax.axhline(a["accuracy_mean"][0], color=color, ls=ls, lw=1, label=label if k == len(mechs) - 1 else None)
+                ax.axhline(a["accuracy_mean"][0], color=color, ls=ls, lw=1,
+                           label=label if k == len(mechs) - 1 else None)
         ax.set_xscale("log")
         ticks = sorted({round(a["epsilon_max"][0], 2) for a in agg if a["mechanism"] == mech
                         and a["epsilon_max"][0] is not None and math.isfinite(a["epsilon_max"][0])})
@@ -364,15 +369,15 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
              "accuracy after the last join round, the same budget in every row (`local`: they train alone from the "
              "VPT init), with ε over every client, the new ones' join rounds included."
              if any(r.get("new_clients_accuracy_mean") is not None for r in rows) else ""),
-          "", table, "",
-          "![accuracy vs epsilon](accuracy_vs_epsilon.png)", ""]
+          "", table, "", "![accuracy vs epsilon](accuracy_vs_epsilon.png)", ""]
     if sweep.audit is not None:
         md += ["Leakage probes (`leakage_audit`, pooled over seeds; per-run AUC and TPR at 0.1% FPR are columns of "
                "`tradeoff.csv`; `pfedpg-eval audit` gives the full report):", "",
                "![TPR at 0.1% FPR vs epsilon](tpr_vs_epsilon.png)", ""]
     md += ["## Privacy statements", ""]
     for mech, st in statements.items():
-        md += [f"### {MECHANISMS[mech]} (`{mech}`)", ""] + [f"- **{k.replace('_', ' ')}**: {_readable(v)}" for k, v in st.items()] + [""]
+        md += ([f"### {MECHANISMS[mech]} (`{mech}`)", ""]
+               + [f"- **{k.replace('_', ' ')}**: {_readable(v)}" for k, v in st.items()] + [""])
     if "dp_client" in statements:
         md += ["Client-level DP protects what leaves the client (ΔP_n and all server state derived from it), "
                "not the client's own adapted prompt or head: probes on those get no ε under `dp_client`.", ""]
@@ -384,9 +389,11 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     parts += [img_tag(out / "accuracy_vs_epsilon.png", "accuracy vs epsilon"), "<h2>Privacy statements</h2>"]
     for mech, st in statements.items():
         parts.append(f"<h3>{esc(MECHANISMS[mech])}</h3><ul>"
-                     + "".join(f"<li><b>{esc(k.replace('_', ' '))}</b>: {esc(_readable(v))}</li>" for k, v in st.items()) + "</ul>")
+                     + "".join(f"<li><b>{esc(k.replace('_', ' '))}</b>: {esc(_readable(v))}</li>"
+                               for k, v in st.items()) + "</ul>")
     parts.append("<h2>Runs</h2><table><tr><th>cell</th><th>status</th><th>run directory</th></tr>"
-                 + "".join(f"<tr><td>{esc(r['cell'])}</td><td>{esc(r['status'] + (' — ' + r['error'] if r['error'] else ''))}</td>"
+                 + "".join(f"<tr><td>{esc(r['cell'])}</td>"
+                           f"<td>{esc(r['status'] + (' — ' + r['error'] if r['error'] else ''))}</td>"
                            f"<td>{esc(r['run_dir'])}</td></tr>" for r in rows) + "</table>")
     (out / "report.html").write_text("\n".join(parts))
     if failed:

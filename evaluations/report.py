@@ -26,8 +26,10 @@ def write_grid_markdown(path: Path, md: list[str], rows: list[dict]) -> str:
     the title and, at the end, one line per cell with its status (and error) and folder. Returns the
     intro paragraph (the HTML page repeats it)."""
     intro = md[2]
-    md = md[:1] + ["", run_header(rows)] + md[1:] + ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"]
-    md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r.get('error') else ''} | `{r['run_dir']}` |" for r in rows]
+    md = (md[:1] + ["", run_header(rows)] + md[1:]
+          + ["## Runs", "", "| cell | status | run directory |", "|---|---|---|"])
+    md += [f"| {r['cell']} | {r['status']}{' — ' + r['error'] if r.get('error') else ''} | `{r['run_dir']}` |"
+           for r in rows]
     path.write_text("\n".join(md) + "\n")
     return intro
 
@@ -53,12 +55,13 @@ def run_header(rows: list[dict]) -> str:
     clients = (f"{d.get('clients_per_domain')} per domain" if d.get("partition") == "domain"
                else f"{d.get('num_clients')} clients")
     gen = (c.get("server") or {}).get("generator")
-    return (f"What was run: method {c.get('method')}" + (f" (generator {gen})" if c.get("method") == "pfedpg" and gen else "")
+    return (f"What was run: method {c.get('method')}"
+            + (f" (generator {gen})" if c.get("method") == "pfedpg" and gen else "")
             + f"; data {data}, partition {d.get('partition')}, {clients}, {d.get('image_size')} px; "
             f"{c.get('rounds')} rounds, E = {(c.get('client') or {}).get('local_epochs')}; "
             f"seeds {', '.join(map(str, seeds))} (n = {len(seeds)}); backbone {m.get('name')} ({m.get('weights')}"
-            + (f"; {arch}" if arch else "") + f"), {m.get('num_prompts')} prompt tokens {m.get('prompt_depth', 'shallow')}; "
-            f"pfedpg-eval {__version__}.")
+            + (f"; {arch}" if arch else "") + f"), {m.get('num_prompts')} prompt tokens "
+            f"{m.get('prompt_depth', 'shallow')}; pfedpg-eval {__version__}.")
 
 
 def html_page(title: str, heading: str, intro: str, header: list[str], body: list[list[str]], *,
@@ -85,7 +88,8 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
-        raise FileNotFoundError(f"{str(summary_path)!r} not found: the run has not finished; finish it with --resume first")
+        raise FileNotFoundError(f"{str(summary_path)!r} not found: the run has not finished; "
+                                "finish it with --resume first")
     s = json.loads(summary_path.read_text())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     png = learning_curve(run_dir)
@@ -124,16 +128,19 @@ def _accuracy_tables(s: dict) -> list[str]:
                  "file (the node's metrics-dir).", ""]
     else:
         lines = [
-            f"Per-client top-1 accuracy on each client's own {'validation' if s.get('evaluated_on') == 'val' else 'test'} "
+            "Per-client top-1 accuracy on each client's own "
+            f"{'validation' if s.get('evaluated_on') == 'val' else 'test'} "
             "split; the last round, never the best one." + (f" Client metrics: {s['client_metrics']}."
                                                           if s.get("client_metrics") else ""),
             "",
             "| prompt | mean | worst | best | std |",
             "|---|---|---|---|---|",
-            f"| adapted P̃_n + head H_n | {_pct(acc['mean'])} | {_pct(acc['worst'])} | {_pct(acc['best'])} | {_pct(acc['std'])} |",
+            f"| adapted P̃_n + head H_n | {_pct(acc['mean'])} | {_pct(acc['worst'])} | {_pct(acc['best'])} | "
+            f"{_pct(acc['std'])} |",
         ]
     if gen:
-        lines.append(f"| generated P_n + head H_n | {_pct(gen['mean'])} | {_pct(gen['worst'])} | {_pct(gen['best'])} | {_pct(gen['std'])} |")
+        lines.append(f"| generated P_n + head H_n | {_pct(gen['mean'])} | {_pct(gen['worst'])} | {_pct(gen['best'])} | "
+                     f"{_pct(gen['std'])} |")
     pids = s["data"].get("partition_ids")  # with new clients, training clients are renumbered
     lines += ["", "| client |" + (" partition id |" if pids else "") + " who | train | test | adapted | generated |",
               "|---|" + ("---|" if pids else "") + "---|---|---|---|---|"]
@@ -141,7 +148,8 @@ def _accuracy_tables(s: dict) -> list[str]:
     names = s["data"].get("client_names") or [""] * len(per_client)
     for n, a in enumerate(per_client):
         g = gen["per_client"][n] if gen else None
-        lines.append(f"| {n} |" + (f" {pids[n]} |" if pids else "") + f" {names[n]} | {s['data']['train_per_client'][n]} | "
+        lines.append(f"| {n} |" + (f" {pids[n]} |" if pids else "")
+                     + f" {names[n]} | {s['data']['train_per_client'][n]} | "
                      f"{s['data']['test_per_client'][n]} | {_pct(a)} | {_pct(g)} |")
     return lines
 
@@ -151,19 +159,22 @@ def _new_clients_section(new: dict) -> list[str]:
     k = len(new["clients"])
     ncomm = new.get("communication") or {}
     lines = ["", "## New clients", "",
-             f"{k} client{'s' if k != 1 else ''} held out of training (partition ids {new['partition_ids']}) joined after "
-             f"the last round. They start from {new['start']}. Join round 0 is {new['round_0']}; each method spends the "
-             f"same (R + 1)·E = {new['budget_epochs']} local epoch{'s' if new['budget_epochs'] != 1 else ''}. Test records "
+             f"{k} client{'s' if k != 1 else ''} held out of training (partition ids {new['partition_ids']}) "
+             f"joined after the last round. They start from {new['start']}. Join round 0 is {new['round_0']}; "
+             f"each method spends the same (R + 1)·E = {new['budget_epochs']} local "
+             f"epoch{'s' if new['budget_epochs'] != 1 else ''}. Test records "
              f"per new client: {', '.join(map(str, new['test_per_client']))}."
-             + (f" Each exchanges {ncomm['down_numbers_per_client']:,} numbers down and {ncomm['up_numbers_per_client']:,} "
-                "up over its join rounds." if ncomm else ""), "",
-             "Accuracy % of each new client's adapted prompt and head on its own test split, after each join round:", "",
+             + (f" Each exchanges {ncomm['down_numbers_per_client']:,} numbers down and "
+                f"{ncomm['up_numbers_per_client']:,} up over its join rounds." if ncomm else ""), "",
+             "Accuracy % of each new client's adapted prompt and head on its own test split, "
+             "after each join round:", "",
              "| join round | mean | worst |" + (" generated prompt + head (mean) |" if ng else ""),
              "|---|---|---|" + ("---|" if ng else "")]
     for j in range(new["join_rounds"] + 1):
         lines.append(f"| {j} | {_pct(na['mean'][j])} | {_pct(na['worst'][j])} |"
                      + (f" {_pct(ng['mean'][j])} |" if ng else ""))
-    lines += ["", "| new client | partition id | who | train | round 0 | last join round |", "|---|---|---|---|---|---|"]
+    lines += ["", "| new client | partition id | who | train | round 0 | last join round |",
+              "|---|---|---|---|---|---|"]
     for i, n in enumerate(new["clients"]):
         per = na["per_client"][i]
         lines.append(f"| {n} | {new['partition_ids'][i]} | {new['names'][i]} | {new['train_per_client'][i]} | "
@@ -188,13 +199,15 @@ def _communication_time_hooks(s: dict, png: Path) -> list[str]:
         "",
         "## Time",
         "",
-        f"Set-up {s['time']['setup_s']:.1f} s, rounds {s['time']['rounds_s']:.1f} s ({s['time']['mean_round_s']:.2f} s per round)"
-        + (f", new clients' join rounds {s['new_clients']['seconds']:.1f} s." if (s.get("new_clients") or {}).get("seconds")
-           is not None else "."),
+        f"Set-up {s['time']['setup_s']:.1f} s, rounds {s['time']['rounds_s']:.1f} s "
+        f"({s['time']['mean_round_s']:.2f} s per round)"
+        + (f", new clients' join rounds {s['new_clients']['seconds']:.1f} s."
+           if (s.get("new_clients") or {}).get("seconds") is not None else "."),
     ]
     if s.get("hooks"):
         lines += ["", "## Hooks", "", "Config order: " + ", ".join(f"`{h}`" for h in s["hooks"]) + "."]
         for name, res in (s.get("hook_results") or {}).items():
             lines.append(f"- `{name}`: `{json.dumps(res)}`")
-    lines += ["", "Files: `config.yaml` (resolved), `seeds.json`, `env.json`, `metrics.jsonl`, `summary.json`, `log.txt`, `checkpoints/`.", ""]
+    lines += ["", "Files: `config.yaml` (resolved), `seeds.json`, `env.json`, `metrics.jsonl`, `summary.json`, "
+              "`log.txt`, `checkpoints/`.", ""]
     return lines

@@ -103,7 +103,8 @@ def cells(matrix: RobustnessConfig, base: dict[str, Any], n: int, m: int) -> lis
 
 def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
     row = {k: None for k in COLUMNS}
-    row.update({k: cell[k] for k in ("cell", "attack", "space", "defense", "malicious_fraction", "num_malicious", "seed")})
+    row.update({k: cell[k]
+                for k in ("cell", "attack", "space", "defense", "malicious_fraction", "num_malicious", "seed")})
     row["run_dir"] = str(run_dir) if run_dir else None
     if "infeasible" in cell:
         row.update(status="infeasible", error=cell["infeasible"])
@@ -196,8 +197,9 @@ def aggregate(rows):
             status = rs[0]["status"]
         out.append({"attack": attack, "space": space, "defense": defense, "fraction": frac, "status": status,
                     "benign_mean": _ms([r["benign_accuracy_mean"] for r in measured]),
-                    "benign_worst": _ms([r["benign_accuracy_worst"] for r in measured]), "asr": _ms([r["asr"] for r in ok]),
-                    "excluded_true": _ms([r["excluded_true"] for r in ok]), "excluded_false": _ms([r["excluded_false"] for r in ok]),
+                    "benign_worst": _ms([r["benign_accuracy_worst"] for r in measured]),
+                    "asr": _ms([r["asr"] for r in ok]), "excluded_true": _ms([r["excluded_true"] for r in ok]),
+                    "excluded_false": _ms([r["excluded_false"] for r in ok]),
                     "aggregation_ms": _ms([r["aggregation_ms"] for r in ok]), "seeds": len(measured),
                     "new_mean": _ms([r["new_clients_accuracy_mean"] for r in ok])})
     out.sort(key=lambda a: (a["fraction"], a["attack"], a["defense"]))
@@ -263,8 +265,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
           "the attack with the lowest benign accuracy. `infeasible`: the rule cannot run at this (m, f). "
           "Delta-space ALIE / IPM / Min-Max act through the attacker's own Jacobian; only grad space reproduces "
           "the published attacks." + (" *New clients %*: clients held out of training (data.new_clients, never "
-                                       "malicious) after their join rounds from the final server state — what a poisoned "
-                                       "generator costs a client that joins afterwards." if with_new else ""), "", table, "", "![heat map](heatmap.png)", "", "![worst case](worst_case.png)", ""]
+                                       "malicious) after their join rounds from the final server state — what a "
+                                       "poisoned generator costs a client that joins afterwards." if with_new else ""),
+          "", table, "", "![heat map](heatmap.png)", "", "![worst case](worst_case.png)", ""]
     intro = md[2]
     md[1:1] = ["", run_header(rows)]
     (out / "report.md").write_text("\n".join(md))

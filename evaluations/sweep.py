@@ -4,8 +4,9 @@ loop under it (:func:`run_cells`).
 
 Each cell is one run directory ``OUT/runs/CELL``. A cell whose ``summary.json`` exists is reused;
 one with checkpoints but no summary resumes from them; one whose saved config differs from the
-cell's (after filling defaults; key order does not count) is a failed result (stale results are never reused); one that raises becomes a failed result
-with its error (and ``error.txt``), and the grid goes on. KeyboardInterrupt is not swallowed.
+cell's (after filling defaults; key order does not count) is a failed result (stale results are
+never reused); one that raises becomes a failed result with its error (and ``error.txt``), and the
+grid goes on. KeyboardInterrupt is not swallowed.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from evaluations.plugins import load_plugins
-from evaluations.report import write_report
 import yaml
 
+from evaluations.plugins import load_plugins
+from evaluations.report import write_report
 from pfedpg.config import config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
 
@@ -49,7 +50,8 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
             raise ConfigError(f"base_config {tree['base_config']!r} not found as {str(bp)!r} (a relative base_config "
                               "is read from the sweep file's folder); fix the path")
         base = load_yaml_file(bp, "base_config") or {}
-    cfg = config_from_dict(_deep_merge(upgrade_keys(base), upgrade_keys(tree.get("base") or {})), overrides)  # validates; errors name the key
+    # validates; errors name the key
+    cfg = config_from_dict(_deep_merge(upgrade_keys(base), upgrade_keys(tree.get("base") or {})), overrides)
     return tree.get(section) or {}, cfg
 
 
@@ -247,7 +249,8 @@ def _earlier_result(cell: dict[str, Any], run_dir: Path, tag: str, log: Callable
 def _finish_cell(cell: dict[str, Any], run_dir: Path, tag: str, summary: dict[str, Any] | None, error: str | None,
                  trace: str | None, log: Callable[[str], None]) -> CellResult:
     if error is None:
-        acc = f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy") else "accuracy kept by the clients"
+        acc = (f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy")
+               else "accuracy kept by the clients")
         log(f"{tag}: {acc}{_where(summary)}")
     elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
         log(f"{tag}: diverged ({error})")

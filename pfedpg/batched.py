@@ -56,7 +56,8 @@ def batched_sgd_local_training(model, jobs: list[LocalJob], starts: list[dict[st
         idx = torch.tensor(active, device=dev)
         sample_size = torch.zeros(c, dtype=per_sample.dtype, device=dev)
         sample_size[idx] = sizes
-        losses = torch.zeros(c, dtype=per_sample.dtype, device=dev).index_add(0, owner, per_sample) / sample_size.clamp_min(1)
+        losses = (torch.zeros(c, dtype=per_sample.dtype, device=dev).index_add(0, owner, per_sample)
+                  / sample_size.clamp_min(1))
         grads = torch.autograd.grad(losses.sum(), [prompts, weights, biases])
         with torch.no_grad():
             for k, (param, grad) in enumerate(zip((prompts, weights, biases), grads)):

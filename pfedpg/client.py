@@ -103,7 +103,8 @@ def make_optimizer(model, cfg: ClientConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def training_batch(model, data, idx: torch.Tensor, augment: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(model, data, idx: torch.Tensor,
+                   augment: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Records ``idx`` of ``data`` as a training batch on the model's device: images through the
     model's input pipeline (augmented with the ``augment`` stream when the run augments), labels moved."""
     x = model.prepare(data.x[idx], augment)

@@ -16,17 +16,16 @@ from typing import Any, ClassVar
 
 import yaml
 
+from pfedpg import typed
 from pfedpg.client import ClientConfig
 from pfedpg.data.config import DataConfig
 from pfedpg.deprecation import RenamedKeyWarning, renamed
-from pfedpg import typed
 from pfedpg.errors import ConfigError
-from pfedpg.typed import _default_of, _field_type, build_dataclass
-from pfedpg.yamlio import load_yaml, load_yaml_file  # noqa: F401  (load_yaml_file re-exported)
 from pfedpg.models.backbone import ModelConfig
 from pfedpg.models.device import check_amp, check_device_spec
 from pfedpg.server import SERVERS, ServerConfig
-
+from pfedpg.typed import _default_of, _field_type, build_dataclass
+from pfedpg.yamlio import load_yaml, load_yaml_file  # noqa: F401  (load_yaml_file re-exported)
 
 AUGMENTS = ("shift", "crop_flip")
 
@@ -51,9 +50,11 @@ class PretrainDataConfig:
         if self.max_records is not None and (not isinstance(self.max_records, int) or self.max_records < 1):
             raise ConfigError(f"pretrain.data.max_records={self.max_records!r} must be a positive integer or null")
         if self.val_path is not None and self.val_fraction:
-            raise ConfigError("pretrain.data.val_fraction is set but val_path gives the validation set; drop one of them")
+            raise ConfigError("pretrain.data.val_fraction is set but val_path gives the validation set; "
+                              "drop one of them")
         if self.path is None and (self.val_path is not None or self.val_fraction or self.max_records is not None):
-            raise ConfigError("pretrain.data.val_path / val_fraction / max_records need pretrain.data.path (the data set to pretrain on)")
+            raise ConfigError("pretrain.data.val_path / val_fraction / max_records need pretrain.data.path "
+                              "(the data set to pretrain on)")
 
 
 @dataclass
@@ -122,7 +123,8 @@ class PretrainConfig:
         if self.amp and self.device == "cpu":
             raise ConfigError("pretrain.amp (bfloat16 autocast) needs a CUDA device; drop amp on pretrain.device: cpu")
         if self.data.path is not None and self.remix:
-            raise ConfigError("pretrain.remix re-draws the run's own overlay split; it cannot apply to pretrain.data.path")
+            raise ConfigError("pretrain.remix re-draws the run's own overlay split; "
+                              "it cannot apply to pretrain.data.path")
 
 
 @dataclass
@@ -177,25 +179,28 @@ class FlowerConfig:
             raise ConfigError(f"flower.client_cpus={self.client_cpus!r} must be a whole number of CPUs ≥ 1 (Flower "
                               "1.42's simulation reserves whole CPUs per ClientApp actor)")
         if not (math.isfinite(self.client_gpus) and 0 <= self.client_gpus):
-            raise ConfigError(f"flower.client_gpus={self.client_gpus!r} must be a number >= 0 (a GPU share per ClientApp "
-                              "actor, e.g. 0.25; 0 = CPU only)")
+            raise ConfigError(f"flower.client_gpus={self.client_gpus!r} must be a number >= 0 "
+                              "(a GPU share per ClientApp actor, e.g. 0.25; 0 = CPU only)")
         for key in ("node_wait_s", "round_timeout_s"):
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"flower.{key}={v!r} must be a positive number")
         if self.on_client_failure not in FAILURE_POLICIES:
-            raise ConfigError(f"flower.on_client_failure={self.on_client_failure!r} is not one of {', '.join(FAILURE_POLICIES)}")
+            raise ConfigError(f"flower.on_client_failure={self.on_client_failure!r} is not one of "
+                              f"{', '.join(FAILURE_POLICIES)}")
         if self.num_clients is not None:
             if not isinstance(self.num_clients, int) or isinstance(self.num_clients, bool) or self.num_clients < 1:
                 raise ConfigError(f"flower.num_clients={self.num_clients!r} must be a positive integer (or null)")
             if self.superlink is None:
-                raise ConfigError("flower.num_clients (node-local data) needs a deployment: set flower.superlink to the "
-                                  "SuperLink's host:port, or drop num_clients for the simulation engine")
+                raise ConfigError("flower.num_clients (node-local data) needs a deployment: set flower.superlink "
+                                  "to the SuperLink's host:port, or drop num_clients for the simulation engine")
         if self.root_certificates is not None and self.insecure:
-            raise ConfigError("flower.root_certificates is set but flower.insecure is true; set insecure: false for TLS")
+            raise ConfigError("flower.root_certificates is set but flower.insecure is true; "
+                              "set insecure: false for TLS")
         if self.superlink is not None and not self.insecure and self.root_certificates is None:
             raise ConfigError("flower.superlink connects with TLS by default: set flower.root_certificates to the "
-                              "SuperLink's CA certificate (make a CA and certificates with `pfedpg-eval flower-certs DIR`), "
+                              "SuperLink's CA certificate (make a CA and certificates with "
+                              "`pfedpg-eval flower-certs DIR`), "
                               "or set flower.insecure: true for plaintext on a trusted network")
 
 
@@ -209,7 +214,8 @@ class RunConfig:
     # test: each client's test split. val: its validation split (data.val_fraction > 0) — tune
     # hyperparameters there, never on test.
     evaluate_on: str = "test"
-    checkpoint_every: int = 5  # every k rounds; 0 = none in between. The final round is always saved (the trained state)
+    # every k rounds; 0 = none in between. The final round is always saved (the trained state)
+    checkpoint_every: int = 5
     output_dir: str = "runs"
     run_name: str | None = None
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
@@ -261,10 +267,12 @@ class RunConfig:
         if self.evaluate_on == "val" and self.data.val_fraction == 0:
             raise ConfigError("evaluate_on=val needs a validation split: set data.val_fraction > 0")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r} must be an integer >= 0 (0 = only the final round)")
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every!r} must be an integer >= 0 "
+                              "(0 = only the final round)")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
-        if self.clients_per_round is not None and (not isinstance(self.clients_per_round, int) or self.clients_per_round < 1):
+        if self.clients_per_round is not None and (not isinstance(self.clients_per_round, int)
+                                                   or self.clients_per_round < 1):
             raise ConfigError(f"clients_per_round={self.clients_per_round!r} must be a positive integer or null (all)")
         if self.pretrain.remix and self.data.composite != "overlay":
             raise ConfigError("pretrain.remix re-draws overlay distractors: it needs data.composite: overlay "
@@ -272,7 +280,8 @@ class RunConfig:
         size = self.model.image_size()
         if size is not None and size != self.data.image_size:
             raise ConfigError(
-                f"model.kwargs.img_size={size} differs from data.image_size={self.data.image_size}; set both to the same size"
+                f"model.kwargs.img_size={size} differs from data.image_size={self.data.image_size}; "
+                "set both to the same size"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,7 +344,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; pass --config with an existing YAML file (see configs/)")
+            raise ConfigError(f"config file {str(p)!r} not found; pass --config with an existing YAML file "
+                              "(see configs/)")
         values = load_yaml_file(p) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")

@@ -30,7 +30,7 @@ import torch
 
 if TYPE_CHECKING:
     from pfedpg.client import ClientState
-    from pfedpg.config import Config
+    from pfedpg.config import RunConfig
     from pfedpg.models.prompted_vit import PromptedViT
     from pfedpg.seeding import Seeds
 
@@ -65,7 +65,7 @@ class RunContext:
     read. Hooks get it at ``setup``, ``end_of_round`` and ``end_of_run``; the other points get
     :attr:`client_side` or :attr:`server_side`."""
 
-    config: Config
+    config: RunConfig
     seeds: Seeds
     run_dir: Path | None
     num_clients: int
@@ -136,7 +136,7 @@ class RunFacts:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
-    def config(self) -> Config:
+    def config(self) -> RunConfig:
         return self._ctx.config
 
     @property

@@ -129,14 +129,16 @@ class Hook:
     def client_data(self, ctx: ClientSide, *, client: int, round: int, data: ClientData) -> ClientData:
         return data
 
-    def local_training(self, ctx: ClientSide, job: LocalJob, call_next: Callable[[LocalJob], LocalResult]) -> LocalResult:
+    def local_training(self, ctx: ClientSide, job: LocalJob,
+                       call_next: Callable[[LocalJob], LocalResult]) -> LocalResult:
         return call_next(job)
 
     def outgoing_delta(self, ctx: ClientSide, *, client: int, round: int, delta: torch.Tensor) -> torch.Tensor:
         return delta
 
     # --- server side ---------------------------------------------------------------------------
-    def incoming_deltas(self, ctx: ServerSide, *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def incoming_deltas(self, ctx: ServerSide, *, round: int,
+                        deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return deltas
 
     def shared_gradients(self, ctx: ServerSide, *, round: int, grads):
@@ -242,7 +244,8 @@ class HookChain:
             delta = h.outgoing_delta(view, client=client, round=round, delta=delta)
         return delta
 
-    def incoming_deltas(self, ctx: RunContext, *, round: int, deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def incoming_deltas(self, ctx: RunContext, *, round: int,
+                        deltas: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         view = ctx.server_side
         for h in self.hooks:
             deltas = h.incoming_deltas(view, round=round, deltas=deltas)
@@ -327,7 +330,8 @@ def build_hooks(specs: list[dict[str, Any]]) -> HookChain:
         try:
             hooks.append(cls(**options))
         except TypeError as e:
-            raise ConfigError(f"hooks[{i}] ({spec['name']}): {e}; its options are {', '.join(valid) or '(none)'}") from None
+            raise ConfigError(f"hooks[{i}] ({spec['name']}): {e}; "
+                              f"its options are {', '.join(valid) or '(none)'}") from None
     return HookChain(hooks)
 
 

@@ -20,7 +20,6 @@ from pfedpg.errors import ConfigError
 from pfedpg.models.device import configure, resolve_device
 from pfedpg.seeding import Seeds
 
-
 #: pretraining refuses fewer records than this per class (a backbone from a dozen images is noise)
 MIN_RECORDS_PER_CLASS = 5
 PUBLIC_SPLIT_FIELDS = ("source", "path", "image_size", "storage_size", "public_fraction", "num_domains", "domains",
@@ -85,7 +84,8 @@ def pretrain_key(cfg) -> str:
     }
     if p.domain_prompts:
         # revision 2: the domain-prompted head is seeded (revision 1 read torch's global generator)
-        payload["prompts"] = {"num_prompts": cfg.model.num_prompts, "prompt_depth": cfg.model.prompt_depth, "revision": 2}
+        payload["prompts"] = {"num_prompts": cfg.model.num_prompts, "prompt_depth": cfg.model.prompt_depth,
+                              "revision": 2}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -141,8 +141,8 @@ def _pretrain_records(cfg, dataset):
     else:
         train_idx, val = np.arange(len(full.labels)), None
     if d.max_records is not None and d.max_records >= len(train_idx):
-        raise ConfigError(f"pretrain.data.max_records={d.max_records} is not below the {len(train_idx)} training records of "
-                          f"{d.path}; drop it (null uses them all)")
+        raise ConfigError(f"pretrain.data.max_records={d.max_records} is not below the {len(train_idx)} "
+                          f"training records of {d.path}; drop it (null uses them all)")
     if d.max_records is not None:
         train_idx = train_idx[stratified_choice(full.labels[train_idx], total=d.max_records, rng=rng)]
     return full.subset(train_idx), val, str(d.path)
@@ -189,7 +189,8 @@ def pretrain_backbone(cfg, *, dataset=None, log: Callable[[str], None] = print, 
     if partial.is_file() and not force:
         run.resume(partial)
     else:
-        log(f"pretraining {cfg.model.name} on {len(ds.labels)} records ({where}) for {cfg.pretrain.epochs} epochs -> {path}")
+        log(f"pretraining {cfg.model.name} on {len(ds.labels)} records ({where}) for {cfg.pretrain.epochs} epochs "
+            f"-> {path}")
     if run.train(log_path(cfg), partial, progress=progress, stop_after=stop_after):
         run.save(path)
         partial.unlink(missing_ok=True)

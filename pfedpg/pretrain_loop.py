@@ -271,7 +271,8 @@ class Pretraining:
                 "seconds": round(self.seconds, 2), "key": self.key}
         if val is not None:
             info.update(val_records=int(len(val.labels)), final_val_accuracy=final["val_accuracy"])
-        self.log(f"pretraining done in {info['seconds']} s; last-epoch train accuracy {info['final_train_accuracy']:.3f}"
+        self.log(f"pretraining done in {info['seconds']} s; "
+                 f"last-epoch train accuracy {info['final_train_accuracy']:.3f}"
                  + (f", val accuracy {info['final_val_accuracy']:.3f}" if val is not None else ""))
         path.parent.mkdir(parents=True, exist_ok=True)
         # A per-process temporary name: two runs that pretrain the same backbone at once never share it.

@@ -57,7 +57,8 @@ class ServerConfig:
         if not self.attention_logit_std > 0:
             raise ConfigError(f"server.attention_logit_std={self.attention_logit_std!r} must be > 0")
         if self.update_bound is not None and not (self.update_bound > 0 and math.isfinite(self.update_bound)):
-            raise ConfigError(f"server.update_bound={self.update_bound!r} must be a positive number, or null (the plain step)")
+            raise ConfigError(f"server.update_bound={self.update_bound!r} must be a positive number, "
+                              "or null (the plain step)")
 
 
 @dataclass
@@ -84,7 +85,8 @@ class Server(nn.Module):
         #: An audit's clients (DESIGN §6: canary clients that hold no data): ids after the training and
         #: new clients, served like any client; ``rows`` maps every served client to its index.
         self.audit_clients = list(audit_clients)
-        self.rows = {**{n: n for n in range(num_clients)}, **{c: num_clients + k for k, c in enumerate(self.audit_clients)}}
+        self.rows = {**{n: n for n in range(num_clients)},
+                     **{c: num_clients + k for k, c in enumerate(self.audit_clients)}}
 
     def prompts_for(self, clients: list[int]) -> dict[int, torch.Tensor]:
         raise NotImplementedError
@@ -208,7 +210,8 @@ class PFedPGServer(Server):
             rows.append(_flatten(list(grads[:-1]), shared))
             private[n] = [torch.zeros_like(d_n) if grads[-1] is None else grads[-1]]
         stack = torch.stack(rows) if rows else torch.zeros(0, self.num_shared(), device=self.p_base.device)
-        return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype, device=stack.device), private)
+        return ClientGradients(clients, stack, torch.ones(len(clients), dtype=stack.dtype, device=stack.device),
+                               private)
 
     joins_with_updates = True
     join_description = ("G(P_base, d_new) with d_new = the mean of the trained descriptors; each join round the client "

@@ -4,8 +4,8 @@ renamed key (a section's ``RENAMED``) to its new name."""
 from __future__ import annotations
 
 import dataclasses
-import typing
 import types
+import typing
 from typing import Any
 
 from pfedpg.deprecation import take_renamed
@@ -70,7 +70,8 @@ def build_dataclass(cls, values: dict[str, Any], where: str = ""):
     values = upgrade_keys(values, cls, where)
     unknown = [k for k in values if k not in names]
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys{' in ' + where if where else ''}: {', '.join(names)}")
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; "
+                          f"valid keys{' in ' + where if where else ''}: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)

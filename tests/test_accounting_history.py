@@ -24,10 +24,10 @@ import json
 import math
 
 import pytest
+from conftest import tiny_config
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from conftest import tiny_config
 from defenses.accounting import ClientAccountants
 from pfedpg.gdp import gdp_epsilon
 from pfedpg.run import Trainer

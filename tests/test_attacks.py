@@ -3,11 +3,11 @@ import json
 from types import SimpleNamespace
 
 import torch
+from conftest import tiny_config
 
 import attacks  # noqa: F401
 import defenses  # noqa: F401
 from attacks.malicious import ALIE, IPM, MinMax, MinSum, PixelBackdoor, SignFlip, add_trigger
-from conftest import tiny_config
 from pfedpg.hooks import HookChain, RunContext, build_hooks
 from pfedpg.jobs import ClientData
 from pfedpg.run import Trainer
@@ -93,7 +93,8 @@ def test_backdoor_poisons_its_data_and_asr_uses_benign_non_target_images():
     ctx = ctx_for(n=3, eval_data=[(x, y)] * 3)
     ctx.config = SimpleNamespace(model=model)
     hook.setup(ctx)
-    poisoned = hook.client_data(ctx.client_side, client=1, round=1, data=ClientData(x, torch.tensor([5, 5, 5, 5, 5, 5])))
+    poisoned = hook.client_data(ctx.client_side, client=1, round=1,
+                                data=ClientData(x, torch.tensor([5, 5, 5, 5, 5, 5])))
     assert int((poisoned.y == 0).sum()) == 3 and int((poisoned.x[:, :, -2:, -2:] != 0).any(dim=(1, 2, 3)).sum()) == 3
     assert poisoned.x.dtype == torch.uint8 and torch.equal(poisoned.x[:, :, :-2], x[:, :, :-2])  # only the corner
     # The trigger in pixels: "on" cells at mean + 3·std, clipped to 255; "off" cells at the mean colour.
@@ -118,7 +119,8 @@ def test_a_run_with_an_attack_and_a_defense(tmp_path):
     state differs from the clean run's, and the median's from the attacked plain sum's; the median
     excludes no whole client (it is coordinate-wise), and the log says so every round."""
     alie = {"name": "alie", "clients": [0], "space": "grad"}
-    runs = {"clean": [], "alie": [alie], "alie_median": [alie, {"name": "robust_aggregation", "rule": "median", "f": 1}]}
+    runs = {"clean": [], "alie": [alie],
+            "alie_median": [alie, {"name": "robust_aggregation", "rule": "median", "f": 1}]}
     server = {}
     for name, hooks in runs.items():
         summary = Trainer(tiny_config(rounds=2, hooks=hooks, **{"server.lr": 0.1}), run_dir=tmp_path / name).run()

@@ -5,7 +5,6 @@ noise × 0.57 (ε 8 → about 16), dp_client clipping after its noise, DP-SGD's 
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_MODEL
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "audit_falsifiable.yaml"

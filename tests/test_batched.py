@@ -1,8 +1,8 @@
 """Clients trained in one batch equal clients trained one after another (DESIGN §9)."""
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from pfedpg.errors import ConfigError
 
 

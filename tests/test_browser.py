@@ -6,7 +6,8 @@ pytest.importorskip("playwright")
 
 from evaluations.browser_check import check_reports, find_chromium, main  # noqa: E402
 
-pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium on this machine (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(find_chromium() is None,
+                                reason="no Chromium on this machine (apt-get install chromium)")
 
 
 def _png(path):

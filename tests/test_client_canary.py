@@ -6,11 +6,10 @@ import math
 
 import numpy as np
 import pytest
-
 import torch
+from conftest import tiny_config
 
 from attacks.canary_estimate import epsilon_cap, estimate_epsilon
-from conftest import tiny_config
 from pfedpg.errors import ConfigError
 from pfedpg.gdp import gaussians_delta, gaussians_epsilon, gdp_epsilon
 
@@ -42,11 +41,13 @@ def test_estimator_recovers_a_planted_epsilon_with_intervals_that_cover_it():
         assert abs(ev["mu_hat"] - 1.0) < 0.5 and est["epsilon_cap"] == pytest.approx(epsilon_cap(64, 1000, 1e-5))
     assert covered["two_gaussians"] >= 9 and covered["equal_variance"] >= 9, covered
     # Never-inserted canaries read 0 at the interval's lower end; too few canaries give no estimate.
-    assert estimate_epsilon(rng.normal(size=40), rng.normal(size=1000), delta=1e-5)["equal_variance"]["epsilon_ci"][0] == 0.0
+    assert estimate_epsilon(rng.normal(size=40), rng.normal(size=1000),
+                            delta=1e-5)["equal_variance"]["epsilon_ci"][0] == 0.0
     few = estimate_epsilon([0.1, 0.2], rng.normal(size=100), delta=1e-5)
     assert few["epsilon_hat"] is None and "needs >= 3" in few["status"]
     # The cap: 8 canaries and 500 null directions, perfectly separated, certify at most ln(0.631 / 0.0074).
-    assert epsilon_cap(8, 500, 1e-5) == pytest.approx(math.log((0.025 ** (1 / 8) - 1e-5) / (1 - 0.025 ** (1 / 500))), rel=1e-6)
+    assert epsilon_cap(8, 500, 1e-5) == pytest.approx(math.log((0.025 ** (1 / 8) - 1e-5) / (1 - 0.025 ** (1 / 500))),
+                                                      rel=1e-6)
 
 
 def run(tmp_path, name, hooks, **kw):

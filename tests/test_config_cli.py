@@ -3,8 +3,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import TINY_MODEL
+
 from evaluations.cli import main
 from pfedpg.config import config_from_dict, load_config
 from pfedpg.errors import ConfigError
@@ -14,7 +14,8 @@ from pfedpg.errors import ConfigError
     ({"rounds_": 3}, "unknown config key rounds_; valid keys: seed, method, rounds"),
     ({"client": {"learning_rate": 0.1}}, "unknown config key client.learning_rate; valid keys in client: lr"),
     ({"method": "fedprox"}, "unknown method 'fedprox'; choose one of: fedvpt, local, pfedpg"),
-    ({"server": {"generator": "transformer"}}, "unknown generator 'transformer'; choose one of: adain, basis, cross_attention, mlp"),
+    ({"server": {"generator": "transformer"}},
+     "unknown generator 'transformer'; choose one of: adain, basis, cross_attention, mlp"),
     ({"rounds": 0}, "rounds=0 must be a positive integer"),
     ({"rounds": "ten"}, "rounds='ten' must be an integer"),
     ({"client": {"lr": -1}}, "client.lr=-1.0 must be a finite number >= 0"),
@@ -97,8 +98,8 @@ def test_cli_train_report_and_resume(tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--set", "client.learning_rate=0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: unknown config key client.learning_rate; valid keys in client: lr, head_lr, momentum, weight_decay, "
-                   "batch_size, local_epochs, eval_batch_size"]
+    assert err == ["error: unknown config key client.learning_rate; valid keys in client: lr, head_lr, momentum, "
+                   "weight_decay, batch_size, local_epochs, eval_batch_size"]
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
@@ -240,7 +241,8 @@ def test_ctrl_c_ends_with_the_resume_command(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"interrupted; resume with: pfedpg-eval train --resume --run-dir {run_dir}")
+    assert err.strip().splitlines()[-1].startswith("interrupted; resume with: "
+                                                   f"pfedpg-eval train --resume --run-dir {run_dir}")
 
 
 def test_the_interrupt_hint_says_resume_only_once_a_checkpoint_exists(tmp_path):
@@ -259,17 +261,20 @@ def test_a_misspelt_hook_option_lists_the_hooks_options():
     load_plugins()
     from pfedpg.hooks import build_hooks
 
-    with pytest.raises(ConfigError, match=r"hooks\[0\] \(dp_client\): unknown option 'delt'; its options are clip, .*delta"):
+    with pytest.raises(ConfigError,
+                       match=r"hooks\[0\] \(dp_client\): unknown option 'delt'; its options are clip, .*delta"):
         build_hooks([{"name": "dp_client", "clip": 1.0, "delt": 1e-5}])
 
 
 def test_pretraining_on_too_few_public_records_is_refused_with_the_numbers(tmp_path):
     from conftest import tiny_config
+
     from pfedpg.pretrain import pretrain_backbone
 
-    cfg = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.01, "pretrain.cache_dir": str(tmp_path)})
-    with pytest.raises(ConfigError, match=r"pretraining on \d+ public split records for 10 classes: fewer than 5 per class "
-                                          r"\(50\).*data.public_fraction"):
+    cfg = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.01,
+                         "pretrain.cache_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"pretraining on \d+ public split records for 10 classes: "
+                                          r"fewer than 5 per class \(50\).*data.public_fraction"):
         pretrain_backbone(cfg, log=lambda m: None)
 
 
@@ -289,7 +294,8 @@ def test_renamed_keys_keep_working_for_one_release_with_a_one_line_warning(tmp_p
     assert old == new
     with pytest.warns(RenamedKeyWarning) as seen:
         assert config_from_dict({}, ["server.max_grad_norm=2.0", "new_client_rounds=3"]).server.update_bound == 2.0
-    assert sorted(str(w.message).split(" is renamed ")[0] for w in seen) == ["new_client_rounds", "server.max_grad_norm"]
+    assert sorted(str(w.message).split(" is renamed ")[0] for w in seen) == \
+        ["new_client_rounds", "server.max_grad_norm"]
     for values in ({"server": {"max_grad_norm": 1.0, "update_bound": 2.0}},
                    {"new_client_rounds": 1, "data": {"new_client_rounds": 2}}):
         with pytest.raises(ConfigError, match="keep only"):
@@ -303,7 +309,8 @@ def test_renamed_keys_keep_working_for_one_release_with_a_one_line_warning(tmp_p
     # read under today's names before they are merged, so this is not "both given".
     (tmp_path / "base.yaml").write_text("data: {new_client_rounds: 5}\nserver: {update_bound: 1.0}\n")
     sweep = tmp_path / "grid.yaml"
-    sweep.write_text("base_config: base.yaml\nbase: {new_client_rounds: 2, server: {max_grad_norm: 3.0}}\nprivacy: {}\n")
+    sweep.write_text("base_config: base.yaml\n"
+                     "base: {new_client_rounds: 2, server: {max_grad_norm: 3.0}}\nprivacy: {}\n")
     from evaluations.sweep import load_grid_file
 
     with pytest.warns(RenamedKeyWarning):

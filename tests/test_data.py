@@ -47,7 +47,8 @@ def _all_indices(c: ClientSplit) -> np.ndarray:
     return np.concatenate([c.train, c.test, c.val])
 
 
-def _write_npz(path: Path, *, n_train: int, n_test: int = 0, n_classes: int = 4, n_domains: int = 2, size=(6, 6), seed: int = 0):
+def _write_npz(path: Path, *, n_train: int, n_test: int = 0, n_classes: int = 4, n_domains: int = 2, size=(6, 6),
+               seed: int = 0):
     """A small npz in the project's format; images encode (domain, label) so resizing keeps them apart."""
     rng = np.random.default_rng(seed)
     n = n_train + n_test
@@ -313,7 +314,8 @@ def test_per_client_split_is_stratified_by_label(embedded):
 
     for c in clients:
         assert set(embedded.labels[c.test]) == set(range(10))
-        share = np.bincount(embedded.labels[c.test], minlength=10) / np.bincount(embedded.labels[_all_indices(c)], minlength=10)
+        share = (np.bincount(embedded.labels[c.test], minlength=10)
+                 / np.bincount(embedded.labels[_all_indices(c)], minlength=10))
         assert np.all(np.abs(share - 0.3) < 0.1)
 
 
@@ -332,7 +334,8 @@ def test_dirichlet_small_alpha_skews_labels(embedded):
     even = DataConfig(partition="dirichlet", num_clients=10, alpha=100.0, min_size=5)
 
     def mean_max_share(cfg):
-        shares = [np.bincount(embedded.labels[_all_indices(c)], minlength=10) for c in partition_clients(embedded, cfg, seed=0)]
+        shares = [np.bincount(embedded.labels[_all_indices(c)], minlength=10)
+                  for c in partition_clients(embedded, cfg, seed=0)]
         return np.mean([s.max() / s.sum() for s in shares])
 
     assert mean_max_share(skewed) > 0.5
@@ -427,7 +430,8 @@ def test_npz_public_split_comes_from_train_records_and_resizes(tmp_path):
 def test_npz_subsets_renumber_classes_and_domains(tmp_path):
     path = tmp_path / "tiny.npz"
     _write_npz(path, n_train=60, n_classes=4, n_domains=3)
-    cfg = DataConfig(source="npz", path=str(path), classes=["c1", "c3"], domains=["d2"], public_fraction=0.0, image_size=6)
+    cfg = DataConfig(source="npz", path=str(path), classes=["c1", "c3"], domains=["d2"], public_fraction=0.0,
+                     image_size=6)
 
     ds = load_dataset(cfg, seed=0)
 
@@ -590,7 +594,8 @@ def test_an_empty_class_folder_is_an_error_not_a_class(tmp_path):
     (tmp_path / "a" / "bird").mkdir()
     with pytest.raises(DataError, match=r"class folder '.*a/bird' holds no images.*data.classes"):
         load_dataset(DataConfig(source="folder", path=str(tmp_path), public_fraction=0.0), seed=0)
-    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), public_fraction=0.0, classes=["cat", "dog"]), seed=0)
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), public_fraction=0.0, classes=["cat", "dog"]),
+                      seed=0)
     assert ds.class_names == ["cat", "dog"]
 
 
@@ -649,7 +654,8 @@ def test_cifar100_pickle_loader(tmp_path):
     d.mkdir()
     for name, n in (("train", 8), ("test", 4)):
         with open(d / name, "wb") as f:
-            pickle.dump({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}, f)
+            pickle.dump({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": list(range(n)),
+                         b"coarse_labels": [0] * n}, f)
     with open(d / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}, f)
     cfg = DataConfig(source="cifar100", path=str(tmp_path), image_size=32, public_fraction=0.0)

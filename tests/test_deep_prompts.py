@@ -2,8 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_MODEL, tiny_config
+
 from pfedpg.client import trainable_parameters
 from pfedpg.models import ModelConfig, PromptedViT, build_backbone
 
@@ -126,7 +126,8 @@ def test_deep_prompts_with_dp_sgd_dp_client_an_attack_and_a_robust_rule(tmp_path
              {"name": "robust_aggregation", "rule": "median", "f": 1}]
     s = Trainer(deep_config(hooks=hooks), run_dir=tmp_path / "a").run()
     assert s["hook_results"]["dp_client"]["epsilon_per_client"][1] > 0
-    s = Trainer(deep_config(hooks=[{"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}]), run_dir=tmp_path / "b").run()
+    s = Trainer(deep_config(hooks=[{"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}]),
+                run_dir=tmp_path / "b").run()
     assert s["hook_results"]["dp_sgd"]["epsilon_max"] > 0
 
 

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_MODEL, tiny_config
+
 from evaluations.cli import main
 from pfedpg.data import resize_images
 from pfedpg.data.pipeline import InputPipeline, crop_flip, random_resized_crop
@@ -71,7 +71,8 @@ def test_seeded_augmentation_is_reproducible_and_only_moves_pixels():
         windows = [x[i, :, r:r + 8, c:c + 8].float() for r in range(9) for c in range(9)]
         assert any(torch.allclose(crops[i], w, atol=1e-3) or torch.allclose(crops[i], w.flip(-1), atol=1e-3)
                    for w in windows)
-        assert torch.allclose(whole[i], x[i].float(), atol=1e-3) or torch.allclose(whole[i], x[i].float().flip(-1), atol=1e-3)
+        assert torch.allclose(whole[i], x[i].float(), atol=1e-3) or \
+            torch.allclose(whole[i], x[i].float().flip(-1), atol=1e-3)
 
 
 def _losses(run_dir):
@@ -124,7 +125,8 @@ def test_device_and_amp_mistakes_are_one_line(tmp_path, capsys):
         (["--set", "device=tpu"], "device='tpu' is not one of auto, cpu, cuda, cuda:N"),
         (["--set", "amp=fp16"], "amp='fp16' is not one of bf16"),
         (["--set", "device=cpu", "--set", "amp=bf16"], "amp: bf16 autocasts on CUDA only; drop amp on device: cpu"),
-        (["--set", "data.augment=mixup"], "data.augment: got 'mixup'; must be one of none, crop_flip, random_resized_crop"),
+        (["--set", "data.augment=mixup"],
+         "data.augment: got 'mixup'; must be one of none, crop_flip, random_resized_crop"),
     ):
         assert main(["train", *argv, "--run-dir", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err.strip()

@@ -3,15 +3,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attacks.epsilon_bounds import audit_delta_mechanism, clopper_pearson, epsilon_lower_bound
-from conftest import tiny_config
 from defenses.accounting import accountant_epsilon, make_accountant
-from pfedpg.gdp import gdp_epsilon
 from defenses.dp_client import ClientLevelDP, clip_by_norm
 from pfedpg.errors import ConfigError
+from pfedpg.gdp import gdp_epsilon
 from pfedpg.hooks import RunContext
 from pfedpg.run import Trainer
 from pfedpg.seeding import Seeds
@@ -99,7 +99,8 @@ def test_epsilon_accumulates_over_rounds_and_survives_resume(tmp_path):
     assert all(a < b for a, b in zip(eps, eps[1:])), eps
     Trainer(cfg, run_dir=tmp_path / "cut").run(stop_after=2)
     resumed = Trainer(cfg, run_dir=tmp_path / "cut").run(resume=True)
-    assert resumed["hook_results"]["dp_client"]["epsilon_per_client"] == full["hook_results"]["dp_client"]["epsilon_per_client"]
+    assert resumed["hook_results"]["dp_client"]["epsilon_per_client"] == \
+        full["hook_results"]["dp_client"]["epsilon_per_client"]
     assert resumed["accuracy"] == full["accuracy"]
     expected = gdp_epsilon(2 * math.sqrt(4) / 2.0, 1e-5)
     assert expected <= full["hook_results"]["dp_client"]["epsilon_max"] <= 1.15 * expected
@@ -145,8 +146,10 @@ def test_seeded_noise_in_a_flower_deployment_is_flagged():
     lines = []
     for superlink, noise, warned in [("10.0.0.1:9093", "seeded", True), ("10.0.0.1:9093", "local", False),
                                      (None, "seeded", False)]:
-        cfg = config_from_dict({"engine": "flower", "flower": {"superlink": superlink, "insecure": superlink is not None}})
-        ctx = RunContext(config=cfg, seeds=Seeds(0), run_dir=None, num_clients=4, log=lines.append, schedule=[[0, 1, 2, 3]])
+        cfg = config_from_dict({"engine": "flower",
+                                "flower": {"superlink": superlink, "insecure": superlink is not None}})
+        ctx = RunContext(config=cfg, seeds=Seeds(0), run_dir=None, num_clients=4, log=lines.append,
+                         schedule=[[0, 1, 2, 3]])
         lines.clear()
         ClientLevelDP(clip=1.0, noise_multiplier=1.0, noise=noise).setup(ctx)
         assert any("WARNING dp_client" in ln and "noise: local" in ln for ln in lines) == warned
@@ -290,9 +293,11 @@ class BrokenRelease(ClientLevelDP):
     def privatize(self, delta, generator):
         z, c = self.noise_multiplier, self.clip
         if self.mode == "noise_95":
-            return clip_by_norm(delta, c) + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (0.95 * z * c)
+            return (clip_by_norm(delta, c)
+                    + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (0.95 * z * c))
         if self.mode == "clip_110":
-            return clip_by_norm(delta, 1.1 * c) + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (z * c)
+            return (clip_by_norm(delta, 1.1 * c)
+                    + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (z * c))
         if self.mode == "no_clip":
             return delta + torch.randn(delta.shape, generator=generator, dtype=delta.dtype) * (z * c)
         if self.mode == "clip_after_noise":
@@ -318,8 +323,9 @@ def test_broken_releases_are_flagged(mode, flagged):
 def test_both_dp_hooks_report_one_typed_result(tmp_path):
     """dp_client and dp_sgd end a run with the same shape (pfedpg.hooks.PrivacyResult): the unit, δ,
     and ε and z per client — no scalar-or-list for the sweep to tell apart."""
-    import defenses  # noqa: F401  (registers the hooks)
     from conftest import tiny_config
+
+    import defenses  # noqa: F401  (registers the hooks)
     from pfedpg.privacy_result import PrivacyResult
     from pfedpg.run import Trainer
 

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config
+
 from defenses.dp_sgd import RecordLevelDPSGD, per_sample_gradients
 from pfedpg.client import trainable_parameters
 from pfedpg.errors import ConfigError
@@ -39,7 +39,8 @@ def test_dp_sgd_run_accounts_once_per_client_for_the_whole_run(tmp_path):
     assert all(a < b for a, b in zip(eps, eps[1:])), eps  # never resets between rounds
     Trainer(cfg, run_dir=tmp_path / "cut").run(stop_after=2)
     resumed = Trainer(cfg, run_dir=tmp_path / "cut").run(resume=True)
-    assert resumed["hook_results"]["dp_sgd"]["epsilon_per_client"] == full["hook_results"]["dp_sgd"]["epsilon_per_client"]
+    assert resumed["hook_results"]["dp_sgd"]["epsilon_per_client"] == \
+        full["hook_results"]["dp_sgd"]["epsilon_per_client"]
     assert resumed["accuracy"] == full["accuracy"]
 
 
@@ -157,7 +158,8 @@ def _check(rec, sizes):
         problems.append(f"sampling: {int(b.sum())} records drawn, {facts['sampling_z']:.1f} sd from Binomial")
     facts["dispersion"] = float(((b - n * q) ** 2).sum() / (n * q * (1 - q)))
     if abs(facts["dispersion"] - steps) > 5 * (2 * steps) ** 0.5:
-        problems.append(f"sampling: dispersion {facts['dispersion']:.0f}, Binomial gives {steps} ± {(2 * steps) ** 0.5:.0f}")
+        problems.append(f"sampling: dispersion {facts['dispersion']:.0f}, "
+                        f"Binomial gives {steps} ± {(2 * steps) ** 0.5:.0f}")
     resid, sums, totals = [], [], []
     for g, batch in rec.steps:
         total = g.double() * BATCH  # the hook hands over (sum + noise) / (q n), q n = BATCH
@@ -179,7 +181,8 @@ def _check(rec, sizes):
     cos.fill_diagonal_(0)
     facts["max_cos"] = float(cos.abs().max())
     if facts["max_cos"] > 7 / r.shape[1] ** 0.5:
-        problems.append(f"noise: two steps' noise has cosine {facts['max_cos']:.2f} (independent: ~N(0, 1/{r.shape[1]}))")
+        problems.append(f"noise: two steps' noise has cosine {facts['max_cos']:.2f} "
+                        f"(independent: ~N(0, 1/{r.shape[1]}))")
     S, Tt = torch.stack(sums), torch.stack(totals)
     facts["clip_scale"] = float((Tt * S).sum() / (S * S).sum())
     facts["clip_scale_se"] = Z * CLIP / float((S * S).sum().sqrt())

@@ -15,8 +15,9 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.app import MessageType  # noqa: E402
 from conftest import tiny_config  # noqa: E402
+from flwr.app import MessageType  # noqa: E402
+
 from evaluations.plugins import load_plugins  # noqa: E402
 from pfedpg.config import config_from_dict, dump_config  # noqa: E402
 from pfedpg.errors import ConfigError, DataError  # noqa: E402
@@ -113,7 +114,8 @@ def test_simulation_matches_inprocess(tmp_path, hooks, extra):
         assert got["hook_results"]["backdoor"]["asr"] == ref["hook_results"]["backdoor"]["asr"]
         assert got["hook_results"]["backdoor"]["asr_per_client"] == ref["hook_results"]["backdoor"]["asr_per_client"]
     if "dp_client" in ref["hook_results"]:
-        assert got["hook_results"]["dp_client"]["epsilon_per_client"] == ref["hook_results"]["dp_client"]["epsilon_per_client"]
+        assert got["hook_results"]["dp_client"]["epsilon_per_client"] == \
+            ref["hook_results"]["dp_client"]["epsilon_per_client"]
         # Every benign client that trained has spent privacy (the malicious clients 0 and 1 run no DP).
         benign = {c for row in _rows(tmp_path / "flower") for c in row.get("participants") or []} - {0, 1}
         eps = got["hook_results"]["dp_client"]["epsilon_per_client"]
@@ -251,9 +253,11 @@ def test_the_server_receives_only_the_release_under_dp(tmp_path, mechanism):
             assert set(result.keys()) == {"row", "hooks"}
             assert set(json.loads(result["row"])) == {"local_steps"}
             state = unpack(result["hooks"])
-            assert set(state) == {mechanism["name"]} and set(state[mechanism["name"]]) == {"accountant", "mechanism_record"}
+            assert set(state) == {mechanism["name"]} and \
+                set(state[mechanism["name"]]) == {"accountant", "mechanism_record"}
         elif kind == MessageType.EVALUATE:
-            assert not content.array_records and set(json.loads(content.config_records["result"]["row"])) == {"client", "withheld"}
+            assert not content.array_records and \
+                set(json.loads(content.config_records["result"]["row"])) == {"client", "withheld"}
         else:
             facts = json.loads(content.config_records["info"]["json"])["facts"]
             assert facts["domain"] is None and facts["label_counts"] is None
@@ -333,7 +337,8 @@ def test_dead_client_fail_stops_with_finished_rounds_kept(tmp_path):
 # Deployment: a SuperLink and two SuperNodes as separate processes on 127.0.0.1
 
 
-from evaluations.flower.local import Federation, free_port as _free_port  # noqa: E402
+from evaluations.flower.local import Federation  # noqa: E402
+from evaluations.flower.local import free_port as _free_port  # noqa: E402
 
 
 @DEPLOY
@@ -402,16 +407,16 @@ def _node_local_run(tmp_path, cfg, nodes, name="local"):
     from evaluations.flower.app import make_client_app
     from evaluations.flower.trainer import FlowerTrainer
 
-    fcfg = _flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=len(nodes), round_timeout_s=30.0, node_wait_s=5.0)
+    fcfg = _flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=len(nodes), round_timeout_s=30.0,
+                   node_wait_s=5.0)
     settings = {"config-yaml": dump_config(fcfg), "run-dir": str(tmp_path), "backbone-path": ""}
     grid = FakeGrid(make_client_app(settings), len(nodes), die={}, node_configs=nodes)
     return FlowerTrainer(fcfg, run_dir=tmp_path / name, grid=grid)
 
 
 def test_node_local_data_matches_the_partitioned_run(tmp_path):
-    from evaluations.flower.node import ClientRuntime
-
     from evaluations.flower.app import merge_client_metrics
+    from evaluations.flower.node import ClientRuntime
 
     cfg = tiny_config(rounds=2, threads=1, hooks=[{"name": "dp_client", "clip": 0.5, "noise_multiplier": 0.8}])
     # Under dp_client each node keeps its rows in its own metrics-dir (here all beside the run, to merge).
@@ -427,7 +432,8 @@ def test_node_local_data_matches_the_partitioned_run(tmp_path):
     assert _rows(tmp_path / "local") == _rows(tmp_path / "ref")
     assert trainer.train_data == [] and trainer.dataset is None  # the server holds no records
     # A node's runtime holds its own client's records and nobody else's.
-    rt = ClientRuntime.get({"config-yaml": dump_config(_flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=3)),
+    rt = ClientRuntime.get({"config-yaml": dump_config(_flower(cfg, superlink="127.0.0.1:1", insecure=True,
+                                                               num_clients=3)),
                             "run-dir": str(tmp_path), "backbone-path": ""}, nodes[1])
     sizes = [int(x.shape[0]) for x, _ in rt.trainer.train_data]
     assert sizes[1] == ref["data"]["train_per_client"][1] and sizes[0] == sizes[2] == 0
@@ -472,8 +478,8 @@ def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
 
     cfg = tiny_config(rounds=1, threads=1)
     nodes = write_node_files(cfg, tmp_path)
-    values = {"config-yaml": dump_config(_flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=3)), "run-dir": str(tmp_path),
-              "backbone-path": ""}
+    values = {"config-yaml": dump_config(_flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=3)),
+              "run-dir": str(tmp_path), "backbone-path": ""}
     rt = ClientRuntime.get(values, {"partition-id": 0, "data-path": nodes[0]["data-path"], "test-fraction": 0.25})
     x_tr, x_te = rt.trainer.train_data[0][0], rt.trainer.test_data[0][0]
     assert x_te.shape[0] == round(0.25 * (x_tr.shape[0] + x_te.shape[0]))
@@ -483,9 +489,11 @@ def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
         with pytest.raises((ConfigError, DataError), match=match):
             ClientRuntime.get(values, node)
 
-    refused({"partition-id": 0, "data-path": str(tmp_path / "nope.npz")}, r"data-path=.*nope.npz' not found on this node")
+    refused({"partition-id": 0, "data-path": str(tmp_path / "nope.npz")},
+            r"data-path=.*nope.npz' not found on this node")
     refused({"partition-id": 0}, r"expects node-local data.*data-path=")
-    refused({"partition-id": 5, "data-path": nodes[0]["data-path"]}, r"partition-id=5, but the run has flower.num_clients=3")
+    refused({"partition-id": 5, "data-path": nodes[0]["data-path"]},
+            r"partition-id=5, but the run has flower.num_clients=3")
     refused({"partition-id": 0, "data-path": nodes[0]["data-path"], "data_path": "x"}, r"unknown key 'data_path'")
     # A node's own device: a spec it cannot read is one line naming the node config key.
     refused({"partition-id": 0, "data-path": nodes[0]["data-path"], "device": "tpu"},
@@ -539,7 +547,8 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
         # (Its output goes to a file: a SuperExec child may hold a pipe open after the node exits.)
         rogue = fed._start("rogue", [BIN / "flower-supernode", "--root-certificates", certs / "ca.crt",
                                      "--auth-supernode-private-key", certs / "node2.key", "--superlink",
-                                     f"127.0.0.1:{fed.port}", "--port", str(_free_port()), "--node-config", "partition-id=0"])
+                                     f"127.0.0.1:{fed.port}", "--port", str(_free_port()),
+                                     "--node-config", "partition-id=0"])
         # (It is turned away while the run goes on: the run does not wait for it.)
         try:
             proc = fed.train(_flower(cfg, num_clients=2, superlink=f"127.0.0.1:{fed.port}",
@@ -592,7 +601,8 @@ def test_deployment_connection_settings_are_checked_first(tmp_path, capsys):
 def test_flower_certs_command(tmp_path):
     from evaluations.cli import main
 
-    assert main(["flower-certs", str(tmp_path / "c"), "--nodes", "1", "--host", "10.0.0.5", "--host", "link.example"]) == 0
+    assert main(["flower-certs", str(tmp_path / "c"), "--nodes", "1", "--host", "10.0.0.5",
+                 "--host", "link.example"]) == 0
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
@@ -601,6 +611,7 @@ def test_flower_certs_command(tmp_path):
     assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
     assert san.get_values_for_type(x509.DNSName) == ["link.example"]
     key = load_ssh_private_key((tmp_path / "c" / "node0.key").read_bytes(), None)
-    assert load_ssh_public_key((tmp_path / "c" / "node0.pub").read_bytes()).public_numbers() == key.public_key().public_numbers()
+    assert load_ssh_public_key((tmp_path / "c" / "node0.pub").read_bytes()).public_numbers() == \
+        key.public_key().public_numbers()
     assert (tmp_path / "c" / "ca.key").stat().st_mode & 0o077 == 0  # private keys are owner-only
     assert main(["flower-certs", str(tmp_path / "c")]) == 2  # keys are never overwritten

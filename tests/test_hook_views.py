@@ -1,8 +1,8 @@
 """Each hook point gets the view of its side (pfedpg/context.py): what a client-side point may read,
 what a server-side point may read, and the whole run only at setup and the end of a round or run."""
 import pytest
-
 from conftest import tiny_config
+
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.hooks import Hook, HookChain
 from pfedpg.run import Trainer
@@ -89,7 +89,8 @@ def test_the_narrow_views_cannot_reach_the_simulation(tmp_path):
             getattr(client, name)
         with pytest.raises(AttributeError):
             getattr(server, name)
-    with pytest.raises(AttributeError, match="client-side hook point may not read ctx.server; read it at a server-side"):
+    with pytest.raises(AttributeError,
+                       match="client-side hook point may not read ctx.server; read it at a server-side"):
         client.server  # noqa: B018 — a client-side point never sees the server
     with pytest.raises(AttributeError, match="server-side hook point may not read ctx.train_data"):
         server.train_data  # noqa: B018

@@ -31,13 +31,19 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
 from attacks.canary_estimate import epsilon_cap, estimate_epsilon
-from attacks.epsilon_bounds import (audit_delta_mechanism, certifiable_epsilon, clopper_pearson,
-                                    epsilon_lower_bound, gdp_mu_lower_bound, one_run_audit,
-                                    one_run_epsilon_lower_bound, one_run_p_value)
+from attacks.epsilon_bounds import (
+    audit_delta_mechanism,
+    certifiable_epsilon,
+    clopper_pearson,
+    epsilon_lower_bound,
+    gdp_mu_lower_bound,
+    one_run_audit,
+    one_run_epsilon_lower_bound,
+    one_run_p_value,
+)
 from attacks.metrics import auc, balanced_accuracy_max, dp_region, roc_curve, tpr_at_fpr
 from pfedpg import gdp
 from pfedpg.gdp import gaussians_delta, gaussians_epsilon, gdp_delta, gdp_epsilon
-
 
 # ------------------------------------------------------------------------------------------------
 # Independent helpers (no code under test inside)
@@ -201,7 +207,8 @@ def test_one_run_epsilon_closed_form_all_guesses_right_without_delta():
     assert one_run_p_value(m=20, r=10, v=10, epsilon=0.0, delta=0.0) == pytest.approx(2 ** -10, rel=1e-12)
     assert one_run_p_value(m=20, r=10, v=9, epsilon=0.0, delta=0.0) == pytest.approx(11 * 2 ** -10, rel=1e-12)
     # δ term by hand at ε = 0, r = v = 2: max(P[B=1]/1, P[B∈{0,1}]/2) = max(1/2, 3/8) = 1/2.
-    assert one_run_p_value(m=5, r=2, v=2, epsilon=0.0, delta=0.01) == pytest.approx(0.25 + 2 * 5 * 0.01 * 0.5, rel=1e-12)
+    assert one_run_p_value(m=5, r=2, v=2, epsilon=0.0, delta=0.01) == pytest.approx(0.25 + 2 * 5 * 0.01 * 0.5,
+                                                                                    rel=1e-12)
     # r = v = 3 at ε = 0: P[B=2] = 3/8, P[B∈{1,2}]/2 = 3/8, P[B∈{0,1,2}]/3 = 7/24 -> 3/8.
     assert one_run_p_value(m=7, r=3, v=3, epsilon=0.0, delta=1e-3) == pytest.approx(1 / 8 + 14e-3 * 3 / 8, rel=1e-12)
 
@@ -340,7 +347,8 @@ def test_gdp_delta_is_dong_roth_su(mu):
 def test_gaussians_epsilon_equal_spreads_is_gdp():
     for m1, m0, s in ((1.0, 0.0, 1.0), (0.3, 0.1, 0.1), (-2.0, 1.0, 3.0), (5.0, 5.5, 0.25)):
         for delta in (1e-5, 1e-3):
-            assert gaussians_epsilon(m1, s, m0, s, delta) == pytest.approx(gdp_epsilon(abs(m1 - m0) / s, delta), abs=1e-6)
+            assert gaussians_epsilon(m1, s, m0, s, delta) == pytest.approx(gdp_epsilon(abs(m1 - m0) / s, delta),
+                                                                           abs=1e-6)
     assert gaussians_epsilon(0.4, 2.0, 0.4, 2.0, 1e-5) == 0.0
 
 
@@ -352,7 +360,8 @@ def _hockey_stick(mp, sp, mq, sq, eps) -> float:
     span = 60 * max(sp, sq)
     grid = np.linspace(min(mp, mq) - span, max(mp, mq) + span, 400_001)
     vals = f(grid)
-    cuts = [brentq(f, grid[i], grid[i + 1], xtol=1e-14) for i in np.flatnonzero(np.sign(vals[:-1]) != np.sign(vals[1:]))]
+    cuts = [brentq(f, grid[i], grid[i + 1], xtol=1e-14)
+            for i in np.flatnonzero(np.sign(vals[:-1]) != np.sign(vals[1:]))]
     edges = [-math.inf, *cuts, math.inf]
     total = 0.0
     for a, b in zip(edges[:-1], edges[1:]):
@@ -376,7 +385,8 @@ def test_gaussians_epsilon_unequal_spreads_against_quadrature(m1, s1, m0, s0, de
     assert max(_hockey_stick(m1, s1, m0, s0, eps - 1e-3), _hockey_stick(m0, s0, m1, s1, eps - 1e-3)) > delta
     # gaussians_delta itself, at a few ε, against the quadrature
     for e in (0.0, 0.5 * eps, eps):
-        assert gaussians_delta(m1, s1, m0, s0, e) == pytest.approx(_hockey_stick(m1, s1, m0, s0, e), rel=1e-6, abs=1e-14)
+        assert gaussians_delta(m1, s1, m0, s0, e) == pytest.approx(_hockey_stick(m1, s1, m0, s0, e), rel=1e-6,
+                                                                   abs=1e-14)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,10 +425,12 @@ def test_estimate_epsilon_readings_on_fixed_arrays():
     # 4 canaries against 5 null directions cannot show anything: ln((0.025^¼ − δ) / (1 − 0.025^⅕)) < 0 -> 0
     assert math.log((0.025 ** (1 / 4) - 1e-5) / (1 - 0.025 ** (1 / 5))) < 0 and res["epsilon_cap"] == 0.0
     wide = estimate_epsilon(np.r_[cin, cin + 0.01], np.r_[c0, c0 + 0.001], delta=1e-5, bootstrap=2)  # 8 and 10
-    assert wide["epsilon_cap"] == pytest.approx(math.log((0.025 ** (1 / 8) - 1e-5) / (1 - 0.025 ** (1 / 10))), rel=1e-12)
+    assert wide["epsilon_cap"] == pytest.approx(math.log((0.025 ** (1 / 8) - 1e-5) / (1 - 0.025 ** (1 / 10))),
+                                                rel=1e-12)
     # canaries below the null: μ̂ < 0 reads ε̂ = 0
     low = estimate_epsilon(-cin, c0, delta=1e-5, bootstrap=5)
-    assert low["equal_variance"]["mu_hat"] == pytest.approx(-mu, rel=1e-12) and low["equal_variance"]["epsilon_hat"] == 0.0
+    assert low["equal_variance"]["mu_hat"] == pytest.approx(-mu, rel=1e-12) and \
+        low["equal_variance"]["epsilon_hat"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,7 +596,8 @@ def test_source_inference_by_hand():
     res = source_inference(scores, owners, [10, 11, 12])
     # argmax: 10, 11, 12, 12 -> right, right, wrong, right
     assert res["top1_accuracy"] == 0.75 and res["chance"] == pytest.approx(1 / 3) and res["records"] == 4
-    # AUC over the 12 (record, client) pairs: positives 0.9, 0.3, 0.5, 0.8 vs negatives 0.1, 0, 0.2, 0.1, 0.4, 0.6, 0, 0.7
+    # AUC over the 12 (record, client) pairs: positives 0.9, 0.3, 0.5, 0.8
+    # vs negatives 0.1, 0, 0.2, 0.1, 0.4, 0.6, 0, 0.7
     pos, neg = [0.9, 0.3, 0.5, 0.8], [0.1, 0.0, 0.2, 0.1, 0.4, 0.6, 0.0, 0.7]
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     assert res["auc"] == pytest.approx(wins / 32, abs=1e-15) and wins == 27

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_MODEL, tiny_config
 
 from attacks.attribute_inference import client_properties, pooled_property_probe
 from attacks.epsilon_bounds import one_run_audit, one_run_epsilon_lower_bound, one_run_p_value
 from attacks.leakage import dp_region
 from attacks.linkability import linkability, source_inference
 from attacks.lira import lira_scores
-from conftest import TINY_MODEL, tiny_config
 from pfedpg.errors import ConfigError
 
 
@@ -23,8 +23,10 @@ def test_one_run_bound_by_hand_and_monotone():
     q = 0.05 ** (1 / 100)
     assert one_run_epsilon_lower_bound(m=100, r=100, v=100, delta=0) == pytest.approx(math.log(q / (1 - q)), abs=1e-3)
     # More correct guesses certify more; δ > 0 certifies less; chance-level guessing certifies nothing.
-    assert one_run_epsilon_lower_bound(m=200, r=100, v=90, delta=0) < one_run_epsilon_lower_bound(m=200, r=100, v=95, delta=0)
-    assert one_run_epsilon_lower_bound(m=1000, r=100, v=95, delta=1e-4) < one_run_epsilon_lower_bound(m=1000, r=100, v=95, delta=0)
+    assert one_run_epsilon_lower_bound(m=200, r=100, v=90, delta=0) < \
+        one_run_epsilon_lower_bound(m=200, r=100, v=95, delta=0)
+    assert one_run_epsilon_lower_bound(m=1000, r=100, v=95, delta=1e-4) < \
+        one_run_epsilon_lower_bound(m=1000, r=100, v=95, delta=0)
     assert one_run_epsilon_lower_bound(m=200, r=100, v=52, delta=0) == 0.0
     assert one_run_p_value(m=10, r=10, v=0, epsilon=1.0, delta=0) == 1.0
 
@@ -151,7 +153,8 @@ def test_leakage_audit_hook_writes_every_probe(tmp_path):
         assert p["n_targets"] == 4 * 40 and p["n_positives"] == 80 and 0 <= p["auc"] <= 1
         assert "tpr_at_1pct_fpr" in p and "tpr_at_0.1pct_fpr" in p and p["threat_model"]
         assert p["dp_envelope"] is None  # no DP in this run
-    assert probes["canary"]["observer"]["canaries"] == 4 * 8 and probes["canary"]["observer"]["accountant_epsilon"] is None
+    assert probes["canary"]["observer"]["canaries"] == 4 * 8 and \
+        probes["canary"]["observer"]["accountant_epsilon"] is None
     assert (run_dir / "audit" / "roc.png").stat().st_size > 0
     scores = np.load(run_dir / "audit" / "scores.npz")
     assert len(scores["loss__scores"]) == 160
@@ -215,7 +218,8 @@ def test_system_level_epsilon_lower_bound_stays_below_the_accountant_with_dp(tmp
     so its audit cannot fail — dp_client's release is checked against its closed form in
     tests/test_dp_client.py."""
     sgd = {"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 16.0, "delta": 1e-5}
-    summary, run_dir = run_with(tmp_path, [{"name": "leakage_audit", "shadow_clients": 2, "probes": ["canary", "loss", "attribute"],
+    summary, run_dir = run_with(tmp_path, [{"name": "leakage_audit", "shadow_clients": 2,
+                                            "probes": ["canary", "loss", "attribute"],
                                             "permutations": 2, "canaries": {"per_client": 32}}, sgd], "dp_sgd",
                                 **{**MEMORISE, "rounds": 1, "client.local_epochs": 100})
     probes = json.loads((run_dir / "audit" / "audit.json").read_text())["probes"]
@@ -353,7 +357,8 @@ def test_privacy_sweep_gains_probe_columns(tmp_path):
     sweep, base = load_sweep(path)
     out = run_sweep(sweep, base, log=lambda m: None)
     rows = {r["cell"]: r for r in csv.DictReader(open(out / "tradeoff.csv"))}
-    assert rows["nonprivate-s0"]["loss_auc"] and rows["dp_client-eps8-s0"]["alignment_tpr_at_0.1pct_fpr"] == "unresolved"
+    assert rows["nonprivate-s0"]["loss_auc"] and \
+        rows["dp_client-eps8-s0"]["alignment_tpr_at_0.1pct_fpr"] == "unresolved"
     assert rows["local-s0"]["loss_auc"] == ""  # local sends nothing: no audit hook
     assert float(rows["dp_client-eps8-s0"]["epsilon_max"]) == pytest.approx(8.0, rel=0.01)
     assert (out / "tpr_vs_epsilon.png").is_file()
@@ -392,8 +397,8 @@ def test_rmia_by_hand_and_on_planted_membership():
     from attacks.rmia import rmia_scores
 
     # By hand: one record, two population records, a = 0 (prior = ½(mean_ref + 1)).
-    s = rmia_scores(np.array([0.9]), np.array([[0.5], [0.7]]), np.array([0.2, 0.95]), np.array([[0.2, 0.9], [0.4, 0.9]]),
-                    a=0.0, gamma=1.0)
+    s = rmia_scores(np.array([0.9]), np.array([[0.5], [0.7]]), np.array([0.2, 0.95]),
+                    np.array([[0.2, 0.9], [0.4, 0.9]]), a=0.0, gamma=1.0)
     rx = 0.9 / (0.5 * (0.6 + 1))
     rz = np.array([0.2 / (0.5 * (0.3 + 1)), 0.95 / (0.5 * (0.9 + 1))])
     assert s[0] == pytest.approx(np.mean(rx > rz))
@@ -412,8 +417,8 @@ def test_rmia_by_hand_and_on_planted_membership():
 
 
 def test_audit_hook_writes_an_rmia_probe(tmp_path):
-    _, run_dir = run_with(tmp_path, [audit_hook(probes=["rmia", "lira"], canaries=None, rmia={"references": 2, "epochs": 1,
-                                                                               "population": 50})])
+    _, run_dir = run_with(tmp_path, [audit_hook(probes=["rmia", "lira"], canaries=None,
+                                                rmia={"references": 2, "epochs": 1, "population": 50})])
     probes = json.loads((run_dir / "audit" / "audit.json").read_text())["probes"]
     r = probes["rmia"]
     assert r["n_targets"] == 4 * 40 and 0 <= r["auc"] <= 1 and r["rmia_references"] == 2
@@ -479,10 +484,12 @@ def test_descriptor_probe_needs_descriptors(tmp_path):
     with pytest.raises(ConfigError, match="probe 'descriptor' reads the server's client descriptors"):
         run_with(tmp_path, [audit_hook(probes=["descriptor"], canaries=None)], method="fedvpt")
     # By default the audit of a method without descriptors simply leaves the probe out.
-    _, run_dir = run_with(tmp_path, [{"name": "leakage_audit", "shadow_clients": 2, "targets_per_client": 10, "permutations": 2,
-                                       "lira": {"shadows": 1, "epochs": 1}, "rmia": {"references": 1, "epochs": 1}}],
+    _, run_dir = run_with(tmp_path, [{"name": "leakage_audit", "shadow_clients": 2, "targets_per_client": 10,
+                                       "permutations": 2, "lira": {"shadows": 1, "epochs": 1},
+                                       "rmia": {"references": 1, "epochs": 1}}],
                           "fedvpt", method="fedvpt")
-    assert not any(k.startswith("descriptor") for k in json.loads((run_dir / "audit" / "audit.json").read_text())["probes"])
+    assert not any(k.startswith("descriptor")
+                   for k in json.loads((run_dir / "audit" / "audit.json").read_text())["probes"])
 
 
 def test_each_probe_is_a_registered_class_with_its_threat_model_and_unit():

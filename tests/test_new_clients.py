@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
+from test_server import D, K, make_server
 
+import defenses  # noqa: F401  (registers the DP hooks)
 from pfedpg.client import ClientConfig, frozen_prompt, sgd_local_training
 from pfedpg.errors import ConfigError
 from pfedpg.generators import GENERATORS
 from pfedpg.jobs import ClientData, LocalJob
 from pfedpg.run import Trainer
-import defenses  # noqa: F401  (registers the DP hooks)
-from conftest import tiny_config
-from test_server import K, D, make_server
 
 
 def _rows(run_dir, kind):
@@ -105,7 +105,8 @@ def test_new_clients_join_after_training_and_never_train_before(tmp_path, method
     from evaluations.report import write_report
 
     report = write_report(tmp_path / "r").read_text()
-    assert "## New clients" in report and "| client | partition id |" in report and summary["data"]["partition_ids"] == [0, 2, 3]
+    assert "## New clients" in report and "| client | partition id |" in report and \
+        summary["data"]["partition_ids"] == [0, 2, 3]
 
 
 def test_join_rounds_leave_the_shared_state_bit_identical(tmp_path):
@@ -139,7 +140,8 @@ def test_new_clients_are_deterministic_and_resume_to_the_same_numbers(tmp_path):
 
 
 def test_a_count_of_new_clients_is_drawn_with_the_seed():
-    ids = {s: [f["partition_id"] for f in Trainer(tiny_config(seed=s, **{"data.new_clients": 1}), run_dir="/nonexistent").new_facts]
+    ids = {s: [f["partition_id"]
+               for f in Trainer(tiny_config(seed=s, **{"data.new_clients": 1}), run_dir="/nonexistent").new_facts]
            for s in range(6)}
     assert all(len(v) == 1 for v in ids.values()) and len({v[0] for v in ids.values()}) > 1
     again = Trainer(tiny_config(seed=0, **{"data.new_clients": 1}), run_dir="/nonexistent").new_facts
@@ -207,7 +209,8 @@ def test_dp_sgd_accounts_every_local_training_of_a_newcomer(tmp_path):
     n = tr.ctx.new_clients[0]
     dp = tr.hooks.hooks[0]
     assert res["local_trainings"] == 3
-    assert len(dp.accountants._acc[n].history) == 1 and dp.accountants._acc[n].history[0][2] == 3 * dp.steps(tr.new_facts[0]["train"])
+    assert len(dp.accountants._acc[n].history) == 1 and \
+        dp.accountants._acc[n].history[0][2] == 3 * dp.steps(tr.new_facts[0]["train"])
     assert res["epsilon_max"] == pytest.approx(6.0, rel=0.01)
     assert summary["hook_results"]["dp_sgd"]["epsilon_max"] >= res["epsilon_max"]
     rows = _rows(tmp_path / "r", "join")
@@ -228,8 +231,9 @@ def _with_a_new_client(path, *, join_rounds: int):
 def test_privacy_sweep_gains_a_new_clients_column(tmp_path):
     import csv
 
-    from evaluations.privacy import load_sweep, run_sweep
     from test_privacy_sweep import sweep_file
+
+    from evaluations.privacy import load_sweep, run_sweep
 
     path = _with_a_new_client(sweep_file(tmp_path, baselines=["nonprivate", "local"]), join_rounds=2)
     out = run_sweep(*load_sweep(path), log=lambda m: None)
@@ -247,8 +251,9 @@ def test_privacy_sweep_gains_a_new_clients_column(tmp_path):
 def test_robustness_matrix_gains_a_new_clients_column_and_newcomers_are_never_malicious(tmp_path):
     import csv
 
-    from evaluations.robustness import load_matrix, run_matrix
     from test_robustness_matrix import matrix_file
+
+    from evaluations.robustness import load_matrix, run_matrix
 
     path = _with_a_new_client(matrix_file(tmp_path, attacks={"sign_flip": {"space": "grad"}}, defenses={"sum": {}},
                                           malicious_fractions=[0.0, 0.34]), join_rounds=1)

@@ -6,10 +6,22 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
-from attacks.one_run_bounds import (audit_bounds, fdp_audit, gaussian_model_mu, map_guesses, order_statistics_bound,
-                                    order_statistics_tail)
-from attacks.tradeoff import (GaussianCurve, ProfileCurve, bayes_error, epsilon_delta_family, gdp_family,
-                             subsampled_gaussian_family)
+from attacks.one_run_bounds import (
+    audit_bounds,
+    fdp_audit,
+    gaussian_model_mu,
+    map_guesses,
+    order_statistics_bound,
+    order_statistics_tail,
+)
+from attacks.tradeoff import (
+    GaussianCurve,
+    ProfileCurve,
+    bayes_error,
+    epsilon_delta_family,
+    gdp_family,
+    subsampled_gaussian_family,
+)
 from pfedpg.gdp import gdp_delta, gdp_epsilon, gdp_mu
 
 

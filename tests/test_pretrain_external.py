@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from pfedpg.errors import ConfigError
 from pfedpg.pretrain import cached_path, log_path, partial_path, pretrain_backbone
 
@@ -67,7 +67,8 @@ def test_val_fraction_and_val_path_and_max_records(tmp_path):
         pretrain_backbone(_cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.data.val_path": str(bad)}))
     # Settings that would be silently ignored are refused, before any pretraining.
     with pytest.raises(ConfigError, match="val_fraction is set but val_path"):
-        _cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.data.val_path": str(v), "pretrain.data.val_fraction": 0.1})
+        _cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.data.val_path": str(v),
+                          "pretrain.data.val_fraction": 0.1})
     split = _npz(tmp_path / "split.npz", split=True)
     with pytest.raises(ConfigError, match="has a split key.*drop val_fraction"):
         pretrain_backbone(_cfg(tmp_path, **{"pretrain.data.path": str(split), "pretrain.data.val_fraction": 0.1}))
@@ -118,7 +119,8 @@ def test_recipe_knobs_change_the_weights_and_the_key(tmp_path):
 
 def test_continue_from_a_checkpoint(tmp_path):
     f = _npz(tmp_path / "pub.npz")
-    first = pretrain_backbone(_cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.epochs": 1}), log=lambda m: None)
+    first = pretrain_backbone(_cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.epochs": 1}),
+                              log=lambda m: None)
     cont = _cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.epochs": 1, "pretrain.init": str(first),
                              "seed": 1})
     scratch = _cfg(tmp_path, **{"pretrain.data.path": str(f), "pretrain.epochs": 1, "seed": 1})

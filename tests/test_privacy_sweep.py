@@ -4,8 +4,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import TINY_MODEL
+
 from evaluations.cli import main
 from evaluations.privacy import load_sweep, run_sweep
 from pfedpg.errors import ConfigError

@@ -1,7 +1,8 @@
 """Probe metrics and the descriptor attribute-inference probe (DESIGN §6)."""
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score, roc_curve as sk_roc_curve
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
 
 from attacks.attribute_inference import grouped_probe, out_of_fold_scores
 from attacks.metrics import auc, balanced_accuracy_max, plot_roc, roc_curve, tpr_at_fpr
@@ -110,9 +111,9 @@ def test_log_log_roc_plot(tmp_path):
 def test_membership_scores_find_memorised_canaries_and_not_shuffled_membership():
     import torch
     import torch.nn.functional as F
+    from conftest import TINY_MODEL
 
     from attacks.membership import alignment_scores, confidence_scores, loss_scores
-    from conftest import TINY_MODEL
     from pfedpg.client import trainable_parameters
     from pfedpg.models import ModelConfig, PromptedViT, build_backbone
 

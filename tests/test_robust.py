@@ -1,10 +1,16 @@
 """Robust aggregation rules on hand-built vectors (Prepare / Execute / Assert), DESIGN §4, §7."""
 import pytest
 import torch
-
 from conftest import tiny_config
-from defenses.robust import (RULES, RobustAggregation, coordinate_median, geometric_median, multi_krum_select,
-                             trimmed_mean)
+
+from defenses.robust import (
+    RULES,
+    RobustAggregation,
+    coordinate_median,
+    geometric_median,
+    multi_krum_select,
+    trimmed_mean,
+)
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import RunContext
 from pfedpg.run import Trainer

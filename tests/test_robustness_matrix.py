@@ -3,8 +3,8 @@ import csv
 
 import pytest
 import yaml
-
 from conftest import TINY_MODEL
+
 from evaluations.robustness import load_matrix, run_matrix
 from pfedpg.errors import ConfigError
 
@@ -31,7 +31,8 @@ def test_matrix_rows_infeasible_cells_and_outputs(tmp_path):
     assert len(rows) == 3 + 6
     by = {(r["attack"], r["defense"], r["malicious_fraction"]): r for r in rows}
     # Krum with f = 1 needs m >= 5; three clients -> infeasible, recorded, not run.
-    assert by[("sign_flip", "krum", "0.34")]["status"] == "infeasible" and not by[("sign_flip", "krum", "0.34")]["run_dir"]
+    assert by[("sign_flip", "krum", "0.34")]["status"] == "infeasible" and \
+        not by[("sign_flip", "krum", "0.34")]["run_dir"]
     assert by[("none", "krum", "0.0")]["status"] == "ok"  # f = 0: m >= 3 holds
     ok = by[("backdoor", "median", "0.34")]
     assert ok["status"] == "ok" and ok["asr"] != "" and 0 <= float(ok["asr"]) <= 1

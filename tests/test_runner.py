@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from pfedpg.errors import ConfigError, NonFiniteDeltaError
 from pfedpg.hooks import Hook, HookChain, RunContext, build_hooks
 from pfedpg.run import Trainer, participation_schedule
@@ -52,7 +52,8 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path):
         Trainer(tiny_config(rounds=3, **{"client.lr": 0.05}), run_dir=tmp_path / "r").run(resume=True)
     with pytest.raises(ConfigError, match="no checkpoint"):
         Trainer(tiny_config(), run_dir=tmp_path / "empty").run(resume=True)
-    with pytest.raises(ConfigError, match=r"holds an unfinished run \(checkpoint round_0001.pt\); continue it with --resume"):
+    with pytest.raises(ConfigError,
+                       match=r"holds an unfinished run \(checkpoint round_0001.pt\); continue it with --resume"):
         Trainer(tiny_config(rounds=3), run_dir=tmp_path / "r").run()
     # --restart starts it again; the first attempt's files are kept.
     Trainer(tiny_config(rounds=3), run_dir=tmp_path / "r").run(restart=True)
@@ -234,7 +235,8 @@ def test_pretrained_backbone_is_cached_by_config_hash(tmp_path):
     assert pretrain_backbone(cfg) == path and path.stat().st_mtime_ns == mtime  # cache hit, no retraining
     other = tiny_config(**{"model.weights": "pretrain", "pretrain.epochs": 2, "pretrain.cache_dir": str(tmp_path)})
     assert cached_path(other) != path
-    no_public = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.0, "pretrain.cache_dir": str(tmp_path)})
+    no_public = tiny_config(**{"model.weights": "pretrain", "data.public_fraction": 0.0,
+                               "pretrain.cache_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="public split"):
         pretrain_backbone(no_public)
 
@@ -356,7 +358,6 @@ def test_a_server_step_that_blows_up_in_the_last_round_is_a_divergence_of_that_r
     import json
 
     from pfedpg.hooks import HOOKS
-
     from pfedpg.server import ClientGradients
 
     class Blowup(Hook):  # finite gradients whose sum overflows in round 2's step

@@ -99,7 +99,8 @@ def test_cross_attention_clients_start_with_different_prompts():
 def test_residual_variant_adds_the_basis():
     server = make_server("cross_attention", residual=True)
     with torch.no_grad():
-        attn = server.generator.attention(server.p_base, server.descriptors[0]) @ (server.p_base @ server.generator.w_v) @ server.generator.w_o
+        attn = (server.generator.attention(server.p_base, server.descriptors[0])
+                @ (server.p_base @ server.generator.w_v) @ server.generator.w_o)
     torch.testing.assert_close(server.prompts_for([0])[0], server.p_base.detach() + attn)
 
 
@@ -179,6 +180,7 @@ def test_a_large_server_lr_under_dp_noise_diverges_without_the_bound_and_stays_f
     """α = 1 with client-level DP noise (z = 1): the plain step blows the generator up within five
     rounds; the bounded step keeps every generated prompt finite."""
     from conftest import tiny_config
+
     from evaluations.plugins import load_plugins
     from pfedpg.errors import NonFiniteDeltaError
     from pfedpg.run import Trainer

@@ -25,7 +25,8 @@ def test_verdicts_need_three_seeds_and_an_interval_that_excludes_zero():
     assert verdict(paired({0: 0.50, 1: 0.51, 2: 0.49}, {0: 0.60, 1: 0.60, 2: 0.61})) == "dominated (below local)"
     assert verdict(paired({0: 0.70, 1: 0.71, 2: 0.69}, {0: 0.60, 1: 0.60, 2: 0.61})) == "above local"
     one = paired({0: 0.2}, {0: 0.9})
-    assert one["ci"] is None and verdict(one) == "too few seeds (1; a verdict needs 3)" and fmt_paired(one) == "-70.0 (1 seed)"
+    assert one["ci"] is None and verdict(one) == "too few seeds (1; a verdict needs 3)" and \
+        fmt_paired(one) == "-70.0 (1 seed)"
     # Two seeds (or three identical differences): an interval of zero width is no evidence.
     two = paired({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7})
     assert two["ci"] is not None and verdict(two) == "too few seeds (2; a verdict needs 3)"

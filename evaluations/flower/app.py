@@ -24,10 +24,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from evaluations.plugins import load_plugins
 from pfedpg.errors import ClientFailure, ConfigError
+
+if TYPE_CHECKING:
+    from pfedpg.config import RunConfig
 
 # (pfedpg.config, and with it torch, is imported where it is used: a ClientApp process that hands
 # its message to the node's long-running worker never imports torch.)
@@ -37,16 +40,16 @@ def _require_flwr() -> None:
     try:
         import flwr  # noqa: F401
     except ImportError:
-        raise ConfigError("engine=flower needs Flower: pip install '.[flower]' (or `make venv`, which installs it)") from None
+        raise ConfigError("engine=flower needs Flower: pip install '.[flower]' "
+                          "(or `make venv`, which installs it)") from None
 
 
 def make_server_app():
     """A ServerApp running ``FlowerTrainer`` on the run settings in its Flower run config. Its log
     lines go to stderr, which ``flwr run --stream`` shows; an exception also leaves its one-line
     reason in ``RUN_DIR/flower_error.txt`` for the driver, which is another process."""
-    from flwr.serverapp import Grid, ServerApp
-
     from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
 
@@ -204,7 +207,8 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     if (run_dir / "metrics.jsonl").exists():  # Flower runs do not resume: start it again, keep its files
         from pfedpg.run import set_aside
 
-        log(f"run directory {run_dir} held an unfinished Flower run; starting it again (its files are in {set_aside(run_dir)})")
+        log(f"run directory {run_dir} held an unfinished Flower run; starting it again "
+            f"(its files are in {set_aside(run_dir)})")
     backbone = None
     if cfg.model.weights == "pretrain":  # pretrain (or find) it once here, not in every ClientApp
         from pfedpg.pretrain import pretrain_backbone
@@ -221,7 +225,8 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     summary = run_dir / "summary.json"
     if summary.is_file() and (run_dir / CLIENT_METRICS).is_dir():
         merge_client_metrics(run_dir)
-        log(f"flower: merged the rows the clients kept ({run_dir / CLIENT_METRICS}) into metrics.jsonl and summary.json")
+        log(f"flower: merged the rows the clients kept ({run_dir / CLIENT_METRICS}) "
+            "into metrics.jsonl and summary.json")
     if not summary.is_file() and failed.is_file():
         kind, _, reason = failed.read_text().strip().partition(": ")
         error = {"ConfigError": ConfigError, "ClientFailure": ClientFailure}.get(kind, RuntimeError)
@@ -266,11 +271,13 @@ def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Call
     try:
         num_clients = write_client_shards(cfg, shards)
         with _terminate_as_interrupt(), LocalSuperLink(run_dir / "flower_home", simulation=True) as link:
-            sim = {"num_supernodes": num_clients, "backend": "'ray'", "client_resources_num_cpus": cfg.flower.client_cpus,
+            sim = {"num_supernodes": num_clients, "backend": "'ray'",
+                   "client_resources_num_cpus": cfg.flower.client_cpus,
                    "client_resources_num_gpus": float(cfg.flower.client_gpus), "init_args_num_cpus": cpus,
                    "init_args_logging_level": "'ERROR'", "init_args_log_to_driver": "false"}
             kept = (run_dir / CLIENT_METRICS).resolve()
-            return _flwr_run(app, link.connect(), log, "--federation-config", " ".join(f"{k}={v}" for k, v in sim.items()),
+            return _flwr_run(app, link.connect(), log,
+                             "--federation-config", " ".join(f"{k}={v}" for k, v in sim.items()),
                              "--run-config", f"client-shards={json.dumps(str(shards.resolve()))} "
                                              f"client-metrics-dir={json.dumps(str(kept))}")
     finally:
@@ -285,7 +292,8 @@ def _terminate_as_interrupt():
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
         return
 
@@ -369,10 +377,12 @@ def _check_connection(cfg: RunConfig, log: Callable[[str], None]) -> None:
     """TLS by default; plaintext only when asked for, with a warning. Checked before anything is written."""
     if cfg.flower.insecure:
         log(f"warning: flower.insecure: true — the connection to the SuperLink {cfg.flower.superlink} is plaintext "
-            "(updates and prompts readable on the network); use TLS (flower.root_certificates) outside a trusted network")
+            "(updates and prompts readable on the network); use TLS (flower.root_certificates) "
+            "outside a trusted network")
     elif not Path(cfg.flower.root_certificates).expanduser().is_file():
-        raise ConfigError(f"flower.root_certificates={cfg.flower.root_certificates!r} not found; point it at the SuperLink's "
-                          "CA certificate (PEM), e.g. one made with `pfedpg-eval flower-certs DIR` (DIR/ca.crt)")
+        raise ConfigError(f"flower.root_certificates={cfg.flower.root_certificates!r} not found; "
+                          "point it at the SuperLink's CA certificate (PEM), "
+                          "e.g. one made with `pfedpg-eval flower-certs DIR` (DIR/ca.crt)")
 
 
 def _deploy(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Callable[[str], None]) -> int:

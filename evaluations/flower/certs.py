@@ -56,8 +56,8 @@ def _check_certificate_args(out: Path, hosts, nodes) -> None:
         raise ConfigError(f"flower-certs: {str(out)!r} is a file; choose a directory")
     existing = [p.name for p in (out / "ca.key", out / "server.key") if p.exists()]
     if existing:
-        raise ConfigError(f"flower-certs: {out / existing[0]} exists and keys are never overwritten; choose a directory "
-                          "without ca.key / server.key")
+        raise ConfigError(f"flower-certs: {out / existing[0]} exists and keys are never overwritten; "
+                          "choose a directory without ca.key / server.key")
 
 
 def _ca_and_server(hosts, days: int):
@@ -74,9 +74,9 @@ def _ca_and_server(hosts, days: int):
           .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(minutes=5))
           .not_valid_after(now + _dt.timedelta(days=days))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
     names = []
     for h in hosts:
@@ -110,7 +110,8 @@ def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = (
     ca_key, ca, srv_key, srv = _ca_and_server(hosts, days)
     files = {
         "ca_cert": _write(out / "ca.crt", ca.public_bytes(pem)),
-        "ca_key": _write(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw), private=True),
+        "ca_key": _write(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw),
+                         private=True),
         "server_cert": _write(out / "server.pem", srv.public_bytes(pem)),
         "server_key": _write(out / "server.key", srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw),
                              private=True),

@@ -172,7 +172,8 @@ class Federation:
             key = ["--auth-supernode-private-key", certs / f"node{n}.key"] if auth else []
             self.nodes.append(self._start(f"supernode{n}", [
                 BIN / "flower-supernode", *node_tls, *key, "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(free_port()), "--node-config", " ".join(f"{k}={v}" if isinstance(v, int) else f'{k}="{v}"' for k, v in nc.items())]))
+                "--port", str(free_port()),
+                "--node-config", " ".join(f"{k}={v}" if isinstance(v, int) else f'{k}="{v}"' for k, v in nc.items())]))
 
     def _connection(self) -> None:
         write_connection(self.home, f"127.0.0.1:{self.port}", insecure=self.certs is None,

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from evaluations.flower.messages import pack, settings_from, tensor_of, tensor_record, unpack
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig
 from pfedpg.errors import ConfigError, DataError
 from pfedpg.run import Trainer
-from evaluations.flower.messages import pack, settings_from, tensor_of, tensor_record, unpack
-
 
 #: what a SuperNode's --node-config may hold
 NODE_KEYS = ("partition-id", "data-path", "test-path", "test-fraction", "backbone-path", "worker", "device",
@@ -67,8 +66,8 @@ class NodeTrainer(Trainer):
                               "set evaluate_on: test")
         sgd = [h for h in cfg.hooks if h.get("name") == "dp_sgd"]
         if sgd and sgd[0].get("delta") is None:
-            raise ConfigError("dp_sgd.delta must be set with node-local data: its default 1/(10·min_n |D_n|) needs every "
-                              "client's size, which no node knows")
+            raise ConfigError("dp_sgd.delta must be set with node-local data: its default 1/(10·min_n |D_n|) needs "
+                              "every client's size, which no node knows")
         super().__init__(cfg, run_dir=Path("."), backbone_path=backbone_path)
 
     def load_clients(self) -> None:
@@ -101,10 +100,13 @@ class NodeTrainer(Trainer):
             test_idx = np.arange(len(test_ds))
         # The partition's own caps: stratified, one seeded stream per cap and client.
         seeds = Seeds(cfg.seed)
-        train_idx = cap_records(ds, train_idx, cfg.data.max_train_per_client, seeds.numpy("data.subsample.train", client=n))
-        test_idx = cap_records(test_ds, test_idx, cfg.data.max_test_per_client, seeds.numpy("data.subsample.test", client=n))
+        train_idx = cap_records(ds, train_idx, cfg.data.max_train_per_client,
+                                seeds.numpy("data.subsample.train", client=n))
+        test_idx = cap_records(test_ds, test_idx, cfg.data.max_test_per_client,
+                               seeds.numpy("data.subsample.test", client=n))
         if len(train_idx) == 0 or len(test_idx) == 0:
-            raise DataError(f"this node has {len(train_idx)} training and {len(test_idx)} test records; both must be > 0")
+            raise DataError(f"this node has {len(train_idx)} training and {len(test_idx)} test records; "
+                            "both must be > 0")
 
         self.num_clients = int(cfg.flower.num_clients)
         if not 0 <= n < self.num_clients:
@@ -222,8 +224,9 @@ class ClientRuntime:
             raise ConfigError("this run expects node-local data (flower.num_clients is set): start the SuperNode with "
                               "--node-config \"partition-id=<client> data-path=<this node's npz or image folder>\"")
         if not local and "data-path" in node_config:
-            raise ConfigError("this SuperNode has a data-path, but the run partitions one data file (flower.num_clients "
-                              "is null): set flower.num_clients to the number of nodes, or drop data-path")
+            raise ConfigError("this SuperNode has a data-path, but the run partitions one data file "
+                              "(flower.num_clients is null): set flower.num_clients to the number of nodes, "
+                              "or drop data-path")
         if local:
             if "partition-id" not in node_config:
                 raise ConfigError("this SuperNode has no partition-id; start it with --node-config "
@@ -246,7 +249,8 @@ class ClientRuntime:
         """The runtime of this run (and, with node-local data, of this node's files), built once per process."""
         cfg, _, backbone = settings_from(values)
         local = {k: str(v) for k, v in (node_config or {}).items()} if cfg.flower.num_clients is not None else {}
-        key = json.dumps({**{k: values.get(k) for k in ("config-yaml", "backbone-path", "client-shards", "client-metrics-dir")},
+        key = json.dumps({**{k: values.get(k)
+                             for k in ("config-yaml", "backbone-path", "client-shards", "client-metrics-dir")},
                           "node": local,
                           "device": str((node_config or {}).get("device"))}, sort_keys=True)
         if key not in cls._cache:
@@ -259,12 +263,14 @@ class ClientRuntime:
         parts = context.node_config.get("num-partitions")  # (set by Flower's simulation engine)
         if parts is not None and int(parts) != self.trainer.num_clients:
             raise ConfigError(f"this simulation has {int(parts)} SuperNodes but the run has {self.trainer.num_clients} "
-                              f"clients; start it with --federation-config \"num_supernodes={self.trainer.num_clients}\"")
+                              "clients; start it with --federation-config "
+                              f"\"num_supernodes={self.trainer.num_clients}\"")
         if "partition-id" not in context.node_config:
             raise ConfigError("this SuperNode has no partition-id; start it with --node-config partition-id=<client>")
         n = int(context.node_config["partition-id"])
         if not 0 <= n < self.trainer.num_clients:
-            raise ConfigError(f"partition-id={n}, but the run has {self.trainer.num_clients} clients (0..{self.trainer.num_clients - 1})")
+            raise ConfigError(f"partition-id={n}, but the run has {self.trainer.num_clients} clients "
+                              f"(0..{self.trainer.num_clients - 1})")
         return n
 
 

@@ -34,7 +34,8 @@ shared, and the server holds no records.
 
 A node may keep its built client alive across messages: with ``worker=<socket path>`` in its
 node config, Flower's per-message ClientApp process hands the message to a long-running worker on
-the node (``evaluations.flower.worker``), which serves it with one cached :class:`~evaluations.flower.node.ClientRuntime`.
+the node (``evaluations.flower.worker``), which serves it with one cached
+:class:`~evaluations.flower.node.ClientRuntime`.
 
 What stays on the client: its data, adapted prompt P̃_n and head H_n (in the node's Flower
 ``context.state`` between rounds), and its side of the hooks. The ServerApp holds the server, the
@@ -57,11 +58,11 @@ from typing import Any, Callable
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from evaluations.flower.messages import tensor_of, tensor_record, unpack
 from pfedpg.config import RunConfig
 from pfedpg.errors import ClientFailure, ConfigError
 from pfedpg.hooks import build_hooks
 from pfedpg.run import Trainer
-from evaluations.flower.messages import tensor_of, tensor_record, unpack
 
 
 def check_supported(cfg: RunConfig, hooks, *, resume: bool = False) -> None:
@@ -113,15 +114,18 @@ class FlowerTrainer(Trainer):
                         raise ConfigError(f"SuperNode {node} did not answer the set-up query: {reply}")
                     info = json.loads(reply.content.config_records["info"]["json"])
                     fact = info["facts"]
-                    n, their = fact["client"], (int(info["num_clients"]), int(info["num_classes"]), list(info["domain_names"]))
+                    n, their = fact["client"], (int(info["num_clients"]), int(info["num_classes"]),
+                                                list(info["domain_names"]))
                     classes = list(info.get("class_names") or [])
                     if self.cfg.flower.num_clients is not None and self.cfg.data.classes is not None \
                             and classes != list(self.cfg.data.classes):
-                        raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, the run's data.classes "
-                                          f"{list(self.cfg.data.classes)}; give it records of exactly those classes")
+                        raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, "
+                                          f"the run's data.classes {list(self.cfg.data.classes)}; "
+                                          "give it records of exactly those classes")
                     if total is not None and their != total:
-                        raise ConfigError(f"SuperNode {node} built {their[0]} clients and {their[1]} classes from its config, "
-                                          f"others {total[0]} and {total[1]}; every node must run the same config and data")
+                        raise ConfigError(f"SuperNode {node} built {their[0]} clients and {their[1]} classes "
+                                          f"from its config, others {total[0]} and {total[1]}; "
+                                          "every node must run the same config and data")
                     if total is not None and classes != self.class_names:
                         raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, other nodes "
                                           f"{self.class_names}; every node needs the same class list in the same order "
@@ -133,10 +137,11 @@ class FlowerTrainer(Trainer):
             if total is not None and len(facts) == total[0]:
                 break
             if time.time() > deadline:
-                missing = "" if total is None else f" (missing partition-id {[n for n in range(total[0]) if n not in facts]})"
-                raise ConfigError(f"{len(facts)} of {'?' if total is None else total[0]} clients' SuperNodes connected within "
-                                  f"flower.node_wait_s={self.fcfg.node_wait_s:g} s{missing}; start one per client with "
-                                  "--node-config partition-id=<client>, or raise node_wait_s")
+                missing = ("" if total is None
+                           else f" (missing partition-id {[n for n in range(total[0]) if n not in facts]})")
+                raise ConfigError(f"{len(facts)} of {'?' if total is None else total[0]} clients' SuperNodes connected "
+                                  f"within flower.node_wait_s={self.fcfg.node_wait_s:g} s{missing}; "
+                                  "start one per client with --node-config partition-id=<client>, or raise node_wait_s")
             time.sleep(0.5)
         self.num_clients, self.num_classes, self.domain_names = total
         self.client_facts = [facts[n] for n in range(self.num_clients)]
@@ -190,11 +195,13 @@ class FlowerTrainer(Trainer):
         line = f"{what}: client {n} failed ({reason})"
         if self.fcfg.on_client_failure == "fail":
             raise ClientFailure(f"{line}; flower.on_client_failure=fail stops the run here — the finished rounds "
-                                f"are in {self.run_dir / 'metrics.jsonl'}; set on_client_failure: continue to go on without it")
+                                f"are in {self.run_dir / 'metrics.jsonl'}; "
+                                "set on_client_failure: continue to go on without it")
         self.log(line + "; continuing without it")
 
     # -- a round ---------------------------------------------------------------------------------
-    def train_participants(self, r: int, participants: list[int], sent: dict[int, torch.Tensor]) -> dict[int, dict[str, Any]]:
+    def train_participants(self, r: int, participants: list[int],
+                           sent: dict[int, torch.Tensor]) -> dict[int, dict[str, Any]]:
         msgs = {}
         for n in participants:
             content = RecordDict({"task": ConfigRecord({"round": r, "client": n})})

@@ -104,8 +104,8 @@ def forward(path: str, kind: str, values: dict, node_config: dict, content, stat
 
 def serve(path: str, *, watch_pid: int | None = None, idle_s: float = IDLE_S) -> None:
     """Answer messages until the watched process is gone, ``idle_s`` pass without one, or SIGTERM."""
-    from evaluations.plugins import load_plugins
     from evaluations.flower.node import ClientRuntime
+    from evaluations.plugins import load_plugins
 
     load_plugins()
     stop = []
@@ -164,10 +164,13 @@ def _alive(pid: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluations.flower.worker",
-                                description="A SuperNode's long-running pfedpg-eval client worker (see the module docs).")
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (the node-config's worker=)")
+                                description="A SuperNode's long-running pfedpg-eval client worker "
+                                            "(see the module docs).")
+    p.add_argument("--socket", required=True, metavar="PATH",
+                   help="Unix socket to listen on (the node-config's worker=)")
     p.add_argument("--watch-pid", type=int, metavar="PID", help="exit when this process is gone")
-    p.add_argument("--idle-s", type=float, default=IDLE_S, metavar="S", help=f"exit after S idle seconds (default {IDLE_S:g})")
+    p.add_argument("--idle-s", type=float, default=IDLE_S, metavar="S",
+                   help=f"exit after S idle seconds (default {IDLE_S:g})")
     a = p.parse_args(argv)
     serve(a.socket, watch_pid=a.watch_pid, idle_s=a.idle_s)
     return 0

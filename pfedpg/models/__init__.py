@@ -1,6 +1,6 @@
 """Models: the prompted ViT (shallow VPT) and the backbone factory."""
-from pfedpg.models.backbone import ModelConfig, build_backbone, backbone_num_params, vpt_init_bound
-from pfedpg.models.prompted_vit import PromptTokens, PromptedViT
+from pfedpg.models.backbone import ModelConfig, backbone_num_params, build_backbone, vpt_init_bound
+from pfedpg.models.prompted_vit import PromptedViT, PromptTokens
 
 __all__ = [
     "ModelConfig",

@@ -36,7 +36,8 @@ class ModelConfig:
     checkpoint: str | None = None
     # Passed to timm.create_model; overrides the named architecture (e.g. a small input size).
     kwargs: dict[str, Any] = field(
-        default_factory=lambda: {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
+        default_factory=lambda: {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4,
+                                 "mlp_ratio": 2.0}
     )
     num_prompts: int = 10  # K, prompt tokens per prompted layer (paper: 10)
     # shallow: K tokens before the first block (the paper's VPT). deep: K tokens per block, the
@@ -51,7 +52,8 @@ class ModelConfig:
         if self.weights == "checkpoint" and not self.checkpoint:
             raise ConfigError("model.weights=checkpoint needs model.checkpoint=PATH (.safetensors or .pth)")
         if self.checkpoint and self.weights != "checkpoint":
-            raise ConfigError(f"model.checkpoint is set but model.weights={self.weights!r}; set model.weights=checkpoint")
+            raise ConfigError(f"model.checkpoint is set but model.weights={self.weights!r}; "
+                              "set model.weights=checkpoint")
         if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
             raise ConfigError(f"model.num_prompts={self.num_prompts!r} must be a positive integer (paper: 10)")
         if self.prompt_depth not in PROMPT_DEPTHS:
@@ -86,7 +88,8 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or ``.pth`` state dict without executing code."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"checkpoint {str(p)!r} not found; set model.checkpoint to an existing .safetensors or .pth file")
+        raise ConfigError(f"checkpoint {str(p)!r} not found; set model.checkpoint to an existing "
+                          ".safetensors or .pth file")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -95,7 +98,8 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file: say which and why, in one line
-        raise ConfigError(f"cannot read checkpoint {str(p)!r} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise ConfigError(f"cannot read checkpoint {str(p)!r} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -112,9 +116,11 @@ def build_backbone(cfg: ModelConfig, *, checkpoint: str | os.PathLike | None = N
             raise
         except Exception as e:  # no network, HF_HUB_OFFLINE=1, no such weights: one line, and the way out
             first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-            offline = " (HF_HUB_OFFLINE=1 is set: unset it to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-            raise ConfigError(f"cannot get {cfg.name}'s hub weights{offline}: {type(e).__name__}: {first}; on a machine "
-                              "without a network use model.weights: checkpoint with model.checkpoint: <local file>") from None
+            offline = (" (HF_HUB_OFFLINE=1 is set: unset it to download)" if os.environ.get("HF_HUB_OFFLINE") == "1"
+                       else "")
+            raise ConfigError(f"cannot get {cfg.name}'s hub weights{offline}: {type(e).__name__}: {first}; "
+                              "on a machine without a network use model.weights: checkpoint with "
+                              "model.checkpoint: <local file>") from None
     else:
         model = _create(cfg, pretrained=False)
         path = cfg.checkpoint if cfg.weights == "checkpoint" else checkpoint
@@ -127,13 +133,15 @@ def build_backbone(cfg: ModelConfig, *, checkpoint: str | os.PathLike | None = N
             try:
                 missing, unexpected = model.load_state_dict(state, strict=False)
             except RuntimeError as e:  # shapes differ: name the first tensor and the fix
-                first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-                raise ConfigError(f"checkpoint {str(path)!r} does not fit {cfg.name} with kwargs {cfg.kwargs}: {first[:200]}; "
-                                  "set model.kwargs to the checkpoint's architecture") from None
+                first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln),
+                             str(e).splitlines()[0])
+                raise ConfigError(f"checkpoint {str(path)!r} does not fit {cfg.name} with kwargs {cfg.kwargs}: "
+                                  f"{first[:200]}; set model.kwargs to the checkpoint's architecture") from None
             if missing or unexpected:
                 raise ConfigError(
                     f"checkpoint {str(path)!r} does not match {cfg.name} with kwargs {cfg.kwargs}: "
-                    f"missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}; set model.kwargs to the checkpoint's architecture"
+                    f"missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}; "
+                    "set model.kwargs to the checkpoint's architecture"
                 )
     for p in model.parameters():
         p.requires_grad_(False)

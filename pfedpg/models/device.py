@@ -127,7 +127,8 @@ def out_of_memory_error(kind: str, device: str, error: BaseException) -> ConfigE
              "lower client.batch_size or client.eval_batch_size, data.image_size or data.storage_size, or "
              "data.max_train_per_client")
     alt = "; or run on another device (device: ...)" if kind == "device" else ""
-    return ConfigError(f"out of {where} on {device} ({first}); {knobs}{alt} — `pfedpg-eval plan` shows what a config needs")
+    return ConfigError(f"out of {where} on {device} ({first}); {knobs}{alt} — "
+                       "`pfedpg-eval plan` shows what a config needs")
 
 
 @contextlib.contextmanager

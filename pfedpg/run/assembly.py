@@ -12,10 +12,10 @@ import torch
 
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig
+from pfedpg.context import RunContext
 from pfedpg.data import load_dataset, partition_clients, split_new_clients
 from pfedpg.data.pipeline import InputPipeline
 from pfedpg.errors import ConfigError
-from pfedpg.context import RunContext
 from pfedpg.hooks import HookChain, build_hooks
 from pfedpg.models import PromptedViT, backbone_num_params, build_backbone, vpt_init_bound
 from pfedpg.models.device import configure, resolve_device
@@ -157,7 +157,8 @@ class Assembly:
     def partition(self):
         return partition_run(self.cfg)
 
-    def client_tensors(self, dataset, split) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    def client_tensors(self, dataset,
+                       split) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """One client's (training, evaluated) tensors: the evaluated split is the test split, or the
         validation split when tuning (evaluate_on: val)."""
         return tuple(self.as_tensors(dataset.images[idx], dataset.labels[idx]) for idx in self.client_indices(split))

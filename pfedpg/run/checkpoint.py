@@ -12,7 +12,6 @@ from pfedpg.config import dump_config, saved_config
 from pfedpg.errors import ConfigError
 from pfedpg.models.device import to_cpu
 
-
 CHECKPOINT_VERSION = 1
 
 
@@ -63,9 +62,11 @@ class Checkpoints:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ConfigError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}); delete it to resume from an earlier one") from None
+            raise ConfigError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__}); "
+                              "delete it to resume from an earlier one") from None
         if state.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"checkpoint {str(path)!r} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+            raise ConfigError(f"checkpoint {str(path)!r} has version {state.get('version')}, "
+                              f"expected {CHECKPOINT_VERSION}")
         try:
             same = dump_config(saved_config(state["config"])) == dump_config(self.cfg)
         except ConfigError:
@@ -74,8 +75,8 @@ class Checkpoints:
             raise ConfigError(f"--resume: the config differs from the one {str(path)!r} was written with; "
                               "resume with the run's own config.yaml")
         if state["clients"] is None:
-            raise ConfigError(f"checkpoint {str(path)!r} is from a Flower run and holds no client state (it stayed on the "
-                              "clients); start a new run")
+            raise ConfigError(f"checkpoint {str(path)!r} is from a Flower run and holds no client state "
+                              "(it stayed on the clients); start a new run")
         self.server.load_state_dict(state["server"])
         self.states = [ClientState.from_dict(d).to(self.device) for d in state["clients"]]
         self.hooks.load_state_dict(state["hooks"])

@@ -88,8 +88,9 @@ class Joins:
             if stop:
                 break
         name = self.client_names([fact])[0]
-        self.log(f"new client {n} (partition id {fact['partition_id']}, {name}): accuracy after join round 0 (head only) "
-                 f"{rows[0]['acc_adapted']:.4f} -> after join round {rows[-1]['join_round']} {rows[-1]['acc_adapted']:.4f}")
+        self.log(f"new client {n} (partition id {fact['partition_id']}, {name}): accuracy after join round 0 "
+                 f"(head only) {rows[0]['acc_adapted']:.4f} -> after join round {rows[-1]['join_round']} "
+                 f"{rows[-1]['acc_adapted']:.4f}")
         return rows
 
 

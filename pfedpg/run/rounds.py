@@ -12,8 +12,8 @@ import torch
 from pfedpg.client import evaluate, load_into, sgd_local_training
 from pfedpg.errors import NonFiniteDeltaError
 from pfedpg.jobs import ClientData, LocalJob
-from pfedpg.server import plain_aggregate
 from pfedpg.run.summary import round_eval_stats, round_train_stats
+from pfedpg.server import plain_aggregate
 
 
 class Rounds:
@@ -47,16 +47,19 @@ class Rounds:
             evals = self.evaluate_all()
             for e in evals:
                 n = e["client"]
-                rows.append({"type": "client", "round": r, "participated": n in client_rows, **client_rows.get(n, {}), **e})
+                rows.append({"type": "client", "round": r, "participated": n in client_rows,
+                             **client_rows.get(n, {}), **e})
             if all(e.get("withheld") for e in evals):  # kept by the clients (DESIGN §5, "What leaves a client")
                 record["client_metrics"] = "withheld"
             elif not any(e.get("acc_adapted") is not None for e in evals):
-                raise RuntimeError(f"round {r}: no client could be evaluated; see the errors in {self.run_dir / 'log.txt'}")
+                raise RuntimeError(f"round {r}: no client could be evaluated; "
+                                   f"see the errors in {self.run_dir / 'log.txt'}")
             else:
                 record.update(round_eval_stats(evals))
             record["generated_prompt_spread"] = self._prompt_spread
         else:
-            rows = [{"type": "client", "round": r, "client": n, "participated": True, **row} for n, row in client_rows.items()]
+            rows = [{"type": "client", "round": r, "client": n, "participated": True, **row}
+                    for n, row in client_rows.items()]
         record["time_eval_s"] = time.perf_counter() - t_eval
         record["clients"] = rows
         record.update(self.hooks.end_of_round(self.ctx, round=r, record=record))
@@ -65,7 +68,8 @@ class Rounds:
         record["clients"] = record.pop("clients")  # keep it last (the run pops it into client records)
         return record
 
-    def train_participants(self, r: int, participants: list[int], sent: dict[int, torch.Tensor]) -> dict[int, dict[str, Any]]:
+    def train_participants(self, r: int, participants: list[int],
+                           sent: dict[int, torch.Tensor]) -> dict[int, dict[str, Any]]:
         """Round r's local training: one row per participant, its outgoing delta under ``_delta``
         (absent for methods that send nothing). A row with ``error`` is a client that failed (the
         Flower engine); the round goes on without its delta."""
@@ -91,7 +95,8 @@ class Rounds:
         load_into(self.model, prompt=start_prompt, head_weight=st.head_weight, head_bias=st.head_bias)
         x, y = self.train_data[n]
         data = self.hooks.client_data(self.ctx, client=n, round=r, data=ClientData(x, y))
-        job = LocalJob(client=n, round=r, model=self.model, data=data, generator=self.seeds.torch("local_train", client=n, round=r),
+        job = LocalJob(client=n, round=r, model=self.model, data=data,
+                       generator=self.seeds.torch("local_train", client=n, round=r),
                        run_default=partial(sgd_local_training, cfg=self.cfg.client),
                        augment=self.augment_stream("augment", n, r))
         result = self.hooks.local_training(self.ctx, job)
@@ -101,7 +106,8 @@ class Rounds:
                      "head_bias": self.model.head.bias.detach().clone()}
         return self._finish_client(n, r, start_prompt, result, final)
 
-    def train_clients_batched(self, r: int, starts: dict[int, torch.Tensor]) -> dict[int, tuple[dict[str, Any], torch.Tensor | None]]:
+    def train_clients_batched(self, r: int, starts: dict[int, torch.Tensor]
+                              ) -> dict[int, tuple[dict[str, Any], torch.Tensor | None]]:
         """The round's clients in ``starts`` trained in one batch (``batched_clients: true``)."""
         from pfedpg.batched import batched_sgd_local_training
 
@@ -167,7 +173,8 @@ class Rounds:
         load_into(self.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
         acc, loss = evaluate(self.model, x, y, batch_size=bs)
         row = {"client": n, "acc_adapted": acc, "loss_adapted": loss, "acc_generated": None}
-        row.update(self.hooks.client_metrics(self.ctx, client=n, evaluate=lambda xs, ys: self.evaluate_client(n, xs, ys)))
+        row.update(self.hooks.client_metrics(self.ctx, client=n,
+                                             evaluate=lambda xs, ys: self.evaluate_client(n, xs, ys)))
         if generated is not None:
             load_into(self.model, prompt=generated, head_weight=st.head_weight, head_bias=st.head_bias)
             row["acc_generated"], row["loss_generated"] = evaluate(self.model, x, y, batch_size=bs)

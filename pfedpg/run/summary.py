@@ -117,7 +117,8 @@ class Summary:
             "time": {"setup_s": self.setup_seconds, "rounds_s": sum(r["time_round_s"] for r in rounds),
                      "mean_round_s": float(np.mean([r["time_round_s"] for r in rounds])) if rounds else 0.0,
                      # training + server step only (rounds that also evaluate cost more)
-                     "mean_train_round_s": float(np.mean([r["time_round_s"] - r.get("time_eval_s", 0.0) for r in rounds]))
+                     "mean_train_round_s": float(np.mean([r["time_round_s"] - r.get("time_eval_s", 0.0)
+                                                          for r in rounds]))
                      if rounds else 0.0},
             "hooks": [h.name for h in self.hooks.hooks],
             "backbone": {"name": self.cfg.model.name, "weights": self.cfg.model.weights, "file": self.backbone_file},
@@ -128,7 +129,8 @@ class Summary:
             summary["clients_missing"] = missing
         if any(r.get("client_metrics") == "withheld" for r in rounds):
             summary["client_metrics"] = (f"withheld: under {', '.join(self.hooks.privacy_mechanisms())} each client "
-                                         "kept its losses, accuracies and measurements (privacy.release_metrics: false)")
+                                         "kept its losses, accuracies and measurements "
+                                         "(privacy.release_metrics: false)")
         new = self.new_clients_summary(rows)
         if new is not None:
             summary["new_clients"] = new

@@ -7,7 +7,8 @@ Run directory::
     env.json           versions, platform, threads
     metrics.jsonl      one ``round`` record per round and one ``client`` record per client/eval round
     summary.json       final accuracies (adapted and generated prompts), communication, timings
-    checkpoints/       round_XXXX.pt every ``checkpoint_every`` rounds and after the last; ``--resume`` continues exactly
+    checkpoints/       round_XXXX.pt every ``checkpoint_every`` rounds and after the last; ``--resume``
+                       continues exactly
     log.txt
 
 Evaluation uses the final round only (no best-round selection on test data)."""
@@ -17,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-
 
 from pfedpg.config import dump_config
 from pfedpg.errors import ConfigError, NonFiniteDeltaError
@@ -31,11 +31,12 @@ from pfedpg.run.summary import Summary, environment
 
 class Trainer(Assembly, Rounds, Checkpoints, Joins, Summary):
     """Builds everything a run needs from a ``RunConfig`` and runs the rounds.
-    
+
     ``hooks`` overrides ``cfg.hooks`` (tests pass instances); ``backbone_path`` skips the
     pretraining lookup for ``weights: pretrain``."""
 
-    def run(self, *, resume: bool = False, stop_after: int | None = None, restart: bool = False) -> dict[str, Any] | None:
+    def run(self, *, resume: bool = False, stop_after: int | None = None,
+            restart: bool = False) -> dict[str, Any] | None:
         """Run to ``cfg.rounds`` (or stop after round ``stop_after``, leaving a checkpoint).
 
         A run directory holding an unfinished run (no summary.json): without a checkpoint there is
@@ -70,8 +71,8 @@ class Trainer(Assembly, Rounds, Checkpoints, Joins, Summary):
         unfinished = metrics_path.exists() and not (self.run_dir / "summary.json").exists()
         if unfinished and not resume and (restart or self.latest_checkpoint() is None):
             kept = set_aside(self.run_dir)
-            self.log(f"run directory {self.run_dir} held an unfinished run{'' if restart else ' without a checkpoint'}; "
-                     f"starting it again (its files are in {kept})")
+            self.log(f"run directory {self.run_dir} held an unfinished run"
+                     f"{'' if restart else ' without a checkpoint'}; starting it again (its files are in {kept})")
         if resume:
             return self._resume(metrics_path)
         if (self.run_dir / "summary.json").exists():
@@ -80,8 +81,8 @@ class Trainer(Assembly, Rounds, Checkpoints, Joins, Summary):
         if metrics_path.exists():
             ckpt = self.latest_checkpoint()
             raise ConfigError(f"run directory {str(self.run_dir)!r} holds an unfinished run (checkpoint {ckpt.name}); "
-                              f"continue it with --resume --run-dir {self.run_dir}, or pass --restart to start it again "
-                              "(its files are kept under RUN_DIR/attempt-<k>/)")
+                              f"continue it with --resume --run-dir {self.run_dir}, or pass --restart to start it "
+                              "again (its files are kept under RUN_DIR/attempt-<k>/)")
         self._write_run_files()
         metrics_path.write_text("")
         return 0
@@ -115,7 +116,8 @@ class Trainer(Assembly, Rounds, Checkpoints, Joins, Summary):
             "participation": self.schedule,
             "clients": [{k: f.get(k) for k in ("client", "train", "test", "val", "domain")} for f in self.client_facts],
             # data.new_clients: their ids here, and every client's id in the partition
-            **({"new_clients": [{k: f[k] for k in ("client", "train", "test", "val", "domain")} for f in self.new_facts],
+            **({"new_clients": [{k: f[k] for k in ("client", "train", "test", "val", "domain")}
+                                for f in self.new_facts],
                 "partition_ids": {"clients": [f["partition_id"] for f in self.client_facts],
                                   "new_clients": [f["partition_id"] for f in self.new_facts]}}
                if self.new_facts else {}),
@@ -126,9 +128,11 @@ class Trainer(Assembly, Rounds, Checkpoints, Joins, Summary):
         if cfg.batched_clients:
             alone = [n for n in range(self.num_clients) if self.hooks.has_local_training(n)]
             self.log("batched_clients: clients train in one batch" + (
-                f"; clients {alone} run a local_training hook (e.g. dp_sgd) and train one after another" if alone else ""))
-        self.log(f"{cfg.method}: {self.num_clients} clients, {cfg.rounds} rounds, backbone {self.backbone_numbers:,} numbers, "
-                 f"on {self.device}{' (bf16 autocast)' if cfg.amp else ''}" + (f" (resuming after round {start})" if start else ""))
+                f"; clients {alone} run a local_training hook (e.g. dp_sgd) and train one after another"
+                if alone else ""))
+        self.log(f"{cfg.method}: {self.num_clients} clients, {cfg.rounds} rounds, "
+                 f"backbone {self.backbone_numbers:,} numbers, on {self.device}{' (bf16 autocast)' if cfg.amp else ''}"
+                 + (f" (resuming after round {start})" if start else ""))
 
     def _train_rounds(self, start: int, metrics_path: Path, stop_after: int | None) -> bool:
         """Rounds ``start + 1 ..`` with their records and checkpoints; False when stopped after
