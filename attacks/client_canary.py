@@ -40,6 +40,7 @@ from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
 from pfedpg.gdp import gdp_epsilon
 from pfedpg.hooks import Hook, register_hook
+from pfedpg.privacy_result import PrivacyMechanism, gdp_mu, mechanism_of
 
 CANARY_SCALE = 100.0  # a canary release's norm under client-level DP, in units of the clip C
 
@@ -83,13 +84,10 @@ class ClientCanaryAudit(Hook):
         self.client_dp: Hook | None = None  # the run's client-level DP hook, found at setup
 
     @staticmethod
-    def _client_dp(ctx):
-        # Duck typing (attacks never import defenses): a client-level mechanism has a clip C and a
-        # client adjacency; its statement() is only complete after its own setup.
-        for h in ctx.hooks:
-            if hasattr(h, "statement") and hasattr(h, "epsilon") and hasattr(h, "clip") and hasattr(h, "adjacency"):
-                return h
-        return None
+    def _client_dp(ctx) -> PrivacyMechanism | None:
+        """The run's client-level mechanism (attacks never import defenses: they read its face)."""
+        mech = mechanism_of(ctx.hooks)
+        return mech if mech is not None and mech.unit == "client" else None
 
     def setup(self, ctx: RunContext) -> None:
         if not ctx.server.sends_prompts:
@@ -184,19 +182,18 @@ class ClientCanaryAudit(Hook):
         return out
 
     def claim(self, ctx, delta: float) -> float | None:
-        """The mechanism's claim for a canary (None without client-level DP): the μ-GDP ε of its R
-        releases of the canary pair, μ = (sensitivity / C)·√R / z."""
+        """The mechanism's claim for a canary (None without client-level DP): the μ-GDP ε of its
+        releases of the canary pair as the mechanism's record has them (the canary with the most), μ =
+        (sensitivity / C)·√R / z for R equal releases."""
         dp = self.client_dp
         if dp is None:
             return None
-        z = float(dp.noise_multiplier or 0.0)
-        sensitivity = 2.0 if self.pair == "replace" else 1.0  # in units of C
-        mu = sensitivity * math.sqrt(max(self.rounds.values(), default=0)) / z if z else math.inf
-        return gdp_epsilon(mu, delta)
+        releases = max((dp.releases(c) for c in self.canaries), key=len, default=[])
+        return gdp_epsilon(gdp_mu(releases), delta)
 
     def end_of_run(self, ctx: RunContext, *, summary):
         dp = self.client_dp = self._client_dp(ctx)
-        delta = self.delta if self.delta is not None else (float(dp.statement()["delta"]) if dp is not None else 1e-5)
+        delta = self.delta if self.delta is not None else (float(dp.delta) if dp is not None else 1e-5)
         claim = self.claim(ctx, delta)
         acc = max(dp.epsilon(c) for c in self.canaries) if dp is not None else None
         views = self.views(ctx)

@@ -42,6 +42,7 @@ from pfedpg.context import ClientSide, RunContext
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.jobs import GradientCanaries
+from pfedpg.privacy_result import PrivacyMechanism, mechanism_of
 
 
 @register_hook("gradient_canary_audit")
@@ -69,10 +70,10 @@ class GradientCanaryAudit(Hook):
         self._step: torch.Tensor | None = None  # this step's directions, every canary's
 
     @staticmethod
-    def _record_level_dp(ctx):
-        # Duck typing (attacks never import defenses): the record-level mechanism samples at a rate q.
-        return next((h for h in ctx.hooks if getattr(h, "privacy_mechanism", False) and hasattr(h, "sample_rate")),
-                    None)
+    def _record_level_dp(ctx) -> PrivacyMechanism | None:
+        """The run's record-level mechanism (attacks never import defenses: they read its face)."""
+        mech = mechanism_of(ctx.hooks)
+        return mech if mech is not None and mech.unit == "record" else None
 
     def setup(self, ctx: RunContext) -> None:
         if self.client >= ctx.num_clients:
@@ -123,13 +124,12 @@ class GradientCanaryAudit(Hook):
 
     def end_of_run(self, ctx: RunContext, *, summary):
         dp = self._record_level_dp(ctx)
-        record = dp.mechanism_record[self.client]
-        q = record[0]["sample_rate"]
-        sigma = record[0]["noise_multiplier"]
-        if any(r["sample_rate"] != q or r["noise_multiplier"] != sigma for r in record):
+        record = dp.releases(self.client)
+        q, sigma = record[0].sample_rate, record[0].accounting_multiplier
+        if any(r.sample_rate != q or r.accounting_multiplier != sigma for r in record):
             raise ValueError("gradient_canary_audit: the client's rate or noise changed between rounds; one family "
                              "cannot describe its steps")
-        steps = sum(r["steps"] for r in record)
+        steps = sum(r.steps for r in record)
         if steps != self.steps:
             raise ValueError(f"gradient_canary_audit saw {self.steps} steps, the mechanism recorded {steps}")
         game = {"client": self.client, "sample_rate": q, "steps": steps, "noise_multiplier": sigma, "scale": self.scale,

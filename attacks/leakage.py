@@ -62,10 +62,32 @@ from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.jobs import ClientData
 from pfedpg.models.device import is_out_of_memory
+from pfedpg.privacy_result import mechanism_of
 
 LIRA_DEFAULTS = {"shadows": 8, "epochs": 5, "online": False}
 RMIA_DEFAULTS = {"references": 4, "epochs": 5, "a": 0.3, "gamma": 1.0, "population": 1000}
 CANARY_DEFAULTS = {"per_client": 64, "guess_fraction": 0.5}
+
+
+def probe_specs(specs: list | None) -> tuple[list[str] | None, dict[str, dict[str, Any]]]:
+    """``leakage_audit.probes`` (names, or ``{name: ..., **options}``) -> (names, options by name), each
+    checked against the live registry and the probe's signature."""
+    if specs is None:
+        return None, {}
+    names, options = [], {}
+    for i, spec in enumerate(specs):
+        name, opts = (spec.get("name"), {k: v for k, v in spec.items() if k != "name"}) \
+            if isinstance(spec, dict) else (spec, {})
+        if name not in PROBE_TYPES:
+            raise ConfigError(f"leakage_audit.probes: unknown probe {name!r}; choose from "
+                              f"{', '.join(PROBE_TYPES.in_order())}")
+        if name in names:
+            raise ConfigError(f"leakage_audit.probes[{i}]: probe {name!r} is listed twice")
+        PROBE_TYPES.construct(name, opts, where=f"leakage_audit.probes[{i}] ({name})")  # the options' check
+        names.append(name)
+        if opts:
+            options[name] = opts
+    return names, options
 
 
 @register_hook("leakage_audit")
@@ -102,10 +124,7 @@ class LeakageAudit(Hook):
                 raise ConfigError(f"leakage_audit.{key}={v!r} must be a "
                                   f"{'non-negative' if key in ('shadow_clients', 'permutations') else 'positive'} "
                                   "integer")
-        unknown = [p for p in (probes or []) if p not in PROBE_TYPES]
-        if unknown:
-            raise ConfigError(f"leakage_audit.probes: unknown probe {unknown[0]!r}; choose from "
-                              f"{', '.join(PROBE_TYPES.in_order())}")
+        probes, self.probe_options = probe_specs(probes)
         if lira is not None and set(lira) - set(LIRA_DEFAULTS):
             raise ConfigError(f"leakage_audit.lira: unknown key {sorted(set(lira) - set(LIRA_DEFAULTS))[0]!r}; "
                               f"valid: {', '.join(LIRA_DEFAULTS)}")
@@ -229,21 +248,18 @@ class LeakageAudit(Hook):
 
     # ------------------------------------------------------------------------------------------
     def _dp(self, ctx, clients: list[int] | None = None) -> dict[str, Any] | None:
-        """The run's DP hook, read by duck typing (attacks never import defenses); ε is the largest
-        over ``clients`` (default: the targets)."""
-        for h in ctx.hooks:
-            if hasattr(h, "statement") and hasattr(h, "epsilon"):
-                st = h.statement()
-                eps = max(h.epsilon(n) for n in (self.targets if clients is None else clients))
-                unit = "client" if st["privacy_unit"].startswith("client") else "record"
-                delta = float(st["delta"])
-                note = None
-                if unit == "client" and st.get("adjacency") == "add_remove":
-                    # A change inside a client's data is a replacement = two add/remove steps.
-                    eps, delta = 2 * eps, (1 + math.exp(min(eps, 700.0))) * delta
-                    note = "add/remove client adjacency: group privacy over 2 steps (2ε, (1+e^ε)δ)"
-                return {"hook": h.name, "unit": unit, "epsilon": eps, "delta": delta, "note": note}
-        return None
+        """The run's DP mechanism (``pfedpg.privacy_result.PrivacyMechanism``: attacks never import
+        defenses); ε is the largest over ``clients`` (default: the targets)."""
+        mech = mechanism_of(ctx.hooks)
+        if mech is None:
+            return None
+        eps = max(mech.epsilon(n) for n in (self.targets if clients is None else clients))
+        delta, note = float(mech.delta), None
+        if mech.unit == "client" and mech.adjacency == "add_remove":
+            # A change inside a client's data is a replacement = two add/remove steps.
+            eps, delta = 2 * eps, (1 + math.exp(min(eps, 700.0))) * delta
+            note = "add/remove client adjacency: group privacy over 2 steps (2ε, (1+e^ε)δ)"
+        return {"hook": mech.name, "unit": mech.unit, "epsilon": eps, "delta": delta, "note": note}
 
     def end_of_run(self, ctx: RunContext, *, summary):
         t_start = time.perf_counter()
@@ -255,7 +271,9 @@ class LeakageAudit(Hook):
             t0 = time.perf_counter()
             ctx.log(f"leakage_audit: probe {i + 1}/{len(self.probes)}: {probe}")
             try:
-                PROBE_TYPES.get(probe)().run(run)
+                run.probe = PROBE_TYPES.construct(probe, self.probe_options.get(probe, {}),
+                                                  where=f"leakage_audit probe {probe}")
+                run.probe.run(run)
             except (ValueError, RuntimeError) as e:  # one probe that breaks down must not lose the run
                 if is_out_of_memory(e):
                     raise

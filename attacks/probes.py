@@ -53,7 +53,8 @@ def covered(dp: dict[str, Any] | None, probe_side: str, probe_unit: str) -> bool
 
 
 class Probe:
-    """One probe: ``run`` reads the run through ``ProbeRun`` and records its results there."""
+    """One probe: ``run`` reads the run through ``ProbeRun`` and records its results there. Its
+    options are its constructor's keyword arguments (``probes: [{name: ..., **options}]``)."""
 
     side: str = "server"  # server | observer | server+observer
     unit: str = "record"  # client | record | placement
@@ -64,6 +65,7 @@ class Probe:
 
 
 PROBE_TYPES: Registry[type[Probe]] = Registry("leakage probe")
+
 
 
 @dataclass
@@ -81,6 +83,7 @@ class ProbeRun:
     joins: dict[int, list[dict[str, Any]]]
     dp_new: dict[str, Any] | None
     aux: tuple[torch.Tensor, torch.Tensor] | None = None
+    probe: Probe | None = None  # the probe running now: what it records carries its side and unit
     aux_head_idx: torch.Tensor | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     curves: dict[str, tuple] = field(default_factory=dict)
@@ -89,7 +92,7 @@ class ProbeRun:
     def record(self, name: str, res: dict[str, Any], env: dict[str, Any] | None = None) -> None:
         """A probe's result under ``name`` (``probe`` or ``probe_variant``), with its threat model,
         unit and DP envelope (``env``: another envelope than the run's, e.g. the new clients')."""
-        kind = PROBE_TYPES.get(name.split("_")[0])
+        kind = self.probe
         curve = res.pop("_curve", None)
         res["threat_model"] = THREATS["server"] if kind.side.startswith("server") else THREATS["observer"]
         if kind.side == "server+observer":

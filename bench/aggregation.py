@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from defenses.robust import RULES, RobustAggregation  # noqa: E402
+from defenses.robust import AGGREGATION_RULES, RobustAggregation  # noqa: E402
 from pfedpg.server import ClientGradients, plain_aggregate  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main() -> None:
         grads = ClientGradients(list(range(m)), g, torch.ones(m))
         t_sum = median_time(lambda: plain_aggregate(grads), args.repeats)
         print(f"| {d} | {p:,} | sum | {1e3 * t_sum:.3f} | 1.0 | {t_sum / round_s[d]:.2e} |")
-        for rule in RULES:
+        for rule in AGGREGATION_RULES.names():
             hook = RobustAggregation(rule=rule, f=f)
             t = median_time(lambda: hook.aggregate(None, round=1, grads=grads), args.repeats)
             print(f"| {d} | {p:,} | {rule} | {1e3 * t:.3f} | {t / t_sum:.1f} | {t / round_s[d]:.2e} |")

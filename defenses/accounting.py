@@ -1,7 +1,10 @@
 """Privacy accounting helpers around Opacus' accountants (DESIGN §5).
 
-Accountants by name (:data:`ACCOUNTANT_TYPES`); one per client for the whole run, checkpointed
-through ``state_dict`` so a resumed run keeps its ε. The exact μ-GDP closed form the tests hold
+Accountants by name (:data:`ACCOUNTANT_TYPES`, the one registry: calibration builds its accountant
+from it too, so one registration serves accounting and ``target_epsilon``); one per client for the
+whole run, checkpointed through ``state_dict`` so a resumed run keeps its ε. An accountant is any
+class with Opacus' ``IAccountant`` face: ``step(noise_multiplier=, sample_rate=)``, ``history`` (a
+list of (z, q, steps)) and ``get_epsilon(delta)``. The exact μ-GDP closed form the tests hold
 the accountants against lives in the core, :mod:`pfedpg.gdp`.
 """
 from __future__ import annotations
@@ -12,10 +15,13 @@ import secrets
 import torch
 
 from pfedpg.errors import ConfigError
+from pfedpg.privacy_result import Release
 from pfedpg.registry import Registry
 
-#: accountant name -> a factory of a fresh Opacus accountant
+#: accountant name -> a factory of a fresh accountant (Opacus' IAccountant face)
 ACCOUNTANT_TYPES: Registry = Registry("accountant")
+#: Calibration's search (Opacus' get_noise_multiplier, over this registry): the largest z tried.
+MAX_SIGMA = 1e6
 
 
 @ACCOUNTANT_TYPES.register("rdp")
@@ -32,9 +38,6 @@ def _prv():
     return PRVAccountant()
 
 
-ACCOUNTANTS = tuple(ACCOUNTANT_TYPES.names())
-
-
 def make_accountant(name: str):
     return ACCOUNTANT_TYPES.get(name)()
 
@@ -45,14 +48,40 @@ def accountant_epsilon(accountant, delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The noise multiplier (per unit sensitivity) that reaches ``target_epsilon`` after ``steps``."""
-    from opacus.accountants.utils import get_noise_multiplier
-
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                    epsilon_tolerance: float = 0.005) -> float:
+    """The noise multiplier (per unit sensitivity) that reaches ``target_epsilon`` after ``steps``:
+    the smallest z found by bisection whose ε is within ``epsilon_tolerance`` below the target (the
+    search of Opacus' ``get_noise_multiplier``, step for step, on an accountant from this registry)."""
     if steps < 1:
         raise ConfigError("target_epsilon needs at least one planned release; check rounds and clients_per_round")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005))
+    acc = make_accountant(accountant)
+
+    def eps(sigma: float) -> float:
+        acc.history = [(sigma, sample_rate, steps)]
+        return float(acc.get_epsilon(delta=delta))
+
+    eps_high, sigma_low, sigma_high = math.inf, 0.0, 10.0
+    while eps_high > target_epsilon:
+        sigma_high = 2 * sigma_high
+        eps_high = eps(sigma_high)
+        if sigma_high > MAX_SIGMA:
+            raise ConfigError(f"target_epsilon={target_epsilon} at delta={delta} needs noise_multiplier > "
+                              f"{MAX_SIGMA:g}; raise target_epsilon or delta")
+    while target_epsilon - eps_high > epsilon_tolerance:
+        sigma = (sigma_low + sigma_high) / 2
+        e = eps(sigma)
+        if e < target_epsilon:
+            sigma_high, eps_high = sigma, e
+        else:
+            sigma_low = sigma
+    return float(sigma_high)
+
+
+def check_accountant(name: str, where: str = "accountant") -> None:
+    """A one-line error unless ``name`` is in the live registry."""
+    if name not in ACCOUNTANT_TYPES:
+        raise ConfigError(f"{where}={name!r} is not one of {', '.join(ACCOUNTANT_TYPES.names())}")
 
 
 class ClientAccountants:
@@ -60,8 +89,7 @@ class ClientAccountants:
     round would silently reset ε). ``mark_unbounded`` records a release without noise: ε = ∞."""
 
     def __init__(self, name: str, delta: float | None = None):
-        if name not in ACCOUNTANTS:
-            raise ConfigError(f"accountant={name!r} is not one of {', '.join(ACCOUNTANTS)}")
+        check_accountant(name)
         self.name, self.delta = name, delta
         self._acc: dict[int, object] = {}
         self._unbounded: set[int] = set()
@@ -70,6 +98,15 @@ class ClientAccountants:
         if client not in self._acc:
             self._acc[client] = make_accountant(self.name)
         self._acc[client].step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+
+    def account(self, client: int, release: Release) -> None:
+        """Compose one entry of a mechanism's record: its ``steps`` Gaussian compositions at its
+        accounting multiplier and sample rate; a noise-free release makes ε infinite."""
+        if release.noise_multiplier == 0:
+            self.mark_unbounded(client)  # clip only: no privacy guarantee
+            return
+        for _ in range(release.steps):
+            self.step(client, noise_multiplier=release.accounting_multiplier, sample_rate=release.sample_rate)
 
     def mark_unbounded(self, client: int) -> None:
         self._unbounded.add(client)
@@ -117,20 +154,30 @@ class ClientAccountants:
         self._unbounded = set(state.get("unbounded", []))
 
 
-# A DP hook's mechanism record ({client: [entry per local training or release]}) in checkpoints and
-# between a Flower client's process and the server: string keys, so that it survives JSON as well.
-def record_state(record: dict[int, list[dict]]) -> dict[str, list[dict]]:
-    return {str(c): [dict(e) for e in entries] for c, entries in record.items()}
+# A DP hook's mechanism record ({client: [Release per local training or release]}) in checkpoints and
+# between a Flower client's process and the server: string keys and plain dicts, so that it survives
+# JSON as well. Entries of checkpoints from before the Release type carry the hook's own C, adjacency
+# and sensitivity (``defaults``).
+def record_state(record: dict[int, list[Release]]) -> dict[str, list[dict]]:
+    return {str(c): [e.to_dict() for e in entries] for c, entries in record.items()}
 
 
-def load_record(state: dict[str, list[dict]]) -> dict[int, list[dict]]:
-    return {int(c): [dict(e) for e in entries] for c, entries in state.items()}
+def load_record(state: dict[str, list[dict]], **defaults) -> dict[int, list[Release]]:
+    return {int(c): [as_release(e, defaults) for e in entries] for c, entries in state.items()}
 
 
-def merge_record(record: dict[int, list[dict]], client: int, entries: list[dict]) -> None:
+def as_release(entry: dict | Release, defaults: dict) -> Release:
+    if isinstance(entry, Release):
+        return entry
+    e = {**defaults, **entry}
+    e.setdefault("accounting_multiplier", e["noise_multiplier"] / e["sensitivity"])
+    return Release.from_dict(e)
+
+
+def merge_record(record: dict[int, list[Release]], client: int, entries: list[dict], **defaults) -> None:
     """Replace client ``client``'s record with the one its own process kept (as its accountant)."""
     if entries:
-        record[client] = [dict(e) for e in entries]
+        record[client] = [as_release(e, defaults) for e in entries]
     else:
         record.pop(client, None)
 
@@ -148,8 +195,7 @@ def check_dp_options(hook: str, *, clip, noise_multiplier, target_epsilon, accou
                           + (">= 0" if allow_zero_noise else "> 0 (use no dp_sgd hook for z = 0)"))
     if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError(f"{hook}.target_epsilon={target_epsilon!r} must be a positive number")
-    if accountant not in ACCOUNTANTS:
-        raise ConfigError(f"{hook}.accountant={accountant!r} is not one of {', '.join(ACCOUNTANTS)}")
+    check_accountant(accountant, f"{hook}.accountant")
 
 
 #: Where DP noise comes from. ``seeded``: a stream keyed by (run seed, client, round) — runs are

@@ -35,7 +35,7 @@ from defenses.accounting import (
 from pfedpg.context import ClientSide, RunContext
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
-from pfedpg.privacy_result import PrivacyResult
+from pfedpg.privacy_result import PrivacyResult, Release
 from pfedpg.seeding import normal_like
 
 ADJACENCIES = {"replace": 2.0, "add_remove": 1.0}  # sensitivity in units of C
@@ -62,6 +62,7 @@ class ClientLevelDP(Hook):
     """
 
     privacy_mechanism = True  # what a client sends under it: the release and what the statement names public
+    unit = "client"
 
     def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float = 1e-5, adjacency: str = "replace", accountant: str = "rdp", noise: str = "seeded"):
@@ -79,17 +80,11 @@ class ClientLevelDP(Hook):
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         self.sensitivity = ADJACENCIES[adjacency] * self.clip
         self.accountants = ClientAccountants(accountant, self.delta)
-        #: What the mechanism did, per client, one entry per release {round, noise_multiplier, clip,
-        #: adjacency}: the noise std privatize added / C and the C it clipped to, taken there and not from
-        #: accounting_multiplier, so a wrong conversion between adjacencies in the accounting shows as a
-        #: mismatch with the accountant's history (tests/test_accounting_history.py).
-        self.mechanism_record: dict[int, list[dict]] = {}
+        #: What the mechanism did, per client, one Release per release: the z and the C privatize used,
+        #: taken there; the accountant composes these records and nothing else, and a wrong conversion
+        #: between adjacencies fails Release.check (tests/test_accounting_history.py).
+        self.mechanism_record: dict[int, list[Release]] = {}
         self._used: dict | None = None  # what the last privatize call used, for outgoing_delta's record
-
-    # Noise std is z·C; for accounting, the multiplier per unit sensitivity is z·C / sensitivity.
-    @property
-    def accounting_multiplier(self) -> float:
-        return self.noise_multiplier * self.clip / self.sensitivity
 
     def setup(self, ctx: RunContext) -> None:
         warn_seeded_deployment("dp_client", ctx, self.noise_source)
@@ -118,7 +113,7 @@ class ClientLevelDP(Hook):
 
     def privatize(self, delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         clip, std = self.clip, self.noise_multiplier * self.clip
-        self._used = {"noise_multiplier": std / clip, "clip": clip}
+        self._used = self.parameters()
         clipped = clip_by_norm(delta, clip)
         if std == 0:
             return clipped
@@ -129,15 +124,26 @@ class ClientLevelDP(Hook):
         self._used = None
         released = self.privatize(delta, noise_generator(ctx, self.noise_source, "dp_client.noise",
                                                          client=client, round=round))
-        # A privatize that bypasses the one above (tests' broken variants) leaves no entry: a missing release.
-        if self._used is not None:
-            entry = {"round": round, **self._used, "adjacency": self.adjacency}
-            self.mechanism_record.setdefault(client, []).append(entry)
-        if self.noise_multiplier > 0:
-            self.accountants.step(client, noise_multiplier=self.accounting_multiplier, sample_rate=1.0)
-        else:
-            self.accountants.mark_unbounded(client)  # clip only: no privacy guarantee
+        # The record holds the release as privatize made it (a privatize that reports nothing, such as
+        # the tests' broken variants, as configured: what the mechanism claims), and the accountant
+        # composes exactly that record.
+        release = Release(round=round, **(self._used or self.parameters())).check()
+        self.mechanism_record.setdefault(client, []).append(release)
+        self.accountants.account(client, release)  # z = 0, the clip-only ablation: ε = ∞
         return released
+
+    # Noise std is z·C; for accounting, the multiplier per unit sensitivity is z·C / sensitivity.
+    @property
+    def accounting_multiplier(self) -> float:
+        return self.noise_multiplier * self.clip / self.sensitivity
+
+    def parameters(self) -> dict:
+        """The mechanism's parameters for one release (a Release without its round)."""
+        return {"noise_multiplier": self.noise_multiplier, "clip": self.clip, "adjacency": self.adjacency,
+                "sensitivity": ADJACENCIES[self.adjacency], "accounting_multiplier": self.accounting_multiplier}
+
+    def releases(self, client: int) -> list[Release]:
+        return list(self.mechanism_record.get(client, []))
 
     def epsilon(self, client: int) -> float:
         return self.accountants.epsilon(client)
@@ -183,13 +189,16 @@ class ClientLevelDP(Hook):
 
     def client_state(self, client):
         return {"accountant": self.accountants.client_state(client),
-                "mechanism_record": [dict(e) for e in self.mechanism_record.get(client, [])]}
+                "mechanism_record": [e.to_dict() for e in self.mechanism_record.get(client, [])]}
 
     def merge_client_state(self, client, state):
         self.accountants.merge_client_state(client, state["accountant"])
-        merge_record(self.mechanism_record, client, state.get("mechanism_record", []))
+        merge_record(self.mechanism_record, client, state.get("mechanism_record", []), **self.record_defaults())
 
     def load_state_dict(self, state):
         self.noise_multiplier = state["noise_multiplier"]
         self.accountants.load_state_dict(state["accountants"])
-        self.mechanism_record = load_record(state.get("mechanism_record", {}))
+        self.mechanism_record = load_record(state.get("mechanism_record", {}), **self.record_defaults())
+
+    def record_defaults(self) -> dict:
+        return {"sensitivity": ADJACENCIES[self.adjacency]}

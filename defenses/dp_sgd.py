@@ -38,7 +38,7 @@ from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.jobs import LocalResult
 from pfedpg.models import PromptTokens
-from pfedpg.privacy_result import PrivacyResult
+from pfedpg.privacy_result import PrivacyResult, Release
 from pfedpg.seeding import normal_like
 
 _REGISTERED = False
@@ -107,6 +107,7 @@ class RecordLevelDPSGD(Hook):
     assumes the adversary does not know which records each step drew."""
 
     privacy_mechanism = True  # what a client sends under it: the release and what the statement names public
+    unit, adjacency = "record", "add_remove"
 
     def __init__(self, *, clip: float, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  delta: float | None = None, accountant: str = "rdp", noise: str = "seeded"):
@@ -119,12 +120,12 @@ class RecordLevelDPSGD(Hook):
         self.target_epsilon, self.fixed_noise = target_epsilon, noise_multiplier
         self.noise: dict[int, float] = {}
         self.accountants = ClientAccountants(accountant, delta)
-        #: What the mechanism did, per client, one entry per local training {round, sample_rate,
-        #: noise_multiplier, steps}: the rate handed to poisson_sample, the z handed to add_noise (its
-        #: noise std / C) and the loop iterations run. Taken where they are used, not from what the
-        #: accountant is told, so a wrong q or step count fed to calibration and accountant alike (ε
-        #: consistent with itself, wrong for the mechanism) shows as a mismatch (tests/test_accounting_history.py).
-        self.mechanism_record: dict[int, list[dict]] = {}
+        #: What the mechanism did, per client, one Release per local training: the rate handed to
+        #: poisson_sample, the z handed to add_noise (its noise std / C) and the loop iterations run,
+        #: taken where they are used. The accountant composes these records and nothing else, so a
+        #: wrong q or step count can enter only through calibration (z then misses the target, which
+        #: tests/test_accounting_history.py checks against its own arithmetic).
+        self.mechanism_record: dict[int, list[Release]] = {}
 
     def setup(self, ctx: RunContext) -> None:
         warn_seeded_deployment("dp_sgd", ctx, self.noise_source)
@@ -196,11 +197,14 @@ class RecordLevelDPSGD(Hook):
                 p.grad = s / (q * n)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            self.accountants.step(job.client, noise_multiplier=z, sample_rate=q)
             ran += 1
         psg.close()
-        self.mechanism_record.setdefault(job.client, []).append(
-            {"round": job.round, "sample_rate": q, "noise_multiplier": z, "steps": ran})
+        # The record of what ran (the q handed to the sampler, the z to the noise, the iterations), and
+        # the accountant composes exactly that (sensitivity C: one record, add/remove).
+        release = Release(round=job.round, noise_multiplier=z, clip=self.clip, sensitivity=1.0,
+                          adjacency=self.adjacency, accounting_multiplier=z, sample_rate=q, steps=ran).check()
+        self.mechanism_record.setdefault(job.client, []).append(release)
+        self.accountants.account(job.client, release)
         model.eval()
         return LocalResult(loss=total / max(1, seen), steps=steps, samples=seen,
                            extra={"dp_sgd_clipped_fraction": clipped / max(1, seen)})
@@ -231,6 +235,9 @@ class RecordLevelDPSGD(Hook):
         """Gaussian noise of std z·C on every coordinate of the clipped sum."""
         return [s + normal_like(s, g) * (z * self.clip) for s in summed]
 
+    def releases(self, client: int) -> list[Release]:
+        return list(self.mechanism_record.get(client, []))
+
     def epsilon(self, client: int) -> float:
         return self.accountants.epsilon(client)
 
@@ -241,7 +248,7 @@ class RecordLevelDPSGD(Hook):
         zs = sorted(set(self.noise.values()))
         return {
             "privacy_unit": "record (one training example of a client)",
-            "adjacency": "add_remove",
+            "adjacency": self.adjacency,
             "threat_model": "honest-but-curious server and any observer of the client's final model "
                             "(all of it is post-processing of DP-SGD)",
             "mechanism": f"DP-SGD on prompt and head: per-sample clip C={self.clip}, Gaussian noise z={zs[0]:.4g}"
@@ -272,12 +279,15 @@ class RecordLevelDPSGD(Hook):
 
     def client_state(self, client):
         return {"accountant": self.accountants.client_state(client),
-                "mechanism_record": [dict(e) for e in self.mechanism_record.get(client, [])]}
+                "mechanism_record": [e.to_dict() for e in self.mechanism_record.get(client, [])]}
 
     def merge_client_state(self, client, state):
         self.accountants.merge_client_state(client, state["accountant"])
-        merge_record(self.mechanism_record, client, state.get("mechanism_record", []))
+        merge_record(self.mechanism_record, client, state.get("mechanism_record", []), **self.record_defaults())
 
     def load_state_dict(self, state):
         self.accountants.load_state_dict(state["accountants"])
-        self.mechanism_record = load_record(state.get("mechanism_record", {}))
+        self.mechanism_record = load_record(state.get("mechanism_record", {}), **self.record_defaults())
+
+    def record_defaults(self) -> dict:
+        return {"clip": self.clip, "sensitivity": 1.0, "adjacency": self.adjacency}

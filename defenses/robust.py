@@ -92,18 +92,16 @@ def clip_rows(g: torch.Tensor, tau: float) -> torch.Tensor:
 
 class Rule:
     """One aggregation rule: ``combine`` maps an (m, P) stack to a mean-like aggregate and the rows it
-    kept. ``min_clients(f)`` is the smallest m at which it tolerates f malicious clients; ``radius``
-    the clipping radius τ of the rules that clip (``auto`` = the median client norm of the round)."""
+    kept. ``min_clients(f)`` is the smallest m at which it tolerates f malicious clients. A rule owns
+    its options: they are its constructor's keyword arguments (after ``f``), checked against its
+    signature when the hook builds it (a config option no rule of that name takes is an error)."""
 
-    def __init__(self, *, f: int, radius: float | str, iters: int):
-        self.f, self.radius, self.iters = f, radius, iters
+    def __init__(self, *, f: int):
+        self.f = f
 
     @staticmethod
     def min_clients(f: int) -> int:
         return 1
-
-    def tau(self, g: torch.Tensor) -> float:
-        return float(g.norm(dim=1).median()) if self.radius == "auto" else float(self.radius)
 
     def combine(self, g: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         raise NotImplementedError
@@ -200,8 +198,23 @@ class GeometricMedian(Rule):
         return geometric_median(g), list(range(g.shape[0]))
 
 
+class ClippingRule(Rule):
+    """A rule that clips to a radius τ: a positive number, or ``auto`` (the median client norm of the
+    round)."""
+
+    def __init__(self, *, f: int, radius: float | str = "auto"):
+        super().__init__(f=f)
+        if radius != "auto" and not (isinstance(radius, (int, float)) and not isinstance(radius, bool)
+                                     and math.isfinite(radius) and radius > 0):
+            raise ConfigError(f"robust_aggregation.radius={radius!r} must be a positive number or 'auto'")
+        self.radius = radius
+
+    def tau(self, g: torch.Tensor) -> float:
+        return float(g.norm(dim=1).median()) if self.radius == "auto" else float(self.radius)
+
+
 @AGGREGATION_RULES.register("norm_clip")
-class NormClip(Rule):
+class NormClip(ClippingRule):
     """Clip each g_n to the radius τ, then the mean."""
 
     def combine(self, g):
@@ -209,11 +222,14 @@ class NormClip(Rule):
 
 
 @AGGREGATION_RULES.register("centered_clip")
-class CenteredClip(Rule):
+class CenteredClip(ClippingRule):
     """Karimireddy et al. 2021: v ← v + mean(clip(g_n − v, τ)), ``iters`` times from last round's centre."""
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
+    def __init__(self, *, f: int, radius: float | str = "auto", iters: int = 3):
+        super().__init__(f=f, radius=radius)
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+            raise ConfigError(f"robust_aggregation.iters={iters!r} must be an integer >= 1")
+        self.iters = iters
         self.center: torch.Tensor | None = None
 
     def combine(self, g):
@@ -242,22 +258,20 @@ def min_clients(rule: str, f: int) -> int:
 @register_hook("robust_aggregation")
 class RobustAggregation(Hook):
     """Options: ``rule`` (a name in AGGREGATION_RULES); ``f`` malicious clients tolerated (default 0);
-    ``radius`` τ for norm_clip / centered_clip (``auto`` = the median client norm of the round; the
-    old option name ``clip`` works in configs for one release); ``iters`` for centered_clip (default 3); ``multi_krum``
-    keeps m − f."""
+    the rule's own options, e.g. ``radius`` τ for norm_clip / centered_clip (``auto`` = the median
+    client norm of the round; the old option name ``clip`` works in configs for one release) and
+    ``iters`` for centered_clip (default 3); ``multi_krum`` keeps m − f."""
 
     RENAMED: ClassVar[dict[str, str]] = {"clip": "radius"}
 
-    def __init__(self, *, rule: str, f: int = 0, radius: float | str = "auto", iters: int = 3):
+    def __init__(self, *, rule: str, f: int = 0, **options):
         super().__init__()
         if rule not in AGGREGATION_RULES:
-            raise ConfigError(f"robust_aggregation.rule={rule!r} is not one of {', '.join(RULES)}")
+            raise ConfigError(f"robust_aggregation.rule={rule!r} is not one of {', '.join(AGGREGATION_RULES.names())}")
         if not isinstance(f, int) or isinstance(f, bool) or f < 0:
             raise ConfigError(f"robust_aggregation.f={f!r} must be an integer >= 0")
-        if radius != "auto" and not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
-            raise ConfigError(f"robust_aggregation.radius={radius!r} must be a positive number or 'auto'")
         self.rule_name, self.f = rule, f
-        self.rule = AGGREGATION_RULES.get(rule)(f=f, radius=radius, iters=int(iters))
+        self.rule = AGGREGATION_RULES.construct(rule, options, where=f"robust_aggregation rule {rule}", f=f)
         self.excluded: dict[int, list[int]] = {}
 
     def setup(self, ctx: RunContext) -> None:

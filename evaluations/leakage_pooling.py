@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 #: what one ε counts, per DP mechanism (client-level and record-level ε are not comparable)
-UNITS = {"dp_client": "client-level ε (one client's whole data set)", "dp_sgd": "record-level ε (one record)"}
+#: the axis of a privacy unit's ε (PrivacyResult.unit): ε of different units are not comparable
+UNITS = {"client": "client-level ε (one client's whole data set)", "record": "record-level ε (one record)"}
 
 
 def group_key(cell: dict[str, Any]) -> str:
@@ -160,7 +161,7 @@ def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: d
             drawn.setdefault(f"{p}{'' if key == 'tpr_at_1pct_fpr' else ', 0.1% FPR'}", line)
         ax.set_xscale("log")
         ax.axvline(right, color="k", lw=0.5, ls=":")
-        unit = UNITS.get(mech, "ε") if mech else "ε"
+        unit = next((UNITS[r["dp"]["unit"]] for r in mine.values()), "ε")
         ax.set_xlabel(f"{unit}\n(dotted line at {right:.3g}: no DP, ε = ∞)", fontsize=8)
         ax.set_title(mech or "no DP mechanism", fontsize=9)
         ax.grid(alpha=0.3, which="both")

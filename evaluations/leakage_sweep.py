@@ -20,11 +20,13 @@ from typing import Any, Callable
 import numpy as np
 
 from evaluations.leakage_pooling import group_key, plot_tpr_vs_epsilon, pooled_probes
+from evaluations.plugins import load_plugins
 from evaluations.privacy import MECHANISMS, PrivacySweep, PrivacySweepConfig, cells
 from evaluations.report import html_page, img_tag, run_header, write_grid_markdown
 from evaluations.sweep import load_grid_file, run_grid
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
+from pfedpg.hooks import HOOKS
 
 AUDIT_BASELINES = ("nonprivate", "clip_only")
 
@@ -81,18 +83,25 @@ def load_audit(path, overrides=None):
             if options.get("out", "audit") != "audit":
                 raise ConfigError(f"audit.{key}.out: the audit pools RUN_DIR/audit over seeds; leave out unset")
             probes = {**probes, f"_{key}": options}
-    if gradient_canaries is not None and "dp_sgd" not in grid.mechanisms:
+    if gradient_canaries is not None and not any(record_level(m) for m in grid.mechanisms):
         raise ConfigError("audit.gradient_canaries audit DP-SGD: add dp_sgd to audit.mechanisms, or drop them")
-    if client_canaries is not None and not (set(grid.mechanisms) - {"dp_sgd"} or grid.baselines):
+    if client_canaries is not None and not ([m for m in grid.mechanisms if not record_level(m)] or grid.baselines):
         raise ConfigError("audit.client_canaries join the cells without DP-SGD, and this grid has none: add dp_client "
                           "to audit.mechanisms or a baseline (nonprivate), or drop them")
     return grid, probes, cfg.to_dict()
 
 
+def record_level(mechanism: str) -> bool:
+    """Whether a grid mechanism is a record-level DP hook: its declared privacy unit, not its name."""
+    load_plugins()
+    cls = HOOKS.get(mechanism) if mechanism in HOOKS else None
+    return cls is not None and cls.privacy_mechanism and cls.unit == "record"
+
+
 #: which cells each one-run audit joins: client canaries test a client-level claim (and read as large
-#: without one), gradient canaries go into DP-SGD's own steps
-CANARY_HOOKS = {"_client_canaries": ("client_canary_audit", lambda mech: mech != "dp_sgd"),
-                "_gradient_canaries": ("gradient_canary_audit", lambda mech: mech == "dp_sgd")}
+#: without one), gradient canaries go into a record-level mechanism's own steps (DP-SGD)
+CANARY_HOOKS = {"_client_canaries": ("client_canary_audit", lambda mech: not record_level(mech)),
+                "_gradient_canaries": ("gradient_canary_audit", record_level)}
 
 
 def with_audit_hook(base: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any]:

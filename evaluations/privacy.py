@@ -149,7 +149,7 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
     if hook is not None:
         zs = hook["noise_multiplier"]  # one z per client (PrivacyResult): the z, or their mean when they differ
         row.update(noise_multiplier=zs[0] if len(set(zs)) == 1 else float(np.mean(zs)), delta=hook["delta"],
-                   epsilon_max=hook["epsilon_max"], epsilon_mean=hook["epsilon_mean"])
+                   epsilon_max=hook["epsilon_max"], epsilon_mean=hook["epsilon_mean"], _unit=hook["unit"])
         if hook.get("new_clients"):  # (the hook's epsilon_max is already over every client, these included)
             row["new_clients_epsilon_max"] = hook["new_clients"]["epsilon_max"]
     elif cell["mechanism"] == "nonprivate":
@@ -195,7 +195,7 @@ def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str |
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    extra = sorted({k for r in rows for k in r if k not in COLUMNS and k != "group"})
+    extra = sorted({k for r in rows for k in r if k not in COLUMNS and k != "group" and not k.startswith("_")})
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS + extra)
         w.writeheader()
@@ -223,7 +223,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     out = []
     for (mech, eps, z), rs in groups.items():
-        out.append({"mechanism": mech, "target_epsilon": eps,
+        unit = next((r["_unit"] for r in rs if "_unit" in r), None)  # the PrivacyResult's, not read off the name
+        out.append({"mechanism": mech, "target_epsilon": eps, "unit": unit,
                     "noise_multiplier": ms([r["noise_multiplier"] for r in rs])[0],
                     "epsilon_max": ms([r["epsilon_max"] for r in rs]),
                     "accuracy_mean": ms([r["accuracy_mean"] for r in rs]),
@@ -260,12 +261,11 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
               "generated P_n %", "seeds", "− local (points, paired; 95% CI)", "vs local"]
     if with_new:  # data.new_clients: the newcomers' accuracy after the last join round
         header += ["new clients %", "new clients − local (paired)"]
-    unit = {"dp_client": "client", "clip_only": "client", "dp_sgd": "record", "nonprivate": "—", "local": "—"}
     body = []
     for a in agg:
         eps = "0 (sends nothing)" if a["mechanism"] == "local" else _fmt(a["epsilon_max"], pct=False)
         diff = paired(a["accuracy_by_seed"], local) if local is not None and a["mechanism"] != "local" else None
-        body.append([a["mechanism"], unit.get(a["mechanism"], "?"),
+        body.append([a["mechanism"], a["unit"] or "—",
                      "—" if a["target_epsilon"] is None else f"{a['target_epsilon']:g}",
                      "—" if a["noise_multiplier"] is None else f"{a['noise_multiplier']:.3g}", eps,
                      _fmt(a["accuracy_mean"]), _fmt(a["accuracy_worst"]), _fmt(a["accuracy_generated_mean"]),
@@ -282,7 +282,6 @@ def markdown_table(header, body) -> str:
     return "\n".join(lines)
 
 
-#: the privacy unit of each mechanism's ε: ε of different units are not comparable, so each gets its own axis
 def plot(path: Path, agg: list[dict[str, Any]]) -> None:
     """Accuracy against ε, one panel per privacy unit (client-level and record-level ε are not
     comparable), with the baselines as horizontal lines in every panel."""
@@ -315,7 +314,8 @@ def plot(path: Path, agg: list[dict[str, Any]]) -> None:
         if ticks:
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(f"{UNITS.get(mech, 'ε')} (max over clients)")
+        unit = next((a["unit"] for a in agg if a["mechanism"] == mech and a["unit"]), None)
+        ax.set_xlabel(f"{UNITS.get(unit, 'ε')} (max over clients)")
         ax.set_title(MECHANISMS[mech], fontsize=9)
         ax.grid(alpha=0.3, which="both")
         if k == 0:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from defenses.robust import RULES, min_clients
+from defenses.robust import AGGREGATION_RULES, min_clients
 from evaluations.plugins import load_plugins
 from evaluations.report import html_page, img_tag, run_header
 from evaluations.sweep import CellResult, Grid, divergence, load_grid_file, run_grid
@@ -50,9 +50,10 @@ class RobustnessConfig:
             HOOKS.get(a)  # one-line error listing the registered hooks
             if "fraction" in self.attacks[a] or "clients" in self.attacks[a]:
                 raise ConfigError(f"robustness.attacks.{a}: set malicious_fractions, not per-attack fraction/clients")
-        bad = [d for d in self.defenses if d != "sum" and d not in RULES]
+        bad = [d for d in self.defenses if d != "sum" and d not in AGGREGATION_RULES]
         if bad:
-            raise ConfigError(f"robustness.defenses: unknown {bad[0]!r}; choose from sum, {', '.join(RULES)}")
+            raise ConfigError(f"robustness.defenses: unknown {bad[0]!r}; choose from sum, "
+                              f"{', '.join(AGGREGATION_RULES.names())}")
         if any(not (isinstance(f, (int, float)) and 0 <= f < 1) for f in self.malicious_fractions):
             raise ConfigError(f"robustness.malicious_fractions={self.malicious_fractions!r} must lie in [0, 1)")
         if not self.seeds:

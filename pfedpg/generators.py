@@ -10,31 +10,42 @@ parameters only, never on another client's descriptor.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
+from pfedpg.errors import ConfigError
 from pfedpg.registry import Registry
 
 GENERATORS: Registry[type["PromptGenerator"]] = Registry("generator")
 
 
 class PromptGenerator(nn.Module):
-    """Shared generator parameters φ; ``forward(p_base, descriptor) -> prompts``."""
+    """Shared generator parameters φ; ``forward(p_base, descriptor) -> prompts``. A generator owns its
+    options (its constructor's keyword arguments after ``num_prompts`` and ``dim``) and how the
+    clients' descriptors start (``init_descriptors``)."""
 
-    def __init__(self, *, num_prompts: int, dim: int, **kwargs):
+    def __init__(self, *, num_prompts: int, dim: int):
         super().__init__()
         self.num_prompts, self.dim = num_prompts, dim
 
     def forward(self, p_base: torch.Tensor, descriptor: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def init_descriptors(self, draw: Callable[[int], torch.Generator], served: list[int], *, p_base: torch.Tensor,
+                         init_bound: float, logit_std: float, num_clients: int) -> torch.Tensor:
+        """One K×D descriptor per served client, client n's from its own stream ``draw(n)`` (adding
+        clients never changes the others): U(−init_bound, init_bound), the VPT prompt init."""
+        k, d = self.num_prompts, self.dim
+        return torch.stack([torch.empty(k, d).uniform_(-init_bound, init_bound, generator=draw(n)) for n in served])
+
 
 @GENERATORS.register("cross_attention")
 class CrossAttentionGenerator(PromptGenerator):
     """Eq. 3, with l_k = l_v = D. ``residual=True`` returns ``P_base + attention(...)`` instead."""
 
-    def __init__(self, *, num_prompts: int, dim: int, residual: bool = False, **kwargs):
+    def __init__(self, *, num_prompts: int, dim: int, residual: bool = False):
         super().__init__(num_prompts=num_prompts, dim=dim)
         self.residual = bool(residual)
         self.w_q = nn.Parameter(torch.empty(dim, dim))
@@ -55,6 +66,13 @@ class CrossAttentionGenerator(PromptGenerator):
         out = self.attention(p_base, descriptor) @ (p_base @ self.w_v) @ self.w_o
         return p_base + out if self.residual else out
 
+    def init_descriptors(self, draw, served, *, p_base, init_bound, logit_std, num_clients):
+        """N(0, 1) descriptors rescaled so that the training clients' attention logits have std
+        ``logit_std`` (``server.attention_logit_std``): near-uniform attention would give every client
+        the same prompt. An audit's clients (after the training clients) are scaled as theirs."""
+        d = torch.stack([torch.randn(self.num_prompts, self.dim, generator=draw(n)) for n in served])
+        return d * (logit_std / self.logits_std(p_base.detach(), d[:num_clients]))
+
     def logits_std(self, p_base: torch.Tensor, descriptors: torch.Tensor) -> float:
         with torch.no_grad():
             q = descriptors @ self.w_q
@@ -68,8 +86,10 @@ class MLPGenerator(PromptGenerator):
     prompt token; P_base is unused. Token-wise (shared over the K tokens) keeps φ at O(D·hidden)
     instead of O((K·D)²)."""
 
-    def __init__(self, *, num_prompts: int, dim: int, hidden: int | None = None, **kwargs):
+    def __init__(self, *, num_prompts: int, dim: int, hidden: int | None = None):
         super().__init__(num_prompts=num_prompts, dim=dim)
+        if hidden is not None and not (isinstance(hidden, int) and not isinstance(hidden, bool) and hidden > 0):
+            raise ConfigError(f"generator mlp: hidden={hidden!r} must be a positive integer, or null (= D)")
         hidden = hidden or dim
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)

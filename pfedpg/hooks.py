@@ -48,7 +48,6 @@ aggregated. What the server saw of them is in ``ctx.joins`` for the probes.
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -57,7 +56,7 @@ import torch
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.deprecation import take_renamed
 from pfedpg.errors import ConfigError
-from pfedpg.registry import Registry
+from pfedpg.registry import Registry, construct
 
 if TYPE_CHECKING:
     from pfedpg.jobs import ClientData, LocalJob, LocalResult
@@ -320,18 +319,7 @@ def build_hooks(specs: list[dict[str, Any]]) -> HookChain:
         cls = HOOKS.get(spec["name"])
         options = take_renamed({k: v for k, v in spec.items() if k != "name"}, getattr(cls, "RENAMED", {}),
                                f"{spec['name']}.")
-        params = inspect.signature(cls.__init__).parameters
-        valid = [p for p, v in params.items() if p != "self" and v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)]
-        takes_any = any(v.kind == v.VAR_KEYWORD for v in params.values())
-        unknown = [k for k in options if k not in valid]
-        if unknown and not takes_any:
-            raise ConfigError(f"hooks[{i}] ({spec['name']}): unknown option {unknown[0]!r}; its options are "
-                              f"{', '.join(valid) or '(none)'}")
-        try:
-            hooks.append(cls(**options))
-        except TypeError as e:
-            raise ConfigError(f"hooks[{i}] ({spec['name']}): {e}; "
-                              f"its options are {', '.join(valid) or '(none)'}") from None
+        hooks.append(construct(cls, options, where=f"hooks[{i}] ({spec['name']})"))
     return HookChain(hooks)
 
 

@@ -1,8 +1,102 @@
-"""What a DP hook reports at the end of a run, in one shape for every mechanism (DESIGN §5)."""
+"""The privacy level's one source of truth (DESIGN §5): what a DP mechanism did, release by release
+(:class:`Release`), what it is (:class:`PrivacyMechanism`, the face every reader uses: accountants,
+audits, sweeps and reports, with no attribute probing and no parsing of prose), and what it reports
+at the end of a run, in one shape for every mechanism (:class:`PrivacyResult`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+UNITS = ("client", "record")
+ADJACENCIES = ("replace", "add_remove")
+
+
+@dataclass(frozen=True)
+class Release:
+    """One entry of a mechanism's record, taken where the mechanism acts: ``steps`` compositions at
+    round ``round`` of a Gaussian mechanism with noise std ``noise_multiplier``·``clip`` on a sum whose
+    sensitivity is ``sensitivity``·``clip`` (2 under client ``replace``, 1 under ``add_remove``),
+    each at sample rate ``sample_rate`` (1: full participation). ``accounting_multiplier`` is the
+    noise per unit sensitivity that the accountant composes, as the mechanism computed it; it must
+    equal noise_multiplier / sensitivity (:meth:`check`), so a wrong conversion fails at the first
+    release instead of reporting an ε consistent with itself and wrong for the mechanism."""
+
+    round: int
+    noise_multiplier: float
+    clip: float
+    sensitivity: float
+    adjacency: str
+    accounting_multiplier: float
+    sample_rate: float = 1.0
+    steps: int = 1
+
+    def check(self) -> Release:
+        if self.adjacency not in ADJACENCIES:
+            raise ValueError(f"Release.adjacency={self.adjacency!r} must be one of {', '.join(ADJACENCIES)}")
+        want = self.noise_multiplier / self.sensitivity
+        if not math.isclose(self.accounting_multiplier, want, rel_tol=1e-9, abs_tol=1e-300):
+            raise ValueError(f"round {self.round}: accounting multiplier {self.accounting_multiplier!r} is not z / "
+                             f"sensitivity = {self.noise_multiplier!r} / {self.sensitivity!r}; the mechanism converts "
+                             "its noise to the accountant's unit wrongly")
+        if not (0 < self.sample_rate <= 1 and self.steps >= 0):
+            raise ValueError(f"round {self.round}: sample_rate {self.sample_rate} must be in (0, 1], steps >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Release:
+        return cls(**d)
+
+
+def gdp_mu(releases: Iterable[Release]) -> float:
+    """The μ of the μ-GDP composition of full-participation releases (Dong, Roth & Su 2022):
+    √(Σ 1/a²) over their accounting multipliers a (∞ for a noise-free one); R equal releases give
+    sensitivity·√R / z."""
+    rel = list(releases)
+    if any(r.sample_rate != 1.0 for r in rel):
+        raise ValueError("gdp_mu covers full-participation releases only (sample rate 1)")
+    if any(r.noise_multiplier == 0 for r in rel):
+        return math.inf
+    first = rel[0] if rel else None
+    if first is not None and all((r.noise_multiplier, r.sensitivity) == (first.noise_multiplier, first.sensitivity)
+                                 for r in rel):
+        return first.sensitivity * math.sqrt(sum(r.steps for r in rel)) / first.noise_multiplier
+    return math.sqrt(sum(r.steps / r.accounting_multiplier ** 2 for r in rel))
+
+
+@runtime_checkable
+class PrivacyMechanism(Protocol):
+    """A DP mechanism in the run (a hook with ``privacy_mechanism = True``), as every reader sees it:
+    its privacy ``unit`` (client | record), its ``adjacency`` (replace | add_remove), its clip C and
+    δ, each client's release record, each client's ε, and its end-of-run :class:`PrivacyResult`."""
+
+    name: str
+    unit: str
+    adjacency: str
+    clip: float
+    delta: float | None
+
+    def releases(self, client: int) -> list[Release]: ...
+
+    def epsilon(self, client: int) -> float: ...
+
+    def statement(self) -> dict[str, Any]: ...
+
+    def privacy_result(self, ctx: Any) -> PrivacyResult: ...
+
+
+def mechanism_of(hooks: Iterable[Any]) -> PrivacyMechanism | None:
+    """The run's DP mechanism (the hook that declares ``privacy_mechanism``), or None."""
+    for h in hooks:
+        if h.privacy_mechanism:
+            if not isinstance(h, PrivacyMechanism):
+                raise TypeError(f"hook {h.name!r} declares privacy_mechanism but lacks the PrivacyMechanism face "
+                                "(unit, adjacency, clip, delta, releases, epsilon, statement, privacy_result)")
+            return h
+    return None
 
 
 @dataclass

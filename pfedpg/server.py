@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from pfedpg.errors import ConfigError
-from pfedpg.generators import GENERATORS, CrossAttentionGenerator
+from pfedpg.generators import GENERATORS
 from pfedpg.registry import Registry
 from pfedpg.seeding import Seeds
 
@@ -34,7 +34,9 @@ SERVERS: Registry[type["Server"]] = Registry("method")
 class ServerConfig:
     """Server side of pFedPG (ignored by ``fedvpt`` and ``local`` except where noted)."""
 
-    generator: str = "cross_attention"  # cross_attention | mlp | adain | basis (paper Table 4)
+    # cross_attention | mlp | adain | basis (paper Table 4), or {name: ..., **its options} (a
+    # generator's options are its constructor's: cross_attention residual, mlp hidden)
+    generator: str | dict[str, Any] = "cross_attention"
     residual: bool = False  # cross_attention: P_base + attention(...) instead of the literal Eq. 3
     lr: float = 1e-3  # α, the server's SGD step (paper: 1e-3)
     mlp_hidden: int | None = None  # mlp generator width (default D)
@@ -48,10 +50,37 @@ class ServerConfig:
     update_bound: float | None = None
 
     RENAMED: ClassVar[dict[str, str]] = {"max_grad_norm": "update_bound"}
+    #: server keys that are a generator's option: key -> (generator, option)
+    GENERATOR_KEYS: ClassVar[dict[str, tuple[str, str]]] = {"residual": ("cross_attention", "residual"),
+                                                             "mlp_hidden": ("mlp", "hidden")}
+
+    @property
+    def generator_name(self) -> str:
+        return self.generator if isinstance(self.generator, str) else self.generator.get("name")
+
+    def generator_options(self) -> dict[str, Any]:
+        """The generator's options: those of the ``generator`` mapping, and the server keys that name
+        one of its options (``residual``, ``mlp_hidden``) when set away from their defaults."""
+        name = self.generator_name
+        options = {} if isinstance(self.generator, str) else {k: v for k, v in self.generator.items() if k != "name"}
+        for key, (owner, option) in self.GENERATOR_KEYS.items():
+            value = getattr(self, key)
+            if value == getattr(ServerConfig, key):
+                continue
+            if owner != name:
+                raise ConfigError(f"server.{key} is an option of the {owner} generator, not of {name}; remove it")
+            if option in options:
+                raise ConfigError(f"server.{key} and server.generator.{option} both set; keep one")
+            options[option] = value
+        return options
 
     def __post_init__(self):
-        if self.generator not in GENERATORS:
-            GENERATORS.get(self.generator)  # raises the one-line error with the choices
+        if not isinstance(self.generator, str) and "name" not in self.generator:
+            raise ConfigError("server.generator must be a name or a mapping with a `name` key, "
+                              f"got {self.generator!r}")
+        if self.generator_name not in GENERATORS:
+            GENERATORS.get(self.generator_name)  # raises the one-line error with the choices
+        self.generator_options()  # a misplaced option fails here, before the run
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"server.lr={self.lr!r} must be a positive number (paper: 1e-3)")
         if not self.attention_logit_std > 0:
@@ -158,22 +187,17 @@ class PFedPGServer(Server):
                  init_bound: float, seeds: Seeds, train_sizes: list[int], audit_clients: list[int] = ()):
         super().__init__(cfg, num_clients=num_clients, num_prompts=num_prompts, dim=dim,
                          init_bound=init_bound, seeds=seeds, train_sizes=train_sizes, audit_clients=audit_clients)
-        gen_cls = GENERATORS.get(cfg.generator)
-        self.generator = gen_cls(num_prompts=num_prompts, dim=dim, residual=cfg.residual, hidden=cfg.mlp_hidden)
+        self.generator = GENERATORS.construct(cfg.generator_name, cfg.generator_options(),
+                                              where=f"server.generator {cfg.generator_name}",
+                                              num_prompts=num_prompts, dim=dim)
         self.generator.reset_parameters(seeds.torch("init.generator"))
         g = seeds.torch("init.p_base")
         self.p_base = nn.Parameter(torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound, generator=g))
         # One K×D descriptor per client, each from its own stream: adding clients never changes the others
         # (an audit's clients get rows after the training clients', scaled as theirs).
-        served = list(self.rows)
-        if isinstance(self.generator, CrossAttentionGenerator):
-            d = torch.stack([torch.randn(num_prompts, dim, generator=seeds.torch("init.descriptor", client=n))
-                             for n in served])
-            d = d * (cfg.attention_logit_std / self.generator.logits_std(self.p_base.detach(), d[:num_clients]))
-        else:
-            d = torch.stack([torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound,
-                                                                   generator=seeds.torch("init.descriptor", client=n))
-                             for n in served])
+        d = self.generator.init_descriptors(lambda n: seeds.torch("init.descriptor", client=n), list(self.rows),
+                                            p_base=self.p_base, init_bound=init_bound,
+                                            logit_std=cfg.attention_logit_std, num_clients=num_clients)
         self.descriptors = nn.Parameter(d)
 
     def client_descriptors(self) -> torch.Tensor:

@@ -113,17 +113,17 @@ def check_dp_sgd(trainer, summary, spec) -> list[str]:
         steps = EPOCHS * math.ceil(1 / q)
         rounds = _rounds_of(trainer, n)
         record = hook.mechanism_record.get(n, [])
-        if [e["round"] for e in record] != rounds:
-            problems.append(f"rounds: client {n} trained in {[e['round'] for e in record]}, schedule: {rounds}")
+        if [e.round for e in record] != rounds:
+            problems.append(f"rounds: client {n} trained in {[e.round for e in record]}, schedule: {rounds}")
         for e in record:
-            if e["sample_rate"] != q:
-                problems.append(f"sample_rate: client {n} round {e['round']} at {e['sample_rate']}, B/|D_n| = {q}")
-            if e["steps"] != steps:
-                problems.append(f"steps: client {n} round {e['round']} ran {e['steps']} steps, E·⌈1/q⌉ = {steps}")
-            if not _z_as_planned(spec, e["noise_multiplier"], q, len(rounds) * steps):
-                problems.append(f"noise: client {n} round {e['round']} used z = {e['noise_multiplier']}, not the z "
+            if e.sample_rate != q:
+                problems.append(f"sample_rate: client {n} round {e.round} at {e.sample_rate}, B/|D_n| = {q}")
+            if e.steps != steps:
+                problems.append(f"steps: client {n} round {e.round} ran {e.steps} steps, E·⌈1/q⌉ = {steps}")
+            if not _z_as_planned(spec, e.noise_multiplier, q, len(rounds) * steps):
+                problems.append(f"noise: client {n} round {e.round} used z = {e.noise_multiplier}, not the z "
                                 f"planned for q = {q} over {len(rounds) * steps} steps")
-        from_record = _as_history((e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in record)
+        from_record = _as_history((e.noise_multiplier, e.sample_rate, e.steps) for e in record)
         acc = hook.accountants._acc.get(n)
         history = [tuple(h) for h in acc.history] if acc is not None else []
         if not _same_history(history, from_record):
@@ -148,15 +148,15 @@ def check_dp_client(trainer, summary, spec) -> list[str]:
             steps=max(len(r) for r in releases.values()), accountant="rdp", epsilon_tolerance=0.005)
     for n, rounds in releases.items():
         record = hook.mechanism_record.get(n, [])
-        if [e["round"] for e in record] != rounds:
-            problems.append(f"rounds: client {n} released in {[e['round'] for e in record]}, schedule: {rounds}")
+        if [e.round for e in record] != rounds:
+            problems.append(f"rounds: client {n} released in {[e.round for e in record]}, schedule: {rounds}")
         for e in record:
-            if not math.isclose(e["noise_multiplier"], z, rel_tol=1e-9):
-                problems.append(f"noise: client {n} round {e['round']} added std {e['noise_multiplier']}·C, z = {z}")
-            if e["clip"] != clip or e["adjacency"] != adjacency:
-                problems.append(f"clip: client {n} round {e['round']} clipped to {e['clip']} under {e['adjacency']}")
+            if not math.isclose(e.noise_multiplier, z, rel_tol=1e-9):
+                problems.append(f"noise: client {n} round {e.round} added std {e.noise_multiplier}·C, z = {z}")
+            if e.clip != clip or e.adjacency != adjacency:
+                problems.append(f"clip: client {n} round {e.round} clipped to {e.clip} under {e.adjacency}")
         # per-unit multiplier = noise std / sensitivity = z·C / (units·C), from what the release used
-        from_record = _as_history((e["noise_multiplier"] * e["clip"] / (units[e["adjacency"]] * e["clip"]), 1.0, 1)
+        from_record = _as_history((e.noise_multiplier * e.clip / (units[e.adjacency] * e.clip), 1.0, 1)
                                   for e in record)
         acc = hook.accountants._acc.get(n)
         history = [tuple(h) for h in acc.history] if acc is not None else []
@@ -165,7 +165,7 @@ def check_dp_client(trainer, summary, spec) -> list[str]:
         eps = _epsilon(from_record, CLIENT_DELTA)
         if not math.isclose(eps, reported[n], rel_tol=1e-9):
             problems.append(f"epsilon: client {n} reported {reported[n]:.4f}, the record gives {eps:.4f}")
-        used = record[0]["noise_multiplier"] if record else z  # the noise the releases had
+        used = record[0].noise_multiplier if record else z  # the noise the releases had
         exact = gdp_epsilon(units[adjacency] * math.sqrt(len(rounds)) / used, CLIENT_DELTA)
         if not exact * (1 - 1e-9) <= reported[n] <= 1.15 * exact:
             problems.append(f"closed_form: client {n} reported {reported[n]:.4f}, exact μ-GDP {exact:.4f}")
@@ -263,13 +263,18 @@ def _replace_sensitivity_c(monkeypatch):
     (_global_rate, "dp_sgd", "z", {"history", "epsilon"}),
     (_global_rate, "dp_sgd", "target", {"history", "epsilon", "noise"}),
     (_one_step_fewer, "dp_sgd", "target", {"history", "epsilon", "noise"}),
-    (_replace_accounted_as_c, "dp_client", "replace-z", {"history", "epsilon", "closed_form"}),
+    # now refused at the first release: the Release's accounting multiplier is not z / sensitivity
+    (_replace_accounted_as_c, "dp_client", "replace-z", "refused"),
     (_replace_sensitivity_c, "dp_client", "replace-target", {"history", "epsilon", "noise", "closed_form"}),
 ], ids=["dp_sgd-global_rate-z", "dp_sgd-global_rate-target", "dp_sgd-one_step_fewer-target",
         "dp_client-replace_accounted_as_c-z", "dp_client-replace_sensitivity_c-target"])
 def test_accounting_mutations_are_caught(tmp_path, monkeypatch, mutation, name, run, flagged):
     mutation(monkeypatch)
     spec = _spec(name, run)
+    if flagged == "refused":
+        with pytest.raises(ValueError, match="converts its noise to the accountant's unit wrongly"):
+            _run(tmp_path, spec)
+        return
     trainer, summary = _run(tmp_path, spec)
     problems = CHECKS[name](trainer, summary, spec)
     kinds = {p.split(":")[0] for p in problems}

@@ -55,10 +55,10 @@ def _clip_after_noise():
 def test_client_canaries_catch_a_broken_dp_client(tmp_path, monkeypatch, broken):
     from pfedpg.hooks import HOOKS
 
-    if broken is not None:
-        mechanism = _scaled_noise(0.57) if broken == "noise_x0.57" else _clip_after_noise()
-        monkeypatch.setitem(HOOKS._items, "dp_client", mechanism)
-    res = falsifiable_cell(tmp_path, "dp_client")
+    mechanism = HOOKS.get("dp_client") if broken is None else \
+        _scaled_noise(0.57) if broken == "noise_x0.57" else _clip_after_noise()
+    with HOOKS.override("dp_client", mechanism):
+        res = falsifiable_cell(tmp_path, "dp_client")
     assert res["can_fail"] and res["headline"] == "releases" and res["canary_clients"] == 500
     assert res["violation"] is (broken is not None), res["releases"]
     if broken is None:  # every bound of the releases view at or below the claim, the estimate too

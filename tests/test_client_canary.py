@@ -107,8 +107,8 @@ def test_broken_mechanisms_are_violations(tmp_path, monkeypatch, mode):
     after the noise lets the 100 C canary through nearly noise-free."""
     from pfedpg.hooks import HOOKS
 
-    monkeypatch.setitem(HOOKS._items, "dp_client", _Broken.make(mode))
-    res = run(tmp_path, mode, [CANARY, DP], method="fedvpt")
+    with HOOKS.override("dp_client", _Broken.make(mode)):
+        res = run(tmp_path, mode, [CANARY, DP], method="fedvpt")
     assert res["violation"] and res["releases"]["epsilon_lb"] > res["claimed_epsilon"], res["releases"]
 
 

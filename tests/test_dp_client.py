@@ -218,10 +218,18 @@ def test_audit_lower_bound_stays_below_the_accountant(z):
     assert result.mu_lb > 0.5 * (2 / z)
 
 
-@pytest.mark.parametrize("mode", ["half_noise", "sensitivity_c", "noise_before_clip"])
+@pytest.mark.parametrize("mode", ["half_noise", "noise_before_clip"])
 def test_audit_flags_broken_mechanisms(mode):
     result = run_audit(Broken(mode, clip=1.0, noise_multiplier=4.0))
     assert result.violated, result.to_dict()
+
+
+def test_accounting_with_the_wrong_sensitivity_is_refused_at_the_first_release():
+    """Accounting replace as if its sensitivity were C (z instead of z/2): the release record's
+    accounting multiplier is not z / sensitivity, so the mechanism stops before any ε is reported
+    (the audit above flagged it empirically before the record existed)."""
+    with pytest.raises(ValueError, match="converts its noise to the accountant's unit wrongly"):
+        run_audit(Broken("sensitivity_c", clip=1.0, noise_multiplier=4.0), trials=1)
 
 
 # ------------------------------------------------------------------------------------------------

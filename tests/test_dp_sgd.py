@@ -117,12 +117,12 @@ def _run_mechanism(tmp_path, monkeypatch, cls):
     import defenses  # noqa: F401
     from pfedpg.hooks import HOOKS
 
-    monkeypatch.setitem(HOOKS._items, "dp_sgd", cls)
     rec = _Recorder().install(monkeypatch)
     cfg = tiny_config(rounds=ROUNDS, checkpoint_every=0, **{"client.batch_size": BATCH, "client.local_epochs": EPOCHS},
                       hooks=[{"name": "dp_sgd", "clip": CLIP, "noise_multiplier": Z}])
-    trainer = Trainer(cfg, run_dir=tmp_path / cls.__name__)
-    trainer.run()
+    with HOOKS.override("dp_sgd", cls):
+        trainer = Trainer(cfg, run_dir=tmp_path / cls.__name__)
+        trainer.run()
     return rec, trainer.ctx.train_sizes
 
 

@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_config
 
 from defenses.robust import (
-    RULES,
+    AGGREGATION_RULES,
     RobustAggregation,
     coordinate_median,
     geometric_median,
@@ -82,7 +82,15 @@ def test_bad_options():
         RobustAggregation(rule="average")
     with pytest.raises(ConfigError, match="f="):
         RobustAggregation(rule="median", f=-1)
-    assert len(RULES) == 9
+    assert len(AGGREGATION_RULES.names()) == 9
+    # each rule owns its options: radius belongs to the clipping rules, iters to centered_clip
+    with pytest.raises(ConfigError, match="rule median: unknown option 'radius'; its options are"):
+        RobustAggregation(rule="median", radius=0.5)
+    with pytest.raises(ConfigError, match="rule norm_clip: unknown option 'iters'; its options are radius"):
+        RobustAggregation(rule="norm_clip", iters=2)
+    with pytest.raises(ConfigError, match="iters=0 must be an integer >= 1"):
+        RobustAggregation(rule="centered_clip", iters=0)
+    assert RobustAggregation(rule="centered_clip", radius=2.0, iters=5).rule.iters == 5
 
 
 def test_a_robust_run_and_its_exclusions(tmp_path):
@@ -99,9 +107,9 @@ def test_a_robust_run_and_its_exclusions(tmp_path):
 
 
 def test_each_rule_is_a_registered_class_with_its_precondition():
-    from defenses.robust import AGGREGATION_RULES, min_clients
+    from defenses.robust import Rule, min_clients
 
-    assert set(RULES) == set(AGGREGATION_RULES.names())
+    assert all(issubclass(AGGREGATION_RULES.get(r), Rule) for r in AGGREGATION_RULES.names())
     assert {r: min_clients(r, 2) for r in ("krum", "multi_krum", "bulyan", "trimmed_mean", "mean", "norm_clip")} == \
         {"krum": 7, "multi_krum": 7, "bulyan": 11, "trimmed_mean": 5, "mean": 1, "norm_clip": 1}
 

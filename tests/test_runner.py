@@ -366,12 +366,9 @@ def test_a_server_step_that_blows_up_in_the_last_round_is_a_divergence_of_that_r
                 return grads
             return ClientGradients(grads.clients, torch.full_like(grads.shared, 3e38), grads.weights, grads.private)
 
-    HOOKS._items["_blowup_test"] = Blowup
-    try:
+    with HOOKS.override("_blowup_test", Blowup):
         cfg = tiny_config(rounds=2, hooks=[{"name": "_blowup_test"}])
         with pytest.raises(NonFiniteDeltaError, match="server state became non-finite in round 2"):
             Trainer(cfg, run_dir=tmp_path / "r").run()
-    finally:
-        del HOOKS._items["_blowup_test"]
     div = json.loads((tmp_path / "r" / "diverged.json").read_text())
     assert div["round"] == 2 and len(div["accuracy_per_client"]) == 3
