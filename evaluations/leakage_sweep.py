@@ -235,7 +235,8 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
             plot_audit_roc(out / f"roc_{g}.png", curves, dp_envelope=res["dp"], title=f"{g} (pooled over seeds)")
             roc.append(g)
         clean[g] = res
-    (out / "audit.json").write_text(json.dumps({"cells": rows, "groups": clean}, indent=2, default=_default))
+    cells = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]  # "_": read by the reports only
+    (out / "audit.json").write_text(json.dumps({"cells": cells, "groups": clean}, indent=2, default=_default))
     probes = sorted({p for g in clean.values() for p in g["probes"]})
     if roc:
         plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", clean)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pfedpg.errors import ConfigError
 
 MECHANISMS = {"dp_client": "client-level DP on ΔP_n", "dp_sgd": "record-level DP-SGD"}
 BASELINES = ("nonprivate", "clip_only", "local")
+STATEMENT_KEYS = ("privacy_unit", "adjacency", "threat_model", "mechanism", "sampling", "delta", "accountant")
 COLUMNS = ["cell", "mechanism", "noise_multiplier", "target_epsilon", "epsilon_max", "epsilon_mean", "delta",
            "accuracy_mean", "accuracy_worst", "accuracy_generated_mean", "new_clients_accuracy_mean",
            "new_clients_accuracy_worst", "new_clients_epsilon_max", "seed", "status", "error", "run_dir"]
@@ -149,7 +149,8 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
     if hook is not None:
         zs = hook["noise_multiplier"]  # one z per client (PrivacyResult): the z, or their mean when they differ
         row.update(noise_multiplier=zs[0] if len(set(zs)) == 1 else float(np.mean(zs)), delta=hook["delta"],
-                   epsilon_max=hook["epsilon_max"], epsilon_mean=hook["epsilon_mean"], _unit=hook["unit"])
+                   epsilon_max=hook["epsilon_max"], epsilon_mean=hook["epsilon_mean"], _unit=hook["unit"],
+                   _statement={k: hook[k] for k in STATEMENT_KEYS})
         if hook.get("new_clients"):  # (the hook's epsilon_max is already over every client, these included)
             row["new_clients_epsilon_max"] = hook["new_clients"]["epsilon_max"]
     elif cell["mechanism"] == "nonprivate":
@@ -330,13 +331,11 @@ def plot(path: Path, agg: list[dict[str, Any]]) -> None:
 
 
 def privacy_statements(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each mechanism's statement, as its first finished run's PrivacyResult gave it (read with the row)."""
     out = {}
     for r in rows:
-        if r["status"] == "ok" and r["mechanism"] in MECHANISMS and r["mechanism"] not in out:
-            summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
-            res = summary["hook_results"][r["mechanism"]]
-            out[r["mechanism"]] = {k: res[k] for k in ("privacy_unit", "adjacency", "threat_model", "mechanism",
-                                                         "sampling", "delta", "accountant")}
+        if r["status"] == "ok" and r["mechanism"] in MECHANISMS and r["mechanism"] not in out and "_statement" in r:
+            out[r["mechanism"]] = r["_statement"]
     return out
 
 

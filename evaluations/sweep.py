@@ -21,7 +21,7 @@ import yaml
 
 from evaluations.plugins import load_plugins
 from evaluations.report import write_report
-from pfedpg.config import config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
+from pfedpg.config import RunConfig, config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
 
 
@@ -107,13 +107,13 @@ def _set_threads(cfg, share: int | None) -> None:
         torch.set_num_threads(cfg.threads if cfg.threads is not None else share)
 
 
-def _run_cell(cfg_dict: dict[str, Any], run_dir: str, threads: int | None, progress: bool = False) -> dict[str, Any]:
-    """One cell, start to finish (also the body of a parallel worker): runs, resuming a cell cut
-    short, and writes its report. ``threads`` sets torch's threads when the config leaves them open."""
+def _run_cell(cfg: RunConfig, run_dir: str, threads: int | None, progress: bool = False) -> dict[str, Any]:
+    """One cell, start to finish (also the body of a parallel worker, which gets the typed config
+    as it was built once for the cell): runs, resuming a cell cut short, and writes its report.
+    ``threads`` sets torch's threads when the config leaves them open."""
     from pfedpg.run import latest_checkpoint
 
     load_plugins()
-    cfg = config_from_dict(cfg_dict)
     _set_threads(cfg, threads)
     rd = Path(run_dir)
     # A cell cut short resumes from its latest checkpoint (in-process runs).
@@ -125,24 +125,22 @@ def _run_cell(cfg_dict: dict[str, Any], run_dir: str, threads: int | None, progr
     return summary
 
 
-def _pretrain(cfg_dict: dict[str, Any], threads: int | None) -> str:
+def _pretrain(cfg: RunConfig, threads: int | None) -> str:
     from pfedpg.pretrain import pretrain_backbone
 
-    cfg = config_from_dict(cfg_dict)
     _set_threads(cfg, threads)
     return str(pretrain_backbone(cfg, log=lambda m: None))
 
 
-def _pretrain_first(todo: list[dict[str, Any]], pool, threads: int | None, log) -> None:
+def _pretrain_first(todo: list[RunConfig], pool, threads: int | None, log) -> None:
     """Backbones the cells need (``weights: pretrain``), each trained once before the cells start —
     two cells of one seed must not pretrain the same cached file at the same time."""
     from pfedpg.pretrain import cached_path
 
-    needed: dict[Path, dict[str, Any]] = {}
-    for cell in todo:
-        cfg = config_from_dict(cell["config"])
+    needed: dict[Path, RunConfig] = {}
+    for cfg in todo:
         if cfg.model.weights == "pretrain" and not cached_path(cfg).is_file():
-            needed.setdefault(cached_path(cfg), cell["config"])
+            needed.setdefault(cached_path(cfg), cfg)
     if needed:
         log(f"pretraining {len(needed)} backbone(s) first")
         for f in [pool.submit(_pretrain, c, threads) for c in needed.values()]:
@@ -203,32 +201,42 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
         raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     slots: list[CellResult | None] = [None] * len(grid)
-    todo = []
-    for i, cell in enumerate(grid):
-        slots[i] = _earlier_result(cell, out / "runs" / cell["cell"], f"[{i + 1}/{len(grid)}] {cell['cell']}", log)
-        if slots[i] is None:
-            todo.append(i)
 
     def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None) -> None:
         slots[i] = _finish_cell(grid[i], out / "runs" / grid[i]["cell"], f"[{i + 1}/{len(grid)}] {grid[i]['cell']}",
                                 summary, error, trace, log)
 
+    configs: list[RunConfig | None] = []  # typed once per cell, and passed on typed (to the workers too)
+    todo = []
+    for i, cell in enumerate(grid):
+        try:
+            configs.append(config_from_dict(cell["config"]))
+        except ConfigError as e:  # a cell with a bad config is a failed row, as before; the grid goes on
+            configs.append(None)
+            finish(i, None, f"ConfigError: {e}", traceback.format_exc())
+            continue
+        tag = f"[{i + 1}/{len(grid)}] {cell['cell']}"
+        slots[i] = _earlier_result(cell, configs[i], out / "runs" / cell["cell"], tag, log)
+        if slots[i] is None:
+            todo.append(i)
+
     if jobs == 1 or len(todo) <= 1:
         for i in todo:
             try:
-                finish(i, _run_cell(grid[i]["config"], str(out / "runs" / grid[i]["cell"]), None, progress), None, None)
+                finish(i, _run_cell(configs[i], str(out / "runs" / grid[i]["cell"]), None, progress), None, None)
             except Exception as e:
                 finish(i, None, f"{type(e).__name__}: {e}", traceback.format_exc())
     else:
-        _run_in_workers(grid, todo, out, jobs=jobs, gpus=gpus, log=log, finish=finish)
+        _run_in_workers(grid, configs, todo, out, jobs=jobs, gpus=gpus, log=log, finish=finish)
     return [r for r in slots if r is not None]
 
 
-def _earlier_result(cell: dict[str, Any], run_dir: Path, tag: str, log: Callable[[str], None]) -> CellResult | None:
+def _earlier_result(cell: dict[str, Any], cfg: RunConfig, run_dir: Path, tag: str,
+                    log: Callable[[str], None]) -> CellResult | None:
     """What a cell's folder already holds: a finished run or a divergence (reused), a run of another
     config (an error row); None when the cell must run (a failed run's folder is cleared first)."""
     saved = run_dir / "config.yaml"
-    if saved.is_file() and not _same_config(saved, config_from_dict(cell["config"])):
+    if saved.is_file() and not _same_config(saved, cfg):
         # A cell of the same name from an edited sweep file: never reuse stale results silently.
         error = f"ConfigError: {run_dir} holds a run with a different config; delete it or choose another --out"
         log(f"{tag}: FAILED ({error})")
@@ -261,8 +269,8 @@ def _finish_cell(cell: dict[str, Any], run_dir: Path, tag: str, summary: dict[st
     return CellResult(cell, run_dir, summary, error)
 
 
-def _run_in_workers(grid: list[dict[str, Any]], todo: list[int], out: Path, *, jobs: int, gpus: int | None,
-                    log: Callable[[str], None], finish: Callable) -> None:
+def _run_in_workers(grid: list[dict[str, Any]], configs: list[RunConfig], todo: list[int], out: Path, *, jobs: int,
+                    gpus: int | None, log: Callable[[str], None], finish: Callable) -> None:
     """The cells ``todo`` in ``jobs`` spawned worker processes (spread over the GPUs where there are)."""
     import multiprocessing
     import os
@@ -276,7 +284,7 @@ def _run_in_workers(grid: list[dict[str, Any]], todo: list[int], out: Path, *, j
         import torch
 
         gpus = torch.cuda.device_count()
-    named = any(str(config_from_dict(grid[i]["config"]).device).startswith("cuda:") for i in todo)
+    named = any(str(configs[i].device).startswith("cuda:") for i in todo)
     if gpu_slots(jobs, gpus) and not named:
         given = mp.Queue()
         for gpu in gpu_slots(jobs, gpus):
@@ -286,8 +294,8 @@ def _run_in_workers(grid: list[dict[str, Any]], todo: list[int], out: Path, *, j
     elif gpus and named:
         log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp, **pin) as pool:
-        _pretrain_first([grid[i] for i in todo], pool, threads, log)
-        futures = {i: pool.submit(_run_cell, grid[i]["config"], str(out / "runs" / grid[i]["cell"]), threads)
+        _pretrain_first([configs[i] for i in todo], pool, threads, log)
+        futures = {i: pool.submit(_run_cell, configs[i], str(out / "runs" / grid[i]["cell"]), threads)
                    for i in todo}
         for i, f in futures.items():
             try:
