@@ -39,7 +39,7 @@ def round_seconds(m: int, rounds: int, threads: int, batched: bool) -> tuple[flo
         t.run()
         rows = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     times = [r["time_round_s"] - r["time_eval_s"] for r in rows if r["type"] == "round" and r["round"] > 1]
-    return statistics.mean(times), [int(y.numel()) for _, y in t.train_data]
+    return statistics.mean(times), [int(y.numel()) for _, y in t.clients.records.train_data]
 
 
 def main() -> None:

@@ -85,10 +85,10 @@ def rounds(cfg: dict, n: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as d:
         t = Trainer(config_from_dict(cfg), run_dir=d)
         t.hooks.setup(t.ctx)  # (what run() does first)
-        t.run_round(1)
-        recs = [t.run_round(r) for r in range(2, n + 2)]
+        t.loop.run_round(1)
+        recs = [t.loop.run_round(r) for r in range(2, n + 2)]
         sync()
-        images = sum(t.client_facts[c]["train"] for c in t.schedule[1]) * cfg["client"]["local_epochs"]
+        images = sum(t.loop.roster.clients[c]["train"] for c in t.schedule[1]) * cfg["client"]["local_epochs"]
     out = {"round_s": statistics.median(r["time_round_s"] for r in recs),
            "train_s": statistics.median(r["time_train_s"] for r in recs), "images_per_round": images}
     out["images_per_s"] = images / out["train_s"]
@@ -102,7 +102,8 @@ def generator_step(size: dict, data: str, m: int, repeats: int = 5) -> dict:
     with tempfile.TemporaryDirectory() as d:
         t = Trainer(config_from_dict(config(size, data, clients=m, per_round=m)), run_dir=d)
         g = torch.Generator().manual_seed(0)
-        deltas = {n: (0.01 * torch.randn(t.prompt_tokens, t.dim, generator=g)).to(t.device) for n in range(m)}
+        k, d = t.loop.shape.prompt_tokens, t.loop.shape.dim
+        deltas = {n: (0.01 * torch.randn(k, d, generator=g)).to(t.device) for n in range(m)}
         times = []
         for _ in range(repeats + 1):
             sync()
@@ -116,7 +117,7 @@ def generator_step(size: dict, data: str, m: int, repeats: int = 5) -> dict:
 
 def state_of(t: Trainer) -> list[torch.Tensor]:
     out = [v.detach().cpu() for v in t.server.state_dict().values()]
-    for s in t.states:
+    for s in t.clients.states:
         out += [s.prompt.cpu(), s.head_weight.cpu(), s.head_bias.cpu()]
     return out
 
@@ -126,8 +127,8 @@ def determinism(size: dict, data: str) -> dict:
     for _ in range(2):
         with tempfile.TemporaryDirectory() as d:
             t = Trainer(config_from_dict(config(size, data, clients=4, per_round=4)), run_dir=d)
-            t.run_round(1)
-            t.run_round(2)
+            t.loop.run_round(1)
+            t.loop.run_round(2)
             finals.append(state_of(t))
     same = all(torch.equal(a, b) for a, b in zip(*finals))
     diff = max(float((a.double() - b.double()).abs().max()) for a, b in zip(*finals))

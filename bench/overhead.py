@@ -41,12 +41,12 @@ PRESETS = {
 def bare_steps(trainer: Trainer, r: int) -> float:
     """The local SGD steps of round r's clients, with nothing around them."""
     cfg = trainer.cfg.client
-    model = trainer.model
+    model = trainer.clients.model
     t = 0.0
     for n in trainer.schedule[r - 1]:
-        st = trainer.states[n]
+        st = trainer.clients.states[n]
         load_into(model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
-        x, y = trainer.train_data[n]
+        x, y = trainer.clients.records.train_data[n]
         x, y = model.prepare(x), y.to(model.device)  # the float copy the bare loop reads (not timed)
         g = trainer.seeds.torch("local_train", client=n, round=r)
         t0 = time.perf_counter()
@@ -69,15 +69,15 @@ def measure(name: str, overrides: dict, rounds: int) -> dict:
     cfg = config_from_dict(values)
     with tempfile.TemporaryDirectory() as d:
         trainer = Trainer(cfg, run_dir=d)
-        trainer.run_round(1)  # warm-up: allocator, kernels, first-touch
+        trainer.loop.run_round(1)  # warm-up: allocator, kernels, first-touch
         full, bare, server = [], [], []
         for r in range(2, rounds + 2):
             bare.append(bare_steps(trainer, r))  # does not change trainer state (states are copied in)
-            rec = trainer.run_round(r)
+            rec = trainer.loop.run_round(r)
             full.append(rec["time_round_s"])
             server.append(rec["time_round_s"] - rec["time_train_s"])
         t0 = time.perf_counter()
-        trainer.evaluate_all()
+        trainer.loop.evaluate_all(rounds + 1)
         eval_s = time.perf_counter() - t0
     f, b = statistics.median(full), statistics.median(bare)
     return {"preset": name, "clients": len(trainer.schedule[0]), "round_s": f, "steps_s": b, "ratio": f / b,

@@ -77,10 +77,10 @@ def prompt_ablation(rdir: Path) -> dict | None:
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
     final, start = [], []
     for n, d in enumerate(state["clients"]):
-        x, y = trainer.test_data[n]
-        init = trainer.states[n].prompt
-        load_into(trainer.model, prompt=d["prompt"], head_weight=d["head_weight"], head_bias=d["head_bias"])
-        final.append(evaluate(trainer.model, x, y)[0])
-        load_into(trainer.model, prompt=init, head_weight=d["head_weight"], head_bias=d["head_bias"])
-        start.append(evaluate(trainer.model, x, y)[0])
+        x, y = trainer.clients.records.test_data[n]
+        init = trainer.clients.states[n].prompt
+        load_into(trainer.clients.model, prompt=d["prompt"], head_weight=d["head_weight"], head_bias=d["head_bias"])
+        final.append(evaluate(trainer.clients.model, x, y)[0])
+        load_into(trainer.clients.model, prompt=init, head_weight=d["head_weight"], head_bias=d["head_bias"])
+        start.append(evaluate(trainer.clients.model, x, y)[0])
     return {"acc_final_prompt": sum(final) / len(final), "acc_initial_prompt": sum(start) / len(start)}

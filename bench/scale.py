@@ -44,14 +44,16 @@ def one(n: int, rounds: int, threads: int) -> dict:
         t.run()
         rows = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     per_round = [r["time_round_s"] - r["time_eval_s"] for r in rows if r["type"] == "round" and r["round"] > 1]
-    state = sum(v.numel() * v.element_size() for s in t.states for v in (s.prompt, s.head_weight, s.head_bias))
+    state = sum(v.numel() * v.element_size() for s in t.clients.states for v in (s.prompt, s.head_weight, s.head_bias))
     state += t.server.descriptors.numel() * t.server.descriptors.element_size()
-    data = sum(x.numel() * x.element_size() + y.numel() * y.element_size() for x, y in [*t.train_data, *t.test_data])
+    records = t.clients.records
+    data = sum(x.numel() * x.element_size() + y.numel() * y.element_size()
+               for x, y in [*records.train_data, *records.test_data])
     return {"clients": n, "s_per_round": statistics.mean(per_round),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_after_setup_mb": rss_built / 1024, "rss_at_import_mb": rss_before / 1024,
             "client_state_bytes": state, "client_data_bytes": data,
-            "backbone_bytes": sum(p.numel() * p.element_size() for p in t.model.backbone.parameters())}
+            "backbone_bytes": sum(p.numel() * p.element_size() for p in t.clients.model.backbone.parameters())}
 
 
 def main() -> None:

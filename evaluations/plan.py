@@ -202,17 +202,18 @@ def _time_steps(trainer, cfg: RunConfig, steps: int) -> dict[str, Any]:
     from pfedpg.jobs import ClientData, LocalJob
 
     now = _timer(trainer.device)
+    clients = trainer.clients  # (in-process: their records, states and the shared model)
     bs, ebs = cfg.client.batch_size, cfg.client.eval_batch_size
-    x, y = trainer.train_data[0]
+    x, y = clients.records.train_data[0]
     m = min(len(y), (steps + 1) * bs)
-    st = trainer.states[0]
+    st = clients.states[0]
     plain = partial(sgd_local_training, cfg=trainer.cfg.client)  # (E = 1 in the timing build)
 
     def local(records: int, through_hooks: bool) -> float:
-        load_into(trainer.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
-        job = LocalJob(client=0, round=1, model=trainer.model, data=ClientData(x[:records], y[:records]),
+        load_into(clients.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
+        job = LocalJob(client=0, round=1, model=clients.model, data=ClientData(x[:records], y[:records]),
                        generator=trainer.seeds.torch("plan", client=0), run_default=plain,
-                       augment=trainer.augment_stream("plan.augment", 0, 1))
+                       augment=clients.augment_stream("plan.augment", 0, 1))
         return trainer.hooks.local_training(trainer.ctx, job) if through_hooks else plain(job)
 
     def per_step(through_hooks: bool) -> float:
@@ -224,11 +225,11 @@ def _time_steps(trainer, cfg: RunConfig, steps: int) -> dict[str, Any]:
     out = {"train_step_s": per_step(False), "measured_records": m, "batch_size": bs, "eval_batch_size": ebs}
     if any(h.get("name") == "dp_sgd" for h in cfg.hooks):
         out["dp_step_s"] = per_step(True)
-    xe, ye = trainer.test_data[0]
+    xe, ye = clients.records.test_data[0]
     k = min(ebs, len(ye))  # one evaluation batch (at most eval_batch_size records)
-    evaluate(trainer.model, xe[:k], ye[:k], batch_size=ebs)  # warm-up
+    evaluate(clients.model, xe[:k], ye[:k], batch_size=ebs)  # warm-up
     t = now()
-    evaluate(trainer.model, xe[:k], ye[:k], batch_size=ebs)
+    evaluate(clients.model, xe[:k], ye[:k], batch_size=ebs)
     out.update(eval_record_s=(now() - t) / max(1, k), eval_records_timed=k)
     return out
 
@@ -255,9 +256,11 @@ def measure(cfg: RunConfig, *, steps: int) -> dict[str, Any]:
         trainer.hooks.setup(trainer.ctx)  # (a hook whose setup fails would fail the run too)
         with out_of_memory_as_error(str(device)):
             out.update(_time_steps(trainer, cfg, steps))
-        out.update(backbone_numbers=trainer.backbone_numbers, prompt_numbers=trainer.prompt_tokens * trainer.dim,
-                   model_bytes=sum(p.numel() * p.element_size() for p in trainer.model.parameters()),
-                   records_bytes=sum(t.numel() * t.element_size() for pair in (*trainer.train_data, *trainer.test_data)
+        shape, clients = trainer.loop.shape, trainer.clients
+        out.update(backbone_numbers=shape.backbone_numbers, prompt_numbers=shape.prompt_tokens * shape.dim,
+                   model_bytes=sum(p.numel() * p.element_size() for p in clients.model.parameters()),
+                   records_bytes=sum(t.numel() * t.element_size()
+                                     for pair in (*clients.records.train_data, *clients.records.test_data)
                                      for t in pair))
         if device.type == "cuda":
             out["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)

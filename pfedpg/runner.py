@@ -1,5 +1,5 @@
 """Deprecated import face of the in-process runner: :class:`Trainer` and its helpers live in
-``pfedpg.run`` (assembly, rounds, checkpoint, joins, summary, trainer). ``from pfedpg.runner import
+``pfedpg.run`` (one module per part of a run: see its docstring). ``from pfedpg.runner import
 Trainer`` works for this release, with a warning; the module goes in the next release."""
 import warnings
 

@@ -27,7 +27,7 @@ def run(tmp_path, name, **overrides):
 def test_batched_round_equals_sequential_clients(tmp_path, extra):
     seq, s1 = run(tmp_path, "seq", **extra)
     bat, s2 = run(tmp_path, "bat", batched_clients=True, **extra)
-    for a, b in zip(seq.states, bat.states):
+    for a, b in zip(seq.clients.states, bat.clients.states):
         for key in ("prompt", "head_weight", "head_bias"):
             torch.testing.assert_close(getattr(b, key), getattr(a, key), rtol=1e-4, atol=1e-5)
     for p, q in zip(seq.server.parameters(), bat.server.parameters()):
@@ -61,7 +61,7 @@ def test_local_training_hooks_keep_their_clients_sequential(tmp_path):
     hooks = [{"name": "dp_sgd", "clip": 1.0, "noise_multiplier": 1.0}]
     seq, _ = run(tmp_path, "seq", hooks=hooks)
     bat, _ = run(tmp_path, "bat", hooks=hooks, batched_clients=True)
-    for a, b in zip(seq.states, bat.states):
+    for a, b in zip(seq.clients.states, bat.clients.states):
         assert torch.equal(a.prompt, b.prompt)  # DP-SGD clients never join the batch: bit-identical
     assert "train one after another" in (tmp_path / "bat" / "log.txt").read_text()
 

@@ -108,7 +108,7 @@ def test_deep_runs_for_every_method_and_counts_every_layer(tmp_path, method):
     t = Trainer(deep_config(method=method), run_dir=tmp_path / method)
     summary = t.run()
     k, depth, dim = 4, 2, TINY_MODEL["embed_dim"]
-    assert all(s.prompt.shape == (depth * k, dim) for s in t.states)
+    assert all(s.prompt.shape == (depth * k, dim) for s in t.clients.states)
     comm = summary["communication"]
     assert comm["up_numbers_per_client_round"] == (0 if method == "local" else depth * k * dim)
     if method == "pfedpg":  # one generator, one descriptor per client, over all L·K tokens

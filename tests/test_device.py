@@ -1,5 +1,7 @@
 """One device for the run, uint8 records, the per-batch pipeline and the clear failures (DESIGN §2, §9)."""
+import gc
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -35,11 +37,11 @@ def test_the_per_batch_pipeline_gives_the_preloaded_tensors_bit_for_bit():
     dataset, splits, _ = partition_run(cfg)
     for n, split in enumerate(splits):
         train, evaluated = client_indices(cfg, split)
-        for idx, (x, _) in ((train, t.train_data[n]), (evaluated, t.test_data[n])):
+        for idx, (x, _) in ((train, t.clients.records.train_data[n]), (evaluated, t.clients.records.test_data[n])):
             assert x.dtype == torch.uint8  # the client holds uint8 records, no float copy
             old = _legacy(dataset.images[idx], mean, std)
-            assert torch.equal(t.model.prepare(x), old)
-            assert torch.equal(t.model.prepare(x[3:11]), old[3:11])  # any batch of them
+            assert torch.equal(t.clients.model.prepare(x), old)
+            assert torch.equal(t.clients.model.prepare(x[3:11]), old[3:11])  # any batch of them
     rng = np.random.default_rng(0)
     big = rng.integers(0, 256, size=(20, 24, 24, 3), dtype=np.uint8)
     pipe = InputPipeline(image_size=16, mean=mean, std=std)
@@ -103,19 +105,31 @@ def _npz(path, size):
     return str(path)
 
 
-def test_memory_does_not_grow_with_the_model_input_size(tmp_path):
+def test_memory_does_not_grow_with_the_model_input_size(tmp_path, monkeypatch):
     """The same 8×8 records at input 8 and at input 32: the clients hold the same uint8 bytes."""
+    import pfedpg.run.trainer as trainer_module
+
     path = _npz(tmp_path / "d.npz", 8)
-    held = []
+    held, pools = [], []
+    load_records = trainer_module.load_records
+
+    def watched(cfg):
+        records, dataset = load_records(cfg)
+        pools.append(weakref.ref(dataset))
+        return records, dataset
+
+    monkeypatch.setattr(trainer_module, "load_records", watched)
     for size in (8, 32):
         cfg = tiny_config(**{"data.source": "npz", "data.path": path, "data.image_size": size, "data.num_domains": 4,
                              "data.public_fraction": 0.0, "model.kwargs.img_size": size})
         t = Trainer(cfg, run_dir=tmp_path / f"r{size}")
-        assert t.dataset is None  # the pool is not kept beside the clients' records
-        tensors = [x for pair in (*t.train_data, *t.test_data) for x in pair[:1]]
+        gc.collect()
+        assert pools[-1]() is None  # the pool is not kept beside the clients' records
+        records = t.clients.records
+        tensors = [x for pair in (*records.train_data, *records.test_data) for x in pair[:1]]
         assert all(x.dtype == torch.uint8 and x.shape[-1] == 8 for x in tensors)
         held.append(sum(x.numel() * x.element_size() for x in tensors))
-        assert t.model.prepare(t.train_data[0][0][:2]).shape == (2, 3, size, size)
+        assert t.clients.model.prepare(records.train_data[0][0][:2]).shape == (2, 3, size, size)
     assert held[0] == held[1]
     assert Trainer(cfg, run_dir=tmp_path / "run").run()["accuracy"]["mean"] >= 0  # trains at 32 from 8×8 records
 
@@ -168,13 +182,13 @@ def test_out_of_memory_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_pa
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(job, cfg)
 
-    monkeypatch.setattr("pfedpg.run.rounds.sgd_local_training", exhausted)
+    monkeypatch.setattr("pfedpg.run.inprocess.sgd_local_training", exhausted)
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 or all(not ln.startswith("error") for ln in err[:-1])
     assert "out of GPU memory" in err[-1] and "client.batch_size" in err[-1] and "attempt-1" in err[-1]
     assert not (run / "metrics.jsonl").exists() and (run / "attempt-1" / "checkpoints").is_dir()
-    monkeypatch.setattr("pfedpg.run.rounds.sgd_local_training", real)
+    monkeypatch.setattr("pfedpg.run.inprocess.sgd_local_training", real)
     assert main(["train", "--config", str(cfg), "--run-dir", str(run), "--no-progress"]) == 0  # the same command runs
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
                                          "memory: you tried to allocate 123 bytes")) == "host"

@@ -115,7 +115,7 @@ def test_dp_noise_changes_what_the_server_sees_but_not_the_adapted_prompt(tmp_pa
                     run_dir=tmp_path / "b")
     noisy.run()
     # Round 1: same start, same local training, so the adapted prompts are identical ...
-    for a, b in zip(plain.states, noisy.states):
+    for a, b in zip(plain.clients.states, noisy.clients.states):
         assert torch.equal(a.prompt, b.prompt)
     # ... while the server state, built from the noisy deltas, differs.
     assert not torch.equal(plain.server.p_base, noisy.server.p_base)

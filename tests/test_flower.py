@@ -202,12 +202,12 @@ class FakeGrid:
 
 def _fake_run(tmp_path, policy):
     from evaluations.flower.app import make_client_app
-    from evaluations.flower.trainer import FlowerTrainer
+    from evaluations.flower.trainer import flower_trainer
 
     cfg = _flower(tiny_config(rounds=3, threads=1), on_client_failure=policy, round_timeout_s=0.5)
     settings = {"config-yaml": dump_config(cfg), "run-dir": str(tmp_path), "backbone-path": ""}
     grid = FakeGrid(make_client_app(settings), 3, die={101: 2})  # client 1 dies in round 2
-    return FlowerTrainer(cfg, run_dir=tmp_path / policy, grid=grid), cfg
+    return flower_trainer(cfg, run_dir=tmp_path / policy, grid=grid), cfg
 
 
 class RecordingGrid(FakeGrid):
@@ -235,7 +235,7 @@ def test_the_server_receives_only_the_release_under_dp(tmp_path, mechanism):
     they are released outside the guarantee."""
     from evaluations.flower.app import make_client_app, merge_client_metrics
     from evaluations.flower.messages import unpack
-    from evaluations.flower.trainer import FlowerTrainer
+    from evaluations.flower.trainer import flower_trainer
 
     cfg = tiny_config(rounds=2, threads=1, hooks=[mechanism])
     fcfg = _flower(cfg)
@@ -243,7 +243,7 @@ def test_the_server_receives_only_the_release_under_dp(tmp_path, mechanism):
     settings = {"config-yaml": dump_config(fcfg), "run-dir": str(run_dir), "backbone-path": "",
                 "client-metrics-dir": str(run_dir / "client_metrics")}
     grid = RecordingGrid(make_client_app(settings), 3, die={})
-    summary = FlowerTrainer(fcfg, run_dir=run_dir, grid=grid).run()
+    summary = flower_trainer(fcfg, run_dir=run_dir, grid=grid).run()
     kinds = {}
     for kind, content in grid.received:
         kinds[kind] = kinds.get(kind, 0) + 1
@@ -275,7 +275,7 @@ def test_the_server_receives_only_the_release_under_dp(tmp_path, mechanism):
     released = _flower(tiny_config(rounds=1, threads=1, hooks=[mechanism], **{"privacy.release_metrics": True}))
     settings = {**settings, "config-yaml": dump_config(released), "run-dir": str(tmp_path / "released")}
     grid = RecordingGrid(make_client_app(settings), 3, die={})
-    out = FlowerTrainer(released, run_dir=tmp_path / "released", grid=grid).run()
+    out = flower_trainer(released, run_dir=tmp_path / "released", grid=grid).run()
     rows = [json.loads(c.config_records["result"]["row"]) for k, c in grid.received if k == MessageType.TRAIN]
     assert all("train_loss" in r for r in rows) and out["accuracy"] is not None
     assert out["hook_results"][mechanism["name"]]["client_metrics"].startswith("RELEASED to the server outside")
@@ -304,9 +304,9 @@ def test_dead_client_continue_keeps_every_round(tmp_path):
     # The server holds no client data: N and the split sizes come from the clients' query replies,
     # their domains and label counts do not.
     ref = Trainer(tiny_config(rounds=3, threads=1), run_dir=tmp_path / "ref")
-    assert trainer.dataset is None and trainer.train_data == [] and trainer.test_data == []
-    assert [f["train"] for f in trainer.client_facts] == [f["train"] for f in ref.client_facts]
-    assert all(f["label_counts"] is None and f["domain"] is None for f in trainer.client_facts)
+    assert trainer.ctx.train_data == [] and trainer.ctx.eval_data == [] and trainer.ctx.client_states is None
+    assert [f["train"] for f in trainer.loop.roster.clients] == [f["train"] for f in ref.loop.roster.clients]
+    assert all(f["label_counts"] is None and f["domain"] is None for f in trainer.loop.roster.clients)
     summary = trainer.run()
     rounds = [json.loads(ln) for ln in (tmp_path / "continue" / "metrics.jsonl").read_text().splitlines()]
     rounds = {r["round"]: r for r in rounds if r["type"] == "round"}
@@ -405,13 +405,13 @@ def write_node_files(cfg, out: Path) -> list[dict]:
 
 def _node_local_run(tmp_path, cfg, nodes, name="local"):
     from evaluations.flower.app import make_client_app
-    from evaluations.flower.trainer import FlowerTrainer
+    from evaluations.flower.trainer import flower_trainer
 
     fcfg = _flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=len(nodes), round_timeout_s=30.0,
                    node_wait_s=5.0)
     settings = {"config-yaml": dump_config(fcfg), "run-dir": str(tmp_path), "backbone-path": ""}
     grid = FakeGrid(make_client_app(settings), len(nodes), die={}, node_configs=nodes)
-    return FlowerTrainer(fcfg, run_dir=tmp_path / name, grid=grid)
+    return flower_trainer(fcfg, run_dir=tmp_path / name, grid=grid)
 
 
 def test_node_local_data_matches_the_partitioned_run(tmp_path):
@@ -430,12 +430,12 @@ def test_node_local_data_matches_the_partitioned_run(tmp_path):
     # The nodes trained on their own files only: the numbers are the partitioned run's, bit for bit.
     assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
     assert _rows(tmp_path / "local") == _rows(tmp_path / "ref")
-    assert trainer.train_data == [] and trainer.dataset is None  # the server holds no records
+    assert trainer.ctx.train_data == [] and trainer.ctx.eval_data == []  # the server holds no records
     # A node's runtime holds its own client's records and nobody else's.
     rt = ClientRuntime.get({"config-yaml": dump_config(_flower(cfg, superlink="127.0.0.1:1", insecure=True,
                                                                num_clients=3)),
                             "run-dir": str(tmp_path), "backbone-path": ""}, nodes[1])
-    sizes = [int(x.shape[0]) for x, _ in rt.trainer.train_data]
+    sizes = [int(x.shape[0]) for x, _ in rt.clients.records.train_data]
     assert sizes[1] == ref["data"]["train_per_client"][1] and sizes[0] == sizes[2] == 0
 
 
@@ -446,7 +446,7 @@ def test_a_process_serving_every_client_holds_one_clients_records(tmp_path, shar
     from its shard (what the simulation driver writes), or re-partitioned from the data file."""
     from evaluations.flower.app import make_client_app
     from evaluations.flower.node import ClientRuntime, write_client_shards
-    from evaluations.flower.trainer import FlowerTrainer
+    from evaluations.flower.trainer import flower_trainer
 
     cfg = tiny_config(rounds=2, threads=1, clients_per_round=2)
     ref = Trainer(cfg, run_dir=tmp_path / "ref").run()
@@ -456,21 +456,22 @@ def test_a_process_serving_every_client_holds_one_clients_records(tmp_path, shar
     settings = {"config-yaml": dump_config(fcfg), "run-dir": str(tmp_path), "backbone-path": "",
                 "client-shards": str(tmp_path / "shards") if shards else ""}
     ClientRuntime._cache.clear()
-    summary = FlowerTrainer(fcfg, run_dir=tmp_path / "one", grid=FakeGrid(make_client_app(settings), 3, die={})).run()
+    summary = flower_trainer(fcfg, run_dir=tmp_path / "one", grid=FakeGrid(make_client_app(settings), 3, die={})).run()
     assert summary["accuracy"]["per_client"] == ref["accuracy"]["per_client"]
     assert _rows(tmp_path / "one") == _rows(tmp_path / "ref")
     (rt,) = ClientRuntime._cache.values()  # the one runtime that served every client
-    sizes = [int(x.shape[0]) for x, _ in rt.trainer.train_data]
-    tests = [int(x.shape[0]) for x, _ in rt.trainer.test_data]
-    last = rt.trainer.held
+    records = rt.clients.records
+    sizes = [int(x.shape[0]) for x, _ in records.train_data]
+    tests = [int(x.shape[0]) for x, _ in records.test_data]
+    last = records.held
     assert sizes[last] == ref["data"]["train_per_client"][last] and tests[last] > 0
-    assert sum(sizes) == sizes[last] and sum(tests) == tests[last] and rt.trainer.dataset is None
+    assert sum(sizes) == sizes[last] and sum(tests) == tests[last] and not hasattr(records, "dataset")
     # Every client's split sizes are known (the config fixes the partition); the records are not.
-    assert [f["train"] for f in rt.trainer.client_facts] == ref["data"]["train_per_client"]
+    assert [f["train"] for f in records.roster.clients] == ref["data"]["train_per_client"]
     if shards:  # a shard that is not there is a one-line error, not a silent re-partition
         (tmp_path / "shards" / f"client_{(last + 1) % 3}.npz").unlink()
         with pytest.raises(DataError, match=f"client {(last + 1) % 3}'s simulation shard .* is missing"):
-            rt.trainer.hold((last + 1) % 3)
+            rt.clients.hold((last + 1) % 3)
 
 
 def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
@@ -481,7 +482,7 @@ def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
     values = {"config-yaml": dump_config(_flower(cfg, superlink="127.0.0.1:1", insecure=True, num_clients=3)),
               "run-dir": str(tmp_path), "backbone-path": ""}
     rt = ClientRuntime.get(values, {"partition-id": 0, "data-path": nodes[0]["data-path"], "test-fraction": 0.25})
-    x_tr, x_te = rt.trainer.train_data[0][0], rt.trainer.test_data[0][0]
+    x_tr, x_te = rt.clients.records.train_data[0][0], rt.clients.records.test_data[0][0]
     assert x_te.shape[0] == round(0.25 * (x_tr.shape[0] + x_te.shape[0]))
 
     def refused(node, match, values=values):
@@ -500,7 +501,7 @@ def test_node_local_split_by_fraction_and_bad_node_configs(tmp_path):
             r"--node-config device='tpu' is not one of auto, cpu, cuda, cuda:N")
     ClientRuntime._cache.clear()
     rt = ClientRuntime.get(values, {"partition-id": 0, "data-path": nodes[0]["data-path"], "device": "cpu"})
-    assert rt.trainer.device == torch.device("cpu") and rt.trainer.cfg.device == "cpu"
+    assert rt.run.device == torch.device("cpu") and rt.run.cfg.device == "cpu"
     partitioned = {**values, "config-yaml": dump_config(_flower(cfg))}
     refused({"partition-id": 0, "data-path": nodes[0]["data-path"]}, r"flower.num_clients is null", partitioned)
     with pytest.raises(ConfigError, match="flower.num_clients .*needs a deployment"):

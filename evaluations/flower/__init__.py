@@ -1,7 +1,9 @@
 """The Flower engine (``engine: flower``), on one floor (DESIGN §9):
 
-* :mod:`~evaluations.flower.trainer` — the server's round loop over Flower messages
-  (:class:`FlowerTrainer`) and what a node runs for one message (:class:`ClientRuntime`);
+* :mod:`~evaluations.flower.trainer` — the run's clients behind Flower messages (:class:`FlowerClients`,
+  over a :class:`GridTransport`), held by the in-process round loop (:func:`flower_trainer`);
+* :mod:`~evaluations.flower.node` — a node's side: its records and what it runs for one message
+  (:class:`ClientRuntime`, around the in-process clients of the client it serves);
 * :mod:`~evaluations.flower.app` — the ServerApp and ClientApp, the Flower App a run submits, the
   simulation and deployment launchers, and the driver's merge of the clients' metrics files;
 * :mod:`~evaluations.flower.local` — SuperLink / SuperNode processes on 127.0.0.1 and the CLI

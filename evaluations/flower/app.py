@@ -45,9 +45,10 @@ def _require_flwr() -> None:
 
 
 def make_server_app():
-    """A ServerApp running ``FlowerTrainer`` on the run settings in its Flower run config. Its log
-    lines go to stderr, which ``flwr run --stream`` shows; an exception also leaves its one-line
-    reason in ``RUN_DIR/flower_error.txt`` for the driver, which is another process."""
+    """A ServerApp running :func:`~evaluations.flower.trainer.flower_trainer` on the run settings in
+    its Flower run config. Its log lines go to stderr, which ``flwr run --stream`` shows; an exception
+    also leaves its one-line reason in ``RUN_DIR/flower_error.txt`` for the driver, which is another
+    process."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
@@ -56,14 +57,14 @@ def make_server_app():
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from evaluations.flower.messages import settings_from
-        from evaluations.flower.trainer import FlowerTrainer  # (torch: only where the server runs)
+        from evaluations.flower.trainer import flower_trainer  # (torch: only where the server runs)
 
         load_plugins()
         cfg, run_dir, backbone = settings_from(dict(context.run_config))
         _check_run_dir_is_new(Path(run_dir))  # (the driver checked; an app started by hand may not be)
         try:
-            trainer = FlowerTrainer(cfg, run_dir=run_dir, grid=grid, backbone_path=backbone,
-                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+            trainer = flower_trainer(cfg, run_dir=run_dir, grid=grid, backbone_path=backbone,
+                                     log=lambda m: print(m, file=sys.stderr, flush=True))
             trainer.run()
         except Exception as e:
             Path(run_dir).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
-"""A Flower node's side of a run: where its records come from (the run's partition, or its own
-files in a deployment) and :class:`ClientRuntime`, what it runs for one message. The message table
+"""A Flower node's side of a run: where its records come from (the run's partition,
+:class:`PartitionRecords`, or its own files in a deployment, :func:`node_records`), the run it builds
+around them (:func:`client_run`: the in-process clients of the client it serves) and
+:class:`ClientRuntime`, what it runs for one message. The message table
 and the data rules are in :mod:`evaluations.flower.trainer`'s docstring."""
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from evaluations.flower.messages import pack, settings_from, tensor_of, tensor_r
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig
 from pfedpg.errors import ConfigError, DataError
-from pfedpg.run import Trainer
+from pfedpg.run import ClientRecords, InProcessClients, Roster, RoundLoop, run_env
+from pfedpg.run.assembly import assemble, backbone_for
+from pfedpg.run.data import as_tensors, client_tensors, partition_run, roster_of
 
 #: what a SuperNode's --node-config may hold
 NODE_KEYS = ("partition-id", "data-path", "test-path", "test-fraction", "backbone-path", "worker", "device",
@@ -49,84 +53,85 @@ def node_dataset(cfg: RunConfig, path: str, key: str):
     return load_dataset(dcfg, seed=cfg.seed)
 
 
-class NodeTrainer(Trainer):
-    """The client side of a deployment with node-local data: the run (model, server state for the
-    initial prompts, hooks, seeds) built from the config, and client ``client``'s data from this
-    node's own files only. The other clients exist as ids; their data is nowhere here."""
+def node_backbone(cfg: RunConfig, node_config: dict[str, Any], backbone_path: str | None) -> str | None:
+    """The checks of a deployment node with its own data, before anything is built; returns the
+    backbone file it uses (its ``backbone-path``, else the run's)."""
+    backbone_path = node_config.get("backbone-path") or backbone_path
+    if cfg.model.weights == "pretrain":
+        if not backbone_path or not Path(backbone_path).is_file():
+            raise ConfigError(f"this node has no backbone file {backbone_path!r}; copy the run's backbone here and "
+                              "start the SuperNode with --node-config \"... backbone-path=<file>\"")
+    if cfg.evaluate_on != "test":
+        raise ConfigError("evaluate_on: val is not available with node-local data (a node has a test split only); "
+                          "set evaluate_on: test")
+    sgd = [h for h in cfg.hooks if h.get("name") == "dp_sgd"]
+    if sgd and sgd[0].get("delta") is None:
+        raise ConfigError("dp_sgd.delta must be set with node-local data: its default 1/(10·min_n |D_n|) needs "
+                          "every client's size, which no node knows")
+    return backbone_path
 
-    def __init__(self, cfg: RunConfig, *, client: int, node_config: dict[str, Any], backbone_path: str | None):
-        self.client, self.node_config = client, node_config
-        backbone_path = node_config.get("backbone-path") or backbone_path
-        if cfg.model.weights == "pretrain":
-            if not backbone_path or not Path(backbone_path).is_file():
-                raise ConfigError(f"this node has no backbone file {backbone_path!r}; copy the run's backbone here and "
-                                  "start the SuperNode with --node-config \"... backbone-path=<file>\"")
-        if cfg.evaluate_on != "test":
-            raise ConfigError("evaluate_on: val is not available with node-local data (a node has a test split only); "
-                              "set evaluate_on: test")
-        sgd = [h for h in cfg.hooks if h.get("name") == "dp_sgd"]
-        if sgd and sgd[0].get("delta") is None:
-            raise ConfigError("dp_sgd.delta must be set with node-local data: its default 1/(10·min_n |D_n|) needs "
-                              "every client's size, which no node knows")
-        super().__init__(cfg, run_dir=Path("."), backbone_path=backbone_path)
 
-    def load_clients(self) -> None:
-        import numpy as np
+def _node_split(cfg: RunConfig, n: int, node_config: dict[str, Any]):
+    """(data set, training indices, test data set, test indices) of node ``n``'s own files."""
+    import numpy as np
 
-        from pfedpg.data.partition import cap_records, stratified_choice
-        from pfedpg.seeding import Seeds
+    from pfedpg.data.partition import stratified_choice
+    from pfedpg.seeding import Seeds
 
-        cfg, n, nc = self.cfg, self.client, self.node_config
-        ds = node_dataset(cfg, str(nc["data-path"]), "data-path")
-        if nc.get("test-path"):
-            test_ds = node_dataset(cfg, str(nc["test-path"]), "test-path")
-            if list(test_ds.class_names) != list(ds.class_names):
-                raise DataError(f"node-config test-path has classes {list(test_ds.class_names)}, data-path "
-                                f"{list(ds.class_names)}; they must be the same list (or set data.classes)")
-            train_idx, test_idx = np.arange(len(ds)), None
-        elif ds.split is not None:
-            train_idx, test_idx, test_ds = np.flatnonzero(ds.split == 0), np.flatnonzero(ds.split == 1), ds
-        else:
-            frac = float(nc.get("test-fraction", cfg.data.test_fraction))
-            if not 0 < frac < 1:
-                raise ConfigError(f"node-config test-fraction={frac} must be in (0, 1)")
-            k = max(1, round(frac * len(ds)))
-            if len(ds) - k < 1:
-                raise DataError(f"this node's {len(ds)} records are too few for a train/test split; bring more or pass "
-                                "test-path")
-            test_pos = stratified_choice(ds.labels, total=k, rng=Seeds(cfg.seed).numpy("node.split", client=n))
-            train_idx, test_idx, test_ds = np.delete(np.arange(len(ds)), test_pos), test_pos, ds
-        if test_idx is None:
-            test_idx = np.arange(len(test_ds))
-        # The partition's own caps: stratified, one seeded stream per cap and client.
-        seeds = Seeds(cfg.seed)
-        train_idx = cap_records(ds, train_idx, cfg.data.max_train_per_client,
-                                seeds.numpy("data.subsample.train", client=n))
-        test_idx = cap_records(test_ds, test_idx, cfg.data.max_test_per_client,
-                               seeds.numpy("data.subsample.test", client=n))
-        if len(train_idx) == 0 or len(test_idx) == 0:
-            raise DataError(f"this node has {len(train_idx)} training and {len(test_idx)} test records; "
-                            "both must be > 0")
+    ds = node_dataset(cfg, str(node_config["data-path"]), "data-path")
+    if node_config.get("test-path"):
+        test_ds = node_dataset(cfg, str(node_config["test-path"]), "test-path")
+        if list(test_ds.class_names) != list(ds.class_names):
+            raise DataError(f"node-config test-path has classes {list(test_ds.class_names)}, data-path "
+                            f"{list(ds.class_names)}; they must be the same list (or set data.classes)")
+        return ds, np.arange(len(ds)), test_ds, np.arange(len(test_ds))
+    if ds.split is not None:
+        return ds, np.flatnonzero(ds.split == 0), ds, np.flatnonzero(ds.split == 1)
+    frac = float(node_config.get("test-fraction", cfg.data.test_fraction))
+    if not 0 < frac < 1:
+        raise ConfigError(f"node-config test-fraction={frac} must be in (0, 1)")
+    k = max(1, round(frac * len(ds)))
+    if len(ds) - k < 1:
+        raise DataError(f"this node's {len(ds)} records are too few for a train/test split; bring more or pass "
+                        "test-path")
+    test_pos = stratified_choice(ds.labels, total=k, rng=Seeds(cfg.seed).numpy("node.split", client=n))
+    return ds, np.delete(np.arange(len(ds)), test_pos), ds, test_pos
 
-        self.num_clients = int(cfg.flower.num_clients)
-        if not 0 <= n < self.num_clients:
-            raise ConfigError(f"partition-id={n}, but the run has flower.num_clients={self.num_clients} clients "
-                              f"(0..{self.num_clients - 1})")
-        self.num_classes = ds.num_classes
-        self.class_names, self.domain_names = list(ds.class_names), []
-        empty = (torch.empty(0), torch.empty(0, dtype=torch.long))
-        self.train_data = [empty] * self.num_clients
-        self.test_data = [empty] * self.num_clients
-        self.train_data[n] = self.as_tensors(ds.images[train_idx], ds.labels[train_idx])
-        self.test_data[n] = self.as_tensors(test_ds.images[test_idx], test_ds.labels[test_idx])
-        own = {"client": n, "train": int(len(train_idx)), "test": int(len(test_idx)), "val": 0, "domain": None,
-               "evaluated": int(len(test_idx)),
-               "label_counts": np.bincount(ds.labels[train_idx], minlength=self.num_classes).tolist()}
-        # Other clients' sizes are unknown here; the server learns the true ones from their nodes.
-        self.client_facts = [{**own, "client": i} for i in range(self.num_clients)]
 
-    def hold(self, n: int) -> None:
-        """The node's own records are always in memory (``client_id`` checked that n is its client)."""
+def node_records(cfg: RunConfig, *, client: int, node_config: dict[str, Any]) -> ClientRecords:
+    """The client side of a deployment with node-local data: client ``client``'s records from this
+    node's own files only (capped as the partition caps them). The other clients exist as ids; their
+    data is nowhere here, and their facts are this client's (the server learns the true ones)."""
+    import numpy as np
+
+    from pfedpg.data.partition import cap_records
+    from pfedpg.seeding import Seeds
+
+    n = client
+    ds, train_idx, test_ds, test_idx = _node_split(cfg, n, node_config)
+    # The partition's own caps: stratified, one seeded stream per cap and client.
+    seeds = Seeds(cfg.seed)
+    train_idx = cap_records(ds, train_idx, cfg.data.max_train_per_client,
+                            seeds.numpy("data.subsample.train", client=n))
+    test_idx = cap_records(test_ds, test_idx, cfg.data.max_test_per_client,
+                           seeds.numpy("data.subsample.test", client=n))
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise DataError(f"this node has {len(train_idx)} training and {len(test_idx)} test records; "
+                        "both must be > 0")
+    num_clients = int(cfg.flower.num_clients)
+    if not 0 <= n < num_clients:
+        raise ConfigError(f"partition-id={n}, but the run has flower.num_clients={num_clients} clients "
+                          f"(0..{num_clients - 1})")
+    empty = (torch.empty(0), torch.empty(0, dtype=torch.long))
+    train_data, test_data = [empty] * num_clients, [empty] * num_clients
+    train_data[n] = as_tensors(ds.images[train_idx], ds.labels[train_idx])
+    test_data[n] = as_tensors(test_ds.images[test_idx], test_ds.labels[test_idx])
+    own = {"client": n, "train": int(len(train_idx)), "test": int(len(test_idx)), "val": 0, "domain": None,
+           "evaluated": int(len(test_idx)),
+           "label_counts": np.bincount(ds.labels[train_idx], minlength=ds.num_classes).tolist()}
+    roster = Roster(clients=[{**own, "client": i} for i in range(num_clients)], num_classes=ds.num_classes,
+                    class_names=list(ds.class_names))
+    return ClientRecords(roster=roster, train_data=train_data, test_data=test_data)
 
 
 def write_client_shards(cfg: RunConfig, out: Path) -> int:
@@ -146,33 +151,26 @@ def write_client_shards(cfg: RunConfig, out: Path) -> int:
     return len(splits)
 
 
-class PartitionNodeTrainer(Trainer):
-    """The client side when every node partitions the run's one data file (``flower.num_clients:
-    null``: the simulation engine, and deployments that share a file): the run built from the
-    config, with every client's split sizes but only one client's records in memory — the client
-    of the message being served (:meth:`hold`). A simulation actor serves many virtual clients in
-    turn: it reads the client's shard (``shards``, from :func:`write_client_shards`), or without
-    shards re-partitions the data file, when it switches. It never holds another client's records,
-    nor the whole data set, between messages."""
+class PartitionRecords:
+    """The client side's records when every node partitions the run's one data file
+    (``flower.num_clients: null``: the simulation engine, and deployments that share a file): every
+    client's facts, but only one client's records in memory — the client of the message being served
+    (:meth:`hold`). A simulation actor serves many virtual clients in turn: it reads the client's
+    shard (``shards``, from :func:`write_client_shards`), or without shards re-partitions the data
+    file, when it switches. It never holds another client's records, nor the whole data set, between
+    messages."""
 
     EMPTY = (torch.empty(0), torch.empty(0, dtype=torch.long))
 
-    def __init__(self, cfg: RunConfig, *, shards: str | None = None, **kw):
-        self.shards = Path(shards) if shards else None
-        super().__init__(cfg, **kw)
-
-    def load_clients(self) -> None:
-        dataset, splits, new = self.partition()
-        self.num_clients, self.num_classes = len(splits), dataset.num_classes
-        self.client_facts = [self.client_fact(dataset, i, s) for i, s in enumerate(splits)]
-        self.new_facts = [self.client_fact(dataset, len(splits) + j, s) for j, s in enumerate(new)]
-        self.domain_names = list(getattr(dataset, "domain_names", []) or [])
-        self.class_names = list(getattr(dataset, "class_names", []) or [])
+    def __init__(self, cfg: RunConfig, *, shards: str | None = None):
+        self.cfg, self.shards = cfg, Path(shards) if shards else None
+        dataset, splits, new = partition_run(cfg)
+        self.roster = roster_of(cfg, dataset, splits, new)
         # The lists stay the same objects (the hooks' RunContext holds them); hold() fills one slot.
-        self.train_data = [self.EMPTY] * self.num_clients
-        self.test_data = [self.EMPTY] * self.num_clients
+        self.train_data = [self.EMPTY] * len(splits)
+        self.test_data = [self.EMPTY] * len(splits)
+        self.new_train_data, self.new_test_data = [], []  # (no join rounds on Flower)
         self.held: int | None = None
-        self.dataset = None
 
     def hold(self, n: int) -> None:
         """Keep client ``n``'s records (and no one else's) in memory."""
@@ -189,16 +187,33 @@ class PartitionNodeTrainer(Trainer):
                 raise DataError(f"client {n}'s simulation shard {str(f)!r} is missing; the driver writes the shards "
                                 "(start simulations with `pfedpg-eval train --engine flower`)")
             with np.load(f) as z:
-                self.train_data[n] = self.as_tensors(z["train_images"], z["train_labels"])
-                self.test_data[n] = self.as_tensors(z["eval_images"], z["eval_labels"])
+                self.train_data[n] = as_tensors(z["train_images"], z["train_labels"])
+                self.test_data[n] = as_tensors(z["eval_images"], z["eval_labels"])
             if [len(self.train_data[n][1]), len(self.test_data[n][1])] != \
-                    [self.client_facts[n]["train"], self.client_facts[n]["evaluated"]]:
+                    [self.roster.clients[n]["train"], self.roster.clients[n]["evaluated"]]:
                 raise DataError(f"client {n}'s simulation shard {str(f)!r} does not match the run's partition; it "
                                 "belongs to another run — start the run again")
         else:
-            dataset, splits, _ = self.partition()
-            self.train_data[n], self.test_data[n] = self.client_tensors(dataset, splits[n])
+            dataset, splits, _ = partition_run(self.cfg)
+            self.train_data[n], self.test_data[n] = client_tensors(self.cfg, dataset, splits[n])
         self.held = n
+
+
+def client_run(cfg: RunConfig, node_config: dict[str, Any], *, backbone_path: str | None,
+               shards: str | None) -> RoundLoop:
+    """The run as a node builds it from the config, around :class:`InProcessClients` of its records:
+    the node's own files (``flower.num_clients`` set: a deployment), or the run's partition
+    (:class:`PartitionRecords`: simulation, and deployments that share a file)."""
+    local = cfg.flower.num_clients is not None
+    if local:
+        backbone_path = node_backbone(cfg, node_config, backbone_path)
+    env = run_env(cfg, run_dir=Path("."))
+    if local:
+        records = node_records(cfg, client=int(node_config["partition-id"]), node_config=node_config)
+    else:
+        records = PartitionRecords(cfg, shards=shards)
+    backbone_path = backbone_for(cfg, backbone_path, log=env.log)
+    return assemble(env, InProcessClients(env, records), backbone_path=backbone_path)
 
 
 class ClientRuntime:
@@ -227,22 +242,21 @@ class ClientRuntime:
             raise ConfigError("this SuperNode has a data-path, but the run partitions one data file "
                               "(flower.num_clients is null): set flower.num_clients to the number of nodes, "
                               "or drop data-path")
-        if local:
-            if "partition-id" not in node_config:
-                raise ConfigError("this SuperNode has no partition-id; start it with --node-config "
-                                  "\"partition-id=<client> data-path=...\"")
-            self.trainer = NodeTrainer(cfg, client=int(node_config["partition-id"]), node_config=node_config,
-                                       backbone_path=backbone_path)
-        else:
-            self.trainer = PartitionNodeTrainer(cfg, run_dir=Path("."), backbone_path=backbone_path, shards=shards)
-        self.trainer.hooks.setup(self.trainer.ctx)
+        if local and "partition-id" not in node_config:
+            raise ConfigError("this SuperNode has no partition-id; start it with --node-config "
+                              "\"partition-id=<client> data-path=...\"")
+        #: the run as this node builds it (server and schedule included: the clients' first prompts
+        #: come from the server's init), with the in-process clients of the client(s) it serves
+        self.run = client_run(cfg, node_config, backbone_path=backbone_path, shards=shards)
+        self.clients: InProcessClients = self.run.clients
+        self.run.hooks.setup(self.run.ctx)
         # Under a DP mechanism the client keeps its own rows (its metrics file), the server gets the release.
-        self.withhold = bool(self.trainer.hooks.privacy_mechanisms()) and not cfg.privacy.release_metrics
+        self.withhold = bool(self.run.hooks.privacy_mechanisms()) and not cfg.privacy.release_metrics
         self.metrics_dir = Path(node_config.get("metrics-dir") or metrics_dir or "pfedpg-client-metrics")
         # Hooks and states as set up, before any client touched them: a client's first message
         # starts from these (the cached runtime serves several clients in one simulation actor).
-        self.initial_hooks = copy.deepcopy(self.trainer.hooks.state_dict())
-        self.initial_states = [copy.deepcopy(s) for s in self.trainer.states]
+        self.initial_hooks = copy.deepcopy(self.run.hooks.state_dict())
+        self.initial_states = [copy.deepcopy(s) for s in self.clients.states]
 
     @classmethod
     def get(cls, values: dict[str, Any], node_config: dict[str, Any] | None = None) -> "ClientRuntime":
@@ -261,16 +275,16 @@ class ClientRuntime:
 
     def client_id(self, context: Context) -> int:
         parts = context.node_config.get("num-partitions")  # (set by Flower's simulation engine)
-        if parts is not None and int(parts) != self.trainer.num_clients:
-            raise ConfigError(f"this simulation has {int(parts)} SuperNodes but the run has {self.trainer.num_clients} "
+        if parts is not None and int(parts) != self.run.num_clients:
+            raise ConfigError(f"this simulation has {int(parts)} SuperNodes but the run has {self.run.num_clients} "
                               "clients; start it with --federation-config "
-                              f"\"num_supernodes={self.trainer.num_clients}\"")
+                              f"\"num_supernodes={self.run.num_clients}\"")
         if "partition-id" not in context.node_config:
             raise ConfigError("this SuperNode has no partition-id; start it with --node-config partition-id=<client>")
         n = int(context.node_config["partition-id"])
-        if not 0 <= n < self.trainer.num_clients:
-            raise ConfigError(f"partition-id={n}, but the run has {self.trainer.num_clients} clients "
-                              f"(0..{self.trainer.num_clients - 1})")
+        if not 0 <= n < self.run.num_clients:
+            raise ConfigError(f"partition-id={n}, but the run has {self.run.num_clients} clients "
+                              f"(0..{self.run.num_clients - 1})")
         return n
 
 
@@ -279,30 +293,30 @@ class ClientRuntime:
         if "pfedpg.client" in st.array_records:
             t = st.array_records["pfedpg.client"].to_torch_state_dict()
             meta = st.config_records["pfedpg.meta"]
-            self.trainer.states[n] = ClientState(t["prompt"], t["head_weight"], t["head_bias"],
-                                                 int(meta["rounds_joined"])).to(self.trainer.device)
-            self.trainer.hooks.load_state_dict(unpack(meta["hooks"]))
+            self.clients.states[n] = ClientState(t["prompt"], t["head_weight"], t["head_bias"],
+                                                 int(meta["rounds_joined"])).to(self.run.device)
+            self.run.hooks.load_state_dict(unpack(meta["hooks"]))
         else:
-            self.trainer.states[n] = copy.deepcopy(self.initial_states[n])
-            self.trainer.hooks.load_state_dict(copy.deepcopy(self.initial_hooks))
+            self.clients.states[n] = copy.deepcopy(self.initial_states[n])
+            self.run.hooks.load_state_dict(copy.deepcopy(self.initial_hooks))
 
     def _save(self, n: int, context: Context) -> None:
-        s = self.trainer.states[n]
+        s = self.clients.states[n]
         context.state.array_records["pfedpg.client"] = tensor_record(
             prompt=s.prompt, head_weight=s.head_weight, head_bias=s.head_bias)
         context.state.config_records["pfedpg.meta"] = ConfigRecord(
-            {"rounds_joined": s.rounds_joined, "hooks": pack(self.trainer.hooks.state_dict())})
+            {"rounds_joined": s.rounds_joined, "hooks": pack(self.run.hooks.state_dict())})
 
     # The handlers read ``msg.content`` and ``context.node_config`` / ``context.state`` only and
     # return the reply's content: the ClientApp wraps it in a Message, and a node's long-running
     # worker (evaluations.flower.worker) can serve them for short-lived ClientApp processes.
     def query(self, msg: Message, context: Context) -> RecordDict:
         n = self.client_id(context)
-        t = self.trainer
-        info = {"num_clients": t.num_clients, "num_classes": t.num_classes, "domain_names": t.domain_names,
-                "class_names": t.class_names,
+        roster = self.run.roster
+        info = {"num_clients": roster.num_clients, "num_classes": roster.num_classes,
+                "domain_names": roster.domain_names, "class_names": roster.class_names,
                 # Split sizes only: its domain and label counts stay private to the client.
-                "facts": {**t.client_facts[n], "domain": None, "label_counts": None}}
+                "facts": {**roster.clients[n], "domain": None, "label_counts": None}}
         return RecordDict({"info": ConfigRecord({"json": json.dumps(info)})})
 
     def train(self, msg: Message, context: Context) -> RecordDict:
@@ -311,30 +325,31 @@ class ClientRuntime:
         if int(task["client"]) != n:
             raise ConfigError(f"a message for client {task['client']} reached the SuperNode of client {n}")
         r = int(task["round"])
-        self.trainer.hold(n)
+        self.clients.hold(n)
         self._load(n, context)
-        start = tensor_of(msg.content.array_records["sent"], "prompt").to(self.trainer.device) \
-            if "sent" in msg.content.array_records else self.trainer.states[n].prompt
+        start = tensor_of(msg.content.array_records["sent"], "prompt").to(self.run.device) \
+            if "sent" in msg.content.array_records else self.clients.states[n].prompt
         t0 = time.perf_counter()
-        row, delta = self.trainer.train_client(n, r, start)
+        update = self.clients.train_one(n, r, start)
+        row, delta = update.metrics, update.delta
         work = time.perf_counter() - t0
         self._save(n, context)
         result = {"row": json.dumps(row), "work_s": work}
         if self.withhold:  # the release and the public step count only (its compute time is no less private)
             self._keep(n, "train", r, row)
             result = {"row": json.dumps({k: row[k] for k in PUBLIC_ROW_KEYS if k in row})}
-        content = RecordDict({"result": ConfigRecord({**result, "hooks": pack(self.trainer.hooks.client_state(n))})})
+        content = RecordDict({"result": ConfigRecord({**result, "hooks": pack(self.run.hooks.client_state(n))})})
         if delta is not None:
             content.array_records["delta"] = tensor_record(delta=delta)
         return content
 
     def evaluate(self, msg: Message, context: Context) -> RecordDict:
         n = self.client_id(context)
-        self.trainer.hold(n)
+        self.clients.hold(n)
         self._load(n, context)
-        generated = tensor_of(msg.content.array_records["generated"], "prompt").to(self.trainer.device) \
+        generated = tensor_of(msg.content.array_records["generated"], "prompt").to(self.run.device) \
             if "generated" in msg.content.array_records else None
-        row = self.trainer.evaluate_one(n, generated)
+        row = self.clients.evaluate_one(n, generated)
         if self.withhold:  # evaluated where the data is, kept there
             self._keep(n, "eval", int(msg.content.config_records["task"]["round"]), row)
             row = {"client": n, "withheld": True}

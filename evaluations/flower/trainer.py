@@ -3,10 +3,12 @@ ClientApp and the server in a ServerApp. Needs the ``flower`` extra (``pip insta
 
 Same config and seed, same numbers: both sides build the run from the same resolved config and
 derive every random stream from the same master seed, so a client's ClientApp trains exactly what
-``Trainer.train_client`` would, and the ServerApp runs the in-process server step, hooks,
-evaluation schedule, checkpoints and run directory unchanged (``FlowerTrainer`` overrides only how
-the clients are reached; the server holds no client data and learns N and the split sizes from the
-clients' answers to the set-up query).
+``InProcessClients.train_one`` would, and the ServerApp runs the in-process round loop — server
+step, hooks, evaluation schedule, checkpoints and run directory — unchanged. Only the loop's
+:class:`~pfedpg.run.clients.Clients` differ: :class:`FlowerClients` answers each verb with a round of
+messages over a :class:`GridTransport` (as a Flower Strategy's verbs ride on ``grid.send_and_receive``);
+the server holds no client data and learns N and the split sizes from the clients' answers to the
+set-up query. :func:`flower_trainer` is the in-process ``Trainer`` holding them.
 
 Messages (one client per SuperNode; the node's ``partition-id`` is the client id):
 
@@ -24,12 +26,12 @@ evaluate   round, P_n of the updated server       its evaluation row (adapted an
 Where a client's data comes from: with ``flower.num_clients: null`` every node partitions the run's
 data set from the config and keeps only the share of the client it is serving (its
 ``partition-id``; a simulation actor, which serves many virtual clients, reads the next client's
-shard when it switches: :class:`~evaluations.flower.node.PartitionNodeTrainer`) — simulation and tests. With
+shard when it switches: :class:`~evaluations.flower.node.PartitionRecords`) — simulation and tests. With
 ``flower.num_clients: N`` (a deployment) each SuperNode brings its own records — ``--node-config
 "partition-id=<client> data-path=<npz or image folder>"`` plus, optionally, ``test-path=<file or
 folder>`` (its test split; else an npz ``split`` key, else ``test-fraction=<f>``, default
 ``data.test_fraction``) and ``backbone-path=<file>`` (where this node keeps the run's backbone) —
-and trains on exactly those (:class:`~evaluations.flower.node.NodeTrainer`); nothing but the config and the backbone is
+and trains on exactly those (:func:`~evaluations.flower.node.node_records`); nothing but the config and the backbone is
 shared, and the server holds no records.
 
 A node may keep its built client alive across messages: with ``worker=<socket path>`` in its
@@ -62,7 +64,7 @@ from evaluations.flower.messages import tensor_of, tensor_record, unpack
 from pfedpg.config import RunConfig
 from pfedpg.errors import ClientFailure, ConfigError
 from pfedpg.hooks import build_hooks
-from pfedpg.run import Trainer
+from pfedpg.run import ClientUpdate, ClientViews, Roster, RunEnv, Trainer
 
 
 def check_supported(cfg: RunConfig, hooks, *, resume: bool = False) -> None:
@@ -78,83 +80,22 @@ def check_supported(cfg: RunConfig, hooks, *, resume: bool = False) -> None:
         raise ConfigError(f"hook {refused[0]} — it runs only with engine: inprocess")
 
 
+class GridTransport:
+    """Messages to the clients' SuperNodes over a Flower ``Grid``: :meth:`exchange` sends a batch and
+    collects the replies, a failure standing as a one-line reason instead of a reply."""
 
-class FlowerTrainer(Trainer):
-    """The in-process ``Trainer`` with its clients behind a Flower ``Grid``: only
-    ``train_participants`` and ``evaluate_clients`` differ (they send messages)."""
+    def __init__(self, grid, *, round_timeout_s: float):
+        self.grid, self.round_timeout_s = grid, round_timeout_s
 
-    def __init__(self, cfg: RunConfig, *, run_dir: str | Path, grid, backbone_path: str | None = None,
-                 log: Callable[[str], None] | None = None, progress: bool = False):
-        check_supported(cfg, build_hooks(cfg.hooks))
-        if cfg.model.weights == "pretrain" and not backbone_path:
-            raise ConfigError("model.weights=pretrain: pass the pretrained backbone's path (run_flower resolves it)")
-        self.grid = grid
-        self.fcfg = cfg.flower
-        self.nodes: dict[int, int] = {}  # client id -> Flower node id
-        super().__init__(cfg, run_dir=run_dir, log=log, progress=progress, backbone_path=backbone_path)
+    def node_ids(self) -> list[int]:
+        return list(self.grid.get_node_ids())
 
-    # -- connecting ------------------------------------------------------------------------------
-    def load_clients(self) -> None:
-        """No data on the server: find every client's SuperNode (its ``partition-id``), waiting up
-        to ``flower.node_wait_s``, and learn N, the classes and each client's split sizes from them."""
-        deadline = time.time() + self.fcfg.node_wait_s
-        asked: set[int] = set()
-        facts: dict[int, dict[str, Any]] = {}
-        total = None
-        query_s: list[float] = []
-        while True:
-            fresh = [i for i in self.grid.get_node_ids() if i not in asked]
-            if fresh:
-                asked.update(fresh)
-                msgs = {i: Message(RecordDict(), dst_node_id=i, message_type=MessageType.QUERY) for i in fresh}
-                replies = self._exchange(msgs, timeout=max(1.0, deadline - time.time()))
-                query_s.extend(self.latency.values())
-                for node, reply in replies.items():
-                    if isinstance(reply, str):
-                        raise ConfigError(f"SuperNode {node} did not answer the set-up query: {reply}")
-                    info = json.loads(reply.content.config_records["info"]["json"])
-                    fact = info["facts"]
-                    n, their = fact["client"], (int(info["num_clients"]), int(info["num_classes"]),
-                                                list(info["domain_names"]))
-                    classes = list(info.get("class_names") or [])
-                    if self.cfg.flower.num_clients is not None and self.cfg.data.classes is not None \
-                            and classes != list(self.cfg.data.classes):
-                        raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, "
-                                          f"the run's data.classes {list(self.cfg.data.classes)}; "
-                                          "give it records of exactly those classes")
-                    if total is not None and their != total:
-                        raise ConfigError(f"SuperNode {node} built {their[0]} clients and {their[1]} classes "
-                                          f"from its config, others {total[0]} and {total[1]}; "
-                                          "every node must run the same config and data")
-                    if total is not None and classes != self.class_names:
-                        raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, other nodes "
-                                          f"{self.class_names}; every node needs the same class list in the same order "
-                                          "(set data.classes in the run config)")
-                    total, self.class_names = their, classes
-                    if n in facts:
-                        raise ConfigError(f"two SuperNodes claim partition-id={n}; give each client's node its own id")
-                    facts[n], self.nodes[n] = fact, node
-            if total is not None and len(facts) == total[0]:
-                break
-            if time.time() > deadline:
-                missing = ("" if total is None
-                           else f" (missing partition-id {[n for n in range(total[0]) if n not in facts]})")
-                raise ConfigError(f"{len(facts)} of {'?' if total is None else total[0]} clients' SuperNodes connected "
-                                  f"within flower.node_wait_s={self.fcfg.node_wait_s:g} s{missing}; "
-                                  "start one per client with --node-config partition-id=<client>, or raise node_wait_s")
-            time.sleep(0.5)
-        self.num_clients, self.num_classes, self.domain_names = total
-        self.client_facts = [facts[n] for n in range(self.num_clients)]
-        self.train_data, self.test_data = [], []  # they stay on the clients
-        self.query_seconds = query_s
-        self.log(f"flower: {self.num_clients} clients connected (set-up query answered in "
-                 f"{min(query_s):.2f}–{max(query_s):.2f} s)")
-
-    def _exchange(self, msgs: dict[int, Message], *, timeout: float) -> dict[int, Message | str]:
-        """Send ``msgs`` (keyed by whatever the caller likes) and collect replies; a failure is a
-        one-line reason instead of a reply. Returns early when a pending node goes offline."""
+    def exchange(self, msgs: dict[int, Message], *, timeout: float
+                 ) -> tuple[dict[int, Message | str], dict[int, float]]:
+        """Send ``msgs`` (keyed by whatever the caller likes); returns (reply or reason, seconds from
+        sending to the reply) per key. Returns early when a pending node goes offline."""
         out: dict[int, Message | str] = {}
-        alive = set(self.grid.get_node_ids())
+        alive = set(self.node_ids())
         sendable = {}
         for key, m in msgs.items():
             if m.metadata.dst_node_id in alive:
@@ -163,7 +104,7 @@ class FlowerTrainer(Trainer):
                 out[key] = "its SuperNode is offline"
         t0 = time.perf_counter()
         ids = list(self.grid.push_messages(list(sendable.values()))) if sendable else []
-        self.latency: dict[int, float] = {}  # seconds from sending to the reply, per key
+        latency: dict[int, float] = {}
         pending = {}
         for key, mid in zip(sendable, ids):
             if mid is None:
@@ -176,78 +117,172 @@ class FlowerTrainer(Trainer):
                 key = pending.pop(reply.metadata.reply_to_message_id, None)
                 if key is not None:
                     out[key] = f"its ClientApp failed: {reply.error.reason}" if reply.has_error() else reply
-                    self.latency[key] = time.perf_counter() - t0
+                    latency[key] = time.perf_counter() - t0
             if not pending:
                 break
-            alive = set(self.grid.get_node_ids())
+            alive = set(self.node_ids())
             for mid, key in list(pending.items()):
                 if msgs[key].metadata.dst_node_id not in alive:
                     out[key] = "its SuperNode went offline"
                     del pending[mid]
             if time.time() > deadline:
                 for key in pending.values():
-                    out[key] = f"no reply within flower.round_timeout_s={self.fcfg.round_timeout_s:g} s"
+                    out[key] = f"no reply within flower.round_timeout_s={self.round_timeout_s:g} s"
                 break
             time.sleep(0.2)
-        return out
+        return out, latency
 
-    def _failed(self, what: str, n: int, reason: str) -> None:
-        line = f"{what}: client {n} failed ({reason})"
-        if self.fcfg.on_client_failure == "fail":
-            raise ClientFailure(f"{line}; flower.on_client_failure=fail stops the run here — the finished rounds "
-                                f"are in {self.run_dir / 'metrics.jsonl'}; "
-                                "set on_client_failure: continue to go on without it")
-        self.log(line + "; continuing without it")
 
-    # -- a round ---------------------------------------------------------------------------------
-    def train_participants(self, r: int, participants: list[int],
-                           sent: dict[int, torch.Tensor]) -> dict[int, dict[str, Any]]:
-        msgs = {}
+class FlowerClients:
+    """The run's :class:`~pfedpg.run.clients.Clients` behind a Flower ``Grid``: each verb is a round of
+    messages (the table in the module docstring); the clients' states stay on their nodes, so a
+    checkpoint holds none of them. A client that fails is logged and, with
+    ``flower.on_client_failure: continue``, left out of the round (an update with ``error``)."""
+
+    def __init__(self, env: RunEnv, *, grid):
+        self.cfg, self.fcfg, self.hooks, self.device, self.log = env.cfg, env.cfg.flower, env.hooks, env.device, env.log
+        self.metrics_path = env.run_dir / "metrics.jsonl"
+        self.transport = GridTransport(grid, round_timeout_s=self.fcfg.round_timeout_s)
+        self.nodes: dict[int, int] = {}  # client id -> Flower node id
+        self.roster: Roster | None = None
+        self.query_seconds: list[float] | None = None
+
+    # -- the seam ----------------------------------------------------------------------------------
+    def facts(self) -> Roster:
+        if self.roster is None:
+            self.roster = self._connect()
+        return self.roster
+
+    def views(self) -> ClientViews:
+        return ClientViews()  # the records stay on the clients
+
+    def start(self, **_) -> None:
+        """Nothing to set up here: every node builds its client from the same config."""
+
+    def train(self, round: int, participants: list[int], sent: dict[int, torch.Tensor]) -> dict[int, ClientUpdate]:
+        r, msgs = round, {}
         for n in participants:
             content = RecordDict({"task": ConfigRecord({"round": r, "client": n})})
             if n in sent:
                 content.array_records["sent"] = tensor_record(prompt=sent[n])
             msgs[n] = Message(content, dst_node_id=self.nodes[n], message_type=MessageType.TRAIN)
-        rows: dict[int, dict[str, Any]] = {}
-        for n, reply in sorted(self._exchange(msgs, timeout=self.fcfg.round_timeout_s).items()):
+        replies, latency = self.transport.exchange(msgs, timeout=self.fcfg.round_timeout_s)
+        updates: dict[int, ClientUpdate] = {}
+        for n, reply in sorted(replies.items()):
             if isinstance(reply, str):
                 self._failed(f"round {r}, training", n, reply)
-                rows[n] = {"error": reply}
+                updates[n] = ClientUpdate(error=reply)
                 continue
             result = reply.content.config_records["result"]
-            row = json.loads(result["row"])
-            if "delta" in reply.content.array_records:
-                row["_delta"] = tensor_of(reply.content.array_records["delta"], "delta").to(self.device)
+            delta = tensor_of(reply.content.array_records["delta"], "delta").to(self.device) \
+                if "delta" in reply.content.array_records else None
             self.hooks.merge_client_state(n, unpack(result["hooks"]))
             # Flower's cost of the message: reply time at the server minus the client's own work.
-            row["message_s"] = self.latency.get(n)
-            row["client_work_s"] = float(result["work_s"]) if "work_s" in result else None
-            rows[n] = row
-        return rows
+            metrics = {**json.loads(result["row"]), "message_s": latency.get(n),
+                       "client_work_s": float(result["work_s"]) if "work_s" in result else None}
+            updates[n] = ClientUpdate(metrics, delta)
+        return updates
 
-    def evaluate_clients(self, generated: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+    def evaluate(self, round: int, generated: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
         msgs = {}
-        for n in range(self.num_clients):
-            content = RecordDict({"task": ConfigRecord({"round": self.current_round, "client": n})})
+        for n in range(self.facts().num_clients):
+            content = RecordDict({"task": ConfigRecord({"round": round, "client": n})})
             if n in generated:
                 content.array_records["generated"] = tensor_record(prompt=generated[n])
             msgs[n] = Message(content, dst_node_id=self.nodes[n], message_type=MessageType.EVALUATE)
         rows = []
-        for n, reply in sorted(self._exchange(msgs, timeout=self.fcfg.round_timeout_s).items()):
+        for n, reply in sorted(self.transport.exchange(msgs, timeout=self.fcfg.round_timeout_s)[0].items()):
             if isinstance(reply, str):
-                self._failed(f"round {self.current_round}, evaluation", n, reply)
+                self._failed(f"round {round}, evaluation", n, reply)
                 rows.append({"client": n, "acc_adapted": None, "acc_generated": None, "error": reply})
             else:
                 rows.append(json.loads(reply.content.config_records["result"]["row"]))
         return rows
 
-    def checkpoint_clients(self) -> list[dict] | None:
+    def state_dict(self) -> None:
         return None  # the clients' states live on their nodes
+
+    def load_state_dict(self, states) -> None:
+        raise ConfigError("--resume continues in-process runs only: Flower clients keep their state for one Flower "
+                          "run; start a new run")
 
     def communication(self) -> dict[str, Any]:
         # The first message's reply time per node (it builds the client on the node).
-        return {**super().communication(), "flower_setup_query_s": getattr(self, "query_seconds", None)}
+        return {"flower_setup_query_s": self.query_seconds}
 
-    def run(self, *, resume: bool = False, stop_after: int | None = None):
-        check_supported(self.cfg, self.hooks, resume=resume)
-        return super().run(stop_after=stop_after)
+    # -- connecting ----------------------------------------------------------------------------------
+    def _connect(self) -> Roster:
+        """No data on the server: find every client's SuperNode (its ``partition-id``), waiting up
+        to ``flower.node_wait_s``, and learn N, the classes and each client's split sizes from them."""
+        deadline = time.time() + self.fcfg.node_wait_s
+        asked: set[int] = set()
+        facts: dict[int, dict[str, Any]] = {}
+        total, class_names, query_s = None, [], []
+        while True:
+            fresh = [i for i in self.transport.node_ids() if i not in asked]
+            if fresh:
+                asked.update(fresh)
+                msgs = {i: Message(RecordDict(), dst_node_id=i, message_type=MessageType.QUERY) for i in fresh}
+                replies, latency = self.transport.exchange(msgs, timeout=max(1.0, deadline - time.time()))
+                query_s.extend(latency.values())
+                for node, reply in replies.items():
+                    n, fact, total, class_names = self._answer(node, reply, total, class_names)
+                    if n in facts:
+                        raise ConfigError(f"two SuperNodes claim partition-id={n}; give each client's node its own id")
+                    facts[n], self.nodes[n] = fact, node
+            if total is not None and len(facts) == total[0]:
+                break
+            if time.time() > deadline:
+                missing = ("" if total is None
+                           else f" (missing partition-id {[n for n in range(total[0]) if n not in facts]})")
+                raise ConfigError(f"{len(facts)} of {'?' if total is None else total[0]} clients' SuperNodes connected "
+                                  f"within flower.node_wait_s={self.fcfg.node_wait_s:g} s{missing}; "
+                                  "start one per client with --node-config partition-id=<client>, or raise node_wait_s")
+            time.sleep(0.5)
+        self.query_seconds = query_s
+        self.log(f"flower: {total[0]} clients connected (set-up query answered in "
+                 f"{min(query_s):.2f}–{max(query_s):.2f} s)")
+        return Roster(clients=[facts[n] for n in range(total[0])], num_classes=total[1], domain_names=total[2],
+                      class_names=class_names)
+
+    def _answer(self, node: int, reply: Message | str, total, class_names: list[str]):
+        """(client id, its facts, (N, classes, domain names), class names) from one node's answer to
+        the set-up query, checked against the answers before it."""
+        if isinstance(reply, str):
+            raise ConfigError(f"SuperNode {node} did not answer the set-up query: {reply}")
+        info = json.loads(reply.content.config_records["info"]["json"])
+        fact = info["facts"]
+        n, their = fact["client"], (int(info["num_clients"]), int(info["num_classes"]), list(info["domain_names"]))
+        classes = list(info.get("class_names") or [])
+        if self.cfg.flower.num_clients is not None and self.cfg.data.classes is not None \
+                and classes != list(self.cfg.data.classes):
+            raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, "
+                              f"the run's data.classes {list(self.cfg.data.classes)}; "
+                              "give it records of exactly those classes")
+        if total is not None and their != total:
+            raise ConfigError(f"SuperNode {node} built {their[0]} clients and {their[1]} classes "
+                              f"from its config, others {total[0]} and {total[1]}; "
+                              "every node must run the same config and data")
+        if total is not None and classes != class_names:
+            raise ConfigError(f"SuperNode {node} (client {n}) has classes {classes}, other nodes "
+                              f"{class_names}; every node needs the same class list in the same order "
+                              "(set data.classes in the run config)")
+        return n, fact, their, classes
+
+    def _failed(self, what: str, n: int, reason: str) -> None:
+        line = f"{what}: client {n} failed ({reason})"
+        if self.fcfg.on_client_failure == "fail":
+            raise ClientFailure(f"{line}; flower.on_client_failure=fail stops the run here — the finished rounds "
+                                f"are in {self.metrics_path}; set on_client_failure: continue to go on without it")
+        self.log(line + "; continuing without it")
+
+
+def flower_trainer(cfg: RunConfig, *, run_dir: str | Path, grid, backbone_path: str | None = None,
+                   log: Callable[[str], None] | None = None, progress: bool = False) -> Trainer:
+    """The in-process ``Trainer`` whose clients are reached through ``grid`` (:class:`FlowerClients`):
+    the same round loop, server, hooks, checkpoints and run directory."""
+    check_supported(cfg, build_hooks(cfg.hooks))
+    if cfg.model.weights == "pretrain" and not backbone_path:
+        raise ConfigError("model.weights=pretrain: pass the pretrained backbone's path (run_flower resolves it)")
+    return Trainer(cfg, run_dir=run_dir, log=log, progress=progress, backbone_path=backbone_path,
+                   clients=lambda env: FlowerClients(env, grid=grid))
