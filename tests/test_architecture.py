@@ -207,3 +207,21 @@ def test_the_deprecated_faces_still_work_with_a_warning():
     assert runner.Trainer is pfedpg.run.Trainer and job is pfedpg.jobs.LocalJob
     assert [w.category for w in caught] == [FutureWarning, FutureWarning]
     assert "pfedpg.run" in str(caught[0].message) and "pfedpg.jobs" in str(caught[1].message)
+
+
+def test_no_run_class_inherits_from_another():
+    """The run is composed, not inherited (issue 30): the round loop holds its clients, and the
+    Flower engine brings its own ``Clients`` instead of subclassing the Trainer. No class anywhere in
+    the packages derives from a class defined in ``pfedpg/run/`` or ``evaluations/flower/``."""
+    run_dirs = [ROOT / "pfedpg" / "run", ROOT / "evaluations" / "flower"]
+    run_classes = {node.name for d in run_dirs for f in sorted(d.glob("*.py"))
+                   for node in ast.parse(f.read_text()).body if isinstance(node, ast.ClassDef)}
+    assert {"Trainer", "RoundLoop", "InProcessClients", "FlowerClients"} <= run_classes
+    offenders = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id if isinstance(b, ast.Name) else b.attr if isinstance(b, ast.Attribute) else ""
+                         for b in node.bases}
+                offenders += [f"{path.relative_to(ROOT)}: {node.name}({b})" for b in sorted(bases & run_classes)]
+    assert not offenders, offenders
