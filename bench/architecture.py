@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 PACKAGES = ("pfedpg", "attacks", "defenses", "evaluations")
-PLUGGABLE_BASES = {"Hook", "Server", "PromptGenerator", "Rule", "Probe", "Trainer"}
+PLUGGABLE_BASES = {"Hook", "Server", "PromptGenerator", "Rule", "Probe", "Trainer", "PrivacyMechanism"}
 
 
 def classes(root: Path, folders: tuple[str, ...]) -> dict[str, tuple[ast.ClassDef, Path]]:
@@ -38,6 +38,11 @@ def own(node: ast.ClassDef) -> tuple[set[str], set[str], set[str]]:
     """(methods, attributes set on self, attributes read from self) of one class body."""
     methods = {f.name for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
     sets, reads = set(), set()
+    for stmt in node.body:  # class-level fields (a dataclass's, a ClassVar) are the class's own
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            sets.add(stmt.target.id)
+        elif isinstance(stmt, ast.Assign):
+            sets.update(t.id for t in stmt.targets if isinstance(t, ast.Name))
     for n in ast.walk(node):
         if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self":
             (sets if isinstance(n.ctx, ast.Store) else reads).add(n.attr)
