@@ -47,7 +47,6 @@ probes get the accountant's (ε, δ) — the largest over target clients — and
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,8 @@ from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
 from pfedpg.jobs import ClientData
 from pfedpg.models.device import is_out_of_memory
-from pfedpg.privacy_result import mechanism_of
+from pfedpg.privacy_result import DPEnvelope, mechanism_of
+from pfedpg.registry import Spec
 
 LIRA_DEFAULTS = {"shadows": 8, "epochs": 5, "online": False}
 RMIA_DEFAULTS = {"references": 4, "epochs": 5, "a": 0.3, "gamma": 1.0, "population": 1000}
@@ -75,9 +75,9 @@ def probe_specs(specs: list | None) -> tuple[list[str] | None, dict[str, dict[st
     if specs is None:
         return None, {}
     names, options = [], {}
-    for i, spec in enumerate(specs):
-        name, opts = (spec.get("name"), {k: v for k, v in spec.items() if k != "name"}) \
-            if isinstance(spec, dict) else (spec, {})
+    for i, entry in enumerate(specs):
+        spec = Spec.parse(entry, f"leakage_audit.probes[{i}]")
+        name, opts = spec.name, spec.options
         if name not in PROBE_TYPES:
             raise ConfigError(f"leakage_audit.probes: unknown probe {name!r}; choose from "
                               f"{', '.join(PROBE_TYPES.in_order())}")
@@ -247,19 +247,11 @@ class LeakageAudit(Hook):
         self.initial_descriptors = state.get("initial_descriptors")
 
     # ------------------------------------------------------------------------------------------
-    def _dp(self, ctx, clients: list[int] | None = None) -> dict[str, Any] | None:
-        """The run's DP mechanism (``pfedpg.privacy_result.PrivacyMechanism``: attacks never import
-        defenses); ε is the largest over ``clients`` (default: the targets)."""
+    def _dp(self, ctx, clients: list[int] | None = None) -> DPEnvelope | None:
+        """The run's DP envelope (``pfedpg.privacy_result``: attacks never import defenses) over
+        ``clients`` (default: the targets)."""
         mech = mechanism_of(ctx.hooks)
-        if mech is None:
-            return None
-        eps = max(mech.epsilon(n) for n in (self.targets if clients is None else clients))
-        delta, note = float(mech.delta), None
-        if mech.unit == "client" and mech.adjacency == "add_remove":
-            # A change inside a client's data is a replacement = two add/remove steps.
-            eps, delta = 2 * eps, (1 + math.exp(min(eps, 700.0))) * delta
-            note = "add/remove client adjacency: group privacy over 2 steps (2ε, (1+e^ε)δ)"
-        return {"hook": mech.name, "unit": mech.unit, "epsilon": eps, "delta": delta, "note": note}
+        return None if mech is None else DPEnvelope.of(mech, self.targets if clients is None else clients)
 
     def end_of_run(self, ctx: RunContext, *, summary):
         t_start = time.perf_counter()
@@ -288,13 +280,14 @@ class LeakageAudit(Hook):
                 if name == probe or name.startswith(probe + "_"):
                     res["seconds"] = sec
                     res["seconds_per_training_round"] = sec / round_s if round_s else None
-        audit = {"probes": results, "dp": run.dp, "targets": self.targets, "shadow_clients": self.shadows,
-                 "seconds": time.perf_counter() - t_start, "mean_train_round_s": round_s}
+        audit = {"probes": results, "dp": run.dp and run.dp.to_dict(), "targets": self.targets,
+                 "shadow_clients": self.shadows, "seconds": time.perf_counter() - t_start,
+                 "mean_train_round_s": round_s}
         (out_dir / "audit.json").write_text(json.dumps(audit, indent=2, default=_json_default))
         np.savez(out_dir / "scores.npz", **{f"{k}__scores": v[0] for k, v in curves.items()},
                  **{f"{k}__labels": v[1] for k, v in curves.items()})
         if curves:
-            plot_audit_roc(out_dir / "roc.png", curves, dp_envelope=run.dp,
+            plot_audit_roc(out_dir / "roc.png", curves, dp_envelope=run.dp and run.dp.to_dict(),
                            title=f"{ctx.config.method} seed {ctx.config.seed}")
         return {"probes": {k: headline(v) for k, v in results.items()}, "audit_dir": str(out_dir)}
 

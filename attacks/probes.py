@@ -6,7 +6,6 @@ and calls the probes, in registration order, at its end with one :class:`ProbeRu
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ from attacks.metrics import probe_metrics
 from attacks.one_run_bounds import audit_bounds
 from attacks.tradeoff import epsilon_delta_family
 from pfedpg.client import load_into
+from pfedpg.privacy_result import DPEnvelope
 from pfedpg.registry import Registry
 
 THREATS = {
@@ -41,15 +41,9 @@ def pick(rng: np.random.Generator, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy(np.sort(rng.permutation(n)[: min(n, k)]))
 
 
-def covered(dp: dict[str, Any] | None, probe_side: str, probe_unit: str) -> bool:
-    """Whether the run's DP guarantee covers a probe's question (DESIGN §6): client-level DP covers
-    what the server holds, record-level DP covers record questions; a placement question is covered
-    by neither."""
-    if dp is None or not math.isfinite(dp["epsilon"]) or probe_unit == "placement":
-        return False
-    if dp["unit"] == "client":
-        return probe_side == "server"
-    return probe_unit == "record"
+def covered(dp: DPEnvelope | None, probe_side: str, probe_unit: str) -> bool:
+    """Whether the run's DP guarantee covers a probe's question (DESIGN §6; ``DPEnvelope.covers``)."""
+    return dp is not None and dp.covers(probe_side, probe_unit)
 
 
 class Probe:
@@ -79,9 +73,9 @@ class ProbeRun:
     rng: np.random.Generator
     states: dict[int, Any]
     mem: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]]
-    dp: dict[str, Any] | None
+    dp: DPEnvelope | None
     joins: dict[int, list[dict[str, Any]]]
-    dp_new: dict[str, Any] | None
+    dp_new: DPEnvelope | None
     aux: tuple[torch.Tensor, torch.Tensor] | None = None
     probe: Probe | None = None  # the probe running now: what it records carries its side and unit
     aux_head_idx: torch.Tensor | None = None
@@ -99,8 +93,8 @@ class ProbeRun:
             res["threat_model"] = "see the per-score entries"
         res["privacy_unit_of_question"] = kind.unit
         env = self.dp if env is None else env
-        res["dp_envelope"] = {"epsilon": env["epsilon"], "delta": env["delta"], "mechanism": env["hook"],
-                              **({"note": env["note"]} if env["note"] else {})} \
+        res["dp_envelope"] = {"epsilon": env.epsilon, "delta": env.delta, "mechanism": env.hook,
+                              **({"note": env.note} if env.note else {})} \
             if covered(env, kind.side, kind.unit) else None
         self.results[name] = res
         if curve is not None:
@@ -323,10 +317,10 @@ class Canary(Probe):
             scores_srv.append(run.alignment(c, recs, x, y) if recs else np.zeros(len(y)))
             inc.append(included.numpy())
         inc = np.concatenate(inc)
-        delta = run.dp["delta"] if run.dp else 1e-5
+        delta = run.dp.delta if run.dp else 1e-5
         res = {}
         for side, sc in (("observer", np.concatenate(scores_obs)), ("server", np.concatenate(scores_srv))):
-            claim = run.dp["epsilon"] if covered(run.dp, side, "record") else None
+            claim = run.dp.epsilon if covered(run.dp, side, "record") else None
             res[side] = {**record_canary_bounds(sc, inc, claim=claim, delta=delta,
                                                 guess_fraction=audit.canaries["guess_fraction"]),
                          **probe_metrics(sc, inc), "threat_model": THREATS[side], "accountant_epsilon": claim}

@@ -56,7 +56,7 @@ def load_audit(path, overrides=None):
     if section.get("out_dir") is None:
         section["out_dir"] = "runs/audit"
     grid = build_dataclass(PrivacySweepConfig, section, "audit")
-    if any(h.get("name") in (*MECHANISMS, "leakage_audit") for h in cfg.hooks):
+    if any(s.name in (*MECHANISMS, "leakage_audit") for s in cfg.hook_specs):
         raise ConfigError("base.hooks lists a DP or leakage_audit hook; the audit adds them itself — "
                           "remove it from base")
     if cfg.method != "pfedpg":

@@ -118,7 +118,7 @@ def count(cfg: RunConfig, facts: dict[str, Any], *, prompt_numbers: int) -> Work
 
     w = Work()
     bs, e = cfg.client.batch_size, cfg.client.local_epochs
-    names = [h.get("name") for h in cfg.hooks]
+    names = [s.name for s in cfg.hook_specs]
     dp_sgd = "dp_sgd" in names
     sends = SERVERS.get(cfg.method).sends_prompts
     n = len(facts["train"])
@@ -144,9 +144,9 @@ def count(cfg: RunConfig, facts: dict[str, Any], *, prompt_numbers: int) -> Work
         else:
             w.train_steps += joins * e * math.ceil(t / bs)
         w.eval_records += joins * v * (2 if sends else 1)
-    for h in cfg.hooks:
-        if h.get("name") == "leakage_audit":
-            w.train_steps += _audit_steps(h, facts, cfg)
+    for spec in cfg.hook_specs:
+        if spec.name == "leakage_audit":
+            w.train_steps += _audit_steps(spec.options, facts, cfg)
     if cfg.model.weights == "pretrain":
         from pfedpg.pretrain import cached_path
 
@@ -163,7 +163,7 @@ def _audit_steps(options: dict[str, Any], facts: dict[str, Any], cfg: RunConfig)
     (the shadow clients' training and held-out records)."""
     from attacks.leakage import LeakageAudit
 
-    audit = LeakageAudit(**{k: v for k, v in options.items() if k != "name"})
+    audit = LeakageAudit(**options)
     n = len(facts["train"])
     shadows = audit.shadow_ids if audit.shadow_ids is not None else list(range(n - audit.shadow_count, n))
     aux = sum(facts["train"][s] + facts["eval"][s] for s in shadows if s < n)
@@ -223,7 +223,7 @@ def _time_steps(trainer, cfg: RunConfig, steps: int) -> dict[str, Any]:
         return (now() - t) / max(1, result.steps)
 
     out = {"train_step_s": per_step(False), "measured_records": m, "batch_size": bs, "eval_batch_size": ebs}
-    if any(h.get("name") == "dp_sgd" for h in cfg.hooks):
+    if any(s.name == "dp_sgd" for s in cfg.hook_specs):
         out["dp_step_s"] = per_step(True)
     xe, ye = clients.records.test_data[0]
     k = min(ebs, len(ye))  # one evaluation batch (at most eval_batch_size records)
@@ -280,7 +280,7 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
     if not configs:
         raise ConfigError(f"{path}: the grid has no runnable cell")
     # Time the recipe with the most expensive local training: a DP-SGD cell if there is one.
-    probe = next((c for c in configs if any(h.get("name") == "dp_sgd" for h in c.hooks)), configs[0])
+    probe = next((c for c in configs if any(s.name == "dp_sgd" for s in c.hook_specs)), configs[0])
     from pfedpg.models.device import resolve_device
 
     log(f"plan: building one run on {resolve_device(probe.device, amp=probe.amp)} and timing {steps} local steps ...")

@@ -75,7 +75,7 @@ def load_sweep(path: str | Path | None,
                overrides: list[str] | None = None) -> tuple[PrivacySweepConfig, dict[str, Any]]:
     """-> (sweep settings, base run config as a dict with --set overrides applied and validated)."""
     section, cfg = load_grid_file(path, "privacy", overrides, example="configs/privacy.yaml")
-    dp = [h.get("name") for h in cfg.hooks if h.get("name") in MECHANISMS]
+    dp = [s.name for s in cfg.hook_specs if s.name in MECHANISMS]
     if dp:
         raise ConfigError(f"base.hooks lists {dp[0]}; the privacy sweep adds the DP hooks itself — remove it from base")
     if cfg.method != "pfedpg":

@@ -23,6 +23,7 @@ from pfedpg.deprecation import RenamedKeyWarning, renamed
 from pfedpg.errors import ConfigError
 from pfedpg.models.backbone import ModelConfig
 from pfedpg.models.device import check_amp, check_device_spec
+from pfedpg.registry import Spec
 from pfedpg.server import SERVERS, ServerConfig
 from pfedpg.typed import _default_of, _field_type, build_dataclass
 from pfedpg.yamlio import load_yaml, load_yaml_file  # noqa: F401  (load_yaml_file re-exported)
@@ -249,6 +250,7 @@ class RunConfig:
     def __post_init__(self):
         check_device_spec(self.device, "device")
         check_amp(self.amp, self.device)
+        self.hook_specs  # every entry a mapping with a name, or a one-line error now
         if self.engine not in ENGINES:
             raise ConfigError(f"engine={self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.method not in SERVERS:
@@ -283,6 +285,11 @@ class RunConfig:
                 f"model.kwargs.img_size={size} differs from data.image_size={self.data.image_size}; "
                 "set both to the same size"
             )
+
+    @property
+    def hook_specs(self) -> list[Spec]:
+        """``hooks`` typed, one Spec per entry (``hooks`` keeps the YAML form that config.yaml writes)."""
+        return [Spec.parse(e, f"hooks[{i}]", bare_name=False) for i, e in enumerate(self.hooks)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -56,7 +56,7 @@ import torch
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.deprecation import take_renamed
 from pfedpg.errors import ConfigError
-from pfedpg.registry import Registry, construct
+from pfedpg.registry import Registry, Spec, construct
 
 if TYPE_CHECKING:
     from pfedpg.jobs import ClientData, LocalJob, LocalResult
@@ -310,16 +310,20 @@ class HookChain:
                 h.load_state_dict(state[h.name])
 
 
-def build_hooks(specs: list[dict[str, Any]]) -> HookChain:
-    """``[{name: noop}, {name: dp_client, clip: 1.0}]`` -> HookChain, with one-line errors."""
+def hook_specs(entries: list[Any] | None) -> list[Spec]:
+    """``hooks:`` entries (``{name: ..., **options}`` mappings, or Specs) -> typed Specs, with one-line
+    errors naming the entry."""
+    return [Spec.parse(e, f"hooks[{i}]", bare_name=False) for i, e in enumerate(entries or [])]
+
+
+def build_hooks(specs: list[Spec | dict[str, Any]]) -> HookChain:
+    """``[{name: noop}, {name: dp_client, clip: 1.0}]`` (or their Specs) -> HookChain, with one-line
+    errors; a renamed option is moved to its new name with a warning (the hook's ``RENAMED``)."""
     hooks = []
-    for i, spec in enumerate(specs or []):
-        if not isinstance(spec, dict) or "name" not in spec:
-            raise ConfigError(f"hooks[{i}] must be a mapping with a `name` key, got {spec!r}")
-        cls = HOOKS.get(spec["name"])
-        options = take_renamed({k: v for k, v in spec.items() if k != "name"}, getattr(cls, "RENAMED", {}),
-                               f"{spec['name']}.")
-        hooks.append(construct(cls, options, where=f"hooks[{i}] ({spec['name']})"))
+    for i, spec in enumerate(hook_specs(specs)):
+        cls = HOOKS.get(spec.name)
+        options = take_renamed(dict(spec.options), getattr(cls, "RENAMED", {}), f"{spec.name}.")
+        hooks.append(construct(cls, options, where=f"hooks[{i}] ({spec.name})"))
     return HookChain(hooks)
 
 

@@ -88,6 +88,38 @@ class PrivacyMechanism(Protocol):
     def privacy_result(self, ctx: Any) -> PrivacyResult: ...
 
 
+@dataclass(frozen=True)
+class DPEnvelope:
+    """What a run's DP guarantee says about a probe's question (DESIGN §6): the mechanism (``hook``),
+    its unit, and (ε, δ) over the clients asked about — under add/remove client adjacency the group
+    privacy of a replacement, (2ε, (1 + e^ε)δ), which ``note`` says."""
+
+    hook: str
+    unit: str
+    epsilon: float
+    delta: float
+    note: str | None = None
+
+    @classmethod
+    def of(cls, mech: PrivacyMechanism, clients: Iterable[int]) -> DPEnvelope:
+        eps, delta, note = max(mech.epsilon(n) for n in clients), float(mech.delta), None
+        if mech.unit == "client" and mech.adjacency == "add_remove":
+            # A change inside a client's data is a replacement = two add/remove steps.
+            eps, delta = 2 * eps, (1 + math.exp(min(eps, 700.0))) * delta
+            note = "add/remove client adjacency: group privacy over 2 steps (2ε, (1+e^ε)δ)"
+        return cls(mech.name, mech.unit, eps, delta, note)
+
+    def covers(self, probe_side: str, probe_unit: str) -> bool:
+        """Whether it covers a probe's question: client-level DP what the server holds, record-level
+        DP record questions; a placement question neither."""
+        if not math.isfinite(self.epsilon) or probe_unit == "placement":
+            return False
+        return probe_side == "server" if self.unit == "client" else probe_unit == "record"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def mechanism_of(hooks: Iterable[Any]) -> PrivacyMechanism | None:
     """The run's DP mechanism (the hook that declares ``privacy_mechanism``), or None."""
     for h in hooks:

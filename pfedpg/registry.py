@@ -8,12 +8,37 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
 from pfedpg.errors import ConfigError
 
 T = TypeVar("T")
 _MISSING = object()
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A registered thing as a config names it — ``name`` or ``{name: ..., **options}`` in YAML —
+    typed: the hooks' entries, the leakage probes, the server's generator. ``to_config`` gives the
+    YAML form back."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: Any, where: str, *, bare_name: bool = True) -> Spec:
+        if isinstance(value, Spec):
+            return value
+        if bare_name and isinstance(value, str):
+            return cls(value)
+        if not (isinstance(value, Mapping) and isinstance(value.get("name"), str)):
+            raise ConfigError(f"{where} must be {'a name or ' if bare_name else ''}a mapping with a `name` key, "
+                              f"got {value!r}")
+        return cls(value["name"], {k: v for k, v in value.items() if k != "name"})
+
+    def to_config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
 
 
 class Registry(Generic[T]):
@@ -70,6 +95,14 @@ class Registry(Generic[T]):
         """``get(name)(**given, **options)``, the options checked against its signature first."""
         return construct(self.get(name), dict(options), where=where, **given)
 
+    def check(self, spec: Spec, *, where: str, given: tuple[str, ...] = ()) -> None:
+        """The one-line errors ``build`` would raise for an unknown name or option, without building."""
+        check_options(self.get(spec.name), spec.options, where=where, given=given)
+
+    def build(self, spec: Spec, *, where: str, **given: Any) -> Any:
+        """The registered class ``spec`` names, built with its options (and ``given``)."""
+        return self.construct(spec.name, spec.options, where=where, **given)
+
 
 def option_names(cls: type) -> tuple[list[str], bool]:
     """The keyword options ``cls(...)`` takes — its own and, where an ``__init__`` passes ``**kwargs``
@@ -87,14 +120,20 @@ def option_names(cls: type) -> tuple[list[str], bool]:
     return valid, True
 
 
-def construct(cls: type, options: dict[str, Any], *, where: str, **given: Any) -> Any:
-    """``cls(**given, **options)`` with one-line errors naming ``where`` and the options ``cls`` takes;
-    ``given`` are what the caller supplies itself (not config options)."""
+def check_options(cls: type, options: Mapping[str, Any], *, where: str, given=()) -> list[str]:
+    """A one-line error naming ``where`` and the options ``cls`` takes if ``options`` holds another;
+    returns those options (``given``: what the caller supplies itself, not config options)."""
     valid, takes_any = option_names(cls)
     choices = [p for p in valid if p not in given]
     unknown = [k for k in options if k not in choices]
     if unknown and not takes_any:
         raise ConfigError(f"{where}: unknown option {unknown[0]!r}; its options are {', '.join(choices) or '(none)'}")
+    return choices
+
+
+def construct(cls: type, options: dict[str, Any], *, where: str, **given: Any) -> Any:
+    """``cls(**given, **options)`` with one-line errors naming ``where`` and the options ``cls`` takes."""
+    choices = check_options(cls, options, where=where, given=given)
     try:
         return cls(**given, **options)
     except TypeError as e:

@@ -24,7 +24,7 @@ from torch import nn
 
 from pfedpg.errors import ConfigError
 from pfedpg.generators import GENERATORS
-from pfedpg.registry import Registry
+from pfedpg.registry import Registry, Spec
 from pfedpg.seeding import Seeds
 
 SERVERS: Registry[type["Server"]] = Registry("method")
@@ -55,14 +55,12 @@ class ServerConfig:
                                                              "mlp_hidden": ("mlp", "hidden")}
 
     @property
-    def generator_name(self) -> str:
-        return self.generator if isinstance(self.generator, str) else self.generator.get("name")
-
-    def generator_options(self) -> dict[str, Any]:
-        """The generator's options: those of the ``generator`` mapping, and the server keys that name
-        one of its options (``residual``, ``mlp_hidden``) when set away from their defaults."""
-        name = self.generator_name
-        options = {} if isinstance(self.generator, str) else {k: v for k, v in self.generator.items() if k != "name"}
+    def generator_spec(self) -> Spec:
+        """``generator`` typed: its name and its options — those of the ``generator`` mapping, and the
+        server keys that name one of its options (``residual``, ``mlp_hidden``) when set away from
+        their defaults."""
+        spec = Spec.parse(self.generator, "server.generator")
+        name, options = spec.name, dict(spec.options)
         for key, (owner, option) in self.GENERATOR_KEYS.items():
             value = getattr(self, key)
             if value == getattr(ServerConfig, key):
@@ -72,15 +70,11 @@ class ServerConfig:
             if option in options:
                 raise ConfigError(f"server.{key} and server.generator.{option} both set; keep one")
             options[option] = value
-        return options
+        return Spec(name, options)
 
     def __post_init__(self):
-        if not isinstance(self.generator, str) and "name" not in self.generator:
-            raise ConfigError("server.generator must be a name or a mapping with a `name` key, "
-                              f"got {self.generator!r}")
-        if self.generator_name not in GENERATORS:
-            GENERATORS.get(self.generator_name)  # raises the one-line error with the choices
-        self.generator_options()  # a misplaced option fails here, before the run
+        spec = self.generator_spec  # a misplaced option fails here, before the run
+        GENERATORS.check(spec, where=f"server.generator {spec.name}", given=("num_prompts", "dim"))
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"server.lr={self.lr!r} must be a positive number (paper: 1e-3)")
         if not self.attention_logit_std > 0:
@@ -187,9 +181,8 @@ class PFedPGServer(Server):
                  init_bound: float, seeds: Seeds, train_sizes: list[int], audit_clients: list[int] = ()):
         super().__init__(cfg, num_clients=num_clients, num_prompts=num_prompts, dim=dim,
                          init_bound=init_bound, seeds=seeds, train_sizes=train_sizes, audit_clients=audit_clients)
-        self.generator = GENERATORS.construct(cfg.generator_name, cfg.generator_options(),
-                                              where=f"server.generator {cfg.generator_name}",
-                                              num_prompts=num_prompts, dim=dim)
+        spec = cfg.generator_spec
+        self.generator = GENERATORS.build(spec, where=f"server.generator {spec.name}", num_prompts=num_prompts, dim=dim)
         self.generator.reset_parameters(seeds.torch("init.generator"))
         g = seeds.torch("init.p_base")
         self.p_base = nn.Parameter(torch.empty(num_prompts, dim).uniform_(-init_bound, init_bound, generator=g))

@@ -494,13 +494,14 @@ def test_descriptor_probe_needs_descriptors(tmp_path):
 
 def test_each_probe_is_a_registered_class_with_its_threat_model_and_unit():
     from attacks.probes import PROBE_TYPES, covered
+    from pfedpg.privacy_result import DPEnvelope
 
     assert PROBE_TYPES.in_order() == ["attribute", "linkability", "loss", "confidence", "alignment", "lira", "source",
                                       "canary", "rmia", "descriptor"]  # the order the probes run in
     need = {p for p in PROBE_TYPES.in_order() if PROBE_TYPES.get(p).needs_aux}
     assert need == {"alignment", "lira", "source", "canary", "rmia", "descriptor"}
-    client_dp = {"epsilon": 2.0, "unit": "client"}
-    record_dp = {"epsilon": 2.0, "unit": "record"}
+    client_dp = DPEnvelope("dp_client", "client", 2.0, 1e-5)
+    record_dp = DPEnvelope("dp_sgd", "record", 2.0, 1e-5)
     cov = {p: (covered(client_dp, PROBE_TYPES.get(p).side, PROBE_TYPES.get(p).unit),
                covered(record_dp, PROBE_TYPES.get(p).side, PROBE_TYPES.get(p).unit)) for p in PROBE_TYPES.in_order()}
     assert cov["attribute"] == (True, False) and cov["loss"] == (False, True) and cov["alignment"] == (True, True)

@@ -185,3 +185,36 @@ def test_every_hook_rejects_an_unknown_option_naming_its_own(name):
     with pytest.raises(ConfigError, match="unknown option 'surely_not_an_option'|takes no options"):
         build_hooks([{"name": name, "surely_not_an_option": 1, **REQUIRED.get(name, {})}])
     assert issubclass(HOOKS.get(name), Hook)
+
+
+# --- one typed Spec at every {name: ..., **options} seam -----------------------------------------
+def test_specs_are_typed_at_each_seam():
+    from pfedpg.registry import Spec
+    from pfedpg.server import ServerConfig
+
+    cfg = tiny_config(hooks=[{"name": "dp_client", "clip": 1.0, "noise_multiplier": 1.0}])
+    assert cfg.hook_specs == [Spec("dp_client", {"clip": 1.0, "noise_multiplier": 1.0})]
+    assert cfg.hook_specs[0].to_config() == cfg.hooks[0]  # config.yaml keeps the YAML form
+    with pytest.raises(ConfigError, match=r"hooks\[0\]='dp_client' must be a mapping"):
+        tiny_config(hooks=["dp_client"])
+    with pytest.raises(ConfigError, match=r"hooks\[0\] must be a mapping with a `name` key, got \{'clip': 1.0\}"):
+        tiny_config(hooks=[{"clip": 1.0}])
+    # the generator: a name, a mapping, or the server keys that are its options; misplaced ones fail early
+    assert ServerConfig(generator={"name": "mlp", "hidden": 7}).generator_spec == Spec("mlp", {"hidden": 7})
+    assert ServerConfig(generator="mlp", mlp_hidden=7).generator_spec == Spec("mlp", {"hidden": 7})
+    assert ServerConfig(residual=True).generator_spec == Spec("cross_attention", {"residual": True})
+    with pytest.raises(ConfigError, match="server.residual is an option of the cross_attention generator, not of mlp"):
+        ServerConfig(generator="mlp", residual=True)
+    with pytest.raises(ConfigError, match="server.generator mlp: unknown option 'hiden'; its options are hidden"):
+        ServerConfig(generator={"name": "mlp", "hiden": 7})
+    with pytest.raises(ConfigError, match="keep one"):
+        ServerConfig(generator={"name": "mlp", "hidden": 7}, mlp_hidden=8)
+    with pytest.raises(ConfigError, match="unknown generator 'mpl'"):
+        ServerConfig(generator="mpl")
+
+
+def test_a_generator_with_its_options_runs_from_a_config(tmp_path):
+    cfg = tiny_config(rounds=1, **{"server.generator": {"name": "mlp", "hidden": 5}})
+    trainer = Trainer(cfg, run_dir=tmp_path / "r")
+    summary = trainer.run()
+    assert trainer.server.generator.fc1.out_features == 5 and summary["generator"] == {"name": "mlp", "hidden": 5}

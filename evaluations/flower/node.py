@@ -64,8 +64,8 @@ def node_backbone(cfg: RunConfig, node_config: dict[str, Any], backbone_path: st
     if cfg.evaluate_on != "test":
         raise ConfigError("evaluate_on: val is not available with node-local data (a node has a test split only); "
                           "set evaluate_on: test")
-    sgd = [h for h in cfg.hooks if h.get("name") == "dp_sgd"]
-    if sgd and sgd[0].get("delta") is None:
+    sgd = [s for s in cfg.hook_specs if s.name == "dp_sgd"]
+    if sgd and sgd[0].options.get("delta") is None:
         raise ConfigError("dp_sgd.delta must be set with node-local data: its default 1/(10·min_n |D_n|) needs "
                           "every client's size, which no node knows")
     return backbone_path
