@@ -88,7 +88,7 @@ def rounds(cfg: dict, n: int = 2) -> dict:
         t.loop.run_round(1)
         recs = [t.loop.run_round(r) for r in range(2, n + 2)]
         sync()
-        images = sum(t.loop.roster.clients[c]["train"] for c in t.schedule[1]) * cfg["client"]["local_epochs"]
+        images = sum(t.loop.roster.clients[c].train for c in t.schedule[1]) * cfg["client"]["local_epochs"]
     out = {"round_s": statistics.median(r["time_round_s"] for r in recs),
            "train_s": statistics.median(r["time_train_s"] for r in recs), "images_per_round": images}
     out["images_per_s"] = images / out["train_s"]

@@ -58,23 +58,23 @@ def split(tree: dict, jobs: int) -> list[dict]:
     return parts
 
 
-def reuse(cells: list[dict], out: Path, src: Path) -> list[str]:
+def reuse(cells: list, out: Path, src: Path) -> list[str]:
     from pfedpg.config import config_from_dict
 
     done = []
     norm = lambda d: {k: v for k, v in config_from_dict(d).to_dict().items() if k not in ("run_name", "output_dir")}
     for cell in cells:
-        method = {"nonprivate": "pfedpg", "local": "local"}.get(cell["mechanism"])
+        method = {"nonprivate": "pfedpg", "local": "local"}.get(cell.mechanism)
         if method is None:
             continue
-        run, dest = src / method / f"seed{cell['seed']}", out / "runs" / cell["cell"]
+        run, dest = src / method / f"seed{cell.seed}", out / "runs" / cell.name
         if dest.exists() or not (run / "summary.json").is_file():
             continue
-        if norm(yaml.safe_load((run / "config.yaml").read_text())) != norm(cell["config"]):
-            print(f"reuse: {run} differs from cell {cell['cell']}; the sweep runs it", flush=True)
+        if norm(yaml.safe_load((run / "config.yaml").read_text())) != norm(cell.config):
+            print(f"reuse: {run} differs from cell {cell.name}; the sweep runs it", flush=True)
             continue
         shutil.copytree(run, dest)
-        done.append(cell["cell"])
+        done.append(cell.name)
     return done
 
 
@@ -84,7 +84,7 @@ def write_tables(sweep, base, out: Path) -> int:
 
     rows = []
     for cell in cells(sweep, base):
-        rd = out / "runs" / cell["cell"]
+        rd = out / "runs" / cell.name
         if (rd / "summary.json").is_file():
             rows.append(_row(cell, rd, json.loads((rd / "summary.json").read_text()), None))
         else:

@@ -10,14 +10,13 @@ from typing import Any
 
 import numpy as np
 
-#: what one ε counts, per DP mechanism (client-level and record-level ε are not comparable)
 #: the axis of a privacy unit's ε (PrivacyResult.unit): ε of different units are not comparable
 UNITS = {"client": "client-level ε (one client's whole data set)", "record": "record-level ε (one record)"}
 
 
-def group_key(cell: dict[str, Any]) -> str:
-    name = cell["cell"]
-    return name.rsplit("-s", 1)[0]
+def group_key(cell) -> str:
+    """The cell's group over seeds: its name without the seed (``dp_client-eps8-s1`` -> ``dp_client-eps8``)."""
+    return cell.name.rsplit("-s", 1)[0]
 
 
 def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:

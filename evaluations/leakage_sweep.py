@@ -21,7 +21,7 @@ import numpy as np
 
 from evaluations.leakage_pooling import group_key, plot_tpr_vs_epsilon, pooled_probes
 from evaluations.plugins import load_plugins
-from evaluations.privacy import MECHANISMS, PrivacySweep, PrivacySweepConfig, cells
+from evaluations.privacy import MECHANISMS, PrivacyCell, PrivacySweep, PrivacySweepConfig, cells
 from evaluations.report import html_page, img_tag, run_header, write_grid_markdown
 from evaluations.sweep import load_grid_file, run_grid
 from pfedpg.config import build_dataclass
@@ -114,10 +114,10 @@ def with_audit_hook(base: dict[str, Any], probes: dict[str, Any]) -> dict[str, A
     return b
 
 
-def cell_hooks(cell: dict[str, Any]) -> dict[str, Any]:
+def cell_hooks(cell: PrivacyCell) -> PrivacyCell:
     """The cell with only the one-run audits that apply to its mechanism."""
-    drop = {hook for hook, applies in CANARY_HOOKS.values() if not applies(cell["mechanism"])}
-    cell["config"]["hooks"] = [h for h in cell["config"]["hooks"] if h["name"] not in drop]
+    drop = {hook for hook, applies in CANARY_HOOKS.values() if not applies(cell.mechanism)}
+    cell.config["hooks"] = [h for h in cell.config["hooks"] if h["name"] not in drop]
     return cell
 
 
@@ -316,7 +316,7 @@ class AuditGrid(PrivacySweep):
     def settings_record(self) -> dict[str, Any]:
         return {"base": self.base, "audit": {**self.settings.__dict__, "probes": self.probes}}
 
-    def cells(self) -> list[dict[str, Any]]:
+    def cells(self) -> list[PrivacyCell]:
         return [cell_hooks(c) for c in cells(self.settings, with_audit_hook(self.base, self.probes))]
 
     def row(self, cell, run_dir, summary, error) -> dict[str, Any]:

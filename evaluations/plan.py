@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from evaluations.sweep import Cell
 from pfedpg.config import RunConfig, config_from_dict, load_config, load_yaml_file
 from pfedpg.errors import ConfigError
 
@@ -44,8 +45,8 @@ GRID_KINDS = ("privacy", "audit", "robustness")
 # What runs: a run config, or a grid file's cells
 
 
-def expand(path: str | Path, overrides: list[str] | None) -> tuple[str, list[dict[str, Any]]]:
-    """(kind, [{"cell": name, "config": RunConfig dict}, ...]) for a run config or a grid file."""
+def expand(path: str | Path, overrides: list[str] | None) -> tuple[str, list[Cell]]:
+    """(kind, the cells that would run) for a run config (one cell) or a grid file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found; pass --config with a run config or a privacy, audit or "
@@ -56,7 +57,7 @@ def expand(path: str | Path, overrides: list[str] | None) -> tuple[str, list[dic
                  and set(tree) <= {"base", "base_config", k}), "train")
     if kind == "train":
         cfg = load_config(p, overrides)
-        return kind, [{"cell": cfg.run_name or cfg.method, "config": cfg.to_dict()}]
+        return kind, [Cell(name=cfg.run_name or cfg.method, config=cfg.to_dict())]
     if kind == "privacy":
         from evaluations.privacy import cells, load_sweep
 
@@ -71,7 +72,7 @@ def expand(path: str | Path, overrides: list[str] | None) -> tuple[str, list[dic
     from evaluations.robustness import _clients, cells, load_matrix
 
     matrix, base = load_matrix(p, overrides)
-    return kind, [c for c in cells(matrix, base, *_clients(base)) if "infeasible" not in c]
+    return kind, [c for c in cells(matrix, base, *_clients(base)) if c.infeasible is None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
          log: Callable[[str], None] = print) -> dict[str, Any]:
     """The plan of a config file, as a dict (:func:`render` writes it for a reader)."""
     kind, grid = expand(path, overrides)
-    configs = [config_from_dict(c["config"]) for c in grid]
+    configs = [config_from_dict(c.config) for c in grid]
     if not configs:
         raise ConfigError(f"{path}: the grid has no runnable cell")
     # Time the recipe with the most expensive local training: a DP-SGD cell if there is one.
@@ -292,7 +293,7 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
         w = count(cfg, facts, prompt_numbers=m["prompt_numbers"])
         seconds = (w.train_steps * m["train_step_s"] + w.dp_steps * m.get("dp_step_s", m["train_step_s"])
                    + w.eval_records * m["eval_record_s"])
-        runs.append({"cell": cell["cell"], "method": cfg.method, "seed": cfg.seed, "rounds": cfg.rounds,
+        runs.append({"cell": cell.name, "method": cfg.method, "seed": cfg.seed, "rounds": cfg.rounds,
                      "clients": len(facts["train"]), "new_clients": len(facts["new_train"]),
                      **dataclasses.asdict(w), "seconds": seconds})
     facts = _facts(configs[0], cache)

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from evaluations.leakage_pooling import UNITS, group_key, plot_tpr_vs_epsilon, pooled_probes
-from evaluations.report import html_page, img_tag, run_header, write_grid_markdown
-from evaluations.sweep import CellResult, Grid, divergence, load_grid_file, run_grid
+from evaluations.report import html_page, img_tag, markdown_table, readable, run_header, write_grid_markdown
+from evaluations.sweep import Cell, CellResult, Grid, divergence, load_grid_file, run_grid
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
 
@@ -83,8 +83,18 @@ def load_sweep(path: str | Path | None,
     return build_dataclass(PrivacySweepConfig, section, "privacy"), cfg.to_dict()
 
 
-def cells(sweep: PrivacySweepConfig, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every run of the grid: {cell, mechanism, level fields, seed, config dict}."""
+@dataclass(kw_only=True)
+class PrivacyCell(Cell):
+    """A run of the privacy sweep: its mechanism (or baseline), seed and privacy level."""
+
+    mechanism: str
+    seed: int
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+
+
+def cells(sweep: PrivacySweepConfig, base: dict[str, Any]) -> list[PrivacyCell]:
+    """Every run of the grid."""
     out = []
     by_eps = sweep.target_epsilons is not None
     levels = sweep.target_epsilons if by_eps else sweep.noise_multipliers
@@ -97,27 +107,27 @@ def cells(sweep: PrivacySweepConfig, base: dict[str, Any]) -> list[dict[str, Any
             return c
 
         if "nonprivate" in sweep.baselines:
-            out.append({"cell": f"nonprivate-s{seed}", "mechanism": "nonprivate", "seed": seed, "config": cfg_with()})
+            out.append(PrivacyCell(name=f"nonprivate-s{seed}", mechanism="nonprivate", seed=seed, config=cfg_with()))
         if "local" in sweep.baselines:
-            out.append({"cell": f"local-s{seed}", "mechanism": "local", "seed": seed,
-                        "config": cfg_with(method="local")})
+            out.append(PrivacyCell(name=f"local-s{seed}", mechanism="local", seed=seed,
+                                   config=cfg_with(method="local")))
         if "clip_only" in sweep.baselines:
             opts = {"name": "dp_client", **sweep.mechanisms["dp_client"], "noise_multiplier": 0.0}
-            out.append({"cell": f"clip_only-s{seed}", "mechanism": "clip_only", "seed": seed, "noise_multiplier": 0.0,
-                        "config": cfg_with([opts])})
+            out.append(PrivacyCell(name=f"clip_only-s{seed}", mechanism="clip_only", seed=seed, noise_multiplier=0.0,
+                                   config=cfg_with([opts])))
         for mech, opts in sweep.mechanisms.items():
             for level in levels:
                 key = "target_epsilon" if by_eps else "noise_multiplier"
                 hook = {"name": mech, **opts, key: float(level)}
-                out.append({"cell": f"{mech}-{'eps' if by_eps else 'z'}{level:g}-s{seed}", "mechanism": mech,
-                            "seed": seed, key: float(level), "config": cfg_with([hook])})
+                out.append(PrivacyCell(name=f"{mech}-{'eps' if by_eps else 'z'}{level:g}-s{seed}", mechanism=mech,
+                                       seed=seed, **{key: float(level)}, config=cfg_with([hook])))
     return out
 
 
-def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+def _row(cell: PrivacyCell, run_dir: Path, summary: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
     row = {k: None for k in COLUMNS}
-    row.update(cell=cell["cell"], mechanism=cell["mechanism"], seed=cell["seed"], run_dir=str(run_dir),
-               target_epsilon=cell.get("target_epsilon"), noise_multiplier=cell.get("noise_multiplier"))
+    row.update(cell=cell.name, mechanism=cell.mechanism, seed=cell.seed, run_dir=str(run_dir),
+               target_epsilon=cell.target_epsilon, noise_multiplier=cell.noise_multiplier)
     div = divergence(run_dir, summary, error)
     if div is not None:  # training diverged under this mechanism: a result, measured in that round
         accs = div["accuracy"]
@@ -136,7 +146,7 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
     if final:  # data.new_clients: what this mechanism's server (or none, for local) gives a newcomer
         row.update(new_clients_accuracy_mean=final["mean"], new_clients_accuracy_worst=final["worst"])
     results = summary.get("hook_results") or {}
-    hook = results.get("dp_client" if cell["mechanism"] == "clip_only" else cell["mechanism"])
+    hook = results.get("dp_client" if cell.mechanism == "clip_only" else cell.mechanism)
     for probe, head in ((results.get("leakage_audit") or {}).get("probes") or {}).items():
         if "auc" in head:
             row[f"{probe}_auc"] = head["auc"]
@@ -153,7 +163,7 @@ def _row(cell: dict[str, Any], run_dir: Path, summary: dict[str, Any] | None, er
                    _statement={k: hook[k] for k in STATEMENT_KEYS})
         if hook.get("new_clients"):  # (the hook's epsilon_max is already over every client, these included)
             row["new_clients_epsilon_max"] = hook["new_clients"]["epsilon_max"]
-    elif cell["mechanism"] == "nonprivate":
+    elif cell.mechanism == "nonprivate":
         row.update(epsilon_max=math.inf, epsilon_mean=math.inf)
     return row
 
@@ -166,7 +176,7 @@ class PrivacySweep(Grid):
     def settings_record(self) -> dict[str, Any]:
         return {"base": self.base, "privacy": self.settings.__dict__}
 
-    def cells(self) -> list[dict[str, Any]]:
+    def cells(self) -> list[PrivacyCell]:
         return cells(self.settings, self.base)
 
     def row(self, cell, run_dir, summary, error) -> dict[str, Any]:
@@ -277,12 +287,6 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def markdown_table(header, body) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
-
-
 def plot(path: Path, agg: list[dict[str, Any]]) -> None:
     """Accuracy against ε, one panel per privacy unit (client-level and record-level ε are not
     comparable), with the baselines as horizontal lines in every panel."""
@@ -339,15 +343,6 @@ def privacy_statements(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _readable(v) -> str:
-    """Numbers for reading: 4.55e-04, not 0.00045454545454545455."""
-    if isinstance(v, float):
-        return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.4g}"
-    if isinstance(v, list):
-        return ", ".join(_readable(x) for x in v)
-    return str(v)
-
-
 def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConfig) -> None:
     write_csv(out / "tradeoff.csv", rows)
     agg = aggregate(rows)
@@ -376,7 +371,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     md += ["## Privacy statements", ""]
     for mech, st in statements.items():
         md += ([f"### {MECHANISMS[mech]} (`{mech}`)", ""]
-               + [f"- **{k.replace('_', ' ')}**: {_readable(v)}" for k, v in st.items()] + [""])
+               + [f"- **{k.replace('_', ' ')}**: {readable(v)}" for k, v in st.items()] + [""])
     if "dp_client" in statements:
         md += ["Client-level DP protects what leaves the client (ΔP_n and all server state derived from it), "
                "not the client's own adapted prompt or head: probes on those get no ε under `dp_client`.", ""]
@@ -388,7 +383,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     parts += [img_tag(out / "accuracy_vs_epsilon.png", "accuracy vs epsilon"), "<h2>Privacy statements</h2>"]
     for mech, st in statements.items():
         parts.append(f"<h3>{esc(MECHANISMS[mech])}</h3><ul>"
-                     + "".join(f"<li><b>{esc(k.replace('_', ' '))}</b>: {esc(_readable(v))}</li>"
+                     + "".join(f"<li><b>{esc(k.replace('_', ' '))}</b>: {esc(readable(v))}</li>"
                                for k, v in st.items()) + "</ul>")
     parts.append("<h2>Runs</h2><table><tr><th>cell</th><th>status</th><th>run directory</th></tr>"
                  + "".join(f"<tr><td>{esc(r['cell'])}</td>"

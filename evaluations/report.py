@@ -211,3 +211,18 @@ def _communication_time_hooks(s: dict, png: Path) -> list[str]:
     lines += ["", "Files: `config.yaml` (resolved), `seeds.json`, `env.json`, `metrics.jsonl`, `summary.json`, "
               "`log.txt`, `checkpoints/`.", ""]
     return lines
+
+
+def markdown_table(header, body) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def readable(v) -> str:
+    """Numbers for reading: 4.55e-04, not 0.00045454545454545455."""
+    if isinstance(v, float):
+        return f"{v:.2e}" if v != 0 and abs(v) < 1e-2 else f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(readable(x) for x in v)
+    return str(v)

@@ -25,7 +25,7 @@ import numpy as np
 from defenses.robust import AGGREGATION_RULES, min_clients
 from evaluations.plugins import load_plugins
 from evaluations.report import html_page, img_tag, run_header
-from evaluations.sweep import CellResult, Grid, divergence, load_grid_file, run_grid
+from evaluations.sweep import Cell, CellResult, Grid, divergence, load_grid_file, run_grid
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
 
@@ -77,7 +77,20 @@ def _clients(base: dict[str, Any]) -> tuple[int, int]:
     return n, cfg.clients_per_round or n
 
 
-def cells(matrix: RobustnessConfig, base: dict[str, Any], n: int, m: int) -> list[dict[str, Any]]:
+@dataclass(kw_only=True)
+class MatrixCell(Cell):
+    """A run of the matrix: its attack (``none`` without malicious clients) and the space it crafts in,
+    its defense (``sum``: the plain update), the malicious fraction and count, and the seed."""
+
+    attack: str
+    space: str | None
+    defense: str
+    malicious_fraction: float
+    num_malicious: int
+    seed: int
+
+
+def cells(matrix: RobustnessConfig, base: dict[str, Any], n: int, m: int) -> list[MatrixCell]:
     out = []
     for seed in matrix.seeds:
         for frac in matrix.malicious_fractions:
@@ -92,27 +105,26 @@ def cells(matrix: RobustnessConfig, base: dict[str, Any], n: int, m: int) -> lis
                         hooks.append({"name": "robust_aggregation", "rule": defense, "f": k, **dopts})
                     c = copy.deepcopy(base)
                     c.update(seed=seed, hooks=hooks, run_name=None)
-                    cell = {"cell": f"{attack}-{defense}-frac{frac:g}-s{seed}", "attack": attack,
-                            "space": opts.get("space", "delta") if k > 0 else None, "defense": defense,
-                            "malicious_fraction": float(frac), "num_malicious": k, "seed": seed, "config": c}
-                    if defense != "sum" and m < min_clients(defense, k):
-                        cell["infeasible"] = (f"{defense} with f={k} needs m >= {min_clients(defense, k)}, "
-                                              f"the run has m={m}")
-                    out.append(cell)
+                    why = (f"{defense} with f={k} needs m >= {min_clients(defense, k)}, the run has m={m}"
+                           if defense != "sum" and m < min_clients(defense, k) else None)
+                    out.append(MatrixCell(name=f"{attack}-{defense}-frac{frac:g}-s{seed}", attack=attack,
+                                          space=opts.get("space", "delta") if k > 0 else None, defense=defense,
+                                          malicious_fraction=float(frac), num_malicious=k, seed=seed, config=c,
+                                          infeasible=why))
     return out
 
 
-def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
+def _row(cell: MatrixCell, run_dir: Path | None, summary, error) -> dict[str, Any]:
     row = {k: None for k in COLUMNS}
-    row.update({k: cell[k]
-                for k in ("cell", "attack", "space", "defense", "malicious_fraction", "num_malicious", "seed")})
+    row.update(cell=cell.name, attack=cell.attack, space=cell.space, defense=cell.defense,
+               malicious_fraction=cell.malicious_fraction, num_malicious=cell.num_malicious, seed=cell.seed)
     row["run_dir"] = str(run_dir) if run_dir else None
-    if "infeasible" in cell:
-        row.update(status="infeasible", error=cell["infeasible"])
+    if cell.infeasible is not None:
+        row.update(status="infeasible", error=cell.infeasible)
         return row
     div = divergence(run_dir, summary, error)
     if div is not None:  # the attack made training diverge: it succeeded (DESIGN §7)
-        malicious = set((div.get("hook_state", {}).get(cell["attack"]) or {}).get("malicious", []))
+        malicious = set((div.get("hook_state", {}).get(cell.attack) or {}).get("malicious", []))
         row.update(status="diverged", diverged_round=div["round"], error=div["error"])
         benign = [a for c, a in enumerate(div["accuracy"]) if c not in malicious]
         if benign:
@@ -122,15 +134,15 @@ def _row(cell, run_dir: Path | None, summary, error) -> dict[str, Any]:
         row.update(status="failed", error=error)
         return row
     results = summary.get("hook_results") or {}
-    malicious = set(results.get(cell["attack"], {}).get("malicious", []))
+    malicious = set(results.get(cell.attack, {}).get("malicious", []))
     per_client = summary["accuracy"]["per_client"]
     benign = [a for c, a in enumerate(per_client) if c not in malicious]
     row.update(status="ok", benign_accuracy_mean=float(np.mean(benign)), benign_accuracy_worst=float(np.min(benign)))
     final = (summary.get("new_clients") or {}).get("final")
     if final:  # data.new_clients: what the (possibly poisoned) server gives a client that joins afterwards
         row.update(new_clients_accuracy_mean=final["mean"], new_clients_accuracy_worst=final["worst"])
-    if "asr" in results.get(cell["attack"], {}):
-        row["asr"] = results[cell["attack"]]["asr"]
+    if "asr" in results.get(cell.attack, {}):
+        row["asr"] = results[cell.attack]["asr"]
     excluded = results.get("robust_aggregation", {}).get("excluded_per_round", {})
     flat = [c for per in excluded.values() for c in per]
     row.update(excluded_true=sum(c in malicious for c in flat), excluded_false=sum(c not in malicious for c in flat))
@@ -152,7 +164,7 @@ class RobustnessMatrix(Grid):
     def settings_record(self) -> dict[str, Any]:
         return {"base": self.base, "robustness": self.settings.__dict__}
 
-    def cells(self) -> list[dict[str, Any]]:
+    def cells(self) -> list[MatrixCell]:
         return cells(self.settings, self.base, self.n, self.m)
 
     def row(self, cell, run_dir, summary, error) -> dict[str, Any]:

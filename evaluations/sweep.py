@@ -78,9 +78,21 @@ def _same_config(saved: Path, cfg) -> bool:
     return a == b
 
 
+@dataclass(kw_only=True)
+class Cell:
+    """One cell of a grid: its unique ``name`` (its run directory's), its run ``config`` in the YAML
+    form that the run directory's config.yaml holds, and — for a cell that cannot run at its setting —
+    why (``infeasible``: the cell is a row without a run). Each grid adds the typed fields that say
+    what the cell varies (``PrivacyCell``, ``MatrixCell``)."""
+
+    name: str
+    config: dict[str, Any]
+    infeasible: str | None = None
+
+
 @dataclass
 class CellResult:
-    cell: dict[str, Any]
+    cell: Cell
     run_dir: Path
     summary: dict[str, Any] | None
     error: str | None
@@ -185,9 +197,9 @@ def _where(summary: dict[str, Any] | None) -> str:
     return f" (on {dev.get('device')}{gpu})"
 
 
-def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], None] = print,
+def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print,
               progress: bool = False, jobs: int = 1, gpus: int | None = None) -> list[CellResult]:
-    """``grid``: dicts with at least ``cell`` (a unique name) and ``config`` (a run-config dict).
+    """``grid``: the cells to run (each a unique ``name`` and a run ``config``).
 
     ``jobs`` > 1 runs that many cells at once in worker processes; a cell whose config leaves
     ``threads`` null then gets cores ÷ jobs torch threads. Results depend on the thread count, so set
@@ -203,27 +215,27 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
     slots: list[CellResult | None] = [None] * len(grid)
 
     def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None) -> None:
-        slots[i] = _finish_cell(grid[i], out / "runs" / grid[i]["cell"], f"[{i + 1}/{len(grid)}] {grid[i]['cell']}",
+        slots[i] = _finish_cell(grid[i], out / "runs" / grid[i].name, f"[{i + 1}/{len(grid)}] {grid[i].name}",
                                 summary, error, trace, log)
 
     configs: list[RunConfig | None] = []  # typed once per cell, and passed on typed (to the workers too)
     todo = []
     for i, cell in enumerate(grid):
         try:
-            configs.append(config_from_dict(cell["config"]))
+            configs.append(config_from_dict(cell.config))
         except ConfigError as e:  # a cell with a bad config is a failed row, as before; the grid goes on
             configs.append(None)
             finish(i, None, f"ConfigError: {e}", traceback.format_exc())
             continue
-        tag = f"[{i + 1}/{len(grid)}] {cell['cell']}"
-        slots[i] = _earlier_result(cell, configs[i], out / "runs" / cell["cell"], tag, log)
+        tag = f"[{i + 1}/{len(grid)}] {cell.name}"
+        slots[i] = _earlier_result(cell, configs[i], out / "runs" / cell.name, tag, log)
         if slots[i] is None:
             todo.append(i)
 
     if jobs == 1 or len(todo) <= 1:
         for i in todo:
             try:
-                finish(i, _run_cell(configs[i], str(out / "runs" / grid[i]["cell"]), None, progress), None, None)
+                finish(i, _run_cell(configs[i], str(out / "runs" / grid[i].name), None, progress), None, None)
             except Exception as e:
                 finish(i, None, f"{type(e).__name__}: {e}", traceback.format_exc())
     else:
@@ -231,7 +243,7 @@ def run_cells(grid: list[dict[str, Any]], out: Path, *, log: Callable[[str], Non
     return [r for r in slots if r is not None]
 
 
-def _earlier_result(cell: dict[str, Any], cfg: RunConfig, run_dir: Path, tag: str,
+def _earlier_result(cell: Cell, cfg: RunConfig, run_dir: Path, tag: str,
                     log: Callable[[str], None]) -> CellResult | None:
     """What a cell's folder already holds: a finished run or a divergence (reused), a run of another
     config (an error row); None when the cell must run (a failed run's folder is cleared first)."""
@@ -254,7 +266,7 @@ def _earlier_result(cell: dict[str, Any], cfg: RunConfig, run_dir: Path, tag: st
     return None
 
 
-def _finish_cell(cell: dict[str, Any], run_dir: Path, tag: str, summary: dict[str, Any] | None, error: str | None,
+def _finish_cell(cell: Cell, run_dir: Path, tag: str, summary: dict[str, Any] | None, error: str | None,
                  trace: str | None, log: Callable[[str], None]) -> CellResult:
     if error is None:
         acc = (f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy")
@@ -269,7 +281,7 @@ def _finish_cell(cell: dict[str, Any], run_dir: Path, tag: str, summary: dict[st
     return CellResult(cell, run_dir, summary, error)
 
 
-def _run_in_workers(grid: list[dict[str, Any]], configs: list[RunConfig], todo: list[int], out: Path, *, jobs: int,
+def _run_in_workers(grid: list[Cell], configs: list[RunConfig], todo: list[int], out: Path, *, jobs: int,
                     gpus: int | None, log: Callable[[str], None], finish: Callable) -> None:
     """The cells ``todo`` in ``jobs`` spawned worker processes (spread over the GPUs where there are)."""
     import multiprocessing
@@ -295,7 +307,7 @@ def _run_in_workers(grid: list[dict[str, Any]], configs: list[RunConfig], todo: 
         log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp, **pin) as pool:
         _pretrain_first([configs[i] for i in todo], pool, threads, log)
-        futures = {i: pool.submit(_run_cell, configs[i], str(out / "runs" / grid[i]["cell"]), threads)
+        futures = {i: pool.submit(_run_cell, configs[i], str(out / "runs" / grid[i].name), threads)
                    for i in todo}
         for i, f in futures.items():
             try:
@@ -305,10 +317,10 @@ def _run_in_workers(grid: list[dict[str, Any]], configs: list[RunConfig], todo: 
 
 
 class Grid:
-    """One sweep over ordinary runs. A grid says what its cells are (``cells``: dicts with a unique
-    ``cell`` name, a run ``config`` and the grid's own fields; ``infeasible``: a reason, and the cell
-    is a row without a run), what one cell reads as a table row (``row``), how rows combine over seeds
-    (``aggregate``) and what it writes (``write_outputs``). :func:`run_grid` does the rest — the
+    """One sweep over ordinary runs. A grid says what its cells are (``cells``: :class:`Cell` s of
+    its own type, each a unique name, a run config and the grid's typed fields; ``infeasible``: a
+    reason, and the cell is a row without a run), what one cell reads as a table row (``row``), how
+    rows combine over seeds (``aggregate``) and what it writes (``write_outputs``). :func:`run_grid` does the rest — the
     settings file, resumable cells, ``--jobs`` — the same for every grid."""
 
     #: the file in the output folder that records the grid's settings and base config
@@ -322,10 +334,10 @@ class Grid:
     def settings_record(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def cells(self) -> list[dict[str, Any]]:
+    def cells(self) -> list[Cell]:
         raise NotImplementedError
 
-    def row(self, cell: dict[str, Any], run_dir: Path | None, summary: dict[str, Any] | None,
+    def row(self, cell: Cell, run_dir: Path | None, summary: dict[str, Any] | None,
             error: str | None) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -344,11 +356,11 @@ def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[st
     out.mkdir(parents=True, exist_ok=True)
     (out / grid.settings_file).write_text(yaml.safe_dump(grid.settings_record(), sort_keys=False))
     cells = grid.cells()
-    done = {r.cell["cell"]: r for r in run_cells([c for c in cells if "infeasible" not in c], out, log=log,
+    done = {r.cell.name: r for r in run_cells([c for c in cells if c.infeasible is None], out, log=log,
                                                   progress=progress and grid.shows_progress, jobs=jobs)}
     rows = []
     for c in cells:
-        r = done.get(c["cell"])
+        r = done.get(c.name)
         rows.append(grid.row(c, r.run_dir if r else None, r.summary if r else None, r.error if r else None))
-    grid.write_outputs(out, rows, [done[c["cell"]] for c in cells if c["cell"] in done])
+    grid.write_outputs(out, rows, [done[c.name] for c in cells if c.name in done])
     return out

@@ -23,8 +23,8 @@ def falsifiable_cell(tmp_path, mechanism: str) -> dict:
 
     load_plugins()
     grid, probes, base = load_audit(SHIPPED, TINY)
-    cell = next(c for c in AuditGrid(grid, base, probes).cells() if c["mechanism"] == mechanism)
-    summary = Trainer(config_from_dict(cell["config"]), run_dir=tmp_path / mechanism).run()
+    cell = next(c for c in AuditGrid(grid, base, probes).cells() if c.mechanism == mechanism)
+    summary = Trainer(config_from_dict(cell.config), run_dir=tmp_path / mechanism).run()
     return summary["hook_results"]["client_canary_audit" if mechanism == "dp_client" else "gradient_canary_audit"]
 
 

@@ -4,7 +4,7 @@ Flower's strategy tests are."""
 import torch
 from conftest import tiny_config
 
-from pfedpg.run import ClientUpdate, ClientViews, Roster, Trainer
+from pfedpg.run import ClientFacts, ClientUpdate, ClientViews, Roster, Trainer
 
 
 class ScriptedClients:
@@ -14,8 +14,8 @@ class ScriptedClients:
         self.trained: list[tuple[int, list[int], set[int]]] = []
 
     def facts(self) -> Roster:
-        return Roster(clients=[{"client": n, "train": 10 + n, "test": 5, "val": 0, "evaluated": 5, "domain": None,
-                                "label_counts": None} for n in range(3)], num_classes=10)
+        return Roster(clients=[ClientFacts(client=n, train=10 + n, test=5, val=0, evaluated=5) for n in range(3)],
+                      num_classes=10)
 
     def views(self) -> ClientViews:
         return ClientViews()

@@ -305,8 +305,8 @@ def test_dead_client_continue_keeps_every_round(tmp_path):
     # their domains and label counts do not.
     ref = Trainer(tiny_config(rounds=3, threads=1), run_dir=tmp_path / "ref")
     assert trainer.ctx.train_data == [] and trainer.ctx.eval_data == [] and trainer.ctx.client_states is None
-    assert [f["train"] for f in trainer.loop.roster.clients] == [f["train"] for f in ref.loop.roster.clients]
-    assert all(f["label_counts"] is None and f["domain"] is None for f in trainer.loop.roster.clients)
+    assert [f.train for f in trainer.loop.roster.clients] == [f.train for f in ref.loop.roster.clients]
+    assert all(f.label_counts is None and f.domain is None for f in trainer.loop.roster.clients)
     summary = trainer.run()
     rounds = [json.loads(ln) for ln in (tmp_path / "continue" / "metrics.jsonl").read_text().splitlines()]
     rounds = {r["round"]: r for r in rounds if r["type"] == "round"}
@@ -467,7 +467,7 @@ def test_a_process_serving_every_client_holds_one_clients_records(tmp_path, shar
     assert sizes[last] == ref["data"]["train_per_client"][last] and tests[last] > 0
     assert sum(sizes) == sizes[last] and sum(tests) == tests[last] and not hasattr(records, "dataset")
     # Every client's split sizes are known (the config fixes the partition); the records are not.
-    assert [f["train"] for f in records.roster.clients] == ref["data"]["train_per_client"]
+    assert [f.train for f in records.roster.clients] == ref["data"]["train_per_client"]
     if shards:  # a shard that is not there is a one-line error, not a silent re-partition
         (tmp_path / "shards" / f"client_{(last + 1) % 3}.npz").unlink()
         with pytest.raises(DataError, match=f"client {(last + 1) % 3}'s simulation shard .* is missing"):

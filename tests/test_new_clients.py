@@ -74,8 +74,8 @@ def test_new_clients_join_after_training_and_never_train_before(tmp_path, method
     cfg = tiny_config(method=method, rounds=3, **{"data.new_clients": [1], "data.new_client_rounds": 2,
                                                   "data.num_domains": 4})
     tr = Trainer(cfg, run_dir=tmp_path / "r")
-    assert tr.num_clients == 3 and [f["partition_id"] for f in tr.loop.roster.clients] == [0, 2, 3]
-    assert [f["partition_id"] for f in tr.loop.roster.new] == [1] and tr.ctx.new_clients == [3]
+    assert tr.num_clients == 3 and [f.partition_id for f in tr.loop.roster.clients] == [0, 2, 3]
+    assert [f.partition_id for f in tr.loop.roster.new] == [1] and tr.ctx.new_clients == [3]
     summary = tr.run()
     # Never in a training round: not scheduled, no client row, no server-side record.
     assert all(3 not in p for p in tr.schedule)
@@ -141,12 +141,12 @@ def test_new_clients_are_deterministic_and_resume_to_the_same_numbers(tmp_path):
 
 
 def test_a_count_of_new_clients_is_drawn_with_the_seed():
-    ids = {s: [f["partition_id"]
+    ids = {s: [f.partition_id
                for f in Trainer(tiny_config(seed=s, **{"data.new_clients": 1}), run_dir="/nonexistent").loop.roster.new]
            for s in range(6)}
     assert all(len(v) == 1 for v in ids.values()) and len({v[0] for v in ids.values()}) > 1
     again = Trainer(tiny_config(seed=0, **{"data.new_clients": 1}), run_dir="/nonexistent").loop.roster.new
-    assert [f["partition_id"] for f in again] == ids[0]
+    assert [f.partition_id for f in again] == ids[0]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -211,11 +211,11 @@ def test_dp_sgd_accounts_every_local_training_of_a_newcomer(tmp_path):
     dp = tr.hooks.hooks[0]
     assert res["local_trainings"] == 3
     assert len(dp.accountants._acc[n].history) == 1 and \
-        dp.accountants._acc[n].history[0][2] == 3 * dp.steps(tr.loop.roster.new[0]["train"])
+        dp.accountants._acc[n].history[0][2] == 3 * dp.steps(tr.loop.roster.new[0].train)
     assert res["epsilon_max"] == pytest.approx(6.0, rel=0.01)
     assert summary["hook_results"]["dp_sgd"]["epsilon_max"] >= res["epsilon_max"]
     rows = _rows(tmp_path / "r", "join")
-    assert rows[0]["local_steps"] == dp.steps(tr.loop.roster.new[0]["train"])  # round 0 runs DP-SGD too
+    assert rows[0]["local_steps"] == dp.steps(tr.loop.roster.new[0].train)  # round 0 runs DP-SGD too
 
 
 def _with_a_new_client(path, *, join_rounds: int):

@@ -92,12 +92,12 @@ def test_an_attack_that_diverges_is_a_result_and_the_command_exits_0(tmp_path, c
 
 
 def test_a_failed_cell_runs_again_cleanly(tmp_path):
-    from evaluations.sweep import run_cells
+    from evaluations.sweep import Cell, run_cells
 
-    cell = {"cell": "c", "config": {"rounds": 1, "checkpoint_every": 0,
-                                     "data": {"image_size": 8, "num_domains": 3, "max_train_per_client": 16,
-                                              "max_test_per_client": 10},
-                                     "model": {"weights": "random", "kwargs": dict(TINY_MODEL), "num_prompts": 2}}}
+    cell = Cell(name="c", config={"rounds": 1, "checkpoint_every": 0,
+                                  "data": {"image_size": 8, "num_domains": 3, "max_train_per_client": 16,
+                                           "max_test_per_client": 10},
+                                  "model": {"weights": "random", "kwargs": dict(TINY_MODEL), "num_prompts": 2}})
     run_dir = tmp_path / "runs" / "c"
     run_dir.mkdir(parents=True)
     (run_dir / "error.txt").write_text("ValueError: something that was fixed since")

@@ -19,7 +19,7 @@ from evaluations.flower.messages import pack, settings_from, tensor_of, tensor_r
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig
 from pfedpg.errors import ConfigError, DataError
-from pfedpg.run import ClientRecords, InProcessClients, Roster, RoundLoop, run_env
+from pfedpg.run import ClientFacts, ClientRecords, InProcessClients, Roster, RoundLoop, run_env
 from pfedpg.run.assembly import assemble, backbone_for
 from pfedpg.run.data import as_tensors, client_tensors, partition_run, roster_of
 
@@ -126,11 +126,11 @@ def node_records(cfg: RunConfig, *, client: int, node_config: dict[str, Any]) ->
     train_data, test_data = [empty] * num_clients, [empty] * num_clients
     train_data[n] = as_tensors(ds.images[train_idx], ds.labels[train_idx])
     test_data[n] = as_tensors(test_ds.images[test_idx], test_ds.labels[test_idx])
-    own = {"client": n, "train": int(len(train_idx)), "test": int(len(test_idx)), "val": 0, "domain": None,
-           "evaluated": int(len(test_idx)),
-           "label_counts": np.bincount(ds.labels[train_idx], minlength=ds.num_classes).tolist()}
-    roster = Roster(clients=[{**own, "client": i} for i in range(num_clients)], num_classes=ds.num_classes,
-                    class_names=list(ds.class_names))
+    own = ClientFacts(client=n, train=int(len(train_idx)), test=int(len(test_idx)), val=0, domain=None,
+                      evaluated=int(len(test_idx)),
+                      label_counts=np.bincount(ds.labels[train_idx], minlength=ds.num_classes).tolist())
+    roster = Roster(clients=[dataclasses.replace(own, client=i) for i in range(num_clients)],
+                    num_classes=ds.num_classes, class_names=list(ds.class_names))
     return ClientRecords(roster=roster, train_data=train_data, test_data=test_data)
 
 
@@ -190,7 +190,7 @@ class PartitionRecords:
                 self.train_data[n] = as_tensors(z["train_images"], z["train_labels"])
                 self.test_data[n] = as_tensors(z["eval_images"], z["eval_labels"])
             if [len(self.train_data[n][1]), len(self.test_data[n][1])] != \
-                    [self.roster.clients[n]["train"], self.roster.clients[n]["evaluated"]]:
+                    [self.roster.clients[n].train, self.roster.clients[n].evaluated]:
                 raise DataError(f"client {n}'s simulation shard {str(f)!r} does not match the run's partition; it "
                                 "belongs to another run — start the run again")
         else:
@@ -316,7 +316,7 @@ class ClientRuntime:
         info = {"num_clients": roster.num_clients, "num_classes": roster.num_classes,
                 "domain_names": roster.domain_names, "class_names": roster.class_names,
                 # Split sizes only: its domain and label counts stay private to the client.
-                "facts": {**roster.clients[n], "domain": None, "label_counts": None}}
+                "facts": dataclasses.replace(roster.clients[n], domain=None, label_counts=None).to_dict()}
         return RecordDict({"info": ConfigRecord({"json": json.dumps(info)})})
 
     def train(self, msg: Message, context: Context) -> RecordDict:

@@ -64,7 +64,7 @@ from evaluations.flower.messages import tensor_of, tensor_record, unpack
 from pfedpg.config import RunConfig
 from pfedpg.errors import ClientFailure, ConfigError
 from pfedpg.hooks import build_hooks
-from pfedpg.run import ClientUpdate, ClientViews, Roster, RunEnv, Trainer
+from pfedpg.run import ClientFacts, ClientUpdate, ClientViews, Roster, RunEnv, Trainer
 
 
 def check_supported(cfg: RunConfig, hooks, *, resume: bool = False) -> None:
@@ -251,8 +251,8 @@ class FlowerClients:
         if isinstance(reply, str):
             raise ConfigError(f"SuperNode {node} did not answer the set-up query: {reply}")
         info = json.loads(reply.content.config_records["info"]["json"])
-        fact = info["facts"]
-        n, their = fact["client"], (int(info["num_clients"]), int(info["num_classes"]), list(info["domain_names"]))
+        fact = ClientFacts.from_dict(info["facts"])
+        n, their = fact.client, (int(info["num_clients"]), int(info["num_classes"]), list(info["domain_names"]))
         classes = list(info.get("class_names") or [])
         if self.cfg.flower.num_clients is not None and self.cfg.data.classes is not None \
                 and classes != list(self.cfg.data.classes):

@@ -67,7 +67,7 @@ def assemble(env: RunEnv, clients: Clients, *, backbone_path) -> RoundLoop:
     cfg, hooks = env.cfg, env.hooks
     roster = clients.facts()
     model, shape = build_model(env, roster.num_classes, backbone_path)
-    train_sizes = [f["train"] for f in roster.clients]
+    train_sizes = [f.train for f in roster.clients]
     server_cls = SERVERS.get(cfg.method)
     # An audit's clients (canary clients) get the ids after the training and the new clients.
     audit_clients = hooks.assign_audit_clients(roster.num_clients + len(roster.new))
@@ -92,9 +92,9 @@ def _context(env: RunEnv, roster: Roster, clients: Clients, *, model, server, sc
     cfg, views = env.cfg, clients.views()
     return RunContext(config=cfg, seeds=env.seeds, run_dir=env.run_dir, num_clients=roster.num_clients, log=env.log,
                       num_classes=roster.num_classes, server=server, schedule=schedule,
-                      train_sizes=[f["train"] for f in roster.clients], eval_data=views.eval_data,
+                      train_sizes=[f.train for f in roster.clients], eval_data=views.eval_data,
                       evaluate=views.evaluate, train_data=views.train_data, model=model,
                       client_states=views.client_states, client_info=roster.info(), hooks=list(env.hooks.hooks),
-                      new_clients=[f["client"] for f in roster.new], new_train_sizes=[f["train"] for f in roster.new],
+                      new_clients=[f.client for f in roster.new], new_train_sizes=[f.train for f in roster.new],
                       new_client_info=roster.info(roster.new),
                       join_rounds=cfg.data.new_client_rounds if roster.new else 0, audit_clients=audit_clients)

@@ -14,7 +14,7 @@ and seed, whichever implementation answers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
@@ -57,38 +57,58 @@ class ClientUpdate:
 EvalRow = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ClientFacts:
+    """One client as its server may know it: its id, its split sizes (``evaluated``: the split it is
+    evaluated on), its id in the partition, and — where the client shares them — its domain and its
+    training split's label counts (None where it keeps them, as a Flower client does)."""
+
+    client: int
+    train: int
+    test: int
+    val: int
+    evaluated: int
+    domain: int | None = None
+    label_counts: list[int] | None = None
+    partition_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClientFacts:
+        return cls(**d)
+
+
 @dataclass
 class Roster:
-    """Who takes part in a run, as its server may know them. ``clients``: per training client its
-    facts — ``client``, split sizes ``train`` / ``test`` / ``val`` / ``evaluated`` (the evaluated
-    split), ``partition_id``, ``domain`` and training ``label_counts`` (None where the client keeps
-    them, as a Flower client does); ``new``: the same for the new clients (``data.new_clients``);
-    the number of classes and the data set's domain and class names."""
+    """Who takes part in a run, as its server may know them: the training clients' facts, the new
+    clients' (``data.new_clients``), the number of classes and the data set's domain and class names."""
 
-    clients: list[dict[str, Any]]
+    clients: list[ClientFacts]
     num_classes: int
     domain_names: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
-    new: list[dict[str, Any]] = field(default_factory=list)
+    new: list[ClientFacts] = field(default_factory=list)
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
 
-    def info(self, facts: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    def info(self, facts: list[ClientFacts] | None = None) -> list[dict[str, Any]]:
         """Per client the data facts the hooks' context lists (``RunContext.client_info``)."""
-        return [{"client": f["client"], "domain": f["domain"], "label_counts": f["label_counts"],
+        return [{"client": f.client, "domain": f.domain, "label_counts": f.label_counts,
                  "domain_names": self.domain_names} for f in (self.clients if facts is None else facts)]
 
-    def names(self, partition: str, facts: list[dict[str, Any]] | None = None) -> list[str]:
+    def names(self, partition: str, facts: list[ClientFacts] | None = None) -> list[str]:
         """A reader's name per client: its domain, and for label-skew partitions (``partition`` is not
         ``domain``) its dominant classes (those holding half of its training records, at most three)."""
         out, classes = [], self.class_names
         for f in self.clients if facts is None else facts:
             parts = []
-            if f.get("domain") is not None and self.domain_names:
-                parts.append(self.domain_names[f["domain"]])
-            counts = f.get("label_counts")
+            if f.domain is not None and self.domain_names:
+                parts.append(self.domain_names[f.domain])
+            counts = f.label_counts
             if counts and partition != "domain" and sum(counts):
                 top, acc = [], 0
                 for c in sorted(range(len(counts)), key=lambda c: -counts[c])[:3]:
@@ -97,7 +117,7 @@ class Roster:
                     if acc >= sum(counts) / 2:
                         break
                 parts.append("mostly " + "/".join(top))
-            out.append(" ".join(parts) or f"client {f['client']}")
+            out.append(" ".join(parts) or f"client {f.client}")
         return out
 
 

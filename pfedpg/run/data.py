@@ -5,14 +5,14 @@ each batch on the run's device; no float copy of a client is ever made."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from pfedpg.config import RunConfig
 from pfedpg.data import load_dataset, partition_clients, split_new_clients
-from pfedpg.run.clients import Roster
+from pfedpg.run.clients import ClientFacts, Roster
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -74,12 +74,12 @@ def client_tensors(cfg: RunConfig, dataset, split) -> tuple[Pair, Pair]:
     return tuple(as_tensors(dataset.images[idx], dataset.labels[idx]) for idx in client_indices(cfg, split))
 
 
-def client_fact(cfg: RunConfig, dataset, i: int, split) -> dict[str, Any]:
+def client_fact(cfg: RunConfig, dataset, i: int, split) -> ClientFacts:
     """Client ``i``'s facts in the :class:`Roster` (from its split of ``dataset``)."""
-    return {"client": i, "partition_id": split.client, "train": len(split.train), "test": len(split.test),
-            "val": len(split.val), "domain": split.domain,
-            "evaluated": len(split.val if cfg.evaluate_on == "val" else split.test),
-            "label_counts": np.bincount(dataset.labels[split.train], minlength=dataset.num_classes).tolist()}
+    return ClientFacts(client=i, partition_id=split.client, train=len(split.train), test=len(split.test),
+                       val=len(split.val), domain=split.domain,
+                       evaluated=len(split.val if cfg.evaluate_on == "val" else split.test),
+                       label_counts=np.bincount(dataset.labels[split.train], minlength=dataset.num_classes).tolist())
 
 
 def roster_of(cfg: RunConfig, dataset, splits, new) -> Roster:

@@ -52,7 +52,7 @@ class JoinRounds:
         loop, clients = self.loop, self.clients
         cfg, server, hooks, model, seeds = loop.cfg, loop.server, loop.hooks, clients.model, loop.seeds
         fact = loop.roster.new[j]
-        n, last, R = fact["client"], cfg.rounds, cfg.data.new_client_rounds
+        n, last, R = fact.client, cfg.rounds, cfg.data.new_client_rounds
         (x, y), (xt, yt) = clients.records.new_train_data[j], clients.records.new_test_data[j]
         w, b = fresh_head(loop.shape, seeds.torch("join.head", client=n), loop.device)
         state = server.join_state()
@@ -78,7 +78,7 @@ class JoinRounds:
                 adapted = model.prompt.prompt.detach().clone()
                 w, b = model.head.weight.detach().clone(), model.head.bias.detach().clone()
             row: dict[str, Any] = {"type": "join", "round": r, "join_round": jr, "client": n,
-                                   "partition_id": fact["partition_id"], "train_loss": result.loss,
+                                   "partition_id": fact.partition_id, "train_loss": result.loss,
                                    "local_steps": result.steps, **result.extra}
             stop = updates and jr > 0 and not self._send(n, r, jr, state, start, adapted, row,
                                                          record=record, initial=initial)
@@ -92,7 +92,7 @@ class JoinRounds:
             if stop:
                 break
         name = loop.roster.names(cfg.data.partition, [fact])[0]
-        loop.log(f"new client {n} (partition id {fact['partition_id']}, {name}): accuracy after join round 0 "
+        loop.log(f"new client {n} (partition id {fact.partition_id}, {name}): accuracy after join round 0 "
                  f"(head only) {rows[0]['acc_adapted']:.4f} -> after join round {rows[-1]['join_round']} "
                  f"{rows[-1]['acc_adapted']:.4f}")
         return rows
@@ -122,7 +122,7 @@ def new_clients_summary(loop: RoundLoop, rows: list[dict[str, Any]], seconds: fl
     if not new:
         return None
     cfg, R = loop.cfg, loop.cfg.data.new_client_rounds
-    ids = [f["client"] for f in new]
+    ids = [f.client for f in new]
     got = {(r["client"], r["join_round"]): r for r in rows if r["type"] == "join"}
 
     def curve(key):
@@ -142,12 +142,12 @@ def new_clients_summary(loop: RoundLoop, rows: list[dict[str, Any]], seconds: fl
     down = (R + 1) * k_d if updates else (k_d if loop.server.join_state() is not None else 0)
     up = R * k_d if updates else 0
     return {
-        "clients": ids, "partition_ids": [f["partition_id"] for f in new],
+        "clients": ids, "partition_ids": [f.partition_id for f in new],
         "names": loop.roster.names(cfg.data.partition, new), "join_rounds": R,
         "local_epochs": cfg.client.local_epochs, "budget_epochs": (R + 1) * cfg.client.local_epochs,
         "start": loop.server.join_description,
         "round_0": "the head alone, trained E local epochs on the received prompt",
-        "train_per_client": [f["train"] for f in new], "test_per_client": [f["evaluated"] for f in new],
+        "train_per_client": [f.train for f in new], "test_per_client": [f.evaluated for f in new],
         "accuracy": acc, "accuracy_generated": curve("acc_generated"),
         "final": {"mean": acc["mean"][-1], "worst": acc["worst"][-1]} if acc else None,
         "communication": {"down_numbers_per_client": down, "up_numbers_per_client": up,

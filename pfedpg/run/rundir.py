@@ -69,11 +69,11 @@ def write_run_files(loop: RoundLoop) -> None:
         "master_seed": cfg.seed,
         "streams": "numpy.random.SeedSequence(master, spawn_key=(crc32(component), client, round))",
         "participation": loop.schedule,
-        "clients": [{k: f.get(k) for k in keys} for f in facts],
+        "clients": [{k: getattr(f, k) for k in keys} for f in facts],
         # data.new_clients: their ids here, and every client's id in the partition
-        **({"new_clients": [{k: f[k] for k in keys} for f in new],
-            "partition_ids": {"clients": [f["partition_id"] for f in facts],
-                              "new_clients": [f["partition_id"] for f in new]}}
+        **({"new_clients": [{k: getattr(f, k) for k in keys} for f in new],
+            "partition_ids": {"clients": [f.partition_id for f in facts],
+                              "new_clients": [f.partition_id for f in new]}}
            if new else {}),
     }, indent=1))
 
