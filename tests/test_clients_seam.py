@@ -4,7 +4,7 @@ Flower's strategy tests are."""
 import torch
 from conftest import tiny_config
 
-from pfedpg.run import ClientFacts, ClientUpdate, ClientViews, Roster, Trainer
+from pfedpg.run import ClientFacts, ClientUpdate, ClientViews, EvalRow, Roster, Trainer
 
 
 class ScriptedClients:
@@ -33,7 +33,7 @@ class ScriptedClients:
                 ClientUpdate({"train_loss": 1.0 + n, "local_steps": 3}, self.release(n)) for n in participants}
 
     def evaluate(self, round, generated):
-        return [{"client": n, "acc_adapted": 0.5, "loss_adapted": 1.0, "acc_generated": 0.25} for n in range(3)]
+        return [EvalRow(client=n, acc_adapted=0.5, loss_adapted=1.0, acc_generated=0.25) for n in range(3)]
 
     def state_dict(self):
         return None
@@ -87,3 +87,20 @@ def test_in_process_clients_release_what_they_trained(tmp_path):
         assert u.error is None and u.metrics["local_steps"] > 0 and "train_loss" in u.metrics
         assert torch.equal(u.delta, t.clients.states[n].prompt - sent[n])  # ΔP_n = P̃_n − P_n (no hooks)
         assert u.row() == {**u.metrics, "delta_norm": float(u.delta.norm())}
+
+
+def test_an_evaluation_row_keeps_its_metrics_jsonl_form():
+    """EvalRow.to_record is the row metrics.jsonl has always held (keys, order, presence), and
+    from_record (a Flower client's answer) gives the row back, hook metrics included."""
+    from pfedpg.run import EvalRow
+
+    row = EvalRow(client=2, acc_adapted=0.5, loss_adapted=1.0, hook_metrics={"backdoor/asr": 0.1})
+    assert list(row.to_record()) == ["client", "acc_adapted", "loss_adapted", "acc_generated", "backdoor/asr"]
+    row.acc_generated, row.loss_generated = 0.25, 2.0
+    rec = row.to_record()
+    assert list(rec) == ["client", "acc_adapted", "loss_adapted", "acc_generated", "backdoor/asr", "loss_generated"]
+    assert EvalRow.from_record(rec) == row
+    assert EvalRow(client=1, error="timeout").to_record() == {"client": 1, "acc_adapted": None, "acc_generated": None,
+                                                               "error": "timeout"}
+    assert EvalRow(client=1, withheld=True).to_record() == {"client": 1, "withheld": True}
+    assert EvalRow.from_record({"client": 1, "withheld": True}).withheld

@@ -251,7 +251,7 @@ def test_evaluate_on_validation_split(tmp_path):
     from pfedpg.run import partition_run
 
     _, splits, _ = partition_run(cfg)  # the run's own partition (seeded)
-    assert [f["val"] for f in t.loop.roster.clients] == [len(s.val) for s in splits]
+    assert [f.val for f in t.loop.roster.clients] == [len(s.val) for s in splits]
     assert summary["data"]["test_per_client"] == [len(s.val) for s in splits]
     assert all(not set(s.val) & set(s.test) for s in splits)
 

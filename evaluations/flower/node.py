@@ -19,7 +19,7 @@ from evaluations.flower.messages import pack, settings_from, tensor_of, tensor_r
 from pfedpg.client import ClientState
 from pfedpg.config import RunConfig
 from pfedpg.errors import ConfigError, DataError
-from pfedpg.run import ClientFacts, ClientRecords, InProcessClients, Roster, RoundLoop, run_env
+from pfedpg.run import ClientFacts, ClientRecords, EvalRow, InProcessClients, Roster, RoundLoop, run_env
 from pfedpg.run.assembly import assemble, backbone_for
 from pfedpg.run.data import as_tensors, client_tensors, partition_run, roster_of
 
@@ -349,10 +349,10 @@ class ClientRuntime:
         self._load(n, context)
         generated = tensor_of(msg.content.array_records["generated"], "prompt").to(self.run.device) \
             if "generated" in msg.content.array_records else None
-        row = self.clients.evaluate_one(n, generated)
+        row = self.clients.evaluate_one(n, generated).to_record()
         if self.withhold:  # evaluated where the data is, kept there
             self._keep(n, "eval", int(msg.content.config_records["task"]["round"]), row)
-            row = {"client": n, "withheld": True}
+            row = EvalRow(client=n, withheld=True).to_record()
         return RecordDict({"result": ConfigRecord({"row": json.dumps(row)})})
 
     def _keep(self, n: int, kind: str, r: int, row: dict[str, Any]) -> None:

@@ -64,7 +64,7 @@ from evaluations.flower.messages import tensor_of, tensor_record, unpack
 from pfedpg.config import RunConfig
 from pfedpg.errors import ClientFailure, ConfigError
 from pfedpg.hooks import build_hooks
-from pfedpg.run import ClientFacts, ClientUpdate, ClientViews, Roster, RunEnv, Trainer
+from pfedpg.run import ClientFacts, ClientUpdate, ClientViews, EvalRow, Roster, RunEnv, Trainer
 
 
 def check_supported(cfg: RunConfig, hooks, *, resume: bool = False) -> None:
@@ -183,7 +183,7 @@ class FlowerClients:
             updates[n] = ClientUpdate(metrics, delta)
         return updates
 
-    def evaluate(self, round: int, generated: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+    def evaluate(self, round: int, generated: dict[int, torch.Tensor]) -> list[EvalRow]:
         msgs = {}
         for n in range(self.facts().num_clients):
             content = RecordDict({"task": ConfigRecord({"round": round, "client": n})})
@@ -194,9 +194,9 @@ class FlowerClients:
         for n, reply in sorted(self.transport.exchange(msgs, timeout=self.fcfg.round_timeout_s)[0].items()):
             if isinstance(reply, str):
                 self._failed(f"round {round}, evaluation", n, reply)
-                rows.append({"client": n, "acc_adapted": None, "acc_generated": None, "error": reply})
+                rows.append(EvalRow(client=n, error=reply))
             else:
-                rows.append(json.loads(reply.content.config_records["result"]["row"]))
+                rows.append(EvalRow.from_record(json.loads(reply.content.config_records["result"]["row"])))
         return rows
 
     def state_dict(self) -> None:

@@ -13,7 +13,7 @@
 Import from here (``pfedpg.runner``, the old face, is deprecated)."""
 from pfedpg.run.assembly import participation_schedule
 from pfedpg.run.checkpoint import CHECKPOINT_VERSION, latest_checkpoint, set_aside
-from pfedpg.run.clients import ClientFacts, Clients, ClientUpdate, ClientViews, ModelShape, Roster
+from pfedpg.run.clients import ClientFacts, Clients, ClientUpdate, ClientViews, EvalRow, ModelShape, Roster
 from pfedpg.run.data import ClientRecords, client_indices, partition_run
 from pfedpg.run.env import RunEnv, RunLog, run_env
 from pfedpg.run.inprocess import InProcessClients
@@ -22,7 +22,7 @@ from pfedpg.run.stats import accuracy_blocks, round_eval_stats, round_train_stat
 from pfedpg.run.summary import environment
 from pfedpg.run.trainer import Trainer
 
-__all__ = ["CHECKPOINT_VERSION", "ClientFacts", "ClientRecords", "ClientUpdate", "ClientViews", "Clients",
+__all__ = ["CHECKPOINT_VERSION", "ClientFacts", "ClientRecords", "ClientUpdate", "ClientViews", "Clients", "EvalRow",
            "InProcessClients", "ModelShape", "Roster", "RoundLoop", "RunEnv", "RunLog", "Trainer", "accuracy_blocks",
            "client_indices", "environment", "latest_checkpoint", "participation_schedule", "partition_run",
            "round_eval_stats", "round_train_stats", "run_env", "set_aside"]

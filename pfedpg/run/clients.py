@@ -50,11 +50,40 @@ class ClientUpdate:
         return row
 
 
-#: A client's evaluation row (``client``, ``acc_adapted``, ``loss_adapted``, ``acc_generated``, the
-#: hooks' ``client_metrics``, ``loss_generated``; a client that could not be evaluated has ``error``
-#: and None accuracies; one that keeps its metrics, ``withheld``). It stays a dict: which keys it has
-#: is what metrics.jsonl and the summary read.
-EvalRow = dict[str, Any]
+@dataclass
+class EvalRow:
+    """A client's evaluation in a round, as its ``Clients`` answer: accuracy and loss with its adapted
+    prompt and its head, and with the generated prompt where the server sends one; the hooks'
+    ``client_metrics``; or why there are none (``error``: it could not be evaluated; ``withheld``: it
+    keeps its metrics, DESIGN §5). ``to_record`` is its metrics.jsonl form, the keys and their order
+    as that file has always had them (``loss_generated`` only where a generated prompt was evaluated)."""
+
+    client: int
+    acc_adapted: float | None = None
+    loss_adapted: float | None = None
+    acc_generated: float | None = None
+    loss_generated: float | None = None
+    hook_metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    withheld: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        if self.withheld:
+            return {"client": self.client, "withheld": True}
+        if self.error is not None:
+            return {"client": self.client, "acc_adapted": None, "acc_generated": None, "error": self.error}
+        out = {"client": self.client, "acc_adapted": self.acc_adapted, "loss_adapted": self.loss_adapted,
+               "acc_generated": self.acc_generated, **self.hook_metrics}
+        if self.loss_generated is not None:
+            out["loss_generated"] = self.loss_generated
+        return out
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> EvalRow:
+        """The row back from its metrics.jsonl form (a Flower client's answer travels in it)."""
+        known = {f for f in cls.__dataclass_fields__ if f != "hook_metrics"}
+        return cls(**{k: v for k, v in d.items() if k in known},
+                   hook_metrics={k: v for k, v in d.items() if k not in known})
 
 
 @dataclass(frozen=True)

@@ -163,10 +163,9 @@ class InProcessClients:
         bs = self.cfg.client.eval_batch_size
         load_into(model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
         acc, loss = evaluate(model, x, y, batch_size=bs)
-        row = {"client": n, "acc_adapted": acc, "loss_adapted": loss, "acc_generated": None}
-        row.update(self.hooks.client_metrics(self.ctx, client=n,
-                                             evaluate=lambda xs, ys: self.evaluate_client(n, xs, ys)))
+        row = EvalRow(client=n, acc_adapted=acc, loss_adapted=loss, hook_metrics=self.hooks.client_metrics(
+            self.ctx, client=n, evaluate=lambda xs, ys: self.evaluate_client(n, xs, ys)))
         if generated is not None:
             load_into(model, prompt=generated, head_weight=st.head_weight, head_bias=st.head_bias)
-            row["acc_generated"], row["loss_generated"] = evaluate(model, x, y, batch_size=bs)
+            row.acc_generated, row.loss_generated = evaluate(model, x, y, batch_size=bs)
         return row

@@ -55,8 +55,8 @@ class RoundLoop:
         t_eval = time.perf_counter()
         if r % self.cfg.eval_every == 0 or r == self.cfg.rounds:
             evals, spread = self.evaluate_all(r)
-            rows = [{"type": "client", "round": r, "participated": e["client"] in client_rows,
-                     **client_rows.get(e["client"], {}), **e} for e in evals]
+            rows = [{"type": "client", "round": r, "participated": e.client in client_rows,
+                     **client_rows.get(e.client, {}), **e.to_record()} for e in evals]
             record.update(self._eval_figures(r, evals))
             record["generated_prompt_spread"] = spread
         else:
@@ -71,11 +71,11 @@ class RoundLoop:
         return record
 
     def _eval_figures(self, r: int, evals: list[EvalRow]) -> dict[str, Any]:
-        if all(e.get("withheld") for e in evals):  # kept by the clients (DESIGN §5, "What leaves a client")
+        if all(e.withheld for e in evals):  # kept by the clients (DESIGN §5, "What leaves a client")
             return {"client_metrics": "withheld"}
-        if not any(e.get("acc_adapted") is not None for e in evals):
+        if not any(e.acc_adapted is not None for e in evals):
             raise RuntimeError(f"round {r}: no client could be evaluated; see the errors in {self.run_dir / 'log.txt'}")
-        return round_eval_stats(evals)
+        return round_eval_stats([e.to_record() for e in evals])
 
     def audit_releases(self, r: int) -> dict[int, torch.Tensor]:
         """Round r's releases of the clients hooks added for an audit (``Hook.audit_clients``): they do
@@ -137,9 +137,9 @@ class RoundLoop:
             generated = self.generated_prompts()
             rows = self.clients.evaluate(r, generated)
             # The clients' own models as they stand, and what the server would now give them.
-            out["accuracy_per_client"] = [row["acc_adapted"] for row in rows]
+            out["accuracy_per_client"] = [row.acc_adapted for row in rows]
             if generated:
-                out["accuracy_generated_per_client"] = [row["acc_generated"] for row in rows]
+                out["accuracy_generated_per_client"] = [row.acc_generated for row in rows]
         except Exception as e:  # the measurement is best effort; the divergence itself is the result
             out["accuracy_error"] = f"{type(e).__name__}: {e}"
         (self.run_dir / "diverged.json").write_text(json.dumps(out, indent=2))
