@@ -247,9 +247,6 @@ class CenteredClip(ClippingRule):
         self.center = state["center"]
 
 
-RULES = tuple(AGGREGATION_RULES.names())
-
-
 def min_clients(rule: str, f: int) -> int:
     """The smallest m at which ``rule`` tolerates f malicious clients."""
     return AGGREGATION_RULES.get(rule).min_clients(f)

@@ -89,7 +89,8 @@ class RunContext:
     model: PromptedViT | None = None
     client_states: Callable[[], list[ClientState]] | None = None
     client_info: list[dict[str, Any]] = field(default_factory=list)
-    #: The run's hooks in config order (an audit reads a DP hook's ``statement()`` / ``epsilon(n)``).
+    #: The run's hooks in config order (an audit finds the DP mechanism with
+    #: ``pfedpg.privacy_result.mechanism_of`` and reads its PrivacyMechanism face).
     hooks: list[PluggedHook] = field(default_factory=list)
     #: New clients (``data.new_clients``, DESIGN §1): their ids (num_clients, num_clients + 1, ...;
     #: never in ``schedule``), training-set sizes and facts, and the join rounds each will run
