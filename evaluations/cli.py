@@ -15,7 +15,9 @@ from types import SimpleNamespace
 
 import click
 
+from evaluations.paths import check_writable
 from evaluations.plugins import load_plugins
+from evaluations.ray_executor import executor_for
 from pfedpg.deprecation import show_renamed_keys_as_one_line
 from pfedpg.errors import ClientFailure, ConfigError, DataError, NonFiniteDeltaError
 
@@ -28,29 +30,13 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _check_writable(d: str | Path, what: str) -> None:
-    """Refuse an output directory that cannot be written, before any data or backbone is built."""
-    import os
-
-    d = Path(d)
-    if d.exists() and not d.is_dir():
-        raise ConfigError(f"{what} {str(d)!r} is a file; choose a directory")
-    parent = d
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{what} {str(d)!r} lies under the file {str(parent)!r}; choose another directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {str(d)!r}: no permission to write in {str(parent)!r}; choose another directory")
-
-
 def _run_dir(cfg) -> Path:
     return Path(cfg.output_dir) / (cfg.run_name or f"{cfg.method}-{cfg.data.source}-seed{cfg.seed}")
 
 
 def cmd_train(args) -> int:
+    from evaluations.executors import run_training
     from evaluations.report import write_report
-    from evaluations.sweep import run_training
     from pfedpg.config import load_config
 
     if args.resume and args.run_dir is None:
@@ -64,7 +50,7 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg)
-    _check_writable(run_dir, "run directory")
+    check_writable(run_dir, "run directory")
     _OUT.resume_hint = lambda: train_resume_hint(run_dir)
     summary = run_training(cfg, run_dir, log=_log, progress=not args.no_progress and not _OUT.quiet,
                            resume=args.resume, restart=args.restart)
@@ -92,8 +78,8 @@ def cmd_privacy(args) -> int:
     from evaluations.privacy import load_sweep, run_sweep
 
     sweep, base = load_sweep(args.config, args.overrides)
-    _check_writable(args.out or sweep.out_dir, "sweep directory")
-    out = run_sweep(sweep, base, out_dir=args.out, jobs=args.jobs, log=_log)
+    check_writable(args.out or sweep.out_dir, "sweep directory")
+    out = run_sweep(sweep, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
     print((out / "tradeoff.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, tradeoff.csv, accuracy_vs_epsilon.png)")
     return 1 if (out / "FAILED").exists() else 0
@@ -103,8 +89,8 @@ def cmd_audit(args) -> int:
     from evaluations.leakage_sweep import group_line, load_audit, run_audit
 
     grid, probes, base = load_audit(args.config, args.overrides)
-    _check_writable(args.out or grid.out_dir, "audit directory")
-    out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, log=_log)
+    check_writable(args.out or grid.out_dir, "audit directory")
+    out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
     for group, res in json.loads((out / "audit.json").read_text())["groups"].items():
         print(group_line(group, res))
     plots = ", roc_*.png, tpr_vs_epsilon.png" if (out / "tpr_vs_epsilon.png").exists() else ""
@@ -116,8 +102,8 @@ def cmd_robustness(args) -> int:
     from evaluations.robustness import load_matrix, run_matrix
 
     matrix, base = load_matrix(args.config, args.overrides)
-    _check_writable(args.out or matrix.out_dir, "matrix directory")
-    out = run_matrix(matrix, base, out_dir=args.out, jobs=args.jobs, log=_log)
+    check_writable(args.out or matrix.out_dir, "matrix directory")
+    out = run_matrix(matrix, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
     print((out / "robustness.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, robustness.csv, heatmap.png, worst_case.png)")
     return 1 if ",failed," in (out / "robustness.csv").read_text() else 0
@@ -255,10 +241,16 @@ def _grid_command(name: str, func, what: str, short: str, long: str, example: st
     @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
                   help="run N cells at once in worker processes; a config with threads: null gets cores/N threads "
                        "per cell, so set threads for numbers independent of N")
+    @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                  help="where cells run: this machine (--jobs), or Ray tasks, each asking for its threads as CPUs "
+                       "and a GPU of its own when its device is CUDA (pip install '.[ray]')")
+    @click.option("--ray-address", metavar="HOST:PORT", help="the Ray cluster to use (`ray start --head` on one "
+                  "machine, `ray start --address HOST:PORT` on the others); default: a local Ray instance")
     @click.option("--no-progress", is_flag=True, help="accepted for symmetry with train: a grid shows no progress "
                                                       "bars, one line per finished cell (-q silences those)")
     def command(**kw) -> int:
         _OUT.resume_hint = f"the same pfedpg-eval {name} command (finished cells are reused)"
+        kw["executor"] = executor_for(kw["executor"], kw.pop("ray_address"))
         return func(_ns(**kw))
 
     return command

@@ -299,8 +299,9 @@ def _default(o):
 
 
 def run_audit(grid, probes: dict[str, Any], base: dict[str, Any], *, out_dir=None,
-              log: Callable[[str], None] = print, progress: bool = False, jobs: int = 1) -> Path:
-    return run_grid(AuditGrid(grid, base, probes), out_dir=out_dir, log=log, progress=progress, jobs=jobs)
+              log: Callable[[str], None] = print, progress: bool = False, jobs: int = 1, executor=None) -> Path:
+    return run_grid(AuditGrid(grid, base, probes), out_dir=out_dir, log=log, progress=progress, jobs=jobs,
+                    executor=executor)
 
 
 class AuditGrid(PrivacySweep):

@@ -197,8 +197,9 @@ class PrivacySweep(Grid):
 
 
 def run_sweep(sweep: PrivacySweepConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
-              log: Callable[[str], None] = print, progress: bool = False, jobs: int = 1) -> Path:
-    return run_grid(PrivacySweep(sweep, base), out_dir=out_dir, log=log, progress=progress, jobs=jobs)
+              log: Callable[[str], None] = print, progress: bool = False, jobs: int = 1, executor=None) -> Path:
+    return run_grid(PrivacySweep(sweep, base), out_dir=out_dir, log=log, progress=progress, jobs=jobs,
+                    executor=executor)
 
 
 # ------------------------------------------------------------------------------------------------

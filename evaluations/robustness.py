@@ -178,8 +178,8 @@ class RobustnessMatrix(Grid):
 
 
 def run_matrix(matrix: RobustnessConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
-               log: Callable[[str], None] = print, jobs: int = 1) -> Path:
-    return run_grid(RobustnessMatrix(matrix, base), out_dir=out_dir, log=log, jobs=jobs)
+               log: Callable[[str], None] = print, jobs: int = 1, executor=None) -> Path:
+    return run_grid(RobustnessMatrix(matrix, base), out_dir=out_dir, log=log, jobs=jobs, executor=executor)
 
 
 def _ms(vals):

@@ -19,8 +19,8 @@ from typing import Any, Callable, ClassVar
 
 import yaml
 
+from evaluations.executors import CellJob, Executor, LocalExecutor
 from evaluations.plugins import load_plugins
-from evaluations.report import write_report
 from pfedpg.config import RunConfig, config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
 
@@ -98,67 +98,6 @@ class CellResult:
     error: str | None
 
 
-def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bool = False,
-                 resume: bool = False, restart: bool = False) -> dict[str, Any]:
-    """One run on the engine ``cfg.engine`` names; returns its summary."""
-    if cfg.engine == "flower":
-        from evaluations.flower.app import run_flower
-
-        return run_flower(cfg, run_dir, log=log, resume=resume)
-    from pfedpg.run import Trainer
-
-    return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume, restart=restart)
-
-
-def _set_threads(cfg, share: int | None) -> None:
-    """torch threads for a worker: the config's ``threads``, else its share of the cores. Pretraining
-    too — a worker left at torch's default (all cores) oversubscribes the machine N-fold."""
-    if cfg.threads is not None or share is not None:
-        import torch
-
-        torch.set_num_threads(cfg.threads if cfg.threads is not None else share)
-
-
-def _run_cell(cfg: RunConfig, run_dir: str, threads: int | None, progress: bool = False) -> dict[str, Any]:
-    """One cell, start to finish (also the body of a parallel worker, which gets the typed config
-    as it was built once for the cell): runs, resuming a cell cut short, and writes its report.
-    ``threads`` sets torch's threads when the config leaves them open."""
-    from pfedpg.run import latest_checkpoint
-
-    load_plugins()
-    _set_threads(cfg, threads)
-    rd = Path(run_dir)
-    # A cell cut short resumes from its latest checkpoint (in-process runs).
-    started = (rd / "metrics.jsonl").exists() and latest_checkpoint(rd) is not None
-    if not started and rd.exists():  # cut short before its first checkpoint: nothing to resume
-        shutil.rmtree(rd)
-    summary = run_training(cfg, rd, log=lambda m: None, progress=progress, resume=started)
-    write_report(rd)  # each cell is an ordinary run directory, report included
-    return summary
-
-
-def _pretrain(cfg: RunConfig, threads: int | None) -> str:
-    from pfedpg.pretrain import pretrain_backbone
-
-    _set_threads(cfg, threads)
-    return str(pretrain_backbone(cfg, log=lambda m: None))
-
-
-def _pretrain_first(todo: list[RunConfig], pool, threads: int | None, log) -> None:
-    """Backbones the cells need (``weights: pretrain``), each trained once before the cells start —
-    two cells of one seed must not pretrain the same cached file at the same time."""
-    from pfedpg.pretrain import cached_path
-
-    needed: dict[Path, RunConfig] = {}
-    for cfg in todo:
-        if cfg.model.weights == "pretrain" and not cached_path(cfg).is_file():
-            needed.setdefault(cached_path(cfg), cfg)
-    if needed:
-        log(f"pretraining {len(needed)} backbone(s) first")
-        for f in [pool.submit(_pretrain, c, threads) for c in needed.values()]:
-            f.result()
-
-
 def divergence(run_dir, summary, error) -> dict[str, Any] | None:
     """The record of a cell whose training diverged (``diverged.json``; a result, DESIGN §7), or None.
     ``accuracy`` is per client what the federation now delivers: with the server's prompts where it
@@ -175,71 +114,54 @@ def divergence(run_dir, summary, error) -> dict[str, Any] | None:
     return div
 
 
-def gpu_slots(jobs: int, gpus: int) -> list[int]:
-    """The GPU each of ``jobs`` worker processes is given, round-robin ([] without GPUs)."""
-    return [w % gpus for w in range(jobs)] if gpus > 0 else []
-
-
-def _pin_worker(slots) -> None:
-    """Worker initializer: this process sees one GPU (the next slot), before anything touches CUDA;
-    ``device: auto`` (or ``cuda``) then runs the cells it takes there."""
-    import os
-
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
-
-
-def _where(summary: dict[str, Any] | None) -> str:
+def _where(summary: dict[str, Any] | None, where: str = "") -> str:
     dev = (summary or {}).get("device") or {}
     if not dev:
-        return ""
+        return f" ({where})" if where else ""
     gpu = f", GPU {dev['cuda_visible_devices']} of the machine" if dev.get("cuda_visible_devices") not in (None, "") \
         and str(dev.get("device", "")).startswith("cuda") else ""
-    return f" (on {dev.get('device')}{gpu})"
+    return f" (on {dev.get('device')}{gpu}{', ' + where if where else ''})"
 
 
-def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print,
-              progress: bool = False, jobs: int = 1, gpus: int | None = None) -> list[CellResult]:
-    """``grid``: the cells to run (each a unique ``name`` and a run ``config``).
-
-    ``jobs`` > 1 runs that many cells at once in worker processes; a cell whose config leaves
-    ``threads`` null then gets cores ÷ jobs torch threads. Results depend on the thread count, so set
-    ``threads`` in the config for numbers that do not depend on ``jobs``. On a machine with G GPUs
-    (``gpus``: None = as torch counts them) worker k sees GPU k mod G alone, so cells with
-    ``device: auto`` or ``cuda`` spread over the GPUs, one GPU per cell; a cell's line and its
-    ``summary.json`` (``device``) say where it ran. A grid whose cells name a GPU (``cuda:N``) is
-    not spread: every worker sees every GPU."""
+def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print, progress: bool = False,
+              jobs: int = 1, gpus: int | None = None, executor: Executor | None = None) -> list[CellResult]:
+    """``grid``: the cells to run (each a unique ``name`` and a run ``config``), on ``executor``
+    (default: :class:`~evaluations.executors.LocalExecutor` with ``jobs`` worker processes and
+    ``gpus``, which see its docstring; ``evaluations.ray_executor.RayExecutor`` for a Ray cluster).
+    Every cell's config is typed and checked by the executor before any cell runs."""
     load_plugins()
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
+    if executor is None:
+        executor = LocalExecutor(jobs, gpus)
+    elif jobs != 1:
+        raise ConfigError(f"--jobs is for --executor local; under --executor {executor.name} the cluster's "
+                          "resources decide how many cells run at once (drop --jobs)")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     slots: list[CellResult | None] = [None] * len(grid)
 
-    def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None) -> None:
+    def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None, where: str = "") -> None:
         slots[i] = _finish_cell(grid[i], out / "runs" / grid[i].name, f"[{i + 1}/{len(grid)}] {grid[i].name}",
-                                summary, error, trace, log)
+                                summary, error, trace, log, where)
 
     configs: list[RunConfig | None] = []  # typed once per cell, and passed on typed (to the workers too)
-    todo = []
-    for i, cell in enumerate(grid):
+    bad: dict[int, tuple[str, str]] = {}
+    for cell in grid:
         try:
             configs.append(config_from_dict(cell.config))
         except ConfigError as e:  # a cell with a bad config is a failed row, as before; the grid goes on
             configs.append(None)
-            finish(i, None, f"ConfigError: {e}", traceback.format_exc())
+            bad[len(configs) - 1] = (f"ConfigError: {e}", traceback.format_exc())
+    executor.check([c for c in configs if c is not None])
+    todo = []
+    for i, cell in enumerate(grid):
+        if configs[i] is None:
+            finish(i, None, *bad[i])
             continue
         tag = f"[{i + 1}/{len(grid)}] {cell.name}"
         slots[i] = _earlier_result(cell, configs[i], out / "runs" / cell.name, tag, log)
         if slots[i] is None:
-            todo.append(i)
-
-    if jobs == 1 or len(todo) <= 1:
-        for i in todo:
-            try:
-                finish(i, _run_cell(configs[i], str(out / "runs" / grid[i].name), None, progress), None, None)
-            except Exception as e:
-                finish(i, None, f"{type(e).__name__}: {e}", traceback.format_exc())
-    else:
-        _run_in_workers(grid, configs, todo, out, jobs=jobs, gpus=gpus, log=log, finish=finish)
+            todo.append(CellJob(i, cell.name, configs[i], out / "runs" / cell.name))
+    executor.run(todo, log=log, progress=progress,
+                 finish=lambda job, summary, error, trace, where="": finish(job.index, summary, error, trace, where))
     return [r for r in slots if r is not None]
 
 
@@ -267,53 +189,19 @@ def _earlier_result(cell: Cell, cfg: RunConfig, run_dir: Path, tag: str,
 
 
 def _finish_cell(cell: Cell, run_dir: Path, tag: str, summary: dict[str, Any] | None, error: str | None,
-                 trace: str | None, log: Callable[[str], None]) -> CellResult:
+                 trace: str | None, log: Callable[[str], None], where: str = "") -> CellResult:
+    """A cell's outcome as its row and its line; ``where``: the executor's word on where it ran."""
     if error is None:
         acc = (f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy")
                else "accuracy kept by the clients")
-        log(f"{tag}: {acc}{_where(summary)}")
+        log(f"{tag}: {acc}{_where(summary, where)}")
     elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
-        log(f"{tag}: diverged ({error})")
+        log(f"{tag}: diverged ({error}){where and f' ({where})'}")
     else:  # a failed cell is a row, not the end of the grid
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "error.txt").write_text(trace or error)
-        log(f"{tag}: FAILED ({error})")
+        log(f"{tag}: FAILED ({error}){where and f' ({where})'}")
     return CellResult(cell, run_dir, summary, error)
-
-
-def _run_in_workers(grid: list[Cell], configs: list[RunConfig], todo: list[int], out: Path, *, jobs: int,
-                    gpus: int | None, log: Callable[[str], None], finish: Callable) -> None:
-    """The cells ``todo`` in ``jobs`` spawned worker processes (spread over the GPUs where there are)."""
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    # spawn: a fresh interpreter per worker (forking a process that has started torch's thread pools is unsafe)
-    mp = multiprocessing.get_context("spawn")
-    pin = {}
-    if gpus is None:
-        import torch
-
-        gpus = torch.cuda.device_count()
-    named = any(str(configs[i].device).startswith("cuda:") for i in todo)
-    if gpu_slots(jobs, gpus) and not named:
-        given = mp.Queue()
-        for gpu in gpu_slots(jobs, gpus):
-            given.put(gpu)
-        pin = {"initializer": _pin_worker, "initargs": (given,)}
-        log(f"{jobs} workers on {gpus} GPU(s): worker k sees GPU k mod {gpus} alone")
-    elif gpus and named:
-        log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp, **pin) as pool:
-        _pretrain_first([configs[i] for i in todo], pool, threads, log)
-        futures = {i: pool.submit(_run_cell, configs[i], str(out / "runs" / grid[i].name), threads)
-                   for i in todo}
-        for i, f in futures.items():
-            try:
-                finish(i, f.result(), None, None)
-            except Exception as e:
-                finish(i, None, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e)))
 
 
 class Grid:
@@ -349,7 +237,7 @@ class Grid:
 
 
 def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[str], None] = print,
-             progress: bool = False, jobs: int = 1) -> Path:
+             progress: bool = False, jobs: int = 1, executor: Executor | None = None) -> Path:
     """Run every feasible cell of ``grid`` (reusing finished ones), read each cell's row — in the
     grid's order, infeasible cells included — and write the grid's outputs; returns the folder."""
     out = Path(out_dir or grid.settings.out_dir)
@@ -357,7 +245,8 @@ def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[st
     (out / grid.settings_file).write_text(yaml.safe_dump(grid.settings_record(), sort_keys=False))
     cells = grid.cells()
     done = {r.cell.name: r for r in run_cells([c for c in cells if c.infeasible is None], out, log=log,
-                                                  progress=progress and grid.shows_progress, jobs=jobs)}
+                                                  progress=progress and grid.shows_progress, jobs=jobs,
+                                                  executor=executor)}
     rows = []
     for c in cells:
         r = done.get(c.name)

@@ -187,7 +187,7 @@ def test_cells_in_parallel_give_the_sequential_table_and_pretrain_each_backbone_
     count of 2 GPUs each worker sees one of them (round-robin), and each cell records which."""
     import torch
 
-    from evaluations.sweep import gpu_slots
+    from evaluations.executors import gpu_slots
 
     assert gpu_slots(3, 2) == [0, 1, 0] and gpu_slots(2, 4) == [0, 1] and gpu_slots(2, 0) == []
     path = sweep_file(tmp_path)

@@ -1,0 +1,196 @@
+"""Where a grid's cells run: the cell body every executor calls (:func:`run_cell`), and
+:class:`LocalExecutor` — one after another in this process, or ``--jobs N`` spawned worker
+processes spread over the machine's GPUs. ``evaluations.ray_executor.RayExecutor`` runs the same
+cell body as Ray tasks across machines (``--executor ray``).
+
+An executor's ``run(jobs, log=, finish=)`` runs each :class:`CellJob` and hands every outcome to
+``finish(job, summary, error, trace, where)``; the grid loop (``evaluations.sweep.run_cells``) writes
+the rows, reuses finished cells and resumes those cut short — the same whatever the executor."""
+from __future__ import annotations
+
+import shutil
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from evaluations.plugins import load_plugins
+from pfedpg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pfedpg.config import RunConfig
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity (a key of the workers' futures)
+class CellJob:
+    """One cell to run: its position in the grid, its name, its typed config and its run directory."""
+
+    index: int
+    name: str
+    config: RunConfig
+    run_dir: Path
+
+
+Finish = Callable[..., None]  # finish(job, summary, error, trace, where="")
+
+
+class Executor(Protocol):
+    """What :func:`evaluations.sweep.run_cells` needs of an executor."""
+
+    name: str
+
+    def check(self, configs: list[RunConfig]) -> None:
+        """Refuse, before any cell runs, configs this executor cannot run (a one-line ConfigError)."""
+
+    def run(self, jobs: list[CellJob], *, log: Callable[[str], None], finish: Finish, progress: bool) -> None:
+        """Run every job; each outcome goes to ``finish`` (an error is an outcome, not an exception)."""
+
+
+def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bool = False,
+                 resume: bool = False, restart: bool = False) -> dict[str, Any]:
+    """One run on the engine ``cfg.engine`` names; returns its summary."""
+    if cfg.engine == "flower":
+        from evaluations.flower.app import run_flower
+
+        return run_flower(cfg, run_dir, log=log, resume=resume)
+    from pfedpg.run import Trainer
+
+    return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume, restart=restart)
+
+
+def set_threads(cfg, share: int | None) -> None:
+    """torch threads for a worker: the config's ``threads``, else its share of the cores. Pretraining
+    too — a worker left at torch's default (all cores) oversubscribes the machine N-fold."""
+    if cfg.threads is not None or share is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads if cfg.threads is not None else share)
+
+
+def run_cell(cfg: RunConfig, run_dir: str, threads: int | None, progress: bool = False) -> dict[str, Any]:
+    """One cell, start to finish (also the body of a worker process or a Ray task, which gets the
+    typed config as it was built once for the cell): runs, resuming a cell cut short, and writes its
+    report. ``threads`` sets torch's threads when the config leaves them open."""
+    from evaluations.report import write_report
+    from pfedpg.run import latest_checkpoint
+
+    load_plugins()
+    set_threads(cfg, threads)
+    rd = Path(run_dir)
+    # A cell cut short resumes from its latest checkpoint (in-process runs).
+    started = (rd / "metrics.jsonl").exists() and latest_checkpoint(rd) is not None
+    if not started and rd.exists():  # cut short before its first checkpoint: nothing to resume
+        shutil.rmtree(rd)
+    summary = run_training(cfg, rd, log=lambda m: None, progress=progress, resume=started)
+    write_report(rd)  # each cell is an ordinary run directory, report included
+    return summary
+
+
+def pretrain(cfg: RunConfig, threads: int | None) -> str:
+    from pfedpg.pretrain import pretrain_backbone
+
+    set_threads(cfg, threads)
+    return str(pretrain_backbone(cfg, log=lambda m: None))
+
+
+def backbones_needed(configs: list[RunConfig]) -> dict[Path, RunConfig]:
+    """The pretrained backbones (``weights: pretrain``) the cells need and this machine's cache lacks,
+    each with one config that trains it: each is trained once, before the cells start — two cells of
+    one seed must not pretrain the same cached file at the same time."""
+    from pfedpg.pretrain import cached_path
+
+    needed: dict[Path, RunConfig] = {}
+    for cfg in configs:
+        if cfg.model.weights == "pretrain" and not cached_path(cfg).is_file():
+            needed.setdefault(cached_path(cfg), cfg)
+    return needed
+
+
+def gpu_slots(jobs: int, gpus: int) -> list[int]:
+    """The GPU each of ``jobs`` worker processes is given, round-robin ([] without GPUs)."""
+    return [w % gpus for w in range(jobs)] if gpus > 0 else []
+
+
+def _pin_worker(slots) -> None:
+    """Worker initializer: this process sees one GPU (the next slot), before anything touches CUDA;
+    ``device: auto`` (or ``cuda``) then runs the cells it takes there."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
+
+
+def outcome(e: BaseException) -> tuple[None, str, str]:
+    """A cell that raised, as (summary, error, trace)."""
+    return None, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e))
+
+
+class LocalExecutor:
+    """``--executor local`` (the default): ``jobs`` = 1 runs the cells one after another in this
+    process; ``jobs`` > 1 runs that many at once in spawned worker processes, and a cell whose config
+    leaves ``threads`` null then gets cores ÷ jobs torch threads. Results depend on the thread count,
+    so set ``threads`` in the config for numbers that do not depend on ``jobs``. On a machine with G
+    GPUs (``gpus``: None = as torch counts them) worker k sees GPU k mod G alone, so cells with
+    ``device: auto`` or ``cuda`` spread over the GPUs, one GPU per cell; a cell's line and its
+    ``summary.json`` (``device``) say where it ran. A grid whose cells name a GPU (``cuda:N``) is
+    not spread: every worker sees every GPU."""
+
+    name = "local"
+
+    def __init__(self, jobs: int = 1, gpus: int | None = None):
+        if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+            raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
+        self.jobs, self.gpus = jobs, gpus
+
+    def check(self, configs: list[RunConfig]) -> None:
+        return None
+
+    def run(self, jobs: list[CellJob], *, log: Callable[[str], None], finish: Finish, progress: bool) -> None:
+        if self.jobs == 1 or len(jobs) <= 1:
+            for job in jobs:
+                try:
+                    finish(job, run_cell(job.config, str(job.run_dir), None, progress), None, None)
+                except Exception as e:
+                    finish(job, *outcome(e))
+            return
+        self._in_workers(jobs, log=log, finish=finish)
+
+    def _in_workers(self, jobs: list[CellJob], *, log: Callable[[str], None], finish: Finish) -> None:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        # spawn: a fresh interpreter per worker (forking a process that has started torch's thread pools is unsafe)
+        mp = multiprocessing.get_context("spawn")
+        pin, gpus = {}, self.gpus
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        named = any(str(job.config.device).startswith("cuda:") for job in jobs)
+        if gpu_slots(self.jobs, gpus) and not named:
+            given = mp.Queue()
+            for gpu in gpu_slots(self.jobs, gpus):
+                given.put(gpu)
+            pin = {"initializer": _pin_worker, "initargs": (given,)}
+            log(f"{self.jobs} workers on {gpus} GPU(s): worker k sees GPU k mod {gpus} alone")
+        elif gpus and named:
+            log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
+        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp, **pin) as pool:
+            needed = backbones_needed([job.config for job in jobs])
+            if needed:
+                log(f"pretraining {len(needed)} backbone(s) first")
+                for f in [pool.submit(pretrain, c, threads) for c in needed.values()]:
+                    f.result()
+            futures = {job: pool.submit(run_cell, job.config, str(job.run_dir), threads) for job in jobs}
+            try:
+                for job, f in futures.items():
+                    try:
+                        finish(job, f.result(), None, None)
+                    except Exception as e:
+                        finish(job, *outcome(e))
+            except KeyboardInterrupt:  # do not let the workers run the queued cells
+                for f in futures.values():
+                    f.cancel()
+                raise
+
