@@ -139,12 +139,12 @@ def cmd_plan(args) -> int:
 
 
 def cmd_flower_certs(args) -> int:
-    from evaluations.flower.certs import make_certificates
+    from evaluations.flower.certs import deployment_commands, make_certificates
 
-    files = make_certificates(args.out_dir, hosts=args.host or ["127.0.0.1", "localhost"], nodes=args.nodes,
-                              days=args.days)
-    for name, path in files.items():
-        print(f"{name}: {path}")
+    hosts = args.host or ["127.0.0.1", "localhost"]
+    files = make_certificates(args.out_dir, hosts=hosts, nodes=args.nodes, days=args.days)
+    print("\n".join([f"{name}: {path}" for name, path in files.items()]
+                    + deployment_commands(args.out_dir, hosts[0], args.nodes)))
     return 0
 
 
@@ -310,8 +310,8 @@ def flower_certs(**kw) -> int:
     """Make a CA, a SuperLink certificate and SuperNode keys for a TLS deployment.
 
     Writes ca.crt/ca.key, server.pem/server.key (the SuperLink's certificate for every --host) and
-    node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC P-384) into OUT_DIR. See
-    the README's Flower "Deployment" part."""
+    node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC P-384) into OUT_DIR, and prints the commands
+    that use them (SuperLink with TLS and --enable-supernode-auth; README, Flower "Deployment")."""
     return cmd_flower_certs(SimpleNamespace(**{**kw, "host": list(kw["host"])}))
 
 

@@ -537,18 +537,19 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
     # 2 clients, 2 rounds, evaluated after the last
     cfg = tiny_config(threads=1, eval_every=2, **{"data.num_domains": 2})
     certs = tmp_path / "certs"
-    make_certificates(certs, nodes=3)
+    make_certificates(certs, nodes=2)
     nodes = write_node_files(cfg, tmp_path)
     # Node 0 keeps its client alive in a long-running worker; node 1 builds it in every ClientApp.
     sock = Path(f"/tmp/pfedpg-test-{os.getpid()}-{_free_port()}.sock")
     nodes[0]["worker"] = str(sock)
-    fed = Federation(tmp_path, clients=2, certs=certs, auth=True, node_configs=nodes)
+    fed = Federation(tmp_path, clients=2, certs=certs, node_configs=nodes)
     try:
-        # A SuperNode whose key was never registered is turned away.
+        assert "--enable-supernode-auth" in fed.link.args  # certificates given: node authentication on
+        # A SuperNode that dials with the CA but no registered key (one that would register itself)
+        # is turned away by node authentication.
         # (Its output goes to a file: a SuperExec child may hold a pipe open after the node exits.)
         rogue = fed._start("rogue", [BIN / "flower-supernode", "--root-certificates", certs / "ca.crt",
-                                     "--auth-supernode-private-key", certs / "node2.key", "--superlink",
-                                     f"127.0.0.1:{fed.port}", "--port", str(_free_port()),
+                                     "--superlink", f"127.0.0.1:{fed.port}", "--port", str(_free_port()),
                                      "--node-config", "partition-id=0"])
         # (It is turned away while the run goes on: the run does not wait for it.)
         try:
@@ -562,7 +563,7 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
                 os.killpg(rogue.pid, signal.SIGKILL)
     finally:
         codes = fed.shutdown()
-    assert rogue_code != 0 and "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
+    assert rogue_code != 0 and AUTH_REFUSAL in (tmp_path / "rogue.log").read_text()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plaintext" not in proc.stderr  # TLS: no insecure warning
     # The worker ends with its SuperNode.
@@ -582,6 +583,48 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
     assert "Application shutdown complete" in (tmp_path / "superlink.log").read_text()
     time.sleep(1)
     assert fed.leftovers() == []
+
+
+#: What a SuperNode logs when a SuperLink with --enable-supernode-auth refuses to let it register
+#: itself (Flower 1.42, ApiErrorCode 2001).
+AUTH_REFUSAL = "[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered via the CLI."
+
+
+def test_the_toolkit_runs_supernode_auth_whenever_it_has_certificates(tmp_path, capsys):
+    """Every SuperLink command the toolkit starts (Federation), prints (flower-certs) or documents
+    (README) with certificates carries --enable-supernode-auth; without certificates, --insecure."""
+    import shlex
+
+    from evaluations.cli import main
+    from evaluations.flower.certs import superlink_args, supernode_args
+
+    assert superlink_args(None) == supernode_args(None, 0) == ["--insecure"]
+    assert "--enable-supernode-auth" in superlink_args("certs") and "--ssl-certfile" in superlink_args("certs")
+    assert supernode_args("certs", 1) == ["--root-certificates", "certs/ca.crt",
+                                          "--auth-supernode-private-key", "certs/node1.key"]
+    out_dir = tmp_path / "c"
+    assert main(["flower-certs", str(out_dir), "--nodes", "2", "--host", "link.example"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def printed(label):
+        return [shlex.split(ln.split(":", 1)[1]) for ln in lines if ln.startswith(f"  {label}:")]
+
+    assert printed("server") == [["flower-superlink", *superlink_args(out_dir)]]
+    registers = [shlex.split(ln) for ln in lines if ln.lstrip().startswith("flwr supernode register")]
+    assert registers == [["flwr", "supernode", "register", str(out_dir / f"node{n}.pub"), "fed"] for n in range(2)]
+    for n in range(2):
+        (node,) = printed(f"node {n}")
+        assert node[:7] == ["flower-supernode", *supernode_args(out_dir, n), "--superlink", "link.example:8000"]
+    # The README's deployment steps 2 and 4: the same flags.
+    readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    link = next(ln for ln in readme.splitlines() if ln.startswith("flower-superlink --ssl"))
+    assert shlex.split(link) == ["flower-superlink", *superlink_args("certs")]
+    node = next(ln for ln in readme.splitlines() if ln.startswith("flower-supernode --root"))
+    assert shlex.split(node)[:5] == ["flower-supernode", *supernode_args("certs", 0)]
+    # A federation with certificates but no key pair for a node is refused before anything starts.
+    with pytest.raises(ConfigError, match=r"node2\.key not found.*flower-certs NEW_DIR --nodes 3"):
+        Federation(tmp_path, clients=3, certs=out_dir)
+    assert not (tmp_path / "flwr_home").exists()
 
 
 def test_deployment_connection_settings_are_checked_first(tmp_path, capsys):

@@ -12,12 +12,20 @@ Writes into ``OUT_DIR``:
   the public key is registered with ``flwr supernode register node<i>.pub``).
 
 Good for a test federation or a first deployment; an organisation with its own PKI uses its own.
+
+:func:`superlink_args` / :func:`supernode_args` are the flags that use these files, the one source of
+the commands the toolkit starts (:class:`~evaluations.flower.local.Federation`) and prints
+(:func:`deployment_commands`, after ``flower-certs``): given certificates, the SuperLink always runs
+with ``--enable-supernode-auth``. Without it a TLS SuperLink admits any SuperNode that dials
+without a key (Flower 1.42 lets such a node register itself); a node *with* a key is refused
+unless the key was registered, auth or not, so such a node proves nothing about auth.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
 import re
+import shlex
 from pathlib import Path
 
 from pfedpg.errors import ConfigError
@@ -125,4 +133,41 @@ def make_certificates(out: str | Path, *, hosts: list[str] | tuple[str, ...] = (
     return files
 
 
-__all__ = ["make_certificates"]
+def superlink_args(certs: str | Path | None) -> list[str]:
+    """``flower-superlink``'s security flags: TLS with ``certs``' server certificate and SuperNode
+    authentication (only keys registered with ``flwr supernode register`` get in); ``None``:
+    plaintext, every node admitted (``--insecure``; Flower refuses node auth without TLS)."""
+    if certs is None:
+        return ["--insecure"]
+    c = Path(certs)
+    return ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
+            "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth"]
+
+
+def supernode_args(certs: str | Path | None, node: int) -> list[str]:
+    """``flower-supernode``'s security flags for node ``node``: the CA that signed the SuperLink's
+    certificate and the node's private key (``certs/node<node>.key``); ``None``: ``--insecure``."""
+    if certs is None:
+        return ["--insecure"]
+    c = Path(certs)
+    return ["--root-certificates", str(c / "ca.crt"), "--auth-supernode-private-key", str(c / f"node{node}.key")]
+
+
+def deployment_commands(certs: str | Path, host: str, nodes: int, port: int = 8000) -> list[str]:
+    """The README's deployment steps 2-4 for ``certs`` (what ``pfedpg-eval flower-certs`` prints)."""
+    address, c = f"{host}:{port}", Path(certs)
+    lines = ["next steps (README, Flower \"Deployment\"):",
+             "  server:   " + shlex.join(["flower-superlink", *superlink_args(c)]),
+             f"  register: with [superlink.fed] address = \"{address}\", root-certificates = \"{c / 'ca.crt'}\" "
+             "in FLWR_HOME/config.toml, on a machine that reaches the SuperLink:"]
+    lines += [f"            {shlex.join(['flwr', 'supernode', 'register', str(c / f'node{n}.pub'), 'fed'])}"
+              for n in range(nodes)]
+    lines += [f"  node {n}:   " + shlex.join(["flower-supernode", *supernode_args(c, n), "--superlink", address,
+                                              "--node-config", f"partition-id={n} data-path=<its records>"])
+              for n in range(nodes)]
+    if not nodes:
+        lines.append("  (no node keys: --nodes N makes one pair per SuperNode; only registered keys get in)")
+    return lines
+
+
+__all__ = ["deployment_commands", "make_certificates", "superlink_args", "supernode_args"]

@@ -6,7 +6,7 @@
   its own process — for the deployment tests and ``bench/flower_messages.py``, and for a user who
   wants to try a deployment on one machine before spreading it over several::
 
-    fed = Federation(Path("fed"), clients=2, certs=Path("certs"), auth=True)   # certs: flower-certs
+    fed = Federation(Path("fed"), clients=2, certs=Path("certs"))   # certs: flower-certs --nodes 2
     fed.train(cfg, Path("fed/run")); fed.shutdown()
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pfedpg.errors import ConfigError
 
 BIN = Path(sys.executable).parent
 
@@ -141,37 +143,44 @@ class LocalSuperLink:
 class Federation:
     """``flower-superlink`` and one ``flower-supernode`` per client, each its own process.
 
-    ``certs``: a directory from ``make_certificates`` — the SuperLink serves TLS with its server
-    certificate and (``auth``) admits only SuperNodes whose public keys were registered; each node
-    dials with the CA as root certificate and signs with its own key. ``node_configs``: each
-    node's --node-config (default ``partition-id=n``). ``env``: extra environment for every process
-    (e.g. ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``)."""
+    ``certs``: a directory from ``make_certificates`` with a key pair per node — the SuperLink serves
+    TLS with its server certificate and, always with certificates, admits only SuperNodes whose
+    public keys were registered (``--enable-supernode-auth``: :func:`~evaluations.flower.certs.superlink_args`);
+    each node dials with the CA as root certificate and signs with its own key. Without ``certs``
+    all is plaintext (``--insecure``). ``node_configs``: each node's --node-config (default
+    ``partition-id=n``). ``env``: extra environment for every process (e.g.
+    ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``)."""
 
-    def __init__(self, tmp_path: Path, clients: int, *, certs: Path | None = None, auth: bool = False,
+    def __init__(self, tmp_path: Path, clients: int, *, certs: Path | None = None,
                  node_configs: list[dict] | None = None, env: dict[str, str] | None = None):
+        from evaluations.flower.certs import superlink_args, supernode_args
+
+        certs = None if certs is None else Path(certs)
+        node_configs = node_configs or [{"partition-id": n} for n in range(clients)]
+        missing = [certs / f"node{n}.{x}" for n in range(len(node_configs)) for x in ("key", "pub")
+                   if certs is not None and not (certs / f"node{n}.{x}").is_file()]
+        if missing:
+            raise ConfigError(f"Federation: {missing[0]} not found; every SuperNode needs its key pair: make them "
+                              f"with `pfedpg-eval flower-certs NEW_DIR --nodes {len(node_configs)}`")
         self.home = tmp_path / "flwr_home"
         self.home.mkdir()
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     **(env or {})}
         self.port = free_port()
         self.logs, self.certs = tmp_path, certs
-        if certs is None:
-            link_tls, node_tls = ["--insecure"], ["--insecure"]
-        else:
-            link_tls = ["--ssl-ca-certfile", certs / "ca.crt", "--ssl-certfile", certs / "server.pem",
-                        "--ssl-keyfile", certs / "server.key"] + (["--enable-supernode-auth"] if auth else [])
-            node_tls = ["--root-certificates", certs / "ca.crt"]
-        self.link = self._start("superlink", [BIN / "flower-superlink", *link_tls, "--port", str(self.port)])
-        self._wait_listening()
-        if auth:
-            for n in range(clients):
-                self.register(certs / f"node{n}.pub")
-        node_configs = node_configs or [{"partition-id": n} for n in range(clients)]
+        self.link = self._start("superlink", [BIN / "flower-superlink", *superlink_args(certs),
+                                              "--port", str(self.port)])
         self.nodes = []
+        try:
+            self._wait_listening()
+            for n in range(len(node_configs) if certs is not None else 0):
+                self.register(certs / f"node{n}.pub")
+        except BaseException:
+            self.shutdown()
+            raise
         for n, nc in enumerate(node_configs):
-            key = ["--auth-supernode-private-key", certs / f"node{n}.key"] if auth else []
             self.nodes.append(self._start(f"supernode{n}", [
-                BIN / "flower-supernode", *node_tls, *key, "--superlink", f"127.0.0.1:{self.port}",
+                BIN / "flower-supernode", *supernode_args(certs, n), "--superlink", f"127.0.0.1:{self.port}",
                 "--port", str(free_port()),
                 "--node-config", " ".join(f"{k}={v}" if isinstance(v, int) else f'{k}="{v}"' for k, v in nc.items())]))
 
