@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -546,7 +547,8 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
     try:
         assert "--enable-supernode-auth" in fed.link.args  # certificates given: node authentication on
         # A SuperNode that dials with the CA but no registered key (one that would register itself)
-        # is turned away by node authentication.
+        # is turned away by node authentication, and only by it (shown by
+        # test_supernode_auth_is_what_turns_an_unregistered_node_away).
         # (Its output goes to a file: a SuperExec child may hold a pipe open after the node exits.)
         rogue = fed._start("rogue", [BIN / "flower-supernode", "--root-certificates", certs / "ca.crt",
                                      "--superlink", f"127.0.0.1:{fed.port}", "--port", str(_free_port()),
@@ -586,8 +588,134 @@ def test_deployment_with_node_local_data_tls_and_node_authentication(tmp_path):
 
 
 #: What a SuperNode logs when a SuperLink with --enable-supernode-auth refuses to let it register
-#: itself (Flower 1.42, ApiErrorCode 2001).
+#: itself (Flower 1.42, ApiErrorCode 2001), and when it activates a key the SuperLink does not know (2004).
 AUTH_REFUSAL = "[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered via the CLI."
+UNKNOWN_KEY = "[code: 2004] Failed to activate SuperNode."
+
+
+def _process(log: Path, cmd, env) -> subprocess.Popen:
+    with open(log, "w") as out:  # a file, not a pipe: a SuperExec child may outlive its SuperNode
+        return subprocess.Popen([str(c) for c in cmd], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _admitted_or_refused(proc: subprocess.Popen, log: Path, timeout: float = 120) -> str:
+    """Waits until the SuperNode is in (it logs the id the SuperLink gave it) or has exited; its log."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and "SuperNode ID:" not in log.read_text():
+        time.sleep(0.2)
+    return log.read_text()
+
+
+def _node_id(log: str) -> str | None:
+    m = re.search(r"SuperNode ID: (\d+)", log)
+    return m and m.group(1)
+
+
+def _end(*procs: subprocess.Popen) -> None:
+    from evaluations.flower.local import _stop
+
+    for p in procs:
+        _stop(p)
+        try:  # what is left of its process group (its SuperExec)
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@DEPLOY
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
+def test_supernode_auth_is_what_turns_an_unregistered_node_away(tmp_path):
+    """The SuperLink the toolkit starts with certificates, and the same command without
+    --enable-supernode-auth: the same keyless SuperNode command (TLS, the right CA) is refused by
+    the first with the auth refusal and admitted by the second. A node with a key that was never
+    registered is refused by both (a keyed node never registers itself in Flower 1.42): its refusal
+    proves nothing about auth — the observable the deployment test had before."""
+    from evaluations.flower.certs import make_certificates
+    from evaluations.flower.local import wait_listening
+
+    certs = tmp_path / "certs"
+    make_certificates(certs, nodes=2)  # node 0 registered by the Federation; node 1 never
+    (tmp_path / "on").mkdir()
+    fed = Federation(tmp_path / "on", clients=1, certs=certs)
+    procs = []
+    try:
+        on_cmd = list(fed.link.args)
+        off_cmd = [a for a in on_cmd if a != "--enable-supernode-auth"]
+        assert len(off_cmd) == len(on_cmd) - 1
+        off_port = _free_port()
+        off_cmd[off_cmd.index("--port") + 1] = str(off_port)
+        off = tmp_path / "off"
+        off.mkdir()
+        procs.append(_process(off / "superlink.log", off_cmd, {**fed.env, "FLWR_HOME": str(off)}))
+        wait_listening(procs[0], off_port, off / "superlink.log")
+        logs = {}
+        for where, port in (("on", fed.port), ("off", off_port)):
+            node = [BIN / "flower-supernode", "--root-certificates", certs / "ca.crt",
+                    "--superlink", f"127.0.0.1:{port}"]
+            for who, key in (("keyless", []), ("unregistered", ["--auth-supernode-private-key", certs / "node1.key"])):
+                log = tmp_path / where / f"{who}.log"
+                procs.append(_process(log, [*node, *key, "--port", str(_free_port())], fed.env))
+                logs[where, who] = (procs[-1], log)
+        seen = {k: _admitted_or_refused(p, log) for k, (p, log) in logs.items()}
+        alive = {k: p.poll() is None for k, (p, _) in logs.items()}
+        node0 = _admitted_or_refused(fed.nodes[0], tmp_path / "on" / "supernode0.log")
+    finally:
+        _end(*procs)
+        fed.shutdown()
+    on_log = (tmp_path / "on" / "superlink.log").read_text()
+    off_log = (tmp_path / "off" / "superlink.log").read_text()
+    # Auth on: the registered node is in; the keyless node is refused by node authentication.
+    assert _node_id(node0) and f"Activated node_id={_node_id(node0)}" in on_log
+    assert AUTH_REFUSAL in seen["on", "keyless"] and not alive["on", "keyless"]
+    assert _node_id(seen["on", "keyless"]) is None
+    # Auth off (the only difference): the same command registers itself and the SuperLink activates it.
+    assert "SuperNode authentication is disabled" in off_log and "authentication is disabled" not in on_log
+    nid = _node_id(seen["off", "keyless"])
+    assert nid and f"Activated node_id={nid}" in off_log and alive["off", "keyless"], seen["off", "keyless"][-2000:]
+    # An unregistered key is refused either way, with the same message: no proof of auth.
+    for where in ("on", "off"):
+        assert UNKNOWN_KEY in seen[where, "unregistered"] and not alive[where, "unregistered"]
+
+
+@DEPLOY
+@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink is not installed in this venv")
+def test_a_tls_superlink_refuses_a_plaintext_supernode(tmp_path):
+    """The toolkit's SuperLink (TLS, node auth): node 0 dials with TLS and its registered key and is
+    in. One keyless node command, dialled with TLS (the CA), reaches the SuperLink and is answered
+    (the auth refusal); dialled plaintext (--insecure) it is dropped at the transport: it reads no
+    answer and the SuperLink logs no request from it. A plaintext node cannot bring a key either:
+    flower-supernode itself refuses --insecure with --auth-supernode-private-key."""
+    from evaluations.flower.certs import make_certificates
+
+    certs = tmp_path / "certs"
+    make_certificates(certs, nodes=1)
+    fed = Federation(tmp_path, clients=1, certs=certs)
+    procs = {}
+    try:
+        # --max-retries 0: a plaintext node otherwise retries a dropped connection forever
+        for name, transport in (("plain", ["--insecure"]), ("tls", ["--root-certificates", certs / "ca.crt"]),
+                                ("plain_key", ["--insecure", "--auth-supernode-private-key", certs / "node0.key"])):
+            procs[name] = _process(tmp_path / f"{name}.log", [
+                BIN / "flower-supernode", *transport, "--superlink", f"127.0.0.1:{fed.port}",
+                "--port", str(_free_port()), "--max-retries", "0"], fed.env)
+        node0 = _admitted_or_refused(fed.nodes[0], tmp_path / "supernode0.log")
+        seen = {name: _admitted_or_refused(p, tmp_path / f"{name}.log") for name, p in procs.items()}
+        codes = {name: p.poll() for name, p in procs.items()}
+    finally:
+        _end(*procs.values())
+        fed.shutdown()
+    link_log = (tmp_path / "superlink.log").read_text()
+    assert _node_id(node0) and f"Activated node_id={_node_id(node0)}" in link_log
+    assert "Starting insecure channel" in seen["plain"] and codes["plain"] not in (None, 0)
+    assert "Failed to initialize the connection to the SuperLink.\nServer disconnected without sending a response." \
+        in seen["plain"] and _node_id(seen["plain"]) is None
+    assert AUTH_REFUSAL in seen["tls"] and codes["tls"] not in (None, 0)
+    assert "Node authentication can only be used when TLS is enabled" in seen["plain_key"] and codes["plain_key"]
+    # What reached the SuperLink's HTTP layer: the TLS node's registration (refused) and node 0's
+    # activation — nothing from the plaintext node, which would have asked to register too.
+    calls = re.findall(r'"POST /v1/fleet/(register-node|activate-node) HTTP/1.1" (\d+)', link_log)
+    assert sorted(calls) == [("activate-node", "200"), ("register-node", "412")], calls
 
 
 def test_the_toolkit_runs_supernode_auth_whenever_it_has_certificates(tmp_path, capsys):
