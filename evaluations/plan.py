@@ -204,7 +204,7 @@ def _time_steps(trainer, cfg: RunConfig, steps: int) -> dict[str, Any]:
 
     now = _timer(trainer.device)
     clients = trainer.clients  # (in-process: their records, states and the shared model)
-    bs, ebs = cfg.client.batch_size, cfg.client.eval_batch_size
+    bs, ebs = cfg.client.batch_size, cfg.client.eval_batch
     x, y = clients.records.train_data[0]
     m = min(len(y), (steps + 1) * bs)
     st = clients.states[0]
@@ -227,8 +227,8 @@ def _time_steps(trainer, cfg: RunConfig, steps: int) -> dict[str, Any]:
     if any(s.name == "dp_sgd" for s in cfg.hook_specs):
         out["dp_step_s"] = per_step(True)
     xe, ye = clients.records.test_data[0]
-    k = min(ebs, len(ye))  # one evaluation batch (at most eval_batch_size records)
-    evaluate(clients.model, xe[:k], ye[:k], batch_size=ebs)  # warm-up
+    k = min(ebs * -(-32 // ebs), len(ye))  # at least 32 records (a small batch alone times noisily), in batches of ebs
+    evaluate(clients.model, xe[:min(k, ebs)], ye[:min(k, ebs)], batch_size=ebs)  # warm-up
     t = now()
     evaluate(clients.model, xe[:k], ye[:k], batch_size=ebs)
     out.update(eval_record_s=(now() - t) / max(1, k), eval_records_timed=k)
@@ -356,7 +356,7 @@ def render(p: dict[str, Any]) -> str:
     lines += mem
     lines.append(f"time       on {m['device']}: {m['train_step_s'] * 1e3:.1f} ms per local step "
                  f"(batch size {m['batch_size']}), {m['eval_record_s'] * 1e3:.2f} ms per evaluated record "
-                 f"(a batch of {m['eval_records_timed']})"
+                 f"({m['eval_records_timed']} records in batches of {m['eval_batch_size']})"
                  + (f", {m['dp_step_s'] * 1e3:.1f} ms per DP-SGD step "
                     f"({m['dp_step_s'] / m['train_step_s']:.2f}× a plain step)"
                     if "dp_step_s" in m else "") + f" (timed on {m['measured_records']} records of client 0)")

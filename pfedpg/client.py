@@ -26,7 +26,9 @@ class ClientConfig:
     weight_decay: float = 1e-3
     batch_size: int = 64
     local_epochs: int = 1  # E (paper: 5)
-    eval_batch_size: int = 256
+    # records per evaluation batch; null = batch_size, so that evaluation (forward only) never needs
+    # more activation memory than a training step (a smaller batch_size lowers both)
+    eval_batch_size: int | None = None
 
     def __post_init__(self):
         for key in ("lr", "weight_decay", "momentum"):
@@ -42,8 +44,14 @@ class ClientConfig:
             raise ConfigError(f"client.momentum={self.momentum} must be < 1")
         for key in ("batch_size", "local_epochs", "eval_batch_size"):
             v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"client.{key}={v!r} must be a positive integer")
+            if (v is not None or key != "eval_batch_size") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"client.{key}={v!r} must be a positive integer"
+                                  + (" (or null = client.batch_size)" if key == "eval_batch_size" else ""))
+
+    @property
+    def eval_batch(self) -> int:
+        """Records per evaluation batch: ``eval_batch_size``, or ``batch_size`` where it is null."""
+        return self.eval_batch_size if self.eval_batch_size is not None else self.batch_size
 
 
 @dataclass
@@ -137,14 +145,15 @@ def sgd_local_training(job: LocalJob, cfg: ClientConfig) -> LocalResult:
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) of the model as loaded, on records ``x`` (uint8 at their
     stored size, or model-ready floats). A sample whose logits are not all finite counts as wrong
-    (argmax would read NaN as the largest value and could guess right)."""
+    (argmax would read NaN as the largest value and could guess right). The loss is the exactly
+    rounded sum of the per-record losses (``math.fsum``), so the batch size does not change it."""
     model.eval()
-    correct, loss = 0, 0.0
+    correct, losses = 0, []
     for i in range(0, x.shape[0], batch_size):
         logits = model(x[i:i + batch_size])
         yb = y[i:i + batch_size].to(logits.device, non_blocking=True)
         right = (logits.argmax(1) == yb) & torch.isfinite(logits).all(1)
         correct += int(right.sum())
-        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        losses.append(F.cross_entropy(logits.float(), yb, reduction="none").double().cpu())
     n = max(1, x.shape[0])
-    return correct / n, loss / n
+    return correct / n, math.fsum(torch.cat(losses).tolist()) / n if losses else 0.0

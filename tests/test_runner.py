@@ -372,3 +372,50 @@ def test_a_server_step_that_blows_up_in_the_last_round_is_a_divergence_of_that_r
             Trainer(cfg, run_dir=tmp_path / "r").run()
     div = json.loads((tmp_path / "r" / "diverged.json").read_text())
     assert div["round"] == 2 and len(div["accuracy_per_client"]) == 3
+
+
+def test_evaluation_batch_follows_the_training_batch_and_does_not_change_the_numbers(tmp_path):
+    """client.eval_batch_size null (the default) evaluates in batches of client.batch_size, so a
+    smaller training batch lowers the evaluation's peak too; any batch size gives the same accuracy
+    and (per-record losses summed exactly) the same loss."""
+    from pfedpg.client import ClientConfig, evaluate
+
+    assert ClientConfig(batch_size=4).eval_batch == 4
+    assert ClientConfig(batch_size=4, eval_batch_size=256).eval_batch == 256
+    with pytest.raises(ConfigError, match=r"client.eval_batch_size=0 must be a positive integer \(or null"):
+        ClientConfig(eval_batch_size=0)
+    runs = {}
+    for name, ebs in (("follows", None), ("one_batch", 4096), ("sevens", 7)):
+        cfg = tiny_config(**{"client.eval_batch_size": ebs, "checkpoint_every": 0})
+        t = Trainer(cfg, run_dir=tmp_path / name)
+        if name == "follows":
+            seen = []
+            original = type(t.clients).evaluate_one
+
+            def spy(self, n, generated, _orig=original):
+                seen.append(self.cfg.client.eval_batch)
+                return _orig(self, n, generated)
+
+            type(t.clients).evaluate_one = spy
+            try:
+                t.run()
+            finally:
+                type(t.clients).evaluate_one = original
+            assert seen and set(seen) == {cfg.client.batch_size}
+        else:
+            t.run()
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r for r in rows if r["type"] == "client" and "acc_adapted" in r]
+    assert runs["follows"]
+    for name in ("one_batch", "sevens"):
+        for a, b in zip(runs["follows"], runs[name], strict=True):
+            assert (a["acc_adapted"], a.get("acc_generated")) == (b["acc_adapted"], b.get("acc_generated"))
+            for key in ("loss_adapted", "loss_generated"):
+                assert a.get(key) == pytest.approx(b.get(key), rel=1e-6)
+    x = torch.randint(0, 256, (37, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 10, (37,))
+    model = t.clients.model
+    results = {bs: evaluate(model, x, y, batch_size=bs) for bs in (1, 5, 16, 37, 256)}
+    assert len({acc for acc, _ in results.values()}) == 1
+    losses = [loss for _, loss in results.values()]
+    assert max(losses) - min(losses) <= 1e-6 * abs(losses[0])

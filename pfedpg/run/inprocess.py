@@ -153,14 +153,14 @@ class InProcessClients:
         """Accuracy of client n's personalised model (adapted prompt, head) on (x, y)."""
         st = self.states[n]
         load_into(self.model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
-        return evaluate(self.model, x, y, batch_size=self.cfg.client.eval_batch_size)[0]
+        return evaluate(self.model, x, y, batch_size=self.cfg.client.eval_batch)[0]
 
     def evaluate_one(self, n: int, generated: torch.Tensor | None) -> EvalRow:
         """Client n's evaluation row: its adapted prompt with its head, and the generated prompt
         ``generated`` (None for methods that send nothing) with the same head."""
         st, model = self.states[n], self.model
         x, y = self.records.test_data[n]
-        bs = self.cfg.client.eval_batch_size
+        bs = self.cfg.client.eval_batch
         load_into(model, prompt=st.prompt, head_weight=st.head_weight, head_bias=st.head_bias)
         acc, loss = evaluate(model, x, y, batch_size=bs)
         row = EvalRow(client=n, acc_adapted=acc, loss_adapted=loss, hook_metrics=self.hooks.client_metrics(

@@ -61,7 +61,7 @@ class JoinRounds:
         updates = server.joins_with_updates
         record = loop.ctx.joins.setdefault(n, [])
         initial = state["descriptor"].cpu().clone() if state is not None and "descriptor" in state else None
-        bs = cfg.client.eval_batch_size
+        bs = cfg.client.eval_batch
         rows = []
         for jr in range(R + 1):
             r = last + jr
