@@ -2,6 +2,8 @@
 
     python bench/golden.py make DIR     # runs the set below into DIR/runs and keeps the outputs in DIR
     python bench/golden.py check DIR    # runs the set again into a fresh folder and compares, bit for bit
+    python bench/golden.py check DIR --ignore loss_adapted loss_generated --keep NEW
+        # a change meant to move only these keys: everything else bit for bit; NEW: the new goldens
 
 The set (issue 25): configs/quickstart.yaml's summary.json, metrics.jsonl and final server state; the
 demo sweep's tradeoff.csv (configs/privacy_demo.yaml); configs/audit.yaml's audit.json; and
@@ -50,25 +52,37 @@ def produce(work: Path) -> dict[str, Path]:
             "robustness/robustness.csv": runs / "robustness" / "robustness.csv"}
 
 
-def _clean(obj):
+def _clean(obj, skip=frozenset()):
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items() if k not in VOLATILE}
+        return {k: _clean(v, skip) for k, v in obj.items() if k not in VOLATILE and k not in skip}
     if isinstance(obj, list):
-        return [_clean(v) for v in obj]
+        return [_clean(v, skip) for v in obj]
     return obj
 
 
-def load(name: str, path: Path):
-    """A golden file as comparable data."""
+def load(name: str, path: Path, skip=frozenset()):
+    """A golden file as comparable data (without the keys in ``skip``)."""
     if name.endswith(".pt"):
         state = torch.load(path, map_location="cpu", weights_only=True)
         return {"server": state["server"], "clients": state["clients"]}
     if name.endswith(".jsonl"):
-        return [_clean(json.loads(ln)) for ln in path.read_text().splitlines() if ln]
+        return [_clean(json.loads(ln), skip) for ln in path.read_text().splitlines() if ln]
     if name.endswith(".json"):
-        return _clean(json.loads(path.read_text()))
+        return _clean(json.loads(path.read_text()), skip)
     with open(path) as fh:
-        return [_clean(row) for row in csv.DictReader(fh)]
+        return [_clean(row, skip) for row in csv.DictReader(fh)]
+
+
+def first_difference(a, b, where: str = "") -> str | None:
+    """Where two loaded files first differ (a key path), for the report."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{where} keys {sorted(set(a) ^ set(b))}"
+        return next((d for k in a if (d := first_difference(a[k], b[k], f"{where}.{k}")) is not None), None)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := first_difference(x, y, f"{where}[{i}]"))
+                     is not None), None)
+    return None if same(a, b) else f"{where}: {str(a)[:60]} != {str(b)[:60]}"
 
 
 def same(a, b) -> bool:
@@ -85,7 +99,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=["make", "check"])
     ap.add_argument("dir", type=Path)
+    ap.add_argument("--ignore", nargs="*", default=[], metavar="KEY", help="keys a change is meant to move")
+    ap.add_argument("--keep", type=Path, metavar="NEW", help="check: also keep the new outputs as goldens in NEW")
     args = ap.parse_args()
+    skip = frozenset(args.ignore)
     if args.mode == "make":
         files = produce(args.dir)
         for name, path in files.items():
@@ -95,10 +112,16 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         files = produce(Path(tmp))
-        bad = [name for name, path in files.items() if not same(load(name, args.dir / name), load(name, path))]
+        diff = {name: first_difference(load(name, args.dir / name, skip), load(name, path, skip))
+                for name, path in files.items()}
+        if args.keep:
+            for name, path in files.items():
+                (args.keep / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, args.keep / name)
     for name in files:
-        print(f"{name}: {'DIFFERS' if name in bad else 'identical'}")
-    sys.exit(1 if bad else 0)
+        print(f"{name}: {'DIFFERS at ' + diff[name] if diff[name] else 'identical'}"
+              + (f" (ignoring {', '.join(sorted(skip))})" if skip else ""))
+    sys.exit(1 if any(diff.values()) else 0)
 
 
 if __name__ == "__main__":
