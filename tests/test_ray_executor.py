@@ -145,3 +145,21 @@ def test_what_the_ray_executor_refuses_before_any_cell_runs(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip()
     assert err == "error: --executor ray needs Ray: pip install -e '.[ray]' (the flower extra includes it); " \
                   "or use --executor local"
+
+
+def test_a_backbone_the_cells_share_is_pretrained_once_as_a_task(tmp_path, cluster):
+    from evaluations.ray_executor import RayExecutor
+
+    path = sweep_file(tmp_path, model={"weights": "pretrain", "kwargs": dict(TINY_MODEL), "num_prompts": 2},
+                      pretrain={"epochs": 1, "cache_dir": str(tmp_path / "cache")},
+                      data={"image_size": 8, "num_domains": 3, "max_train_per_client": 32, "max_test_per_client": 30,
+                            "public_fraction": 0.3})
+    tree = yaml.safe_load(path.read_text())
+    tree["privacy"].update(seeds=[0], baselines=["nonprivate"])
+    path.write_text(yaml.safe_dump(tree))
+    sweep, base = load_sweep(path)
+    logs = []
+    out = run_sweep(sweep, base, out_dir=tmp_path / "pre", log=logs.append, executor=RayExecutor())
+    assert sum("pretraining 1 backbone(s) first, as Ray tasks" in m for m in logs) == 1
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert [r["status"] for r in table(out)] == ["ok"] * 2
