@@ -139,5 +139,7 @@ def plot_roc(path: str | Path, curves: dict[str, tuple], *, title: str = "",
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the curves
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
+    with matplotlib.rc_context({"pdf.fonttype": 42}):  # a vector copy for a paper, as evaluations.plots.save_figure
+        fig.savefig(Path(path).with_suffix(".pdf"), bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
     return Path(path)

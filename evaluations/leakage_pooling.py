@@ -131,6 +131,8 @@ def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from evaluations.plots import save_figure
+
     def points(res):
         for p, r in res["probes"].items():
             for key in ("tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"):
@@ -171,5 +173,5 @@ def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: d
     if drawn:
         fig.legend(list(drawn.values()), list(drawn), fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path, bbox_inches="tight")
     plt.close(fig)

@@ -6,7 +6,8 @@ with ``seeds``, ``mechanisms``, ``target_epsilons`` / ``noise_multipliers``, ``b
 ``leakage_audit`` hook (``attacks.leakage``), which every cell runs at its end. Each cell is an
 ordinary run directory (with ``audit/audit.json``); the audit pools each probe's scores over seeds
 (and clients) per (mechanism, privacy level) — pooling is how low FPRs become resolvable — and
-writes ``audit.json``, ``roc_<group>.png``, ``tpr_vs_epsilon.png`` and ``report.md`` / ``.html``.
+writes ``audit.json``, ``audit.tex`` (the report's table, booktabs), ``roc_<group>.png``, ``tpr_vs_epsilon.png``
+(each also ``.pdf``) and ``report.md`` / ``.html``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from evaluations.latex import audit_table
 from evaluations.leakage_pooling import group_key, plot_tpr_vs_epsilon, pooled_probes
 from evaluations.plugins import load_plugins
 from evaluations.privacy import MECHANISMS, PrivacyCell, PrivacySweep, PrivacySweepConfig, cells
@@ -264,6 +266,7 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
                              f"TPR@0.1% {_tpr(r['tpr_at_0.1pct_fpr'])}; {r['n_targets'] - r['n_positives']} neg.")
         body.append(cells)
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
+    audit_table(out / "audit.tex", header, body, rows)  # the same cells, booktabs, for a paper
     md = ["# Leakage audit: pFedPG", "",
           "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; TPR at a "
           "given FPR (with its 95% bootstrap interval that refits the threshold: over seeds when pooled, over records "

@@ -4,7 +4,8 @@ Grid: seeds × {non-private pFedPG, ``local`` (sends nothing), clip-only (client
 level (target ε or noise multiplier). Each cell is one ordinary run directory under ``OUT/runs/``; a cell whose
 ``summary.json`` exists is reused, so an interrupted sweep resumes where it stopped and finished runs are never lost. A
 cell that fails becomes a ``failed`` row with its error. Outputs: ``tradeoff.csv`` (one row per run), ``tradeoff.md``
-(mean ± std over seeds), ``accuracy_vs_epsilon.png`` and ``report.md`` / ``report.html``."""
+(mean ± std over seeds) and ``tradeoff.tex`` (the same table, booktabs), ``accuracy_vs_epsilon.png`` (and ``.pdf``)
+and ``report.md`` / ``report.html``."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from evaluations.latex import privacy_table
 from evaluations.leakage_pooling import UNITS, group_key, plot_tpr_vs_epsilon, pooled_probes
+from evaluations.plots import save_figure
 from evaluations.report import html_page, img_tag, markdown_table, readable, run_header, write_grid_markdown
 from evaluations.sweep import Cell, CellResult, Grid, divergence, load_grid_file, run_grid
 from pfedpg.config import build_dataclass
@@ -331,7 +334,7 @@ def plot(path: Path, agg: list[dict[str, Any]]) -> None:
     if handles:
         fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
+    save_figure(fig, path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -350,6 +353,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     header, body = table_rows(agg)
     table = markdown_table(header, body)
     (out / "tradeoff.md").write_text(table + "\n")
+    privacy_table(out / "tradeoff.tex", header, body, rows)  # the same cells, booktabs, for a paper
     plot(out / "accuracy_vs_epsilon.png", agg)
     statements = privacy_statements(rows)
     failed = [r for r in rows if r["status"] == "failed"]  # errors; a diverged run is a result

@@ -8,7 +8,8 @@ m ≥ 2f + 3, Bulyan m ≥ 4f + 3, trimmed mean / median m ≥ 2f + 1 — is rec
 without running. Benign accuracy is over the non-malicious clients only; the attack success rate
 (backdoor) is measured on each benign client's own model. Delta-space ALIE / IPM / Min-Max act
 through the attacker's own Jacobian, so only grad space reproduces the published attacks.
-Outputs: ``robustness.csv``, ``robustness.md``, ``heatmap.png``, ``worst_case.png``, ``report.md``/``.html``.
+Outputs: ``robustness.csv``, ``robustness.md`` and ``robustness.tex`` (the same table, booktabs), ``heatmap.png``
+and ``worst_case.png`` (each also ``.pdf``), ``report.md``/``.html``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any, Callable
 import numpy as np
 
 from defenses.robust import AGGREGATION_RULES, min_clients
+from evaluations.latex import robustness_table
+from evaluations.plots import save_figure
 from evaluations.plugins import load_plugins
 from evaluations.report import html_page, img_tag, run_header
 from evaluations.sweep import Cell, CellResult, Grid, divergence, load_grid_file, run_grid
@@ -269,6 +272,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(r) + " |" for r in body])
     (out / "robustness.md").write_text(table + "\n")
+    robustness_table(out / "robustness.tex", header, body, rows)  # the same cells, booktabs, for a paper
     _plots(out, agg)
     md = ["# Robustness matrix: pFedPG", "",
           "Benign accuracy: mean over the non-malicious clients of their own test accuracy after the last round, "
@@ -318,7 +322,7 @@ def _plots(out: Path, agg) -> None:
     bar.set_ticks([0, 0.25, 0.5, 0.75, 1.0], labels=["0", "25", "50", "75", "100"])
     bar.set_label("benign accuracy %", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "heatmap.png")
+    save_figure(fig, out / "heatmap.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -337,5 +341,5 @@ def _plots(out: Path, agg) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "worst_case.png")
+    save_figure(fig, out / "worst_case.png")
     plt.close(fig)
