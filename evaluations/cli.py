@@ -81,7 +81,7 @@ def cmd_privacy(args) -> int:
     check_writable(args.out or sweep.out_dir, "sweep directory")
     out = run_sweep(sweep, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
     print((out / "tradeoff.md").read_text())
-    print(f"report: {out / 'report.md'} (and report.html, tradeoff.csv, accuracy_vs_epsilon.png)")
+    print(f"report: {out / 'report.md'} (and report.html, tradeoff.csv, tradeoff.tex, accuracy_vs_epsilon.png/.pdf)")
     return 1 if (out / "FAILED").exists() else 0
 
 
@@ -93,8 +93,8 @@ def cmd_audit(args) -> int:
     out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
     for group, res in json.loads((out / "audit.json").read_text())["groups"].items():
         print(group_line(group, res))
-    plots = ", roc_*.png, tpr_vs_epsilon.png" if (out / "tpr_vs_epsilon.png").exists() else ""
-    print(f"report: {out / 'report.md'} (and report.html, audit.json{plots})")
+    plots = ", roc_*.png/.pdf, tpr_vs_epsilon.png/.pdf" if (out / "tpr_vs_epsilon.png").exists() else ""
+    print(f"report: {out / 'report.md'} (and report.html, audit.json, audit.tex{plots})")
     return 1 if (out / "FAILED").exists() else 0
 
 
@@ -105,26 +105,15 @@ def cmd_robustness(args) -> int:
     check_writable(args.out or matrix.out_dir, "matrix directory")
     out = run_matrix(matrix, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
     print((out / "robustness.md").read_text())
-    print(f"report: {out / 'report.md'} (and report.html, robustness.csv, heatmap.png, worst_case.png)")
+    print(f"report: {out / 'report.md'} (and report.html, robustness.csv, robustness.tex, heatmap.png/.pdf, "
+          "worst_case.png/.pdf)")
     return 1 if ",failed," in (out / "robustness.csv").read_text() else 0
 
 
 def cmd_report(args) -> int:
-    from evaluations.report import write_report
+    from evaluations.regenerate import regenerate
 
-    d = Path(args.run_dir)
-    if not d.exists():
-        raise ConfigError(f"no such run directory {str(d)!r}; pass a run's directory (the one holding summary.json)")
-    if not d.is_dir():
-        raise ConfigError(f"{str(d)!r} is a file; pass the run directory that holds it")
-    kind = next((k for f, k in (("tradeoff.csv", "privacy sweep"), ("robustness.csv", "robustness matrix"),
-                                ("audit.yaml", "audit")) if (d / f).is_file()), None)
-    if kind is not None and not (d / "summary.json").is_file():
-        raise ConfigError(f"{str(d)!r} is a {kind} directory, not a run: its report is {d / 'report.md'}; rerun the "
-                          f"{kind.split()[0]} command to rewrite it, or pass one of its runs ({d / 'runs'}/<cell>)")
-    if not (d / "config.yaml").is_file() and not (d / "summary.json").is_file():
-        raise ConfigError(f"{str(d)!r} is not a run directory (no config.yaml); pass one written by pfedpg-eval train")
-    print(write_report(d))
+    print("\n".join(map(str, regenerate(args.run_dir, args.format))))
     return 0
 
 
@@ -209,7 +198,7 @@ def cli(quiet: bool, verbose: bool) -> None:
 def train(**kw) -> int:
     """Train one run (pFedPG or a baseline: fedvpt, local).
 
-    Writes config.yaml, metrics.jsonl, summary.json, learning_curve.png, report.md and checkpoints
+    Writes config.yaml, metrics.jsonl, summary.json, learning_curve.png/.pdf, report.md and checkpoints
     into the run directory."""
     if kw["resume"] and kw["restart"]:
         raise ConfigError("--resume and --restart contradict each other; pass one")
@@ -258,25 +247,28 @@ def _grid_command(name: str, func, what: str, short: str, long: str, example: st
 
 _grid_command("privacy", cmd_privacy, "sweep", "Accuracy-privacy trade-off sweep (client-level DP, DP-SGD, baselines)",
               "Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x {non-private, local, "
-              "clip-only} and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, accuracy_vs_epsilon.png, "
-              "report.md and report.html; rerunning the same command resumes, reusing finished runs. --set overrides "
-              "the base run config. Exit status 1 if a cell failed (it is a row in the table).",
+              "clip-only} and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, tradeoff.tex (the same "
+              "table, booktabs), accuracy_vs_epsilon.png and .pdf, report.md and report.html; rerunning the same "
+              "command resumes, reusing finished runs. --set overrides the base run config. Exit status 1 if a cell "
+              "failed (it is a row in the table).",
               "pfedpg-eval privacy --config configs/privacy_demo.yaml --jobs 2")
 _grid_command("audit", cmd_audit, "audit",
               "Leakage audit: membership, attribute, source, linkability probes, empirical ε",
               "Run the grid of an audit file (see configs/audit.yaml): seeds x {non-private, clip-only} and mechanism "
               "x privacy level, each run with the leakage_audit hook (audit.probes). Writes audit.json (per group and "
               "probe: auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr with bootstrap intervals that refit the threshold, "
-              "n_targets, threat_model), roc_<group>.png, tpr_vs_epsilon.png, report.md and report.html; rerunning "
+              "n_targets, threat_model), audit.tex (the report's table, booktabs), roc_<group>.png and "
+              "tpr_vs_epsilon.png (each also .pdf), report.md and report.html; rerunning "
               "resumes. audit.client_canaries / audit.gradient_canaries add the one-run audits "
               "(configs/audit_falsifiable.yaml): per group epsilon_lb, epsilon_cap, family, claimed_epsilon, can_fail, "
               "violation. --set overrides the base run config. Exit status 1 if a cell failed.",
               "pfedpg-eval audit --config configs/audit_positive_control.yaml --jobs 2")
 _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x malicious fractions x seeds",
               "Run the matrix of a robustness file (see configs/robustness.yaml). Writes robustness.csv, "
-              "robustness.md, heatmap.png, worst_case.png, report.md and report.html; infeasible (rule, f) cells are "
-              "rows, not crashes; a diverged cell is a result (the attack succeeded); rerunning resumes. --set "
-              "overrides the base run config. Exit status 1 if a cell failed.",
+              "robustness.md, robustness.tex (the same table, booktabs), heatmap.png and worst_case.png (each also "
+              ".pdf), report.md and report.html; infeasible (rule, f) cells are rows, not crashes; a diverged cell is "
+              "a result (the attack succeeded); rerunning resumes. --set overrides the base run config. Exit status 1 "
+              "if a cell failed.",
               "pfedpg-eval robustness --config configs/robustness.yaml --jobs 2")
 
 
@@ -315,12 +307,19 @@ def flower_certs(**kw) -> int:
     return cmd_flower_certs(SimpleNamespace(**{**kw, "host": list(kw["host"])}))
 
 
-@cli.command(short_help="(Re)write report.md and the plots of a finished run.",
-             epilog="Example: pfedpg-eval report runs/pfedpg-embedded-seed0")
-@click.argument("run_dir", metavar="RUN_DIR")
-def report(run_dir: str) -> int:
-    """(Re)write report.md and the plots of a finished run from its summary.json and metrics.jsonl."""
-    return cmd_report(SimpleNamespace(run_dir=run_dir))
+@cli.command(short_help="(Re)write the report of a finished run or grid, as Markdown, LaTeX or HTML.",
+             epilog="Example: pfedpg-eval report runs/demo --format latex")
+@click.argument("run_dir", metavar="DIR")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "latex", "html"]), default="markdown",
+              show_default=True, help="markdown: report.md, the Markdown table and the PNG plots; latex: the LaTeX "
+              "table (.tex) and the PDF plots; html: report.html (grids only)")
+def report(run_dir: str, fmt: str) -> int:
+    """(Re)write the report of a finished run (DIR holds summary.json) or grid (DIR holds the sweep.yaml,
+    audit.yaml or matrix.yaml its command wrote), from what the folder holds: nothing is trained.
+    A run: report.md and learning_curve.png/.pdf, or accuracy.tex. A grid: its rows are read back from
+    DIR/runs as a rerun reads them; tradeoff.tex / audit.tex / robustness.tex and each plot's PDF, or
+    its Markdown table, report.md and PNGs, or report.html."""
+    return cmd_report(SimpleNamespace(run_dir=run_dir, format=fmt))
 
 
 def main(argv: list[str] | None = None) -> int:
