@@ -133,12 +133,16 @@ def read_rows(grid, d: Path):
 
 
 def last_error(trace: str) -> str:
-    """A failed cell's one-line error (``ConfigError: ...``) from the traceback it left in error.txt."""
+    """A failed cell's error as its row holds it (``ConfigError: ...``, the message's lines kept), from
+    the traceback it left in error.txt: the last exception's line and the message lines after it."""
     lines = trace.rstrip("\n").splitlines()
-    start = max((i for i, ln in enumerate(lines) if ln and not ln[0].isspace()
-                 and not ln.startswith(("Traceback", "During handling", "The above exception"))), default=0)
-    text = " ".join(ln.strip() for ln in lines[start:])
-    return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", text)
+    tb = max((i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")), default=None)
+    if tb is None:  # error.txt holds the error alone
+        return trace.strip()
+    i = tb + 1
+    while i < len(lines) and (not lines[i] or lines[i][0].isspace()):  # the frames, indented
+        i += 1
+    return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", "\n".join(lines[i:]))
 
 
 def _grid(d: Path, settings: str, fmt: str) -> list[Path]:

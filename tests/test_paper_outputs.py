@@ -234,6 +234,27 @@ def test_every_plot_is_also_a_pdf(tmp_path):
 
 
 # --- pfedpg-eval report DIR --format ... -------------------------------------------------------------
+def test_a_failed_cells_error_is_read_back_as_its_row_held_it():
+    import traceback
+
+    from evaluations.executors import outcome
+    from evaluations.regenerate import last_error
+    from pfedpg.errors import ConfigError
+
+    for message in ("dp_client: delta=0.5 must be < 1/N", "two lines:\nthe second"):
+        try:
+            try:
+                raise KeyError("inner")
+            except KeyError:
+                raise ConfigError(message) from None
+        except ConfigError as e:
+            _, error, trace = outcome(e)  # what a grid records: the row's error and error.txt
+            assert "Traceback" in trace and error == f"ConfigError: {message}"
+            assert last_error(trace) == error
+            assert last_error("".join(traceback.format_exception(e)) + "\n") == error
+    assert last_error("ConfigError: alone\n") == "ConfigError: alone"
+
+
 def test_report_rewrites_a_sweeps_latex_markdown_and_html_identically(tmp_path, capsys):
     from test_privacy_sweep import sweep_file
 

@@ -45,6 +45,14 @@ def test_matrix_rows_infeasible_cells_and_outputs(tmp_path):
     from test_privacy_sweep import assert_self_contained_report
 
     assert_self_contained_report(out)
+    # The LaTeX table and the PDFs, written again from the folder (infeasible cells included): the same bytes.
+    from evaluations.cli import main
+
+    before = {f: (out / f).read_bytes() for f in ("robustness.tex", "heatmap.pdf", "worst_case.pdf")}
+    for f in before:
+        (out / f).unlink()
+    assert main(["report", str(out), "--format", "latex"]) == 0
+    assert {f: (out / f).read_bytes() for f in before} == before
 
 
 @pytest.mark.parametrize("robustness, message", [
