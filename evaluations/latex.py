@@ -154,10 +154,11 @@ def latex_table(header: list[str], body: list[list[str]], *, caption: str, label
 
     lines = [f"% {source}: written by pfedpg-eval {__version__} from the cells of its Markdown table; "
              "regenerate it with pfedpg-eval report DIR --format latex.",
-             r"% Needs \usepackage{booktabs} and \usepackage{graphicx} in the preamble.",
+             r"% Needs \usepackage{booktabs} and \usepackage{graphicx} in the preamble (a table wider than the line "
+             "is shrunk to its width).",
              r"\begin{table*}[t]", r"\centering", r"\caption{" + to_latex(caption) + "}", r"\label{" + label + "}",
              r"\footnotesize", r"\setlength{\tabcolsep}{3pt}",
-             r"\setbox0\hbox{%  the table, shrunk to the line's width only where it is wider",
+             r"\setbox0\hbox{%",
              r"\begin{tabular}{" + "".join(spec) + "}",
              r"\toprule", cells(header, head=True), r"\midrule"]
     for i, row in enumerate(body):
