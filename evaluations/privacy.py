@@ -38,13 +38,15 @@ COLUMNS = ["cell", "mechanism", "noise_multiplier", "target_epsilon", "epsilon_m
 class PrivacySweepConfig:
     """The ``privacy:`` section of a sweep file; the ``base:`` section is an ordinary run config."""
 
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])  # every cell runs once per seed (a verdict needs 3)
+    # mechanism -> its hook's options but the privacy level (dp_client: clip, adjacency, ...; dp_sgd: clip, ...)
     mechanisms: dict[str, dict[str, Any]] = field(default_factory=lambda: {"dp_client": {"clip": 0.5},
                                                                            "dp_sgd": {"clip": 1.0}})
+    # the privacy levels: exactly one of target_epsilons (calibrated per cell) and noise_multipliers (z)
     target_epsilons: list[float] | None = field(default_factory=lambda: [1.0, 8.0])
     noise_multipliers: list[float] | None = None
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
-    out_dir: str = "runs/privacy"
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # nonprivate, clip_only, local
+    out_dir: str = "runs/privacy"  # --out overrides it
     #: leakage_audit options (attacks.leakage): every private / non-private pFedPG cell then runs the
     #: probes at its end, and the table gains their AUC and TPR at 0.1% FPR; null = no probes.
     audit: dict[str, Any] | None = None

@@ -40,10 +40,13 @@ COLUMNS = ["cell", "attack", "space", "defense", "malicious_fraction", "num_mali
 @dataclass
 class RobustnessConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
+    # attack hook -> its options but fraction / clients (space: delta | grad); a fraction that rounds to 0
+    # clients runs without an attack (attack none)
     attacks: dict[str, dict[str, Any]] = field(default_factory=lambda: {"sign_flip": {"space": "grad"}})
+    # sum (the plain update) or a robust rule -> its options (f is set from the fraction)
     defenses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"sum": {}, "median": {}})
-    malicious_fractions: list[float] = field(default_factory=lambda: [0.0, 0.25])
-    out_dir: str = "runs/robustness"
+    malicious_fractions: list[float] = field(default_factory=lambda: [0.0, 0.25])  # of N, rounded; in [0, 1)
+    out_dir: str = "runs/robustness"  # --out overrides it
 
     def __post_init__(self):
         from pfedpg.hooks import HOOKS

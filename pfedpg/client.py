@@ -23,8 +23,8 @@ class ClientConfig:
     # VPT-style prompts want a large step that destabilises a linear head; null = same as lr.
     head_lr: float | None = None
     momentum: float = 0.9  # not stated in the paper; VPT uses 0.9
-    weight_decay: float = 1e-3
-    batch_size: int = 64
+    weight_decay: float = 1e-3  # paper: 1e-3
+    batch_size: int = 64  # paper: 64
     local_epochs: int = 1  # E (paper: 5)
     # records per evaluation batch; null = batch_size, so that evaluation (forward only) never needs
     # more activation memory than a training step (a smaller batch_size lowers both)

@@ -40,9 +40,9 @@ class PretrainDataConfig:
     ``split == 1`` records if it has a split, else ``val_fraction`` of it (stratified by class), else
     none. Its SHA-256 (a folder: the names and sizes of its files) is part of the cache key."""
 
-    path: str | None = None
-    val_path: str | None = None
-    val_fraction: float = 0.0
+    path: str | None = None  # the training records: an .npz file or an image folder
+    val_path: str | None = None  # the validation records, same formats
+    val_fraction: float = 0.0  # without val_path or a split: this stratified fraction of path validates
     max_records: int | None = None  # a stratified subset of the training records (quick runs)
 
     def __post_init__(self):
@@ -64,11 +64,11 @@ class PretrainConfig:
     backbone on the data's public split (never given to clients), cached by config hash."""
 
     epochs: int = 30
-    lr: float = 2e-3
-    weight_decay: float = 0.05
+    lr: float = 2e-3  # AdamW
+    weight_decay: float = 0.05  # AdamW
     batch_size: int = 64
     label_smoothing: float = 0.1
-    cache_dir: str = "~/.cache/pfedpg-eval/backbones"
+    cache_dir: str = "~/.cache/pfedpg-eval/backbones"  # <model.name>-<key>.safetensors, its .json and log
     # Train the backbone together with one prompt per domain (inserted as model.prompt_depth and
     # model.num_prompts say), so that it learns to read its prompt: a *promptable* backbone, whose
     # right prompt undoes a domain's shift. The domain prompts are discarded; clients never see them.
@@ -139,7 +139,7 @@ class PrivacyConfig:
     lists them as released outside the guarantee. The in-process runner stands for both sides and
     always keeps them."""
 
-    release_metrics: bool = False
+    release_metrics: bool = False  # true: send them to the server too (named outside the guarantee)
 
 
 ENGINES = ("inprocess", "flower")
@@ -153,7 +153,7 @@ class FlowerConfig:
     (``superlink``: host:port of a running SuperLink's control API, one SuperNode per client started
     with ``--node-config partition-id=<client>``). Needs ``pip install '.[flower]'``."""
 
-    superlink: str | None = None
+    superlink: str | None = None  # null: the simulation engine; host:port: a deployment's SuperLink
     # A deployment uses TLS: root_certificates is the SuperLink's CA certificate (PEM; make a test CA
     # with `pfedpg-eval flower-certs DIR`). insecure: true = plaintext, explicit and logged as a warning.
     insecure: bool = False
@@ -207,7 +207,7 @@ class FlowerConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: int = 0  # the master seed: every random stream is spawned from it, keyed by component
     method: str = "pfedpg"  # pfedpg | fedvpt | local
     rounds: int = 20  # T (paper: 100)
     clients_per_round: int | None = None  # m; None = all N clients every round (the paper)
@@ -217,8 +217,8 @@ class RunConfig:
     evaluate_on: str = "test"
     # every k rounds; 0 = none in between. The final round is always saved (the trained state)
     checkpoint_every: int = 5
-    output_dir: str = "runs"
-    run_name: str | None = None
+    output_dir: str = "runs"  # `train` without --run-dir writes output_dir/run_name
+    run_name: str | None = None  # null: METHOD-SOURCE-seedSEED
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     # One device for the whole run (DESIGN §9): auto = the first GPU when torch sees one, else the
     # CPU; cpu; cuda; cuda:N. Backbone, clients, server, DP mechanisms, attacks and probes run on it.
@@ -241,6 +241,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    # {name: ..., **options} per hook (docs: plug-in reference), called in this order at every hook point
     hooks: list[dict[str, Any]] = field(default_factory=list)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)

@@ -74,8 +74,8 @@ class DataConfig:
     * ``domains`` with the embedded source picks shifts by name, so ``num_domains`` must match it.
     """
 
-    source: str = "embedded"
-    path: str | None = None
+    source: str = "embedded"  # embedded | npz | folder (root/domain/class/*.jpg) | cifar10 | cifar100
+    path: str | None = None  # the npz file, the image folder or the CIFAR pickles' folder (not embedded)
     image_size: int = 16  # the model's input size; records are resized to it per batch
     # Records are held as uint8 at this square size (null: the source's own size, at most
     # max(256, image_size); the embedded source renders at image_size). Memory is records × 3 × S².
@@ -83,21 +83,23 @@ class DataConfig:
     # Training batches only, seeded per client and round: none | crop_flip (reflect-pad S/8, random
     # crop, horizontal flip) | random_resized_crop (area 8-100 %, aspect 3/4-4/3, flip). On the device.
     augment: str = "none"
-    partition: str = "domain"
-    num_clients: int | None = None
-    clients_per_domain: int = 1
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    min_size: int = 10
-    max_retries: int = 100
-    test_fraction: float = 0.3
-    val_fraction: float = 0.0
-    max_train_per_client: int | None = None
+    partition: str = "domain"  # domain | dirichlet (label skew, alpha) | classes (classes_per_client each)
+    num_clients: int | None = None  # required for dirichlet and classes; domain: domains × clients_per_domain
+    clients_per_domain: int = 1  # partition domain: each domain dealt to this many clients, stratified
+    alpha: float = 0.5  # partition dirichlet: the concentration (small = more label skew)
+    classes_per_client: int = 2  # partition classes: disjoint classes per client
+    min_size: int = 10  # records a client needs at least (dirichlet redraws; domain: an error naming the knob)
+    max_retries: int = 100  # partition dirichlet: draws before giving up with an error
+    test_fraction: float = 0.3  # each client's stratified test split (unused when the source has a split)
+    val_fraction: float = 0.0  # each client's stratified validation split (evaluate_on: val reads it)
+    max_train_per_client: int | None = None  # caps per client (quick runs); null = no cap
     max_test_per_client: int | None = None
     max_val_per_client: int | None = None
+    # train records set aside (stratified over domain × class) to pretrain the backbone, never given to a
+    # client; 0 with model.weights checkpoint or pretrained
     public_fraction: float = 0.3
-    num_domains: int = 4
-    domains: list[str] | None = None
+    num_domains: int = 4  # embedded source: how many domains (visual shifts, or overlay channels)
+    domains: list[str] | None = None  # keep only these domains, by name (embedded: picks the shifts)
     # Embedded source: the styles the public (pretraining) split is rendered in, a subset of the
     # clients' domains; null = all of them. A backbone that never saw a style leaves the prompt
     # something to adapt (bench/README.md, "Positive control", construction 1 used ["plain"]).
@@ -111,7 +113,7 @@ class DataConfig:
     # domains; null = all. With `public_domains` it separates what the backbone saw from what the
     # clients hold (e.g. pretrain on red and green, give every client green).
     private_domains: list[str] | None = None
-    classes: list[str] | None = None
+    classes: list[str] | None = None  # keep only these classes, by name (embedded: '0'..'9')
     # Clients held out of training (DESIGN §1, "New clients"): a count k (k of the partition's
     # clients, drawn with the run's seed) or a list of partition ids. They take no part in any
     # training round; after the last round each joins for `new_client_rounds` join rounds.

@@ -31,9 +31,9 @@ class ModelConfig:
     request).
     """
 
-    name: str = "vit_tiny_patch16_224"
-    weights: str = "pretrain"
-    checkpoint: str | None = None
+    name: str = "vit_tiny_patch16_224"  # any timm ViT
+    weights: str = "pretrain"  # pretrain | pretrained | checkpoint | random (above)
+    checkpoint: str | None = None  # weights: checkpoint: a local .safetensors or .pth (loaded without executing code)
     # Passed to timm.create_model; overrides the named architecture (e.g. a small input size).
     kwargs: dict[str, Any] = field(
         default_factory=lambda: {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4,
@@ -43,6 +43,7 @@ class ModelConfig:
     # shallow: K tokens before the first block (the paper's VPT). deep: K tokens per block, the
     # positions overwritten before every later block (VPT-deep, FedVPT-D); L·K tokens in all.
     prompt_depth: str = "shallow"
+    # input normalisation per channel (the backbone's own; timm models document theirs)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
