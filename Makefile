@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both (re)create .venv when
 # pyproject.toml or constraints.txt changed, and do nothing extra when it is current. The demo needs
-# only the core install; `make test` adds the test, flower and browser extras on top of it.
+# only the core install; `make test` adds the test, flower, browser and docs extras on top of it.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,8 +8,9 @@ CORE   := $(VENV)/.installed-core
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt
 export HF_HUB_OFFLINE := 1
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test venv bench clean report-check
+.PHONY: demo test venv bench clean report-check docs
 
 venv: $(STAMP)
 
@@ -19,7 +20,7 @@ $(CORE): pyproject.toml constraints.txt
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(PIP) -e '.[test,flower,browser]'
+	$(PIP) -e '.[test,flower,browser,docs]'
 	touch $(STAMP)
 
 demo: $(CORE)
@@ -29,7 +30,12 @@ demo: $(CORE)
 
 test: $(STAMP)
 	$(BIN)/ruff check --quiet .
+	$(BIN)/python -m mkdocs build --strict --site-dir site  # the documentation site: a broken link or anchor fails it
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup  # 2 workers; the Flower tests share one (tests/test_flower.py)
+
+# The documentation site (mkdocs.yml, docs/) into site/; `mkdocs serve` previews it while editing.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict --site-dir site
 
 # The demo's HTML report in a headless Chromium (apt-get install chromium): images load, nothing
 # overflows sideways; screenshots land beside each report.html.
@@ -42,4 +48,4 @@ bench: $(STAMP)
 	cd bench && ../$(BIN)/python aggregation.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
