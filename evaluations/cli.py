@@ -303,7 +303,7 @@ def flower_certs(**kw) -> int:
 
     Writes ca.crt/ca.key, server.pem/server.key (the SuperLink's certificate for every --host) and
     node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC P-384) into OUT_DIR, and prints the commands
-    that use them (SuperLink with TLS and --enable-supernode-auth; README, Flower "Deployment")."""
+    that use them (SuperLink with TLS and --enable-supernode-auth; docs/how-to/flower.md, "A deployment")."""
     return cmd_flower_certs(SimpleNamespace(**{**kw, "host": list(kw["host"])}))
 
 

@@ -68,7 +68,7 @@ class RayExecutor:
             if cfg.engine == "flower":
                 raise ConfigError("engine: flower cells cannot run under --executor ray (Flower's simulation starts "
                                   "a Ray runtime of its own inside the cell); use --executor local, or run one "
-                                  "federation across machines with Flower's SuperLink (README, Flower)")
+                                  "federation across machines with Flower's SuperLink (docs/how-to/flower.md)")
             if str(cfg.device).startswith("cuda:"):
                 raise ConfigError(f"device: {cfg.device} names a GPU of one machine; under --executor ray use device: "
                                   "cuda or auto (each cell gets a GPU of its own)")

@@ -720,7 +720,7 @@ def test_a_tls_superlink_refuses_a_plaintext_supernode(tmp_path):
 
 def test_the_toolkit_runs_supernode_auth_whenever_it_has_certificates(tmp_path, capsys):
     """Every SuperLink command the toolkit starts (Federation), prints (flower-certs) or documents
-    (README) with certificates carries --enable-supernode-auth; without certificates, --insecure."""
+    (docs/how-to/flower.md) with certificates carries --enable-supernode-auth; without certificates, --insecure."""
     import shlex
 
     from evaluations.cli import main
@@ -743,8 +743,8 @@ def test_the_toolkit_runs_supernode_auth_whenever_it_has_certificates(tmp_path, 
     for n in range(2):
         (node,) = printed(f"node {n}")
         assert node[:7] == ["flower-supernode", *supernode_args(out_dir, n), "--superlink", "link.example:8000"]
-    # The README's deployment steps 2 and 4: the same flags.
-    readme = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    # The documented deployment's steps 2 and 4: the same flags.
+    readme = (Path(__file__).parents[1] / "docs" / "how-to" / "flower.md").read_text().replace("\\\n", " ")
     link = next(ln for ln in readme.splitlines() if ln.startswith("flower-superlink --ssl"))
     assert shlex.split(link) == ["flower-superlink", *superlink_args("certs")]
     node = next(ln for ln in readme.splitlines() if ln.startswith("flower-supernode --root"))

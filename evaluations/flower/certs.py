@@ -154,9 +154,9 @@ def supernode_args(certs: str | Path | None, node: int) -> list[str]:
 
 
 def deployment_commands(certs: str | Path, host: str, nodes: int, port: int = 8000) -> list[str]:
-    """The README's deployment steps 2-4 for ``certs`` (what ``pfedpg-eval flower-certs`` prints)."""
+    """The deployment steps 2-4 of docs/how-to/flower.md for ``certs`` (what ``pfedpg-eval flower-certs`` prints)."""
     address, c = f"{host}:{port}", Path(certs)
-    lines = ["next steps (README, Flower \"Deployment\"):",
+    lines = ["next steps (docs/how-to/flower.md, \"A deployment\"):",
              "  server:   " + shlex.join(["flower-superlink", *superlink_args(c)]),
              f"  register: with [superlink.fed] address = \"{address}\", root-certificates = \"{c / 'ca.crt'}\" "
              "in FLWR_HOME/config.toml, on a machine that reaches the SuperLink:"]
