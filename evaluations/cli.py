@@ -35,8 +35,7 @@ def _run_dir(cfg) -> Path:
 
 
 def cmd_train(args) -> int:
-    from evaluations.executors import run_training
-    from evaluations.report import write_report
+    from evaluations.tracking import train_tracked
     from pfedpg.config import load_config
 
     if args.resume and args.run_dir is None:
@@ -52,9 +51,8 @@ def cmd_train(args) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg)
     check_writable(run_dir, "run directory")
     _OUT.resume_hint = lambda: train_resume_hint(run_dir)
-    summary = run_training(cfg, run_dir, log=_log, progress=not args.no_progress and not _OUT.quiet,
-                           resume=args.resume, restart=args.restart)
-    report = write_report(run_dir)
+    summary, report = train_tracked(cfg, run_dir, log=_log, progress=not args.no_progress and not _OUT.quiet,
+                                    resume=args.resume, restart=args.restart)  # (tracked: config's tracking)
     acc = summary["accuracy"]
     print(f"{cfg.method}: adapted-prompt accuracy mean {acc['mean']:.4f}, worst {acc['worst']:.4f} -> {report}" if acc
           else f"{cfg.method}: {summary.get('client_metrics')} -> {report}")

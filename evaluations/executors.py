@@ -47,15 +47,18 @@ class Executor(Protocol):
 
 
 def run_training(cfg, run_dir: Path, *, log: Callable[[str], None], progress: bool = False,
-                 resume: bool = False, restart: bool = False) -> dict[str, Any]:
-    """One run on the engine ``cfg.engine`` names; returns its summary."""
+                 resume: bool = False, restart: bool = False, on_round=None) -> dict[str, Any]:
+    """One run on the engine ``cfg.engine`` names; returns its summary. ``on_round`` (in-process
+    engine: each round record as it is written; a Flower run's rounds run in Flower's ServerApp
+    process, so a tracker reads them back from metrics.jsonl afterwards — evaluations/tracking.py)."""
     if cfg.engine == "flower":
         from evaluations.flower.app import run_flower
 
         return run_flower(cfg, run_dir, log=log, resume=resume)
     from pfedpg.run import Trainer
 
-    return Trainer(cfg, run_dir=run_dir, log=log, progress=progress).run(resume=resume, restart=restart)
+    return Trainer(cfg, run_dir=run_dir, log=log, progress=progress, on_round=on_round).run(resume=resume,
+                                                                                              restart=restart)
 
 
 def set_threads(cfg, share: int | None) -> None:

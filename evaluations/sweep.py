@@ -21,6 +21,7 @@ import yaml
 
 from evaluations.executors import CellJob, Executor, LocalExecutor
 from evaluations.plugins import load_plugins
+from evaluations.tracking import grid_tracking
 from pfedpg.config import RunConfig, config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
 
@@ -67,12 +68,13 @@ def _same_config(saved: Path, cfg) -> bool:
     """The saved run resolves to the same config (key order and keys added later with their
     defaults do not count; an unreadable or invalid saved config does). The ``flower`` section
     does not count for two in-process runs: it has no effect on them (so a changed Flower default
-    leaves finished in-process cells valid)."""
+    leaves finished in-process cells valid); nor does ``tracking``, anywhere."""
     try:
         old = saved_config(saved.read_text())
     except (ConfigError, yaml.YAMLError):
         return False
     a, b = yaml.safe_load(dump_config(old)), yaml.safe_load(dump_config(cfg))
+    a.pop("tracking", None), b.pop("tracking", None)  # where a run is logged decides none of its numbers
     if a.get("engine") == b.get("engine") == "inprocess":
         a.pop("flower", None), b.pop("flower", None)
     return a == b
@@ -124,11 +126,13 @@ def _where(summary: dict[str, Any] | None, where: str = "") -> str:
 
 
 def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print, progress: bool = False,
-              jobs: int = 1, gpus: int | None = None, executor: Executor | None = None) -> list[CellResult]:
+              jobs: int = 1, gpus: int | None = None, executor: Executor | None = None,
+              on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
     """``grid``: the cells to run (each a unique ``name`` and a run ``config``), on ``executor``
     (default: :class:`~evaluations.executors.LocalExecutor` with ``jobs`` worker processes and
     ``gpus``, which see its docstring; ``evaluations.ray_executor.RayExecutor`` for a Ray cluster).
-    Every cell's config is typed and checked by the executor before any cell runs."""
+    Every cell's config is typed and checked by the executor before any cell runs. ``on_result`` is
+    told each cell's result in this process as soon as it is known (e.g. a tracker's child run)."""
     load_plugins()
     if executor is None:
         executor = LocalExecutor(jobs, gpus)
@@ -141,6 +145,8 @@ def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print
     def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None, where: str = "") -> None:
         slots[i] = _finish_cell(grid[i], out / "runs" / grid[i].name, f"[{i + 1}/{len(grid)}] {grid[i].name}",
                                 summary, error, trace, log, where)
+        if on_result is not None:
+            on_result(slots[i])
 
     configs: list[RunConfig | None] = []  # typed once per cell, and passed on typed (to the workers too)
     bad: dict[int, tuple[str, str]] = {}
@@ -160,6 +166,8 @@ def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print
         slots[i] = _earlier_result(cell, configs[i], out / "runs" / cell.name, tag, log)
         if slots[i] is None:
             todo.append(CellJob(i, cell.name, configs[i], out / "runs" / cell.name))
+        elif on_result is not None:
+            on_result(slots[i])
     executor.run(todo, log=log, progress=progress,
                  finish=lambda job, summary, error, trace, where="": finish(job.index, summary, error, trace, where))
     return [r for r in slots if r is not None]
@@ -244,12 +252,13 @@ def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[st
     out.mkdir(parents=True, exist_ok=True)
     (out / grid.settings_file).write_text(yaml.safe_dump(grid.settings_record(), sort_keys=False))
     cells = grid.cells()
-    done = {r.cell.name: r for r in run_cells([c for c in cells if c.infeasible is None], out, log=log,
-                                                  progress=progress and grid.shows_progress, jobs=jobs,
-                                                  executor=executor)}
-    rows = []
-    for c in cells:
-        r = done.get(c.name)
-        rows.append(grid.row(c, r.run_dir if r else None, r.summary if r else None, r.error if r else None))
-    grid.write_outputs(out, rows, [done[c.name] for c in cells if c.name in done])
+    with grid_tracking(grid, out, log) as tracked:  # the base config's `tracking`: a parent run, a child per cell
+        done = {r.cell.name: r for r in run_cells([c for c in cells if c.infeasible is None], out, log=log,
+                                                      progress=progress and grid.shows_progress, jobs=jobs,
+                                                      executor=executor, on_result=tracked)}
+        rows = []
+        for c in cells:
+            r = done.get(c.name)
+            rows.append(grid.row(c, r.run_dir if r else None, r.summary if r else None, r.error if r else None))
+        grid.write_outputs(out, rows, [done[c.name] for c in cells if c.name in done])
     return out

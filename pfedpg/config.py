@@ -25,6 +25,7 @@ from pfedpg.models.backbone import ModelConfig
 from pfedpg.models.device import check_amp, check_device_spec
 from pfedpg.registry import Spec
 from pfedpg.server import SERVERS, ServerConfig
+from pfedpg.tracking import TrackingConfig
 from pfedpg.typed import _default_of, _field_type, build_dataclass
 from pfedpg.yamlio import load_yaml, load_yaml_file  # noqa: F401  (load_yaml_file re-exported)
 
@@ -245,6 +246,7 @@ class RunConfig:
     hooks: list[dict[str, Any]] = field(default_factory=list)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / TensorBoard (pfedpg/tracking.py)
 
     RENAMED: ClassVar[dict[str, str]] = {"new_client_rounds": "data.new_client_rounds"}
 

@@ -11,6 +11,7 @@ from pfedpg.config import dump_config, saved_config
 from pfedpg.errors import ConfigError
 from pfedpg.models.device import to_cpu
 from pfedpg.run.rounds import RoundLoop
+from pfedpg.tracking import untracked
 
 #: The checkpoint format: unchanged by the client seam (issue 30) — the same keys, the clients'
 #: states as ``ClientState.to_dict()`` (None for a Flower run) — so checkpoints written before it resume.
@@ -68,7 +69,8 @@ def load_checkpoint(loop: RoundLoop, path: Path) -> int:
         raise ConfigError(f"checkpoint {str(path)!r} has version {state.get('version')}, "
                           f"expected {CHECKPOINT_VERSION}")
     try:
-        same = dump_config(saved_config(state["config"])) == dump_config(loop.cfg)
+        # (the tracking section decides no number: a run may be resumed with tracking turned on or moved)
+        same = dump_config(untracked(saved_config(state["config"]))) == dump_config(untracked(loop.cfg))
     except ConfigError:
         same = False
     if not same:

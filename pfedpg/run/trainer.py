@@ -39,6 +39,7 @@ from pfedpg.run.rundir import log_start, open_run_dir
 from pfedpg.run.summary import summarize
 from pfedpg.seeding import Seeds
 from pfedpg.server import Server
+from pfedpg.tracking import RoundObserver
 
 
 class Trainer:
@@ -49,12 +50,14 @@ class Trainer:
     ``hooks`` overrides ``cfg.hooks`` (tests pass instances); ``backbone_path`` skips the
     pretraining lookup for ``weights: pretrain``; ``clients`` builds the run's clients from its
     :class:`~pfedpg.run.env.RunEnv` (default: every client in this process from the config's data —
-    the Flower engine passes its own)."""
+    the Flower engine passes its own); ``on_round`` is told each round's record once it is in
+    metrics.jsonl (:data:`pfedpg.tracking.RoundObserver`: e.g. a tracker from ``evaluations.tracking``)."""
 
     def __init__(self, cfg: RunConfig, *, run_dir: str | Path, hooks: HookChain | None = None,
                  log: Callable[[str], None] | None = None, progress: bool = False,
-                 backbone_path: str | Path | None = None, clients: Callable[[RunEnv], Clients] | None = None):
-        self.log, self.progress = RunLog(log), progress
+                 backbone_path: str | Path | None = None, clients: Callable[[RunEnv], Clients] | None = None,
+                 on_round: RoundObserver | None = None):
+        self.log, self.progress, self.on_round = RunLog(log), progress, on_round
         env = run_env(cfg, run_dir=run_dir, hooks=hooks, log=self.log)
         t0 = time.time()
         if clients is None:
@@ -161,6 +164,8 @@ class Trainer:
             checkpointed = bool(cfg.checkpoint_every) and r % cfg.checkpoint_every == 0
             if checkpointed or r == cfg.rounds:
                 save_checkpoint(loop, r)
+            if self.on_round is not None:  # after the round's checkpoint: a failing observer loses no round
+                self.on_round(record)
             if stop_after is not None and r >= stop_after and r < cfg.rounds:
                 if not checkpointed:
                     save_checkpoint(loop, r)
