@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both (re)create .venv when
 # pyproject.toml or constraints.txt changed, and do nothing extra when it is current. The demo needs
-# only the core install; `make test` adds the test, flower, browser and docs extras on top of it.
+# only the core install; `make test` adds the test, flower, browser, docs and tracking extras on top of it.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,7 +20,7 @@ $(CORE): pyproject.toml constraints.txt
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	$(PIP) -e '.[test,flower,browser,docs]'
+	$(PIP) -e '.[test,flower,browser,docs,tracking]'
 	touch $(STAMP)
 
 demo: $(CORE)

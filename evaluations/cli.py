@@ -197,7 +197,7 @@ def train(**kw) -> int:
     """Train one run (pFedPG or a baseline: fedvpt, local).
 
     Writes config.yaml, metrics.jsonl, summary.json, learning_curve.png/.pdf, report.md and checkpoints
-    into the run directory."""
+    into the run directory; with tracking.mlflow / tracking.tensorboard set, also logs to MLflow / TensorBoard."""
     if kw["resume"] and kw["restart"]:
         raise ConfigError("--resume and --restart contradict each other; pass one")
     return cmd_train(_ns(**kw))

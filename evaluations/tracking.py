@@ -76,6 +76,10 @@ class RunTracker:
             MlflowTracker(cfg.tracking.mlflow, cfg.tracking.experiment) if cfg.tracking.mlflow is not None else None)
         self.trackers: list[Any] = []
         self.opened = False
+        if parent is None:  # (a grid's cells: the grid says it once)
+            where = [f"MLflow (experiment {cfg.tracking.experiment} in {self._mlflow.uri})"] if self._mlflow else []
+            where += [f"TensorBoard ({self.run_dir / 'tensorboard'})"] if cfg.tracking.tensorboard else []
+            log(f"tracking: to {' and '.join(where)}")
 
     def _open(self) -> None:
         state = _read_state(self.run_dir)
@@ -91,9 +95,6 @@ class RunTracker:
                 self.log(note)
         self.opened = True
         self._save()
-        live = [t.where() for t in self.trackers if not t.ended]
-        if live and self.parent is None:
-            self.log("tracking: " + "; ".join(live))
 
     def _save(self) -> None:
         state = {t.name: t.state() for t in self.trackers}
@@ -112,7 +113,8 @@ class RunTracker:
         self._save()
 
     def _catch_up(self, upto: int | None = None) -> None:
-        behind = [t for t in self.trackers if not t.ended and t.logged_round < (upto if upto is not None else 1 << 30)]
+        """Rounds up to ``upto`` (None: all) that metrics.jsonl holds and a tracker has not logged."""
+        behind = [t for t in self.trackers if not t.ended and (upto is None or t.logged_round < upto)]
         if not behind:
             return
         for rec in _rounds(self.run_dir):
@@ -121,13 +123,15 @@ class RunTracker:
                 if t.logged_round < r and (upto is None or r <= upto):
                     t.log_round(r, round_metrics(rec))
 
-    def finish(self, outcome: str, error: BaseException | str | None = None, *, always: bool = False) -> None:
+    def finish(self, outcome: str, error: BaseException | str | None = None, *, always: bool = False) -> list[Any]:
         """The run's end: rounds not yet logged, the summary's numbers, the outcome (``ok``,
-        ``diverged``, ``failed``, ``interrupted``) and the run's files. A run that failed before
-        its first round is not logged (there is nothing to see) unless ``always`` (a grid's cell)."""
+        ``diverged``, ``failed``, ``interrupted``) and the run's files; returns the trackers that
+        logged it (none when every one had logged this run to its end before). A run that stopped
+        before any round was logged here is not tracked (nothing of it ran in this process: a
+        refused command, a Flower run that failed) unless ``always`` (a grid's cell)."""
         if not self.opened:
-            if outcome != "ok" and not always and not _rounds(self.run_dir):
-                return
+            if outcome != "ok" and not always:
+                return []
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._open()
         self._catch_up()
@@ -140,9 +144,8 @@ class RunTracker:
         tags = {"pfedpg.outcome": outcome}
         if error is not None:
             tags["pfedpg.error"] = " ".join(str(error).split())
-        for t in self.trackers:
-            if t.ended:
-                continue
+        logged = [t for t in self.trackers if not t.ended]
+        for t in logged:
             if final:
                 t.log(step, final)
             if final and isinstance(t, TensorBoardTracker):
@@ -151,6 +154,7 @@ class RunTracker:
             t.artifacts(_files(self.run_dir))
             t.end(outcome)
         self._save()
+        return logged
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -177,9 +181,11 @@ def train_tracked(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], N
             _end_quietly(tracker, e, log)
         raise
     if tracker is not None:
-        tracker.finish("ok")
-        log("tracking: logged the rounds and the summary" + (", the run's files as MLflow artifacts"
-                                                               if cfg.tracking.mlflow else ""))
+        logged = tracker.finish("ok")
+        files = " and the run's files" if cfg.tracking.mlflow else ""
+        log(f"tracking: logged {max(t.logged_round for t in logged)} rounds, the summary{files} to "
+            + "; ".join(t.where() for t in logged) if logged else
+            "tracking: this run was logged to its end before (" + "; ".join(t.where() for t in tracker.trackers) + ")")
     return summary, report
 
 

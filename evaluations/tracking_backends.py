@@ -78,7 +78,7 @@ def param_values(params: dict[str, Any], limit: int) -> dict[str, str]:
     with a note (the run's config.yaml artifact holds it whole)."""
     out = {}
     for k, v in params.items():
-        text = "null" if v is None else json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+        text = "null" if v is None else json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
         out[_name(k)] = text if len(text) <= limit else text[: limit - 40] + " ... (cut: see config.yaml)"
     return out
 
@@ -255,7 +255,7 @@ class TensorBoardTracker:
         from torch.utils.tensorboard.summary import hparams
 
         values = {k: v if isinstance(v, (int, float, bool, str)) and not (isinstance(v, float) and math.isnan(v))
-                  else json.dumps(v) for k, v in self.params.items()}
+                  else json.dumps(v, default=str) for k, v in self.params.items()}
         for summary in hparams(values, {k: v for k, v in final.items() if math.isfinite(v)}):
             self.writer.file_writer.add_summary(summary)
 

@@ -43,8 +43,8 @@ def store(db, request):
     return db, request.node.name.replace("[", "-").replace("]", "")
 
 
-def tracked(store):
-    return ["--set", "tracking.tensorboard=true", "--set", f"tracking.mlflow={store[0]}",
+def tracked(store, tensorboard=True):
+    return ["--set", f"tracking.tensorboard={str(tensorboard).lower()}", "--set", f"tracking.mlflow={store[0]}",
             "--set", f"tracking.experiment={store[1]}"]
 
 
@@ -119,13 +119,17 @@ def test_resume_continues_the_same_runs_without_logging_a_round_twice(tmp_path, 
     run_dir = tmp_path / "run"
     monkeypatch.setattr(RoundLoop, "run_round", cut)
     args = ["train", "--config", str(config_file(tmp_path, rounds=4, checkpoint_every=2)), "--run-dir", str(run_dir),
-            "--no-progress", *tracked(store)]
+            "--no-progress", *tracked(store, tensorboard=False)]
     assert main(args) == 130  # interrupted in round 4: rounds 1-3 logged, the checkpoint holds round 2
     (run,) = runs(store)
     assert run.info.status == "KILLED" and run.data.tags["pfedpg.outcome"] == "interrupted"
     assert [s for s, _ in history(store, run, "acc_adapted_mean")] == [1, 2, 3]
+    assert not (run_dir / "tensorboard").exists()
     monkeypatch.setattr(RoundLoop, "run_round", original)
-    assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-progress"]) == 0  # round 3 runs again
+    # Resumed from round 2 (round 3 runs again), with TensorBoard turned on: a tracking change is no
+    # config change for the checkpoint; TensorBoard gets rounds 1-2 from metrics.jsonl, then 3-4.
+    assert main(["train", "--resume", "--run-dir", str(run_dir), "--no-progress",
+                 "--set", "tracking.tensorboard=true"]) == 0
     (again,) = runs(store)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     recs = round_records(run_dir)

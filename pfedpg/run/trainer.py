@@ -164,7 +164,7 @@ class Trainer:
             checkpointed = bool(cfg.checkpoint_every) and r % cfg.checkpoint_every == 0
             if checkpointed or r == cfg.rounds:
                 save_checkpoint(loop, r)
-            if self.on_round is not None:  # after the round's checkpoint: a failing observer loses no round
+            if self.on_round is not None:  # once the round's record (and any checkpoint) is written
                 self.on_round(record)
             if stop_after is not None and r >= stop_after and r < cfg.rounds:
                 if not checkpointed:
