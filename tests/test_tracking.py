@@ -2,6 +2,7 @@
 for real — MLflow through its client from a SQLite store, TensorBoard through its own event reader."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,6 +19,7 @@ BASE = {"seed": 0, "rounds": 2, "checkpoint_every": 1,
         "model": {"weights": "random", "kwargs": dict(TINY_MODEL), "num_prompts": 2},
         "client": {"batch_size": 16, "local_epochs": 1, "lr": 0.1}}
 DP = [{"name": "dp_client", "clip": 1.0, "noise_multiplier": 1.0}]
+QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 
 
 def config_file(tmp_path, **extra):
@@ -78,9 +80,13 @@ def round_records(run_dir):
 
 
 def test_train_logs_rounds_epsilon_config_and_files(tmp_path, store):
+    """The issue's command (configs/quickstart.yaml, rounds=2, both trackers) at a reduced size — random
+    backbone weights instead of the 300-epoch pretraining, 16 records per client — with a DP hook."""
     run_dir = tmp_path / "run"
-    assert main(["train", "--config", str(config_file(tmp_path, hooks=DP)), "--run-dir", str(run_dir),
-                 "--no-progress", *tracked(store)]) == 0
+    assert main(["train", "--config", str(QUICKSTART), "--set", "rounds=2", *tracked(store),
+                 "--set", "model.weights=random", "--set", "data.max_train_per_client=16",
+                 "--set", "data.max_test_per_client=16", "--set", f"hooks={json.dumps(DP)}",
+                 "--run-dir", str(run_dir), "--no-progress"]) == 0
     recs = round_records(run_dir)
     (run,) = runs(store)
     assert run.info.status == "FINISHED" and run.data.tags["pfedpg.outcome"] == "ok"
@@ -93,7 +99,7 @@ def test_train_logs_rounds_epsilon_config_and_files(tmp_path, store):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert run.data.metrics["summary/accuracy/mean"] == summary["accuracy"]["mean"]
     params = run.data.params
-    assert params["client.lr"] == "0.1" and params["rounds"] == "2" and params["model.weights"] == "random"
+    assert params["client.lr"] == "0.25" and params["rounds"] == "2" and params["model.weights"] == "random"
     assert json.loads(params["hooks"]) == DP
     artifacts = {a.path for a in client(store).list_artifacts(run.info.run_id)}
     assert {"report.md", "learning_curve.png", "config.yaml", "summary.json", "metrics.jsonl"} <= artifacts
