@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,32 @@ def param_values(params: dict[str, Any], limit: int) -> dict[str, str]:
 
 def resolve_uri(uri: str) -> str:
     """``uri`` with a relative SQLite path made absolute (read from this working directory), its
-    folder created: the same store whichever directory a resume or a rerun starts from."""
+    folder created: the same store whichever directory a resume or a rerun starts from. A SQLite
+    file that cannot be one is refused in one line here (MLflow would retry it for minutes)."""
     uri = uri.strip()
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if path and path != ":memory:":
-            p = Path(path).expanduser().resolve()
-            p.parent.mkdir(parents=True, exist_ok=True)
-            return f"sqlite:///{p}"
-    return uri
+    if not uri.startswith("sqlite:///") or uri[len("sqlite:///"):] in ("", ":memory:"):
+        return uri
+    p = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+    fix = "; give a SQLite file in a folder you can write, e.g. sqlite:///runs/mlflow.db"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"tracking.mlflow={uri!r}: cannot make the folder {str(p.parent)!r} "
+                          f"({e.strerror}){fix}") from None
+    if p.is_dir():
+        raise ConfigError(f"tracking.mlflow={uri!r}: {str(p)!r} is a folder{fix}")
+    if p.exists() and p.stat().st_size and p.read_bytes()[:16] != b"SQLite format 3\x00":
+        raise ConfigError(f"tracking.mlflow={uri!r}: {str(p)!r} is not a SQLite database{fix}")
+    try:  # a write lock taken and given back: the file can be made and written
+        con = sqlite3.connect(f"{p.as_uri()}?mode=rwc", uri=True, timeout=30)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.rollback()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise ConfigError(f"tracking.mlflow={uri!r}: SQLite cannot write {str(p)!r} ({e}){fix}") from None
+    return f"sqlite:///{p}"
 
 
 class MlflowTracker:
@@ -108,13 +126,14 @@ class MlflowTracker:
             logging.getLogger(lib).setLevel(logging.WARNING)
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+        from sqlalchemy.exc import SQLAlchemyError
 
         self.uri, self.experiment = resolve_uri(uri), experiment
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment(experiment)
-        except MlflowException as e:
-            first = str(e).split(". ")[0].strip().rstrip(".")
+        except (MlflowException, SQLAlchemyError) as e:
+            first = str(e).split(". ")[0].split("\n")[0].strip().rstrip(".")
             raise ConfigError(f"tracking.mlflow={uri!r}: MLflow cannot use it ({first}); use a SQLite store such as "
                               "sqlite:///runs/mlflow.db or an MLflow server's http://HOST:PORT") from None
         self.run_id: str | None = None

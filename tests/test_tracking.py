@@ -209,12 +209,15 @@ def test_a_missing_extra_is_one_line_before_anything_runs(tmp_path, monkeypatch,
 @pytest.mark.parametrize("setting, message", [
     ("tracking.mlflow=runs/mlflow.db", "write sqlite:///runs/mlflow.db for a SQLite store"),
     ("tracking.mlflow=nosuch://host", "MLflow cannot use it"),
+    ("tracking.mlflow=sqlite:///{tmp}/notes.txt", "notes.txt' is not a SQLite database; give a SQLite file"),
+    ("tracking.mlflow=sqlite:///{tmp}/notes.txt/m.db", "cannot make the folder"),
     ("tracking.tensorboard=maybe", "tracking.tensorboard='maybe' must be true or false"),
     ("tracking.wandb=true", "unknown config key tracking.wandb; valid keys in tracking: tensorboard, mlflow, "
                             "experiment"),
 ])
 def test_bad_tracking_settings_are_one_line_errors(tmp_path, capsys, setting, message):
+    (tmp_path / "notes.txt").write_text("not a database")
     assert main(["train", "--config", str(config_file(tmp_path)), "--run-dir", str(tmp_path / "run"),
-                 "--set", setting]) == 2
+                 "--set", setting.format(tmp=tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err and not (tmp_path / "run").exists()
