@@ -114,6 +114,22 @@ def resolve_uri(uri: str) -> str:
     return f"sqlite:///{p}"
 
 
+def reachable(uri: str, timeout: float = 10.0) -> None:
+    """A server answers at ``uri`` (any HTTP answer), or one line now: MLflow's client would retry a
+    refused connection for about four minutes before it says so."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        why = getattr(e, "reason", e)
+        raise ConfigError(f"tracking.mlflow={uri!r}: no MLflow server answers there ({why}); start one "
+                          "(mlflow server) or log to a local store such as sqlite:///runs/mlflow.db") from None
+
+
 class MlflowTracker:
     """One MLflow run in ``experiment`` of the store at ``uri`` (made absolute). ``state`` (from
     tracking.json) reopens the run it names, when the same store still holds it."""
@@ -129,6 +145,8 @@ class MlflowTracker:
         from sqlalchemy.exc import SQLAlchemyError
 
         self.uri, self.experiment = resolve_uri(uri), experiment
+        if self.uri.startswith(("http://", "https://")):
+            reachable(self.uri)
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment(experiment)

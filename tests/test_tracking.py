@@ -209,6 +209,7 @@ def test_a_missing_extra_is_one_line_before_anything_runs(tmp_path, monkeypatch,
 @pytest.mark.parametrize("setting, message", [
     ("tracking.mlflow=runs/mlflow.db", "write sqlite:///runs/mlflow.db for a SQLite store"),
     ("tracking.mlflow=nosuch://host", "MLflow cannot use it"),
+    ("tracking.mlflow=http://127.0.0.1:9", "no MLflow server answers there"),  # (port 9: discard, closed)
     ("tracking.mlflow=sqlite:///{tmp}/notes.txt", "notes.txt' is not a SQLite database; give a SQLite file"),
     ("tracking.mlflow=sqlite:///{tmp}/notes.txt/m.db", "cannot make the folder"),
     ("tracking.tensorboard=maybe", "tracking.tensorboard='maybe' must be true or false"),
