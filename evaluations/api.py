@@ -89,10 +89,9 @@ def run(config: Config | RunConfig, overrides: Sequence[str] = (), run_dir: str 
         ConfigError: A bad config or override, or a run directory that cannot be written.
         DataError: Data that cannot be loaded or partitioned as configured.
     """
-    from evaluations.executors import run_training
     from evaluations.paths import check_writable
     from evaluations.plugins import load_plugins
-    from evaluations.report import write_report
+    from evaluations.tracking import train_tracked
     from pfedpg.config import config_from_dict, load_config
 
     load_plugins()
@@ -113,8 +112,9 @@ def run(config: Config | RunConfig, overrides: Sequence[str] = (), run_dir: str 
     out = Path(run_dir) if run_dir is not None else \
         Path(cfg.output_dir) / (cfg.run_name or f"{cfg.method}-{cfg.data.source}-seed{cfg.seed}")
     check_writable(out, "run directory")
-    summary = run_training(cfg, out, log=log or _stderr, progress=progress, resume=resume, restart=restart)
-    return RunResult.from_summary(summary, out, write_report(out))
+    # (logged to MLflow / TensorBoard where the config's `tracking` section says so, as `train` is)
+    summary, report = train_tracked(cfg, out, log=log or _stderr, progress=progress, resume=resume, restart=restart)
+    return RunResult.from_summary(summary, out, report)
 
 
 @contextlib.contextmanager

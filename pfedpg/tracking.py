@@ -22,9 +22,10 @@ class TrackingConfig:
     ``http://HOST:PORT`` of an MLflow server) to log each run to, in the experiment ``experiment``.
     Needs ``pip install '.[tracking]'``."""
 
-    tensorboard: bool = False
+    tensorboard: bool = False  # true: TensorBoard event files in RUN_DIR/tensorboard/
+    # a tracking URI: sqlite:///PATH/mlflow.db (a local store, no server) or http://HOST:PORT; null = none
     mlflow: str | None = None
-    experiment: str = "pfedpg-eval"
+    experiment: str = "pfedpg-eval"  # the MLflow experiment the runs go to
 
     def __post_init__(self):
         if not isinstance(self.tensorboard, bool):

@@ -81,11 +81,13 @@ def round_records(run_dir):
 
 def test_train_logs_rounds_epsilon_config_and_files(tmp_path, store):
     """The issue's command (configs/quickstart.yaml, rounds=2, both trackers) at a reduced size — random
-    backbone weights instead of the 300-epoch pretraining, 16 records per client — with a DP hook."""
+    backbone weights instead of the 300-epoch pretraining, one block, 16 records per client — with a
+    DP hook."""
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(QUICKSTART), "--set", "rounds=2", *tracked(store),
-                 "--set", "model.weights=random", "--set", "data.max_train_per_client=16",
-                 "--set", "data.max_test_per_client=16", "--set", f"hooks={json.dumps(DP)}",
+                 "--set", "model.weights=random", "--set", "model.kwargs.depth=1",
+                 "--set", "data.max_train_per_client=16", "--set", "data.max_test_per_client=16",
+                 "--set", f"hooks={json.dumps(DP)}",
                  "--run-dir", str(run_dir), "--no-progress"]) == 0
     recs = round_records(run_dir)
     (run,) = runs(store)
@@ -222,3 +224,10 @@ def test_bad_tracking_settings_are_one_line_errors(tmp_path, capsys, setting, me
                  "--set", setting.format(tmp=tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err and not (tmp_path / "run").exists()
+
+
+def test_the_python_api_tracks_a_run_too(tmp_path):
+    from evaluations import api
+
+    res = api.run({**BASE, "tracking": {"tensorboard": True}}, run_dir=tmp_path / "run", log=lambda m: None)
+    assert [e.step for e in events(res.run_dir / "tensorboard").Scalars("acc_adapted_worst")] == [1, 2]
