@@ -231,7 +231,8 @@ class GridTracker:
             cfg = config_from_dict(result.cell.config)
         except ConfigError:  # a cell whose config is invalid: a failed row with no run
             cfg = None
-        if cfg is None or not result.run_dir.is_dir():
+        # No run of this cell's config to read: an invalid config, or a folder holding another config's run.
+        if cfg is None or not result.run_dir.is_dir() or str(result.error or "").startswith("ConfigError"):
             if self.mlflow is not None:
                 child = MlflowTracker(self.tracking.mlflow, self.tracking.experiment)
                 child.open(None, name=result.cell.name, params={}, tags={"pfedpg.outcome": outcome,
