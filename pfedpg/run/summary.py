@@ -30,6 +30,16 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
     }
 
 
+def _pretrain_record(cfg, backbone_file: str | None) -> dict[str, Any]:
+    """For a backbone from the pretraining cache: its key (a hash of the recipe, the model and the
+    public split's data by content, ``pfedpg.pretrain.pretrain_key``), so two runs' backbones compare."""
+    if cfg.model.weights != "pretrain" or backbone_file is None:
+        return {}
+    from pfedpg.pretrain import cached_path, pretrain_key
+
+    return {"pretrain_key": pretrain_key(cfg)} if Path(backbone_file) == cached_path(cfg) else {}
+
+
 def _redacted(argv: list[str]) -> list[str]:
     """argv for the record, without secrets (a Flower process's one-use ``--token``)."""
     out = list(argv)
@@ -87,7 +97,8 @@ def summarize(loop: RoundLoop, metrics_path: Path, *, setup_seconds: float, join
                  "mean_train_round_s": float(np.mean([r["time_round_s"] - r.get("time_eval_s", 0.0)
                                                       for r in rounds])) if rounds else 0.0},
         "hooks": [h.name for h in loop.hooks.hooks],
-        "backbone": {"name": cfg.model.name, "weights": cfg.model.weights, "file": backbone_file},
+        "backbone": {"name": cfg.model.name, "weights": cfg.model.weights, "file": backbone_file,
+                     **_pretrain_record(cfg, backbone_file)},
         "device": {**describe(loop.device), "amp": cfg.amp,
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},
     }
