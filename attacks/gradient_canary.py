@@ -75,6 +75,9 @@ class GradientCanaryAudit(Hook):
         mech = mechanism_of(ctx.hooks)
         return mech if mech is not None and mech.unit == "record" else None
 
+    def fixes_rounds(self) -> bool:
+        return True  # scored over every step of the run
+
     def check(self, facts) -> None:
         if self.client >= facts.num_clients:
             raise ConfigError(f"gradient_canary_audit.client={self.client} is not a training client "

@@ -174,6 +174,9 @@ class LeakageAudit(Hook):
         self.initial_descriptors: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------
+    def fixes_rounds(self) -> bool:
+        return True  # scores of the last rounds' releases
+
     def check(self, facts) -> None:
         n = facts.num_clients
         if self.shadow_count >= n:

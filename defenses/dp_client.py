@@ -86,6 +86,9 @@ class ClientLevelDP(Hook):
         self.mechanism_record: dict[int, list[Release]] = {}
         self._used: dict | None = None  # what the last privatize call used, for outgoing_delta's record
 
+    def fixes_rounds(self) -> bool:
+        return self.target_epsilon is not None  # z is calibrated to the rounds each client joins
+
     def check(self, facts) -> None:
         # New clients (data.new_clients) are clients too: each pFedPG join round is a release.
         n = facts.num_clients + len(facts.new_clients)

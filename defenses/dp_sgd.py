@@ -135,6 +135,9 @@ class RecordLevelDPSGD(Hook):
         sizes.update(zip(facts.new_clients, facts.new_train_sizes))
         return sizes
 
+    def fixes_rounds(self) -> bool:
+        return self.target_epsilon is not None  # z is calibrated to the rounds each client joins
+
     def check(self, facts) -> None:
         sizes = self._sizes(facts)
         delta = self.delta if self.delta is not None else 1.0 / (10 * min(sizes.values()))

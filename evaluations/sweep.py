@@ -25,7 +25,7 @@ import yaml
 from evaluations.executors import CellJob, Executor, LocalExecutor
 from evaluations.plugins import load_plugins
 from evaluations.tracking import grid_tracking
-from pfedpg.config import RunConfig, config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
+from pfedpg.config import RunConfig, config_from_dict, difference, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
 from pfedpg.yamlio import load_yaml
 
@@ -114,38 +114,9 @@ def config_difference(saved: Path, cfg) -> str | None:
         old = saved_config(saved.read_text())
     except (ConfigError, yaml.YAMLError) as e:
         return f"its config.yaml does not load ({' '.join(str(e).split())})"
-    a, b = yaml.safe_load(dump_config(old)), yaml.safe_load(dump_config(cfg))
-    a.pop("tracking", None), b.pop("tracking", None)  # where a run is logged decides none of its numbers
-    if a.get("engine") == b.get("engine") == "inprocess":
-        a.pop("flower", None), b.pop("flower", None)
-    diff = first_difference(a, b)
-    return None if diff is None else f"{diff[0]}: {_short(diff[1])} → {_short(diff[2])}"
-
-
-def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """The first key path (``client.lr``, ``hooks[1].delta``) where two YAML trees differ, with both
-    values (``(absent)`` for a missing key), or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in [*a, *(k for k in b if k not in a)]:
-            sub = f"{key}.{k}" if key else str(k)
-            if k not in a or k not in b:
-                return sub, a.get(k, "(absent)"), b.get(k, "(absent)")
-            diff = first_difference(a[k], b[k], sub)
-            if diff is not None:
-                return diff
-        return None
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            diff = first_difference(x, y, f"{key}[{i}]")
-            if diff is not None:
-                return diff
-        return None
-    return None if a == b else (key, a, b)
-
-
-def _short(v: Any) -> str:
-    text = v if isinstance(v, str) else json.dumps(v, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
+    # (tracking: where a run is logged decides none of its numbers)
+    return difference(old, cfg, ignore=("tracking", "flower") if old.engine == cfg.engine == "inprocess"
+                      else ("tracking",))
 
 
 @dataclass(kw_only=True)

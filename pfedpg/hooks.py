@@ -130,6 +130,12 @@ class Hook:
         effects. A grid checks every cell this way before any runs (``evaluations/preflight.py``);
         ``setup`` calls it first (``self.check(ctx.facts)``). Raise a one-line ConfigError."""
 
+    def fixes_rounds(self) -> bool:
+        """Whether what the hook does depends on the run's number of rounds (noise calibrated to a
+        target ε over them, an audit scored over them): a run with it cannot change ``rounds`` when it
+        resumes (``pfedpg.run.checkpoint.load_checkpoint``)."""
+        return False
+
     def setup(self, ctx: RunContext) -> None:
         pass
 

@@ -25,6 +25,7 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
         "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
         "timm": timm.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "argv": _redacted(sys.argv),
+        "cwd": os.getcwd(),  # where relative paths in the config were read from (--resume reads them there too)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **(describe(device) if device is not None else {}),
     }
