@@ -223,7 +223,9 @@ def pretrain(**kw) -> int:
 
 
 def _grid_command(name: str, func, what: str, short: str, long: str, example: str):
-    @cli.command(name, help=f"{short}.\n\n{long}", short_help=short, epilog=f"Example: {example}")
+    @cli.command(name, help=f"{short}.\n\n{long} --set {name}.KEY=VALUE (e.g. {name}.seeds=[0,1]) changes the grid, "
+                 "any other --set the base run config; every cell is checked before the first runs.",
+                 short_help=short, epilog=f"Example: {example}")
     @_CONFIG
     @_SET
     @_ENGINE
@@ -250,8 +252,7 @@ _grid_command("privacy", cmd_privacy, "sweep", "Accuracy-privacy trade-off sweep
               "Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x {non-private, local, "
               "clip-only} and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, tradeoff.tex (the same "
               "table, booktabs), accuracy_vs_epsilon.png and .pdf, report.md and report.html; rerunning the same "
-              "command resumes, reusing finished runs. --set overrides the base run config. Exit status 1 if a cell "
-              "failed (it is a row in the table).",
+              "command resumes, reusing finished runs. Exit status 1 if a cell failed (it is a row in the table).",
               "pfedpg-eval privacy --config configs/privacy_demo.yaml --jobs 2")
 _grid_command("audit", cmd_audit, "audit",
               "Leakage audit: membership, attribute, source, linkability probes, empirical ε",
@@ -262,14 +263,13 @@ _grid_command("audit", cmd_audit, "audit",
               "tpr_vs_epsilon.png (each also .pdf), report.md and report.html; rerunning "
               "resumes. audit.client_canaries / audit.gradient_canaries add the one-run audits "
               "(configs/audit_falsifiable.yaml): per group epsilon_lb, epsilon_cap, family, claimed_epsilon, can_fail, "
-              "violation. --set overrides the base run config. Exit status 1 if a cell failed.",
+              "violation. Exit status 1 if a cell failed.",
               "pfedpg-eval audit --config configs/audit_positive_control.yaml --jobs 2")
 _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x malicious fractions x seeds",
               "Run the matrix of a robustness file (see configs/robustness.yaml). Writes robustness.csv, "
               "robustness.md, robustness.tex (the same table, booktabs), heatmap.png and worst_case.png (each also "
               ".pdf), report.md and report.html; infeasible (rule, f) cells are rows, not crashes; a diverged cell is "
-              "a result (the attack succeeded); rerunning resumes. --set overrides the base run config. Exit status 1 "
-              "if a cell failed.",
+              "a result (the attack succeeded); rerunning resumes. Exit status 1 if a cell failed.",
               "pfedpg-eval robustness --config configs/robustness.yaml --jobs 2")
 
 
