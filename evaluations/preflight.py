@@ -56,8 +56,10 @@ class _CellFacts:
 def check_cells(cells: list[tuple[str, RunConfig]]) -> None:
     """Refuse the grid (a one-line ConfigError naming the first bad cell, and that nothing has run)
     when a cell's hooks cannot be built or cannot run on that cell's clients."""
+    from evaluations.plugins import load_plugins
     from pfedpg.hooks import build_hooks
 
+    load_plugins()
     cache: dict[str, Any] = {}
     for name, cfg in cells:
         try:

@@ -81,3 +81,17 @@ def _matrix_file(tmp_path):
     path = tmp_path / "robustness.yaml"
     path.write_text(yaml.safe_dump({"base": BASE, "robustness": {"seeds": [0], "out_dir": str(tmp_path / "m")}}))
     return path
+
+
+def test_plan_refuses_what_the_grid_refuses_and_an_audit_without_levels_says_how_to_set_them(tmp_path):
+    from evaluations.leakage_sweep import load_audit
+    from evaluations.plan import plan
+    from pfedpg.errors import ConfigError
+
+    path = grid_file(tmp_path, mechanisms={"dp_client": {"clip": 0.5, "delta": 0.5}}, target_epsilons=[8.0])
+    with pytest.raises(ConfigError, match=r"cell dp_client-eps8-s0: dp_client.delta=0.5 must be < 1/N"):
+        plan(path, log=lambda m: None)  # (the 3 clients' partition is all it builds)
+    audit = grid_file(tmp_path, "audit", mechanisms={"dp_client": {"clip": 0.5}}, target_epsilons=[])
+    with pytest.raises(ConfigError, match=r"^audit.target_epsilons is empty: list at least one privacy level, "
+                                          r"e.g. target_epsilons: \[1.0, 8.0\]$"):
+        load_audit(audit)
