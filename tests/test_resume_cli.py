@@ -38,7 +38,7 @@ def test_resume_refuses_config_and_names_a_changed_key(tmp_path, capsys):
     assert main(["train", "--resume", "--run-dir", str(tmp_path / "r"), "--set", "client.lr=0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: --resume: --set changes client.lr: 0.1 → 0.5, and a resumed run keeps its config (only "
-                   "rounds may change); drop that --set, or start a new run with it (another --run-dir)")
+                   "rounds and tracking may change); drop that --set, or start a new run with it (another --run-dir)")
 
 
 def test_resume_with_more_rounds_gives_the_uninterrupted_runs_numbers(tmp_path, capsys):
@@ -101,3 +101,14 @@ def test_resume_drops_a_last_metrics_line_cut_short(tmp_path, partial):
     (tmp_path / "r" / "summary.json").unlink()
     assert main(["-q", "train", "--resume", "--run-dir", str(tmp_path / "r")]) == 0
     assert final_rows(tmp_path / "r") == ref
+
+
+def test_the_api_resumes_by_the_same_rules(tmp_path):
+    from evaluations import api
+    from pfedpg.errors import ConfigError
+
+    path = config_file(tmp_path)
+    api.run(path, run_dir=tmp_path / "r", log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"--set changes client.lr: 0.1 → 0.5"):
+        api.run(path, ["client.lr=0.5"], run_dir=tmp_path / "r", resume=True, log=lambda m: None)
+    assert api.run(path, ["rounds=3"], run_dir=tmp_path / "r", resume=True, log=lambda m: None).rounds == 3
