@@ -89,6 +89,9 @@ class ClientCanaryAudit(Hook):
         mech = mechanism_of(ctx.hooks)
         return mech if mech is not None and mech.unit == "client" else None
 
+    def fixes_rounds(self) -> bool:
+        return True  # scored over every round's release
+
     def setup(self, ctx: RunContext) -> None:
         if not ctx.server.sends_prompts:
             raise ConfigError("client_canary_audit needs a method whose server state the clients' releases move "

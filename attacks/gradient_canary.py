@@ -75,10 +75,16 @@ class GradientCanaryAudit(Hook):
         mech = mechanism_of(ctx.hooks)
         return mech if mech is not None and mech.unit == "record" else None
 
-    def setup(self, ctx: RunContext) -> None:
-        if self.client >= ctx.num_clients:
+    def fixes_rounds(self) -> bool:
+        return True  # scored over every step of the run
+
+    def check(self, facts) -> None:
+        if self.client >= facts.num_clients:
             raise ConfigError(f"gradient_canary_audit.client={self.client} is not a training client "
-                              f"(0..{ctx.num_clients - 1})")
+                              f"(0..{facts.num_clients - 1})")
+
+    def setup(self, ctx: RunContext) -> None:
+        self.check(ctx.facts)
         dp = self._record_level_dp(ctx)
         hooks = list(ctx.hooks)
         if dp is None:

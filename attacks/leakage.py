@@ -174,14 +174,21 @@ class LeakageAudit(Hook):
         self.initial_descriptors: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------
-    def setup(self, ctx: RunContext) -> None:
-        n = ctx.num_clients
+    def fixes_rounds(self) -> bool:
+        return True  # scores of the last rounds' releases
+
+    def check(self, facts) -> None:
+        n = facts.num_clients
         if self.shadow_count >= n:
             raise ConfigError(f"leakage_audit.shadow_clients={self.shadow_count} leaves no target among {n} clients; "
                               "lower it")
         if self.shadow_ids is not None and max(self.shadow_ids) >= n:
             raise ConfigError(f"leakage_audit.shadow_clients lists client {max(self.shadow_ids)}, "
                               f"but the run has {n} clients (0..{n - 1})")
+
+    def setup(self, ctx: RunContext) -> None:
+        self.check(ctx.facts)
+        n = ctx.num_clients
         self.shadows = self.shadow_ids if self.shadow_ids is not None else list(range(n - self.shadow_count, n))
         self.targets = [c for c in range(n) if c not in self.shadows]
         # Clients another hook added for its own audit (canary clients) hold no data: not recorded.

@@ -47,12 +47,16 @@ class MaliciousClients(Hook):
         self.fraction, self.fixed, self.space = float(fraction), clients, space
         self.malicious: list[int] = []
 
+    def check(self, facts) -> None:
+        n = facts.num_clients
+        bad = [c for c in self.fixed or [] if not 0 <= c < n]
+        if bad:
+            raise ConfigError(f"{self.name}.clients: {bad} are not client ids 0..{n - 1}")
+
     def setup(self, ctx: RunContext) -> None:
+        self.check(ctx.facts)
         n = ctx.num_clients
         if self.fixed is not None:
-            bad = [c for c in self.fixed if not 0 <= c < n]
-            if bad:
-                raise ConfigError(f"{self.name}.clients: {bad} are not client ids 0..{n - 1}")
             self.malicious = sorted(set(self.fixed))
         else:
             k = int(round(self.fraction * n))

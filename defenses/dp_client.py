@@ -86,14 +86,20 @@ class ClientLevelDP(Hook):
         self.mechanism_record: dict[int, list[Release]] = {}
         self._used: dict | None = None  # what the last privatize call used, for outgoing_delta's record
 
-    def setup(self, ctx: RunContext) -> None:
-        warn_seeded_deployment("dp_client", ctx, self.noise_source)
-        self.metrics_statement = client_metrics_statement(ctx)
+    def fixes_rounds(self) -> bool:
+        return self.target_epsilon is not None  # z is calibrated to the rounds each client joins
+
+    def check(self, facts) -> None:
         # New clients (data.new_clients) are clients too: each pFedPG join round is a release.
-        n = ctx.num_clients + len(ctx.new_clients)
+        n = facts.num_clients + len(facts.new_clients)
         if self.delta >= 1.0 / n:
             raise ConfigError(f"dp_client.delta={self.delta} must be < 1/N = {1.0 / n:.3g} for client-level DP"
-                              f"{' (N counts the new clients)' if ctx.new_clients else ''}; lower it")
+                              f"{' (N counts the new clients)' if facts.new_clients else ''}; lower it")
+
+    def setup(self, ctx: RunContext) -> None:
+        self.check(ctx.facts)
+        warn_seeded_deployment("dp_client", ctx, self.noise_source)
+        self.metrics_statement = client_metrics_statement(ctx)
         if self.target_epsilon is not None and self.noise_multiplier is None:
             trained = max(sum(c in r for r in ctx.schedule) for c in range(ctx.num_clients))
             joins = max(trained, self.new_client_releases(ctx))

@@ -127,19 +127,32 @@ class RecordLevelDPSGD(Hook):
         #: tests/test_accounting_history.py checks against its own arithmetic).
         self.mechanism_record: dict[int, list[Release]] = {}
 
+    @staticmethod
+    def _sizes(facts) -> dict[int, int]:
+        """Training-set size per client: 0..N-1, then the new clients (data.new_clients), which train
+        in join rounds 0..R (round 0 the head alone), R + 1 local trainings in all."""
+        sizes = dict(enumerate(facts.train_sizes))
+        sizes.update(zip(facts.new_clients, facts.new_train_sizes))
+        return sizes
+
+    def fixes_rounds(self) -> bool:
+        return self.target_epsilon is not None  # z is calibrated to the rounds each client joins
+
+    def check(self, facts) -> None:
+        sizes = self._sizes(facts)
+        delta = self.delta if self.delta is not None else 1.0 / (10 * min(sizes.values()))
+        bad = [n for n, s in sizes.items() if delta >= 1.0 / s]
+        if bad:
+            raise ConfigError(f"dp_sgd.delta={delta} must be < 1/|D_n| for every client "
+                              f"(client {bad[0]} has {sizes[bad[0]]} records); lower delta")
+
     def setup(self, ctx: RunContext) -> None:
+        self.check(ctx.facts)
         warn_seeded_deployment("dp_sgd", ctx, self.noise_source)
         self.metrics_statement = client_metrics_statement(ctx)
-        # Training clients 0..N-1, then the new clients (data.new_clients): each trains in join rounds
-        # 0..R (round 0 the head alone), R + 1 local trainings in all.
-        sizes = dict(enumerate(ctx.train_sizes))
-        sizes.update(zip(ctx.new_clients, ctx.new_train_sizes))
+        sizes = self._sizes(ctx)
         if self.delta is None:
             self.delta = 1.0 / (10 * min(sizes.values()))
-        bad = [n for n, s in sizes.items() if self.delta >= 1.0 / s]
-        if bad:
-            raise ConfigError(f"dp_sgd.delta={self.delta} must be < 1/|D_n| for every client "
-                              f"(client {bad[0]} has {sizes[bad[0]]} records); lower delta")
         self.accountants.delta = self.delta
         cfg = ctx.config.client
         self.batch_size, self.local_epochs = cfg.batch_size, cfg.local_epochs

@@ -272,7 +272,10 @@ class RobustAggregation(Hook):
         self.excluded: dict[int, list[int]] = {}
 
     def setup(self, ctx: RunContext) -> None:
-        m = min(len(r) for r in ctx.schedule) if ctx.schedule else ctx.num_clients
+        self.check(ctx.facts)
+
+    def check(self, facts) -> None:
+        m = min(len(r) for r in facts.schedule) if facts.schedule else facts.num_clients
         need = self.rule.min_clients(self.f)
         if m < need:
             raise ConfigError(f"robust_aggregation rule {self.rule_name} with f={self.f} needs at least {need} clients "

@@ -77,7 +77,9 @@ def run(config: Config | RunConfig, overrides: Sequence[str] = (), run_dir: str 
         config: A run config: a YAML path, a mapping of its content, or a `pfedpg.config.RunConfig`.
         overrides: ``--set`` assignments applied on top, e.g. ``["rounds=5", "client.lr=0.1"]``.
         run_dir: The run directory; default ``output_dir/run_name`` (or ``OUTPUT_DIR/METHOD-SOURCE-seedSEED``).
-        resume: Continue the run in ``run_dir`` from its latest checkpoint (its saved config is used).
+        resume: Continue the run in ``run_dir`` from its latest checkpoint with its saved config (``config`` is
+            not read; ``overrides`` may change ``rounds`` and ``tracking`` alone), reading relative paths
+            where the run started, as ``train --resume`` does (``evaluations/resume.py``).
         restart: Start an unfinished run in ``run_dir`` again (its files move to ``RUN_DIR/attempt-<k>/``).
         progress: Show a progress bar of the rounds.
         log: Where progress lines go (default: standard error).
@@ -91,6 +93,7 @@ def run(config: Config | RunConfig, overrides: Sequence[str] = (), run_dir: str 
     """
     from evaluations.paths import check_writable
     from evaluations.plugins import load_plugins
+    from evaluations.resume import in_start_directory, resumed_config
     from evaluations.tracking import train_tracked
     from pfedpg.config import config_from_dict, load_config
 
@@ -100,9 +103,7 @@ def run(config: Config | RunConfig, overrides: Sequence[str] = (), run_dir: str 
     if resume:
         if run_dir is None:
             raise ConfigError("resume needs run_dir (the run to continue)")
-        if not (Path(run_dir) / "config.yaml").is_file():
-            raise ConfigError(f"no run in {str(run_dir)!r} to resume (no config.yaml); drop resume to start one there")
-        cfg = load_config(Path(run_dir) / "config.yaml", list(overrides))
+        cfg = resumed_config(Path(run_dir), None, list(overrides))
     elif isinstance(config, RunConfig):
         cfg = config_from_dict(config.to_dict(), list(overrides))
     elif isinstance(config, Mapping):
@@ -111,9 +112,11 @@ def run(config: Config | RunConfig, overrides: Sequence[str] = (), run_dir: str 
         cfg = load_config(config, list(overrides))
     out = Path(run_dir) if run_dir is not None else \
         Path(cfg.output_dir) / (cfg.run_name or f"{cfg.method}-{cfg.data.source}-seed{cfg.seed}")
-    check_writable(out, "run directory")
-    # (logged to MLflow / TensorBoard where the config's `tracking` section says so, as `train` is)
-    summary, report = train_tracked(cfg, out, log=log or _stderr, progress=progress, resume=resume, restart=restart)
+    with in_start_directory(out, log or _stderr) if resume else contextlib.nullcontext(out) as out:
+        check_writable(out, "run directory")
+        # (logged to MLflow / TensorBoard where the config's `tracking` section says so, as `train` is)
+        summary, report = train_tracked(cfg, out, log=log or _stderr, progress=progress, resume=resume,
+                                        restart=restart)
     return RunResult.from_summary(summary, out, report)
 
 

@@ -2,9 +2,9 @@
 
 Every run subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides. The contract: bad input
 ends with one line ``error: ...`` naming the fix and exit status 2; exit 1 only for a run or grid cell that failed;
-Ctrl-C ends with the command that resumes (exit 130). ``main(argv)`` returns the exit status (the console script exits
-with it). Shell completion: ``eval "$(_PFEDPG_EVAL_COMPLETE=bash_source pfedpg-eval)"`` (``zsh_source``,
-``fish_source``)."""
+Ctrl-C ends with the command that resumes (exit 130), SIGTERM the same way (exit 143). ``main(argv)`` returns the
+exit status (the console script exits with it). Shell completion: ``eval "$(_PFEDPG_EVAL_COMPLETE=bash_source
+pfedpg-eval)"`` (``zsh_source``, ``fish_source``)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ import click
 from evaluations.paths import check_writable
 from evaluations.plugins import load_plugins
 from evaluations.ray_executor import executor_for
+from evaluations.signals import Terminated, sigterm_as_interrupt
 from pfedpg.deprecation import show_renamed_keys_as_one_line
 from pfedpg.errors import ClientFailure, ConfigError, DataError, NonFiniteDeltaError
 
@@ -35,24 +36,25 @@ def _run_dir(cfg) -> Path:
 
 
 def cmd_train(args) -> int:
+    from contextlib import nullcontext
+
+    from evaluations.resume import in_start_directory, resumed_config
     from evaluations.tracking import train_tracked
     from pfedpg.config import load_config
 
     if args.resume and args.run_dir is None:
         raise ConfigError("--resume needs --run-dir RUN_DIR (the run to continue)")
-    if args.resume:
-        run_dir = Path(args.run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"no run in {str(run_dir)!r} to resume (no config.yaml); "
-                              "drop --resume to start one there")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
+    if args.resume:  # its own config (--set rounds=N aside), read where it started (evaluations/resume.py)
+        cfg = resumed_config(Path(args.run_dir), args.config, args.overrides)
+        place = in_start_directory(Path(args.run_dir), _log)
     else:
         cfg = load_config(args.config, args.overrides)
-        run_dir = Path(args.run_dir) if args.run_dir else _run_dir(cfg)
-    check_writable(run_dir, "run directory")
-    _OUT.resume_hint = lambda: train_resume_hint(run_dir)
-    summary, report = train_tracked(cfg, run_dir, log=_log, progress=not args.no_progress and not _OUT.quiet,
-                                    resume=args.resume, restart=args.restart)  # (tracked: config's tracking)
+        place = nullcontext(Path(args.run_dir) if args.run_dir else _run_dir(cfg))
+    with place as run_dir:
+        check_writable(run_dir, "run directory")
+        _OUT.resume_hint = lambda: train_resume_hint(run_dir)
+        summary, report = train_tracked(cfg, run_dir, log=_log, progress=not args.no_progress and not _OUT.quiet,
+                                        resume=args.resume, restart=args.restart)  # (tracked: config's tracking)
     acc = summary["accuracy"]
     print(f"{cfg.method}: adapted-prompt accuracy mean {acc['mean']:.4f}, worst {acc['worst']:.4f} -> {report}" if acc
           else f"{cfg.method}: {summary.get('client_metrics')} -> {report}")
@@ -189,7 +191,8 @@ def cli(quiet: bool, verbose: bool) -> None:
 @_ENGINE
 @click.option("--run-dir", metavar="DIR",
               help="run directory (default: output_dir/run_name, or OUTPUT_DIR/METHOD-SOURCE-seedSEED)")
-@click.option("--resume", is_flag=True, help="continue the run in --run-dir from its latest checkpoint")
+@click.option("--resume", is_flag=True, help="continue the run in --run-dir from its latest checkpoint, with its own "
+              "config (--set rounds=N continues it to N rounds), in the directory it started in")
 @click.option("--restart", is_flag=True, help="start an unfinished run in the run directory again (its files are kept "
                                               "under RUN_DIR/attempt-<k>/)")
 @_NO_PROGRESS
@@ -220,7 +223,9 @@ def pretrain(**kw) -> int:
 
 
 def _grid_command(name: str, func, what: str, short: str, long: str, example: str):
-    @cli.command(name, help=f"{short}.\n\n{long}", short_help=short, epilog=f"Example: {example}")
+    @cli.command(name, help=f"{short}.\n\n{long} --set {name}.KEY=VALUE (e.g. {name}.seeds=[0,1]) changes the grid, "
+                 "any other --set the base run config; every cell is checked before the first runs.",
+                 short_help=short, epilog=f"Example: {example}")
     @_CONFIG
     @_SET
     @_ENGINE
@@ -247,8 +252,7 @@ _grid_command("privacy", cmd_privacy, "sweep", "Accuracy-privacy trade-off sweep
               "Run the grid of a privacy sweep file (see configs/privacy.yaml): seeds x {non-private, local, "
               "clip-only} and mechanism x privacy level. Writes tradeoff.csv, tradeoff.md, tradeoff.tex (the same "
               "table, booktabs), accuracy_vs_epsilon.png and .pdf, report.md and report.html; rerunning the same "
-              "command resumes, reusing finished runs. --set overrides the base run config. Exit status 1 if a cell "
-              "failed (it is a row in the table).",
+              "command resumes, reusing finished runs. Exit status 1 if a cell failed (it is a row in the table).",
               "pfedpg-eval privacy --config configs/privacy_demo.yaml --jobs 2")
 _grid_command("audit", cmd_audit, "audit",
               "Leakage audit: membership, attribute, source, linkability probes, empirical ε",
@@ -259,14 +263,13 @@ _grid_command("audit", cmd_audit, "audit",
               "tpr_vs_epsilon.png (each also .pdf), report.md and report.html; rerunning "
               "resumes. audit.client_canaries / audit.gradient_canaries add the one-run audits "
               "(configs/audit_falsifiable.yaml): per group epsilon_lb, epsilon_cap, family, claimed_epsilon, can_fail, "
-              "violation. --set overrides the base run config. Exit status 1 if a cell failed.",
+              "violation. Exit status 1 if a cell failed.",
               "pfedpg-eval audit --config configs/audit_positive_control.yaml --jobs 2")
 _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x malicious fractions x seeds",
               "Run the matrix of a robustness file (see configs/robustness.yaml). Writes robustness.csv, "
               "robustness.md, robustness.tex (the same table, booktabs), heatmap.png and worst_case.png (each also "
               ".pdf), report.md and report.html; infeasible (rule, f) cells are rows, not crashes; a diverged cell is "
-              "a result (the attack succeeded); rerunning resumes. --set overrides the base run config. Exit status 1 "
-              "if a cell failed.",
+              "a result (the attack succeeded); rerunning resumes. Exit status 1 if a cell failed.",
               "pfedpg-eval robustness --config configs/robustness.yaml --jobs 2")
 
 
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     _OUT.resume_hint = None
     load_plugins()
     try:
-        code = cli.main(args=argv, prog_name="pfedpg-eval", standalone_mode=False)
+        with sigterm_as_interrupt():  # a batch scheduler's SIGTERM stops like Ctrl-C
+            code = cli.main(args=argv, prog_name="pfedpg-eval", standalone_mode=False)
         return int(code or 0)
     except click.exceptions.Exit as e:  # --help, --version
         return e.exit_code
@@ -334,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see pfedpg-eval {e.ctx.info_name + ' ' if e.ctx and e.ctx.parent else ''}--help)".replace("  ", " ")
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         return 2
-    except (click.Abort, KeyboardInterrupt):  # Abort: Ctrl-C inside a click prompt
-        return _interrupted()
+    except (click.Abort, KeyboardInterrupt) as e:  # Abort: click's word for Ctrl-C (and for SIGTERM: its cause)
+        return _interrupted(143 if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated) else 130)
     except (ConfigError, DataError, NonFiniteDeltaError, ClientFailure, FileNotFoundError, NotADirectoryError,
             IsADirectoryError, PermissionError) as e:
         _traceback_if_verbose()
@@ -379,10 +383,10 @@ def train_resume_hint(run_dir: Path) -> str:
     return f"the same command (no checkpoint in {run_dir} yet: it starts the run again)"
 
 
-def _interrupted() -> int:
+def _interrupted(code: int) -> int:
     hint = _OUT.resume_hint() if callable(_OUT.resume_hint) else _OUT.resume_hint
     print("\ninterrupted" + (f"; resume with: {hint}" if hint else ""), file=sys.stderr)
-    return 130
+    return code
 
 
 if __name__ == "__main__":

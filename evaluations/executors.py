@@ -114,12 +114,71 @@ def gpu_slots(jobs: int, gpus: int) -> list[int]:
     return [w % gpus for w in range(jobs)] if gpus > 0 else []
 
 
-def _pin_worker(slots) -> None:
-    """Worker initializer: this process sees one GPU (the next slot), before anything touches CUDA;
-    ``device: auto`` (or ``cuda``) then runs the cells it takes there."""
+_busy = False  # (in a worker) whether a task is running
+
+
+def _on_worker_signal(signum, frame) -> None:
+    """A worker's SIGINT / SIGTERM: interrupt its running cell (its files closed, its checkpoints kept);
+    an idle worker just ends."""
+    if _busy:
+        raise KeyboardInterrupt
     import os
 
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
+    os._exit(130)
+
+
+def _init_worker(slots) -> None:
+    """Worker initializer: SIGINT and SIGTERM stop the worker (:func:`_on_worker_signal`); with
+    ``slots``, this process sees one GPU (the next slot), before anything touches CUDA — ``device:
+    auto`` (or ``cuda``) then runs the cells it takes there."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, _on_worker_signal)
+    signal.signal(signal.SIGTERM, _on_worker_signal)
+    if slots is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
+
+
+def _in_worker(fn, *args):
+    """A worker's task: ``fn(*args)``. An interrupted worker ends there: it must not take the next
+    queued cell (the coordinator is stopping the grid)."""
+    global _busy
+    _busy = True
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        import os
+
+        os._exit(130)
+    finally:
+        _busy = False
+
+
+def stop_workers(pool, log: Callable[[str], None], grace_s: float = 60.0) -> None:
+    """Stop a worker pool now, without running its queued cells: each worker's running cell is
+    interrupted (SIGINT: it stops at its next step, its checkpoints kept, and the worker exits), a
+    worker still alive after ``grace_s`` (or at a second Ctrl-C) is killed."""
+    import os
+    import signal
+
+    procs = [p for p in list((getattr(pool, "_processes", None) or {}).values()) if p.is_alive()]
+    if procs:
+        log(f"stopping {len(procs)} worker(s): their running cells stop at their next step (resumable)")
+    for p in procs:
+        try:
+            os.kill(p.pid, signal.SIGINT)
+        except (ProcessLookupError, OSError):
+            pass
+    try:
+        for p in procs:
+            p.join(grace_s)
+    except KeyboardInterrupt:
+        pass
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def outcome(e: BaseException) -> tuple[None, str, str]:
@@ -165,35 +224,34 @@ class LocalExecutor:
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         # spawn: a fresh interpreter per worker (forking a process that has started torch's thread pools is unsafe)
         mp = multiprocessing.get_context("spawn")
-        pin, gpus = {}, self.gpus
+        gpus = self.gpus
         if gpus is None:
             import torch
 
             gpus = torch.cuda.device_count()
         named = any(str(job.config.device).startswith("cuda:") for job in jobs)
+        slots = None
         if gpu_slots(self.jobs, gpus) and not named:
-            given = mp.Queue()
+            slots = mp.Queue()
             for gpu in gpu_slots(self.jobs, gpus):
-                given.put(gpu)
-            pin = {"initializer": _pin_worker, "initargs": (given,)}
+                slots.put(gpu)
             log(f"{self.jobs} workers on {gpus} GPU(s): worker k sees GPU k mod {gpus} alone")
         elif gpus and named:
             log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
-        with ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp, **pin) as pool:
+        pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp, initializer=_init_worker, initargs=(slots,))
+        try:
             needed = backbones_needed([job.config for job in jobs])
             if needed:
                 log(f"pretraining {len(needed)} backbone(s) first")
-                for f in [pool.submit(pretrain, c, threads) for c in needed.values()]:
+                for f in [pool.submit(_in_worker, pretrain, c, threads) for c in needed.values()]:
                     f.result()
-            futures = {job: pool.submit(run_cell, job.config, str(job.run_dir), threads) for job in jobs}
-            try:
-                for job, f in futures.items():
-                    try:
-                        finish(job, f.result(), None, None)
-                    except Exception as e:
-                        finish(job, *outcome(e))
-            except KeyboardInterrupt:  # do not let the workers run the queued cells
-                for f in futures.values():
-                    f.cancel()
-                raise
-
+            futures = {job: pool.submit(_in_worker, run_cell, job.config, str(job.run_dir), threads) for job in jobs}
+            for job, f in futures.items():
+                try:
+                    finish(job, f.result(), None, None)
+                except Exception as e:
+                    finish(job, *outcome(e))
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the queued cells never start, the running ones stop
+            stop_workers(pool, log)
+            raise
+        pool.shutdown(wait=True)

@@ -280,6 +280,9 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
     configs = [config_from_dict(c.config) for c in grid]
     if not configs:
         raise ConfigError(f"{path}: the grid has no runnable cell")
+    from evaluations.preflight import check_cells
+
+    check_cells([(c.name, cfg) for c, cfg in zip(grid, configs)])  # every cell's hooks, as the grid checks them
     # Time the recipe with the most expensive local training: a DP-SGD cell if there is one.
     probe = next((c for c in configs if any(s.name == "dp_sgd" for s in c.hook_specs)), configs[0])
     from pfedpg.models.device import resolve_device

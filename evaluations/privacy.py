@@ -52,28 +52,36 @@ class PrivacySweepConfig:
     audit: dict[str, Any] | None = None
 
     def __post_init__(self):
+        # Each message starts with the field's name: build_dataclass prefixes the section (privacy., audit.).
         if not self.seeds:
-            raise ConfigError("privacy.seeds must list at least one seed")
+            raise ConfigError("seeds must list at least one seed, e.g. seeds: [0, 1, 2]")
         unknown = [m for m in self.mechanisms if m not in MECHANISMS]
         if unknown:
-            raise ConfigError(f"privacy.mechanisms: unknown mechanism {unknown[0]!r}; "
-                              f"choose from {', '.join(MECHANISMS)}")
+            raise ConfigError(f"mechanisms: unknown mechanism {unknown[0]!r}; choose from {', '.join(MECHANISMS)}")
         for m, opts in self.mechanisms.items():
             if "noise_multiplier" in opts or "target_epsilon" in opts:
-                raise ConfigError(f"privacy.mechanisms.{m}: set the privacy level in privacy.target_epsilons "
-                                  "or privacy.noise_multipliers, not per mechanism")
-        if (self.target_epsilons is None) == (self.noise_multipliers is None):
-            raise ConfigError("privacy: set exactly one of target_epsilons or noise_multipliers (the other to null)")
-        levels = self.target_epsilons or self.noise_multipliers
-        if not levels or any(not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)) for v in levels):
-            raise ConfigError(f"privacy levels {levels!r} must be positive numbers")
+                raise ConfigError(f"mechanisms.{m}: set the privacy level in target_epsilons or noise_multipliers, "
+                                  "not per mechanism")
+        if self.target_epsilons is None and self.noise_multipliers is None:
+            raise ConfigError("target_epsilons and noise_multipliers are both missing or null: set exactly one of "
+                              "them, the privacy levels of the mechanisms, e.g. target_epsilons: [1.0, 8.0]")
+        if self.target_epsilons is not None and self.noise_multipliers is not None:
+            raise ConfigError("target_epsilons and noise_multipliers are both set: set exactly one of them "
+                              "(the other to null)")
+        key, levels = (("target_epsilons", self.target_epsilons) if self.target_epsilons is not None
+                       else ("noise_multipliers", self.noise_multipliers))
+        if not levels:
+            raise ConfigError(f"{key} is empty: list at least one privacy level, e.g. {key}: "
+                              f"{'[1.0, 8.0]' if key == 'target_epsilons' else '[0.5, 1.0]'}")
+        if any(not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)) for v in levels):
+            raise ConfigError(f"{key}={levels!r}: every privacy level must be a finite number > 0")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
-            raise ConfigError(f"privacy.baselines: unknown {bad[0]!r}; choose from {', '.join(BASELINES)}")
+            raise ConfigError(f"baselines: unknown {bad[0]!r}; choose from {', '.join(BASELINES)}")
         if self.audit is not None and not isinstance(self.audit, dict):
-            raise ConfigError("privacy.audit must be a mapping of leakage_audit options (or null)")
+            raise ConfigError("audit must be a mapping of leakage_audit options (or null)")
         if "clip_only" in self.baselines and "dp_client" not in self.mechanisms:
-            raise ConfigError("privacy.baselines: clip_only needs a dp_client mechanism (for its clip C)")
+            raise ConfigError("baselines: clip_only needs a dp_client mechanism (for its clip C)")
 
 
 def load_sweep(path: str | Path | None,

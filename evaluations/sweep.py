@@ -2,17 +2,20 @@
 the robustness matrix and the leakage audit implement, :func:`run_grid` that runs one, and the cell
 loop under it (:func:`run_cells`).
 
-Each cell is one run directory ``OUT/runs/CELL``. A cell whose ``summary.json`` exists is reused;
-one with checkpoints but no summary resumes from them; one whose saved config differs from the
-cell's (after filling defaults; key order does not count) is a failed result (stale results are
-never reused); one that raises becomes a failed result with its error (and ``error.txt``), and the
-grid goes on. KeyboardInterrupt is not swallowed.
+Every cell is checked before any runs (:func:`prepare_cells`): a cell whose config or hook options
+cannot run, or whose folder holds a run of another config (after filling defaults; key order does not
+count), refuses the whole grid in one line naming the cell (and the first differing key) — results
+are never replaced. Each cell is one run directory ``OUT/runs/CELL``. A cell whose ``summary.json``
+exists is reused; one with checkpoints but no summary resumes from them; one that raises while it
+runs becomes a failed result with its error (and ``error.txt``), and the grid goes on.
+KeyboardInterrupt is not swallowed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-import traceback
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -22,15 +25,18 @@ import yaml
 from evaluations.executors import CellJob, Executor, LocalExecutor
 from evaluations.plugins import load_plugins
 from evaluations.tracking import grid_tracking
-from pfedpg.config import RunConfig, config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
+from pfedpg.config import RunConfig, config_from_dict, difference, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
+from pfedpg.yamlio import load_yaml
 
 
 def load_grid_file(path: str | Path | None, section: str, overrides: list[str] | None, *, example: str):
     """A sweep file ``{base_config, base, SECTION}`` -> (SECTION mapping, validated base RunConfig).
     ``base_config`` is an ordinary run config; ``base`` overrides it key by key (nested sections are
-    merged, not replaced); ``--set`` applies last. A relative ``base_config`` is read from the
-    sweep file's own folder, so a sweep file works from any working directory."""
+    merged, not replaced); ``--set`` applies last: ``--set SECTION.key=value`` (``privacy.seeds=[0,1]``,
+    ``audit.probes.shadow_clients=3``) to the grid's section, any other key to the base run config
+    (``privacy.release_metrics``, a run config key, stays there). A relative ``base_config`` is read
+    from the sweep file's own folder, so a sweep file works from any working directory."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -51,9 +57,37 @@ def load_grid_file(path: str | Path | None, section: str, overrides: list[str] |
             raise ConfigError(f"base_config {tree['base_config']!r} not found as {str(bp)!r} (a relative base_config "
                               "is read from the sweep file's folder); fix the path")
         base = load_yaml_file(bp, "base_config") or {}
+    grid = tree.get(section) or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{section} must be a mapping of the {section} grid's settings (see {example})")
+    run_overrides = []
+    for o in overrides or []:
+        key, eq, raw = o.partition("=")
+        parts = key.strip().split(".")
+        if eq and parts[0] == section and len(parts) > 1 and not _run_config_key(parts[:2]):
+            grid = _set_in(grid, parts[1:], load_yaml(raw) if raw.strip() else None)
+        else:
+            run_overrides.append(o)
     # validates; errors name the key
-    cfg = config_from_dict(_deep_merge(upgrade_keys(base), upgrade_keys(tree.get("base") or {})), overrides)
-    return tree.get(section) or {}, cfg
+    cfg = config_from_dict(_deep_merge(upgrade_keys(base), upgrade_keys(tree.get("base") or {})), run_overrides)
+    return grid, cfg
+
+
+def _run_config_key(parts: list[str]) -> bool:
+    """``[section, key]`` names a field of a run config section (``privacy.release_metrics``)."""
+    cls = typing.get_type_hints(RunConfig).get(parts[0])
+    return dataclasses.is_dataclass(cls) and parts[1] in {f.name for f in dataclasses.fields(cls)}
+
+
+def _set_in(tree: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """A copy of ``tree`` with ``value`` at ``path`` (``--set privacy.mechanisms.dp_sgd.clip=2``)."""
+    out = dict(tree)
+    node = out
+    for p in path[:-1]:
+        node[p] = dict(node[p]) if isinstance(node.get(p), dict) else {}
+        node = node[p]
+    node[path[-1]] = value
+    return out
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -65,19 +99,24 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same_config(saved: Path, cfg) -> bool:
-    """The saved run resolves to the same config (key order and keys added later with their
-    defaults do not count; an unreadable or invalid saved config does). The ``flower`` section
-    does not count for two in-process runs: it has no effect on them (so a changed Flower default
-    leaves finished in-process cells valid); nor does ``tracking``, anywhere."""
+    """The saved run resolves to the same config (:func:`config_difference` finds none)."""
+    return config_difference(saved, cfg) is None
+
+
+def config_difference(saved: Path, cfg) -> str | None:
+    """How the run config saved at ``saved`` differs from ``cfg`` — ``"KEY: OLD → NEW"`` for the
+    first differing key — or None when they resolve to the same config (key order and keys added
+    later with their defaults do not count; an unreadable or invalid saved config does). The
+    ``flower`` section does not count for two in-process runs: it has no effect on them (so a
+    changed Flower default leaves finished in-process cells valid); nor does ``tracking``, anywhere
+    (where a run is logged decides none of its numbers)."""
     try:
         old = saved_config(saved.read_text())
-    except (ConfigError, yaml.YAMLError):
-        return False
-    a, b = yaml.safe_load(dump_config(old)), yaml.safe_load(dump_config(cfg))
-    a.pop("tracking", None), b.pop("tracking", None)  # where a run is logged decides none of its numbers
-    if a.get("engine") == b.get("engine") == "inprocess":
-        a.pop("flower", None), b.pop("flower", None)
-    return a == b
+    except (ConfigError, yaml.YAMLError) as e:
+        return f"its config.yaml does not load ({' '.join(str(e).split())})"
+    # (tracking: where a run is logged decides none of its numbers)
+    return difference(old, cfg, ignore=("tracking", "flower") if old.engine == cfg.engine == "inprocess"
+                      else ("tracking",))
 
 
 @dataclass(kw_only=True)
@@ -131,58 +170,100 @@ def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print
     """``grid``: the cells to run (each a unique ``name`` and a run ``config``), on ``executor``
     (default: :class:`~evaluations.executors.LocalExecutor` with ``jobs`` worker processes and
     ``gpus``, which see its docstring; ``evaluations.ray_executor.RayExecutor`` for a Ray cluster).
-    Every cell's config is typed and checked by the executor before any cell runs. ``on_result`` is
-    told each cell's result in this process as soon as it is known (e.g. a tracker's child run)."""
+    Every cell is checked first (:func:`prepare_cells`); then the cells run. ``on_result`` is told
+    each cell's result in this process as soon as it is known (e.g. a tracker's child run)."""
+    prepared = prepare_cells(grid, out, log=log, jobs=jobs, gpus=gpus, executor=executor)
+    return prepared.run(log=log, progress=progress, on_result=on_result)
+
+
+@dataclass
+class PreparedCells:
+    """A grid whose every cell has been checked: what its folder held before (``slots``: reused
+    results, None where the cell runs) and the cells to run (``todo``)."""
+
+    grid: list[Cell]
+    out: Path
+    executor: Executor
+    slots: list[CellResult | None]
+    todo: list[CellJob]
+
+    def run(self, *, log: Callable[[str], None] = print, progress: bool = False,
+            on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+        grid, slots = self.grid, self.slots
+        (self.out / "runs").mkdir(parents=True, exist_ok=True)
+        for r in slots:  # the results found in the folder
+            if r is not None and on_result is not None:
+                on_result(r)
+
+        def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None,
+                   where: str = "") -> None:
+            slots[i] = _finish_cell(grid[i], self.out / "runs" / grid[i].name, f"[{i + 1}/{len(grid)}] {grid[i].name}",
+                                    summary, error, trace, log, where)
+            if on_result is not None:
+                on_result(slots[i])
+
+        self.executor.run(self.todo, log=log, progress=progress,
+                          finish=lambda job, summary, error, trace, where="": finish(job.index, summary, error, trace,
+                                                                                     where))
+        return [r for r in slots if r is not None]
+
+
+def prepare_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print, jobs: int = 1,
+                  gpus: int | None = None, executor: Executor | None = None) -> PreparedCells:
+    """Check every cell before any runs, and refuse the grid in one line (a ConfigError naming the
+    cell) when one cannot run: its config is invalid, its hooks' options cannot run on its clients
+    (:func:`evaluations.preflight.check_cells`), the executor cannot run it, or its folder holds a run
+    of another config (results are never replaced: another ``--out``, or delete the folder). Nothing
+    is written before these checks pass; then earlier results are taken up (:func:`_earlier_result`)."""
+    from evaluations.preflight import check_cells, refusal
+
     load_plugins()
     if executor is None:
         executor = LocalExecutor(jobs, gpus)
     elif jobs != 1:
         raise ConfigError(f"--jobs is for --executor local; under --executor {executor.name} the cluster's "
                           "resources decide how many cells run at once (drop --jobs)")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    slots: list[CellResult | None] = [None] * len(grid)
-
-    def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None, where: str = "") -> None:
-        slots[i] = _finish_cell(grid[i], out / "runs" / grid[i].name, f"[{i + 1}/{len(grid)}] {grid[i].name}",
-                                summary, error, trace, log, where)
-        if on_result is not None:
-            on_result(slots[i])
-
-    configs: list[RunConfig | None] = []  # typed once per cell, and passed on typed (to the workers too)
-    bad: dict[int, tuple[str, str]] = {}
+    configs: list[RunConfig] = []  # typed once per cell, and passed on typed (to the workers too)
     for cell in grid:
         try:
             configs.append(config_from_dict(cell.config))
-        except ConfigError as e:  # a cell with a bad config is a failed row, as before; the grid goes on
-            configs.append(None)
-            bad[len(configs) - 1] = (f"ConfigError: {e}", traceback.format_exc())
-    executor.check([c for c in configs if c is not None])
+        except ConfigError as e:
+            raise ConfigError(refusal(cell.name, e)) from None
+    executor.check(configs)
+    dirs = [out / "runs" / cell.name for cell in grid]
+    for cell, cfg, run_dir in zip(grid, configs, dirs):
+        diff = _stale(cfg, run_dir)
+        if diff is not None:  # a cell of the same name from an edited sweep file or another --set
+            raise ConfigError(f"{out} holds a run of cell {cell.name} with another config ({diff}); pass another "
+                              f"--out, or delete {out} to run the grid again (nothing has run)")
+    check_cells([(c.name, cfg) for c, cfg, d in zip(grid, configs, dirs) if not _finished(d)])
+    slots: list[CellResult | None] = []
     todo = []
-    for i, cell in enumerate(grid):
-        if configs[i] is None:
-            finish(i, None, *bad[i])
-            continue
-        tag = f"[{i + 1}/{len(grid)}] {cell.name}"
-        slots[i] = _earlier_result(cell, configs[i], out / "runs" / cell.name, tag, log)
+    for i, (cell, cfg, run_dir) in enumerate(zip(grid, configs, dirs)):
+        slots.append(_earlier_result(cell, run_dir, f"[{i + 1}/{len(grid)}] {cell.name}", log))
         if slots[i] is None:
-            todo.append(CellJob(i, cell.name, configs[i], out / "runs" / cell.name))
-        elif on_result is not None:
-            on_result(slots[i])
-    executor.run(todo, log=log, progress=progress,
-                 finish=lambda job, summary, error, trace, where="": finish(job.index, summary, error, trace, where))
-    return [r for r in slots if r is not None]
+            todo.append(CellJob(i, cell.name, cfg, run_dir))
+    return PreparedCells(grid, out, executor, slots, todo)
 
 
-def _earlier_result(cell: Cell, cfg: RunConfig, run_dir: Path, tag: str,
-                    log: Callable[[str], None]) -> CellResult | None:
-    """What a cell's folder already holds: a finished run or a divergence (reused), a run of another
-    config (an error row); None when the cell must run (a failed run's folder is cleared first)."""
+def _finished(run_dir: Path) -> bool:
+    """The cell's folder holds its result: a finished run or a divergence."""
+    return (run_dir / "summary.json").is_file() or (run_dir / "diverged.json").is_file()
+
+
+def _stale(cfg: RunConfig, run_dir: Path) -> str | None:
+    """How the run in a cell's folder differs from the cell's config (None: the same, or no run, or a
+    run that failed — an error, not a result, which runs again from scratch)."""
     saved = run_dir / "config.yaml"
-    if saved.is_file() and not _same_config(saved, cfg):
-        # A cell of the same name from an edited sweep file: never reuse stale results silently.
-        error = f"ConfigError: {run_dir} holds a run with a different config; delete it or choose another --out"
-        log(f"{tag}: FAILED ({error})")
-        return CellResult(cell, run_dir, None, error)
+    if not saved.is_file() or (run_dir / "error.txt").is_file():
+        return None
+    return config_difference(saved, cfg)
+
+
+def _earlier_result(cell: Cell, run_dir: Path, tag: str, log: Callable[[str], None]) -> CellResult | None:
+    """What a cell's folder already holds (its config checked equal by :func:`prepare_cells`): a
+    finished run or a divergence (reused); None when the cell must run (a failed run's folder is
+    cleared first)."""
     if (run_dir / "summary.json").is_file():
         log(f"{tag}: done before, reused")
         return CellResult(cell, run_dir, json.loads((run_dir / "summary.json").read_text()), None)
@@ -246,16 +327,17 @@ class Grid:
 
 def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[str], None] = print,
              progress: bool = False, jobs: int = 1, executor: Executor | None = None) -> Path:
-    """Run every feasible cell of ``grid`` (reusing finished ones), read each cell's row — in the
-    grid's order, infeasible cells included — and write the grid's outputs; returns the folder."""
+    """Check every feasible cell of ``grid`` (:func:`prepare_cells`: a bad cell refuses the grid before
+    anything is written), run those not finished before, read each cell's row — in the grid's order,
+    infeasible cells included — and write the grid's outputs; returns the folder."""
     out = Path(out_dir or grid.settings.out_dir)
+    cells = grid.cells()
+    prepared = prepare_cells([c for c in cells if c.infeasible is None], out, log=log, jobs=jobs, executor=executor)
     out.mkdir(parents=True, exist_ok=True)
     (out / grid.settings_file).write_text(yaml.safe_dump(grid.settings_record(), sort_keys=False))
-    cells = grid.cells()
     with grid_tracking(grid, out, log) as tracked:  # the base config's `tracking`: a parent run, a child per cell
-        done = {r.cell.name: r for r in run_cells([c for c in cells if c.infeasible is None], out, log=log,
-                                                      progress=progress and grid.shows_progress, jobs=jobs,
-                                                      executor=executor, on_result=tracked)}
+        done = {r.cell.name: r for r in prepared.run(log=log, progress=progress and grid.shows_progress,
+                                                     on_result=tracked)}
         rows = []
         for c in cells:
             r = done.get(c.name)

@@ -26,7 +26,7 @@ from pfedpg.models.device import check_amp, check_device_spec
 from pfedpg.registry import Spec
 from pfedpg.server import SERVERS, ServerConfig
 from pfedpg.tracking import TrackingConfig
-from pfedpg.typed import _default_of, _field_type, build_dataclass
+from pfedpg.typed import _default_of, _field_type, build_dataclass, first_difference, short_value
 from pfedpg.yamlio import load_yaml, load_yaml_file  # noqa: F401  (load_yaml_file re-exported)
 
 AUGMENTS = ("shift", "crop_flip")
@@ -372,3 +372,14 @@ def saved_config(text: str) -> RunConfig:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def difference(old: RunConfig, new: RunConfig, *, ignore: tuple[str, ...] = ()) -> str | None:
+    """``"KEY: OLD → NEW"`` for the first key (``client.lr``, ``hooks[1].delta``) where two configs
+    differ, top-level keys in ``ignore`` left out; None when they are the same."""
+    a, b = yaml.safe_load(dump_config(old)), yaml.safe_load(dump_config(new))
+    for k in ignore:
+        a.pop(k, None), b.pop(k, None)
+    diff = first_difference(a, b)
+    return None if diff is None else f"{diff[0]}: {short_value(diff[1])} → {short_value(diff[2])}"
+

@@ -110,6 +110,11 @@ class RunContext:
     joins: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     @cached_property
+    def facts(self) -> RunFacts:
+        """The public facts alone (what ``Hook.check`` reads)."""
+        return RunFacts(self)
+
+    @cached_property
     def client_side(self) -> ClientSide:
         return ClientSide(self)
 

@@ -10,6 +10,9 @@ Points, in the order a round meets them:
 ====================  ======  ===============================================================
 point                 side    contract
 ====================  ======  ===============================================================
+``check``             both    ``(facts)``: refuse options the run cannot take, from its public facts
+                              alone (no side effects); a grid calls it for every cell before any
+                              runs, and ``setup`` should call it first
 ``setup``             both    once per run (and again on resume), before round 1
 ``client_data``       client  ``(ctx, client, round, data) -> data``; e.g. label flips, canaries
 ``local_training``    client  middleware ``(ctx, job, call_next) -> LocalResult``; e.g. DP-SGD
@@ -53,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from pfedpg.context import ClientSide, RunContext, ServerSide
+from pfedpg.context import ClientSide, RunContext, RunFacts, ServerSide
 from pfedpg.deprecation import take_renamed
 from pfedpg.errors import ConfigError
 from pfedpg.registry import Registry, Spec, construct
@@ -119,6 +122,18 @@ class Hook:
 
     def controls_client(self, client: int) -> bool:
         """True when this hook *replaces* client ``client``'s code (a malicious client)."""
+        return False
+
+    def check(self, facts: RunFacts) -> None:
+        """Refuse options this run cannot take, from its public facts alone (the config, client
+        counts, split sizes, the schedule, the new and audit clients): cheap and without side
+        effects. A grid checks every cell this way before any runs (``evaluations/preflight.py``);
+        ``setup`` calls it first (``self.check(ctx.facts)``). Raise a one-line ConfigError."""
+
+    def fixes_rounds(self) -> bool:
+        """Whether what the hook does depends on the run's number of rounds (noise calibrated to a
+        target ε over them, an audit scored over them): a run with it cannot change ``rounds`` when it
+        resumes (``pfedpg.run.checkpoint.load_checkpoint``)."""
         return False
 
     def setup(self, ctx: RunContext) -> None:
@@ -204,6 +219,10 @@ class HookChain:
             return controllers
         # A hook that controls some clients (an attack) runs client-side code for those alone.
         return [h for h in self.hooks if h.acts_on(client) and not _overrides(h, "controls_client")]
+
+    def check(self, facts: RunFacts) -> None:
+        for h in self.hooks:
+            h.check(facts)
 
     def setup(self, ctx: RunContext) -> None:
         for h in self.hooks:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pfedpg.data import load_dataset, public_indices
-from pfedpg.errors import ConfigError
+from pfedpg.errors import ConfigError, DataError
 from pfedpg.models.device import configure, resolve_device
 from pfedpg.seeding import Seeds
 
@@ -49,6 +49,44 @@ def file_digest(path: str | os.PathLike, what: str = "pretrain.data") -> str:
     return h.hexdigest()
 
 
+# SHA-256 of each file hashed in this process, by (resolved path, size, mtime): a grid asks for the key of
+# every cell, and a file is read once per process however often.
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def data_digest(data) -> str:
+    """SHA-256 of what ``data.path`` holds (a ``DataConfig``): a file's bytes; a folder's files (their
+    paths relative to it and their bytes; for a CIFAR source the release's own folder when ``path``
+    is its parent). The same wherever the file lies and however the path is written; another file at
+    the same path gives another digest."""
+    p = Path(data.path).expanduser()
+    if not p.exists():
+        where = "" if p.is_absolute() else f" (a relative data.path is read from the current directory, {os.getcwd()})"
+        raise DataError(f"data file {p} not found{where}; set data.path to an existing file or folder")
+    if p.is_file():
+        return _sha256(p)
+    from pfedpg.data.sources import _CIFAR
+
+    release = p / _CIFAR[data.source][0] if data.source in _CIFAR else p
+    root = release if release.is_dir() else p
+    h = hashlib.sha256()
+    for f in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(root).as_posix()}\0{_sha256(f)}\n".encode())
+    return "dir:" + h.hexdigest()
+
+
 def pretrain_key(cfg) -> str:
     """Hash of what determines the pretrained weights (not the federated settings)."""
     from dataclasses import asdict
@@ -75,6 +113,13 @@ def pretrain_key(cfg) -> str:
         # (storage_size likewise: null keeps the keys of backbones cached before it existed.)
         data = {k: v for k, v in asdict(cfg.data).items()
                 if k in PUBLIC_SPLIT_FIELDS and not (k in ("public_domains", "storage_size") and v is None)}
+        if cfg.data.path is not None:
+            # A data file by its content, not the text of its path: another npz at the same path must
+            # not reuse a backbone pretrained on the old one's public split (whose records may now be
+            # clients' members), and the same file by another path is the same backbone. (Entries
+            # cached before this keyed the path's text: they are not found any more and retrain.)
+            del data["path"]
+            data["content_sha256"] = data_digest(cfg.data)
     payload = {
         "model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs, "mean": cfg.model.mean, "std": cfg.model.std},
         "data": data,

@@ -123,3 +123,32 @@ def upgrade_keys(tree: Any, cls: Any, where: str = "") -> Any:
         if sub is not None:
             out[name] = upgrade_keys(value, sub, f"{prefix}{name}")
     return out
+
+
+def first_difference(a: Any, b: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """The first key path where two YAML trees differ, with both values (``(absent)`` for a missing
+    key), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in [*a, *(k for k in b if k not in a)]:
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in a or k not in b:
+                return sub, a.get(k, "(absent)"), b.get(k, "(absent)")
+            diff = first_difference(a[k], b[k], sub)
+            if diff is not None:
+                return diff
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            diff = first_difference(x, y, f"{key}[{i}]")
+            if diff is not None:
+                return diff
+        return None
+    return None if a == b else (key, a, b)
+
+
+def short_value(v: Any) -> str:
+    """A config value for a one-line message (JSON, at most 60 characters)."""
+    import json
+
+    text = v if isinstance(v, str) else json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

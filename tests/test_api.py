@@ -129,7 +129,7 @@ def test_the_plan_is_the_cli_plan(tmp_path, capsys):
 @pytest.mark.parametrize("call, message", [
     (lambda: api.run(TINY, ["rounds=0"]), "rounds=0 must be a positive integer"),
     (lambda: api.run(TINY, resume=True), "resume needs run_dir"),
-    (lambda: api.privacy_sweep({"base": TINY, "privacy": {"target_epsilons": [-1.0]}}), "must be positive numbers"),
+    (lambda: api.privacy_sweep({"base": TINY, "privacy": {"target_epsilons": [-1.0]}}), "must be a finite number > 0"),
     (lambda: api.privacy_sweep({"base": TINY, "privacy": {}}, jobs=0), "jobs=0 must be a positive integer"),
     (lambda: api.robustness({"base": TINY, "robustness": {}}, executor="slurm"), "executor='slurm': choose local"),
     (lambda: api.audit({"base": TINY, "audit": {}}, ray_address="h:1"), "ray_address needs executor='ray'"),

@@ -86,13 +86,22 @@ def test_rows_carry_the_privacy_columns(tmp_path):
         assert phrase in report
 
 
-def test_a_failing_cell_is_a_failed_row_and_the_sweep_goes_on(tmp_path, capsys):
-    # delta = 0.5 is not < 1/N for 3 clients: that cell fails at set-up, the others run.
-    path = sweep_file(tmp_path, mechanisms={"dp_client": {"clip": 0.5, "delta": 0.5}}, baselines=["nonprivate"])
+def test_a_cell_that_fails_while_it_runs_is_a_failed_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import evaluations.executors
+
+    original = evaluations.executors.run_training
+
+    def failing(cfg, run_dir, **kw):  # an error the checks before the run cannot see (not a ConfigError)
+        if cfg.method == "local":
+            raise RuntimeError("the local cell broke")
+        return original(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(evaluations.executors, "run_training", failing)
+    path = sweep_file(tmp_path, mechanisms={}, baselines=["nonprivate", "local"])
     assert main(["privacy", "--config", str(path)]) == 1
     rows = {r["mechanism"]: r for r in read_csv(tmp_path / "sweep" / "tradeoff.csv")}
     assert rows["nonprivate"]["status"] == "ok"
-    assert rows["dp_client"]["status"] == "failed" and "1/N" in rows["dp_client"]["error"]
+    assert rows["local"]["status"] == "failed" and "the local cell broke" in rows["local"]["error"]
     assert (tmp_path / "sweep" / "FAILED").is_file()
 
 
@@ -102,6 +111,9 @@ def test_a_failing_cell_is_a_failed_row_and_the_sweep_goes_on(tmp_path, capsys):
     ({"mechanisms": {"dp_client": {"clip": 1, "noise_multiplier": 2}}}, "not per mechanism"),
     ({"baselines": ["oracle"]}, "unknown 'oracle'"),
     ({"seedz": [0]}, "unknown config key privacy.seedz"),
+    ({"target_epsilons": [], "noise_multipliers": None}, r"privacy.target_epsilons is empty: list at least one "
+                                                         r"privacy level, e.g. target_epsilons: \[1.0, 8.0\]"),
+    ({"target_epsilons": None, "noise_multipliers": None}, "both missing or null: set exactly one of them"),
 ])
 def test_bad_sweep_files_are_config_errors(tmp_path, privacy, message):
     with pytest.raises(ConfigError, match=message):
@@ -127,12 +139,14 @@ def test_shipped_privacy_config_loads():
 
 
 def test_a_cell_with_a_changed_config_is_not_reused(tmp_path):
-    sweep, base = load_sweep(sweep_file(tmp_path, baselines=["nonprivate"]))
-    run_sweep(sweep, base, log=lambda m: None)
-    base["client"]["lr"] = 0.05
+    sweep, base = load_sweep(sweep_file(tmp_path, baselines=["nonprivate"], mechanisms={}))
     out = run_sweep(sweep, base, log=lambda m: None)
-    rows = {r["mechanism"]: r for r in read_csv(out / "tradeoff.csv")}
-    assert rows["nonprivate"]["status"] == "failed" and "different config" in rows["nonprivate"]["error"]
+    before = {f: (out / f).read_bytes() for f in ("tradeoff.csv", "sweep.yaml", "report.md")}
+    base["client"]["lr"] = 0.05
+    with pytest.raises(ConfigError, match=r"holds a run of cell nonprivate-s0 with another config "
+                                          r"\(client.lr: 0.25 → 0.05\); pass another --out, or delete"):
+        run_sweep(sweep, base, log=lambda m: None)
+    assert {f: (out / f).read_bytes() for f in before} == before  # the results stay as they were
 
 
 def test_base_overrides_merge_into_base_config_sections(tmp_path):

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from pfedpg.config import dump_config, saved_config
+from pfedpg.config import difference, dump_config, saved_config
 from pfedpg.errors import ConfigError
 from pfedpg.models.device import to_cpu
 from pfedpg.run.rounds import RoundLoop
-from pfedpg.tracking import untracked
 
 #: The checkpoint format: unchanged by the client seam (issue 30) — the same keys, the clients'
 #: states as ``ClientState.to_dict()`` (None for a Flower run) — so checkpoints written before it resume.
@@ -69,13 +68,17 @@ def load_checkpoint(loop: RoundLoop, path: Path) -> int:
         raise ConfigError(f"checkpoint {str(path)!r} has version {state.get('version')}, "
                           f"expected {CHECKPOINT_VERSION}")
     try:
-        # (the tracking section decides no number: a run may be resumed with tracking turned on or moved)
-        same = dump_config(untracked(saved_config(state["config"]))) == dump_config(untracked(loop.cfg))
-    except ConfigError:
-        same = False
-    if not same:
-        raise ConfigError(f"--resume: the config differs from the one {str(path)!r} was written with; "
+        saved = saved_config(state["config"])
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint {str(path)!r} holds a config that does not load ({e}); "
+                          "delete it to resume from an earlier one") from None
+    # (rounds: check_new_rounds below; tracking decides no number: a run may be resumed with it turned on or moved)
+    diff = difference(saved, loop.cfg, ignore=("rounds", "tracking"))
+    if diff is not None:
+        raise ConfigError(f"--resume: the config differs from the one {str(path)!r} was written with ({diff}); "
                           "resume with the run's own config.yaml")
+    if saved.rounds != loop.cfg.rounds:
+        check_new_rounds(loop, saved.rounds, int(state["round"]))
     if state["clients"] is None:
         raise ConfigError(f"checkpoint {str(path)!r} is from a Flower run and holds no client state "
                           "(it stayed on the clients); start a new run")
@@ -83,3 +86,17 @@ def load_checkpoint(loop: RoundLoop, path: Path) -> int:
     loop.clients.load_state_dict(state["clients"])
     loop.hooks.load_state_dict(state["hooks"])
     return int(state["round"])
+
+
+def check_new_rounds(loop: RoundLoop, old: int, at: int) -> None:
+    """A run resumed with another ``rounds`` continues from its checkpoint (after round ``at``) to
+    the new last round, to the numbers a run of that many rounds gives (the schedule and every
+    stream are per round): refused below the checkpoint, and under a hook whose work depends on the
+    number of rounds (``Hook.fixes_rounds``: noise calibrated to a target ε over them, an audit)."""
+    new = loop.cfg.rounds
+    if new < at:
+        raise ConfigError(f"--resume: rounds={new} is below round {at} of the latest checkpoint; set rounds >= {at}")
+    fixed = [h.name for h in loop.hooks.hooks if h.fixes_rounds()]
+    if fixed:
+        raise ConfigError(f"--resume: rounds cannot change ({old} → {new}) under hook {fixed[0]}, whose work depends "
+                          "on the number of rounds; start a new run with rounds set (another --run-dir)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pfedpg.config import dump_config
+from pfedpg.config import dump_config, saved_config
 from pfedpg.errors import ConfigError
 from pfedpg.run.checkpoint import latest_checkpoint, load_checkpoint, set_aside
 from pfedpg.run.rounds import RoundLoop
@@ -47,16 +47,30 @@ def resume_run(loop: RoundLoop, metrics_path: Path) -> int:
                           "without --resume to start it again (the old files are kept under RUN_DIR/attempt-<k>/)")
     start = load_checkpoint(loop, ckpt)
     new = loop.roster.new
-    if (run_dir / "summary.json").exists():
+    before = saved_config((run_dir / "config.yaml").read_text()).rounds
+    if before != loop.cfg.rounds:  # --set rounds=N (load_checkpoint allowed it): the run is now one of N rounds
+        (run_dir / "config.yaml").write_text(dump_config(loop.cfg))
+        loop.log(f"--resume: rounds {before} → {loop.cfg.rounds}: continuing after round {start} to round "
+                 f"{loop.cfg.rounds} (config.yaml updated)")
+    elif (run_dir / "summary.json").exists():
         loop.log(f"--resume of a finished run: rewriting its summary from {ckpt.name}"
                  + (f" (the {len(new)} new clients' join rounds run again, to the same numbers)" if new else ""))
     # Keep the records up to the checkpoint: the rounds after it are re-run identically.
     # (Join rounds run after the last round from the final state: they are re-run as well.)
-    kept = [ln for ln in metrics_path.read_text().splitlines()
-            if ln and json.loads(ln)["round"] <= start and json.loads(ln)["type"] != "join"] \
-        if metrics_path.exists() else []
+    lines = [ln for ln in metrics_path.read_text().splitlines() if ln] if metrics_path.exists() else []
+    if lines and not _is_json(lines[-1]):  # a last line cut short by a kill: a round after the checkpoint
+        lines.pop()
+    kept = [ln for ln in lines if json.loads(ln)["round"] <= start and json.loads(ln)["type"] != "join"]
     metrics_path.write_text("".join(ln + "\n" for ln in kept))
     return start
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def write_run_files(loop: RoundLoop) -> None:

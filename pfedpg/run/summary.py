@@ -25,9 +25,20 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
         "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
         "timm": timm.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "argv": _redacted(sys.argv),
+        "cwd": os.getcwd(),  # where relative paths in the config were read from (--resume reads them there too)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         **(describe(device) if device is not None else {}),
     }
+
+
+def _pretrain_record(cfg, backbone_file: str | None) -> dict[str, Any]:
+    """For a backbone from the pretraining cache: its key (a hash of the recipe, the model and the
+    public split's data by content, ``pfedpg.pretrain.pretrain_key``), so two runs' backbones compare."""
+    if cfg.model.weights != "pretrain" or backbone_file is None:
+        return {}
+    from pfedpg.pretrain import cached_path, pretrain_key
+
+    return {"pretrain_key": pretrain_key(cfg)} if Path(backbone_file) == cached_path(cfg) else {}
 
 
 def _redacted(argv: list[str]) -> list[str]:
@@ -87,7 +98,8 @@ def summarize(loop: RoundLoop, metrics_path: Path, *, setup_seconds: float, join
                  "mean_train_round_s": float(np.mean([r["time_round_s"] - r.get("time_eval_s", 0.0)
                                                       for r in rounds])) if rounds else 0.0},
         "hooks": [h.name for h in loop.hooks.hooks],
-        "backbone": {"name": cfg.model.name, "weights": cfg.model.weights, "file": backbone_file},
+        "backbone": {"name": cfg.model.name, "weights": cfg.model.weights, "file": backbone_file,
+                     **_pretrain_record(cfg, backbone_file)},
         "device": {**describe(loop.device), "amp": cfg.amp,
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")},
     }
