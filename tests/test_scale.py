@@ -3,6 +3,7 @@ numbers as before, bit for bit (the sizes and times themselves are measured in b
 import torch
 from conftest import tiny_config
 
+from pfedpg.run import Trainer
 from pfedpg.run.data import client_tensors, load_records, partition_run
 
 
@@ -29,3 +30,13 @@ def test_in_process_records_are_rows_of_one_store_equal_to_the_per_client_tensor
                                                     *records.new_train_data, *records.new_test_data)
                                  for y in pair[1:])
 
+
+def test_the_generated_prompt_spread_is_the_mean_off_diagonal_distance():
+    """Without the two N × N masks: the same value as ``cdist(p, p)[~eye].mean() / mean norm``."""
+    t = Trainer(tiny_config(**{"data.num_domains": 4}), run_dir="unused")
+    _, spread = t.loop.evaluate_all(1)
+    generated = t.loop.generated_prompts()
+    p = torch.stack([generated[n].reshape(-1) for n in sorted(generated)])
+    dist = torch.cdist(p, p)
+    off = dist[~torch.eye(len(p), dtype=torch.bool)]
+    assert len(p) == 4 and spread == float(off.mean() / p.norm(dim=1).mean().clamp_min(1e-12))
