@@ -1,9 +1,14 @@
 """The clients' records as a process holds them (DESIGN §2, "Storage and transforms"): the run's
 data set partitioned (new clients held out first), and per client its training and evaluated
 records as uint8 tensors on the host — the model's input pipeline resizes, normalises and augments
-each batch on the run's device; no float copy of a client is ever made."""
+each batch on the run's device; no float copy of a client is ever made.
+
+In-process, every client's records sit in one store (:func:`gather`: one uint8 image tensor and one
+label tensor, client after client), and a client's pair is a view of its rows, made when asked for
+(:class:`ClientPairs`): no tensor pair, allocation or heap fragment per client (issue 31)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,23 +30,24 @@ class Records(Protocol):
     that client's shard then)."""
 
     roster: Roster
-    train_data: list[Pair]
-    test_data: list[Pair]
-    new_train_data: list[Pair]
-    new_test_data: list[Pair]
+    train_data: Sequence[Pair]
+    test_data: Sequence[Pair]
+    new_train_data: Sequence[Pair]
+    new_test_data: Sequence[Pair]
 
     def hold(self, n: int) -> None: ...
 
 
 @dataclass
 class ClientRecords:
-    """Every client's records in memory (the in-process run; a Flower node with its own files)."""
+    """Every client's records in memory (the in-process run, as :class:`ClientPairs` of one store;
+    a Flower node with its own files, as lists)."""
 
     roster: Roster
-    train_data: list[Pair]
-    test_data: list[Pair]
-    new_train_data: list[Pair] = field(default_factory=list)
-    new_test_data: list[Pair] = field(default_factory=list)
+    train_data: Sequence[Pair]
+    test_data: Sequence[Pair]
+    new_train_data: Sequence[Pair] = field(default_factory=list)
+    new_test_data: Sequence[Pair] = field(default_factory=list)
 
     def hold(self, n: int) -> None:
         """Every client's records are held already."""
@@ -91,13 +97,51 @@ def roster_of(cfg: RunConfig, dataset, splits, new) -> Roster:
                   new=[client_fact(cfg, dataset, len(splits) + j, s) for j, s in enumerate(new)])
 
 
+class ClientPairs(Sequence):
+    """A list of (images, labels) pairs, one per client, that holds the store's two tensors and each
+    client's row span: item n is a view of rows ``starts[n]:stops[n]`` (contiguous, the values
+    :func:`as_tensors` gives for the same records)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, starts: np.ndarray, stops: np.ndarray):
+        self.images, self.labels, self.starts, self.stops = images, labels, starts, stops
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, n):
+        if isinstance(n, slice):
+            return [self[i] for i in range(*n.indices(len(self)))]
+        a, b = int(self.starts[n]), int(self.stops[n])  # (an IndexError past the end ends iteration)
+        return self.images[a:b], self.labels[a:b]
+
+
+def gather(dataset, parts: list[np.ndarray], chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The records ``parts`` (index arrays into ``dataset``), one after another, as one uint8 image
+    tensor (R, 3, S, S) and one int64 label tensor (R,), and where each part ends; filled a chunk at
+    a time, so no second full copy exists on the way."""
+    order = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+    h, w = dataset.images.shape[1:3]
+    images = torch.empty((order.size, 3, h, w), dtype=torch.uint8)
+    for a in range(0, order.size, chunk):
+        images[a:a + chunk] = torch.from_numpy(dataset.images[order[a:a + chunk]]).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(np.asarray(dataset.labels[order])).long()
+    return images, labels, np.cumsum([p.size for p in parts], dtype=np.int64)
+
+
 def load_records(cfg: RunConfig):
     """(every client's records, the data set they came from) — the caller may pretrain on the data
-    set, then drops it: the pool is not kept beside the clients' records."""
+    set, then drops it: the pool is not kept beside the clients' records, which are one store of
+    the records the clients hold (client by client: training, then evaluated)."""
     dataset, splits, new = partition_run(cfg)
-    held = [client_tensors(cfg, dataset, s) for s in splits]
-    fresh = [client_tensors(cfg, dataset, s) for s in new]
+    parts = [idx for s in (*splits, *new) for idx in client_indices(cfg, s)]
+    images, labels, stops = gather(dataset, parts)
+    starts = stops - np.array([p.size for p in parts], dtype=np.int64)
+    k = 2 * len(splits)
+
+    def pairs(first: int, end: int) -> ClientPairs:  # every other part: training or evaluated
+        return ClientPairs(images, labels, starts[first:end:2].copy(), stops[first:end:2].copy())
+
     records = ClientRecords(roster=roster_of(cfg, dataset, splits, new),
-                            train_data=[t for t, _ in held], test_data=[e for _, e in held],
-                            new_train_data=[t for t, _ in fresh], new_test_data=[e for _, e in fresh])
+                            train_data=pairs(0, k), test_data=pairs(1, k),
+                            new_train_data=pairs(k, len(parts)), new_test_data=pairs(k + 1, len(parts)))
     return records, dataset

@@ -118,8 +118,11 @@ class RoundLoop:
         if len(generated) < 2:
             return rows, None
         p = torch.stack([generated[n].reshape(-1) for n in sorted(generated)])
-        dist = torch.cdist(p, p)
-        off = dist[~torch.eye(len(p), dtype=torch.bool, device=dist.device)]
+        del generated  # (the N prompts are not held beside their stack and the N × N distances)
+        dist, k = torch.cdist(p, p), len(p)
+        # The off-diagonal distances in row-major order, as dist[~eye] lists them, without two N × N masks:
+        # after the first diagonal entry, every (k + 1)-th entry is the next one.
+        off = dist.reshape(-1)[1:].view(k - 1, k + 1)[:, :-1].reshape(-1)
         return rows, float(off.mean() / p.norm(dim=1).mean().clamp_min(1e-12))
 
     def record_divergence(self, r: int, error: Exception) -> None:
