@@ -15,13 +15,17 @@ speed and memory do not depend on them), pFedPG with the cross-attention generat
 per round from the seeded schedule, ``threads: 1``. Each N runs in its own process. Reported: setup
 seconds; RSS after setup; peak RSS up to the end of the training rounds (VmHWM before the last
 round, read by a hook at round R-1); peak RSS of the whole run (VmHWM at the end: the last round
-evaluates every one of the N clients, then the checkpoint and summary); seconds per round (rounds
-2..R, their median: training and server step, no evaluation); the final evaluation's seconds; and bytes per client
-of records, client state and descriptor. Ratios are against the first N listed (500 by default).
-Peak RSS is the process's own VmHWM (/proc/self/status), which starts afresh at exec.
+evaluates every one of the N clients, then the checkpoint and summary); seconds per round (the
+median of rounds 2..R: training and server step, no evaluation); the final evaluation's seconds;
+and bytes per client of records, client state and descriptor. Ratios are against the first N
+listed (500 by default). Peak RSS is the process's own VmHWM (/proc/self/status), which starts
+afresh at exec. ``--train-only`` stops after round R-1 (no final evaluation: minutes instead of
+~25 at N = 10,000); ``--repeat K`` runs the list K times, interleaved, for round times on a shared
+machine. ``--breakdown`` builds the run only, traced, and prints per-client bytes by component.
 Skips with a message when the data file is absent.
 Usage: python bench/scale.py [--clients 500 1000 10000] [--rounds 6] [--threads 1]
-       python bench/scale.py --breakdown --clients 1000 10000   # setup only, per-client bytes by component
+       python bench/scale.py --clients 500 10000 --train-only --repeat 3
+       python bench/scale.py --breakdown --clients 1000 10000
 """
 from __future__ import annotations
 

@@ -40,3 +40,14 @@ def test_the_generated_prompt_spread_is_the_mean_off_diagonal_distance():
     dist = torch.cdist(p, p)
     off = dist[~torch.eye(len(p), dtype=torch.bool)]
     assert len(p) == 4 and spread == float(off.mean() / p.norm(dim=1).mean().clamp_min(1e-12))
+
+
+def test_all_finite_is_the_entrywise_test():
+    from pfedpg.run.rounds import all_finite
+
+    big = torch.finfo(torch.float32).max
+    cases = [torch.zeros(0), torch.randn(5, 3), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 1.0]),
+             torch.tensor([float("-inf"), float("inf")]), torch.tensor([big, big]),  # finite entries, the sum overflows
+             torch.tensor([-big, -big, 1.0]), torch.full((3, 4), 2.0, dtype=torch.float64).requires_grad_()]
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t

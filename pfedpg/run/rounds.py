@@ -19,6 +19,14 @@ from pfedpg.run.stats import round_eval_stats, round_train_stats
 from pfedpg.server import Server, plain_aggregate
 
 
+@torch.no_grad()
+def all_finite(t: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(t).all())``, in one pass without a tensor of t's size: a sum is finite only
+    if every entry is (a NaN or an infinity stays one), and the entry-wise test runs only when it is
+    not (finite entries can overflow it). At N = 10,000 the descriptors hold 19 M numbers a round."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 class RoundLoop:
     """One run's rounds over its clients (see the module docstring). ``audit_ids``: the clients hooks
     added for an audit (``Hook.audit_clients``), which release every round but hold no data."""
@@ -100,7 +108,7 @@ class RoundLoop:
         step = self.server.apply(update, grads)
         # The step itself can blow the state up (an attack, an unbounded step under DP noise): that
         # is the round it diverged in, even if no client ever sends a non-finite delta afterwards.
-        if not all(bool(torch.isfinite(p).all()) for p in self.server.parameters()):
+        if not all(all_finite(p) for p in self.server.parameters()):
             raise NonFiniteDeltaError(f"the server state became non-finite in round {r}'s step "
                                       f"(update norm {step.get('server_update_norm', float('nan')):.3g}); "
                                       "bound it with server.update_bound or a robust rule")
