@@ -1,17 +1,18 @@
 """Plots of a run directory (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+
+from pfedpg import jsonio
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+    return jsonio.read_lines(Path(run_dir) / "metrics.jsonl")
 
 
 def learning_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:

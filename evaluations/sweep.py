@@ -10,7 +10,6 @@ grid goes on. KeyboardInterrupt is not swallowed.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import traceback
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ import yaml
 
 from evaluations.executors import CellJob, Executor, LocalExecutor
 from evaluations.plugins import load_plugins
+from evaluations.progress import GridProgress
+from pfedpg import jsonio
 from pfedpg.config import RunConfig, config_from_dict, dump_config, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
 
@@ -90,6 +91,10 @@ class Cell:
     infeasible: str | None = None
 
 
+#: words for a finished cell's terminal line: (cell, run directory, summary) -> text
+CellLine = Callable[["Cell", Path, dict[str, Any]], str]
+
+
 @dataclass
 class CellResult:
     cell: Cell
@@ -109,7 +114,7 @@ def divergence(run_dir, summary, error) -> dict[str, Any] | None:
     path = Path(run_dir) / "diverged.json"
     if not path.is_file():
         return None
-    div = json.loads(path.read_text())
+    div = jsonio.read(path)
     div["accuracy"] = div.get("accuracy_generated_per_client") or div.get("accuracy_per_client") or []
     return div
 
@@ -124,11 +129,14 @@ def _where(summary: dict[str, Any] | None, where: str = "") -> str:
 
 
 def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print, progress: bool = False,
-              jobs: int = 1, gpus: int | None = None, executor: Executor | None = None) -> list[CellResult]:
+              jobs: int = 1, gpus: int | None = None, executor: Executor | None = None,
+              line: CellLine | None = None) -> list[CellResult]:
     """``grid``: the cells to run (each a unique ``name`` and a run ``config``), on ``executor``
     (default: :class:`~evaluations.executors.LocalExecutor` with ``jobs`` worker processes and
     ``gpus``, which see its docstring; ``evaluations.ray_executor.RayExecutor`` for a Ray cluster).
-    Every cell's config is typed and checked by the executor before any cell runs."""
+    Every cell's config is typed and checked by the executor before any cell runs. ``line`` words a
+    finished cell's result (default: its accuracy); each line that ends a cell run here says how
+    many are done and estimates the time left (:class:`~evaluations.progress.GridProgress`)."""
     load_plugins()
     if executor is None:
         executor = LocalExecutor(jobs, gpus)
@@ -137,10 +145,13 @@ def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print
                           "resources decide how many cells run at once (drop --jobs)")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     slots: list[CellResult | None] = [None] * len(grid)
+    clock: dict[str, GridProgress] = {}
 
     def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None, where: str = "") -> None:
+        after = clock["grid"].finished() if "grid" in clock else None
         slots[i] = _finish_cell(grid[i], out / "runs" / grid[i].name, f"[{i + 1}/{len(grid)}] {grid[i].name}",
-                                summary, error, trace, log, where)
+                                summary, error, trace, lambda m: log(m + (f" — {after}" if after else "")), where,
+                                line=line)
 
     configs: list[RunConfig | None] = []  # typed once per cell, and passed on typed (to the workers too)
     bad: dict[int, tuple[str, str]] = {}
@@ -160,6 +171,11 @@ def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print
         slots[i] = _earlier_result(cell, configs[i], out / "runs" / cell.name, tag, log)
         if slots[i] is None:
             todo.append(CellJob(i, cell.name, configs[i], out / "runs" / cell.name))
+    if todo:
+        concurrency = getattr(executor, "concurrency", lambda n: None)(len(todo))
+        log(f"{len(todo)} cell(s) to run" + (f", {len(grid) - len(todo)} done before" if len(todo) < len(grid) else "")
+            + (f", {concurrency} at a time" if concurrency else ""))
+        clock["grid"] = GridProgress(len(todo), concurrency)
     executor.run(todo, log=log, progress=progress,
                  finish=lambda job, summary, error, trace, where="": finish(job.index, summary, error, trace, where))
     return [r for r in slots if r is not None]
@@ -177,9 +193,9 @@ def _earlier_result(cell: Cell, cfg: RunConfig, run_dir: Path, tag: str,
         return CellResult(cell, run_dir, None, error)
     if (run_dir / "summary.json").is_file():
         log(f"{tag}: done before, reused")
-        return CellResult(cell, run_dir, json.loads((run_dir / "summary.json").read_text()), None)
+        return CellResult(cell, run_dir, jsonio.read(run_dir / "summary.json"), None)
     if (run_dir / "diverged.json").is_file():  # a divergence is a result: the same one again
-        error = json.loads((run_dir / "diverged.json").read_text())["error"]
+        error = jsonio.read(run_dir / "diverged.json")["error"]
         log(f"{tag}: diverged before, reused")
         return CellResult(cell, run_dir, None, error)
     if (run_dir / "error.txt").is_file():  # failed before (an error, not a result): start clean
@@ -188,13 +204,18 @@ def _earlier_result(cell: Cell, cfg: RunConfig, run_dir: Path, tag: str,
     return None
 
 
+def accuracy_line(cell: Cell, run_dir: Path, summary: dict[str, Any]) -> str:
+    """The default words for a finished cell: its mean accuracy over the clients, in percent."""
+    return (f"accuracy {100 * summary['accuracy']['mean']:.2f} %" if summary.get("accuracy")
+            else "accuracy kept by the clients")
+
+
 def _finish_cell(cell: Cell, run_dir: Path, tag: str, summary: dict[str, Any] | None, error: str | None,
-                 trace: str | None, log: Callable[[str], None], where: str = "") -> CellResult:
+                 trace: str | None, log: Callable[[str], None], where: str = "", *,
+                 line: CellLine | None = None) -> CellResult:
     """A cell's outcome as its row and its line; ``where``: the executor's word on where it ran."""
     if error is None:
-        acc = (f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy")
-               else "accuracy kept by the clients")
-        log(f"{tag}: {acc}{_where(summary, where)}")
+        log(f"{tag}: {(line or accuracy_line)(cell, run_dir, summary)}{_where(summary, where)}")
     elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
         log(f"{tag}: diverged ({error}){where and f' ({where})'}")
     else:  # a failed cell is a row, not the end of the grid
@@ -235,6 +256,11 @@ class Grid:
     def write_outputs(self, out: Path, rows: list[dict[str, Any]], results: list[CellResult]) -> None:
         raise NotImplementedError
 
+    def line(self, cell: Cell, run_dir: Path, summary: dict[str, Any]) -> str:
+        """The words for a finished cell on the terminal: what its row in the grid's table shows
+        (default: the mean accuracy over the clients, in percent)."""
+        return accuracy_line(cell, run_dir, summary)
+
 
 def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[str], None] = print,
              progress: bool = False, jobs: int = 1, executor: Executor | None = None) -> Path:
@@ -246,7 +272,7 @@ def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[st
     cells = grid.cells()
     done = {r.cell.name: r for r in run_cells([c for c in cells if c.infeasible is None], out, log=log,
                                                   progress=progress and grid.shows_progress, jobs=jobs,
-                                                  executor=executor)}
+                                                  executor=executor, line=grid.line)}
     rows = []
     for c in cells:
         r = done.get(c.name)
