@@ -12,22 +12,20 @@ For a run config or a grid file (privacy, audit, robustness) the plan
   random weights of the configured architecture (speed does not depend on the weights, and nothing is
   downloaded or pretrained) — and times a few real local steps (the clients' own recipe: input
   pipeline, augmentation, and DP-SGD when a cell uses it) and an evaluation batch;
-* extrapolates: set-up + steps × measured seconds per step per run, and the grid's wall time with
-  ``--jobs N`` (the steps timed with the torch threads a cell gets there: the config's ``threads``,
-  else cores ÷ N; the cells handed to the next free worker in order, :mod:`evaluations.plan_timing`).
+* extrapolates: set-up + steps × seconds per step per run, and the wall time with ``--jobs N``
+  (timed with a cell's threads there; the machine's load named: :mod:`evaluations.plan_timing`).
 
 Memory is measured, not modelled: the resident set (and on a GPU the peak allocated device memory)
-of this process after building the run and taking the steps — the record store, the model and a few
-batches, which is what a run holds. Not counted: pretraining a backbone that is not cached yet (its
-steps are stated), the server step (milliseconds), and the audit's forward-only probes.
+after building the run and taking the steps — what a run holds. Not counted: pretraining a backbone
+not cached yet (its steps are stated), the server step (milliseconds), the audit's forward-only probes.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import resource
-import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -35,8 +33,10 @@ from typing import Any, Callable
 
 import torch
 
-from evaluations.plan_timing import CpuShare, cell_threads, threads, time_note, wall_time
+from evaluations.plan_timing import CpuShare, cell_threads, machine_load, threads, time_note, wall_time
 from evaluations.plan_timing import duration as _duration
+from evaluations.plan_timing import size as _size
+from evaluations.plan_timing import spread as _spread
 from evaluations.sweep import Cell
 from pfedpg.config import RunConfig, config_from_dict, load_config, load_yaml_file
 from pfedpg.errors import ConfigError
@@ -294,6 +294,10 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
     ``--jobs`` the grid will run with (its cells' threads and the wall time)."""
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
+    from evaluations.plugins import load_plugins
+
+    load_plugins()  # the hooks the cells name (as the CLI does)
+    load = os.getloadavg()[0]  # before the plan's own work adds to it
     log(f"plan: reading {path} ...")
     kind, grid = expand(path, overrides)
     configs = [config_from_dict(c.config) for c in grid]
@@ -306,6 +310,7 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
     device = resolve_device(probe.device, amp=probe.amp)
     log(f"plan: {len(grid)} run(s); measuring {'a DP-SGD one' if probe is not configs[0] else 'one'} on {device}")
     m = measure(probe, steps=steps, jobs=jobs, log=log)
+    m.update(machine_load(load, jobs, m["threads"]))
     cache: dict = {}
     runs = []
     log(f"plan: partitioning the data of {len({c.seed for c in configs})} seed(s) and counting each run's work ...")
@@ -335,20 +340,6 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
         "pretrain_steps": sum({r["pretrain_key"]: r["pretrain_steps"] for r in runs if r["pretrain_key"]}.values()),
         "pretrain_backbones": len({r["pretrain_key"] for r in runs if r["pretrain_key"]}),
     }
-
-
-def _size(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if b < 1024 or unit == "TiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
-        b /= 1024
-    return f"{b:.2f} TiB"
-
-
-def _spread(v: list[int]) -> str:
-    if not v:
-        return "-"
-    return f"{min(v)}–{max(v)} (median {statistics.median(v):g}, total {sum(v)})"
 
 
 def render(p: dict[str, Any]) -> str:

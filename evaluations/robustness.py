@@ -183,9 +183,9 @@ class RobustnessMatrix(Grid):
 
     def line(self, cell: MatrixCell, run_dir: Path, summary: dict[str, Any]) -> str:
         """What the cell's row shows: benign clients' accuracy (not all clients'), ASR, exclusions."""
-        row = _row(cell, run_dir, summary, None)
-        if row["benign_accuracy_mean"] is None:
+        if not summary.get("accuracy"):
             return "accuracy kept by the clients"
+        row = _row(cell, run_dir, summary, None)
         exc = _excluded({k: (row[k], None) for k in row if k.endswith("_updates")})
         return (f"benign accuracy {100 * row['benign_accuracy_mean']:.2f} % "
                 f"(worst {100 * row['benign_accuracy_worst']:.2f} %)"

@@ -137,6 +137,12 @@ def test_plan_times_with_the_threads_a_cell_gets_and_gives_the_wall_time_of_jobs
     assert cell_threads(SimpleNamespace(threads=3), 2) == 3  # the config's own
     assert wall_time([3.0, 1.0, 1.0, 1.0], 2) == 3.0 and wall_time([1.0] * 4, 2) == 2.0
     assert wall_time([1.0, 2.0], 1) == 3.0
+    from evaluations import plan_timing
+
+    cores = os.cpu_count() or 1
+    assert plan_timing.machine_load(1.0, 1, 1)["slowdown"] == 1.0  # only the plan itself: idle
+    # other work at load 3 (the plan's own 1 taken out) and 2 cells of 1 thread on these cores
+    assert plan_timing.machine_load(3.0, 2, 1)["slowdown"] == pytest.approx(max(1.0, (2 + 2) / cores))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"rounds": 2, "model": {"weights": "random", "kwargs": TINY_MODEL},
                                "data": {"image_size": 8, "max_train_per_client": 20, "max_test_per_client": 10},
