@@ -25,7 +25,6 @@ cosines against never-inserted directions').
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from attacks.canary_estimate import MIN_CANARIES, compare, estimate_epsilon
 from attacks.one_run_bounds import audit_bounds, check_level
 from attacks.tradeoff import gdp_family
+from pfedpg import jsonio
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
 from pfedpg.gdp import gdp_epsilon
@@ -209,7 +209,7 @@ class ClientCanaryAudit(Hook):
                         "server state (G's parameters and P_base; FedVPT: the global prompt)")
         out = Path(ctx.run_dir) / self.out
         out.mkdir(parents=True, exist_ok=True)
-        (out / "client_canary.json").write_text(json.dumps({**res, "views": views}, indent=1))
+        (out / "client_canary.json").write_text(jsonio.dumps({**res, "views": views}, indent=1))
         return res
 
 

@@ -28,7 +28,6 @@ distribution as every member's ε, so ``violation`` says the run's σ was reject
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch
 
 from attacks.one_run_bounds import audit_bounds, check_level
 from attacks.tradeoff import subsampled_gaussian_family
+from pfedpg import jsonio
 from pfedpg.client import trainable_parameters
 from pfedpg.context import ClientSide, RunContext
 from pfedpg.errors import ConfigError
@@ -144,7 +144,7 @@ class GradientCanaryAudit(Hook):
         res = gradient_canary_bounds(scores, self.inserted, game, accountant=float(dp.epsilon(self.client)))
         out = Path(ctx.run_dir) / self.out
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gradient_canary.json").write_text(json.dumps({**res, "scores": scores.tolist(),
+        (out / "gradient_canary.json").write_text(jsonio.dumps({**res, "scores": scores.tolist(),
                                                              "inserted": self.inserted.tolist()}, indent=1))
         return res
 

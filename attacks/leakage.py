@@ -46,7 +46,6 @@ probes get the accountant's (ε, δ) — the largest over target clients — and
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ import torch
 
 from attacks.metrics import dp_region, plot_roc  # noqa: F401  (dp_region re-exported)
 from attacks.probes import PROBE_TYPES, ProbeRun, pick
+from pfedpg import jsonio
 from pfedpg.context import ClientSide, RunContext, ServerSide
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import Hook, register_hook
@@ -290,7 +290,7 @@ class LeakageAudit(Hook):
         audit = {"probes": results, "dp": run.dp and run.dp.to_dict(), "targets": self.targets,
                  "shadow_clients": self.shadows, "seconds": time.perf_counter() - t_start,
                  "mean_train_round_s": round_s}
-        (out_dir / "audit.json").write_text(json.dumps(audit, indent=2, default=_json_default))
+        (out_dir / "audit.json").write_text(jsonio.dumps(audit, indent=2))
         np.savez(out_dir / "scores.npz", **{f"{k}__scores": v[0] for k, v in curves.items()},
                  **{f"{k}__labels": v[1] for k, v in curves.items()})
         if curves:
@@ -320,16 +320,6 @@ class LeakageAudit(Hook):
         dp_new = self._dp(ctx, list(joins)) if joins else None
         return ProbeRun(ctx=ctx, audit=self, rng=rng, states=states, mem=mem, dp=dp, joins=joins, dp_new=dp_new,
                         aux=aux, aux_head_idx=aux_head_idx)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
 
 
 def headline(res: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ headline bound, its cap, the claim, the accountant's ε and the verdicts, Steink
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -32,7 +31,9 @@ def audit(seeds: list[int], mechanism: str | None, out: Path) -> dict:
     path.write_text(yaml.safe_dump(tree))
     if main(["audit", "--config", str(path), "--jobs", "1"]) != 0:
         raise SystemExit(f"the audit of {path} failed")
-    return json.loads((out / "audit.json").read_text())["groups"]
+    from pfedpg import jsonio
+
+    return jsonio.read(out / "audit.json")["groups"]  # (strict JSON: "Infinity" read back as a float)
 
 
 def broken(kind: str):

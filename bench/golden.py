@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -26,6 +25,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pfedpg import jsonio  # strict JSON: "Infinity" strings read back as floats, as bare Infinity was
+
 CLI = [sys.executable, "-m", "evaluations.cli"]
 #: keys whose values are times, paths or other facts of the machine, not results
 VOLATILE = {"seconds", "setup_s", "rounds_s", "mean_round_s", "mean_train_round_s", "time_eval_s", "time_train_s",
@@ -66,9 +68,9 @@ def load(name: str, path: Path, skip=frozenset()):
         state = torch.load(path, map_location="cpu", weights_only=True)
         return {"server": state["server"], "clients": state["clients"]}
     if name.endswith(".jsonl"):
-        return [_clean(json.loads(ln), skip) for ln in path.read_text().splitlines() if ln]
+        return [_clean(jsonio.loads(ln), skip) for ln in path.read_text().splitlines() if ln]
     if name.endswith(".json"):
-        return _clean(json.loads(path.read_text()), skip)
+        return _clean(jsonio.loads(path.read_text()), skip)
     with open(path) as fh:
         return [_clean(row, skip) for row in csv.DictReader(fh)]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import subprocess
@@ -81,12 +80,13 @@ def reuse(cells: list, out: Path, src: Path) -> list[str]:
 def write_tables(sweep, base, out: Path) -> int:
     """tradeoff.csv / .md / report.md / plot of the whole grid from the cells' run directories."""
     from evaluations.privacy import _row, cells, write_outputs
+    from pfedpg import jsonio
 
     rows = []
     for cell in cells(sweep, base):
         rd = out / "runs" / cell.name
         if (rd / "summary.json").is_file():
-            rows.append(_row(cell, rd, json.loads((rd / "summary.json").read_text()), None))
+            rows.append(_row(cell, rd, jsonio.read(rd / "summary.json"), None))
         else:
             err = (rd / "error.txt").read_text().strip().splitlines()[-1] if (rd / "error.txt").is_file() else "not run"
             rows.append(_row(cell, rd, None, err))

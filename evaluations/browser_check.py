@@ -56,14 +56,40 @@ def check_reports(paths: list[Path], *, width: int = 1280, screenshot: bool = Tr
     return out
 
 
+def missing() -> str | None:
+    """What the check lacks on this machine, as the line that says how to get it; None when ready."""
+    import importlib.util
+
+    if importlib.util.find_spec("playwright") is None:
+        return "the browser check needs Playwright's Python client: pip install -e '.[browser]' (make venv does)"
+    if find_chromium() is None:
+        return (f"no Chromium found (looked for {', '.join(CHROMIUM_NAMES)} on PATH); install one, e.g. "
+                "apt-get install chromium (nothing is downloaded)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Check every report.html under the arguments; 0 when all pass, 1 when one fails, 2 (one line
+    ``error: ...``) when there is nothing to check or the machine lacks Playwright or a Chromium."""
     dirs = [Path(a) for a in (argv if argv is not None else sys.argv[1:])] or [Path("runs")]
     reports = sorted({p for d in dirs for p in ([d] if d.suffix == ".html" else d.rglob("report.html"))})
     if not reports:
-        print(f"no report.html under {', '.join(map(str, dirs))}", file=sys.stderr)
+        print(f"error: no report.html under {', '.join(map(str, dirs))}; run `make demo` first (it writes "
+              "runs/demo/report.html)", file=sys.stderr)
+        return 2
+    why = missing()
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    try:
+        results = check_reports(reports)
+    except Exception as e:  # the browser would not start (a broken install, a sandbox): one line, not a traceback
+        print(f"error: Chromium at {find_chromium()} could not check the reports ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:300]}); try another Chromium, e.g. apt-get install chromium",
+              file=sys.stderr)
         return 2
     bad = 0
-    for r in check_reports(reports):
+    for r in results:
         problems = ([f"{len(r['broken'])} broken image(s)"] if r["broken"] else []) + \
                    ([f"{len(r['external'])} image(s) not embedded"] if r["external"] else []) + \
                    ([f"overflows sideways ({r['scroll_width']} px > {r['viewport']} px)"] if r["overflow"] else [])

@@ -19,6 +19,7 @@ from evaluations.paths import check_writable
 from evaluations.plugins import load_plugins
 from evaluations.ray_executor import executor_for
 from evaluations.signals import Terminated, sigterm_as_interrupt
+from pfedpg import jsonio
 from pfedpg.deprecation import show_renamed_keys_as_one_line
 from pfedpg.errors import ClientFailure, ConfigError, DataError, NonFiniteDeltaError
 
@@ -56,7 +57,8 @@ def cmd_train(args) -> int:
         summary, report = train_tracked(cfg, run_dir, log=_log, progress=not args.no_progress and not _OUT.quiet,
                                         resume=args.resume, restart=args.restart)  # (tracked: config's tracking)
     acc = summary["accuracy"]
-    print(f"{cfg.method}: adapted-prompt accuracy mean {acc['mean']:.4f}, worst {acc['worst']:.4f} -> {report}" if acc
+    print(f"{cfg.method}: adapted-prompt accuracy mean {100 * acc['mean']:.2f} %, worst {100 * acc['worst']:.2f} % "
+          f"-> {report}" if acc
           else f"{cfg.method}: {summary.get('client_metrics')} -> {report}")
     return 0
 
@@ -91,9 +93,9 @@ def cmd_audit(args) -> int:
     grid, probes, base = load_audit(args.config, args.overrides)
     check_writable(args.out or grid.out_dir, "audit directory")
     out = run_audit(grid, probes, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
-    for group, res in json.loads((out / "audit.json").read_text())["groups"].items():
+    for group, res in jsonio.read(out / "audit.json")["groups"].items():
         print(group_line(group, res))
-    plots = ", roc_*.png/.pdf, tpr_vs_epsilon.png/.pdf" if (out / "tpr_vs_epsilon.png").exists() else ""
+    plots = "".join(f", {f[:-4]}.png/.pdf" for f in ("roc_*.png", "tpr_vs_epsilon.png") if any(out.glob(f)))
     print(f"report: {out / 'report.md'} (and report.html, audit.json, audit.tex{plots})")
     return 1 if (out / "FAILED").exists() else 0
 
@@ -122,7 +124,7 @@ def cmd_plan(args) -> int:
 
     if args.config is None:
         raise ConfigError("plan needs --config FILE (a run config, or a privacy, audit or robustness file)")
-    p = plan(args.config, args.overrides, steps=args.steps, log=_log)
+    p = plan(args.config, args.overrides, steps=args.steps, log=_log, jobs=args.jobs)
     print(json.dumps(p, indent=1) if args.json else render(p))
     return 0
 
@@ -279,6 +281,8 @@ _grid_command("robustness", cmd_robustness, "matrix", "Attacks x defenses x mali
 @_SET
 @click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, metavar="K",
               help="local steps to time (after one warm-up step)")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="the --jobs the grid will run with: steps are timed with a cell's threads there, plus the wall time")
 @click.option("--json", "json", is_flag=True, help="print the plan as JSON")
 def plan(**kw) -> int:
     """What a train, privacy, audit or robustness config will cost, without training.

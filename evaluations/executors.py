@@ -8,6 +8,7 @@ An executor's ``run(jobs, log=, finish=)`` runs each :class:`CellJob` and hands 
 the rows, reuses finished cells and resumes those cut short — the same whatever the executor."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import traceback
 from dataclasses import dataclass
@@ -89,11 +90,22 @@ def run_cell(cfg: RunConfig, run_dir: str, threads: int | None, progress: bool =
     return summary
 
 
-def pretrain(cfg: RunConfig, threads: int | None) -> str:
+def pretrain(cfg: RunConfig, threads: int | None, log: Callable[[str], None] | None = None) -> str:
+    """Pretrain (or find cached) ``cfg``'s backbone; its lines (start, progress, end) go to ``log``,
+    in a worker process to the grid's own log (:func:`_relayed`)."""
     from pfedpg.pretrain import pretrain_backbone
 
     set_threads(cfg, threads)
-    return str(pretrain_backbone(cfg, log=lambda m: None))
+    return str(pretrain_backbone(cfg, log=log or _relayed))
+
+
+#: a worker process's way back to the grid's log (set by :func:`_init_worker`; None elsewhere)
+_RELAY = None
+
+
+def _relayed(msg: str) -> None:
+    if _RELAY is not None:
+        _RELAY.put(msg)
 
 
 def backbones_needed(configs: list[RunConfig]) -> dict[Path, RunConfig]:
@@ -127,12 +139,16 @@ def _on_worker_signal(signum, frame) -> None:
     os._exit(130)
 
 
-def _init_worker(slots) -> None:
+def _init_worker(slots, relay) -> None:
     """Worker initializer: SIGINT and SIGTERM stop the worker (:func:`_on_worker_signal`); with
     ``slots``, this process sees one GPU (the next slot), before anything touches CUDA — ``device:
-    auto`` (or ``cuda``) then runs the cells it takes there."""
+    auto`` (or ``cuda``) then runs the cells it takes there; ``relay`` carries its pretraining lines
+    back to the grid's log."""
     import os
     import signal
+
+    global _RELAY
+    _RELAY = relay
 
     signal.signal(signal.SIGINT, _on_worker_signal)
     signal.signal(signal.SIGTERM, _on_worker_signal)
@@ -181,6 +197,21 @@ def stop_workers(pool, log: Callable[[str], None], grace_s: float = 60.0) -> Non
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def _relay(mp, log: Callable[[str], None]):
+    """A queue the workers put their lines on, and a thread of this process that hands each to ``log``."""
+    import threading
+
+    relay = mp.Queue()
+    drain = threading.Thread(target=lambda: [log(msg) for msg in iter(relay.get, None)], daemon=True)
+    drain.start()
+    try:
+        yield relay
+    finally:
+        relay.put(None)
+        drain.join(timeout=10)
+
+
 def outcome(e: BaseException) -> tuple[None, str, str]:
     """A cell that raised, as (summary, error, trace)."""
     return None, f"{type(e).__name__}: {e}", "".join(traceback.format_exception(e))
@@ -203,11 +234,18 @@ class LocalExecutor:
             raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
         self.jobs, self.gpus = jobs, gpus
 
+    def concurrency(self, cells: int) -> int:
+        """How many of ``cells`` run at once."""
+        return 1 if self.jobs == 1 or cells <= 1 else min(self.jobs, cells)
+
     def check(self, configs: list[RunConfig]) -> None:
         return None
 
     def run(self, jobs: list[CellJob], *, log: Callable[[str], None], finish: Finish, progress: bool) -> None:
         if self.jobs == 1 or len(jobs) <= 1:
+            # Backbones first, in view: inside a cell pretraining would print nothing for its whole length.
+            for cfg in backbones_needed([job.config for job in jobs]).values():
+                pretrain(cfg, None, log)
             for job in jobs:
                 try:
                     finish(job, run_cell(job.config, str(job.run_dir), None, progress), None, None)
@@ -219,7 +257,7 @@ class LocalExecutor:
     def _in_workers(self, jobs: list[CellJob], *, log: Callable[[str], None], finish: Finish) -> None:
         import multiprocessing
         import os
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         # spawn: a fresh interpreter per worker (forking a process that has started torch's thread pools is unsafe)
@@ -238,20 +276,25 @@ class LocalExecutor:
             log(f"{self.jobs} workers on {gpus} GPU(s): worker k sees GPU k mod {gpus} alone")
         elif gpus and named:
             log("the cells name a GPU (device: cuda:N): every worker sees every GPU, nothing is spread")
-        pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp, initializer=_init_worker, initargs=(slots,))
-        try:
-            needed = backbones_needed([job.config for job in jobs])
-            if needed:
-                log(f"pretraining {len(needed)} backbone(s) first")
-                for f in [pool.submit(_in_worker, pretrain, c, threads) for c in needed.values()]:
-                    f.result()
-            futures = {job: pool.submit(_in_worker, run_cell, job.config, str(job.run_dir), threads) for job in jobs}
-            for job, f in futures.items():
-                try:
-                    finish(job, f.result(), None, None)
-                except Exception as e:
-                    finish(job, *outcome(e))
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the queued cells never start, the running ones stop
-            stop_workers(pool, log)
-            raise
-        pool.shutdown(wait=True)
+        with _relay(mp, log) as relay:
+            pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp, initializer=_init_worker,
+                                       initargs=(slots, relay))
+            try:
+                needed = backbones_needed([job.config for job in jobs])
+                if needed:
+                    log(f"pretraining {len(needed)} backbone(s) first")
+                    for f in [pool.submit(_in_worker, pretrain, c, threads) for c in needed.values()]:
+                        f.result()
+                futures = {job: pool.submit(_in_worker, run_cell, job.config, str(job.run_dir), threads)
+                           for job in jobs}
+                done = {f: job for job, f in futures.items()}
+                for f in as_completed(done):  # each cell's line as it finishes (and the estimate with it)
+                    job = done[f]
+                    try:
+                        finish(job, f.result(), None, None)
+                    except Exception as e:
+                        finish(job, *outcome(e))
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the queued cells never start, the running ones stop
+                stop_workers(pool, log)
+                raise
+            pool.shutdown(wait=True)

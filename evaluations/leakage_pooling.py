@@ -3,12 +3,13 @@ back from each run's ``audit/`` folder, and the TPR-vs-ε plot — shared by the
 ``audit:``) and the audit command (``evaluations.leakage_sweep``)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pfedpg import jsonio
 
 #: the axis of a privacy unit's ε (PrivacyResult.unit): ε of different units are not comparable
 UNITS = {"client": "client-level ε (one client's whole data set)", "record": "record-level ε (one record)"}
@@ -28,7 +29,7 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
     pools: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     per_run: list[dict] = []
     for d in run_dirs:
-        audit = json.loads((d / "audit" / "audit.json").read_text())
+        audit = jsonio.read(d / "audit" / "audit.json")
         per_run.append(audit)
         data = np.load(d / "audit" / "scores.npz")
         for key in data.files:
@@ -76,11 +77,11 @@ def pooled_probes(run_dirs: list[Path]) -> dict[str, Any]:
         for name, res in r["probes"].items():
             if "seconds_per_training_round" in res and res["seconds_per_training_round"] is not None:
                 seconds.setdefault(name, []).append(res["seconds_per_training_round"])
-    client = [json.loads((d / "audit" / "client_canary.json").read_text()) for d in run_dirs
+    client = [jsonio.read(d / "audit" / "client_canary.json") for d in run_dirs
               if (d / "audit" / "client_canary.json").is_file()]
     if client:
         out["client_canary"] = pooled_client_canaries(client)
-    grad = [json.loads((d / "audit" / "gradient_canary.json").read_text()) for d in run_dirs
+    grad = [jsonio.read(d / "audit" / "gradient_canary.json") for d in run_dirs
             if (d / "audit" / "gradient_canary.json").is_file()]
     if grad:
         from attacks.gradient_canary import pooled_gradient_canaries
@@ -122,10 +123,48 @@ def pooled_client_canaries(client: list[dict[str, Any]]) -> dict[str, Any]:
     return res
 
 
-def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: dict[str, float] | None = None) -> None:
+def auc_reading(r: dict[str, Any], digits: int = 3) -> str:
+    """``0.647 [0.601, 0.690]``, and for a probe with a permutation test (the attribute probes) its
+    p-value and the null's mean AUC — per seed where several were pooled: ``(null 0.355, p 0.67)``."""
+    out = f"{r['auc']:.{digits}f}"
+    if r.get("auc_interval"):
+        lo, hi = r["auc_interval"]
+        out += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    ps = r.get("permutation_p_value_per_seed") or ([r["permutation_p_value"]] if "permutation_p_value" in r else [])
+    nulls = [v for v in (r.get("null_auc_mean_per_seed") or [r.get("null_auc_mean")]) if v is not None]
+    if ps:
+        null = f"null {np.mean(nulls):.{digits}f}, " if nulls else ""
+        out += f" ({null}p {', '.join(f'{p:.2g}' for p in ps)})"
+    return out
+
+
+#: the FPRs whose TPR an audit reports, and the negatives each needs (10 / FPR)
+TPR_KEYS = {"tpr_at_1pct_fpr": ("1%", 1_000), "tpr_at_0.1pct_fpr": ("0.1%", 10_000)}
+
+
+def unresolved_tprs(groups: dict[str, dict[str, Any]]) -> list[str]:
+    """One sentence for each FPR at which no probe of any group has a TPR: what the pools hold and
+    what it would take (the report says it in words instead of drawing an empty plot)."""
+    out = []
+    for key, (fpr, needs) in TPR_KEYS.items():
+        tprs = [r[key] for g in groups.values() for r in g["probes"].values() if isinstance(r.get(key), dict)]
+        if not tprs or any(isinstance(t.get("value"), float) for t in tprs):
+            continue
+        most = max(t.get("n_negatives", 0) for t in tprs)
+        tied = any(str(t.get("reason", "")).startswith("tied") for t in tprs)
+        out.append(f"TPR at {fpr} FPR is unresolved for every probe and group: the largest pool holds {most:,} "
+                   f"non-members and a TPR at {fpr} FPR needs {needs:,}"
+                   + (" (or tied scores left no threshold near it)" if tied else "")
+                   + " — pool more seeds (audit.seeds) or more targets per client (audit.probes.targets_per_client).")
+    return out
+
+
+def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: dict[str, float] | None = None) -> bool:
     """TPR at 1% FPR (solid) and at 0.1% FPR (dashed), pooled, against ε, wherever the pooled
     negatives resolve that FPR: one panel per DP mechanism (client-level and record-level ε are not
-    comparable), each with the non-private groups at its right edge; one colour per probe."""
+    comparable), each with the non-private groups at its right edge; one colour per probe. Where no
+    TPR resolves at all nothing is drawn (an empty plot says nothing; :func:`unresolved_tprs` says
+    why in words): returns whether the plot was written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,6 +179,9 @@ def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: d
                 if isinstance(v, float):
                     yield p, key, v
 
+    if not any(True for r in groups.values() for _ in points(r)):
+        path.unlink(missing_ok=True)  # (a plot of an earlier run of this folder would say what this one does not)
+        return False
     private = {g: r for g, r in groups.items() if (r.get("dp") or {}).get("epsilon") is not None
                and math.isfinite(r["dp"]["epsilon"])}
     open_ = {g: r for g, r in groups.items() if g not in private}
@@ -167,7 +209,7 @@ def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: d
         ax.set_title(mech or "no DP mechanism", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         if not series:
-            ax.text(0.5, 0.5, "TPR at 1% and 0.1% FPR unresolved\n(pool more targets: >= 1,000 non-members)",
+            ax.text(0.5, 0.5, "TPR at 1% and 0.1% FPR unresolved here\n(pool more targets: >= 1,000 non-members)",
                     ha="center", va="center", transform=ax.transAxes, fontsize=8)
     axes[0][0].set_ylabel("TPR at 1% FPR (solid) / 0.1% FPR (dashed), pooled")
     if drawn:
@@ -175,3 +217,4 @@ def plot_tpr_vs_epsilon(path: Path, groups: dict[str, dict[str, Any]], eps_of: d
     fig.tight_layout()
     save_figure(fig, path, bbox_inches="tight")
     plt.close(fig)
+    return True

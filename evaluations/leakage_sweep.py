@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -21,11 +20,12 @@ from typing import Any, Callable
 import numpy as np
 
 from evaluations.latex import audit_table
-from evaluations.leakage_pooling import group_key, plot_tpr_vs_epsilon, pooled_probes
+from evaluations.leakage_pooling import auc_reading, group_key, plot_tpr_vs_epsilon, pooled_probes, unresolved_tprs
 from evaluations.plugins import load_plugins
 from evaluations.privacy import MECHANISMS, PrivacyCell, PrivacySweep, PrivacySweepConfig, cells
 from evaluations.report import html_page, img_tag, run_header, write_grid_markdown
 from evaluations.sweep import load_grid_file, run_grid
+from pfedpg import jsonio
 from pfedpg.config import build_dataclass
 from pfedpg.errors import ConfigError
 from pfedpg.hooks import HOOKS
@@ -199,9 +199,10 @@ def gradient_canary_cell(r: dict[str, Any]) -> str:
 
 
 def group_line(group: str, res: dict[str, Any]) -> str:
-    """The console's line for one group: the probes' AUC, then each one-run audit's headline."""
+    """The console's line for one group: the probes' AUC with its interval (and an attribute probe's
+    permutation p-value against its null's mean AUC), then each one-run audit's headline."""
     probes = res["probes"]
-    cells = ", ".join(f"{p} {r['auc']:.3f}" for p, r in probes.items() if "auc" in r)
+    cells = ", ".join(f"{p} {auc_reading(r)}" for p, r in probes.items() if "auc" in r)
     parts = [f"AUC {cells}"] if cells else []
     if "client_canary" in probes:
         parts.append(f"client canaries: {client_canary_cell(probes['client_canary'])}")
@@ -238,10 +239,9 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
             roc.append(g)
         clean[g] = res
     cells = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]  # "_": read by the reports only
-    (out / "audit.json").write_text(json.dumps({"cells": cells, "groups": clean}, indent=2, default=_default))
+    (out / "audit.json").write_text(jsonio.dumps({"cells": cells, "groups": clean}, indent=2))
     probes = sorted({p for g in clean.values() for p in g["probes"]})
-    if roc:
-        plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", clean)
+    tpr_plot = bool(roc) and plot_tpr_vs_epsilon(out / "tpr_vs_epsilon.png", clean)
     # One row per probe, one column per group (probes outnumber groups: a table that fits the page).
     header = ["probe"]
     for g in clean:
@@ -260,22 +260,29 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
                 cells.append(gradient_canary_cell(r))
             elif p.startswith("canary_"):
                 steinke = _eps(r["bounds"]["steinke"]["epsilon_lb"])
-                cells.append(f"AUC {r['auc']:.3f}; {bound_reading(r)} [Steinke {steinke}]")
+                cells.append(f"AUC {auc_reading(r)}; {bound_reading(r)} [Steinke {steinke}]")
+            elif "auc" not in r:  # a probe that broke down in every run
+                cells.append(str(r.get("status", "—")))
             else:
-                cells.append(f"AUC {r['auc']:.3f}; TPR@1% {_tpr(r['tpr_at_1pct_fpr'])}; "
+                cells.append(f"AUC {auc_reading(r)}; TPR@1% {_tpr(r['tpr_at_1pct_fpr'])}; "
                              f"TPR@0.1% {_tpr(r['tpr_at_0.1pct_fpr'])}; {r['n_targets'] - r['n_positives']} neg.")
         body.append(cells)
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in body]
     audit_table(out / "audit.tex", header, body, rows)  # the same cells, booktabs, for a paper
     md = ["# Leakage audit: pFedPG", "",
-          "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; TPR at a "
+          "Each probe's scores are pooled over seeds and target clients per group. AUC 0.5 = chance; each AUC has "
+          "its 95% bootstrap interval in brackets (over seeds when pooled, over records within one run), and an "
+          "attribute probe its permutation test: `null` is the mean AUC with the property shuffled across clients "
+          "(grouped cross-validation over few clients reads below 0.5 under no signal: compare with the null, not "
+          "with 0.5) and `p` the p-value against it (one per seed). TPR at a "
           "given FPR (with its 95% bootstrap interval that refits the threshold: over seeds when pooled, over records "
           "within one run; `interval_method` in audit.json) is `unresolved` when fewer than 10 / FPR negatives were "
           "pooled (1,000 for 1%, 10,000 for 0.1%) or tied scores leave no threshold near that FPR; `neg.` = the "
           "negatives (non-members) pooled. The one-run audits (canary rows, `client_canary`, `gradient_canary`) give "
           "a 95% lower bound ε_lb on the mechanism's ε, its cap (the bound with every guess right) and the claim it "
           "tests; they are explained below the table.", "", *table, "", *ONE_RUN_TEXT, "",
-          *(["![TPR at 1% and 0.1% FPR vs ε](tpr_vs_epsilon.png)", ""] if roc else []), "## Threat models", ""]
+          *(["![TPR at 1% and 0.1% FPR vs ε](tpr_vs_epsilon.png)", ""] if tpr_plot else []),
+          *[f"{line}\n" for line in unresolved_tprs(clean)], "## Threat models", ""]
     threats = {p: r.get("threat_model") for g in clean.values() for p, r in g["probes"].items()}
     md += [f"- **{p}**: {t}" for p, t in threats.items()]
     if roc:
@@ -285,20 +292,11 @@ def write_audit_outputs(out: Path, rows: list[dict[str, Any]], groups: dict[str,
     esc = html.escape
     parts = html_page("pFedPG leakage audit", "Leakage audit: pFedPG", intro, header, body, width="80em",
                       meta=run_header(rows))
-    if roc:
+    parts += [f"<p>{esc(line)}</p>" for line in unresolved_tprs(clean)]
+    if tpr_plot:
         parts += [img_tag(out / "tpr_vs_epsilon.png", "TPR vs epsilon")]
     parts += [f"<h3>{esc(g)}</h3>" + img_tag(out / f"roc_{g}.png", f"ROC {g}") for g in roc]
     (out / "report.html").write_text("\n".join(parts))
-
-
-def _default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
 
 
 def run_audit(grid, probes: dict[str, Any], base: dict[str, Any], *, out_dir=None,

@@ -12,21 +12,20 @@ For a run config or a grid file (privacy, audit, robustness) the plan
   random weights of the configured architecture (speed does not depend on the weights, and nothing is
   downloaded or pretrained) — and times a few real local steps (the clients' own recipe: input
   pipeline, augmentation, and DP-SGD when a cell uses it) and an evaluation batch;
-* extrapolates: steps × measured seconds per step, summed over the grid's runs (one after another;
-  with ``--jobs N`` on N GPUs about 1/N of it).
+* extrapolates: set-up + steps × seconds per step per run, and the wall time with ``--jobs N``
+  (timed with a cell's threads there; the machine's load named: :mod:`evaluations.plan_timing`).
 
 Memory is measured, not modelled: the resident set (and on a GPU the peak allocated device memory)
-of this process after building the run and taking the steps — the record store, the model and a few
-batches, which is what a run holds. Not counted: pretraining a backbone that is not cached yet (its
-steps are stated), the server step (milliseconds), and the audit's forward-only probes.
+after building the run and taking the steps — what a run holds. Not counted: pretraining a backbone
+not cached yet (its steps are stated), the server step (milliseconds), the audit's forward-only probes.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import resource
-import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -34,6 +33,10 @@ from typing import Any, Callable
 
 import torch
 
+from evaluations.plan_timing import CpuShare, cell_threads, machine_load, threads, time_note, wall_time
+from evaluations.plan_timing import duration as _duration
+from evaluations.plan_timing import size as _size
+from evaluations.plan_timing import spread as _spread
 from evaluations.sweep import Cell
 from pfedpg.config import RunConfig, config_from_dict, load_config, load_yaml_file
 from pfedpg.errors import ConfigError
@@ -235,9 +238,17 @@ def _time_steps(trainer, cfg: RunConfig, steps: int) -> dict[str, Any]:
     return out
 
 
-def measure(cfg: RunConfig, *, steps: int) -> dict[str, Any]:
+def measure(cfg: RunConfig, *, steps: int, jobs: int = 1, log: Callable[[str], None] = lambda m: None
+            ) -> dict[str, Any]:
     """Build the run (random weights of the configured backbone, its uint8 records, on its device),
-    time ``steps`` local steps and an evaluation batch, and read the memory it took."""
+    time ``steps`` local steps and an evaluation batch with the torch threads a cell gets under
+    ``--jobs jobs``, and read the memory it took."""
+    n = cell_threads(cfg, jobs)
+    with threads(n):
+        return {**_measure(cfg, steps=steps, log=log, n_threads=n), "threads": n}
+
+
+def _measure(cfg: RunConfig, *, steps: int, log: Callable[[str], None], n_threads: int) -> dict[str, Any]:
     import tempfile
 
     from pfedpg.models.device import out_of_memory_as_error
@@ -248,6 +259,7 @@ def measure(cfg: RunConfig, *, steps: int) -> dict[str, Any]:
                                  data=dataclasses.replace(cfg.data, new_clients=None))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
+        log(f"plan: loading the data and building the run ({cfg.data.source}, {cfg.model.name}, random weights) ...")
         with out_of_memory_as_error(cfg.device):
             trainer = Trainer(timing, run_dir=tmp, log=lambda m: None)
         device = trainer.device
@@ -255,8 +267,11 @@ def measure(cfg: RunConfig, *, steps: int) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.hooks.setup(trainer.ctx)  # (a hook whose setup fails would fail the run too)
-        with out_of_memory_as_error(str(device)):
+        log(f"plan: built in {out['build_s']:.1f} s; timing {steps} local step(s) after a warm-up and an evaluation "
+            f"batch on {device} with {n_threads} torch thread(s) ...")
+        with out_of_memory_as_error(str(device)), CpuShare() as busy:
             out.update(_time_steps(trainer, cfg, steps))
+        out["cpu_share"] = busy.share(n_threads) if device.type == "cpu" else None
         shape, clients = trainer.loop.shape, trainer.clients
         out.update(backbone_numbers=shape.backbone_numbers, prompt_numbers=shape.prompt_tokens * shape.dim,
                    model_bytes=sum(p.numel() * p.element_size() for p in clients.model.parameters()),
@@ -274,8 +289,16 @@ def measure(cfg: RunConfig, *, steps: int) -> dict[str, Any]:
 
 
 def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3,
-         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The plan of a config file, as a dict (:func:`render` writes it for a reader)."""
+         log: Callable[[str], None] = print, jobs: int = 1) -> dict[str, Any]:
+    """The plan of a config file, as a dict (:func:`render` writes it for a reader); ``jobs``: the
+    ``--jobs`` the grid will run with (its cells' threads and the wall time)."""
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
+    from evaluations.plugins import load_plugins
+
+    load_plugins()  # the hooks the cells name (as the CLI does)
+    load = os.getloadavg()[0]  # before the plan's own work adds to it
+    log(f"plan: reading {path} ...")
     kind, grid = expand(path, overrides)
     configs = [config_from_dict(c.config) for c in grid]
     if not configs:
@@ -287,15 +310,18 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
     probe = next((c for c in configs if any(s.name == "dp_sgd" for s in c.hook_specs)), configs[0])
     from pfedpg.models.device import resolve_device
 
-    log(f"plan: building one run on {resolve_device(probe.device, amp=probe.amp)} and timing {steps} local steps ...")
-    m = measure(probe, steps=steps)
+    device = resolve_device(probe.device, amp=probe.amp)
+    log(f"plan: {len(grid)} run(s); measuring {'a DP-SGD one' if probe is not configs[0] else 'one'} on {device}")
+    m = measure(probe, steps=steps, jobs=jobs, log=log)
+    m.update(machine_load(load, jobs, m["threads"]))
     cache: dict = {}
     runs = []
+    log(f"plan: partitioning the data of {len({c.seed for c in configs})} seed(s) and counting each run's work ...")
     for cell, cfg in zip(grid, configs):
         facts = _facts(cfg, cache)
         w = count(cfg, facts, prompt_numbers=m["prompt_numbers"])
-        seconds = (w.train_steps * m["train_step_s"] + w.dp_steps * m.get("dp_step_s", m["train_step_s"])
-                   + w.eval_records * m["eval_record_s"])
+        seconds = (m["build_s"] + w.train_steps * m["train_step_s"]  # set-up, as measured, then the work
+                   + w.dp_steps * m.get("dp_step_s", m["train_step_s"]) + w.eval_records * m["eval_record_s"])
         runs.append({"cell": cell.name, "method": cfg.method, "seed": cfg.seed, "rounds": cfg.rounds,
                      "clients": len(facts["train"]), "new_clients": len(facts["new_train"]),
                      **dataclasses.asdict(w), "seconds": seconds})
@@ -310,33 +336,13 @@ def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3
         "communication": {"numbers_per_client_round": m["prompt_numbers"],
                           "bytes_per_client_round": 4 * m["prompt_numbers"],
                           "ratio_vs_backbone": m["prompt_numbers"] / m["backbone_numbers"]},
-        "total_seconds": sum(r["seconds"] for r in runs),
+        "total_seconds": sum(r["seconds"] for r in runs), "jobs": jobs,
+        "wall_seconds": wall_time([r["seconds"] for r in runs],
+                                  jobs if device.type != "cuda" else min(jobs, max(1, torch.cuda.device_count()))),
         # A backbone is pretrained once for every run that shares its cache key.
         "pretrain_steps": sum({r["pretrain_key"]: r["pretrain_steps"] for r in runs if r["pretrain_key"]}.values()),
         "pretrain_backbones": len({r["pretrain_key"] for r in runs if r["pretrain_key"]}),
     }
-
-
-def _size(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if b < 1024 or unit == "TiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
-        b /= 1024
-    return f"{b:.2f} TiB"
-
-
-def _duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
-
-def _spread(v: list[int]) -> str:
-    if not v:
-        return "-"
-    return f"{min(v)}–{max(v)} (median {statistics.median(v):g}, total {sum(v)})"
 
 
 def render(p: dict[str, Any]) -> str:
@@ -362,7 +368,8 @@ def render(p: dict[str, Any]) -> str:
                  f"({m['eval_records_timed']} records in batches of {m['eval_batch_size']})"
                  + (f", {m['dp_step_s'] * 1e3:.1f} ms per DP-SGD step "
                     f"({m['dp_step_s'] / m['train_step_s']:.2f}× a plain step)"
-                    if "dp_step_s" in m else "") + f" (timed on {m['measured_records']} records of client 0)")
+                    if "dp_step_s" in m else "") + f" (timed on {m['measured_records']} records of client 0); "
+                 f"set-up {_duration(m['build_s'])} per run")
     lines.append("")
     lines.append("| run | method | seed | rounds | local steps | DP-SGD steps "
                  "| records evaluated | numbers sent | time |")
@@ -371,14 +378,15 @@ def render(p: dict[str, Any]) -> str:
         lines.append(f"| {r['cell']} | {r['method']} | {r['seed']} | {r['rounds']} | {r['train_steps']:,} | "
                      f"{r['dp_steps']:,} | {r['eval_records']:,} | {r['numbers_sent']:,} | {_duration(r['seconds'])} |")
     lines.append("")
-    total = p["total_seconds"]
+    total, jobs = p["total_seconds"], p.get("jobs", 1)
     lines.append(f"total      {_duration(total)} for {len(p['runs'])} run(s) one after another"
-                 + (f"; with --jobs N on N GPUs about {_duration(total / 2)} at N = 2, {_duration(total / 4)} at N = 4"
-                    if len(p["runs"]) > 1 else ""))
+                 + (f"; about {_duration(p['wall_seconds'])} with --jobs {jobs}" if jobs > 1 and len(p["runs"]) > 1
+                    else "; plan --jobs N gives the wall time with N at once" if len(p["runs"]) > 1 else ""))
+    lines += time_note(m, jobs, m["device"].split(":")[0])
     if p["pretrain_backbones"]:
         lines.append(f"           plus pretraining {p['pretrain_backbones']} backbone(s) not cached yet: "
                      f"{p['pretrain_steps']:,} steps of the whole backbone (not timed)")
-    lines.append("not counted: the server step (milliseconds), the audit's forward-only probes")
+    lines.append("not counted: the server step (milliseconds), the audit's forward-only probes, writing reports")
     return "\n".join(lines)
 
 

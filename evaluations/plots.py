@@ -2,10 +2,11 @@
 with which every plot of the toolkit is written: a PNG for the reports and a PDF beside it for a paper."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+
+from pfedpg import jsonio
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -24,7 +25,7 @@ def save_figure(fig, path: str | Path, **kw) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+    return jsonio.read_lines(Path(run_dir) / "metrics.jsonl")
 
 
 def learning_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:

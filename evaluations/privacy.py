@@ -382,7 +382,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     if sweep.audit is not None:
         md += ["Leakage probes (`leakage_audit`, pooled over seeds; per-run AUC and TPR at 0.1% FPR are columns of "
                "`tradeoff.csv`; `pfedpg-eval audit` gives the full report):", "",
-               "![TPR at 0.1% FPR vs epsilon](tpr_vs_epsilon.png)", ""]
+               "![TPR at 0.1% FPR vs epsilon](tpr_vs_epsilon.png)" if (out / "tpr_vs_epsilon.png").is_file() else
+               "No TPR at 1% or 0.1% FPR resolved in any group (too few non-members pooled), so there is no TPR-vs-ε "
+               "plot; `pfedpg-eval audit` reports what each pool holds.", ""]
     md += ["## Privacy statements", ""]
     for mech, st in statements.items():
         md += ([f"### {MECHANISMS[mech]} (`{mech}`)", ""]

@@ -20,7 +20,6 @@ Flower's simulation starts a Ray runtime of its own, and a second runtime inside
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from evaluations.executors import CellJob, Finish, backbones_needed, outcome, pretrain, run_cell
+from pfedpg import jsonio
 from pfedpg.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -271,6 +271,6 @@ def _cell_task(cfg: RunConfig, name: str, threads: int, files: dict[str, bytes],
         record = {"name": "ray", **node, "attempt": attempt, "started_at": started, "finished_at": time.time()}
         env = rd / "env.json"
         if env.is_file():  # where it ran, and the driver's command line rather than the worker's
-            data = json.loads(env.read_text())
-            env.write_text(json.dumps({**data, "argv": argv, "executor": record}, indent=2))
+            data = jsonio.read(env)
+            env.write_text(jsonio.dumps({**data, "argv": argv, "executor": record}, indent=2))
         return {"summary": summary, "error": error, "trace": trace, "record": record, "files": _files(rd)}

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from evaluations.plots import learning_curve
+from pfedpg import jsonio
 
 
 def img_tag(path: str | Path, alt: str) -> str:
@@ -90,7 +91,7 @@ def write_report(run_dir: str | Path) -> Path:
     if not summary_path.is_file():
         raise FileNotFoundError(f"{str(summary_path)!r} not found: the run has not finished; "
                                 "finish it with --resume first")
-    s = json.loads(summary_path.read_text())
+    s = jsonio.read(summary_path)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     png = learning_curve(run_dir)
     lines = _run_header(run_dir, s, cfg) + _accuracy_tables(s)

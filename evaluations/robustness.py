@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +28,14 @@ from evaluations.plots import save_figure
 from evaluations.plugins import load_plugins
 from evaluations.report import html_page, img_tag, run_header
 from evaluations.sweep import Cell, CellResult, Grid, divergence, load_grid_file, run_grid
+from pfedpg import jsonio
 from pfedpg.config import build_dataclass, config_from_dict
 from pfedpg.errors import ConfigError
 
 COLUMNS = ["cell", "attack", "space", "defense", "malicious_fraction", "num_malicious", "seed", "status",
-           "diverged_round", "benign_accuracy_mean", "benign_accuracy_worst", "asr", "excluded_true", "excluded_false",
-           "aggregation_ms", "new_clients_accuracy_mean", "new_clients_accuracy_worst", "error", "run_dir"]
+           "diverged_round", "benign_accuracy_mean", "benign_accuracy_worst", "asr", "excluded_malicious_updates",
+           "malicious_updates", "excluded_benign_updates", "benign_updates", "aggregation_ms",
+           "new_clients_accuracy_mean", "new_clients_accuracy_worst", "error", "run_dir"]
 
 
 @dataclass
@@ -149,10 +150,14 @@ def _row(cell: MatrixCell, run_dir: Path | None, summary, error) -> dict[str, An
         row.update(new_clients_accuracy_mean=final["mean"], new_clients_accuracy_worst=final["worst"])
     if "asr" in results.get(cell.attack, {}):
         row["asr"] = results[cell.attack]["asr"]
-    excluded = results.get("robust_aggregation", {}).get("excluded_per_round", {})
-    flat = [c for per in excluded.values() for c in per]
-    row.update(excluded_true=sum(c in malicious for c in flat), excluded_false=sum(c not in malicious for c in flat))
-    rounds = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"type": "round"' in ln]
+    rounds = [r for r in jsonio.read_lines(run_dir / "metrics.jsonl") if r["type"] == "round"]
+    if "robust_aggregation" in results:  # updates the rule left out, of those sent (counts over all rounds)
+        flat = [c for per in results["robust_aggregation"].get("excluded_per_round", {}).values() for c in per]
+        sent = [c for r in rounds for c in r.get("participants", [])]
+        row.update(excluded_malicious_updates=sum(c in malicious for c in flat),
+                   malicious_updates=sum(c in malicious for c in sent),
+                   excluded_benign_updates=sum(c not in malicious for c in flat),
+                   benign_updates=sum(c not in malicious for c in sent))
     row["aggregation_ms"] = float(np.mean([r["aggregation_ms"] for r in rounds])) if rounds else None
     return row
 
@@ -181,6 +186,17 @@ class RobustnessMatrix(Grid):
 
     def write_outputs(self, out: Path, rows: list[dict[str, Any]], results: list[CellResult]) -> None:
         write_outputs(out, rows)
+
+    def line(self, cell: MatrixCell, run_dir: Path, summary: dict[str, Any]) -> str:
+        """What the cell's row shows: benign clients' accuracy (not all clients'), ASR, exclusions."""
+        if not summary.get("accuracy"):
+            return "accuracy kept by the clients"
+        row = _row(cell, run_dir, summary, None)
+        exc = _excluded({k: (row[k], None) for k in row if k.endswith("_updates")})
+        return (f"benign accuracy {100 * row['benign_accuracy_mean']:.2f} % "
+                f"(worst {100 * row['benign_accuracy_worst']:.2f} %)"
+                + (f", ASR {100 * row['asr']:.1f} %" if row["asr"] is not None else "")
+                + (f", updates excluded {exc} (malicious / benign)" if exc != "—" else ""))
 
 
 def run_matrix(matrix: RobustnessConfig, base: dict[str, Any], *, out_dir: str | Path | None = None,
@@ -217,8 +233,9 @@ def aggregate(rows):
         out.append({"attack": attack, "space": space, "defense": defense, "fraction": frac, "status": status,
                     "benign_mean": _ms([r["benign_accuracy_mean"] for r in measured]),
                     "benign_worst": _ms([r["benign_accuracy_worst"] for r in measured]),
-                    "asr": _ms([r["asr"] for r in ok]), "excluded_true": _ms([r["excluded_true"] for r in ok]),
-                    "excluded_false": _ms([r["excluded_false"] for r in ok]),
+                    "asr": _ms([r["asr"] for r in ok]),
+                    **{k: _ms([r[k] for r in ok]) for k in ("excluded_malicious_updates", "malicious_updates",
+                                                             "excluded_benign_updates", "benign_updates")},
                     "aggregation_ms": _ms([r["aggregation_ms"] for r in ok]), "seeds": len(measured),
                     "new_mean": _ms([r["new_clients_accuracy_mean"] for r in ok])})
     out.sort(key=lambda a: (a["fraction"], a["attack"], a["defense"]))
@@ -247,6 +264,19 @@ def _pct(p):
     return f"{100 * p[0]:.1f}" if p[1] is None else f"{100 * p[0]:.1f} ± {100 * p[1]:.1f}"
 
 
+def _count(v: float) -> str:
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
+
+
+def _excluded(a: dict[str, Any]) -> str:
+    """``3 of 20 / 1 of 60``: updates the rule left out of those sent, malicious and benign (mean
+    over seeds, all rounds) — counts, not percentages; ``—`` without a robust rule."""
+    if a["excluded_malicious_updates"][0] is None:
+        return "—"
+    return " / ".join(f"{_count(a[f'excluded_{k}_updates'][0])} of {_count(a[f'{k}_updates'][0])}"
+                      for k in ("malicious", "benign"))
+
+
 def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     with open(out / "robustness.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -256,14 +286,15 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     agg = aggregate(rows)
     with_new = any(a["new_mean"][0] is not None for a in agg)  # data.new_clients
     header = ["fraction", "attack", "space", "defense", "status", "benign acc % (mean)", "benign worst %", "ASR %",
-              "excluded (malicious / benign)", "aggregation ms", "seeds"] + (["new clients %"] if with_new else [])
+              "updates excluded, count: malicious / benign", "aggregation ms", "seeds"] \
+        + (["new clients %"] if with_new else [])
     body = []
     for a in agg:
         if a["benign_mean"][0] is None:  # failed or infeasible: nothing measured
             body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], a["status"],
                          "", "", "", "", "", "0"] + ([""] if with_new else []))
             continue
-        exc = "—" if a["excluded_true"][0] is None else f"{a['excluded_true'][0]:.1f} / {a['excluded_false'][0]:.1f}"
+        exc = _excluded(a)
         body.append([f"{a['fraction']:g}", a["attack"], a["space"] or "—", a["defense"], a["status"],
                      _pct(a["benign_mean"]), _pct(a["benign_worst"]), _pct(a["asr"]), exc,
                      "—" if a["aggregation_ms"][0] is None else f"{a['aggregation_ms'][0]:.2f}", str(a["seeds"])]
@@ -279,7 +310,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     _plots(out, agg)
     md = ["# Robustness matrix: pFedPG", "",
           "Benign accuracy: mean over the non-malicious clients of their own test accuracy after the last round, "
-          "mean ± sample std over seeds (one seed: no spread). The defender knows f. `diverged`: the attack drove "
+          "mean ± sample std over seeds (one seed: no spread). *Updates excluded*: how many of the updates the "
+          "malicious (and the benign) clients sent over all rounds the robust rule left out — counts, e.g. `3 of 20`, "
+          "mean over seeds. The defender knows f. `diverged`: the attack drove "
           "training to non-finite values — it succeeded; its accuracy is as measured in that round, non-finite "
           "outputs counted wrong. `failed` is kept for errors. The worst-case rows give, per defense and fraction, "
           "the attack with the lowest benign accuracy. `infeasible`: the rule cannot run at this (m, f). "

@@ -13,7 +13,6 @@ KeyboardInterrupt is not swallowed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import typing
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ import yaml
 
 from evaluations.executors import CellJob, Executor, LocalExecutor
 from evaluations.plugins import load_plugins
+from evaluations.progress import GridProgress
 from evaluations.tracking import grid_tracking
+from pfedpg import jsonio
 from pfedpg.config import RunConfig, config_from_dict, difference, load_yaml_file, saved_config, upgrade_keys
 from pfedpg.errors import ConfigError
 from pfedpg.yamlio import load_yaml
@@ -131,6 +132,10 @@ class Cell:
     infeasible: str | None = None
 
 
+#: words for a finished cell's terminal line: (cell, run directory, summary) -> text
+CellLine = Callable[["Cell", Path, dict[str, Any]], str]
+
+
 @dataclass
 class CellResult:
     cell: Cell
@@ -150,7 +155,7 @@ def divergence(run_dir, summary, error) -> dict[str, Any] | None:
     path = Path(run_dir) / "diverged.json"
     if not path.is_file():
         return None
-    div = json.loads(path.read_text())
+    div = jsonio.read(path)
     div["accuracy"] = div.get("accuracy_generated_per_client") or div.get("accuracy_per_client") or []
     return div
 
@@ -166,14 +171,16 @@ def _where(summary: dict[str, Any] | None, where: str = "") -> str:
 
 def run_cells(grid: list[Cell], out: Path, *, log: Callable[[str], None] = print, progress: bool = False,
               jobs: int = 1, gpus: int | None = None, executor: Executor | None = None,
-              on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
+              on_result: Callable[[CellResult], None] | None = None, line: CellLine | None = None) -> list[CellResult]:
     """``grid``: the cells to run (each a unique ``name`` and a run ``config``), on ``executor``
     (default: :class:`~evaluations.executors.LocalExecutor` with ``jobs`` worker processes and
     ``gpus``, which see its docstring; ``evaluations.ray_executor.RayExecutor`` for a Ray cluster).
     Every cell is checked first (:func:`prepare_cells`); then the cells run. ``on_result`` is told
-    each cell's result in this process as soon as it is known (e.g. a tracker's child run)."""
+    each cell's result in this process as soon as it is known (e.g. a tracker's child run). ``line``
+    words a finished cell's result (default: its accuracy); each line that ends a cell run here says
+    how many are done and estimates the time left (:class:`~evaluations.progress.GridProgress`)."""
     prepared = prepare_cells(grid, out, log=log, jobs=jobs, gpus=gpus, executor=executor)
-    return prepared.run(log=log, progress=progress, on_result=on_result)
+    return prepared.run(log=log, progress=progress, on_result=on_result, line=line)
 
 
 @dataclass
@@ -188,21 +195,31 @@ class PreparedCells:
     todo: list[CellJob]
 
     def run(self, *, log: Callable[[str], None] = print, progress: bool = False,
-            on_result: Callable[[CellResult], None] | None = None) -> list[CellResult]:
-        grid, slots = self.grid, self.slots
+            on_result: Callable[[CellResult], None] | None = None,
+            line: CellLine | None = None) -> list[CellResult]:
+        grid, slots, todo = self.grid, self.slots, self.todo
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         for r in slots:  # the results found in the folder
             if r is not None and on_result is not None:
                 on_result(r)
 
+        clock: GridProgress | None = None
+
         def finish(i: int, summary: dict[str, Any] | None, error: str | None, trace: str | None,
                    where: str = "") -> None:
+            after = clock.finished() if clock is not None else None
             slots[i] = _finish_cell(grid[i], self.out / "runs" / grid[i].name, f"[{i + 1}/{len(grid)}] {grid[i].name}",
-                                    summary, error, trace, log, where)
+                                    summary, error, trace, lambda m: log(m + (f" — {after}" if after else "")), where,
+                                    line=line)
             if on_result is not None:
                 on_result(slots[i])
 
-        self.executor.run(self.todo, log=log, progress=progress,
+        if todo:
+            concurrency = getattr(self.executor, "concurrency", lambda n: None)(len(todo))
+            log(f"{len(todo)} cell(s) to run" + (f", {len(grid) - len(todo)} done before" if len(todo) < len(grid)
+                                                else "") + (f", {concurrency} at a time" if concurrency else ""))
+            clock = GridProgress(len(todo), concurrency)
+        self.executor.run(todo, log=log, progress=progress,
                           finish=lambda job, summary, error, trace, where="": finish(job.index, summary, error, trace,
                                                                                      where))
         return [r for r in slots if r is not None]
@@ -266,9 +283,9 @@ def _earlier_result(cell: Cell, run_dir: Path, tag: str, log: Callable[[str], No
     cleared first)."""
     if (run_dir / "summary.json").is_file():
         log(f"{tag}: done before, reused")
-        return CellResult(cell, run_dir, json.loads((run_dir / "summary.json").read_text()), None)
+        return CellResult(cell, run_dir, jsonio.read(run_dir / "summary.json"), None)
     if (run_dir / "diverged.json").is_file():  # a divergence is a result: the same one again
-        error = json.loads((run_dir / "diverged.json").read_text())["error"]
+        error = jsonio.read(run_dir / "diverged.json")["error"]
         log(f"{tag}: diverged before, reused")
         return CellResult(cell, run_dir, None, error)
     if (run_dir / "error.txt").is_file():  # failed before (an error, not a result): start clean
@@ -277,13 +294,18 @@ def _earlier_result(cell: Cell, run_dir: Path, tag: str, log: Callable[[str], No
     return None
 
 
+def accuracy_line(cell: Cell, run_dir: Path, summary: dict[str, Any]) -> str:
+    """The default words for a finished cell: its mean accuracy over the clients, in percent."""
+    return (f"accuracy {100 * summary['accuracy']['mean']:.2f} %" if summary.get("accuracy")
+            else "accuracy kept by the clients")
+
+
 def _finish_cell(cell: Cell, run_dir: Path, tag: str, summary: dict[str, Any] | None, error: str | None,
-                 trace: str | None, log: Callable[[str], None], where: str = "") -> CellResult:
+                 trace: str | None, log: Callable[[str], None], where: str = "", *,
+                 line: CellLine | None = None) -> CellResult:
     """A cell's outcome as its row and its line; ``where``: the executor's word on where it ran."""
     if error is None:
-        acc = (f"accuracy {summary['accuracy']['mean']:.4f}" if summary.get("accuracy")
-               else "accuracy kept by the clients")
-        log(f"{tag}: {acc}{_where(summary, where)}")
+        log(f"{tag}: {(line or accuracy_line)(cell, run_dir, summary)}{_where(summary, where)}")
     elif (run_dir / "diverged.json").is_file():  # the run's own record of where it diverged
         log(f"{tag}: diverged ({error}){where and f' ({where})'}")
     else:  # a failed cell is a row, not the end of the grid
@@ -324,6 +346,11 @@ class Grid:
     def write_outputs(self, out: Path, rows: list[dict[str, Any]], results: list[CellResult]) -> None:
         raise NotImplementedError
 
+    def line(self, cell: Cell, run_dir: Path, summary: dict[str, Any]) -> str:
+        """The words for a finished cell on the terminal: what its row in the grid's table shows
+        (default: the mean accuracy over the clients, in percent)."""
+        return accuracy_line(cell, run_dir, summary)
+
 
 def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[str], None] = print,
              progress: bool = False, jobs: int = 1, executor: Executor | None = None) -> Path:
@@ -337,7 +364,7 @@ def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[st
     (out / grid.settings_file).write_text(yaml.safe_dump(grid.settings_record(), sort_keys=False))
     with grid_tracking(grid, out, log) as tracked:  # the base config's `tracking`: a parent run, a child per cell
         done = {r.cell.name: r for r in prepared.run(log=log, progress=progress and grid.shows_progress,
-                                                     on_result=tracked)}
+                                                     on_result=tracked, line=grid.line)}
         rows = []
         for c in cells:
             r = done.get(c.name)

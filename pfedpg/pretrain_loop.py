@@ -19,9 +19,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pfedpg import jsonio
 from pfedpg.data.pipeline import InputPipeline, random_shift
 from pfedpg.errors import ConfigError
 from pfedpg.seeding import Seeds
+
+#: without a progress bar (output to a file, a grid, -q aside), a pretraining line at the first epoch,
+#: then at least this often, and at the last
+ANNOUNCE_EVERY_S = 30.0
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
 def _remixer(images: np.ndarray, domains: np.ndarray, *, channels: int, mean, std):
@@ -182,22 +191,27 @@ class Pretraining:
         False when ``stop_after`` epochs of this call ended it early (the partial state is kept)."""
         p = self.p
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        log_file.write_text("".join(jsonio.dumps(h) + "\n" for h in self.history))
         epochs = range(self.start, p.epochs)
-        if progress:
+        bar = progress and sys.stderr.isatty()  # a bar on a terminal; lines wherever the output goes
+        if bar:
             from tqdm import tqdm
 
             epochs = tqdm(epochs, desc="pretrain", unit="epoch", file=sys.stderr, initial=self.start, total=p.epochs)
-        done_here = 0
+        done_here, said, t0 = 0, None, time.monotonic()
         for epoch in epochs:
             rec = self.epoch(epoch)
             with open(log_file, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            if self.val is not None or (not progress and (epoch + 1 == p.epochs or (epoch + 1) % 10 == 0)):
-                self.log(f"epoch {epoch + 1}/{p.epochs}: loss {rec['train_loss']:.4f}, train accuracy "
-                         f"{rec['train_accuracy']:.3f}"
-                         + (f", val accuracy {rec['val_accuracy']:.3f}" if self.val is not None else ""))
+                fh.write(jsonio.dumps(rec) + "\n")
             done_here += 1
+            now = time.monotonic()
+            if self.val is not None or (not bar and (said is None or now - said >= ANNOUNCE_EVERY_S
+                                                     or epoch + 1 == p.epochs)):
+                said, left = now, (now - t0) / done_here * (p.epochs - epoch - 1)
+                self.log(f"pretraining epoch {epoch + 1}/{p.epochs}: loss {rec['train_loss']:.4f}, train accuracy "
+                         f"{100 * rec['train_accuracy']:.1f} %"
+                         + (f", val accuracy {100 * rec['val_accuracy']:.1f} %" if self.val is not None else "")
+                         + (f"; about {_duration(left)} left (estimate)" if epoch + 1 < p.epochs else ""))
             last = epoch + 1 == p.epochs
             if not last and p.checkpoint_every and ((epoch + 1) % p.checkpoint_every == 0 or done_here == stop_after):
                 self.checkpoint(partial, epoch + 1)
@@ -272,12 +286,13 @@ class Pretraining:
         if val is not None:
             info.update(val_records=int(len(val.labels)), final_val_accuracy=final["val_accuracy"])
         self.log(f"pretraining done in {info['seconds']} s; "
-                 f"last-epoch train accuracy {info['final_train_accuracy']:.3f}"
-                 + (f", val accuracy {info['final_val_accuracy']:.3f}" if val is not None else ""))
+                 f"last-epoch train accuracy {100 * info['final_train_accuracy']:.1f} %"
+                 + (f", val accuracy {100 * info['final_val_accuracy']:.1f} %" if val is not None else "")
+                 + f" -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         # A per-process temporary name: two runs that pretrain the same backbone at once never share it.
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(tmp), metadata={k: str(v) for k, v in info.items()})
         os.replace(tmp, path)  # atomic: a crashed pretraining never leaves a half-written cache entry
-        path.with_suffix(".json").write_text(json.dumps({**info, "history": self.history}, indent=2))
+        path.with_suffix(".json").write_text(jsonio.dumps({**info, "history": self.history}, indent=2))

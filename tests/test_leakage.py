@@ -2,6 +2,7 @@
 attribute probes, the leakage_audit hook inside a run, and `pfedpg-eval audit`."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -279,24 +280,43 @@ def audit_file(tmp_path, **audit):
 
 def test_audit_cli_pools_seeds_and_writes_the_report(tmp_path, capsys):
     from evaluations.cli import main
+    from evaluations.leakage_pooling import auc_reading
+    from pfedpg import jsonio
 
     assert main(["audit", "--config", str(audit_file(tmp_path))]) == 0
     out = tmp_path / "audit"
-    audit = json.loads((out / "audit.json").read_text())
+    audit = jsonio.read(out / "audit.json")
     assert set(audit["groups"]) == {"nonprivate", "dp_client-eps8"}
     for group in audit["groups"].values():
         loss = group["probes"]["loss"]
         assert loss["runs"] == 2 and loss["n_targets"] == 2 * 4 * 20  # 2 seeds x 4 targets x (10 + 10)
-        for key in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "n_targets", "threat_model"):
+        for key in ("auc", "auc_interval", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "n_targets", "threat_model"):
             assert key in loss
+        assert loss["auc_interval"][0] <= loss["auc"] <= loss["auc_interval"][1]
+        assert loss["auc_interval_method"] == "bootstrap over 2 groups (seeds)"
     dp = audit["groups"]["dp_client-eps8"]
     assert dp["probes"]["alignment"]["dp_envelope"]["epsilon"] == pytest.approx(8.0, rel=0.01)
-    for f in ("report.md", "report.html", "tpr_vs_epsilon.png", "roc_nonprivate.png", "roc_dp_client-eps8.png"):
+    for f in ("report.md", "report.html", "roc_nonprivate.png", "roc_dp_client-eps8.png"):
         assert (out / f).stat().st_size > 0
     from test_privacy_sweep import assert_self_contained_report
 
     assert_self_contained_report(out)
-    assert "dp_client-eps8: AUC" in capsys.readouterr().out
+    stdout, stderr = capsys.readouterr()
+    assert "dp_client-eps8: AUC" in stdout
+    # Each AUC with its 95% interval, in the table and on the terminal (issue 32).
+    report = (out / "report.md").read_text()
+    for group in audit["groups"].values():
+        loss = auc_reading(group["probes"]["loss"])
+        assert f"AUC {loss};" in report and f"loss {loss}" in stdout and " [" in loss
+    # 2 seeds x 4 targets x 10 non-members resolve no TPR: said in words, no empty plot drawn.
+    assert not (out / "tpr_vs_epsilon.png").exists() and "tpr_vs_epsilon.png" not in report
+    assert re.search(r"TPR at 1% FPR is unresolved for every probe and group: the largest pool holds \d+ non-members "
+                     r"and a TPR at 1% FPR needs 1,000", report) and "TPR at 0.1% FPR is unresolved" in report
+    # A cell's line: its accuracy in percent (summary.json keeps the fraction), then how far the grid is.
+    acc = jsonio.read(out / "runs" / "nonprivate-s0" / "summary.json")["accuracy"]["mean"]
+    line = next(ln for ln in stderr.splitlines() if "nonprivate-s0:" in ln)
+    assert f"accuracy {100 * acc:.2f} % (on cpu) — " in line and "4 cell(s) to run" in stderr
+    assert "1/4 run; about" in next(ln for ln in stderr.splitlines() if ln.startswith("[1/4]"))
     # Rerunning reuses every finished cell (nothing is retrained) and rewrites the same numbers.
     assert main(["audit", "--config", str(audit_file(tmp_path))]) == 0
     assert json.loads((out / "audit.json").read_text())["groups"] == audit["groups"]
@@ -317,6 +337,14 @@ def test_audit_cli_with_client_canaries(tmp_path):
 
     path = audit_file(tmp_path, client_canaries={"clients": 30, "null_directions": 100})
     assert main(["audit", "--config", str(path)]) == 0
+    from test_reporting import assert_strict_json
+
+    # Strict JSON in every file the grid wrote (ε = ∞ of the non-private cells and the estimate included).
+    assert assert_strict_json(tmp_path / "audit") >= 16
+    env = json.loads((tmp_path / "audit" / "runs" / "nonprivate-s0" / "env.json").read_text())
+    from pfedpg import __version__
+
+    assert env["pfedpg_eval"] == __version__ and env["opacus"] and env["timm"] and "git" in env
     audit = json.loads((tmp_path / "audit" / "audit.json").read_text())
     cc = audit["groups"]["dp_client-eps8"]["probes"]["client_canary"]
     assert cc["runs"] == 2 and cc["canary_clients"] == 60 and cc["releases"]["canaries"] == 60
@@ -368,7 +396,9 @@ def test_privacy_sweep_gains_probe_columns(tmp_path):
         rows["dp_client-eps8-s0"]["alignment_tpr_at_0.1pct_fpr"] == "unresolved"
     assert rows["local-s0"]["loss_auc"] == ""  # local sends nothing: no audit hook
     assert float(rows["dp_client-eps8-s0"]["epsilon_max"]) == pytest.approx(8.0, rel=0.01)
-    assert (out / "tpr_vs_epsilon.png").is_file()
+    # one seed of 4 targets x 10 non-members resolves no TPR: no empty plot, the report says so
+    assert not (out / "tpr_vs_epsilon.png").exists() and "No TPR at 1% or 0.1% FPR resolved" in \
+        (out / "report.md").read_text()
 
 
 def test_shadow_clients_by_id(tmp_path):

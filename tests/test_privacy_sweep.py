@@ -218,6 +218,9 @@ def test_cells_in_parallel_give_the_sequential_table_and_pretrain_each_backbone_
     seen = {json.loads((d / "env.json").read_text())["cuda_visible_devices"] for d in (par / "runs").iterdir()}
     assert seen <= {"0", "1"} and seen  # every cell ran in a worker that saw one GPU
     assert sum("pretraining 1 backbone" in m for m in logs) == 1
+    # the worker's pretraining lines reach the grid's log (start with epochs and cache path, end)
+    assert any(m.startswith("pretraining vit") and "for 1 epochs" in m and str(tmp_path / "cache") in m for m in logs)
+    assert any(m.startswith("pretraining done") for m in logs)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     seq = run_sweep(sweep, base, out_dir=tmp_path / "seq", log=lambda m: None)
     rows = read_csv(par / "tradeoff.csv")

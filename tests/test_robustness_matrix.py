@@ -87,7 +87,7 @@ def test_an_attack_that_diverges_is_a_result_and_the_command_exits_0(tmp_path, c
     raw["base"]["rounds"] = 3
     path.write_text(yaml.safe_dump(raw))
     assert main(["robustness", "--config", str(path)]) == 0
-    first = capsys.readouterr().out
+    first, lines = capsys.readouterr()
     with open(tmp_path / "matrix" / "robustness.csv") as f:
         rows = {r["defense"]: r for r in csv.DictReader(f)}
     div = rows["sum"]
@@ -95,6 +95,18 @@ def test_an_attack_that_diverges_is_a_result_and_the_command_exits_0(tmp_path, c
     assert float(div["benign_accuracy_mean"]) == 0.0  # every benign output non-finite: all wrong
     assert rows["median"]["status"] == "ok" and float(rows["median"]["benign_accuracy_mean"]) > 0  # it recovers
     assert "diverged 1/1" in first and "worst case" in first
+    # The cell's line gives what its row gives: the benign clients' accuracy (in percent; the CSV keeps
+    # the fraction), not all clients'; exclusions are counts of the updates sent (issue 32).
+    med = rows["median"]
+    line = next(ln for ln in lines.splitlines() if "ipm-median-frac0.34-s0:" in ln)
+    assert f"benign accuracy {100 * float(med['benign_accuracy_mean']):.2f} % " in line
+    assert int(med["malicious_updates"]) == 3 and int(med["benign_updates"]) == 6  # 1 and 2 clients, 3 rounds
+    cell = f"{med['excluded_malicious_updates']} of 3 / {med['excluded_benign_updates']} of 6"
+    assert f"updates excluded {cell} (malicious / benign)" in line and f"| {cell} |" in first
+    assert "updates excluded, count: malicious / benign" in first
+    from test_reporting import assert_strict_json
+
+    assert assert_strict_json(tmp_path / "matrix") >= 8  # diverged.json and the NaN-prone rows included
     assert main(["robustness", "--config", str(path)]) == 0
     assert capsys.readouterr().out == first
 

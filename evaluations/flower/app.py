@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from evaluations.plugins import load_plugins
+from pfedpg import jsonio
 from pfedpg.errors import ClientFailure, ConfigError
 
 if TYPE_CHECKING:
@@ -159,10 +160,10 @@ def merge_client_metrics(run_dir: Path) -> None:
     kept: dict[tuple[str, int, int], dict[str, Any]] = {}
     for f in sorted((run_dir / CLIENT_METRICS).glob("client_*.jsonl")):
         for line in f.read_text().splitlines():
-            row = json.loads(line)
+            row = jsonio.loads(line)
             kept[(row.pop("kind"), row["round"], row["client"])] = row
     metrics = run_dir / "metrics.jsonl"
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
+    rows = jsonio.read_lines(metrics)
     by_round: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         if row["type"] != "client":
@@ -181,14 +182,14 @@ def merge_client_metrics(run_dir: Path) -> None:
             row.update(round_train_stats(c for c in clients if c.get("participated", True)))
             if row.pop("client_metrics", None) == "withheld":
                 row.update(round_eval_stats(sorted(clients, key=lambda c: c["client"])))
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics.write_text("".join(jsonio.dumps(r) + "\n" for r in rows))
+    summary = jsonio.read(run_dir / "summary.json")
     last = max(r["round"] for r in rows if r["type"] == "round")
     final = sorted((r for r in by_round.get(last, []) if "acc_adapted" in r), key=lambda r: r["client"])
     summary.update(accuracy_blocks(final))
     summary["client_metrics"] = (f"kept by the clients ({CLIENT_METRICS}/) and merged by the driver after the run; the "
                                  "server never received them")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2))
 
 
 def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None] = print,
@@ -240,7 +241,7 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
             "; the ServerApp writes the run directory on the SuperLink's machine, so look there if it is another one")
         seen = f"its log: {run_dir / 'log.txt'}" if (run_dir / "log.txt").is_file() else "see Flower's output above"
         raise RuntimeError(f"the Flower run ended without {summary} ({seen}){where}")
-    return json.loads(summary.read_text())
+    return jsonio.read(summary)
 
 
 def _simulate(cfg: RunConfig, run_dir: Path, settings: dict[str, str], log: Callable[[str], None]) -> int:

@@ -4,7 +4,6 @@ which the run holds next to its round loop — and summary.json's ``new_clients`
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pfedpg import jsonio
 from pfedpg.client import evaluate, frozen_prompt, load_into, sgd_local_training
 from pfedpg.jobs import ClientData, LocalJob
 from pfedpg.run.inprocess import InProcessClients, fresh_head, vpt_prompt
@@ -43,7 +43,7 @@ class JoinRounds:
             raise RuntimeError(f"join rounds changed the shared server state {changed}; this is a bug")
         with open(metrics_path, "a") as fh:
             for row in rows:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(jsonio.dumps(row) + "\n")
         return time.perf_counter() - t0
 
     def join_client(self, j: int) -> list[dict[str, Any]]:
@@ -93,8 +93,8 @@ class JoinRounds:
                 break
         name = loop.roster.names(cfg.data.partition, [fact])[0]
         loop.log(f"new client {n} (partition id {fact.partition_id}, {name}): accuracy after join round 0 "
-                 f"(head only) {rows[0]['acc_adapted']:.4f} -> after join round {rows[-1]['join_round']} "
-                 f"{rows[-1]['acc_adapted']:.4f}")
+                 f"(head only) {100 * rows[0]['acc_adapted']:.2f} % -> after join round {rows[-1]['join_round']} "
+                 f"{100 * rows[-1]['acc_adapted']:.2f} %")
         return rows
 
     def _send(self, n: int, r: int, jr: int, state: dict, start: torch.Tensor, adapted: torch.Tensor,

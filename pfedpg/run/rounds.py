@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pfedpg import jsonio
 from pfedpg.context import RunContext
 from pfedpg.errors import NonFiniteDeltaError
 from pfedpg.run.clients import Clients, EvalRow, ModelShape, Roster
@@ -153,6 +154,6 @@ class RoundLoop:
                 out["accuracy_generated_per_client"] = [row.acc_generated for row in rows]
         except Exception as e:  # the measurement is best effort; the divergence itself is the result
             out["accuracy_error"] = f"{type(e).__name__}: {e}"
-        (self.run_dir / "diverged.json").write_text(json.dumps(out, indent=2))
+        (self.run_dir / "diverged.json").write_text(jsonio.dumps(out, indent=2))
         self.log(f"diverged in round {r}: {error}")
 

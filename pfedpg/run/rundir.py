@@ -3,9 +3,9 @@
 set aside into ``RUN_DIR/attempt-<k>/`` and started again."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from pfedpg import jsonio
 from pfedpg.config import dump_config, saved_config
 from pfedpg.errors import ConfigError
 from pfedpg.run.checkpoint import latest_checkpoint, load_checkpoint, set_aside
@@ -60,15 +60,15 @@ def resume_run(loop: RoundLoop, metrics_path: Path) -> int:
     lines = [ln for ln in metrics_path.read_text().splitlines() if ln] if metrics_path.exists() else []
     if lines and not _is_json(lines[-1]):  # a last line cut short by a kill: a round after the checkpoint
         lines.pop()
-    kept = [ln for ln in lines if json.loads(ln)["round"] <= start and json.loads(ln)["type"] != "join"]
+    kept = [ln for ln in lines if jsonio.loads(ln)["round"] <= start and jsonio.loads(ln)["type"] != "join"]
     metrics_path.write_text("".join(ln + "\n" for ln in kept))
     return start
 
 
 def _is_json(line: str) -> bool:
     try:
-        json.loads(line)
-    except json.JSONDecodeError:
+        jsonio.loads(line)
+    except ValueError:  # json.JSONDecodeError is one
         return False
     return True
 
@@ -78,8 +78,8 @@ def write_run_files(loop: RoundLoop) -> None:
     cfg, run_dir, facts, new = loop.cfg, loop.run_dir, loop.roster.clients, loop.roster.new
     keys = ("client", "train", "test", "val", "domain")
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    (run_dir / "env.json").write_text(json.dumps(environment(loop.device), indent=2))
-    (run_dir / "seeds.json").write_text(json.dumps({
+    (run_dir / "env.json").write_text(jsonio.dumps(environment(loop.device), indent=2))
+    (run_dir / "seeds.json").write_text(jsonio.dumps({
         "master_seed": cfg.seed,
         "streams": "numpy.random.SeedSequence(master, spawn_key=(crc32(component), client, round))",
         "participation": loop.schedule,

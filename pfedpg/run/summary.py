@@ -2,7 +2,7 @@
 accuracies (:mod:`pfedpg.run.stats`), timings, the new clients' block and the hooks' results."""
 from __future__ import annotations
 
-import json
+import functools
 import os
 import platform
 import sys
@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pfedpg import __version__, jsonio
 from pfedpg.models.device import describe
 from pfedpg.run.joins import new_clients_summary
 from pfedpg.run.rounds import RoundLoop
@@ -19,11 +20,14 @@ from pfedpg.run.stats import accuracy_blocks
 
 
 def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """env.json: the toolkit's version and git commit, the versions of what computes the numbers
+    (flwr and ray where installed), the machine, threads, command line and device."""
     import timm
 
     return {
+        "pfedpg_eval": __version__, "git": source_revision(),
         "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-        "timm": timm.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
+        "timm": timm.__version__, "numpy": np.__version__, **_versions(), "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "argv": _redacted(sys.argv),
         "cwd": os.getcwd(),  # where relative paths in the config were read from (--resume reads them there too)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -39,6 +43,45 @@ def _pretrain_record(cfg, backbone_file: str | None) -> dict[str, Any]:
     from pfedpg.pretrain import cached_path, pretrain_key
 
     return {"pretrain_key": pretrain_key(cfg)} if Path(backbone_file) == cached_path(cfg) else {}
+
+
+#: recorded in env.json besides torch, timm and numpy; an optional one only where installed
+_PACKAGES = {"opacus": True, "scikit-learn": True, "scipy": True, "flwr": False, "ray": False}
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str | None]:
+    """Installed versions, read from the packages' metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name, always in _PACKAGES.items():
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            if always:
+                out[name] = None
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def source_revision() -> dict[str, Any] | None:
+    """``{commit, dirty}`` of the git checkout this toolkit runs from (once per process: two git
+    commands of a few milliseconds); None for an install outside a git checkout or without git.
+    ``dirty``: tracked files differ from the commit (untracked files do not count)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _redacted(argv: list[str]) -> list[str]:
@@ -72,7 +115,7 @@ def summarize(loop: RoundLoop, metrics_path: Path, *, setup_seconds: float, join
               backbone_file: str | None) -> dict[str, Any]:
     """summary.json from the run's metrics.jsonl (final round only: no best-round selection)."""
     cfg, facts = loop.cfg, loop.roster.clients
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
+    rows = jsonio.read_lines(metrics_path)
     last = cfg.rounds
     final = sorted((r for r in rows if r["type"] == "client" and r["round"] == last and "acc_adapted" in r),
                    key=lambda r: r["client"])

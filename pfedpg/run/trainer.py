@@ -15,7 +15,6 @@ Run directory::
 Evaluation uses the final round only (no best-round selection on test data)."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from pfedpg import jsonio
 from pfedpg.config import RunConfig
 from pfedpg.context import RunContext
 from pfedpg.errors import NonFiniteDeltaError
@@ -132,9 +132,9 @@ class Trainer:
                 join_s = JoinRounds(loop, self.clients).run(metrics_path) if loop.roster.new else 0.0
                 summary = summarize(loop, metrics_path, setup_seconds=self.setup_seconds, join_seconds=join_s,
                                     backbone_file=self.backbone_file)
-                (loop.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                (loop.run_dir / "summary.json").write_text(jsonio.dumps(summary, indent=2))
                 acc = summary["accuracy"]
-                self.log(f"done: adapted mean {acc['mean']:.4f}, worst {acc['worst']:.4f}" if acc else
+                self.log(f"done: adapted mean {100 * acc['mean']:.2f} %, worst {100 * acc['worst']:.2f} %" if acc else
                          f"done: the clients kept their accuracies ({summary.get('client_metrics')})")
                 return summary
         finally:
@@ -157,10 +157,10 @@ class Trainer:
                 raise
             with open(metrics_path, "a") as f:
                 for row in record.pop("clients"):
-                    f.write(json.dumps(row) + "\n")
-                f.write(json.dumps(record) + "\n")
+                    f.write(jsonio.dumps(row) + "\n")
+                f.write(jsonio.dumps(record) + "\n")
             if self.progress and "acc_adapted_mean" in record:
-                rounds.set_postfix(acc=f"{record['acc_adapted_mean']:.3f}")
+                rounds.set_postfix(acc=f"{100 * record['acc_adapted_mean']:.1f}%")
             checkpointed = bool(cfg.checkpoint_every) and r % cfg.checkpoint_every == 0
             if checkpointed or r == cfg.rounds:
                 save_checkpoint(loop, r)
