@@ -237,8 +237,10 @@ class MatrixRow:
         benign_accuracy: Mean accuracy of the benign clients, over seeds (diverged seeds at their measured accuracy).
         benign_worst: Worst benign client's accuracy, over seeds.
         asr: A backdoor's attack success rate, over seeds (None for other attacks).
-        excluded_malicious: Malicious clients the rule excluded, summed over rounds (a count), over seeds.
-        excluded_benign: Benign clients the rule excluded, summed over rounds (a count), over seeds.
+        excluded_malicious: Malicious clients' updates the rule excluded, over all rounds (a count), over seeds.
+        malicious_updates: Malicious clients' updates sent, over all rounds (a count), over seeds.
+        excluded_benign: Benign clients' updates the rule excluded, over all rounds (a count), over seeds.
+        benign_updates: Benign clients' updates sent, over all rounds (a count), over seeds.
         aggregation_ms: Mean aggregation time per round, over seeds.
         seeds: Seeds measured.
     """
@@ -252,7 +254,9 @@ class MatrixRow:
     benign_worst: Spread
     asr: Spread
     excluded_malicious: Spread
+    malicious_updates: Spread
     excluded_benign: Spread
+    benign_updates: Spread
     aggregation_ms: Spread
     seeds: int
 
@@ -262,8 +266,10 @@ def matrix_rows(agg: list[dict[str, Any]]) -> tuple[MatrixRow, ...]:
     return tuple(MatrixRow(attack=a["attack"], space=a["space"], defense=a["defense"], malicious_fraction=a["fraction"],
                            status=a["status"], benign_accuracy=Spread.of(a["benign_mean"]),
                            benign_worst=Spread.of(a["benign_worst"]), asr=Spread.of(a["asr"]),
-                           excluded_malicious=Spread.of(a["excluded_true"]),
-                           excluded_benign=Spread.of(a["excluded_false"]),
+                           excluded_malicious=Spread.of(a["excluded_malicious_updates"]),
+                           malicious_updates=Spread.of(a["malicious_updates"]),
+                           excluded_benign=Spread.of(a["excluded_benign_updates"]),
+                           benign_updates=Spread.of(a["benign_updates"]),
                            aggregation_ms=Spread.of(a["aggregation_ms"]), seeds=a["seeds"]) for a in agg)
 
 

@@ -108,7 +108,10 @@ def test_audit_and_matrix_results_are_their_files(tmp_path):
     flip = next(r for r in matrix.rows if r.defense == "sum" and r.attack == "sign_flip")
     csv_flip = next(r for r in rows if r["cell"] == "sign_flip-sum-frac0.34-s0")
     assert flip.benign_accuracy.mean == float(csv_flip["benign_accuracy_mean"]) and flip.benign_accuracy.sd is None
-    assert flip.excluded_malicious.mean == 0 and flip.space == "grad"
+    assert flip.space == "grad"
+    # the plain sum excludes nothing: no exclusion counts, in the CSV or the typed row
+    assert csv_flip["excluded_malicious_updates"] == csv_flip["malicious_updates"] == ""
+    assert flip.excluded_malicious.mean is None and flip.malicious_updates.mean is None
     assert matrix.worst_case == (flip,)  # the only measured attacked row
     assert not matrix.failed
 
