@@ -321,12 +321,13 @@ def test_audit_cli_pools_seeds_and_writes_the_report(tmp_path, capsys):
     assert main(["audit", "--config", str(audit_file(tmp_path))]) == 0
     assert json.loads((out / "audit.json").read_text())["groups"] == audit["groups"]
     # audit.tex (the report's table) and the plots' PDFs, written again from the folder: the same bytes.
-    before = {f: (out / f).read_bytes() for f in ("audit.tex", "tpr_vs_epsilon.pdf", "roc_nonprivate.pdf")}
+    before = {f: (out / f).read_bytes() for f in ("audit.tex", "roc_nonprivate.pdf", "roc_dp_client-eps8.pdf")}
     assert rb"\toprule" in before["audit.tex"] and rb"dp\_client-eps8" in before["audit.tex"]
     for f in before:
         (out / f).unlink()
     assert main(["report", str(out), "--format", "latex"]) == 0
     assert {f: (out / f).read_bytes() for f in before} == before
+    assert not list(out.glob("tpr_vs_epsilon.*"))  # nothing resolves: no empty plot, in either format
 
 
 def test_audit_cli_with_client_canaries(tmp_path):
