@@ -49,6 +49,8 @@ METRICS["audit"] = METRICS["privacy"]
 NOT_COUNTED = ("output_dir", "run_name", "tracking")
 #: the cell statuses that are results (a divergence is: the attack or the mechanism broke training)
 RESULTS = ("ok", "diverged")
+#: a difference this small is floating-point rounding (one mean summed in another order), not a change
+ROUNDING = 1e-12
 #: env.json entries that can change a run's numbers (same config and seed give the same numbers only there)
 ENV_KEYS = ("pfedpg_eval", "torch", "numpy", "opacus", "torch_threads", "device")
 
@@ -225,7 +227,7 @@ def _paired_row(setting: str, metric: str, unit: str, a: dict[int, float], b: di
                                              tuple(p["ci"]) if p["ci"] else None)
     if diff is None:
         words = f"nothing paired (no {units[:-1]} measured on both sides)"
-    elif not any(diff.values):
+    elif all(abs(v) <= ROUNDING for v in diff.values):
         words = "identical"
     else:
         words = verdict(p, below="B lower", above="B higher", level="level (interval holds 0)").replace("seeds", units)
@@ -240,16 +242,16 @@ def _paired_row(setting: str, metric: str, unit: str, a: dict[int, float], b: di
 
 def _grids(da: Path, db: Path, settings: str) -> Comparison:
     kind, section, table = GRIDS[settings]
-    for d in (da, db):
+    for side, d in (("A", da), ("B", db)):
         record = _read_yaml(d / settings)
         if "base" not in record or section not in record:
-            raise ConfigError(f"{d / settings} is not the settings file a {kind} writes (base and {section}); "
+            raise ConfigError(f"{side}: {d / settings} is not the settings file a {kind} writes (base and {section}); "
                               f"rerun the {kind.split()[0]} command with --out {d}")
     ra, rb = _read_yaml(da / settings), _read_yaml(db / settings)
     changes = _config_changes(_resolved(ra["base"], da / settings), _resolved(rb["base"], db / settings), "base.")
     sec = [{k: v for k, v in r[section].items() if k != "out_dir"} for r in (ra, rb)]
     changes += [ConfigChange(f"{section}.{c.key}", c.a, c.b) for c in differences(*sec)]
-    rows_a, rows_b = _grid_rows(da, table, kind), _grid_rows(db, table, kind)
+    rows_a, rows_b = _grid_rows(da, table, kind, "A"), _grid_rows(db, table, kind, "B")
     pooled_a, pooled_b = (_pooled(d) if section == "audit" else {} for d in (da, db))
     setting = {}  # cell -> (setting, seed)
     for rows in (rows_a, rows_b):
@@ -289,12 +291,12 @@ def _grids(da: Path, db: Path, settings: str) -> Comparison:
                       notes=(f"A and B are the same folder ({da})",) if da.resolve() == db.resolve() else ())
 
 
-def _grid_rows(d: Path, table: str, kind: str) -> dict[str, dict[str, Any]]:
+def _grid_rows(d: Path, table: str, kind: str, side: str) -> dict[str, dict[str, Any]]:
     """Each cell's row of the grid's own table, by cell name."""
     path = d / table
     if not path.is_file():
-        raise ConfigError(f"{d} holds no {table}: the {kind} has not finished; rerun its command with --out {d} "
-                          "(finished cells are reused)")
+        raise ConfigError(f"{side}: {d} holds no {table}: the {kind} has not finished; rerun its command with "
+                          f"--out {d} (finished cells are reused)")
     if table.endswith(".json"):
         rows = jsonio.read(path).get("cells") or []
     else:

@@ -77,6 +77,8 @@ def table(c: Comparison) -> tuple[list[str], list[list[str]]]:
                  _difference(r.difference, r.unit), r.verdict]
         cells += [_eps(r.epsilon_a, r.epsilon_b)] * has_eps + [_pooled(r.pooled_a), _pooled(r.pooled_b)] * has_pool
         body.append(cells + [r.note or ""])
+    if body and not any(row[-1] for row in body):  # no row needs a note
+        header, body = header[:-1], [row[:-1] for row in body]
     return header, body
 
 
@@ -103,9 +105,8 @@ def _explain(c: Comparison) -> str:
 
 
 def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
-    keep = [i for i in range(len(header)) if any(row[i] for row in body) or not body]
-    rows = [[header[i] for i in keep]] + [[row[i] for i in keep] for row in body]
-    widths = [max(len(r[j]) for r in rows) for j in range(len(keep))]
+    rows = [header] + body
+    widths = [max(len(r[j]) for r in rows) for j in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 

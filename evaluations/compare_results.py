@@ -71,7 +71,8 @@ class PairedRow:
         a: A's mean over the paired units.
         b: B's mean over the paired units.
         difference: B − A paired, or None where no unit is paired.
-        verdict: In words: ``identical``, ``B higher``, ``B lower``, ``level (interval holds 0)``,
+        verdict: In words: ``identical`` (every difference 0, up to 1e-12 of floating-point rounding),
+            ``B higher``, ``B lower``, ``level (interval holds 0)``,
             ``too few seeds ...``, ``no spread ...``.
         note: What else the row needs said (diverged cells, seeds only one side holds).
         epsilon_a: The largest ε of A's paired cells (privacy sweep and audit), or None.
@@ -142,6 +143,6 @@ class Comparison:
 
     @property
     def identical(self) -> bool:
-        """No config key differs and every paired difference is exactly zero (with something paired)."""
+        """No config key differs, no cell is unpaired and every paired row reads ``identical``."""
         return (not self.changes and any(r.difference for r in self.rows) and not self.unpaired
-                and all(r.difference is None or not any(r.difference.values) for r in self.rows))
+                and all(r.difference is None or r.verdict == "identical" for r in self.rows))
