@@ -187,8 +187,9 @@ def write(c: Comparison, out: str | Path) -> list[Path]:
     changes = "; ".join(str(ch) for ch in c.changes) or "none (the same config)"
     caption = (f"{c.kind.capitalize()} B ({c.b.name}) against A ({c.a.name}); config keys that differ: {changes}. "
                + _explain(c))
-    (d / "compare.tex").write_text(latex_table(header, body, caption=caption, label="tab:pfedpg-compare",
-                                               source="compare.tex"))
+    tex = latex_table(header, body, caption=caption, label="tab:pfedpg-compare", source="compare.tex")
+    (d / "compare.tex").write_text(tex.replace("pfedpg-eval report DIR --format latex", "pfedpg-eval compare A B --out "
+                                               "DIR", 1))
     return [d / f for f in FILES]
 
 
