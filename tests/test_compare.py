@@ -125,7 +125,9 @@ def test_two_runs_of_one_config_and_seed_compare_as_identical(tmp_path):
 
 def test_two_runs_side_by_side_and_paired_by_client(grids):
     a, b = grids
-    ra, rb = a / "runs" / "dp_client-z1-s0", b / "runs" / "dp_client-z1-s0"
+    seed = next(s for s in (0, 1, 2) if jsonio.read(a / "runs" / f"dp_client-z1-s{s}" / "summary.json")["accuracy"]
+                != jsonio.read(b / "runs" / f"dp_client-z1-s{s}" / "summary.json")["accuracy"])  # one the lr changed
+    ra, rb = a / "runs" / f"dp_client-z1-s{seed}", b / "runs" / f"dp_client-z1-s{seed}"
     sa, sb = jsonio.read(ra / "summary.json"), jsonio.read(rb / "summary.json")
     c = compare(ra, rb)
     assert [str(ch) for ch in c.changes] == ["client.lr: 0.1 → 1.0"]
@@ -137,28 +139,35 @@ def test_two_runs_side_by_side_and_paired_by_client(grids):
     assert side["up bytes per client per round"][0] == sa["communication"]["up_bytes_per_client_round"]
     acc = next(r for r in c.rows if r.metric == "accuracy")
     expected = [y - x for x, y in zip(sa["accuracy"]["per_client"], sb["accuracy"]["per_client"])]
-    assert acc.difference.values == pytest.approx(expected, abs=1e-15) and acc.setting == "clients"
+    assert acc.difference.values == pytest.approx(expected, abs=1e-15) and acc.setting == "clients" and any(expected)
     # two seeds: different partitions, so client n is not the same client in both — not paired, and said why
-    other = compare(ra, a / "runs" / "dp_client-z1-s1")
+    other = compare(a / "runs" / "dp_client-z1-s0", a / "runs" / "dp_client-z1-s1")
     assert other.rows == () and any("clients not paired: the seeds differ (0 vs 1)" in n for n in other.notes)
 
 
-def test_two_matrices_pair_benign_accuracy_and_asr(grids, tmp_path):
-    rob = {"seeds": [0], "attacks": {"backdoor": {"target": 0}}, "defenses": {"sum": {}},
-           "malicious_fractions": [0.34]}
-    for name, lr in (("M1", 0.1), ("M2", 1.0)):
-        api.robustness({"base": {**BASE, "client": {**BASE["client"], "lr": lr}}, "robustness": rob},
+def test_two_matrices_pair_benign_accuracy_and_asr_and_a_divergence_is_paired(grids, tmp_path):
+    """IPM at 1e6 under the plain sum diverges at server lr 1 (a result: paired, at the accuracy measured
+    then, and said so) and not at 0.001; the backdoor's ASR is paired beside the benign accuracy."""
+    rob = {"seeds": [0], "attacks": {"backdoor": {"target": 0}, "ipm": {"space": "grad", "magnitude": 1.0e6}},
+           "defenses": {"sum": {}}, "malicious_fractions": [0.34]}
+    for name, lr in (("M1", 1.0), ("M2", 0.001)):
+        api.robustness({"base": {**BASE, "rounds": 3, "server": {"lr": lr}}, "robustness": rob},
                        out_dir=tmp_path / name, log=silent)
     c = compare(tmp_path / "M1", tmp_path / "M2")
-    (r1,), (r2,) = (read_csv(tmp_path / m / "robustness.csv") for m in ("M1", "M2"))
-    rows = {r.metric: r for r in c.rows}
-    assert set(rows) == {"benign accuracy", "ASR"} and c.kind == "robustness matrix"
-    for metric, col in (("benign accuracy", "benign_accuracy_mean"), ("ASR", "asr")):
-        r = rows[metric]
-        assert r.setting == "backdoor-sum-frac0.34" and r.difference.paired == (0,)
-        assert r.difference.mean == pytest.approx(float(r2[col]) - float(r1[col]), abs=1e-15)
-        assert r.difference.interval is None  # one seed: no spread, no interval
-    assert rows["benign accuracy"].verdict.startswith(("too few seeds (1", "identical"))
+    assert c.kind == "robustness matrix" and [str(ch) for ch in c.changes] == ["base.server.lr: 1.0 → 0.001"]
+    m1, m2 = ({r["cell"]: r for r in read_csv(tmp_path / m / "robustness.csv")} for m in ("M1", "M2"))
+    assert m1["ipm-sum-frac0.34-s0"]["status"] == "diverged" and m2["ipm-sum-frac0.34-s0"]["status"] == "ok"
+    rows = {(r.setting, r.metric): r for r in c.rows}
+    assert set(rows) == {("backdoor-sum-frac0.34", "benign accuracy"), ("backdoor-sum-frac0.34", "ASR"),
+                         ("ipm-sum-frac0.34", "benign accuracy")} and c.unpaired == ()
+    for (setting, metric), r in rows.items():
+        col = {"benign accuracy": "benign_accuracy_mean", "ASR": "asr"}[metric]
+        cell = f"{setting}-s0"
+        assert r.difference.paired == (0,) and r.difference.interval is None  # one seed: no spread, no interval
+        assert r.difference.mean == pytest.approx(float(m2[cell][col]) - float(m1[cell][col]), abs=1e-15)
+        assert ("diverged" in r.note) == (setting == "ipm-sum-frac0.34")
+    assert rows[("ipm-sum-frac0.34", "benign accuracy")].difference.mean > 0  # diverged: all outputs counted wrong
+    assert "diverged (accuracy as measured then): A ipm-sum-frac0.34-s0" in text(c)
     with pytest.raises(ConfigError, match="is a robustness matrix and B .* a privacy sweep; compare two grids of one"):
         compare(tmp_path / "M1", grids[0])
 
