@@ -117,10 +117,10 @@ def differences(a: Any, b: Any, key: str = "") -> list[ConfigChange]:
 
 def _resolved(tree: dict[str, Any], where: Path) -> dict[str, Any]:
     """A run config's YAML tree with every default filled in, as the toolkit saves it."""
-    from pfedpg.config import config_from_dict, dump_config
+    from pfedpg.config import dump_config, saved_config
 
-    try:
-        return yaml.safe_load(dump_config(config_from_dict(tree)))
+    try:  # (saved_config: a run saved before a key was renamed reads under today's names, without warnings)
+        return yaml.safe_load(dump_config(saved_config(yaml.safe_dump(tree))))
     except ConfigError as e:
         raise ConfigError(f"the config in {where} does not load ({' '.join(str(e).split())}); "
                           "was it written by another version of pfedpg-eval?") from None
@@ -181,7 +181,7 @@ def _runs(da: Path, db: Path) -> Comparison:
             if pa and pb:
                 rows.append(_paired_row("clients", metric, "fraction", dict(enumerate(pa)), dict(enumerate(pb)),
                                         units="clients"))
-    notes += _env_notes(da, db)
+    notes += _env_notes(da, db) + _same_folder(da, db)
     return Comparison(kind="run", a=da, b=db, changes=tuple(changes), side_by_side=tuple(side), rows=tuple(rows),
                       notes=tuple(notes))
 
@@ -288,7 +288,11 @@ def _grids(da: Path, db: Path, settings: str) -> Comparison:
                 eps.update(pooled_a=pooled_a.get(s, {}).get(probe), pooled_b=pooled_b.get(s, {}).get(probe))
             out.append(_paired_row(s, metric, unit, va, vb, note=(note + extra_note).lstrip("; "), **eps))
     return Comparison(kind=kind, a=da, b=db, changes=tuple(changes), rows=tuple(out), unpaired=tuple(unpaired),
-                      notes=(f"A and B are the same folder ({da})",) if da.resolve() == db.resolve() else ())
+                      notes=tuple(_same_folder(da, db)))
+
+
+def _same_folder(da: Path, db: Path) -> list[str]:
+    return [f"A and B are the same folder ({da.resolve()})"] if da.resolve() == db.resolve() else []
 
 
 def _grid_rows(d: Path, table: str, kind: str, side: str) -> dict[str, dict[str, Any]]:
