@@ -8,6 +8,7 @@ typed result.
 | `audit` | `pfedpg-eval audit` | `AuditResult` |
 | `robustness` | `pfedpg-eval robustness` | `MatrixResult` |
 | `plan` | `pfedpg-eval plan` | `Plan` |
+| `compare` | `pfedpg-eval compare` | `Comparison` |
 
 Each takes a config as a file path or as a mapping (the YAML's content), and `overrides` in the
 CLI's `--set` form (`["rounds=5", "client.lr=0.1"]`). They run the same functions the CLI runs
@@ -35,6 +36,7 @@ from typing import Any, Callable, Union
 
 import yaml
 
+from evaluations.compare_results import Comparison
 from evaluations.grid_results import (
     AuditGroup,
     AuditResult,
@@ -52,7 +54,7 @@ from evaluations.results import Accuracy, CellOutcome, Plan, PlannedRun, Privacy
 from pfedpg.config import RunConfig
 from pfedpg.errors import ConfigError
 
-__all__ = ["run", "privacy_sweep", "audit", "robustness", "plan", "Config", "Log",
+__all__ = ["run", "privacy_sweep", "audit", "robustness", "plan", "compare", "Config", "Log", "Comparison",
            "RunResult", "Accuracy", "PrivacyLevel", "SweepResult", "SweepRow", "PairedDifference", "Spread",
            "AuditResult", "AuditGroup", "ProbeResult", "Rate", "MatrixResult", "MatrixRow", "CellOutcome",
            "Plan", "PlannedRun"]
@@ -289,3 +291,26 @@ def plan(config: Config, overrides: Sequence[str] = (), *, steps: int = 3, log: 
     if isinstance(config, Mapping):
         p["config"] = "<mapping>"
     return Plan.from_dict(p, planning.render(p))
+
+
+def compare(a: str | os.PathLike, b: str | os.PathLike) -> Comparison:
+    """Compare two run folders, or two grid folders of one kind, paired by client or by seed
+    (``pfedpg-eval compare A B``; nothing is trained).
+
+    Args:
+        a: A run folder (``summary.json``) or a grid folder (``sweep.yaml``, ``audit.yaml`` or
+            ``matrix.yaml`` with ``runs/``).
+        b: A folder of the same kind.
+
+    Returns:
+        Every config key that differs; for two runs their numbers side by side and B − A per client
+        (clients paired by id where both runs hold the same clients); for two grids B − A per setting
+        and metric over the seeds both hold, with its 95% t-interval and verdict, and the cells left
+        unpaired. `evaluations.compare_report.text` of it is what the CLI prints.
+
+    Raises:
+        ConfigError: A folder that is missing, neither a run nor a grid, unfinished, or of another kind than the other.
+    """
+    from evaluations.compare import compare as compare_folders
+
+    return compare_folders(a, b)

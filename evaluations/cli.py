@@ -1,4 +1,4 @@
-"""``pfedpg-eval``: train, pretrain, privacy, audit, robustness, plan, report and flower-certs, on click.
+"""``pfedpg-eval``: train, pretrain, privacy, audit, robustness, plan, report, compare and flower-certs, on click.
 
 Every run subcommand takes ``--config FILE`` and repeatable ``--set key.sub=value`` overrides. The contract: bad input
 ends with one line ``error: ...`` naming the fix and exit status 2; exit 1 only for a run or grid cell that failed;
@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import click
 
+from evaluations.compare_report import command as compare_command
 from evaluations.paths import check_writable
 from evaluations.plugins import load_plugins
 from evaluations.ray_executor import executor_for
@@ -164,7 +165,8 @@ def _version() -> str:
     return __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             commands=[compare_command])  # evaluations/compare_report.py
 @click.version_option(_version(), "--version", "-V", prog_name="pfedpg-eval")
 @click.option("--quiet", "-q", is_flag=True, help="print results and errors only (no progress, no log lines)")
 @click.option("--verbose", "-v", is_flag=True, help="also show library warnings (e.g. Opacus') and full tracebacks")
