@@ -110,7 +110,7 @@ def test_help_of_every_subcommand_and_version(capsys):
     from pfedpg import __version__
 
     assert cli_module.click is not None and hasattr(cli_module.cli, "commands")  # the CLI is a click group
-    commands = ["train", "pretrain", "privacy", "audit", "robustness", "plan", "report", "flower-certs"]
+    commands = ["train", "pretrain", "privacy", "audit", "robustness", "plan", "report", "compare", "flower-certs"]
     assert sorted(cli_module.cli.commands) == sorted(commands)
     for cmd in ([], *[[c] for c in commands]):
         assert main([*cmd, "--help"]) == 0
