@@ -41,3 +41,22 @@ def tiny_vit():
         torch.manual_seed(0)
         backbone = build_backbone(ModelConfig(weights="random", kwargs=dict(TINY_MODEL), num_prompts=3))
         return PromptedViT(backbone, num_prompts=3, num_classes=5)
+
+
+
+def pytest_configure(config):
+    """`make test` runs ``-n 2 --dist loadgroup``: the tests marked ``xdist_group`` (Flower's ports,
+    one Ray cluster per module) must share a worker. pytest 9.2 ignores the group pytest-xdist 3.8
+    writes into a test's id, and the groups silently split (measured: the Ray cluster built twice,
+    Flower tests overlapping): refuse to run that way, naming the fix."""
+    if config.getoption("dist", None) != "loadgroup" or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import xdist
+
+    def version(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split(".")[:2] if x.isdigit())
+
+    if version(pytest.__version__) >= (9, 2) and version(xdist.__version__) <= (3, 8):
+        raise pytest.UsageError(f"--dist loadgroup does not group tests under pytest {pytest.__version__} with "
+                                f"pytest-xdist {xdist.__version__}; install the pinned pair: "
+                                "pip install -c constraints.txt -e '.[test]'")
