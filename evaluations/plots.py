@@ -2,7 +2,9 @@
 with which every plot of the toolkit is written: a PNG for the reports and a PDF beside it for a paper."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -75,3 +77,47 @@ def learning_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
     save_figure(fig, out)
     plt.close(fig)
     return out
+
+
+def plot_tradeoff(path: Path, agg: list[dict[str, Any]], mechanisms: dict[str, str], units: dict[str, str]) -> None:
+    """The privacy sweep's accuracy against ε (its aggregated rows ``agg``), one panel per privacy unit
+    (client-level and record-level ε are not comparable), with the baselines as horizontal lines in
+    every panel; ``mechanisms``: name -> label, ``units``: privacy unit -> axis label."""
+    from matplotlib.ticker import NullFormatter
+
+    mechs = [m for m in mechanisms if any(a["mechanism"] == m and a["epsilon_max"][0] is not None for a in agg)] \
+        or list(mechanisms)[:1]
+    fig, axes = plt.subplots(1, len(mechs), figsize=(5.2 * len(mechs) + 2.2, 4.2), dpi=120, sharey=True, squeeze=False)
+    styles = {"nonprivate": ("k", "--", "non-private pFedPG (ε = ∞)"),
+              "clip_only": ("C2", ":", "clip only (z = 0, ε = ∞)"), "local": ("C3", "-.", "local (sends nothing)")}
+    for k, (ax, mech) in enumerate(zip(axes[0], mechs)):
+        i = list(mechanisms).index(mech)
+        pts = sorted((a["epsilon_max"][0], a["accuracy_mean"][0], a["accuracy_mean"][1] or 0.0) for a in agg
+                     if a["mechanism"] == mech and a["epsilon_max"][0] is not None)
+        if pts:
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=es, fmt="-o", ms=4, capsize=3, color=f"C{i}", label=mechanisms[mech])
+        for base, (color, ls, label) in styles.items():
+            a = next((a for a in agg if a["mechanism"] == base), None)
+            if a is not None:
+                ax.axhline(a["accuracy_mean"][0], color=color, ls=ls, lw=1,
+                           label=label if k == len(mechs) - 1 else None)
+        ax.set_xscale("log")
+        ticks = sorted({round(a["epsilon_max"][0], 2) for a in agg if a["mechanism"] == mech
+                        and a["epsilon_max"][0] is not None and math.isfinite(a["epsilon_max"][0])})
+        if ticks:
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        unit = next((a["unit"] for a in agg if a["mechanism"] == mech and a["unit"]), None)
+        ax.set_xlabel(f"{units.get(unit, 'ε')} (max over clients)")
+        ax.set_title(mechanisms[mech], fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        if k == 0:
+            ax.set_ylabel("mean per-client test accuracy")
+    handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]]
+    labels = [lab for ax in axes[0] for lab in ax.get_legend_handles_labels()[1]]
+    if handles:
+        fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    save_figure(fig, path, bbox_inches="tight")
+    plt.close(fig)

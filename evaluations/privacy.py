@@ -20,7 +20,7 @@ import numpy as np
 
 from evaluations.latex import privacy_table
 from evaluations.leakage_pooling import UNITS, group_key, plot_tpr_vs_epsilon, pooled_probes
-from evaluations.plots import save_figure
+from evaluations.plots import plot_tradeoff
 from evaluations.report import html_page, img_tag, markdown_table, readable, run_header, write_grid_markdown
 from evaluations.sweep import Cell, CellResult, Grid, divergence, load_grid_file, run_grid
 from pfedpg.config import build_dataclass
@@ -301,53 +301,6 @@ def table_rows(agg: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def plot(path: Path, agg: list[dict[str, Any]]) -> None:
-    """Accuracy against ε, one panel per privacy unit (client-level and record-level ε are not
-    comparable), with the baselines as horizontal lines in every panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    mechs = [m for m in MECHANISMS if any(a["mechanism"] == m and a["epsilon_max"][0] is not None for a in agg)] \
-        or list(MECHANISMS)[:1]
-    fig, axes = plt.subplots(1, len(mechs), figsize=(5.2 * len(mechs) + 2.2, 4.2), dpi=120, sharey=True, squeeze=False)
-    styles = {"nonprivate": ("k", "--", "non-private pFedPG (ε = ∞)"),
-              "clip_only": ("C2", ":", "clip only (z = 0, ε = ∞)"), "local": ("C3", "-.", "local (sends nothing)")}
-    for k, (ax, mech) in enumerate(zip(axes[0], mechs)):
-        i = list(MECHANISMS).index(mech)
-        pts = sorted((a["epsilon_max"][0], a["accuracy_mean"][0], a["accuracy_mean"][1] or 0.0) for a in agg
-                     if a["mechanism"] == mech and a["epsilon_max"][0] is not None)
-        if pts:
-            xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, fmt="-o", ms=4, capsize=3, color=f"C{i}", label=MECHANISMS[mech])
-        for base, (color, ls, label) in styles.items():
-            a = next((a for a in agg if a["mechanism"] == base), None)
-            if a is not None:
-                ax.axhline(a["accuracy_mean"][0], color=color, ls=ls, lw=1,
-                           label=label if k == len(mechs) - 1 else None)
-        ax.set_xscale("log")
-        ticks = sorted({round(a["epsilon_max"][0], 2) for a in agg if a["mechanism"] == mech
-                        and a["epsilon_max"][0] is not None and math.isfinite(a["epsilon_max"][0])})
-        if ticks:
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        unit = next((a["unit"] for a in agg if a["mechanism"] == mech and a["unit"]), None)
-        ax.set_xlabel(f"{UNITS.get(unit, 'ε')} (max over clients)")
-        ax.set_title(MECHANISMS[mech], fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        if k == 0:
-            ax.set_ylabel("mean per-client test accuracy")
-    handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]]
-    labels = [lab for ax in axes[0] for lab in ax.get_legend_handles_labels()[1]]
-    if handles:
-        fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    save_figure(fig, path, bbox_inches="tight")
-    plt.close(fig)
-
-
 def privacy_statements(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each mechanism's statement, as its first finished run's PrivacyResult gave it (read with the row)."""
     out = {}
@@ -364,7 +317,7 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     table = markdown_table(header, body)
     (out / "tradeoff.md").write_text(table + "\n")
     privacy_table(out / "tradeoff.tex", header, body, rows)  # the same cells, booktabs, for a paper
-    plot(out / "accuracy_vs_epsilon.png", agg)
+    plot_tradeoff(out / "accuracy_vs_epsilon.png", agg, MECHANISMS, UNITS)
     statements = privacy_statements(rows)
     failed = [r for r in rows if r["status"] == "failed"]  # errors; a diverged run is a result
     md = ["# Privacy trade-off: pFedPG", "",

@@ -18,6 +18,9 @@ from evaluations.compare_report import text
 from pfedpg import jsonio
 from pfedpg.errors import ConfigError
 
+# one worker: the module's grids are built once (a module fixture), not once per worker
+pytestmark = pytest.mark.xdist_group("compare")
+
 BASE = {"rounds": 1, "checkpoint_every": 0, "threads": 1,
         "data": {"image_size": 8, "num_domains": 3, "max_train_per_client": 24, "max_test_per_client": 20},
         "model": {"weights": "random", "kwargs": dict(TINY_MODEL), "num_prompts": 2},
