@@ -89,7 +89,7 @@ SIMULATED_HOOKS = [
     (SIMULATED_HOOKS, {"clients_per_round": 3, "data.clients_per_domain": 2, "model.prompt_depth": "deep",
                        "model.kwargs.depth": 2}),
 ])
-def test_simulation_matches_inprocess(tmp_path, hooks, extra):
+def test_simulation_matches_inprocess(tmp_path, hooks, extra, monkeypatch):
     from evaluations.flower.app import run_flower
 
     # privacy.release_metrics: the clients send their rows too (the default keeps them on the clients
@@ -98,7 +98,8 @@ def test_simulation_matches_inprocess(tmp_path, hooks, extra):
     cfg = tiny_config(threads=1, hooks=hooks, **extra, **{"privacy.release_metrics": True})
     Trainer(cfg, run_dir=tmp_path / "inprocess").run()
     ref = json.loads((tmp_path / "inprocess" / "summary.json").read_text())  # as written, like Flower's
-    got = run_flower(_flower(cfg), tmp_path / "flower")
+    monkeypatch.chdir(tmp_path)  # a relative run directory: Flower's processes work elsewhere, the run lands here
+    got = run_flower(_flower(cfg), "flower")
     # Through Flower's current entry point (`flwr run` of the run's app on a simulation SuperLink),
     # which the run stopped again with everything it started.
     assert "[tool.flwr.app.components]" in (tmp_path / "flower" / "flower_app" / "pyproject.toml").read_text()

@@ -203,7 +203,8 @@ def run_flower(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None
     check_supported(cfg, build_hooks(cfg.hooks), resume=resume)  # before Ray or a SuperLink is touched
     if cfg.flower.superlink is not None:
         _check_connection(cfg, log)
-    run_dir = Path(run_dir)
+    # absolute: the ServerApp writes it from another process (Flower's), whose working directory is not ours
+    run_dir = Path(run_dir).resolve()
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"run directory {str(run_dir)!r} holds a finished run; choose another --run-dir or run_name")
     if (run_dir / "metrics.jsonl").exists():  # Flower runs do not resume: start it again, keep its files
