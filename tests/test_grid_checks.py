@@ -25,6 +25,9 @@ def grid_file(tmp_path, section="privacy", **settings):
      r"dp_sgd.delta=1.0 must be < 1/\|D_n\| for every client \(client 0 has \d+ records\); lower delta"),
     ({"dp_client": {"clip": 0.5, "delta": 1.5}}, "dp_client-eps8-s0", r"delta=1.5 must be in \(0, 1\)"),
     ({"dp_client": {"clip": -0.1}}, "dp_client-eps8-s0", r"clip"),
+    ({"dp_sgd": {"clip": 1.0, "delta": -0.1}}, "dp_sgd-eps8-s0",
+     r"dp_sgd.delta=-0.1 must be > 0 \(and < 1/\|D_n\| for every client\)"),
+    ({"dp_sgd": {"clip": 1.0, "delta": float("nan")}}, "dp_sgd-eps8-s0", r"dp_sgd.delta=nan must be > 0"),
 ])
 def test_a_cell_with_options_that_cannot_run_refuses_the_grid_before_any_cell_runs(tmp_path, capsys, mechanisms,
                                                                                    cell, message):
