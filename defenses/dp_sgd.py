@@ -116,6 +116,8 @@ class RecordLevelDPSGD(Hook):
         self.noise_source = noise
         check_dp_options("dp_sgd", clip=clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
                          accountant=accountant, allow_zero_noise=False)
+        if delta is not None and not delta > 0:  # NaN too; check() bounds it above by 1/|D_n|
+            raise ConfigError(f"dp_sgd.delta={delta!r} must be > 0 (and < 1/|D_n| for every client)")
         self.clip, self.delta, self.accountant_name = float(clip), delta, accountant
         self.target_epsilon, self.fixed_noise = target_epsilon, noise_multiplier
         self.noise: dict[int, float] = {}

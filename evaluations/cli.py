@@ -7,6 +7,7 @@ exit status (the console script exits with it). Shell completion: ``eval "$(_PFE
 pfedpg-eval)"`` (``zsh_source``, ``fish_source``)."""
 from __future__ import annotations
 
+import csv
 import json
 import sys
 import warnings
@@ -31,6 +32,20 @@ _OUT = SimpleNamespace(quiet=False, verbose=False)
 def _log(msg: str) -> None:
     if not _OUT.quiet:
         print(msg, file=sys.stderr, flush=True)
+
+
+def _failed(lines: list[str], out: Path) -> int:
+    """Exit status 1 for a grid with failed cells; with --quiet, which hides the cells' progress lines,
+    their errors in one line (exit status alone would not say which cell failed, or why)."""
+    if lines and _OUT.quiet:
+        print(f"{len(lines)} cell(s) failed: {'; '.join(lines)} (rows of {out}'s table; rerunning the same "
+              "command runs them again)", file=sys.stderr, flush=True)
+    return 1 if lines else 0
+
+
+def _failed_file(out: Path) -> list[str]:
+    path = out / "FAILED"
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _run_dir(cfg) -> Path:
@@ -85,7 +100,7 @@ def cmd_privacy(args) -> int:
     out = run_sweep(sweep, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
     print((out / "tradeoff.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, tradeoff.csv, tradeoff.tex, accuracy_vs_epsilon.png/.pdf)")
-    return 1 if (out / "FAILED").exists() else 0
+    return _failed(_failed_file(out), out)
 
 
 def cmd_audit(args) -> int:
@@ -98,7 +113,7 @@ def cmd_audit(args) -> int:
         print(group_line(group, res))
     plots = "".join(f", {f[:-4]}.png/.pdf" for f in ("roc_*.png", "tpr_vs_epsilon.png") if any(out.glob(f)))
     print(f"report: {out / 'report.md'} (and report.html, audit.json, audit.tex{plots})")
-    return 1 if (out / "FAILED").exists() else 0
+    return _failed(_failed_file(out), out)
 
 
 def cmd_robustness(args) -> int:
@@ -110,7 +125,9 @@ def cmd_robustness(args) -> int:
     print((out / "robustness.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, robustness.csv, robustness.tex, heatmap.png/.pdf, "
           "worst_case.png/.pdf)")
-    return 1 if ",failed," in (out / "robustness.csv").read_text() else 0
+    with open(out / "robustness.csv", newline="") as f:
+        failed = [f"{r['cell']}: {r['error']}" for r in csv.DictReader(f) if r["status"] == "failed"]
+    return _failed(failed, out)
 
 
 def cmd_report(args) -> int:

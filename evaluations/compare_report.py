@@ -157,9 +157,9 @@ def csv_rows(c: Comparison) -> list[dict]:
     return out
 
 
-def write(c: Comparison, out: str | Path) -> list[Path]:
-    """compare.csv, compare.json, compare.md and compare.tex in ``out`` (see the module docstring)."""
-    from evaluations.latex import latex_table
+def check_out(c: Comparison, out: str | Path) -> None:
+    """Refuse an ``out`` that cannot be written or holds the comparison of another A or B (before
+    anything is printed or written)."""
     from evaluations.paths import check_writable
 
     d = Path(out)
@@ -173,6 +173,15 @@ def write(c: Comparison, out: str | Path) -> list[Path]:
             was = f"A {old.get('a')} and B {old.get('b')}" if old else "an unknown A and B (no compare.json)"
             raise ConfigError(f"{d} holds the comparison of {was} ({', '.join(here)}); pass another --out, or delete "
                               "those files (a comparison is never replaced silently)")
+
+
+def write(c: Comparison, out: str | Path) -> list[Path]:
+    """compare.csv, compare.json, compare.md and compare.tex in ``out`` (see the module docstring)."""
+    from evaluations.latex import latex_table
+
+    check_out(c, out)
+    d = Path(out)
+    record = d / "compare.json"
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "compare.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
@@ -215,6 +224,8 @@ def command(a: str, b: str, out: str | None) -> int:
     from evaluations.compare import compare
 
     c = compare(a, b)
+    if out is not None:
+        check_out(c, out)  # a refused --out prints only its one line
     print(text(c))
     if out is not None:
         files = write(c, out)

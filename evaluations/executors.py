@@ -150,7 +150,8 @@ def _init_worker(slots, relay) -> None:
     global _RELAY
     _RELAY = relay
 
-    signal.signal(signal.SIGINT, _on_worker_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a grid that ignores Ctrl-C (a script's background
+        signal.signal(signal.SIGINT, _on_worker_signal)      # job): its workers ignore it too, not fail its cells
     signal.signal(signal.SIGTERM, _on_worker_signal)
     if slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
@@ -173,7 +174,8 @@ def _in_worker(fn, *args):
 
 def stop_workers(pool, log: Callable[[str], None], grace_s: float = 60.0) -> None:
     """Stop a worker pool now, without running its queued cells: each worker's running cell is
-    interrupted (SIGINT: it stops at its next step, its checkpoints kept, and the worker exits), a
+    interrupted (SIGTERM, which every worker handles as Ctrl-C: it stops at its next step, its
+    checkpoints kept, and the worker exits), a
     worker still alive after ``grace_s`` (or at a second Ctrl-C) is killed."""
     import os
     import signal
@@ -183,7 +185,7 @@ def stop_workers(pool, log: Callable[[str], None], grace_s: float = 60.0) -> Non
         log(f"stopping {len(procs)} worker(s): their running cells stop at their next step (resumable)")
     for p in procs:
         try:
-            os.kill(p.pid, signal.SIGINT)
+            os.kill(p.pid, signal.SIGTERM)
         except (ProcessLookupError, OSError):
             pass
     try:

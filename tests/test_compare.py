@@ -245,7 +245,9 @@ def test_the_out_files_parse_and_another_comparison_is_never_replaced(grids, tmp
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     capsys.readouterr()
     assert main(["compare", str(a), str(a), "--out", str(out)]) == 2
-    assert "holds the comparison of A" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "holds the comparison of A" in refused.err and refused.err.count("\n") == 1
+    assert refused.out == ""  # one line, not the comparison's table before it
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 

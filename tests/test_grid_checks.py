@@ -25,6 +25,9 @@ def grid_file(tmp_path, section="privacy", **settings):
      r"dp_sgd.delta=1.0 must be < 1/\|D_n\| for every client \(client 0 has \d+ records\); lower delta"),
     ({"dp_client": {"clip": 0.5, "delta": 1.5}}, "dp_client-eps8-s0", r"delta=1.5 must be in \(0, 1\)"),
     ({"dp_client": {"clip": -0.1}}, "dp_client-eps8-s0", r"clip"),
+    ({"dp_sgd": {"clip": 1.0, "delta": -0.1}}, "dp_sgd-eps8-s0",
+     r"dp_sgd.delta=-0.1 must be > 0 \(and < 1/\|D_n\| for every client\)"),
+    ({"dp_sgd": {"clip": 1.0, "delta": float("nan")}}, "dp_sgd-eps8-s0", r"dp_sgd.delta=nan must be > 0"),
 ])
 def test_a_cell_with_options_that_cannot_run_refuses_the_grid_before_any_cell_runs(tmp_path, capsys, mechanisms,
                                                                                    cell, message):
@@ -95,3 +98,13 @@ def test_plan_refuses_what_the_grid_refuses_and_an_audit_without_levels_says_how
     with pytest.raises(ConfigError, match=r"^audit.target_epsilons is empty: list at least one privacy level, "
                                           r"e.g. target_epsilons: \[1.0, 8.0\]$"):
         load_audit(audit)
+
+
+def test_quiet_still_says_which_cell_failed_and_why(tmp_path, capsys):
+    """-q hides the cells' progress lines, where a failed cell's error was the only word of it: the
+    command then ends with one line naming each failed cell and its error (exit status 1)."""
+    path = grid_file(tmp_path, mechanisms={"dp_sgd": {"clip": 1.0}}, target_epsilons=[1e-9])
+    assert main(["-q", "privacy", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("1 cell(s) failed: dp_sgd-eps1e-09-s0: ConfigError: "), err
+    assert err[-1].endswith("rerunning the same command runs them again)")

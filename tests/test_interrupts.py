@@ -67,6 +67,28 @@ def test_a_stopped_grid_starts_no_queued_cell_and_resumes(tmp_path, sig, to_grou
         assert [r["status"] for r in csv.DictReader(f)] == ["ok"] * 4
 
 
+def test_a_grid_that_ignores_ctrl_c_ignores_it_in_its_workers_and_sigterm_still_stops_it(tmp_path):
+    """A background job of a script starts with SIGINT ignored: a Ctrl-C to the terminal's group must not
+    kill its workers (every running and queued cell was then recorded FAILED, BrokenProcessPool), and
+    SIGTERM still stops the grid at once (its workers told by SIGTERM, not by the SIGINT they ignore)."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"base": {**RUN, "rounds": 2}, "privacy": {
+        "seeds": [0, 1, 2], "mechanisms": {}, "baselines": ["nonprivate", "local"], "out_dir": str(tmp_path / "out")}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "evaluations.cli", "privacy", "--config", str(path), "--jobs", "2"],
+                            cwd=tmp_path, env=env, text=True, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    read_until(proc, lambda line: "[1/6]" in line or "[2/6]" in line)
+    os.killpg(proc.pid, signal.SIGINT)  # ignored by the grid and its workers
+    lines = read_until(proc, lambda line: "3/6 run" in line)
+    assert not any("FAILED" in line for line in lines), lines
+    start_stop = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait() == 143, rest
+    assert time.monotonic() - start_stop < 30 and "FAILED" not in rest  # not the 60 s grace, no cell failed
+
+
 def test_sigterm_ends_train_like_ctrl_c_and_the_resume_gives_the_same_numbers(tmp_path, monkeypatch):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**RUN, "rounds": 500, "eval_every": 500}))
