@@ -7,7 +7,6 @@ exit status (the console script exits with it). Shell completion: ``eval "$(_PFE
 pfedpg-eval)"`` (``zsh_source``, ``fish_source``)."""
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import warnings
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 import click
 
 from evaluations.compare_report import command as compare_command
+from evaluations.flower.certs import command as flower_certs_command
 from evaluations.paths import check_writable
 from evaluations.plugins import load_plugins
 from evaluations.ray_executor import executor_for
@@ -34,18 +34,16 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _failed(lines: list[str], out: Path) -> int:
+def _failed(out: Path) -> int:
     """Exit status 1 for a grid with failed cells; with --quiet, which hides the cells' progress lines,
     their errors in one line (exit status alone would not say which cell failed, or why)."""
+    from evaluations.sweep import failed_cells
+
+    lines = failed_cells(out)
     if lines and _OUT.quiet:
         print(f"{len(lines)} cell(s) failed: {'; '.join(lines)} (rows of {out}'s table; rerunning the same "
               "command runs them again)", file=sys.stderr, flush=True)
     return 1 if lines else 0
-
-
-def _failed_file(out: Path) -> list[str]:
-    path = out / "FAILED"
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _run_dir(cfg) -> Path:
@@ -100,7 +98,7 @@ def cmd_privacy(args) -> int:
     out = run_sweep(sweep, base, out_dir=args.out, jobs=args.jobs, executor=args.executor, log=_log)
     print((out / "tradeoff.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, tradeoff.csv, tradeoff.tex, accuracy_vs_epsilon.png/.pdf)")
-    return _failed(_failed_file(out), out)
+    return _failed(out)
 
 
 def cmd_audit(args) -> int:
@@ -113,7 +111,7 @@ def cmd_audit(args) -> int:
         print(group_line(group, res))
     plots = "".join(f", {f[:-4]}.png/.pdf" for f in ("roc_*.png", "tpr_vs_epsilon.png") if any(out.glob(f)))
     print(f"report: {out / 'report.md'} (and report.html, audit.json, audit.tex{plots})")
-    return _failed(_failed_file(out), out)
+    return _failed(out)
 
 
 def cmd_robustness(args) -> int:
@@ -125,9 +123,7 @@ def cmd_robustness(args) -> int:
     print((out / "robustness.md").read_text())
     print(f"report: {out / 'report.md'} (and report.html, robustness.csv, robustness.tex, heatmap.png/.pdf, "
           "worst_case.png/.pdf)")
-    with open(out / "robustness.csv", newline="") as f:
-        failed = [f"{r['cell']}: {r['error']}" for r in csv.DictReader(f) if r["status"] == "failed"]
-    return _failed(failed, out)
+    return _failed(out)
 
 
 def cmd_report(args) -> int:
@@ -144,16 +140,6 @@ def cmd_plan(args) -> int:
         raise ConfigError("plan needs --config FILE (a run config, or a privacy, audit or robustness file)")
     p = plan(args.config, args.overrides, steps=args.steps, log=_log, jobs=args.jobs)
     print(json.dumps(p, indent=1) if args.json else render(p))
-    return 0
-
-
-def cmd_flower_certs(args) -> int:
-    from evaluations.flower.certs import deployment_commands, make_certificates
-
-    hosts = args.host or ["127.0.0.1", "localhost"]
-    files = make_certificates(args.out_dir, hosts=hosts, nodes=args.nodes, days=args.days)
-    print("\n".join([f"{name}: {path}" for name, path in files.items()]
-                    + deployment_commands(args.out_dir, hosts[0], args.nodes)))
     return 0
 
 
@@ -183,7 +169,7 @@ def _version() -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-             commands=[compare_command])  # evaluations/compare_report.py
+             commands=[compare_command, flower_certs_command])  # in their own modules
 @click.version_option(_version(), "--version", "-V", prog_name="pfedpg-eval")
 @click.option("--quiet", "-q", is_flag=True, help="print results and errors only (no progress, no log lines)")
 @click.option("--verbose", "-v", is_flag=True, help="also show library warnings (e.g. Opacus') and full tracebacks")
@@ -311,24 +297,6 @@ def plan(**kw) -> int:
     times K real local steps and an evaluation batch. Prints the clients and records, the numbers each client sends per
     round, the measured resident (and GPU) memory, and the time per step extrapolated to every run of the grid."""
     return cmd_plan(_ns(**kw))
-
-
-@cli.command("flower-certs", short_help="Make a CA, a SuperLink certificate and SuperNode keys (TLS deployment).",
-             epilog="Example: pfedpg-eval flower-certs certs --host link.example.org --nodes 3")
-@click.argument("out_dir", metavar="OUT_DIR")
-@click.option("--host", multiple=True, metavar="NAME",
-              help="a name or IP address the SuperNodes dial (repeatable; default 127.0.0.1 and localhost)")
-@click.option("--nodes", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-              help="SuperNode key pairs to make")
-@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, metavar="D",
-              help="validity in days")
-def flower_certs(**kw) -> int:
-    """Make a CA, a SuperLink certificate and SuperNode keys for a TLS deployment.
-
-    Writes ca.crt/ca.key, server.pem/server.key (the SuperLink's certificate for every --host) and
-    node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC P-384) into OUT_DIR, and prints the commands
-    that use them (SuperLink with TLS and --enable-supernode-auth; docs/how-to/flower.md, "A deployment")."""
-    return cmd_flower_certs(SimpleNamespace(**{**kw, "host": list(kw["host"])}))
 
 
 @cli.command(short_help="(Re)write the report of a finished run or grid, as Markdown, LaTeX or HTML.",

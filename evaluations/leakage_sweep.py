@@ -331,6 +331,3 @@ class AuditGrid(PrivacySweep):
                 by_group.setdefault(row["group"], []).append(r.run_dir)
         groups = {g: pooled_probes(dirs) for g, dirs in by_group.items()}
         write_audit_outputs(out, rows, groups)
-        failed = [r for r in rows if r["status"] == "failed"]  # errors; a diverged cell is a result
-        if failed:
-            (out / "FAILED").write_text("\n".join(f"{r['cell']}: {r['error']}" for r in failed) + "\n")

@@ -319,7 +319,6 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
     privacy_table(out / "tradeoff.tex", header, body, rows)  # the same cells, booktabs, for a paper
     plot_tradeoff(out / "accuracy_vs_epsilon.png", agg, MECHANISMS, UNITS)
     statements = privacy_statements(rows)
-    failed = [r for r in rows if r["status"] == "failed"]  # errors; a diverged run is a result
     md = ["# Privacy trade-off: pFedPG", "",
           "Accuracy is per client on its own test split after the last round (adapted prompt and local head), "
           "mean ± sample std over seeds (a single seed has no spread). ε is per client; the table gives the largest. "
@@ -360,5 +359,3 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], sweep: PrivacySweepConf
                            f"<td>{esc(r['status'] + (' — ' + r['error'] if r['error'] else ''))}</td>"
                            f"<td>{esc(r['run_dir'])}</td></tr>" for r in rows) + "</table>")
     (out / "report.html").write_text("\n".join(parts))
-    if failed:
-        (out / "FAILED").write_text("\n".join(f"{r['cell']}: {r['error']}" for r in failed) + "\n")

@@ -370,4 +370,16 @@ def run_grid(grid: Grid, *, out_dir: str | Path | None = None, log: Callable[[st
             r = done.get(c.name)
             rows.append(grid.row(c, r.run_dir if r else None, r.summary if r else None, r.error if r else None))
         grid.write_outputs(out, rows, [done[c.name] for c in cells if c.name in done])
+    failed = [r for r in rows if r.get("status") == "failed"]  # errors; a diverged cell is a result
+    if failed:
+        (out / "FAILED").write_text("".join(f"{r['cell']}: {r['error']}\n" for r in failed))
+    else:  # a rerun that ran them again: nothing failed now
+        (out / "FAILED").unlink(missing_ok=True)
     return out
+
+
+def failed_cells(out: Path) -> list[str]:
+    """``CELL: ERROR`` of each cell of the grid in ``out`` that failed in its last run (``OUT/FAILED``,
+    written by :func:`run_grid`; none when every cell gave a result)."""
+    path = Path(out) / "FAILED"
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -102,7 +102,12 @@ def test_a_cell_that_fails_while_it_runs_is_a_failed_row_and_the_sweep_goes_on(t
     rows = {r["mechanism"]: r for r in read_csv(tmp_path / "sweep" / "tradeoff.csv")}
     assert rows["nonprivate"]["status"] == "ok"
     assert rows["local"]["status"] == "failed" and "the local cell broke" in rows["local"]["error"]
-    assert (tmp_path / "sweep" / "FAILED").is_file()
+    assert (tmp_path / "sweep" / "FAILED").read_text() == "local-s0: RuntimeError: the local cell broke\n"
+    # The rerun runs the failed cell again (the error gone): no stale FAILED, exit status 0.
+    monkeypatch.setattr(evaluations.executors, "run_training", original)
+    assert main(["privacy", "--config", str(path)]) == 0
+    assert [r["status"] for r in read_csv(tmp_path / "sweep" / "tradeoff.csv")] == ["ok", "ok"]
+    assert not (tmp_path / "sweep" / "FAILED").exists()
 
 
 @pytest.mark.parametrize("privacy, message", [

@@ -28,6 +28,8 @@ import re
 import shlex
 from pathlib import Path
 
+import click
+
 from pfedpg.errors import ConfigError
 
 
@@ -171,3 +173,29 @@ def deployment_commands(certs: str | Path, host: str, nodes: int, port: int = 80
 
 
 __all__ = ["deployment_commands", "make_certificates", "superlink_args", "supernode_args"]
+
+
+# ------------------------------------------------------------------------------------------------
+# pfedpg-eval flower-certs (registered on the CLI group in evaluations/cli.py)
+
+
+@click.command("flower-certs", short_help="Make a CA, a SuperLink certificate and SuperNode keys (TLS deployment).",
+             epilog="Example: pfedpg-eval flower-certs certs --host link.example.org --nodes 3")
+@click.argument("out_dir", metavar="OUT_DIR")
+@click.option("--host", multiple=True, metavar="NAME",
+              help="a name or IP address the SuperNodes dial (repeatable; default 127.0.0.1 and localhost)")
+@click.option("--nodes", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="SuperNode key pairs to make")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, metavar="D",
+              help="validity in days")
+def command(out_dir: str, host: tuple[str, ...], nodes: int, days: int) -> int:
+    """Make a CA, a SuperLink certificate and SuperNode keys for a TLS deployment.
+
+    Writes ca.crt/ca.key, server.pem/server.key (the SuperLink's certificate for every --host) and
+    node<i>.key/node<i>.pub (SuperNode authentication keys, OpenSSH EC P-384) into OUT_DIR, and prints the commands
+    that use them (SuperLink with TLS and --enable-supernode-auth; docs/how-to/flower.md, "A deployment")."""
+    hosts = list(host) or ["127.0.0.1", "localhost"]
+    files = make_certificates(out_dir, hosts=hosts, nodes=nodes, days=days)
+    print("\n".join([f"{name}: {path}" for name, path in files.items()]
+                    + deployment_commands(out_dir, hosts[0], nodes)))
+    return 0
