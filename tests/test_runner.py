@@ -419,3 +419,27 @@ def test_evaluation_batch_follows_the_training_batch_and_does_not_change_the_num
     assert len({acc for acc, _ in results.values()}) == 1
     losses = [loss for _, loss in results.values()]
     assert max(losses) - min(losses) <= 1e-6 * abs(losses[0])
+
+
+def test_progress_is_lines_where_no_bar_can_be_drawn(tmp_path, capsys):
+    """A run whose output is a file or a pipe (a batch job's log) gets lines, not a bar's carriage
+    returns: the first round, a round at least every 30 s, and the last, with the accuracy and the
+    time left; on a fake clock, rounds of 10 s are said at 1, 4 and 7 and at the last."""
+    from pfedpg.run.trainer import RoundLines
+
+    logs = []
+    Trainer(tiny_config(rounds=2, eval_every=1), run_dir=tmp_path / "r", log=logs.append, progress=True).run()
+    assert "\r" not in capsys.readouterr().err  # pytest's captured stderr is no terminal: no bar drawn
+    said = [m for m in logs if m.startswith("round ")]
+    assert said[0].startswith("round 1/2: accuracy ") and said[0].endswith(" left (estimate)"), said
+    assert said[1].startswith("round 2/2: accuracy ") and "left" not in said[1], said
+    now = [0.0]
+    lines = RoundLines(0, 8, clock=lambda: now[0])
+    out = {}
+    for r in range(1, 9):
+        now[0] += 10.0
+        out[r] = lines.after(r, 0.5 if r % 3 == 0 else None)
+    assert [r for r, line in out.items() if line] == [1, 4, 7, 8]
+    assert out[1] == "round 1/8; about 70 s left (estimate)"
+    assert out[4] == "round 4/8: accuracy 50.00 % (measured after round 3); about 40 s left (estimate)"
+    assert out[8] == "round 8/8: accuracy 50.00 % (measured after round 6)"

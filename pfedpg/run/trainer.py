@@ -145,10 +145,12 @@ class Trainer:
         ``stop_after`` (a checkpoint left there), True when every round ran."""
         loop, cfg = self.loop, self.loop.cfg
         rounds = range(start + 1, cfg.rounds + 1)
-        if self.progress:
+        bar = self.progress and sys.stderr.isatty()  # a bar on a terminal; lines wherever else the output goes
+        if bar:
             from tqdm import tqdm
 
             rounds = tqdm(rounds, desc=cfg.method, unit="round", initial=start, total=cfg.rounds, file=sys.stderr)
+        lines = RoundLines(start, cfg.rounds) if self.progress and not bar else None
         for r in rounds:
             try:
                 record = loop.run_round(r)
@@ -159,8 +161,10 @@ class Trainer:
                 for row in record.pop("clients"):
                     f.write(jsonio.dumps(row) + "\n")
                 f.write(jsonio.dumps(record) + "\n")
-            if self.progress and "acc_adapted_mean" in record:
+            if bar and "acc_adapted_mean" in record:
                 rounds.set_postfix(acc=f"{100 * record['acc_adapted_mean']:.1f}%")
+            elif lines is not None and (line := lines.after(r, record.get("acc_adapted_mean"))):
+                self.log(line)
             checkpointed = bool(cfg.checkpoint_every) and r % cfg.checkpoint_every == 0
             if checkpointed or r == cfg.rounds:
                 save_checkpoint(loop, r)
@@ -175,3 +179,27 @@ class Trainer:
     def _set_aside_unfinished(self) -> str:
         self.log.close()
         return f"this run's files were moved to {set_aside(self.loop.run_dir)}"
+
+
+class RoundLines:
+    """Progress as lines, where no bar can be drawn (the output is a file or a pipe: a batch job's
+    log): the first round, then a round at least every ``ANNOUNCE_EVERY_S`` and the last, each with
+    the latest accuracy measured and an estimate of the time left."""
+
+    def __init__(self, start: int, total: int, clock: Callable[[], float] = time.monotonic):
+        self.start, self.total, self.clock = start, total, clock
+        self.t0, self.said, self.acc = clock(), None, None
+
+    def after(self, r: int, acc: float | None) -> str | None:
+        """The line to print after round ``r`` (``acc``: its accuracy, None where it was not measured), or None."""
+        from pfedpg.pretrain_loop import ANNOUNCE_EVERY_S, _duration
+
+        self.acc = (acc, r) if acc is not None else self.acc
+        now = self.clock()
+        if self.said is not None and now - self.said < ANNOUNCE_EVERY_S and r < self.total:
+            return None
+        self.said, left = now, (now - self.t0) / (r - self.start) * (self.total - r)
+        measured = "" if self.acc is None else f": accuracy {100 * self.acc[0]:.2f} %" + (
+            f" (measured after round {self.acc[1]})" if self.acc[1] != r else "")
+        return f"round {r}/{self.total}{measured}" + (f"; about {_duration(left)} left (estimate)" if r < self.total
+                                                      else "")
