@@ -287,7 +287,8 @@ def plan(config: Config, overrides: Sequence[str] = (), *, steps: int = 3, log: 
     if steps < 1:
         raise ConfigError(f"steps={steps!r} must be a positive integer")
     with _as_file(config, "plan") as path:
-        p = planning.plan(path, list(overrides), steps=steps, log=log or _stderr)
+        p = planning.plan(path, list(overrides), steps=steps, log=log or _stderr,
+                          name="the config mapping" if isinstance(config, Mapping) else None)
     if isinstance(config, Mapping):
         p["config"] = "<mapping>"
     return Plan.from_dict(p, planning.render(p))

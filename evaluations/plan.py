@@ -289,20 +289,21 @@ def _measure(cfg: RunConfig, *, steps: int, log: Callable[[str], None], n_thread
 
 
 def plan(path: str | Path, overrides: list[str] | None = None, *, steps: int = 3,
-         log: Callable[[str], None] = print, jobs: int = 1) -> dict[str, Any]:
+         log: Callable[[str], None] = print, jobs: int = 1, name: str | None = None) -> dict[str, Any]:
     """The plan of a config file, as a dict (:func:`render` writes it for a reader); ``jobs``: the
-    ``--jobs`` the grid will run with (its cells' threads and the wall time)."""
+    ``--jobs`` the grid will run with (its cells' threads and the wall time); ``name``: what the
+    lines call the config (default: its path)."""
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs={jobs!r} must be a positive integer")
     from evaluations.plugins import load_plugins
 
     load_plugins()  # the hooks the cells name (as the CLI does)
     load = os.getloadavg()[0]  # before the plan's own work adds to it
-    log(f"plan: reading {path} ...")
+    log(f"plan: reading {name or path} ...")
     kind, grid = expand(path, overrides)
     configs = [config_from_dict(c.config) for c in grid]
     if not configs:
-        raise ConfigError(f"{path}: the grid has no runnable cell")
+        raise ConfigError(f"{name or path}: the grid has no runnable cell")
     from evaluations.preflight import check_cells
 
     check_cells([(c.name, cfg) for c, cfg in zip(grid, configs)])  # every cell's hooks, as the grid checks them

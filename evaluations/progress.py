@@ -47,7 +47,7 @@ class GridProgress:
             starts = [self.start] * min(j, done) + self.finish_times[:max(0, done - j)]
             mean = sum(f - s for f, s in zip(self.finish_times, starts)) / done
             est = mean * left / j
-            how = (f"{duration(mean)} per cell over the {done} run so far"
+            how = (f"{duration(mean)} per cell over the {done} cell{'s' if done != 1 else ''} run so far"
                    + (f", {j} at a time" if j > 1 else ""))
         return f"{done}/{self.total} run; about {duration(est)} left (estimate: {how})"
 

@@ -75,9 +75,9 @@ def test_grid_progress_estimates_from_the_cells_run_so_far():
     t = iter([0.0, 10.0, 12.0, 22.0, 24.0])
     p = GridProgress(4, concurrency=2, clock=lambda: next(t))
     # 2 at a time: cells 1 and 2 started at 0 and took 10 and 12 s; cell 3 started at 10, cell 4 at 12
-    assert p.finished() == "1/4 run; about 15 s left (estimate: 10 s per cell over the 1 run so far, 2 at a time)"
-    assert p.finished() == "2/4 run; about 11 s left (estimate: 11 s per cell over the 2 run so far, 2 at a time)"
-    assert p.finished() == "3/4 run; about 6 s left (estimate: 11 s per cell over the 3 run so far, 2 at a time)"
+    assert p.finished() == "1/4 run; about 15 s left (estimate: 10 s per cell over the 1 cell run so far, 2 at a time)"
+    assert p.finished() == "2/4 run; about 11 s left (estimate: 11 s per cell over the 2 cells run so far, 2 at a time)"
+    assert p.finished() == "3/4 run; about 6 s left (estimate: 11 s per cell over the 3 cells run so far, 2 at a time)"
     assert p.finished() == "4/4 run, 24 s in all"
     t = iter([0.0, 30.0])
     ray = GridProgress(3, concurrency=None, clock=lambda: next(t))  # the cluster decides: the rate so far
