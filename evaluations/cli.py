@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except click.UsageError as e:
         hint = f" (see pfedpg-eval {e.ctx.info_name + ' ' if e.ctx and e.ctx.parent else ''}--help)".replace("  ", " ")
+        if isinstance(e, click.NoSuchOption) and e.option_name in ("-q", "--quiet", "-v", "--verbose"):
+            hint = f" ({e.option_name} goes before the command: pfedpg-eval {e.option_name} COMMAND ...)"
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         return 2
     except (click.Abort, KeyboardInterrupt) as e:  # Abort: click's word for Ctrl-C (and for SIGTERM: its cause)

@@ -122,7 +122,8 @@ def test_help_of_every_subcommand_and_version(capsys):
 def test_usage_errors_are_one_line_exit_2(capsys):
     for argv, text in ((["trian"], "No such command 'trian'"), (["train", "--jobs", "2"], "No such option '--jobs'"),
                        (["train", "--engine", "ray"], "'ray' is not one of 'inprocess', 'flower'"),
-                       (["train", "--resume", "--restart", "--run-dir", "x"], "contradict")):
+                       (["train", "--resume", "--restart", "--run-dir", "x"], "contradict"),
+                       (["privacy", "-q"], "-q goes before the command: pfedpg-eval -q COMMAND ...")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and text in err[0], (argv, err)
