@@ -225,7 +225,7 @@ def pretrain(**kw) -> int:
     Supervised pretraining of the whole backbone on the data's public split (never given to clients), or on an external
     data set given as pretrain.data.path; cached under pretrain.cache_dir by config hash, with a per-epoch log and
     resumable state beside it (an interrupted pretraining continues where it stopped)."""
-    _OUT.resume_hint = "the same pfedpg-eval pretrain command (it continues from its last epoch checkpoint)"
+    _OUT.resume_hint = lambda: f"{_command_line()} (it continues from its last epoch checkpoint)"
     return cmd_pretrain(_ns(**kw))
 
 
@@ -248,7 +248,7 @@ def _grid_command(name: str, func, what: str, short: str, long: str, example: st
     @click.option("--no-progress", is_flag=True, help="accepted for symmetry with train: a grid shows no progress "
                                                       "bars, one line per finished cell (-q silences those)")
     def command(**kw) -> int:
-        _OUT.resume_hint = f"the same pfedpg-eval {name} command (finished cells are reused)"
+        _OUT.resume_hint = lambda: f"{_command_line()} (finished cells are reused)"
         kw["executor"] = executor_for(kw["executor"], kw.pop("ray_address"))
         return func(_ns(**kw))
 
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: sys.argv[1:]); returns the exit status."""
     _OUT.quiet = _OUT.verbose = False
     _OUT.resume_hint = None
+    _OUT.argv = list(sys.argv[1:] if argv is None else argv)
     load_plugins()
     try:
         with sigterm_as_interrupt():  # a batch scheduler's SIGTERM stops like Ctrl-C
@@ -374,6 +375,13 @@ def train_resume_hint(run_dir: Path) -> str:
     if latest_checkpoint(run_dir) is not None:
         return f"pfedpg-eval train --resume --run-dir {run_dir}"
     return f"the same command (no checkpoint in {run_dir} yet: it starts the run again)"
+
+
+def _command_line() -> str:
+    """The command as it was given (what reruns an interrupted grid or pretraining)."""
+    import shlex
+
+    return shlex.join(["pfedpg-eval", *getattr(_OUT, "argv", [])])
 
 
 def _interrupted(code: int) -> int:

@@ -52,7 +52,7 @@ def test_a_stopped_grid_starts_no_queued_cell_and_resumes(tmp_path, sig, to_grou
     started, finished = {p.name for p in runs.iterdir()}, {p.parent.name for p in runs.glob("*/summary.json")}
     rest = proc.stderr.read()
     assert proc.wait() == code
-    assert rest.rstrip().endswith("interrupted; resume with: the same pfedpg-eval privacy command "
+    assert rest.rstrip().endswith(f"interrupted; resume with: pfedpg-eval privacy --config {path} --jobs 2 "
                                   "(finished cells are reused)")
     assert {p.name for p in runs.iterdir()} <= started  # no cell started after the signal
     assert len({p.parent.name for p in runs.glob("*/summary.json")} - finished) <= 2  # (the running cells)
