@@ -72,7 +72,7 @@ def _run(d: Path, fmt: str) -> list[Path]:
         return [out, d / "learning_curve.png", d / "learning_curve.pdf"]
     if not (d / "summary.json").is_file():
         raise FileNotFoundError(f"{str(d / 'summary.json')!r} not found: the run has not finished; "
-                                "finish it with --resume first")
+                                f"finish it first: pfedpg-eval train --resume --run-dir {d}")
     png = learning_curve(d)
     return [run_table(d), png.with_suffix(".pdf")]
 

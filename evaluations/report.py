@@ -90,7 +90,7 @@ def write_report(run_dir: str | Path) -> Path:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{str(summary_path)!r} not found: the run has not finished; "
-                                "finish it with --resume first")
+                                f"finish it first: pfedpg-eval train --resume --run-dir {run_dir}")
     s = jsonio.read(summary_path)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     png = learning_curve(run_dir)

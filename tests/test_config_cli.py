@@ -103,6 +103,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
+    assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.yaml").write_text("rounds: 2\n")  # a run that has not finished
+    assert main(["report", str(tmp_path / "unfinished")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"finish it first: pfedpg-eval train --resume --run-dir {tmp_path / 'unfinished'}")
 
 
 def test_help_of_every_subcommand_and_version(capsys):
