@@ -63,8 +63,9 @@ class PrivacySweepConfig:
                 raise ConfigError(f"mechanisms.{m}: set the privacy level in target_epsilons or noise_multipliers, "
                                   "not per mechanism")
         if self.target_epsilons is None and self.noise_multipliers is None:
-            raise ConfigError("target_epsilons and noise_multipliers are both missing or null: set exactly one of "
-                              "them, the privacy levels of the mechanisms, e.g. target_epsilons: [1.0, 8.0]")
+            raise ConfigError("target_epsilons and noise_multipliers are both null: set exactly one of them, the "
+                              "privacy levels of the mechanisms, e.g. target_epsilons: [1.0, 8.0] (the default where "
+                              "neither is given)")
         if self.target_epsilons is not None and self.noise_multipliers is not None:
             raise ConfigError("target_epsilons and noise_multipliers are both set: set exactly one of them "
                               "(the other to null)")

@@ -118,7 +118,7 @@ def test_a_cell_that_fails_while_it_runs_is_a_failed_row_and_the_sweep_goes_on(t
     ({"seedz": [0]}, "unknown config key privacy.seedz"),
     ({"target_epsilons": [], "noise_multipliers": None}, r"privacy.target_epsilons is empty: list at least one "
                                                          r"privacy level, e.g. target_epsilons: \[1.0, 8.0\]"),
-    ({"target_epsilons": None, "noise_multipliers": None}, "both missing or null: set exactly one of them"),
+    ({"target_epsilons": None, "noise_multipliers": None}, "both null: set exactly one of them"),
 ])
 def test_bad_sweep_files_are_config_errors(tmp_path, privacy, message):
     with pytest.raises(ConfigError, match=message):
