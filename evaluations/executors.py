@@ -127,11 +127,14 @@ def gpu_slots(jobs: int, gpus: int) -> list[int]:
 
 
 _busy = False  # (in a worker) whether a task is running
+_stopping = False  # (in a worker) told to stop: it starts no other task
 
 
 def _on_worker_signal(signum, frame) -> None:
     """A worker's SIGINT / SIGTERM: interrupt its running cell (its files closed, its checkpoints kept);
     an idle worker just ends."""
+    global _stopping
+    _stopping = True
     if _busy:
         raise KeyboardInterrupt
     import os
@@ -159,38 +162,52 @@ def _init_worker(slots, relay) -> None:
 
 def _in_worker(fn, *args):
     """A worker's task: ``fn(*args)``. An interrupted worker ends there: it must not take the next
-    queued cell (the coordinator is stopping the grid)."""
+    queued cell (the coordinator is stopping the grid) — nor does one whose interrupt Python dropped
+    (a signal that lands inside a finalizer is only printed, "Exception ignored …")."""
+    import os
+
     global _busy
+    if _stopping:
+        os._exit(130)
     _busy = True
     try:
         return fn(*args)
     except KeyboardInterrupt:
-        import os
-
         os._exit(130)
     finally:
         _busy = False
 
 
-def stop_workers(pool, log: Callable[[str], None], grace_s: float = 60.0) -> None:
+def stop_workers(pool, log: Callable[[str], None], grace_s: float = 60.0, again_s: float = 5.0) -> None:
     """Stop a worker pool now, without running its queued cells: each worker's running cell is
-    interrupted (SIGTERM, which every worker handles as Ctrl-C: it stops at its next step, its
-    checkpoints kept, and the worker exits), a
-    worker still alive after ``grace_s`` (or at a second Ctrl-C) is killed."""
+    interrupted (SIGTERM, which every worker handles as Ctrl-C: it stops where it is, its checkpoints
+    kept, and the worker exits). A worker still running after ``again_s`` is told again (a signal that
+    lands inside a finalizer is dropped by Python); one still alive after ``grace_s`` (or at a second
+    Ctrl-C) is killed."""
     import os
     import signal
+    import time
 
     procs = [p for p in list((getattr(pool, "_processes", None) or {}).values()) if p.is_alive()]
     if procs:
         log(f"stopping {len(procs)} worker(s): their running cells stop at their next step (resumable)")
-    for p in procs:
-        try:
-            os.kill(p.pid, signal.SIGTERM)
-        except (ProcessLookupError, OSError):
-            pass
+
+    def tell(alive) -> None:
+        for p in alive:
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, OSError):
+                pass
+
+    tell(procs)
+    told = time.monotonic()
+    deadline = told + grace_s
     try:
-        for p in procs:
-            p.join(grace_s)
+        while (alive := [p for p in procs if p.is_alive()]) and time.monotonic() < deadline:
+            alive[0].join(0.1)
+            if time.monotonic() - told >= again_s:
+                tell([p for p in alive if p.is_alive()])
+                told = time.monotonic()
     except KeyboardInterrupt:
         pass
     for p in procs:
