@@ -43,10 +43,12 @@ def read_until(proc, predicate) -> list[str]:
                          ids=["ctrl-c-to-the-terminal-group", "sigterm-to-the-main-process"])
 def test_a_stopped_grid_starts_no_queued_cell_and_resumes(tmp_path, sig, to_group, code):
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"base": {**RUN, "rounds": 1}, "privacy": {
+    # rounds: 6 — cells of a few seconds: the signal lands while cells run and one is queued (at 1 round,
+    # a busy machine let the other three finish before the signal arrived)
+    path.write_text(yaml.safe_dump({"base": {**RUN, "rounds": 6}, "privacy": {
         "seeds": [0, 1], "mechanisms": {}, "baselines": ["nonprivate", "local"], "out_dir": str(tmp_path / "out")}}))
     proc = start(["privacy", "--config", str(path), "--jobs", "2"], tmp_path)
-    read_until(proc, lambda line: "[1/4]" in line)  # a cell has finished, two run, one is queued
+    read_until(proc, lambda line: "[1/4]" in line or "[2/4]" in line)  # a cell has finished, two run, one is queued
     (os.killpg if to_group else os.kill)(proc.pid, sig)
     runs = tmp_path / "out" / "runs"
     started, finished = {p.name for p in runs.iterdir()}, {p.parent.name for p in runs.glob("*/summary.json")}
