@@ -100,11 +100,21 @@ def test_plan_refuses_what_the_grid_refuses_and_an_audit_without_levels_says_how
         load_audit(audit)
 
 
-def test_quiet_still_says_which_cell_failed_and_why(tmp_path, capsys):
+def test_quiet_still_says_which_cell_failed_and_why(tmp_path, capsys, monkeypatch):
     """-q hides the cells' progress lines, where a failed cell's error was the only word of it: the
     command then ends with one line naming each failed cell and its error (exit status 1)."""
-    path = grid_file(tmp_path, mechanisms={"dp_sgd": {"clip": 1.0}}, target_epsilons=[1e-9])
+    import evaluations.executors
+
+    original = evaluations.executors.run_training
+
+    def failing(cfg, run_dir, **kw):  # an error no check before the run can see
+        if cfg.method == "local":
+            raise RuntimeError("the local cell broke")
+        return original(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(evaluations.executors, "run_training", failing)
+    path = grid_file(tmp_path, baselines=["nonprivate", "local"])
     assert main(["-q", "privacy", "--config", str(path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("1 cell(s) failed: dp_sgd-eps1e-09-s0: ConfigError: "), err
-    assert err[-1].endswith("rerunning the same command runs them again)")
+    assert err == ["1 cell(s) failed: local-s0: RuntimeError: the local cell broke (rows of "
+                   f"{tmp_path / 'out'}'s table; rerunning the same command runs them again)"], err
