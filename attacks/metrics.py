@@ -61,7 +61,7 @@ def tpr_at_fpr(scores, labels, target_fpr: float, *, groups=None, alpha: float =
     negatives straddles it, as RMIA's discrete scores do)."""
     s = np.asarray(scores, dtype=float)
     y = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    n_neg = int((~y).sum())
     if target_fpr < 10.0 / n_neg:
         return {"value": "unresolved", "reason": "too few negatives", "interval": None, "n_negatives": n_neg,
                 "needs_negatives": int(np.ceil(10.0 / target_fpr))}
@@ -69,25 +69,9 @@ def tpr_at_fpr(scores, labels, target_fpr: float, *, groups=None, alpha: float =
     if achieved < 0.5 * target_fpr:
         return {"value": "unresolved", "reason": f"tied scores: no threshold between FPR {achieved:.2g} and the target",
                 "interval": None, "n_negatives": n_neg, "achieved_fpr": achieved}
-    rng = np.random.default_rng(seed)
-    draws = []
-    if groups is not None and len(np.unique(groups)) > 1:
-        g = np.asarray(groups)
-        ids = np.unique(g)
-        members = {k: np.flatnonzero(g == k) for k in ids}
-        method = f"bootstrap over {len(ids)} groups (seeds), threshold refitted"
-        for _ in range(bootstrap):
-            idx = np.concatenate([members[k] for k in rng.choice(ids, size=len(ids))])
-            if y[idx].all() or not y[idx].any():
-                continue
-            draws.append(_tpr_point(s[idx], y[idx], target_fpr)[0])
-    else:
-        pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-        method = "bootstrap over records (positives and negatives apart), threshold refitted; records of one model " \
-                 "are not independent, so this understates the spread"
-        for _ in range(bootstrap):
-            idx = np.concatenate([rng.choice(pos, size=n_pos), rng.choice(neg, size=n_neg)])
-            draws.append(_tpr_point(s[idx], y[idx], target_fpr)[0])
+    how, caveat, resamples = _resamples(y, groups, np.random.default_rng(seed), bootstrap)
+    method = f"{how}, threshold refitted{caveat}"
+    draws = [_tpr_point(s[idx], y[idx], target_fpr)[0] for idx in resamples]
     lo, hi = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return {"value": value, "interval": [float(lo), float(hi)], "interval_method": method, "n_negatives": n_neg,
             "achieved_fpr": achieved}
@@ -100,27 +84,28 @@ def auc_interval(scores, labels, *, groups=None, alpha: float = 0.05, bootstrap:
     which understates the spread (records scored against one model are not independent) and says so."""
     s = np.asarray(scores, dtype=float)
     y = np.asarray(labels).astype(bool)
-    rng = np.random.default_rng(seed)
-    draws = []
+    how, caveat, resamples = _resamples(y, groups, np.random.default_rng(seed), bootstrap)
+    draws = [auc(s[idx], y[idx]) for idx in resamples]
+    lo, hi = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"auc_interval": [float(lo), float(hi)], "auc_interval_method": how + caveat}
+
+
+def _resamples(y: np.ndarray, groups, rng: np.random.Generator, bootstrap: int):
+    """The bootstrap's index sets for :func:`tpr_at_fpr` and :func:`auc_interval`: whole ``groups``
+    (seeds) drawn with replacement when there are several (a draw holding one class only is left
+    out), else records, positives and negatives apart. Returns (how, caveat, the index sets, lazily)."""
     if groups is not None and len(np.unique(groups)) > 1:
         g = np.asarray(groups)
         ids = np.unique(g)
         members = {k: np.flatnonzero(g == k) for k in ids}
-        method = f"bootstrap over {len(ids)} groups (seeds)"
-        for _ in range(bootstrap):
-            idx = np.concatenate([members[k] for k in rng.choice(ids, size=len(ids))])
-            if y[idx].all() or not y[idx].any():
-                continue
-            draws.append(auc(s[idx], y[idx]))
-    else:
-        pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-        method = "bootstrap over records (positives and negatives apart); records of one model are not " \
-                 "independent, so this understates the spread"
-        for _ in range(bootstrap):
-            idx = np.concatenate([rng.choice(pos, size=len(pos)), rng.choice(neg, size=len(neg))])
-            draws.append(auc(s[idx], y[idx]))
-    lo, hi = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return {"auc_interval": [float(lo), float(hi)], "auc_interval_method": method}
+        picks = (np.concatenate([members[k] for k in rng.choice(ids, size=len(ids))]) for _ in range(bootstrap))
+        return (f"bootstrap over {len(ids)} groups (seeds)", "",
+                (idx for idx in picks if y[idx].any() and not y[idx].all()))
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    return ("bootstrap over records (positives and negatives apart)",
+            "; records of one model are not independent, so this understates the spread",
+            (np.concatenate([rng.choice(pos, size=len(pos)), rng.choice(neg, size=len(neg))])
+             for _ in range(bootstrap)))
 
 
 def probe_metrics(scores, labels, *, groups=None) -> dict:

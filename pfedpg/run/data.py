@@ -121,7 +121,7 @@ def gather(dataset, parts: list[np.ndarray], chunk: int = 4096) -> tuple[torch.T
     a time, so no second full copy exists on the way."""
     order = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     h, w = dataset.images.shape[1:3]
-    images = torch.empty((order.size, 3, h, w), dtype=torch.uint8)
+    images = torch.empty((order.size, 3, h, w), dtype=torch.uint8, device="cpu")  # the host-side record store
     for a in range(0, order.size, chunk):
         images[a:a + chunk] = torch.from_numpy(dataset.images[order[a:a + chunk]]).permute(0, 3, 1, 2)
     labels = torch.from_numpy(np.asarray(dataset.labels[order])).long()
