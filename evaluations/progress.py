@@ -13,14 +13,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-
-def duration(seconds: float) -> str:
-    """``45 s``, ``3.5 min``, ``2.1 h``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+from pfedpg.progress import duration
 
 
 class GridProgress:

@@ -22,15 +22,8 @@ import torch.nn.functional as F
 from pfedpg import jsonio
 from pfedpg.data.pipeline import InputPipeline, random_shift
 from pfedpg.errors import ConfigError
+from pfedpg.progress import ANNOUNCE_EVERY_S, duration  # without a bar: a line at the first epoch, then this often
 from pfedpg.seeding import Seeds
-
-#: without a progress bar (output to a file, a grid, -q aside), a pretraining line at the first epoch,
-#: then at least this often, and at the last
-ANNOUNCE_EVERY_S = 30.0
-
-
-def _duration(s: float) -> str:
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
 def _remixer(images: np.ndarray, domains: np.ndarray, *, channels: int, mean, std):
@@ -211,7 +204,7 @@ class Pretraining:
                 self.log(f"pretraining epoch {epoch + 1}/{p.epochs}: loss {rec['train_loss']:.4f}, train accuracy "
                          f"{100 * rec['train_accuracy']:.1f} %"
                          + (f", val accuracy {100 * rec['val_accuracy']:.1f} %" if self.val is not None else "")
-                         + (f"; about {_duration(left)} left (estimate)" if epoch + 1 < p.epochs else ""))
+                         + (f"; about {duration(left)} left (estimate)" if epoch + 1 < p.epochs else ""))
             last = epoch + 1 == p.epochs
             if not last and p.checkpoint_every and ((epoch + 1) % p.checkpoint_every == 0 or done_here == stop_after):
                 self.checkpoint(partial, epoch + 1)

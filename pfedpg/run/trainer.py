@@ -192,7 +192,7 @@ class RoundLines:
 
     def after(self, r: int, acc: float | None) -> str | None:
         """The line to print after round ``r`` (``acc``: its accuracy, None where it was not measured), or None."""
-        from pfedpg.pretrain_loop import ANNOUNCE_EVERY_S, _duration
+        from pfedpg.progress import ANNOUNCE_EVERY_S, duration
 
         self.acc = (acc, r) if acc is not None else self.acc
         now = self.clock()
@@ -201,5 +201,5 @@ class RoundLines:
         self.said, left = now, (now - self.t0) / (r - self.start) * (self.total - r)
         measured = "" if self.acc is None else f": accuracy {100 * self.acc[0]:.2f} %" + (
             f" (measured after round {self.acc[1]})" if self.acc[1] != r else "")
-        return f"round {r}/{self.total}{measured}" + (f"; about {_duration(left)} left (estimate)" if r < self.total
+        return f"round {r}/{self.total}{measured}" + (f"; about {duration(left)} left (estimate)" if r < self.total
                                                       else "")
